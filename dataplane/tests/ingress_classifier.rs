@@ -1,0 +1,225 @@
+//! The ingress classifier run by the kernel (BPF_PROG_TEST_RUN) on crafted packets, and the
+//! restart path (pinned maps reused, pinned link updated in place). Needs root and bpffs.
+
+use std::{path::PathBuf, thread};
+
+use etherparse::{Ethernet2Header, PacketBuilder, PacketBuilderStep};
+use shoal_common::IngressSettings;
+use shoal_dataplane::{Dataplane, DataplaneConfig, DataplaneStatus};
+
+const SETTINGS: IngressSettings = IngressSettings {
+    data_path_port: 4789,
+    gossip_port: 7946,
+    manager_port: 2377,
+    _pad: 0,
+};
+
+fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test loads eBPF programs and needs root (run the README's test command as root)"
+    );
+}
+
+/// Runs `body` on a thread inside a fresh network namespace (so attaching to its `lo` touches
+/// nothing on the host), with its own pin directory, removed afterwards.
+fn in_private_netns<T: Send + 'static>(
+    name: &str,
+    body: impl FnOnce(PathBuf) -> T + Send + 'static,
+) -> T {
+    require_root();
+    let pins = PathBuf::from(format!(
+        "/sys/fs/bpf/shoal-test-{}-{name}",
+        std::process::id()
+    ));
+    let pins_for_thread = pins.clone();
+    let result = thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
+        body(pins_for_thread)
+    })
+    .join();
+    shoal_dataplane::remove_pins(&pins).expect("removing test pins");
+    result.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
+fn config(pins: PathBuf) -> DataplaneConfig {
+    DataplaneConfig {
+        bpffs_root: pins,
+        interface: "lo".to_owned(),
+        settings: SETTINGS,
+    }
+}
+
+fn packets(status: &DataplaneStatus, verdict: &str) -> u64 {
+    status
+        .counters
+        .iter()
+        .find(|c| c.verdict == verdict)
+        .unwrap_or_else(|| panic!("no counter for verdict {verdict}"))
+        .packets
+}
+
+fn eth() -> PacketBuilderStep<Ethernet2Header> {
+    PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+}
+
+fn udp4(dport: u16) -> Vec<u8> {
+    let builder = eth()
+        .ipv4([192, 168, 77, 100], [192, 168, 77, 11], 64)
+        .udp(40000, dport);
+    let mut out = Vec::new();
+    builder.write(&mut out, b"payload").unwrap();
+    out
+}
+
+fn tcp4(dport: u16) -> Vec<u8> {
+    let builder = eth()
+        .ipv4([192, 168, 77, 100], [192, 168, 77, 11], 64)
+        .tcp(40000, dport, 1, 65535);
+    let mut out = Vec::new();
+    builder.write(&mut out, b"").unwrap();
+    out
+}
+
+fn udp6(dport: u16) -> Vec<u8> {
+    let builder = eth().ipv6([0xfd; 16], [0xfe; 16], 64).udp(40000, dport);
+    let mut out = Vec::new();
+    builder.write(&mut out, b"payload").unwrap();
+    out
+}
+
+/// Sends `packet` through the program and returns which counter moved.
+fn verdict_of(dataplane: &Dataplane, packet: &[u8]) -> String {
+    let before = dataplane.status().unwrap();
+    let code = dataplane
+        .test_run_ingress(packet)
+        .unwrap_or_else(|e| panic!("test run of {packet:02x?}: {e:#}"));
+    assert_eq!(code, 0, "every verdict passes the packet on (TC_ACT_OK)");
+    let after = dataplane.status().unwrap();
+    let moved: Vec<_> = after
+        .counters
+        .iter()
+        .filter(|c| packets(&before, &c.verdict) != c.packets)
+        .collect();
+    assert_eq!(
+        moved.len(),
+        1,
+        "exactly one counter moves per packet: {moved:?}"
+    );
+    assert_eq!(moved[0].packets, packets(&before, &moved[0].verdict) + 1);
+    moved[0].verdict.clone()
+}
+
+#[test]
+fn classifies_by_destination_port_and_protocol() {
+    in_private_netns("ports", |pins| {
+        let dp = Dataplane::start(config(pins)).unwrap();
+        assert_eq!(verdict_of(&dp, &udp4(4789)), "overlay");
+        assert_eq!(verdict_of(&dp, &udp6(4789)), "overlay");
+        assert_eq!(verdict_of(&dp, &tcp4(4789)), "other", "VXLAN is UDP only");
+        assert_eq!(verdict_of(&dp, &udp4(7946)), "control");
+        assert_eq!(verdict_of(&dp, &tcp4(7946)), "control");
+        assert_eq!(verdict_of(&dp, &tcp4(2377)), "control");
+        assert_eq!(
+            verdict_of(&dp, &udp4(2377)),
+            "other",
+            "the manager port is TCP only"
+        );
+        assert_eq!(verdict_of(&dp, &tcp4(80)), "other");
+    });
+}
+
+#[test]
+fn odd_and_broken_packets_pass_untouched() {
+    in_private_netns("odd", |pins| {
+        let dp = Dataplane::start(config(pins)).unwrap();
+
+        let mut arp = vec![0xffu8; 12];
+        arp.extend_from_slice(&[0x08, 0x06]);
+        arp.extend_from_slice(&[0; 28]);
+        assert_eq!(verdict_of(&dp, &arp), "other");
+
+        // VLAN-tagged VXLAN is still overlay traffic.
+        let plain = udp4(4789);
+        let mut tagged = plain[..12].to_vec();
+        tagged.extend_from_slice(&[0x81, 0x00, 0x00, 0x0a]);
+        tagged.extend_from_slice(&plain[12..]);
+        assert_eq!(verdict_of(&dp, &tagged), "overlay");
+
+        // IPv4 header length below 20 bytes.
+        let mut bad_ihl = udp4(4789);
+        bad_ihl[14] = 0x43;
+        assert_eq!(verdict_of(&dp, &bad_ihl), "malformed");
+
+        // Cut inside the UDP header. (A frame cut inside the IPv4 header is refused by
+        // BPF_PROG_TEST_RUN itself, so the bad IHL above stands in for it.)
+        assert_eq!(verdict_of(&dp, &udp4(4789)[..14 + 20 + 2]), "malformed");
+
+        // A later fragment has no UDP header to match, whatever its bytes say.
+        let mut fragment = udp4(4789);
+        fragment[14 + 6] = 0x00;
+        fragment[14 + 7] = 0x10;
+        assert_eq!(verdict_of(&dp, &fragment), "other");
+    });
+}
+
+#[test]
+fn restart_reuses_pinned_maps_and_replaces_the_program_in_place() {
+    in_private_netns("restart", |pins| {
+        let first = Dataplane::start(config(pins.clone())).unwrap();
+        assert!(
+            !first.replaced_link(),
+            "a fresh root has no link to take over"
+        );
+        for _ in 0..3 {
+            first.test_run_ingress(&udp4(4789)).unwrap();
+        }
+        let before = first.status().unwrap();
+        assert!(before.programs[0].attached, "{before:?}");
+        drop(first);
+
+        let second = Dataplane::start(config(pins)).unwrap();
+        assert!(second.replaced_link());
+        let after = second.status().unwrap();
+        assert_eq!(
+            packets(&after, "overlay"),
+            3,
+            "counters survive the restart"
+        );
+        assert_eq!(
+            before.maps.iter().map(|m| m.map_id).collect::<Vec<_>>(),
+            after.maps.iter().map(|m| m.map_id).collect::<Vec<_>>(),
+            "the same kernel maps are reused"
+        );
+        assert_eq!(
+            before.programs[0].link_id, after.programs[0].link_id,
+            "same link"
+        );
+        assert_ne!(
+            before.programs[0].program_id, after.programs[0].program_id,
+            "the link now runs the newly loaded program"
+        );
+        assert!(after.programs[0].attached);
+        let (_, on_hook) =
+            aya::programs::SchedClassifier::query_tcx("lo", aya::programs::TcAttachType::Ingress)
+                .unwrap();
+        assert_eq!(
+            on_hook.len(),
+            1,
+            "the old program was replaced, not stacked"
+        );
+    });
+}
+
+#[test]
+fn refuses_a_root_outside_bpffs() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let err = Dataplane::start(config(dir.path().join("pins")))
+        .err()
+        .expect("must fail");
+    assert!(
+        format!("{err:#}").contains("not on a bpffs mount"),
+        "{err:#}"
+    );
+}

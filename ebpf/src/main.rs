@@ -1,0 +1,118 @@
+//! shoal's kernel programs. Built for `bpfel-unknown-none` by `dataplane/build.rs` and
+//! embedded in the `shoal` binary.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::TC_ACT_OK,
+    macros::{classifier, map},
+    maps::{Array, PerCpuArray},
+    programs::TcContext,
+};
+use shoal_common::{Counter, IngressSettings, Verdict};
+
+#[map(name = "VERDICTS")]
+static VERDICTS: PerCpuArray<Counter> = PerCpuArray::pinned(Verdict::COUNT, 0);
+
+#[map(name = "SETTINGS")]
+static SETTINGS: Array<IngressSettings> = Array::pinned(1, 0);
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const IPV6_HLEN: usize = 40;
+
+/// Ingress classifier on the advertise interface: sorts every packet by verdict and counts it.
+#[classifier]
+pub fn shoal_ingress(ctx: TcContext) -> i32 {
+    let verdict = classify(&ctx);
+    if let Some(counter) = VERDICTS.get_ptr_mut(verdict as u32) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe {
+            (*counter).packets += 1;
+            (*counter).bytes += u64::from(ctx.len());
+        }
+    }
+    TC_ACT_OK
+}
+
+fn classify(ctx: &TcContext) -> Verdict {
+    let Some(mut ethertype) = load_be16(ctx, 12) else {
+        return Verdict::Malformed;
+    };
+    let mut l3 = ETH_HLEN;
+    if ethertype == ETH_P_8021Q {
+        let Some(inner) = load_be16(ctx, 16) else {
+            return Verdict::Malformed;
+        };
+        ethertype = inner;
+        l3 += 4;
+    }
+    let (proto, l4) = match ethertype {
+        ETH_P_IP => {
+            let Some(vihl) = load_u8(ctx, l3) else {
+                return Verdict::Malformed;
+            };
+            let ihl = usize::from(vihl & 0x0f) * 4;
+            if vihl >> 4 != 4 || ihl < 20 {
+                return Verdict::Malformed;
+            }
+            let (Some(frag), Some(proto)) = (load_be16(ctx, l3 + 6), load_u8(ctx, l3 + 9)) else {
+                return Verdict::Malformed;
+            };
+            // Later fragments carry no transport header: nothing to match on.
+            if frag & 0x1fff != 0 {
+                return Verdict::Other;
+            }
+            (proto, l3 + ihl)
+        }
+        ETH_P_IPV6 => {
+            let Some(next) = load_u8(ctx, l3 + 6) else {
+                return Verdict::Malformed;
+            };
+            (next, l3 + IPV6_HLEN)
+        }
+        _ => return Verdict::Other,
+    };
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return Verdict::Other;
+    }
+    let Some(dport) = load_be16(ctx, l4 + 2) else {
+        return Verdict::Malformed;
+    };
+    let Some(settings) = SETTINGS.get(0) else {
+        return Verdict::Other;
+    };
+    if proto == IPPROTO_UDP && dport == settings.data_path_port {
+        Verdict::Overlay
+    } else if dport == settings.gossip_port
+        || (proto == IPPROTO_TCP && dport == settings.manager_port)
+    {
+        Verdict::Control
+    } else {
+        Verdict::Other
+    }
+}
+
+#[inline(always)]
+fn load_be16(ctx: &TcContext, offset: usize) -> Option<u16> {
+    ctx.load::<u16>(offset).ok().map(u16::from_be)
+}
+
+#[inline(always)]
+fn load_u8(ctx: &TcContext, offset: usize) -> Option<u8> {
+    ctx.load::<u8>(offset).ok()
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

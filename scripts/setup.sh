@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Idempotent machine set-up for building and testing shoal (Debian 12, root).
+# Called by both README commands; a second run only checks and returns.
+set -euo pipefail
+
+BPF_TOOLS=${BPF_TOOLS:-/opt/bpf-tools}
+BPF_LINKER_VERSION=0.13.0
+# Debian packages the build, the lab and the tests use.
+PACKAGES=(iproute2 procps psmisc util-linux curl ca-certificates bpftool systemd)
+
+say() { printf 'setup: %s\n' "$*"; }
+die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "run as root (shoal manages namespaces, links and eBPF programs)"
+command -v rustup >/dev/null || die "rustup not found: install Rust with rustup (stable 1.95 and nightly)"
+
+# 1. Debian packages, installed only when one is missing.
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing Debian packages: ${missing[*]}"
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# 2. Toolchains: stable for user space (pinned by rust-toolchain.toml), nightly + rust-src for eBPF.
+rustup toolchain list | grep -q '^nightly' || die "no nightly toolchain: 'rustup toolchain install nightly' (the eBPF crate needs it)"
+SYSROOT=$(rustc +nightly --print sysroot)
+if [ ! -d "$SYSROOT/lib/rustlib/src/rust/library" ]; then
+  say "adding rust-src to nightly"
+  rustup component add rust-src --toolchain nightly || die "could not add rust-src to nightly (offline? see docs/operations.md)"
+fi
+
+# 3. bpf-linker built against nightly's own LLVM (no system LLVM needed).
+SO=$(cd "$SYSROOT/lib" && ls libLLVM.so.*-rust-* 2>/dev/null | head -n1) || true
+[ -n "$SO" ] || die "nightly has no libLLVM.so in $SYSROOT/lib; cannot build bpf-linker"
+LLVM_MAJOR=$(echo "$SO" | sed -E 's/^libLLVM\.so\.([0-9]+).*/\1/')
+mkdir -p "$BPF_TOOLS/llvm/lib"
+ln -sfn "$SYSROOT/lib/$SO" "$BPF_TOOLS/llvm/lib/libLLVM.so"
+ln -sfn "$SYSROOT/lib/$SO" "$BPF_TOOLS/llvm/lib/$SO"
+stamp="$BPF_TOOLS/.bpf-linker-$BPF_LINKER_VERSION-$SO"
+if [ ! -x "$BPF_TOOLS/bin/bpf-linker" ] || [ ! -e "$stamp" ] || ! "$BPF_TOOLS/bin/bpf-linker" --version >/dev/null 2>&1; then
+  say "building bpf-linker $BPF_LINKER_VERSION against LLVM $LLVM_MAJOR (about a minute)"
+  LLVM_PREFIX="$BPF_TOOLS/llvm" cargo +stable install bpf-linker --version "$BPF_LINKER_VERSION" --locked \
+    --no-default-features --features "llvm-$LLVM_MAJOR" --root "$BPF_TOOLS" --force -q
+  rm -f "$BPF_TOOLS"/.bpf-linker-*
+  touch "$stamp"
+fi
+# cargo (and aya-build inside build.rs) look for bpf-linker on PATH.
+ln -sfn "$BPF_TOOLS/bin/bpf-linker" /usr/local/bin/bpf-linker
+
+# 4. Kernel: bpffs, cgroup v2, BTF.
+[ -e /sys/kernel/btf/vmlinux ] || die "kernel has no BTF (/sys/kernel/btf/vmlinux); shoal's eBPF programs need it"
+if ! mount -t bpf | grep -q ' /sys/fs/bpf '; then
+  say "mounting bpffs on /sys/fs/bpf"
+  mount -t bpf bpf /sys/fs/bpf || die "cannot mount bpffs (kernel without CONFIG_BPF_SYSCALL?)"
+fi
+mount -t cgroup2 | grep -q . || die "no cgroup v2 hierarchy mounted; shoal needs one for tasks and socket programs"
+say "ok"
