@@ -1,1 +1,316 @@
-fn main() {}
+//! `shoal`: the agent daemon and its command-line clients.
+
+mod agent;
+mod api;
+mod client;
+mod config;
+mod lab;
+mod output;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use shoal_dataplane::DataplaneStatus;
+
+use crate::{
+    api::{AgentInfo, Version},
+    client::Client,
+    config::{AgentSettings, DEFAULT_SOCKET},
+    output::{json, table, Format},
+};
+
+#[derive(Parser)]
+#[command(
+    name = "shoal",
+    version,
+    about = "Overlay networks, routing mesh and service discovery for a swarm of nodes"
+)]
+struct Cli {
+    /// The local agent's API socket [default: /run/shoal/shoal.sock]
+    #[arg(long, global = true, env = "SHOAL_SOCKET")]
+    socket: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node agent (the daemon behind every other command)
+    Agent {
+        /// Config file [default: /etc/shoal/agent.toml, if present]
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        settings: AgentSettings,
+    },
+    /// Show the client's and the agent's versions
+    Version {
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Show what the local agent runs with
+    Info {
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Inspect the eBPF dataplane
+    #[command(subcommand)]
+    Dataplane(DataplaneCommand),
+    /// A multi-node lab in network namespaces on this machine
+    Lab {
+        /// Name of the lab, so several can coexist
+        #[arg(long, env = "SHOAL_LAB", default_value = "lab")]
+        name: String,
+        #[command(subcommand)]
+        command: LabCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataplaneCommand {
+    /// Programs, attach points, maps and counters, as the kernel reports them
+    Status {
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+}
+
+#[derive(Subcommand)]
+enum LabCommand {
+    /// Build the lab: N nodes with an agent each, and a client, on one underlay
+    Up {
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=lab::MAX_NODES as i64))]
+        nodes: u8,
+    },
+    /// Remove everything the lab made (works after crashes too)
+    Down,
+    /// List the lab's nodes, their addresses and agents
+    Status {
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Run a command in a node's (or the client's) namespace, SHOAL_SOCKET set to its agent
+    Exec {
+        /// nodeN or client
+        member: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Stop a node's agent (SIGTERM; --kill for SIGKILL, as in a crash)
+    Stop {
+        node: String,
+        #[arg(long)]
+        kill: bool,
+    },
+    /// Start a node's agent again
+    Start { node: String },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("shoal: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let client = Client::new(cli.socket.clone().unwrap_or_else(|| DEFAULT_SOCKET.into()));
+    match cli.command {
+        Command::Agent {
+            config,
+            mut settings,
+        } => {
+            settings.socket = cli.socket;
+            agent::run(config, settings)?
+        }
+        Command::Version { format } => {
+            let agent: Version = block_on(client.get("/v1/version"))?;
+            match format {
+                Format::Json => print!(
+                    "{}",
+                    json(&serde_json::json!({ "client": Version::current(), "agent": agent }))
+                ),
+                Format::Table => {
+                    let client = Version::current();
+                    println!("Client: {} (api {})", client.version, client.api_version);
+                    println!("Agent:  {} (api {})", agent.version, agent.api_version);
+                }
+            }
+        }
+        Command::Info { format } => {
+            let info: AgentInfo = block_on(client.get("/v1/info"))?;
+            match format {
+                Format::Json => print!("{}", json(&info)),
+                Format::Table => print!("{}", render_info(&info)),
+            }
+        }
+        Command::Dataplane(DataplaneCommand::Status { format }) => {
+            let status: DataplaneStatus = block_on(client.get("/v1/dataplane"))?;
+            match format {
+                Format::Json => print!("{}", json(&status)),
+                Format::Table => print!("{}", render_dataplane(&status)),
+            }
+        }
+        Command::Lab { name, command } => return run_lab(&lab::Lab::new(&name)?, command),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_lab(lab: &lab::Lab, command: LabCommand) -> Result<ExitCode> {
+    match command {
+        LabCommand::Up { nodes } => {
+            let members = lab.up(nodes)?;
+            print!("{}", render_lab(&members));
+            println!("\nTry: shoal lab exec node1 -- shoal dataplane status");
+        }
+        LabCommand::Down => {
+            let removed = lab.down()?;
+            if removed.is_empty() {
+                println!("nothing to remove");
+            } else {
+                println!("removed {}", removed.join(", "));
+            }
+        }
+        LabCommand::Status { format } => {
+            let members = lab.status()?;
+            match format {
+                Format::Json => print!("{}", json(&members)),
+                Format::Table => print!("{}", render_lab(&members)),
+            }
+        }
+        LabCommand::Exec { member, command } => {
+            let status = lab.exec(&member, &command)?;
+            return Ok(match status.code() {
+                Some(code) => ExitCode::from(code as u8),
+                None => ExitCode::FAILURE,
+            });
+        }
+        LabCommand::Stop { node, kill } => lab.stop(&node, kill)?,
+        LabCommand::Start { node } => lab.start(&node)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn block_on<T>(future: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(future)
+}
+
+fn render_info(info: &AgentInfo) -> String {
+    let c = &info.config;
+    let rows = [
+        ("Node", c.hostname.clone()),
+        (
+            "Version",
+            format!(
+                "{} (api {})",
+                info.version.version, info.version.api_version
+            ),
+        ),
+        ("Agent pid", info.pid.to_string()),
+        ("Uptime", format!("{}s", info.uptime_secs)),
+        ("Kernel", info.kernel.clone()),
+        ("Advertise address", c.advertise_addr.to_string()),
+        ("Advertise interface", c.advertise_interface.clone()),
+        (
+            "Ports",
+            format!(
+                "manager {}/tcp, gossip {}/tcp+udp, data path {}/udp",
+                c.manager_port, c.gossip_port, c.data_path_port
+            ),
+        ),
+        ("State dir", c.state_dir.display().to_string()),
+        ("API socket", c.socket.display().to_string()),
+        ("bpffs root", c.bpffs_root.display().to_string()),
+        ("cgroup root", c.cgroup_root.display().to_string()),
+        ("DNS upstreams", info.dns_upstreams.join(", ")),
+    ];
+    rows.iter()
+        .map(|(k, v)| format!("{:<20} {v}\n", format!("{k}:")))
+        .collect()
+}
+
+fn render_dataplane(status: &DataplaneStatus) -> String {
+    let programs: Vec<[String; 6]> = status
+        .programs
+        .iter()
+        .map(|p| {
+            [
+                p.program.clone(),
+                p.program_type.clone(),
+                format!("{} {}", p.attach_point, p.interface),
+                if p.attached {
+                    "attached"
+                } else {
+                    "NOT ATTACHED"
+                }
+                .to_owned(),
+                p.program_id.to_string(),
+                p.link_pin.display().to_string(),
+            ]
+        })
+        .collect();
+    let maps: Vec<[String; 5]> = status
+        .maps
+        .iter()
+        .map(|m| {
+            [
+                m.name.clone(),
+                m.map_type.clone(),
+                format!("{}/{}", m.entries, m.max_entries),
+                m.map_id.to_string(),
+                m.pin.display().to_string(),
+            ]
+        })
+        .collect();
+    let counters: Vec<[String; 3]> = status
+        .counters
+        .iter()
+        .map(|c| {
+            [
+                c.verdict.clone(),
+                c.packets.to_string(),
+                c.bytes.to_string(),
+            ]
+        })
+        .collect();
+    format!(
+        "{}\n{}\n{}",
+        table(
+            [
+                "PROGRAM",
+                "TYPE",
+                "ATTACH POINT",
+                "STATE",
+                "PROG ID",
+                "LINK PIN"
+            ],
+            &programs
+        ),
+        table(["MAP", "TYPE", "FILL", "MAP ID", "PIN"], &maps),
+        table(["VERDICT", "PACKETS", "BYTES"], &counters),
+    )
+}
+
+fn render_lab(members: &[lab::Member]) -> String {
+    let rows: Vec<[String; 4]> = members
+        .iter()
+        .map(|m| {
+            let agent = match (m.socket.is_some(), m.agent_up, m.agent_pid) {
+                (false, _, _) => "-".to_owned(),
+                (true, true, Some(pid)) => format!("up (pid {pid})"),
+                (true, true, None) => "up".to_owned(),
+                (true, false, _) => "DOWN".to_owned(),
+            };
+            [m.name.clone(), m.address.clone(), agent, m.netns.clone()]
+        })
+        .collect();
+    table(["NAME", "ADDRESS", "AGENT", "NAMESPACE"], &rows)
+}

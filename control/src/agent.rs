@@ -1,0 +1,184 @@
+//! `shoal agent`: the per-node daemon.
+
+use std::{
+    fs::{self, File},
+    io::{Read as _, Seek as _, Write as _},
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Instant, SystemTime},
+};
+
+use anyhow::{bail, Context as _, Result};
+use nix::fcntl::{Flock, FlockArg};
+use shoal_common::IngressSettings;
+use shoal_dataplane::{Dataplane, DataplaneConfig};
+use tokio::net::UnixListener;
+
+use crate::{
+    api::{self, AgentState},
+    config::{AgentConfig, AgentSettings, SystemHost, DEFAULT_CONFIG},
+};
+
+pub fn run(config_file: Option<PathBuf>, flags: AgentSettings) -> Result<()> {
+    let file = match &config_file {
+        Some(path) => AgentSettings::from_file(path, true)?,
+        None => AgentSettings::from_file(Path::new(DEFAULT_CONFIG), false)?,
+    };
+    let config = AgentConfig::resolve(flags.over(file), &SystemHost)?;
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&config.log_level)?)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    // Everything the agent creates (state, socket) is for root only.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+
+    fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
+    let _lock = StateLock::acquire(&config.state_dir)?;
+    ensure_cgroup_root(&config.cgroup_root)?;
+
+    let dataplane = Dataplane::start(DataplaneConfig {
+        bpffs_root: config.bpffs_root.clone(),
+        interface: config.advertise_interface.clone(),
+        settings: IngressSettings {
+            data_path_port: config.data_path_port,
+            gossip_port: config.gossip_port,
+            manager_port: config.manager_port,
+            _pad: 0,
+        },
+    })?;
+    tracing::info!(
+        interface = %config.advertise_interface,
+        replaced_running_program = dataplane.replaced_link(),
+        "ingress classifier attached"
+    );
+
+    let upstreams =
+        shoal_dns::parse_resolv_conf(&fs::read_to_string("/etc/resolv.conf").unwrap_or_default());
+    let state = Arc::new(AgentState {
+        kernel: nix::sys::utsname::uname()?
+            .release()
+            .to_string_lossy()
+            .into_owned(),
+        started: Instant::now(),
+        started_at: SystemTime::now(),
+        dns_upstreams: upstreams.servers.iter().map(ToString::to_string).collect(),
+        dataplane: Mutex::new(dataplane),
+        config,
+    });
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(serve(state))
+}
+
+async fn serve(state: Arc<AgentState>) -> Result<()> {
+    let socket = state.config.socket.clone();
+    let listener = bind_api_socket(&socket)?;
+    tracing::info!(
+        socket = %socket.display(),
+        node = %state.config.hostname,
+        advertise = %state.config.advertise_addr,
+        "agent ready"
+    );
+    notify(&[sd_notify::NotifyState::Ready]);
+    let result = axum::serve(listener, api::router(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await;
+    notify(&[sd_notify::NotifyState::Stopping]);
+    let _ = fs::remove_file(&socket);
+    tracing::info!("agent stopped; the dataplane stays attached until the next start");
+    result.context("serving the API")
+}
+
+fn notify(state: &[sd_notify::NotifyState]) {
+    if let Err(err) = sd_notify::notify(false, state) {
+        tracing::warn!(error = %err, "sd_notify failed");
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop the agent with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}
+
+/// Binds the API socket, refusing when another agent serves it and replacing a stale file.
+fn bind_api_socket(path: &Path) -> Result<UnixListener> {
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        bail!(
+            "another agent is already serving the API socket {}",
+            path.display()
+        );
+    }
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    match fs::remove_file(path) {
+        Ok(()) => tracing::info!(socket = %path.display(), "removed stale API socket"),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => return Err(err).with_context(|| format!("removing {}", path.display())),
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("binding API socket {}", path.display()))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+fn ensure_cgroup_root(dir: &Path) -> Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("creating cgroup root {}", dir.display()))?;
+    let fs_type = nix::sys::statfs::statfs(dir)?.filesystem_type();
+    if fs_type != nix::sys::statfs::CGROUP2_SUPER_MAGIC {
+        bail!("cgroup root {} is not on a cgroup v2 mount", dir.display());
+    }
+    Ok(())
+}
+
+/// An exclusive lock on the state dir, held for the agent's life; the file names its holder.
+struct StateLock {
+    _lock: Flock<File>,
+}
+
+impl StateLock {
+    fn acquire(state_dir: &Path) -> Result<Self> {
+        let path = state_dir.join("agent.lock");
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => lock,
+            Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                bail!(
+                    "another shoal agent (pid {}) is already using the state dir {}",
+                    holder.trim(),
+                    state_dir.display()
+                );
+            }
+            Err((_, errno)) => {
+                return Err(errno).with_context(|| format!("locking {}", path.display()))
+            }
+        };
+        lock.set_len(0)?;
+        lock.rewind()?;
+        writeln!(lock, "{}", std::process::id())?;
+        Ok(StateLock { _lock: lock })
+    }
+}

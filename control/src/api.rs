@@ -1,0 +1,122 @@
+//! The agent's local API: HTTP/JSON on a Unix socket. Types here are shared by the server
+//! (the agent) and its clients (every other `shoal` subcommand).
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Instant, SystemTime, UNIX_EPOCH},
+};
+
+use axum::{
+    extract::State,
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::get,
+    Json, Router,
+};
+use serde::{Deserialize, Serialize};
+use shoal_dataplane::{Dataplane, DataplaneStatus};
+
+use crate::config::AgentConfig;
+
+pub const API_VERSION: &str = "v1";
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Version {
+    pub version: String,
+    pub api_version: String,
+}
+
+impl Version {
+    pub fn current() -> Self {
+        Self {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            api_version: API_VERSION.to_owned(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct AgentInfo {
+    pub version: Version,
+    pub pid: u32,
+    pub kernel: String,
+    pub started_at_unix: u64,
+    pub uptime_secs: u64,
+    pub config: AgentConfig,
+    /// Resolvers names outside the cluster are forwarded to.
+    pub dns_upstreams: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ApiError {
+    pub error: String,
+}
+
+/// What the handlers share.
+pub struct AgentState {
+    pub config: AgentConfig,
+    pub kernel: String,
+    pub started: Instant,
+    pub started_at: SystemTime,
+    pub dns_upstreams: Vec<String>,
+    pub dataplane: Mutex<Dataplane>,
+}
+
+pub fn router(state: Arc<AgentState>) -> Router {
+    Router::new()
+        .route("/v1/version", get(version))
+        .route("/v1/info", get(info))
+        .route("/v1/dataplane", get(dataplane))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+/// An error answer: a status and one line saying what went wrong.
+struct Failure(StatusCode, String);
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        (self.0, Json(ApiError { error: self.1 })).into_response()
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(err: anyhow::Error) -> Self {
+        Failure(StatusCode::INTERNAL_SERVER_ERROR, format!("{err:#}"))
+    }
+}
+
+async fn version() -> Json<Version> {
+    Json(Version::current())
+}
+
+async fn info(State(state): State<Arc<AgentState>>) -> Json<AgentInfo> {
+    Json(AgentInfo {
+        version: Version::current(),
+        pid: std::process::id(),
+        kernel: state.kernel.clone(),
+        started_at_unix: state
+            .started_at
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs(),
+        uptime_secs: state.started.elapsed().as_secs(),
+        config: state.config.clone(),
+        dns_upstreams: state.dns_upstreams.clone(),
+    })
+}
+
+async fn dataplane(State(state): State<Arc<AgentState>>) -> Result<Json<DataplaneStatus>, Failure> {
+    let dataplane = state
+        .dataplane
+        .lock()
+        .map_err(|_| anyhow::anyhow!("dataplane state poisoned"))?;
+    Ok(Json(dataplane.status()?))
+}
+
+async fn not_found(uri: axum::http::Uri) -> Failure {
+    Failure(
+        StatusCode::NOT_FOUND,
+        format!("no such API endpoint: {}", uri.path()),
+    )
+}

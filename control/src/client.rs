@@ -1,0 +1,56 @@
+//! Client of the local agent's API over its Unix socket.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context as _, Result};
+use http_body_util::{BodyExt as _, Empty};
+use hyper::{body::Bytes, Request};
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use tokio::net::UnixStream;
+
+use crate::api::ApiError;
+
+pub struct Client {
+    socket: PathBuf,
+}
+
+impl Client {
+    pub fn new(socket: PathBuf) -> Self {
+        Self { socket }
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let stream = UnixStream::connect(&self.socket).await.map_err(|err| {
+            anyhow::anyhow!(
+                "no shoal agent is answering on {} ({err}); start one (systemctl start shoal) \
+                 or point --socket / SHOAL_SOCKET at a running agent",
+                self.socket.display()
+            )
+        })?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .context("talking to the agent")?;
+        tokio::spawn(connection);
+        let request = Request::get(path)
+            .header(hyper::header::HOST, "shoal")
+            .body(Empty::<Bytes>::new())?;
+        let response = sender
+            .send_request(request)
+            .await
+            .context("the agent closed the connection")?;
+        let status = response.status();
+        let body = response.into_body().collect().await?.to_bytes();
+        if !status.is_success() {
+            match serde_json::from_slice::<ApiError>(&body) {
+                Ok(err) => bail!("{}", err.error),
+                Err(_) => bail!("the agent answered {status}"),
+            }
+        }
+        serde_json::from_slice(&body).with_context(|| {
+            format!(
+                "the agent's answer to {path} is not what this client understands (version skew?)"
+            )
+        })
+    }
+}

@@ -1,0 +1,362 @@
+//! The agent's configuration: `/etc/shoal/agent.toml`, overridden by flags.
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::Args;
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_CONFIG: &str = "/etc/shoal/agent.toml";
+pub const DEFAULT_SOCKET: &str = "/run/shoal/shoal.sock";
+
+/// Settings of `shoal agent`; each is also a key of the config file (same name, snake_case).
+#[derive(Args, Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSettings {
+    /// Node name shown in listings [default: the host name]
+    #[arg(long)]
+    pub hostname: Option<String>,
+    /// Directory for the agent's state [default: /var/lib/shoal]
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Unix socket of the local API; on the command line it is the global `--socket`
+    #[arg(skip)]
+    pub socket: Option<PathBuf>,
+    /// Address other nodes reach this one on [default: the advertise interface's first IPv4]
+    #[arg(long)]
+    pub advertise_addr: Option<IpAddr>,
+    /// Interface the ingress programs attach to [default: the one holding the advertise
+    /// address, else the default route's]
+    #[arg(long)]
+    pub advertise_interface: Option<String>,
+    /// Manager API port, TCP [default: 2377]
+    #[arg(long)]
+    pub manager_port: Option<u16>,
+    /// Gossip port, TCP and UDP [default: 7946]
+    #[arg(long)]
+    pub gossip_port: Option<u16>,
+    /// VXLAN data-path port, UDP [default: 4789]
+    #[arg(long)]
+    pub data_path_port: Option<u16>,
+    /// Directory on bpffs for pinned programs, links and maps [default: /sys/fs/bpf/shoal]
+    #[arg(long)]
+    pub bpffs_root: Option<PathBuf>,
+    /// cgroup v2 directory for tasks [default: <cgroup2 mount>/shoal]
+    #[arg(long)]
+    pub cgroup_root: Option<PathBuf>,
+    /// Log filter, as RUST_LOG [default: info]
+    #[arg(long)]
+    pub log_level: Option<String>,
+}
+
+impl AgentSettings {
+    /// Reads a config file. `required` is false for the default path, which may be absent.
+    pub fn from_file(path: &Path, required: bool) -> Result<Self> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(err) if !required && err.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Self::default())
+            }
+            Err(err) => return Err(err).with_context(|| format!("reading {}", path.display())),
+        };
+        toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+    }
+
+    /// Values set in `self` win over `base`.
+    pub fn over(self, base: Self) -> Self {
+        Self {
+            hostname: self.hostname.or(base.hostname),
+            state_dir: self.state_dir.or(base.state_dir),
+            socket: self.socket.or(base.socket),
+            advertise_addr: self.advertise_addr.or(base.advertise_addr),
+            advertise_interface: self.advertise_interface.or(base.advertise_interface),
+            manager_port: self.manager_port.or(base.manager_port),
+            gossip_port: self.gossip_port.or(base.gossip_port),
+            data_path_port: self.data_path_port.or(base.data_path_port),
+            bpffs_root: self.bpffs_root.or(base.bpffs_root),
+            cgroup_root: self.cgroup_root.or(base.cgroup_root),
+            log_level: self.log_level.or(base.log_level),
+        }
+    }
+}
+
+/// Every setting decided, defaults and host look-ups applied.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AgentConfig {
+    pub hostname: String,
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    pub advertise_addr: IpAddr,
+    pub advertise_interface: String,
+    pub manager_port: u16,
+    pub gossip_port: u16,
+    pub data_path_port: u16,
+    pub bpffs_root: PathBuf,
+    pub cgroup_root: PathBuf,
+    pub log_level: String,
+}
+
+/// What the host offers to resolve defaults from; a trait so the logic is testable.
+pub trait Host {
+    fn hostname(&self) -> Result<String>;
+    /// (interface, address) pairs of the host.
+    fn addresses(&self) -> Result<Vec<(String, IpAddr)>>;
+    fn default_route_interface(&self) -> Result<Option<String>>;
+    fn cgroup2_mount(&self) -> Result<PathBuf>;
+}
+
+impl AgentConfig {
+    pub fn resolve(settings: AgentSettings, host: &dyn Host) -> Result<Self> {
+        let ports = [
+            ("manager", settings.manager_port.unwrap_or(2377)),
+            ("gossip", settings.gossip_port.unwrap_or(7946)),
+            ("data-path", settings.data_path_port.unwrap_or(4789)),
+        ];
+        for (i, (name, port)) in ports.iter().enumerate() {
+            if *port == 0 {
+                bail!("{name} port must not be 0");
+            }
+            if let Some((other, _)) = ports[..i].iter().find(|(_, p)| p == port) {
+                bail!("{name} port {port} is also the {other} port; each needs its own");
+            }
+        }
+        let (advertise_interface, advertise_addr) =
+            resolve_advertise(settings.advertise_addr, settings.advertise_interface, host)?;
+        Ok(Self {
+            hostname: match settings.hostname {
+                Some(name) => name,
+                None => host.hostname()?,
+            },
+            state_dir: settings
+                .state_dir
+                .unwrap_or_else(|| "/var/lib/shoal".into()),
+            socket: settings.socket.unwrap_or_else(|| DEFAULT_SOCKET.into()),
+            advertise_addr,
+            advertise_interface,
+            manager_port: ports[0].1,
+            gossip_port: ports[1].1,
+            data_path_port: ports[2].1,
+            bpffs_root: settings
+                .bpffs_root
+                .unwrap_or_else(|| "/sys/fs/bpf/shoal".into()),
+            cgroup_root: match settings.cgroup_root {
+                Some(dir) => dir,
+                None => host.cgroup2_mount()?.join("shoal"),
+            },
+            log_level: settings.log_level.unwrap_or_else(|| "info".into()),
+        })
+    }
+}
+
+fn resolve_advertise(
+    addr: Option<IpAddr>,
+    interface: Option<String>,
+    host: &dyn Host,
+) -> Result<(String, IpAddr)> {
+    let addresses = host.addresses()?;
+    match (addr, interface) {
+        (Some(addr), Some(interface)) => {
+            if !addresses.iter().any(|(i, a)| *i == interface && *a == addr) {
+                bail!("advertise address {addr} is not on interface {interface}");
+            }
+            Ok((interface, addr))
+        }
+        (Some(addr), None) => addresses
+            .into_iter()
+            .find(|(_, a)| *a == addr)
+            .with_context(|| format!("no interface of this host has the advertise address {addr}")),
+        (None, interface) => {
+            let interface = match interface {
+                Some(interface) => interface,
+                None => host.default_route_interface()?.context(
+                    "cannot choose an advertise address: no default route; pass --advertise-addr",
+                )?,
+            };
+            addresses
+                .into_iter()
+                .find(|(i, a)| *i == interface && a.is_ipv4())
+                .with_context(|| {
+                    format!("interface {interface} has no IPv4 address; pass --advertise-addr")
+                })
+        }
+    }
+}
+
+/// The real host, through getifaddrs, /proc and mountinfo.
+pub struct SystemHost;
+
+impl Host for SystemHost {
+    fn hostname(&self) -> Result<String> {
+        Ok(nix::unistd::gethostname()?.to_string_lossy().into_owned())
+    }
+
+    fn addresses(&self) -> Result<Vec<(String, IpAddr)>> {
+        let mut out = Vec::new();
+        for ifa in nix::ifaddrs::getifaddrs()? {
+            let Some(address) = ifa.address else { continue };
+            let ip = if let Some(v4) = address.as_sockaddr_in() {
+                IpAddr::V4(v4.ip())
+            } else if let Some(v6) = address.as_sockaddr_in6() {
+                IpAddr::V6(v6.ip())
+            } else {
+                continue;
+            };
+            out.push((ifa.interface_name, ip));
+        }
+        Ok(out)
+    }
+
+    fn default_route_interface(&self) -> Result<Option<String>> {
+        let routes = std::fs::read_to_string("/proc/net/route")?;
+        Ok(default_route_from_proc(&routes))
+    }
+
+    fn cgroup2_mount(&self) -> Result<PathBuf> {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+        cgroup2_from_mountinfo(&mountinfo).context("no cgroup v2 hierarchy is mounted")
+    }
+}
+
+/// The interface of the first IPv4 default route in /proc/net/route.
+fn default_route_from_proc(routes: &str) -> Option<String> {
+    routes.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields.len() > 7 && fields[1] == "00000000" && fields[7] == "00000000")
+            .then(|| fields[0].to_owned())
+    })
+}
+
+/// Mount point of the cgroup2 filesystem in /proc/self/mountinfo.
+pub fn cgroup2_from_mountinfo(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (mount, fs) = line.split_once(" - ")?;
+        (fs.split_whitespace().next() == Some("cgroup2"))
+            .then(|| mount.split_whitespace().nth(4).map(PathBuf::from))?
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct FakeHost;
+
+    impl Host for FakeHost {
+        fn hostname(&self) -> Result<String> {
+            Ok("box".into())
+        }
+        fn addresses(&self) -> Result<Vec<(String, IpAddr)>> {
+            Ok(vec![
+                ("lo".into(), "127.0.0.1".parse()?),
+                ("eth0".into(), "fe80::1".parse()?),
+                ("eth0".into(), "10.1.0.5".parse()?),
+                ("eth1".into(), "192.168.77.11".parse()?),
+            ])
+        }
+        fn default_route_interface(&self) -> Result<Option<String>> {
+            Ok(Some("eth0".into()))
+        }
+        fn cgroup2_mount(&self) -> Result<PathBuf> {
+            Ok("/sys/fs/cgroup".into())
+        }
+    }
+
+    fn resolve(toml_text: &str) -> Result<AgentConfig> {
+        AgentConfig::resolve(toml::from_str(toml_text)?, &FakeHost)
+    }
+
+    #[test]
+    fn defaults_follow_the_default_route() {
+        let config = resolve("").unwrap();
+        assert_eq!(config.hostname, "box");
+        assert_eq!(config.advertise_interface, "eth0");
+        assert_eq!(config.advertise_addr.to_string(), "10.1.0.5");
+        assert_eq!(
+            (
+                config.manager_port,
+                config.gossip_port,
+                config.data_path_port
+            ),
+            (2377, 7946, 4789)
+        );
+        assert_eq!(config.socket, PathBuf::from(DEFAULT_SOCKET));
+        assert_eq!(config.cgroup_root, PathBuf::from("/sys/fs/cgroup/shoal"));
+        assert_eq!(config.bpffs_root, PathBuf::from("/sys/fs/bpf/shoal"));
+    }
+
+    #[test]
+    fn advertise_address_picks_its_interface() {
+        let config = resolve(r#"advertise_addr = "192.168.77.11""#).unwrap();
+        assert_eq!(config.advertise_interface, "eth1");
+        let config = resolve(r#"advertise_interface = "eth1""#).unwrap();
+        assert_eq!(config.advertise_addr.to_string(), "192.168.77.11");
+    }
+
+    #[test]
+    fn inconsistent_or_unknown_settings_are_refused_clearly() {
+        let err = resolve("advertise_addr = \"192.168.77.11\"\nadvertise_interface = \"eth0\"")
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "advertise address 192.168.77.11 is not on interface eth0"
+        );
+        let err = resolve(r#"advertise_addr = "10.9.9.9""#).unwrap_err();
+        assert!(
+            err.to_string().contains("no interface of this host"),
+            "{err}"
+        );
+        let err = resolve("gossip_port = 4789").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "data-path port 4789 is also the gossip port; each needs its own"
+        );
+        let err = resolve("advertise_port = 1").unwrap_err();
+        assert!(
+            err.to_string().contains("unknown field `advertise_port`"),
+            "{err}"
+        );
+        let err = resolve("manager_port = 70000").unwrap_err();
+        assert!(err.to_string().contains("manager_port"), "{err}");
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let file: AgentSettings = toml::from_str("hostname = \"a\"\ngossip_port = 8000").unwrap();
+        let flags = AgentSettings {
+            hostname: Some("b".into()),
+            ..Default::default()
+        };
+        let merged = flags.over(file);
+        assert_eq!(merged.hostname.as_deref(), Some("b"));
+        assert_eq!(merged.gossip_port, Some(8000));
+    }
+
+    #[test]
+    fn missing_default_file_is_fine_but_a_named_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let absent = dir.path().join("agent.toml");
+        assert_eq!(
+            AgentSettings::from_file(&absent, false).unwrap(),
+            AgentSettings::default()
+        );
+        let err = AgentSettings::from_file(&absent, true).unwrap_err();
+        assert!(format!("{err:#}").contains("No such file"), "{err:#}");
+    }
+
+    #[test]
+    fn reads_proc_files() {
+        let routes = "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\n\
+                      eth1\t004DA8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\n\
+                      eth0\t00000000\t0100010A\t0003\t0\t0\t0\t00000000\n";
+        assert_eq!(default_route_from_proc(routes).as_deref(), Some("eth0"));
+        let mountinfo = "24 1 0:21 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n\
+                         30 24 0:26 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            cgroup2_from_mountinfo(mountinfo),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+    }
+}

@@ -1,0 +1,636 @@
+//! `shoal lab`: several nodes on one machine. Each node is a network namespace on an underlay
+//! bridge (itself in a namespace of its own, so nothing touches the host's network), running a
+//! real `shoal agent` with its own state dir, socket, bpffs root and cgroup. A `client`
+//! namespace sits on the same underlay.
+//!
+//! Everything the lab makes is named after the lab, so `lab down` finds it by name (not from a
+//! record that a crash could leave stale): namespaces `shoal-<lab>-*`, the cgroup
+//! `shoal-<lab>`, the pin dir `/sys/fs/bpf/shoal-<lab>` and the run dir
+//! `/run/shoal-lab/<lab>`.
+
+use std::{
+    fs::{self, File, OpenOptions},
+    io,
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use nix::{sys::signal::Signal, unistd::Pid};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    api::AgentInfo,
+    client::Client,
+    config::{cgroup2_from_mountinfo, AgentSettings},
+};
+
+const NETNS_DIR: &str = "/run/netns";
+const RUN_ROOT: &str = "/run/shoal-lab";
+const UNDERLAY: &str = "underlay";
+const CLIENT: &str = "client";
+pub const MAX_NODES: u8 = 50;
+const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(30);
+const AGENT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One lab, by name; every path and name derives from it.
+pub struct Lab {
+    name: String,
+}
+
+/// A node or the client, as `lab status` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Member {
+    pub name: String,
+    pub address: String,
+    pub netns: String,
+    /// Unset for the client, which runs no agent.
+    pub socket: Option<PathBuf>,
+    pub agent_pid: Option<u32>,
+    pub agent_up: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+struct LabRecord {
+    nodes: u8,
+}
+
+pub fn node_name(index: u8) -> String {
+    format!("node{index}")
+}
+
+/// Underlay address: nodes at .11, .12, …; the client at .100.
+fn underlay_address(member: &str) -> Result<String> {
+    let host = match member {
+        CLIENT => 100,
+        _ => {
+            let index: u8 = member
+                .strip_prefix("node")
+                .and_then(|n| n.parse().ok())
+                .filter(|n| (1..=MAX_NODES).contains(n))
+                .with_context(|| format!("no lab member named {member:?} (nodeN or client)"))?;
+            10 + index
+        }
+    };
+    Ok(format!("192.168.77.{host}"))
+}
+
+impl Lab {
+    pub fn new(name: &str) -> Result<Self> {
+        let valid = !name.is_empty()
+            && name.len() <= 16
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !valid {
+            bail!("lab name {name:?} must be 1-16 characters of a-z, 0-9 and -");
+        }
+        Ok(Self {
+            name: name.to_owned(),
+        })
+    }
+
+    fn netns(&self, member: &str) -> String {
+        format!("shoal-{}-{member}", self.name)
+    }
+
+    fn run_dir(&self) -> PathBuf {
+        Path::new(RUN_ROOT).join(&self.name)
+    }
+
+    fn node_dir(&self, node: &str) -> PathBuf {
+        self.run_dir().join(node)
+    }
+
+    pub fn socket(&self, node: &str) -> PathBuf {
+        self.node_dir(node).join("shoal.sock")
+    }
+
+    fn bpffs_dir(&self) -> PathBuf {
+        PathBuf::from(format!("/sys/fs/bpf/shoal-{}", self.name))
+    }
+
+    fn cgroup_dir(&self) -> Result<PathBuf> {
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
+        let mount = cgroup2_from_mountinfo(&mountinfo).context("no cgroup v2 hierarchy mounted")?;
+        Ok(mount.join(format!("shoal-{}", self.name)))
+    }
+
+    /// Lab namespaces that exist now.
+    fn namespaces(&self) -> Result<Vec<String>> {
+        let prefix = self.netns("");
+        let mut found = Vec::new();
+        match fs::read_dir(NETNS_DIR) {
+            Ok(entries) => {
+                for entry in entries {
+                    let name = entry?.file_name().to_string_lossy().into_owned();
+                    if name.starts_with(&prefix) {
+                        found.push(name);
+                    }
+                }
+            }
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => return Err(err).context("listing network namespaces"),
+        }
+        found.sort();
+        Ok(found)
+    }
+
+    fn exists(&self) -> Result<bool> {
+        Ok(self.run_dir().exists()
+            || self.bpffs_dir().exists()
+            || self.cgroup_dir()?.exists()
+            || !self.namespaces()?.is_empty())
+    }
+
+    fn down_hint(&self) -> String {
+        match self.name.as_str() {
+            "lab" => "shoal lab down".to_owned(),
+            name => format!("shoal lab --name {name} down"),
+        }
+    }
+
+    fn node_count(&self) -> Result<u8> {
+        let path = self.run_dir().join("lab.json");
+        let text = fs::read_to_string(&path)
+            .with_context(|| format!("lab {:?} is not up (no {})", self.name, path.display()))?;
+        let record: LabRecord =
+            serde_json::from_str(&text).with_context(|| format!("corrupt {}", path.display()))?;
+        Ok(record.nodes)
+    }
+
+    fn check_node(&self, node: &str) -> Result<()> {
+        let nodes = self.node_count()?;
+        if !(1..=nodes).map(node_name).any(|n| n == node) {
+            bail!(
+                "lab {:?} has no node {node:?} (node1..node{nodes})",
+                self.name
+            );
+        }
+        Ok(())
+    }
+
+    pub fn up(&self, nodes: u8) -> Result<Vec<Member>> {
+        if !(1..=MAX_NODES).contains(&nodes) {
+            bail!("--nodes must be between 1 and {MAX_NODES}");
+        }
+        if self.exists()? {
+            bail!(
+                "lab {:?} already exists (or a crashed one left pieces); remove it with `{}`",
+                self.name,
+                self.down_hint()
+            );
+        }
+        fs::create_dir_all(self.run_dir())?;
+        fs::write(
+            self.run_dir().join("lab.json"),
+            serde_json::to_string(&LabRecord { nodes })?,
+        )?;
+        if let Err(err) = self.build(nodes) {
+            eprintln!("lab up failed; removing what it made");
+            if let Err(cleanup) = self.down() {
+                eprintln!("cleanup also failed: {cleanup:#}");
+            }
+            return Err(err);
+        }
+        self.status()
+    }
+
+    fn build(&self, nodes: u8) -> Result<()> {
+        let underlay = self.netns(UNDERLAY);
+        ip(&["netns", "add", &underlay])?;
+        ip(&["-n", &underlay, "link", "set", "lo", "up"])?;
+        ip(&["-n", &underlay, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &underlay, "link", "set", "br0", "up"])?;
+        let names: Vec<String> = (1..=nodes).map(node_name).collect();
+        for member in names.iter().map(String::as_str).chain([CLIENT]) {
+            self.add_member(member)?;
+        }
+
+        let cgroup = self.cgroup_dir()?;
+        let mut agents = Vec::new();
+        for node in &names {
+            let dir = self.node_dir(node);
+            fs::create_dir_all(&dir)?;
+            for sub in ["agent", "tasks"] {
+                fs::create_dir_all(cgroup.join(node).join(sub))?;
+            }
+            let settings = AgentSettings {
+                hostname: Some(node.clone()),
+                state_dir: Some(dir.join("state")),
+                socket: Some(self.socket(node)),
+                advertise_addr: Some(underlay_address(node)?.parse()?),
+                advertise_interface: Some("eth0".into()),
+                bpffs_root: Some(self.bpffs_dir().join(node)),
+                cgroup_root: Some(cgroup.join(node).join("tasks")),
+                ..Default::default()
+            };
+            fs::write(dir.join("agent.toml"), toml::to_string(&settings)?)?;
+            agents.push((node, self.spawn_agent(node)?));
+        }
+        for (node, child) in &mut agents {
+            self.wait_ready(node, child)?;
+        }
+        Ok(())
+    }
+
+    fn add_member(&self, member: &str) -> Result<()> {
+        let underlay = self.netns(UNDERLAY);
+        let netns = self.netns(member);
+        ip(&["netns", "add", &netns])?;
+        ip(&[
+            "-n", &underlay, "link", "add", member, "type", "veth", "peer", "name", "eth0",
+            "netns", &netns,
+        ])?;
+        ip(&[
+            "-n", &underlay, "link", "set", member, "master", "br0", "up",
+        ])?;
+        let address = format!("{}/24", underlay_address(member)?);
+        ip(&["-n", &netns, "addr", "add", &address, "dev", "eth0"])?;
+        ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
+        ip(&["-n", &netns, "link", "set", "lo", "up"])?;
+        Ok(())
+    }
+
+    /// Starts `shoal agent` in the node's namespace and cgroup, detached from this process.
+    fn spawn_agent(&self, node: &str) -> Result<Child> {
+        let dir = self.node_dir(node);
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("agent.log"))?;
+        let procs = self.cgroup_dir()?.join(node).join("agent/cgroup.procs");
+        let procs = OpenOptions::new()
+            .write(true)
+            .open(&procs)
+            .with_context(|| format!("opening {}", procs.display()))?;
+        let mut command = Command::new(std::env::current_exe()?);
+        command
+            .arg("agent")
+            .arg("--config")
+            .arg(dir.join("agent.toml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        enter_netns(&mut command, &self.netns(node))?;
+        let procs_fd = procs.as_raw_fd();
+        // SAFETY: only async-signal-safe calls between fork and exec; `procs` outlives spawn.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setsid() < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // "0" moves the writing process itself into the cgroup.
+                if libc::write(procs_fd, b"0".as_ptr().cast(), 1) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command
+            .spawn()
+            .with_context(|| format!("starting the agent of {node}"))?;
+        drop(procs);
+        fs::write(dir.join("agent.pid"), child.id().to_string())?;
+        Ok(child)
+    }
+
+    fn wait_ready(&self, node: &str, child: &mut Child) -> Result<()> {
+        let client = Client::new(self.socket(node));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let deadline = Instant::now() + AGENT_READY_TIMEOUT;
+        loop {
+            if runtime
+                .block_on(client.get::<AgentInfo>("/v1/info"))
+                .is_ok()
+            {
+                return Ok(());
+            }
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "the agent of {node} exited ({status}); its log ends with:\n{}",
+                    self.log_tail(node)
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the agent of {node} did not answer within {AGENT_READY_TIMEOUT:?}; its log ends with:\n{}",
+                    self.log_tail(node)
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn log_tail(&self, node: &str) -> String {
+        let log = fs::read_to_string(self.node_dir(node).join("agent.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(10)..].join("\n")
+    }
+
+    fn agent_pid(&self, node: &str) -> Option<u32> {
+        let pid: u32 = fs::read_to_string(self.node_dir(node).join("agent.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        // A pid file can outlive its process, and the pid can be reused: check it is our agent.
+        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let config = self.node_dir(node).join("agent.toml");
+        cmdline
+            .split(|b| *b == 0)
+            .any(|arg| arg == config.as_os_str().as_encoded_bytes())
+            .then_some(pid)
+    }
+
+    pub fn status(&self) -> Result<Vec<Member>> {
+        let nodes = self.node_count()?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let mut members = Vec::new();
+        for node in (1..=nodes).map(node_name) {
+            let socket = self.socket(&node);
+            let agent_up = runtime
+                .block_on(Client::new(socket.clone()).get::<AgentInfo>("/v1/info"))
+                .is_ok();
+            members.push(Member {
+                address: underlay_address(&node)?,
+                netns: self.netns(&node),
+                socket: Some(socket),
+                agent_pid: self.agent_pid(&node),
+                agent_up,
+                name: node,
+            });
+        }
+        members.push(Member {
+            name: CLIENT.into(),
+            address: underlay_address(CLIENT)?,
+            netns: self.netns(CLIENT),
+            socket: None,
+            agent_pid: None,
+            agent_up: false,
+        });
+        Ok(members)
+    }
+
+    /// Runs a command in a member's namespace, with SHOAL_SOCKET set to a node's agent.
+    pub fn exec(&self, member: &str, argv: &[String]) -> Result<ExitStatus> {
+        underlay_address(member)?;
+        let Some((program, args)) = argv.split_first() else {
+            bail!("nothing to run: give a command after --");
+        };
+        if !Path::new(NETNS_DIR).join(self.netns(member)).exists() {
+            bail!(
+                "{member} is not part of lab {:?} (is the lab up?)",
+                self.name
+            );
+        }
+        let mut command = Command::new(program);
+        command.args(args);
+        // `shoal` inside the lab is this very binary, installed or not.
+        let exe_dir = std::env::current_exe()?
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        command.env(
+            "PATH",
+            std::env::join_paths(std::iter::once(exe_dir).chain(std::env::split_paths(&path)))?,
+        );
+        if member != CLIENT {
+            command.env("SHOAL_SOCKET", self.socket(member));
+        }
+        enter_netns(&mut command, &self.netns(member))?;
+        command
+            .status()
+            .with_context(|| format!("running {program} in {member}"))
+    }
+
+    /// Stops a node's agent (SIGTERM, or SIGKILL to simulate a crash) and waits for it to go.
+    pub fn stop(&self, node: &str, kill: bool) -> Result<()> {
+        self.check_node(node)?;
+        let pid = self
+            .agent_pid(node)
+            .with_context(|| format!("the agent of {node} is not running"))?;
+        let signal = if kill {
+            Signal::SIGKILL
+        } else {
+            Signal::SIGTERM
+        };
+        nix::sys::signal::kill(Pid::from_raw(pid as i32), signal)?;
+        let deadline = Instant::now() + AGENT_STOP_TIMEOUT;
+        while Path::new(&format!("/proc/{pid}")).exists() && !is_zombie(pid) {
+            if Instant::now() > deadline {
+                bail!("the agent of {node} (pid {pid}) did not stop within {AGENT_STOP_TIMEOUT:?}");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    pub fn start(&self, node: &str) -> Result<()> {
+        self.check_node(node)?;
+        if let Some(pid) = self.agent_pid(node) {
+            bail!("the agent of {node} is already running (pid {pid})");
+        }
+        let mut child = self.spawn_agent(node)?;
+        self.wait_ready(node, &mut child)
+    }
+
+    /// Removes everything the lab made, whatever state a crash left it in. Returns what it
+    /// removed, for the user.
+    pub fn down(&self) -> Result<Vec<String>> {
+        let mut removed = Vec::new();
+        let cgroup = self.cgroup_dir()?;
+        let namespaces = self.namespaces()?;
+
+        // 1. Processes: politely, then by force; agents and tasks live in the lab's cgroup,
+        //    anything else (a `lab exec` left running) is found by its network namespace.
+        let stopped = stop_cgroup(&cgroup)?;
+        let stray = kill_processes_in(&namespaces)?;
+        if stopped + stray > 0 {
+            removed.push(format!("{} processes", stopped + stray));
+        }
+        // 2. Namespaces: their links go with them.
+        for netns in &namespaces {
+            ip(&["netns", "del", netns])?;
+        }
+        if !namespaces.is_empty() {
+            removed.push(format!("{} namespaces", namespaces.len()));
+        }
+        // 3. Pins: unpinning the links detaches the programs; maps go with their last user.
+        if self.bpffs_dir().exists() {
+            shoal_dataplane::remove_pins(&self.bpffs_dir())?;
+            removed.push(format!("pins under {}", self.bpffs_dir().display()));
+        }
+        // 4. cgroups, deepest first.
+        if cgroup.exists() {
+            remove_cgroup_tree(&cgroup)?;
+            removed.push(format!("cgroup {}", cgroup.display()));
+        }
+        // 5. State, sockets and logs.
+        if self.run_dir().exists() {
+            fs::remove_dir_all(self.run_dir())?;
+            removed.push(format!("state under {}", self.run_dir().display()));
+        }
+        // The shared parent goes with the last lab (fails harmlessly while others remain).
+        let _ = fs::remove_dir(RUN_ROOT);
+        Ok(removed)
+    }
+}
+
+/// Makes `command` run in the named network namespace. The namespace is opened here, before
+/// the fork, so the child only calls setns.
+fn enter_netns(command: &mut Command, netns: &str) -> Result<()> {
+    let path = Path::new(NETNS_DIR).join(netns);
+    let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: setns is async-signal-safe; the fd stays open in the closure until exec, and it
+    // is close-on-exec so the command does not inherit it.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let output = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip (iproute2); run scripts/setup.sh")?;
+    if !output.status.success() {
+        bail!(
+            "ip {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn is_zombie(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+/// Every pid in a cgroup subtree.
+fn cgroup_pids(dir: &Path) -> Result<Vec<i32>> {
+    let mut pids = Vec::new();
+    if !dir.exists() {
+        return Ok(pids);
+    }
+    for line in fs::read_to_string(dir.join("cgroup.procs"))?.lines() {
+        pids.extend(line.trim().parse::<i32>().ok());
+    }
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            pids.extend(cgroup_pids(&entry.path())?);
+        }
+    }
+    Ok(pids)
+}
+
+/// SIGTERM to every process in the subtree, SIGKILL to what is left after a grace period.
+/// Returns how many processes there were.
+fn stop_cgroup(dir: &Path) -> Result<usize> {
+    let pids = cgroup_pids(dir)?;
+    for pid in &pids {
+        let _ = nix::sys::signal::kill(Pid::from_raw(*pid), Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !cgroup_pids(dir)?.is_empty() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+    for pid in cgroup_pids(dir)? {
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !cgroup_pids(dir)?.is_empty() {
+        if Instant::now() > deadline {
+            bail!("processes in {} survived SIGKILL", dir.display());
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    Ok(pids.len())
+}
+
+/// SIGKILLs processes (outside the lab's cgroup) whose network namespace is one of the lab's.
+fn kill_processes_in(namespaces: &[String]) -> Result<usize> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut inodes = Vec::new();
+    for netns in namespaces {
+        inodes.push(format!(
+            "net:[{}]",
+            fs::metadata(Path::new(NETNS_DIR).join(netns))?.ino()
+        ));
+    }
+    let mut killed = 0;
+    for entry in fs::read_dir("/proc")? {
+        let name = entry?.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid == std::process::id() as i32 {
+            continue;
+        }
+        let Ok(link) = fs::read_link(format!("/proc/{pid}/ns/net")) else {
+            continue;
+        };
+        if inodes.iter().any(|i| link.as_os_str() == i.as_str()) {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+            killed += 1;
+        }
+    }
+    Ok(killed)
+}
+
+fn remove_cgroup_tree(dir: &Path) -> Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            remove_cgroup_tree(&entry.path())?;
+        }
+    }
+    fs::remove_dir(dir).with_context(|| format!("removing cgroup {}", dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_follow_the_spec() {
+        assert_eq!(underlay_address("node1").unwrap(), "192.168.77.11");
+        assert_eq!(underlay_address("node12").unwrap(), "192.168.77.22");
+        assert_eq!(underlay_address("client").unwrap(), "192.168.77.100");
+        assert!(underlay_address("node0").is_err());
+        assert!(underlay_address("node51").is_err());
+        assert!(underlay_address("web").is_err());
+    }
+
+    #[test]
+    fn lab_names_are_checked() {
+        assert!(Lab::new("lab").is_ok());
+        assert!(Lab::new("t-42").is_ok());
+        for bad in ["", "Lab", "a/b", "a b", "seventeen-chars-x"] {
+            assert!(Lab::new(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(Lab::new("lab").unwrap().netns("node1"), "shoal-lab-node1");
+    }
+}
