@@ -381,15 +381,13 @@ impl Lab {
 
     /// Runs a command in a member's namespace, with SHOAL_SOCKET set to a node's agent.
     pub fn exec(&self, member: &str, argv: &[String]) -> Result<ExitStatus> {
-        underlay_address(member)?;
         let Some((program, args)) = argv.split_first() else {
             bail!("nothing to run: give a command after --");
         };
-        if !Path::new(NETNS_DIR).join(self.netns(member)).exists() {
-            bail!(
-                "{member} is not part of lab {:?} (is the lab up?)",
-                self.name
-            );
+        if member == CLIENT {
+            self.node_count()?;
+        } else {
+            self.check_node(member)?;
         }
         let mut command = Command::new(program);
         command.args(args);

@@ -1,1 +1,191 @@
+//! Helpers for end-to-end tests: run the real `shoal` binary, bring labs up and always down,
+//! and look for anything a lab left behind.
 
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+};
+
+use serde_json::Value;
+
+/// The `shoal` binary under test: `SHOAL_BIN`, else the workspace's release build.
+pub fn shoal_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("SHOAL_BIN") {
+        return bin.into();
+    }
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/shoal");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (scripts/dev.sh test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// Tests that make namespaces or load eBPF need root. They fail, never skip, without it.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this end-to-end test needs root (namespaces, eBPF): run scripts/dev.sh test as root"
+    );
+}
+
+/// Runs `shoal ARGS` and returns its output, whatever the exit status.
+pub fn shoal(args: &[&str]) -> Output {
+    Command::new(shoal_bin())
+        .args(args)
+        .env_remove("SHOAL_SOCKET")
+        .env_remove("SHOAL_LAB")
+        .output()
+        .expect("running shoal")
+}
+
+/// Runs `shoal ARGS`, panicking with its stderr unless it succeeds; returns stdout.
+pub fn shoal_ok(args: &[&str]) -> String {
+    let out = shoal(args);
+    assert!(
+        out.status.success(),
+        "shoal {} failed ({}):\n{}{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+/// A lab that exists for one test and is removed when the test ends, pass or fail.
+pub struct TestLab {
+    pub name: String,
+}
+
+impl TestLab {
+    /// Brings up `nodes` nodes in a lab named after the test (labs of different tests coexist).
+    pub fn up(name: &str, nodes: u8) -> Self {
+        require_root();
+        let lab = Self::named(name);
+        // A previous run killed mid-way may have left this lab behind.
+        lab.run(&["down"]);
+        lab.ok(&["up", "--nodes", &nodes.to_string()]);
+        lab
+    }
+
+    /// A handle on a lab without bringing it up.
+    pub fn named(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+        }
+    }
+
+    fn args<'a>(&'a self, args: &[&'a str]) -> Vec<&'a str> {
+        let mut all = vec!["lab", "--name", &self.name];
+        all.extend_from_slice(args);
+        all
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        shoal(&self.args(args))
+    }
+
+    pub fn ok(&self, args: &[&str]) -> String {
+        shoal_ok(&self.args(args))
+    }
+
+    /// `shoal lab exec MEMBER -- CMD...`, which must succeed; returns stdout.
+    pub fn exec(&self, member: &str, command: &[&str]) -> String {
+        let mut args = vec!["exec", member, "--"];
+        args.extend_from_slice(command);
+        self.ok(&args)
+    }
+
+    /// `shoal --format json` of a command run on a node against its own agent.
+    pub fn node_json(&self, node: &str, command: &[&str]) -> Value {
+        let mut args = vec!["shoal"];
+        args.extend_from_slice(command);
+        args.extend_from_slice(&["--format", "json"]);
+        serde_json::from_str(&self.exec(node, &args)).expect("JSON output")
+    }
+
+    pub fn run_dir(&self) -> PathBuf {
+        PathBuf::from("/run/shoal-lab").join(&self.name)
+    }
+
+    /// Everything of this lab still on the machine: namespaces, pins, cgroups, state and
+    /// processes. Empty after a clean `lab down`.
+    pub fn leftovers(&self) -> Vec<String> {
+        let prefix = format!("shoal-{}-", self.name);
+        let mut left: Vec<String> = fs::read_dir("/run/netns")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(&prefix))
+            .map(|n| format!("namespace {n}"))
+            .collect();
+        let cgroup2 = fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .find(|l| l.contains(" - cgroup2 "))
+            .and_then(|l| l.split_whitespace().nth(4).map(PathBuf::from))
+            .expect("a cgroup2 mount");
+        for path in [
+            PathBuf::from(format!("/sys/fs/bpf/shoal-{}", self.name)),
+            cgroup2.join(format!("shoal-{}", self.name)),
+            self.run_dir(),
+        ] {
+            if path.exists() {
+                left.push(path.display().to_string());
+            }
+        }
+        let marker = self.run_dir().into_os_string().into_encoded_bytes();
+        for entry in fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            if cmdline
+                .windows(marker.len())
+                .any(|w| w == marker.as_slice())
+                && !cmdline.starts_with(b"cargo")
+            {
+                left.push(format!(
+                    "process {}: {}",
+                    entry.file_name().to_string_lossy(),
+                    String::from_utf8_lossy(&cmdline).replace('\0', " ")
+                ));
+            }
+        }
+        left
+    }
+
+    /// Takes the lab down and asserts nothing is left.
+    pub fn down_clean(&self) {
+        self.ok(&["down"]);
+        let left = self.leftovers();
+        assert!(left.is_empty(), "lab down left behind: {left:#?}");
+    }
+}
+
+impl Drop for TestLab {
+    fn drop(&mut self) {
+        let out = self.run(&["down"]);
+        if !out.status.success() {
+            eprintln!(
+                "cleanup of lab {} failed: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
+/// Packets counted by the node's ingress classifier for one verdict.
+pub fn verdict_packets(status: &Value, verdict: &str) -> u64 {
+    status["counters"]
+        .as_array()
+        .expect("counters")
+        .iter()
+        .find(|c| c["verdict"] == verdict)
+        .and_then(|c| c["packets"].as_u64())
+        .unwrap_or_else(|| panic!("no {verdict} counter in {status}"))
+}

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The README's two commands, and what they share.
+#
+#   scripts/dev.sh demo    set up, build, start a 3-node lab and show it working
+#   scripts/dev.sh test    set up, build and run every test
+#   scripts/dev.sh build   set up and build the release binary only
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+
+build() {
+  "$repo/scripts/setup.sh"
+  cargo build --release --locked
+}
+
+# Runs a command with its echo, as a walkthrough would.
+show() {
+  printf '\n$'; printf ' %q' "$@"; printf '\n'
+  "$@"
+}
+
+demo() {
+  local shoal="$repo/target/release/shoal"
+  if [ -d /run/shoal-lab/lab ] || ip netns list | grep -q '^shoal-lab-'; then
+    echo "Removing the previous demo lab first."
+    "$shoal" lab down
+  fi
+  show "$shoal" lab up --nodes 3
+  show "$shoal" lab exec node2 -- shoal info
+  show "$shoal" lab exec node2 -- shoal dataplane status
+  echo
+  echo "Traffic from the client namespace to node2: ping, VXLAN (4789/udp) and gossip (7946/udp)."
+  show "$shoal" lab exec client -- ping -c 3 -i 0.2 -q 192.168.77.12
+  show "$shoal" lab exec client -- bash -c \
+    'for i in 1 2 3 4 5; do echo hi >/dev/udp/192.168.77.12/4789; echo hi >/dev/udp/192.168.77.12/7946; done'
+  show "$shoal" lab exec node2 -- shoal dataplane status
+  show "$shoal" lab status
+  cat <<MSG
+
+The lab stays up for exploring, e.g.:
+  $shoal lab exec node1 -- shoal dataplane status --format json
+Remove it with:
+  $shoal lab down
+MSG
+}
+
+case "${1:-}" in
+  build)
+    build
+    ;;
+  demo)
+    build
+    demo
+    ;;
+  test)
+    build
+    cargo fmt --all -- --check
+    cargo clippy --release --locked --all-targets -- -D warnings
+    SHOAL_BIN="$repo/target/release/shoal" cargo test --release --locked
+    ;;
+  *)
+    echo "usage: scripts/dev.sh demo|test|build" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,68 @@
+//! The CLI's answers when something is wrong: one line that says what to do.
+
+use std::fs;
+
+use shoal_tests::shoal;
+
+fn stderr_of(args: &[&str]) -> String {
+    let out = shoal(args);
+    assert!(!out.status.success(), "shoal {args:?} should fail");
+    assert_eq!(out.status.code(), Some(1));
+    String::from_utf8(out.stderr).unwrap()
+}
+
+#[test]
+fn no_agent_running_is_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("absent.sock");
+    for command in [&["version"][..], &["info"], &["dataplane", "status"]] {
+        let mut args = vec!["--socket", socket.to_str().unwrap()];
+        args.extend_from_slice(command);
+        let stderr = stderr_of(&args);
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.starts_with("shoal: no shoal agent is answering on "),
+            "{stderr}"
+        );
+        assert!(stderr.contains("SHOAL_SOCKET"), "{stderr}");
+    }
+}
+
+#[test]
+fn bad_agent_config_is_refused_before_anything_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.toml");
+    fs::write(&config, "gossip_prot = 7946\n").unwrap();
+    let stderr = stderr_of(&["agent", "--config", config.to_str().unwrap()]);
+    assert!(stderr.contains("invalid config file"), "{stderr}");
+    assert!(stderr.contains("unknown field `gossip_prot`"), "{stderr}");
+
+    let missing = dir.path().join("missing.toml");
+    let stderr = stderr_of(&["agent", "--config", missing.to_str().unwrap()]);
+    assert!(
+        stderr.contains("reading") && stderr.contains("missing.toml"),
+        "{stderr}"
+    );
+
+    let stderr = stderr_of(&[
+        "agent",
+        "--config",
+        config.to_str().unwrap(),
+        "--gossip-port",
+        "4789",
+    ]);
+    assert!(
+        stderr.contains("invalid config file"),
+        "file errors come first: {stderr}"
+    );
+}
+
+#[test]
+fn bad_lab_names_and_sizes_are_refused() {
+    let stderr = stderr_of(&["lab", "--name", "Bad/Name", "status"]);
+    assert!(stderr.contains("must be 1-16 characters"), "{stderr}");
+    let out = shoal(&["lab", "--name", "nope", "up", "--nodes", "0"]);
+    assert_eq!(out.status.code(), Some(2), "clap refuses it as usage");
+    let stderr = stderr_of(&["lab", "--name", "never-made", "status"]);
+    assert!(stderr.contains("is not up"), "{stderr}");
+}
