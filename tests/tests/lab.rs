@@ -219,3 +219,55 @@ fn down_after_an_interrupted_up_leaves_nothing() {
     );
     lab.down_clean();
 }
+
+/// The agent speaks systemd's notify protocol: READY=1 once it serves, STOPPING=1 on SIGTERM,
+/// then exits 0 and removes its socket. The test plays systemd with a datagram socket.
+#[test]
+fn agent_notifies_ready_and_stopping_and_exits_cleanly_on_sigterm() {
+    use std::os::unix::net::UnixDatagram;
+
+    let lab = TestLab::up("e2e-notify", 1);
+    lab.ok(&["stop", "node1"]);
+    let notify_path = lab.run_dir().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let config = lab.run_dir().join("node1/agent.toml");
+    let mut agent = Command::new(shoal_bin())
+        .args([
+            "lab", "--name", &lab.name, "exec", "node1", "--", "shoal", "agent", "--config",
+        ])
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &notify_path)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).expect("READY=1 within 20 s");
+    assert_eq!(String::from_utf8_lossy(&buf[..n]).trim(), "READY=1");
+    // Ready means serving: the API answers right away.
+    assert_eq!(
+        lab.node_json("node1", &["info"])["config"]["hostname"],
+        "node1"
+    );
+
+    // `lab exec` runs the agent as its child; signal the agent itself.
+    let info = lab.node_json("node1", &["info"]);
+    let pid = info["pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let n = notify.recv(&mut buf).expect("STOPPING=1 after SIGTERM");
+    assert_eq!(String::from_utf8_lossy(&buf[..n]).trim(), "STOPPING=1");
+    let status = agent.wait().unwrap();
+    assert!(status.success(), "clean exit on SIGTERM: {status}");
+    assert!(
+        !lab.run_dir().join("node1/shoal.sock").exists(),
+        "socket removed"
+    );
+    lab.down_clean();
+}
