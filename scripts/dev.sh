@@ -57,6 +57,9 @@ case "${1:-}" in
     build
     cargo fmt --all -- --check
     cargo clippy --release --locked --all-targets -- -D warnings
+    # The kernel programs, linted for their own target with nightly.
+    cargo +nightly clippy --release --locked -p shoal-ebpf --target bpfel-unknown-none \
+      -Z build-std=core -- -D warnings
     SHOAL_BIN="$repo/target/release/shoal" cargo test --release --locked
     ;;
   *)
