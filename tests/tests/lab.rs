@@ -35,6 +35,21 @@ fn three_node_lab_answers_and_counts_client_traffic() {
         assert_eq!(program["attached"], true, "{status}");
     }
 
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = |p: &str| {
+        std::fs::metadata(lab.run_dir().join(p))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(
+        mode("node1/shoal.sock"),
+        0o600,
+        "API socket is for root only"
+    );
+    assert_eq!(mode("node1/state"), 0o700, "state dir is for root only");
+
     let before2 = lab.node_json("node2", &["dataplane", "status"]);
     let before1 = lab.node_json("node1", &["dataplane", "status"]);
     send_udp(&lab, "192.168.77.12", 4789, 5);
