@@ -3,6 +3,7 @@
 mod agent;
 mod api;
 mod client;
+mod cluster;
 mod config;
 mod lab;
 mod output;

@@ -1,0 +1,3 @@
+//! The cluster: trust, replicated state, membership and orchestration.
+
+pub mod pki;
