@@ -1,3 +1,5 @@
 //! The cluster: trust, replicated state, membership and orchestration.
 
+pub mod orchestrator;
 pub mod pki;
+pub mod state;

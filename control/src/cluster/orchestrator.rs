@@ -1,0 +1,628 @@
+//! The leader's reconciliation: from services and nodes to tasks. A pure function of the
+//! state and the clock, so every decision is unit-testable; the leader proposes its output.
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::{
+    pki::random_id,
+    state::{
+        Availability, ClusterState, Command, Node, NodeStatus, Service, ServiceMode, Task,
+        TaskState, Timestamp,
+    },
+};
+
+/// Tasks kept per slot (the running one plus history), as Swarm's default.
+pub const TASK_HISTORY_LIMIT: usize = 5;
+
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    /// How long a node may be Down before its tasks are rescheduled elsewhere.
+    pub down_grace_secs: u64,
+}
+
+/// The commands that bring tasks in line with services and nodes; empty when converged.
+pub fn reconcile(state: &ClusterState, now: Timestamp, settings: Settings) -> Vec<Command> {
+    let mut plan = Plan {
+        state,
+        now,
+        changed: BTreeMap::new(),
+        delete: Vec::new(),
+    };
+    plan.orphan_tasks_of_lost_nodes(settings.down_grace_secs);
+    for service in state.services.values() {
+        match service.spec.mode {
+            ServiceMode::Replicated { replicas } => plan.replicated(service, replicas),
+            ServiceMode::Global => plan.global(service),
+        }
+        plan.rolling_update(service);
+    }
+    plan.shut_down_removed_services();
+    plan.assign_pending();
+    plan.trim_history();
+
+    let mut commands = Vec::new();
+    if !plan.changed.is_empty() {
+        commands.push(Command::PutTasks(plan.changed.into_values().collect()));
+    }
+    if !plan.delete.is_empty() {
+        commands.push(Command::DeleteTasks(plan.delete));
+    }
+    commands
+}
+
+struct Plan<'a> {
+    state: &'a ClusterState,
+    now: Timestamp,
+    /// Tasks created or changed in this pass, by ID; they shadow the state's copies.
+    changed: BTreeMap<String, Task>,
+    delete: Vec<String>,
+}
+
+impl Plan<'_> {
+    fn tasks(&self) -> impl Iterator<Item = &Task> {
+        self.state
+            .tasks
+            .values()
+            .filter(|t| !self.changed.contains_key(&t.id))
+            .chain(self.changed.values())
+    }
+
+    fn service_tasks(&self, service_id: &str) -> Vec<Task> {
+        self.tasks()
+            .filter(|t| t.service_id == service_id)
+            .cloned()
+            .collect()
+    }
+
+    fn put(&mut self, task: Task) {
+        self.changed.insert(task.id.clone(), task);
+    }
+
+    fn shut_down(&mut self, mut task: Task, message: &str) {
+        task.desired = TaskState::Shutdown;
+        task.message = message.to_owned();
+        self.put(task);
+    }
+
+    fn new_task(&mut self, service: &Service, slot: u64, node_id: Option<String>) {
+        let task = Task {
+            id: random_id(25),
+            service_id: service.id.clone(),
+            slot,
+            service_version: service.version,
+            desired: TaskState::Running,
+            state: if node_id.is_some() {
+                TaskState::Assigned
+            } else {
+                TaskState::Pending
+            },
+            node_id,
+            message: "created".into(),
+            error: String::new(),
+            created_at: self.now,
+            state_since: self.now,
+        };
+        self.put(task);
+    }
+
+    /// A task still meant to run and not known to have stopped.
+    fn is_live(&self, task: &Task) -> bool {
+        task.desired == TaskState::Running
+            && !task.state.is_terminal()
+            && task
+                .node_id
+                .as_ref()
+                .and_then(|id| self.state.nodes.get(id))
+                .is_none_or(|n| n.availability != Availability::Drain)
+    }
+
+    fn orphan_tasks_of_lost_nodes(&mut self, grace: u64) {
+        let lost: Vec<&Node> = self
+            .state
+            .nodes
+            .values()
+            .filter(|n| n.status == NodeStatus::Down && self.now >= n.status_since + grace)
+            .collect();
+        let orphans: Vec<Task> = self
+            .tasks()
+            .filter(|t| !t.state.is_terminal())
+            .filter(|t| lost.iter().any(|n| Some(&n.id) == t.node_id.as_ref()))
+            .cloned()
+            .collect();
+        for mut task in orphans {
+            task.state = TaskState::Orphaned;
+            task.state_since = self.now;
+            task.desired = TaskState::Shutdown;
+            task.message = "node down".into();
+            self.put(task);
+        }
+        // Tasks of nodes that left the cluster have no one to report on them.
+        let gone: Vec<Task> = self
+            .tasks()
+            .filter(|t| !t.state.is_terminal())
+            .filter(|t| t.node_id.as_ref().is_some_and(|id| !self.state.nodes.contains_key(id)))
+            .cloned()
+            .collect();
+        for mut task in gone {
+            task.state = TaskState::Orphaned;
+            task.state_since = self.now;
+            task.desired = TaskState::Shutdown;
+            task.message = "node removed".into();
+            self.put(task);
+        }
+    }
+
+    fn replicated(&mut self, service: &Service, replicas: u64) {
+        let tasks = self.service_tasks(&service.id);
+        for task in &tasks {
+            let on_drained = task
+                .node_id
+                .as_ref()
+                .and_then(|id| self.state.nodes.get(id))
+                .is_some_and(|n| n.availability == Availability::Drain);
+            if task.desired == TaskState::Running && task.slot > replicas {
+                self.shut_down(task.clone(), "scaled down");
+            } else if task.desired == TaskState::Running && task.state.is_terminal() {
+                // Exited: keep it as history; its slot gets a new task below.
+                self.shut_down(task.clone(), "replaced");
+            } else if task.desired == TaskState::Running && on_drained {
+                self.shut_down(task.clone(), "node drained");
+            }
+        }
+        for slot in 1..=replicas {
+            let has_live = self
+                .tasks()
+                .any(|t| t.service_id == service.id && t.slot == slot && self.is_live(t));
+            if !has_live {
+                self.new_task(service, slot, None);
+            }
+        }
+    }
+
+    fn global(&mut self, service: &Service) {
+        let eligible: Vec<&Node> = self
+            .state
+            .nodes
+            .values()
+            .filter(|n| eligible(n, service))
+            .collect();
+        for task in self.service_tasks(&service.id) {
+            if task.desired != TaskState::Running {
+                continue;
+            }
+            let still_eligible = eligible.iter().any(|n| Some(&n.id) == task.node_id.as_ref());
+            if task.state.is_terminal() {
+                self.shut_down(task, "replaced");
+            } else if !still_eligible {
+                self.shut_down(task, "node no longer eligible");
+            }
+        }
+        for node in eligible {
+            let has_live = self.tasks().any(|t| {
+                t.service_id == service.id
+                    && t.node_id.as_deref() == Some(&node.id)
+                    && self.is_live(t)
+            });
+            if !has_live {
+                self.new_task(service, 0, Some(node.id.clone()));
+            }
+        }
+    }
+
+    /// Replaces tasks of an older spec `parallelism` at a time, once the service has
+    /// converged and `delay` has passed since the last replacement started.
+    fn rolling_update(&mut self, service: &Service) {
+        let tasks = self.service_tasks(&service.id);
+        let live: Vec<&Task> = tasks.iter().filter(|t| self.is_live(t)).collect();
+        let outdated: Vec<&Task> = live
+            .iter()
+            .copied()
+            .filter(|t| t.service_version < service.version)
+            .collect();
+        if outdated.is_empty() {
+            return;
+        }
+        let converged = live.iter().all(|t| t.state == TaskState::Running);
+        let last_start = live
+            .iter()
+            .filter(|t| t.service_version == service.version)
+            .map(|t| t.created_at)
+            .max();
+        let delay_over =
+            last_start.is_none_or(|at| self.now >= at + service.spec.update_delay_secs);
+        if !converged || !delay_over {
+            return;
+        }
+        let batch = service.spec.update_parallelism.max(1) as usize;
+        for task in outdated.into_iter().take(batch).cloned().collect::<Vec<_>>() {
+            let (slot, node) = (task.slot, task.node_id.clone());
+            self.shut_down(task, "updated");
+            let node = match service.spec.mode {
+                ServiceMode::Global => node,
+                ServiceMode::Replicated { .. } => None,
+            };
+            self.new_task(service, slot, node);
+        }
+    }
+
+    fn shut_down_removed_services(&mut self) {
+        let orphaned: Vec<Task> = self
+            .tasks()
+            .filter(|t| !self.state.services.contains_key(&t.service_id))
+            .cloned()
+            .collect();
+        for task in orphaned {
+            if task.state.is_terminal() || task.node_id.is_none() {
+                self.delete.push(task.id.clone());
+                self.changed.remove(&task.id);
+            } else if task.desired != TaskState::Shutdown {
+                self.shut_down(task, "service removed");
+            }
+        }
+    }
+
+    /// Spread: the eligible node with the fewest tasks of the service, then fewest overall.
+    fn assign_pending(&mut self) {
+        let mut load: HashMap<(&str, &str), usize> = HashMap::new();
+        let mut total: HashMap<&str, usize> = HashMap::new();
+        for task in self.tasks().filter(|t| self.is_live(t)) {
+            if let Some(node) = task.node_id.as_deref() {
+                let node = self.state.nodes.get_key_value(node).map(|(k, _)| k.as_str());
+                if let Some(node) = node {
+                    let service = self.state.services.get_key_value(&task.service_id);
+                    if let Some((service, _)) = service {
+                        *load.entry((service.as_str(), node)).or_default() += 1;
+                    }
+                    *total.entry(node).or_default() += 1;
+                }
+            }
+        }
+        let pending: Vec<Task> = self
+            .tasks()
+            .filter(|t| t.node_id.is_none() && t.desired == TaskState::Running && !t.state.is_terminal())
+            .cloned()
+            .collect();
+        for mut task in pending {
+            let Some((service_key, service)) = self.state.services.get_key_value(&task.service_id)
+            else {
+                continue;
+            };
+            let best = self
+                .state
+                .nodes
+                .values()
+                .filter(|n| eligible(n, service))
+                .min_by_key(|n| {
+                    (
+                        load.get(&(service_key.as_str(), n.id.as_str())).copied().unwrap_or(0),
+                        total.get(n.id.as_str()).copied().unwrap_or(0),
+                        n.id.clone(),
+                    )
+                });
+            match best {
+                Some(node) => {
+                    *load.entry((service_key.as_str(), node.id.as_str())).or_default() += 1;
+                    *total.entry(node.id.as_str()).or_default() += 1;
+                    task.node_id = Some(node.id.clone());
+                    task.state = TaskState::Assigned;
+                    task.state_since = self.now;
+                    task.message = "scheduled".into();
+                    self.put(task);
+                }
+                None if task.message != "no suitable node" => {
+                    task.message = "no suitable node".into();
+                    self.put(task);
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// Keeps the newest `TASK_HISTORY_LIMIT` tasks per slot (per node for global services).
+    fn trim_history(&mut self) {
+        let mut slots: BTreeMap<(String, u64, String), Vec<&Task>> = BTreeMap::new();
+        for task in self.tasks() {
+            let node = if task.slot == 0 {
+                task.node_id.clone().unwrap_or_default()
+            } else {
+                String::new()
+            };
+            slots
+                .entry((task.service_id.clone(), task.slot, node))
+                .or_default()
+                .push(task);
+        }
+        let mut old = Vec::new();
+        for tasks in slots.values_mut() {
+            tasks.sort_by_key(|t| (t.created_at, t.id.clone()));
+            let excess = tasks.len().saturating_sub(TASK_HISTORY_LIMIT);
+            old.extend(
+                tasks[..excess]
+                    .iter()
+                    .filter(|t| t.state.is_terminal())
+                    .map(|t| t.id.clone()),
+            );
+        }
+        for id in old {
+            self.changed.remove(&id);
+            self.delete.push(id);
+        }
+    }
+}
+
+fn eligible(node: &Node, service: &Service) -> bool {
+    node.status == NodeStatus::Ready
+        && node.availability == Availability::Active
+        && service.spec.constraints.iter().all(|c| c.matches(node))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::cluster::{
+        pki::Role,
+        state::{Constraint, ServiceSpec, TaskReport},
+    };
+
+    const SETTINGS: Settings = Settings { down_grace_secs: 10 };
+
+    fn cluster(nodes: usize) -> ClusterState {
+        let mut state = ClusterState::default();
+        for i in 1..=nodes {
+            let id = format!("n{i}");
+            state.nodes.insert(
+                id.clone(),
+                Node {
+                    id: id.clone(),
+                    raft_id: i as u64,
+                    hostname: format!("node{i}"),
+                    addr: "10.0.0.1".parse().unwrap(),
+                    port: 2377,
+                    role: if i == 1 { Role::Manager } else { Role::Worker },
+                    availability: Availability::Active,
+                    status: NodeStatus::Ready,
+                    labels: BTreeMap::new(),
+                    created_at: 0,
+                    status_since: 0,
+                },
+            );
+        }
+        state
+    }
+
+    fn service(state: &mut ClusterState, name: &str, mode: ServiceMode) -> String {
+        let id = format!("svc-{name}");
+        state.services.insert(
+            id.clone(),
+            Service {
+                id: id.clone(),
+                spec: ServiceSpec {
+                    name: name.into(),
+                    mode,
+                    command: vec!["sleep".into(), "1000".into()],
+                    env: vec![],
+                    constraints: vec![],
+                    update_parallelism: 1,
+                    update_delay_secs: 0,
+                },
+                version: 1,
+                created_at: 0,
+                updated_at: 0,
+            },
+        );
+        id
+    }
+
+    /// Applies reconcile until nothing changes, marking assigned tasks Running as workers would.
+    fn converge(state: &mut ClusterState, now: Timestamp) {
+        for _ in 0..20 {
+            let commands = reconcile(state, now, SETTINGS);
+            let mut reports: BTreeMap<String, Vec<TaskReport>> = BTreeMap::new();
+            for command in commands.iter().cloned() {
+                state.apply(command).unwrap();
+            }
+            for task in state.tasks.values() {
+                let next = match (task.desired, task.state) {
+                    (TaskState::Running, TaskState::Assigned) => TaskState::Running,
+                    (TaskState::Shutdown, s) if !s.is_terminal() => TaskState::Shutdown,
+                    _ => continue,
+                };
+                let Some(node) = task.node_id.clone() else { continue };
+                let down = state.nodes.get(&node).is_none_or(|n| n.status == NodeStatus::Down);
+                if !down {
+                    reports.entry(node).or_default().push(TaskReport {
+                        task_id: task.id.clone(),
+                        state: next,
+                        error: String::new(),
+                    });
+                }
+            }
+            if commands.is_empty() && reports.is_empty() {
+                return;
+            }
+            for (node_id, reports) in reports {
+                state
+                    .apply(Command::ReportTasks {
+                        node_id,
+                        reports,
+                        at: now,
+                    })
+                    .unwrap();
+            }
+        }
+        panic!("did not converge");
+    }
+
+    fn running_per_node(state: &ClusterState, service: &str) -> BTreeMap<String, usize> {
+        let mut per = BTreeMap::new();
+        for t in state.tasks.values() {
+            if t.service_id == service && t.state == TaskState::Running && t.desired == TaskState::Running {
+                *per.entry(t.node_id.clone().unwrap()).or_default() += 1;
+            }
+        }
+        per
+    }
+
+    fn set_replicas(state: &mut ClusterState, id: &str, replicas: u64) {
+        state.services.get_mut(id).unwrap().spec.mode = ServiceMode::Replicated { replicas };
+    }
+
+    #[test]
+    fn scale_spreads_two_two_one_and_back_down() {
+        let mut state = cluster(3);
+        let web = service(&mut state, "web", ServiceMode::Replicated { replicas: 1 });
+        converge(&mut state, 1);
+        assert_eq!(running_per_node(&state, &web).values().sum::<usize>(), 1);
+        set_replicas(&mut state, &web, 5);
+        converge(&mut state, 2);
+        let mut counts: Vec<usize> = running_per_node(&state, &web).into_values().collect();
+        counts.sort();
+        assert_eq!(counts, [1, 2, 2]);
+        set_replicas(&mut state, &web, 3);
+        converge(&mut state, 3);
+        assert_eq!(running_per_node(&state, &web).values().sum::<usize>(), 3);
+        let slots: Vec<u64> = state
+            .tasks
+            .values()
+            .filter(|t| t.desired == TaskState::Running)
+            .map(|t| t.slot)
+            .collect();
+        assert_eq!(slots.len(), 3);
+        assert!(slots.iter().all(|s| (1..=3).contains(s)), "{slots:?}");
+    }
+
+    #[test]
+    fn an_exited_task_is_replaced_and_kept_as_history() {
+        let mut state = cluster(2);
+        let web = service(&mut state, "web", ServiceMode::Replicated { replicas: 2 });
+        converge(&mut state, 1);
+        let victim = state.tasks.values().next().unwrap().clone();
+        state
+            .apply(Command::ReportTasks {
+                node_id: victim.node_id.clone().unwrap(),
+                reports: vec![TaskReport {
+                    task_id: victim.id.clone(),
+                    state: TaskState::Failed,
+                    error: "exit status 137".into(),
+                }],
+                at: 2,
+            })
+            .unwrap();
+        converge(&mut state, 3);
+        assert_eq!(running_per_node(&state, &web).values().sum::<usize>(), 2);
+        let slot: Vec<&Task> = state.tasks.values().filter(|t| t.slot == victim.slot).collect();
+        assert_eq!(slot.len(), 2, "the failed task stays as history");
+        let old = &state.tasks[&victim.id];
+        assert_eq!((old.state, old.desired), (TaskState::Failed, TaskState::Shutdown));
+        assert_eq!(old.error, "exit status 137");
+    }
+
+    #[test]
+    fn history_is_capped_per_slot() {
+        let mut state = cluster(1);
+        service(&mut state, "web", ServiceMode::Replicated { replicas: 1 });
+        for round in 0..10u64 {
+            converge(&mut state, round * 10);
+            let running = state
+                .tasks
+                .values()
+                .find(|t| t.desired == TaskState::Running)
+                .unwrap()
+                .clone();
+            state
+                .apply(Command::ReportTasks {
+                    node_id: running.node_id.unwrap(),
+                    reports: vec![TaskReport {
+                        task_id: running.id,
+                        state: TaskState::Failed,
+                        error: String::new(),
+                    }],
+                    at: round * 10 + 1,
+                })
+                .unwrap();
+        }
+        converge(&mut state, 1000);
+        assert_eq!(state.tasks.len(), TASK_HISTORY_LIMIT);
+    }
+
+    #[test]
+    fn drain_moves_tasks_and_pause_takes_no_new_ones() {
+        let mut state = cluster(3);
+        let web = service(&mut state, "web", ServiceMode::Replicated { replicas: 6 });
+        converge(&mut state, 1);
+        state.nodes.get_mut("n2").unwrap().availability = Availability::Drain;
+        state.nodes.get_mut("n3").unwrap().availability = Availability::Pause;
+        converge(&mut state, 2);
+        let per = running_per_node(&state, &web);
+        assert_eq!(per.get("n2"), None, "drained node runs nothing: {per:?}");
+        assert_eq!(per.get("n3"), Some(&2), "paused node keeps its tasks: {per:?}");
+        assert_eq!(per.get("n1"), Some(&4));
+    }
+
+    #[test]
+    fn tasks_of_a_down_node_move_after_the_grace_period() {
+        let mut state = cluster(2);
+        let web = service(&mut state, "web", ServiceMode::Replicated { replicas: 2 });
+        converge(&mut state, 1);
+        let n2 = state.nodes.get_mut("n2").unwrap();
+        n2.status = NodeStatus::Down;
+        n2.status_since = 100;
+        converge(&mut state, 105);
+        assert_eq!(running_per_node(&state, &web).get("n2"), Some(&1), "within grace");
+        converge(&mut state, 110);
+        assert_eq!(running_per_node(&state, &web), BTreeMap::from([("n1".into(), 2)]));
+        assert!(state.tasks.values().any(|t| t.state == TaskState::Orphaned));
+    }
+
+    #[test]
+    fn global_runs_one_per_eligible_node_and_constraints_filter() {
+        let mut state = cluster(3);
+        state
+            .nodes
+            .get_mut("n3")
+            .unwrap()
+            .labels
+            .insert("zone".into(), "b".into());
+        let agent = service(&mut state, "agent", ServiceMode::Global);
+        converge(&mut state, 1);
+        assert_eq!(running_per_node(&state, &agent).len(), 3);
+        let zoned = service(&mut state, "zoned", ServiceMode::Replicated { replicas: 2 });
+        state.services.get_mut(&zoned).unwrap().spec.constraints =
+            vec![Constraint::parse("node.labels.zone==b").unwrap()];
+        converge(&mut state, 2);
+        assert_eq!(running_per_node(&state, &zoned), BTreeMap::from([("n3".into(), 2)]));
+        let impossible = service(&mut state, "nowhere", ServiceMode::Replicated { replicas: 1 });
+        state.services.get_mut(&impossible).unwrap().spec.constraints =
+            vec![Constraint::parse("node.labels.zone==z").unwrap()];
+        converge(&mut state, 3);
+        let pending: Vec<&Task> = state.tasks.values().filter(|t| t.service_id == impossible).collect();
+        assert_eq!(pending.len(), 1);
+        assert_eq!((pending[0].state, pending[0].message.as_str()), (TaskState::Pending, "no suitable node"));
+    }
+
+    #[test]
+    fn rolling_update_replaces_in_batches_and_removal_cleans_up() {
+        let mut state = cluster(2);
+        let web = service(&mut state, "web", ServiceMode::Replicated { replicas: 4 });
+        converge(&mut state, 1);
+        let svc = state.services.get_mut(&web).unwrap();
+        svc.version = 2;
+        svc.spec.update_parallelism = 2;
+        // One pass replaces two tasks only.
+        for command in reconcile(&state, 2, SETTINGS) {
+            state.apply(command).unwrap();
+        }
+        let new = state.tasks.values().filter(|t| t.service_version == 2).count();
+        assert_eq!(new, 2);
+        converge(&mut state, 3);
+        let live: Vec<&Task> = state.tasks.values().filter(|t| t.desired == TaskState::Running).collect();
+        assert_eq!(live.len(), 4);
+        assert!(live.iter().all(|t| t.service_version == 2 && t.state == TaskState::Running));
+
+        state.services.remove(&web);
+        converge(&mut state, 4);
+        assert!(state.tasks.is_empty(), "{:?}", state.tasks);
+    }
+}

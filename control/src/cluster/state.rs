@@ -1,0 +1,507 @@
+//! The replicated cluster state and the commands that change it. Raft orders the commands;
+//! `ClusterState::apply` is the deterministic state machine every manager runs.
+
+use std::{collections::BTreeMap, fmt, net::IpAddr};
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+
+use super::pki::{JoinToken, Role, RootCa};
+
+/// Seconds since the Unix epoch, as the leader saw it when it proposed the command.
+pub type Timestamp = u64;
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ClusterState {
+    pub cluster_id: String,
+    pub ca: Option<RootCa>,
+    pub worker_secret: String,
+    pub manager_secret: String,
+    pub nodes: BTreeMap<String, Node>,
+    pub services: BTreeMap<String, Service>,
+    pub tasks: BTreeMap<String, Task>,
+    /// Raft node ids are small integers; node IDs are strings.
+    pub next_raft_id: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Availability {
+    Active,
+    Pause,
+    Drain,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeStatus {
+    Ready,
+    Down,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Node {
+    pub id: String,
+    pub raft_id: u64,
+    pub hostname: String,
+    pub addr: IpAddr,
+    /// Manager API port of this node (2377 unless configured).
+    pub port: u16,
+    pub role: Role,
+    pub availability: Availability,
+    pub status: NodeStatus,
+    pub labels: BTreeMap<String, String>,
+    pub created_at: Timestamp,
+    /// When `status` last changed.
+    pub status_since: Timestamp,
+}
+
+impl Node {
+    pub fn endpoint(&self) -> String {
+        std::net::SocketAddr::new(self.addr, self.port).to_string()
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase", tag = "mode")]
+pub enum ServiceMode {
+    Replicated { replicas: u64 },
+    Global,
+}
+
+/// `node.labels.KEY==VALUE` or `!=`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Constraint {
+    pub label: String,
+    pub value: String,
+    pub equal: bool,
+}
+
+impl Constraint {
+    pub fn parse(text: &str) -> Result<Self> {
+        let (key, value, equal) = if let Some((k, v)) = text.split_once("==") {
+            (k, v, true)
+        } else if let Some((k, v)) = text.split_once("!=") {
+            (k, v, false)
+        } else {
+            bail!("constraint {text:?}: expected node.labels.KEY==VALUE or node.labels.KEY!=VALUE");
+        };
+        let Some(label) = key.trim().strip_prefix("node.labels.") else {
+            bail!("constraint {text:?}: only node.labels.KEY constraints are supported");
+        };
+        if label.is_empty() {
+            bail!("constraint {text:?}: empty label name");
+        }
+        Ok(Self {
+            label: label.to_owned(),
+            value: value.trim().to_owned(),
+            equal,
+        })
+    }
+
+    pub fn matches(&self, node: &Node) -> bool {
+        (node.labels.get(&self.label) == Some(&self.value)) == self.equal
+    }
+}
+
+impl fmt::Display for Constraint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let op = if self.equal { "==" } else { "!=" };
+        write!(f, "node.labels.{}{op}{}", self.label, self.value)
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServiceSpec {
+    pub name: String,
+    #[serde(flatten)]
+    pub mode: ServiceMode,
+    pub command: Vec<String>,
+    pub env: Vec<String>,
+    pub constraints: Vec<Constraint>,
+    pub update_parallelism: u64,
+    pub update_delay_secs: u64,
+}
+
+impl ServiceSpec {
+    pub fn validate(&self) -> Result<()> {
+        let name_ok = !self.name.is_empty()
+            && self.name.len() <= 63
+            && self.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && self.name.as_bytes()[0].is_ascii_alphanumeric();
+        if !name_ok {
+            bail!(
+                "invalid service name {:?}: 1-63 characters of letters, digits, - and _, starting with a letter or digit",
+                self.name
+            );
+        }
+        if self.command.is_empty() || self.command[0].is_empty() {
+            bail!("service {}: a command to run is required (after --)", self.name);
+        }
+        if let ServiceMode::Replicated { replicas } = self.mode {
+            if replicas > 10_000 {
+                bail!("service {}: at most 10000 replicas", self.name);
+            }
+        }
+        for env in &self.env {
+            if !env.contains('=') || env.starts_with('=') {
+                bail!("service {}: environment entry {env:?} is not KEY=VALUE", self.name);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Service {
+    pub id: String,
+    pub spec: ServiceSpec,
+    /// Bumped by every spec change; tasks remember the version they run.
+    pub version: u64,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+/// Swarm's task states, in the only order a task may move through them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskState {
+    New,
+    Pending,
+    Assigned,
+    Accepted,
+    Preparing,
+    Starting,
+    Running,
+    Complete,
+    Shutdown,
+    Failed,
+    Rejected,
+    Remove,
+    Orphaned,
+}
+
+impl TaskState {
+    pub fn is_terminal(self) -> bool {
+        self >= TaskState::Complete
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            TaskState::New => "New",
+            TaskState::Pending => "Pending",
+            TaskState::Assigned => "Assigned",
+            TaskState::Accepted => "Accepted",
+            TaskState::Preparing => "Preparing",
+            TaskState::Starting => "Starting",
+            TaskState::Running => "Running",
+            TaskState::Complete => "Complete",
+            TaskState::Shutdown => "Shutdown",
+            TaskState::Failed => "Failed",
+            TaskState::Rejected => "Rejected",
+            TaskState::Remove => "Remove",
+            TaskState::Orphaned => "Orphaned",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Task {
+    pub id: String,
+    pub service_id: String,
+    /// Replica number (1-based) of replicated services; 0 for global ones.
+    pub slot: u64,
+    pub node_id: Option<String>,
+    pub service_version: u64,
+    pub desired: TaskState,
+    pub state: TaskState,
+    pub message: String,
+    pub error: String,
+    pub created_at: Timestamp,
+    /// When `state` last changed.
+    pub state_since: Timestamp,
+}
+
+/// A worker's report on one of its tasks.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TaskReport {
+    pub task_id: String,
+    pub state: TaskState,
+    pub error: String,
+}
+
+/// Everything that changes the replicated state.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub enum Command {
+    /// The first entry of a new cluster.
+    Init {
+        cluster_id: String,
+        ca: RootCa,
+        worker_secret: String,
+        manager_secret: String,
+        first: Node,
+    },
+    AddNode(Node),
+    UpdateNode(Node),
+    RemoveNode { id: String },
+    RotateToken { role: Role, secret: String },
+    PutService(Service),
+    RemoveService { id: String },
+    /// The orchestrator's decisions: new tasks, placements, desired-state changes.
+    PutTasks(Vec<Task>),
+    /// Workers' observations; a report never moves a task backwards.
+    ReportTasks {
+        node_id: String,
+        reports: Vec<TaskReport>,
+        at: Timestamp,
+    },
+    /// Drops tasks (oldest history beyond the retention limit, or of removed services).
+    DeleteTasks(Vec<String>),
+}
+
+impl ClusterState {
+    pub fn apply(&mut self, command: Command) -> Result<()> {
+        match command {
+            Command::Init {
+                cluster_id,
+                ca,
+                worker_secret,
+                manager_secret,
+                first,
+            } => {
+                if !self.cluster_id.is_empty() {
+                    bail!("cluster already initialized");
+                }
+                self.cluster_id = cluster_id;
+                self.ca = Some(ca);
+                self.worker_secret = worker_secret;
+                self.manager_secret = manager_secret;
+                self.next_raft_id = first.raft_id + 1;
+                self.nodes.insert(first.id.clone(), first);
+            }
+            Command::AddNode(node) => {
+                if self.nodes.contains_key(&node.id) {
+                    bail!("node {} already exists", node.id);
+                }
+                self.next_raft_id = self.next_raft_id.max(node.raft_id + 1);
+                self.nodes.insert(node.id.clone(), node);
+            }
+            Command::UpdateNode(node) => {
+                if !self.nodes.contains_key(&node.id) {
+                    bail!("node {} not found", node.id);
+                }
+                self.nodes.insert(node.id.clone(), node);
+            }
+            Command::RemoveNode { id } => {
+                self.nodes.remove(&id);
+            }
+            Command::RotateToken { role, secret } => match role {
+                Role::Worker => self.worker_secret = secret,
+                Role::Manager => self.manager_secret = secret,
+            },
+            Command::PutService(service) => {
+                if let Some(other) = self
+                    .services
+                    .values()
+                    .find(|s| s.spec.name == service.spec.name && s.id != service.id)
+                {
+                    bail!("a service named {} already exists ({})", service.spec.name, other.id);
+                }
+                self.services.insert(service.id.clone(), service);
+            }
+            Command::RemoveService { id } => {
+                self.services.remove(&id);
+            }
+            Command::PutTasks(tasks) => {
+                for task in tasks {
+                    self.tasks.insert(task.id.clone(), task);
+                }
+            }
+            Command::ReportTasks {
+                node_id,
+                reports,
+                at,
+            } => {
+                for report in reports {
+                    let Some(task) = self.tasks.get_mut(&report.task_id) else {
+                        continue;
+                    };
+                    // Only the node a task was given to reports on it, and only forward.
+                    if task.node_id.as_deref() != Some(node_id.as_str()) || report.state <= task.state {
+                        continue;
+                    }
+                    task.state = report.state;
+                    task.state_since = at;
+                    if !report.error.is_empty() {
+                        task.error = report.error;
+                    }
+                }
+            }
+            Command::DeleteTasks(ids) => {
+                for id in ids {
+                    self.tasks.remove(&id);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn token(&self, role: Role) -> Result<JoinToken> {
+        let ca = self.ca.as_ref().ok_or_else(|| anyhow::anyhow!("cluster has no CA"))?;
+        Ok(JoinToken {
+            ca_digest: ca.digest()?,
+            secret: match role {
+                Role::Worker => self.worker_secret.clone(),
+                Role::Manager => self.manager_secret.clone(),
+            },
+        })
+    }
+
+    /// A node by ID, ID prefix or hostname, as Docker resolves them.
+    pub fn find_node(&self, key: &str) -> Result<&Node> {
+        if let Some(node) = self.nodes.get(key) {
+            return Ok(node);
+        }
+        let matches: Vec<&Node> = self
+            .nodes
+            .values()
+            .filter(|n| n.hostname == key || n.id.starts_with(key))
+            .collect();
+        match matches.as_slice() {
+            [node] => Ok(node),
+            [] => bail!("node {key} not found"),
+            _ => bail!("node {key} is ambiguous ({} matches)", matches.len()),
+        }
+    }
+
+    /// A service by ID, ID prefix or name.
+    pub fn find_service(&self, key: &str) -> Result<&Service> {
+        if let Some(service) = self.services.values().find(|s| s.spec.name == key) {
+            return Ok(service);
+        }
+        let matches: Vec<&Service> = self.services.values().filter(|s| s.id.starts_with(key)).collect();
+        match matches.as_slice() {
+            [service] => Ok(service),
+            [] => bail!("service {key} not found"),
+            _ => bail!("service {key} is ambiguous ({} matches)", matches.len()),
+        }
+    }
+
+    pub fn managers(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.values().filter(|n| n.role == Role::Manager)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn node(id: &str, raft_id: u64, role: Role) -> Node {
+        Node {
+            id: id.into(),
+            raft_id,
+            hostname: id.into(),
+            addr: "10.0.0.1".parse().unwrap(),
+            port: 2377,
+            role,
+            availability: Availability::Active,
+            status: NodeStatus::Ready,
+            labels: BTreeMap::new(),
+            created_at: 0,
+            status_since: 0,
+        }
+    }
+
+    fn task(id: &str, node: &str, state: TaskState) -> Task {
+        Task {
+            id: id.into(),
+            service_id: "s".into(),
+            slot: 1,
+            node_id: Some(node.into()),
+            service_version: 1,
+            desired: TaskState::Running,
+            state,
+            message: String::new(),
+            error: String::new(),
+            created_at: 0,
+            state_since: 0,
+        }
+    }
+
+    #[test]
+    fn task_reports_only_move_forward_and_only_from_the_owner() {
+        let mut state = ClusterState::default();
+        state
+            .apply(Command::PutTasks(vec![task("t", "n1", TaskState::Assigned)]))
+            .unwrap();
+        let report = |node: &str, s: TaskState| Command::ReportTasks {
+            node_id: node.into(),
+            reports: vec![TaskReport {
+                task_id: "t".into(),
+                state: s,
+                error: String::new(),
+            }],
+            at: 5,
+        };
+        state.apply(report("n1", TaskState::Running)).unwrap();
+        assert_eq!(state.tasks["t"].state, TaskState::Running);
+        state.apply(report("n1", TaskState::Starting)).unwrap();
+        assert_eq!(state.tasks["t"].state, TaskState::Running, "no going back");
+        state.apply(report("n2", TaskState::Failed)).unwrap();
+        assert_eq!(state.tasks["t"].state, TaskState::Running, "not n2's task");
+        state.apply(report("n1", TaskState::Failed)).unwrap();
+        assert_eq!(state.tasks["t"].state, TaskState::Failed);
+        assert_eq!(state.tasks["t"].state_since, 5);
+    }
+
+    #[test]
+    fn init_once_and_unique_names() {
+        let mut state = ClusterState::default();
+        let init = Command::Init {
+            cluster_id: "c".into(),
+            ca: RootCa {
+                cert_pem: String::new(),
+                key_pem: String::new(),
+            },
+            worker_secret: "w".into(),
+            manager_secret: "m".into(),
+            first: node("a", 1, Role::Manager),
+        };
+        state.apply(init.clone()).unwrap();
+        assert_eq!(state.next_raft_id, 2);
+        assert!(state.apply(init).is_err());
+        assert!(state.apply(Command::AddNode(node("a", 2, Role::Worker))).is_err());
+        assert_eq!(state.find_node("a").unwrap().raft_id, 1);
+        assert!(state.find_node("zz").is_err());
+    }
+
+    #[test]
+    fn specs_and_constraints_are_checked() {
+        let spec = |name: &str, cmd: &[&str]| ServiceSpec {
+            name: name.into(),
+            mode: ServiceMode::Replicated { replicas: 1 },
+            command: cmd.iter().map(|s| s.to_string()).collect(),
+            env: vec![],
+            constraints: vec![],
+            update_parallelism: 1,
+            update_delay_secs: 0,
+        };
+        assert!(spec("web", &["sleep", "1"]).validate().is_ok());
+        assert!(spec("-web", &["x"]).validate().is_err());
+        assert!(spec("web/1", &["x"]).validate().is_err());
+        assert!(spec("web", &[]).validate().is_err());
+        let mut bad_env = spec("web", &["x"]);
+        bad_env.env = vec!["NOVALUE".into()];
+        assert!(bad_env.validate().is_err());
+
+        let c = Constraint::parse("node.labels.zone==a").unwrap();
+        let mut n = node("n", 1, Role::Worker);
+        assert!(!c.matches(&n));
+        n.labels.insert("zone".into(), "a".into());
+        assert!(c.matches(&n));
+        assert!(!Constraint::parse("node.labels.zone!=a").unwrap().matches(&n));
+        assert!(Constraint::parse("node.hostname==x").is_err());
+        assert!(Constraint::parse("zone").is_err());
+        assert_eq!(c.to_string(), "node.labels.zone==a");
+    }
+}
