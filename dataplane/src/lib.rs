@@ -7,6 +7,7 @@
 //! without a program while the agent restarts.
 
 mod status;
+pub mod task;
 
 use std::{
     fs, io,

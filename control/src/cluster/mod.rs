@@ -2,4 +2,7 @@
 
 pub mod orchestrator;
 pub mod pki;
+pub mod protocol;
 pub mod state;
+pub mod transport;
+pub mod worker;

@@ -1,0 +1,173 @@
+//! What nodes say to managers on 2377 (and CLI clients, through their local agent). Every call
+//! is a `ClusterRequest`; a manager that is not the leader forwards it to the leader, naming
+//! the original caller, so reads and writes are always served by the leader.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    pki::Role,
+    state::{Availability, NodeStatus, ServiceMode, ServiceSpec, TaskReport, TaskState, Timestamp},
+};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Set by a forwarding manager: the node that made the call.
+    pub origin: Option<String>,
+    pub request: ClusterRequest,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ClusterRequest {
+    Join(JoinRequest),
+    Heartbeat { reports: Vec<TaskReport> },
+    Control(ControlRequest),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ClusterResponse {
+    Joined(JoinResponse),
+    Heartbeat(HeartbeatResponse),
+    Control(ControlResponse),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JoinRequest {
+    pub secret: String,
+    pub csr_pem: String,
+    pub hostname: String,
+    pub addr: IpAddr,
+    pub port: u16,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JoinResponse {
+    pub cluster_id: String,
+    pub node_id: String,
+    pub raft_id: u64,
+    pub role: Role,
+    pub cert_pem: String,
+    pub ca_pem: String,
+    /// Manager endpoints (addr:port), for heartbeats.
+    pub managers: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HeartbeatResponse {
+    /// This node's tasks that are not finished as far as the managers know.
+    pub assignments: Vec<Assignment>,
+    pub managers: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Assignment {
+    pub task_id: String,
+    pub name: String,
+    pub desired: TaskState,
+    pub command: Vec<String>,
+    pub env: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ControlRequest {
+    NodeList,
+    NodeInspect {
+        node: String,
+    },
+    NodeUpdate {
+        node: String,
+        availability: Option<Availability>,
+        label_add: Vec<String>,
+        label_rm: Vec<String>,
+        role: Option<Role>,
+    },
+    NodeRemove {
+        node: String,
+        force: bool,
+    },
+    NodeTasks {
+        node: String,
+    },
+    JoinToken {
+        role: Role,
+        rotate: bool,
+    },
+    ServiceCreate(ServiceSpec),
+    ServiceList,
+    ServiceInspect {
+        service: String,
+    },
+    ServiceTasks {
+        service: String,
+    },
+    ServiceUpdate {
+        service: String,
+        replicas: Option<u64>,
+        env_add: Vec<String>,
+        force: bool,
+    },
+    ServiceRemove {
+        service: String,
+    },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ControlResponse {
+    Nodes(Vec<NodeView>),
+    Node(NodeView),
+    Token(String),
+    Services(Vec<ServiceView>),
+    Service(ServiceView),
+    Tasks(Vec<TaskView>),
+    Done,
+}
+
+/// A node as `node ls` / `node inspect` show it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct NodeView {
+    pub id: String,
+    pub hostname: String,
+    pub addr: IpAddr,
+    pub role: Role,
+    pub status: NodeStatus,
+    pub availability: Availability,
+    /// Leader, Reachable or Unavailable for managers; empty for workers.
+    pub manager_status: String,
+    pub labels: BTreeMap<String, String>,
+    pub created_at: Timestamp,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ServiceView {
+    pub id: String,
+    pub name: String,
+    pub mode: ServiceMode,
+    pub running: u64,
+    pub desired: u64,
+    pub command: Vec<String>,
+    pub env: Vec<String>,
+    pub constraints: Vec<String>,
+    pub version: u64,
+    pub update_parallelism: u64,
+    pub update_delay_secs: u64,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TaskView {
+    pub id: String,
+    /// `web.1` (or `web.<node id>` for global services), as in `service ps`.
+    pub name: String,
+    pub service: String,
+    pub slot: u64,
+    pub node_id: Option<String>,
+    pub node: String,
+    pub desired: TaskState,
+    pub state: TaskState,
+    pub state_since: Timestamp,
+    pub message: String,
+    pub error: String,
+    pub created_at: Timestamp,
+}

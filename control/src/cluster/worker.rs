@@ -1,0 +1,243 @@
+//! Every node's side of the cluster: heartbeats to the managers, carrying the state of each
+//! local task, and starting or stopping tasks as the answers assign them. Each heartbeat
+//! reports every task the node knows, so a lost heartbeat heals itself (reports only move
+//! tasks forward).
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::Result;
+use shoal_dataplane::task::{TaskHandle, TaskLaunch, TaskRuntime};
+use tokio::sync::{oneshot, watch, Notify};
+
+use super::{
+    protocol::{Assignment, ClusterRequest, ClusterResponse, Envelope, HeartbeatResponse},
+    state::{TaskReport, TaskState},
+    transport::ClusterClient,
+};
+
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+struct LocalTask {
+    state: TaskState,
+    error: String,
+    /// Present while the task runs: a message stops it.
+    stop: Option<oneshot::Sender<()>>,
+}
+
+pub struct Worker {
+    runtime: TaskRuntime,
+    client: ClusterClient,
+    managers: Mutex<Vec<String>>,
+    tasks: Mutex<HashMap<String, LocalTask>>,
+    wake: Notify,
+}
+
+impl Worker {
+    pub fn new(runtime: TaskRuntime, client: ClusterClient, managers: Vec<String>) -> Result<Self> {
+        let mut tasks = HashMap::new();
+        // Tasks of a previous agent on this node are not supervised by anyone: end them and
+        // report them failed, so the orchestrator replaces them.
+        for id in runtime.remove_leftovers()? {
+            tracing::info!(task = %id, "ended a task left by a previous agent");
+            tasks.insert(
+                id,
+                LocalTask {
+                    state: TaskState::Failed,
+                    error: "agent restarted".into(),
+                    stop: None,
+                },
+            );
+        }
+        Ok(Self {
+            runtime,
+            client,
+            managers: Mutex::new(managers),
+            tasks: Mutex::new(tasks),
+            wake: Notify::new(),
+        })
+    }
+
+    pub fn runtime(&self) -> &TaskRuntime {
+        &self.runtime
+    }
+
+    /// Heartbeats until `shutdown` turns true. Tasks keep running when the agent stops.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut failing_since: Option<tokio::time::Instant> = None;
+        while !*shutdown.borrow() {
+            match self.heartbeat().await {
+                Ok(answer) => {
+                    if failing_since.take().is_some() {
+                        tracing::info!("managers reachable again");
+                    }
+                    if !answer.managers.is_empty() {
+                        *self.managers.lock().expect("managers") = answer.managers;
+                    }
+                    self.apply(answer.assignments);
+                }
+                Err(err) => {
+                    if failing_since.is_none() {
+                        tracing::warn!(error = %format!("{err:#}"), "heartbeat failed; tasks keep running");
+                        failing_since = Some(tokio::time::Instant::now());
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(HEARTBEAT_INTERVAL) => {}
+                _ = self.wake.notified() => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+
+    fn reports(&self) -> Vec<TaskReport> {
+        self.tasks
+            .lock()
+            .expect("tasks")
+            .iter()
+            .map(|(id, task)| TaskReport {
+                task_id: id.clone(),
+                state: task.state,
+                error: task.error.clone(),
+            })
+            .collect()
+    }
+
+    /// One heartbeat, to the first manager that answers (the last good one first).
+    async fn heartbeat(&self) -> Result<HeartbeatResponse> {
+        let managers = self.managers.lock().expect("managers").clone();
+        let envelope = Envelope {
+            origin: None,
+            request: ClusterRequest::Heartbeat {
+                reports: self.reports(),
+            },
+        };
+        let mut last_error = anyhow::anyhow!("no managers known");
+        for (i, manager) in managers.iter().enumerate() {
+            match self
+                .client
+                .post::<_, ClusterResponse>(manager, "/cluster", &envelope, Duration::from_secs(5))
+                .await
+            {
+                Ok(ClusterResponse::Heartbeat(answer)) => {
+                    if i > 0 {
+                        self.managers.lock().expect("managers").rotate_left(i);
+                    }
+                    return Ok(answer);
+                }
+                Ok(_) => last_error = anyhow::anyhow!("{manager} answered a heartbeat oddly"),
+                Err(err) => last_error = err.context(format!("manager {manager}")),
+            }
+        }
+        Err(last_error)
+    }
+
+    fn apply(self: &Arc<Self>, assignments: Vec<Assignment>) {
+        let mut tasks = self.tasks.lock().expect("tasks");
+        let assigned: HashSet<&str> = assignments.iter().map(|a| a.task_id.as_str()).collect();
+        for assignment in &assignments {
+            match (assignment.desired, tasks.get_mut(&assignment.task_id)) {
+                (TaskState::Running, None) => {
+                    let local = self.start(assignment);
+                    tasks.insert(assignment.task_id.clone(), local);
+                }
+                (desired, Some(local)) if desired != TaskState::Running => {
+                    if let Some(stop) = local.stop.take() {
+                        let _ = stop.send(());
+                    }
+                }
+                (_, None) => {
+                    // To be stopped, but it never ran here.
+                    tasks.insert(
+                        assignment.task_id.clone(),
+                        LocalTask {
+                            state: TaskState::Shutdown,
+                            error: String::new(),
+                            stop: None,
+                        },
+                    );
+                }
+                _ => {}
+            }
+        }
+        // A running task the managers no longer list (its service is gone): stop it.
+        for (id, local) in tasks.iter_mut() {
+            if !assigned.contains(id.as_str()) {
+                if let Some(stop) = local.stop.take() {
+                    let _ = stop.send(());
+                }
+            }
+        }
+        // Forget finished tasks the managers no longer ask about.
+        tasks.retain(|id, local| assigned.contains(id.as_str()) || !local.state.is_terminal());
+    }
+
+    fn start(self: &Arc<Self>, assignment: &Assignment) -> LocalTask {
+        let launch = TaskLaunch {
+            id: assignment.task_id.clone(),
+            name: assignment.name.clone(),
+            command: assignment.command.clone(),
+            env: assignment.env.clone(),
+        };
+        match self.runtime.start(&launch) {
+            Ok(handle) => {
+                tracing::info!(task = %launch.name, "task started");
+                let (stop, stopped) = oneshot::channel();
+                tokio::spawn(Arc::clone(self).supervise(launch.id.clone(), handle, stopped));
+                LocalTask {
+                    state: TaskState::Running,
+                    error: String::new(),
+                    stop: Some(stop),
+                }
+            }
+            Err(err) => {
+                tracing::warn!(task = %launch.name, error = %format!("{err:#}"), "task rejected");
+                LocalTask {
+                    state: TaskState::Rejected,
+                    error: format!("{err:#}"),
+                    stop: None,
+                }
+            }
+        }
+    }
+
+    async fn supervise(self: Arc<Self>, id: String, mut handle: TaskHandle, stopped: oneshot::Receiver<()>) {
+        let (state, error) = tokio::select! {
+            status = handle.wait() => {
+                if let Err(err) = handle.remove_cgroup().await {
+                    tracing::warn!(task = %id, error = %format!("{err:#}"), "cleaning up the task's cgroup");
+                }
+                match status {
+                    Ok(status) if status.success() => (TaskState::Complete, String::new()),
+                    Ok(status) => (TaskState::Failed, describe_exit(status)),
+                    Err(err) => (TaskState::Failed, format!("lost track of the task: {err}")),
+                }
+            }
+            _ = stopped => match handle.stop(STOP_GRACE).await {
+                Ok(_) => (TaskState::Shutdown, String::new()),
+                Err(err) => (TaskState::Shutdown, format!("stopping: {err:#}")),
+            },
+        };
+        tracing::info!(task = %id, state = ?state, error = %error, "task ended");
+        if let Some(local) = self.tasks.lock().expect("tasks").get_mut(&id) {
+            local.state = state;
+            local.error = error;
+            local.stop = None;
+        }
+        self.wake.notify_one();
+    }
+}
+
+fn describe_exit(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt as _;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("task: non-zero exit ({code})"),
+        (None, Some(signal)) => format!("task: killed by signal {signal}"),
+        _ => "task: ended abnormally".into(),
+    }
+}

@@ -1,0 +1,249 @@
+//! Tasks as processes: each in its own PID, network, mount and UTS namespaces and its own
+//! cgroup (v2), with hostname = task name and `/etc/resolv.conf` = `nameserver 127.0.0.11`.
+//!
+//! Launch: the agent runs util-linux `unshare --fork --pid --mount-proc --net --uts` (which
+//! makes the namespaces and a fresh /proc), placed in the task's cgroup before exec; inside,
+//! `shoal task-init` sets the hostname, bind-mounts the resolver file and execs the command,
+//! which becomes PID 1 of the task. Stop: SIGTERM to the cgroup, then `cgroup.kill`.
+
+use std::{
+    ffi::CString,
+    fs::{self, File, OpenOptions},
+    io,
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{ExitStatus, Stdio},
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _, Result};
+
+/// The resolver every task uses: the agent's embedded DNS inside the task's namespace.
+pub const TASK_RESOLV_CONF: &str = "nameserver 127.0.0.11\noptions ndots:0\n";
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct TaskLaunch {
+    pub id: String,
+    /// Task name (`web.1.<id>`), also its hostname.
+    pub name: String,
+    pub command: Vec<String>,
+    pub env: Vec<String>,
+}
+
+/// Where tasks of this node live.
+#[derive(Clone, Debug)]
+pub struct TaskRuntime {
+    cgroup_root: PathBuf,
+    dir: PathBuf,
+    /// The `shoal` binary, which provides `task-init`.
+    init_exe: PathBuf,
+}
+
+/// A started task: the `unshare` process the agent waits on, and the task's cgroup.
+pub struct TaskHandle {
+    pub id: String,
+    child: tokio::process::Child,
+    cgroup: PathBuf,
+}
+
+impl TaskRuntime {
+    pub fn new(cgroup_root: &Path, state_dir: &Path, init_exe: PathBuf) -> Result<Self> {
+        let dir = state_dir.join("tasks");
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        fs::write(dir.join("resolv.conf"), TASK_RESOLV_CONF)?;
+        fs::create_dir_all(cgroup_root)?;
+        Ok(Self {
+            cgroup_root: cgroup_root.to_owned(),
+            dir,
+            init_exe,
+        })
+    }
+
+    pub fn log_path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.log"))
+    }
+
+    fn cgroup(&self, id: &str) -> PathBuf {
+        self.cgroup_root.join(id)
+    }
+
+    pub fn start(&self, launch: &TaskLaunch) -> Result<TaskHandle> {
+        if launch.command.is_empty() {
+            bail!("task {} has no command", launch.id);
+        }
+        let cgroup = self.cgroup(&launch.id);
+        fs::create_dir_all(&cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+        let procs = OpenOptions::new()
+            .write(true)
+            .open(cgroup.join("cgroup.procs"))?;
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(&launch.id))?;
+        let mut command = std::process::Command::new("unshare");
+        command
+            .args(["--fork", "--pid", "--mount-proc", "--net", "--uts", "--kill-child"])
+            .args(["--propagation", "private", "--"])
+            .arg(&self.init_exe)
+            .args(["task-init", "--hostname", &launch.name, "--resolv-conf"])
+            .arg(self.dir.join("resolv.conf"))
+            .arg("--")
+            .args(&launch.command)
+            .env_clear()
+            .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("HOSTNAME", &launch.name)
+            .env("SHOAL_TASK_ID", &launch.id)
+            .env("SHOAL_TASK_NAME", &launch.name)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        for entry in &launch.env {
+            if let Some((key, value)) = entry.split_once('=') {
+                command.env(key, value);
+            }
+        }
+        let procs_fd = procs.as_raw_fd();
+        // SAFETY: async-signal-safe calls only; `procs` outlives the spawn.
+        unsafe {
+            command.pre_exec(move || {
+                // Own session: a signal to the agent's group does not reach tasks.
+                if libc::setsid() < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                if libc::write(procs_fd, b"0".as_ptr().cast(), 1) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = tokio::process::Command::from(command)
+            .kill_on_drop(false)
+            .spawn()
+            .with_context(|| format!("starting task {} (is util-linux installed?)", launch.id))?;
+        drop(procs);
+        Ok(TaskHandle {
+            id: launch.id.clone(),
+            child,
+            cgroup,
+        })
+    }
+
+    /// Kills what a previous agent left in the cgroup root (its tasks are reported lost and
+    /// replaced by the orchestrator). Returns the task IDs found.
+    pub fn remove_leftovers(&self) -> Result<Vec<String>> {
+        let mut found = Vec::new();
+        for entry in fs::read_dir(&self.cgroup_root)? {
+            let entry = entry?;
+            if entry.file_type()?.is_dir() {
+                kill_cgroup(&entry.path())?;
+                found.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        Ok(found)
+    }
+
+    /// PID (as the host sees it) of the task's own PID 1, for entering its namespaces.
+    pub fn init_pid(&self, id: &str) -> Result<u32> {
+        let procs = fs::read_to_string(self.cgroup(id).join("cgroup.procs"))
+            .with_context(|| format!("task {id} is not running on this node"))?;
+        // The unshare process is the only one whose parent is outside the cgroup; its child
+        // is the task's PID 1.
+        let pids: Vec<u32> = procs.lines().filter_map(|l| l.trim().parse().ok()).collect();
+        pids.iter()
+            .copied()
+            .find(|pid| parent_of(*pid).is_some_and(|parent| pids.contains(&parent)))
+            .with_context(|| format!("task {id} has no running process"))
+    }
+}
+
+impl TaskHandle {
+    pub async fn wait(&mut self) -> io::Result<ExitStatus> {
+        self.child.wait().await
+    }
+
+    /// SIGTERM to every process of the task, SIGKILL (cgroup.kill) after `grace`, then waits
+    /// for the task to end and removes its cgroup.
+    pub async fn stop(&mut self, grace: Duration) -> Result<ExitStatus> {
+        signal_cgroup(&self.cgroup, libc::SIGTERM)?;
+        let status = match tokio::time::timeout(grace, self.child.wait()).await {
+            Ok(status) => status?,
+            Err(_) => {
+                kill_cgroup(&self.cgroup)?;
+                self.child.wait().await?
+            }
+        };
+        self.remove_cgroup().await?;
+        Ok(status)
+    }
+
+    /// After the task ended on its own: kills stragglers and removes the cgroup.
+    pub async fn remove_cgroup(&self) -> Result<()> {
+        kill_cgroup(&self.cgroup)?;
+        for _ in 0..100 {
+            match fs::remove_dir(&self.cgroup) {
+                Ok(()) => return Ok(()),
+                Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
+                // Busy until the last process is reaped.
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        bail!("cgroup {} still busy", self.cgroup.display())
+    }
+}
+
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn signal_cgroup(cgroup: &Path, signal: i32) -> Result<()> {
+    let procs = match fs::read_to_string(cgroup.join("cgroup.procs")) {
+        Ok(procs) => procs,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(err) => return Err(err.into()),
+    };
+    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+        // SAFETY: plain kill(2); a pid that just exited gives ESRCH, which is fine.
+        unsafe { libc::kill(pid, signal) };
+    }
+    Ok(())
+}
+
+/// SIGKILL to the whole cgroup: `cgroup.kill` where the kernel has it (5.14+).
+fn kill_cgroup(cgroup: &Path) -> Result<()> {
+    match fs::write(cgroup.join("cgroup.kill"), "1") {
+        Ok(()) => Ok(()),
+        Err(err) if err.kind() == io::ErrorKind::NotFound && !cgroup.exists() => Ok(()),
+        Err(_) => signal_cgroup(cgroup, libc::SIGKILL),
+    }
+}
+
+/// `shoal task-init`: runs inside the new namespaces, as the task's PID 1 to be. Sets the
+/// hostname, puts the task's resolv.conf over /etc/resolv.conf (in its private mount
+/// namespace) and execs the command. Returns only on error.
+pub fn exec_init(hostname: &str, resolv_conf: &Path, command: &[String]) -> anyhow::Error {
+    let run = || -> Result<std::convert::Infallible> {
+        nix::unistd::sethostname(hostname).context("setting the task's hostname")?;
+        File::open(resolv_conf).with_context(|| format!("opening {}", resolv_conf.display()))?;
+        nix::mount::mount(
+            Some(resolv_conf),
+            "/etc/resolv.conf",
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .context("bind-mounting the task's resolv.conf")?;
+        let argv: Vec<CString> = command
+            .iter()
+            .map(|a| CString::new(a.as_bytes()))
+            .collect::<Result<_, _>>()?;
+        let program = argv.first().context("no command")?;
+        Ok(nix::unistd::execvp(program, &argv)
+            .with_context(|| format!("executing {}", command[0]))?)
+    };
+    match run() {
+        Ok(never) => match never {},
+        Err(err) => err,
+    }
+}
