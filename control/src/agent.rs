@@ -17,6 +17,7 @@ use tokio::net::UnixListener;
 
 use crate::{
     api::{self, AgentState},
+    cluster::{node::ClusterRuntime, orchestrator::Settings},
     config::{AgentConfig, AgentSettings, SystemHost, DEFAULT_CONFIG},
 };
 
@@ -66,6 +67,12 @@ pub fn run(config_file: Option<PathBuf>, flags: AgentSettings) -> Result<()> {
         started_at: SystemTime::now(),
         dns_upstreams: upstreams.servers.iter().map(ToString::to_string).collect(),
         dataplane: Mutex::new(dataplane),
+        cluster: ClusterRuntime::new(
+            config.clone(),
+            Settings {
+                down_grace_secs: config.reschedule_grace,
+            },
+        ),
         config,
     });
     tokio::runtime::Builder::new_multi_thread()
@@ -78,6 +85,7 @@ pub fn run(config_file: Option<PathBuf>, flags: AgentSettings) -> Result<()> {
 async fn serve(state: Arc<AgentState>) -> Result<()> {
     let socket = state.config.socket.clone();
     let listener = bind_api_socket(&socket)?;
+    state.cluster.resume().await?;
     tracing::info!(
         socket = %socket.display(),
         node = %state.config.hostname,
@@ -85,10 +93,11 @@ async fn serve(state: Arc<AgentState>) -> Result<()> {
         "agent ready"
     );
     notify(&[sd_notify::NotifyState::Ready]);
-    let result = axum::serve(listener, api::router(state))
+    let result = axum::serve(listener, api::router(state.clone()))
         .with_graceful_shutdown(shutdown_signal())
         .await;
     notify(&[sd_notify::NotifyState::Stopping]);
+    state.cluster.shutdown().await;
     let _ = fs::remove_file(&socket);
     tracing::info!("agent stopped; the dataplane stays attached until the next start");
     result.context("serving the API")

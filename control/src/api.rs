@@ -7,16 +7,22 @@ use std::{
 };
 
 use axum::{
-    extract::State,
+    extract::{Path, State},
     http::StatusCode,
     response::{IntoResponse, Response},
-    routing::get,
+    routing::{get, post},
     Json, Router,
 };
 use serde::{Deserialize, Serialize};
 use shoal_dataplane::{Dataplane, DataplaneStatus};
 
-use crate::config::AgentConfig;
+use crate::{
+    cluster::{
+        node::{ClusterRuntime, InitRequest, InitResponse, JoinArgs, JoinedResponse, SwarmInfo},
+        protocol::{ControlRequest, ControlResponse},
+    },
+    config::AgentConfig,
+};
 
 pub const API_VERSION: &str = "v1";
 
@@ -45,6 +51,13 @@ pub struct AgentInfo {
     pub config: AgentConfig,
     /// Resolvers names outside the cluster are forwarded to.
     pub dns_upstreams: Vec<String>,
+    /// Unset until the node inits or joins a swarm.
+    pub swarm: Option<SwarmInfo>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LeaveRequest {
+    pub force: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -60,6 +73,7 @@ pub struct AgentState {
     pub started_at: SystemTime,
     pub dns_upstreams: Vec<String>,
     pub dataplane: Mutex<Dataplane>,
+    pub cluster: ClusterRuntime,
 }
 
 pub fn router(state: Arc<AgentState>) -> Router {
@@ -67,6 +81,11 @@ pub fn router(state: Arc<AgentState>) -> Router {
         .route("/v1/version", get(version))
         .route("/v1/info", get(info))
         .route("/v1/dataplane", get(dataplane))
+        .route("/v1/swarm/init", post(swarm_init))
+        .route("/v1/swarm/join", post(swarm_join))
+        .route("/v1/swarm/leave", post(swarm_leave))
+        .route("/v1/control", post(control))
+        .route("/v1/tasks/{task}/pid", get(task_pid))
         .fallback(not_found)
         .with_state(state)
 }
@@ -82,7 +101,7 @@ impl IntoResponse for Failure {
 
 impl From<anyhow::Error> for Failure {
     fn from(err: anyhow::Error) -> Self {
-        Failure(StatusCode::INTERNAL_SERVER_ERROR, format!("{err:#}"))
+        Failure(StatusCode::BAD_REQUEST, format!("{err:#}"))
     }
 }
 
@@ -91,7 +110,9 @@ async fn version() -> Json<Version> {
 }
 
 async fn info(State(state): State<Arc<AgentState>>) -> Json<AgentInfo> {
+    let swarm = state.cluster.info().await;
     Json(AgentInfo {
+        swarm,
         version: Version::current(),
         pid: std::process::id(),
         kernel: state.kernel.clone(),
@@ -112,6 +133,41 @@ async fn dataplane(State(state): State<Arc<AgentState>>) -> Result<Json<Dataplan
         .lock()
         .map_err(|_| anyhow::anyhow!("dataplane state poisoned"))?;
     Ok(Json(dataplane.status()?))
+}
+
+async fn swarm_init(
+    State(state): State<Arc<AgentState>>,
+    Json(request): Json<InitRequest>,
+) -> Result<Json<InitResponse>, Failure> {
+    Ok(Json(state.cluster.init(request).await?))
+}
+
+async fn swarm_join(
+    State(state): State<Arc<AgentState>>,
+    Json(args): Json<JoinArgs>,
+) -> Result<Json<JoinedResponse>, Failure> {
+    Ok(Json(state.cluster.join(args).await?))
+}
+
+async fn swarm_leave(
+    State(state): State<Arc<AgentState>>,
+    Json(request): Json<LeaveRequest>,
+) -> Result<Json<()>, Failure> {
+    Ok(Json(state.cluster.leave(request.force).await?))
+}
+
+async fn control(
+    State(state): State<Arc<AgentState>>,
+    Json(request): Json<ControlRequest>,
+) -> Result<Json<ControlResponse>, Failure> {
+    Ok(Json(state.cluster.control(request).await?))
+}
+
+async fn task_pid(
+    State(state): State<Arc<AgentState>>,
+    Path(task): Path<String>,
+) -> Result<Json<u32>, Failure> {
+    Ok(Json(state.cluster.task_pid(&task).await?))
 }
 
 async fn not_found(uri: axum::http::Uri) -> Failure {

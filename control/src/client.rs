@@ -3,10 +3,10 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context as _, Result};
-use http_body_util::{BodyExt as _, Empty};
+use http_body_util::{BodyExt as _, Full};
 use hyper::{body::Bytes, Request};
 use hyper_util::rt::TokioIo;
-use serde::de::DeserializeOwned;
+use serde::{de::DeserializeOwned, Serialize};
 use tokio::net::UnixStream;
 
 use crate::api::ApiError;
@@ -21,6 +21,23 @@ impl Client {
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.call(Request::get(path), Vec::new()).await
+    }
+
+    pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
+        self.call(Request::post(path), serde_json::to_vec(body)?)
+            .await
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        request: hyper::http::request::Builder,
+        body: Vec<u8>,
+    ) -> Result<T> {
+        let path = request
+            .uri_ref()
+            .map(|u| u.path().to_owned())
+            .unwrap_or_default();
         let stream = UnixStream::connect(&self.socket).await.map_err(|err| {
             anyhow::anyhow!(
                 "no shoal agent is answering on {} ({err}); start one (systemctl start shoal) \
@@ -32,9 +49,10 @@ impl Client {
             .await
             .context("talking to the agent")?;
         tokio::spawn(connection);
-        let request = Request::get(path)
+        let request = request
             .header(hyper::header::HOST, "shoal")
-            .body(Empty::<Bytes>::new())?;
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))?;
         let response = sender
             .send_request(request)
             .await

@@ -50,6 +50,9 @@ pub struct AgentSettings {
     /// Log filter, as RUST_LOG [default: info]
     #[arg(long)]
     pub log_level: Option<String>,
+    /// Seconds a node may be down before managers reschedule its tasks [default: 10]
+    #[arg(long)]
+    pub reschedule_grace: Option<u64>,
 }
 
 impl AgentSettings {
@@ -79,6 +82,7 @@ impl AgentSettings {
             bpffs_root: self.bpffs_root.or(base.bpffs_root),
             cgroup_root: self.cgroup_root.or(base.cgroup_root),
             log_level: self.log_level.or(base.log_level),
+            reschedule_grace: self.reschedule_grace.or(base.reschedule_grace),
         }
     }
 }
@@ -97,6 +101,7 @@ pub struct AgentConfig {
     pub bpffs_root: PathBuf,
     pub cgroup_root: PathBuf,
     pub log_level: String,
+    pub reschedule_grace: u64,
 }
 
 /// What the host offers to resolve defaults from; a trait so the logic is testable.
@@ -147,6 +152,7 @@ impl AgentConfig {
                 None => host.cgroup2_mount()?.join("shoal"),
             },
             log_level: settings.log_level.unwrap_or_else(|| "info".into()),
+            reschedule_grace: settings.reschedule_grace.unwrap_or(10),
         })
     }
 }

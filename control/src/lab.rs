@@ -173,9 +173,12 @@ impl Lab {
         Ok(())
     }
 
-    pub fn up(&self, nodes: u8) -> Result<Vec<Member>> {
+    pub fn up(&self, nodes: u8, managers: u8) -> Result<Vec<Member>> {
         if !(1..=MAX_NODES).contains(&nodes) {
             bail!("--nodes must be between 1 and {MAX_NODES}");
+        }
+        if !(1..=nodes).contains(&managers) {
+            bail!("--managers must be between 1 and the number of nodes ({nodes})");
         }
         if self.exists()? {
             bail!(
@@ -189,7 +192,10 @@ impl Lab {
             self.run_dir().join("lab.json"),
             serde_json::to_string(&LabRecord { nodes })?,
         )?;
-        if let Err(err) = self.build(nodes) {
+        if let Err(err) = self
+            .build(nodes)
+            .and_then(|()| self.form_swarm(nodes, managers))
+        {
             eprintln!("lab up failed; removing what it made");
             if let Err(cleanup) = self.down() {
                 eprintln!("cleanup also failed: {cleanup:#}");
@@ -235,6 +241,48 @@ impl Lab {
             self.wait_ready(node, child)?;
         }
         Ok(())
+    }
+
+    /// node1 inits the swarm; the next `managers - 1` nodes join as managers, the rest as
+    /// workers, each through node1, with the tokens node1 hands out.
+    fn form_swarm(&self, nodes: u8, managers: u8) -> Result<()> {
+        self.shoal_on("node1", &["swarm", "init"])?;
+        let token = |role: &str| -> Result<String> {
+            Ok(self
+                .shoal_on("node1", &["swarm", "join-token", "-q", role])?
+                .trim()
+                .to_owned())
+        };
+        let (manager_token, worker_token) = (token("manager")?, token("worker")?);
+        let remote = format!("{}:2377", underlay_address("node1")?);
+        for index in 2..=nodes {
+            let token = if index <= managers {
+                &manager_token
+            } else {
+                &worker_token
+            };
+            self.shoal_on(
+                &node_name(index),
+                &["swarm", "join", "--token", token, &remote],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Runs this `shoal` binary as a client of a node's agent; its stdout.
+    fn shoal_on(&self, node: &str, args: &[&str]) -> Result<String> {
+        let output = Command::new(std::env::current_exe()?)
+            .args(args)
+            .env("SHOAL_SOCKET", self.socket(node))
+            .output()?;
+        if !output.status.success() {
+            bail!(
+                "shoal {} on {node}: {}",
+                args.first().copied().unwrap_or_default(),
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
     fn add_member(&self, member: &str) -> Result<()> {

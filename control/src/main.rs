@@ -4,6 +4,7 @@ mod agent;
 mod api;
 mod client;
 mod cluster;
+mod commands;
 mod config;
 mod lab;
 mod output;
@@ -55,6 +56,33 @@ enum Command {
         #[arg(long, value_enum, default_value_t)]
         format: Format,
     },
+    /// Create, join and leave a swarm
+    #[command(subcommand)]
+    Swarm(commands::SwarmCommand),
+    /// Manage the swarm's nodes (on a manager)
+    #[command(subcommand)]
+    Node(commands::NodeCommand),
+    /// Manage services (on a manager)
+    #[command(subcommand)]
+    Service(commands::ServiceCommand),
+    /// Work with tasks running on this node
+    #[command(subcommand)]
+    Task(TaskCommand),
+    /// A tiny HTTP (and TCP echo) server that says who it is and who asked
+    Whoami {
+        #[arg(long, default_value = "0.0.0.0:80")]
+        listen: String,
+    },
+    /// Inside a new task's namespaces: set it up and exec its command (used by the agent)
+    #[command(hide = true)]
+    TaskInit {
+        #[arg(long)]
+        hostname: String,
+        #[arg(long)]
+        resolv_conf: PathBuf,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// Inspect the eBPF dataplane
     #[command(subcommand)]
     Dataplane(DataplaneCommand),
@@ -65,6 +93,16 @@ enum Command {
         name: String,
         #[command(subcommand)]
         command: LabCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TaskCommand {
+    /// Run a command inside a task's namespaces (task ID, ID prefix or name)
+    Exec {
+        task: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
     },
 }
 
@@ -83,6 +121,9 @@ enum LabCommand {
     Up {
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=lab::MAX_NODES as i64))]
         nodes: u8,
+        /// How many of the nodes are managers (node1 first); they form the swarm
+        #[arg(long, default_value_t = 1)]
+        managers: u8,
     },
     /// Remove everything the lab made (works after crashes too)
     Down,
@@ -158,14 +199,32 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Lab { name, command } => return run_lab(&lab::Lab::new(&name)?, command),
+        Command::Swarm(command) => block_on(commands::swarm(&client, command))?,
+        Command::Node(command) => block_on(commands::node(&client, command))?,
+        Command::Service(command) => block_on(commands::service(&client, command))?,
+        Command::Task(TaskCommand::Exec { task, command }) => {
+            return block_on(commands::task_exec(&client, &task, &command))
+        }
+        Command::Whoami { listen } => commands::whoami(&listen)?,
+        Command::TaskInit {
+            hostname,
+            resolv_conf,
+            command,
+        } => {
+            return Err(shoal_dataplane::task::exec_init(
+                &hostname,
+                &resolv_conf,
+                &command,
+            ))
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
 
 fn run_lab(lab: &lab::Lab, command: LabCommand) -> Result<ExitCode> {
     match command {
-        LabCommand::Up { nodes } => {
-            let members = lab.up(nodes)?;
+        LabCommand::Up { nodes, managers } => {
+            let members = lab.up(nodes, managers)?;
             print!("{}", render_lab(&members));
             println!("\nTry: shoal lab exec node1 -- shoal dataplane status");
         }
@@ -232,6 +291,22 @@ fn render_info(info: &AgentInfo) -> String {
         ("bpffs root", c.bpffs_root.display().to_string()),
         ("cgroup root", c.cgroup_root.display().to_string()),
         ("DNS upstreams", info.dns_upstreams.join(", ")),
+        (
+            "Swarm",
+            match &info.swarm {
+                None => "inactive".to_owned(),
+                Some(s) => format!(
+                    "active, node {} ({}{}), managers {}",
+                    s.node_id,
+                    if s.manager { "manager" } else { "worker" },
+                    match s.leader {
+                        Some(true) => ", leader",
+                        _ => "",
+                    },
+                    s.managers.join(", ")
+                ),
+            },
+        ),
     ];
     rows.iter()
         .map(|(k, v)| format!("{:<20} {v}\n", format!("{k}:")))

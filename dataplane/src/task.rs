@@ -60,6 +60,16 @@ impl TaskRuntime {
         })
     }
 
+    /// The standard PATH, behind the agent's own directory so `shoal whoami` and friends
+    /// resolve to the agent's binary even where it is not installed (the lab).
+    fn task_path(&self) -> String {
+        let standard = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+        match self.init_exe.parent() {
+            Some(dir) => format!("{}:{standard}", dir.display()),
+            None => standard.to_owned(),
+        }
+    }
+
     pub fn log_path(&self, id: &str) -> PathBuf {
         self.dir.join(format!("{id}.log"))
     }
@@ -73,7 +83,8 @@ impl TaskRuntime {
             bail!("task {} has no command", launch.id);
         }
         let cgroup = self.cgroup(&launch.id);
-        fs::create_dir_all(&cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+        fs::create_dir_all(&cgroup)
+            .with_context(|| format!("creating cgroup {}", cgroup.display()))?;
         let procs = OpenOptions::new()
             .write(true)
             .open(cgroup.join("cgroup.procs"))?;
@@ -83,7 +94,14 @@ impl TaskRuntime {
             .open(self.log_path(&launch.id))?;
         let mut command = std::process::Command::new("unshare");
         command
-            .args(["--fork", "--pid", "--mount-proc", "--net", "--uts", "--kill-child"])
+            .args([
+                "--fork",
+                "--pid",
+                "--mount-proc",
+                "--net",
+                "--uts",
+                "--kill-child",
+            ])
             .args(["--propagation", "private", "--"])
             .arg(&self.init_exe)
             .args(["task-init", "--hostname", &launch.name, "--resolv-conf"])
@@ -91,7 +109,7 @@ impl TaskRuntime {
             .arg("--")
             .args(&launch.command)
             .env_clear()
-            .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("PATH", self.task_path())
             .env("HOSTNAME", &launch.name)
             .env("SHOAL_TASK_ID", &launch.id)
             .env("SHOAL_TASK_NAME", &launch.name)
@@ -149,7 +167,10 @@ impl TaskRuntime {
             .with_context(|| format!("task {id} is not running on this node"))?;
         // The unshare process is the only one whose parent is outside the cgroup; its child
         // is the task's PID 1.
-        let pids: Vec<u32> = procs.lines().filter_map(|l| l.trim().parse().ok()).collect();
+        let pids: Vec<u32> = procs
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect();
         pids.iter()
             .copied()
             .find(|pid| parent_of(*pid).is_some_and(|parent| pids.contains(&parent)))
@@ -194,7 +215,12 @@ impl TaskHandle {
 
 fn parent_of(pid: u32) -> Option<u32> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 fn signal_cgroup(cgroup: &Path, signal: i32) -> Result<()> {
@@ -219,31 +245,88 @@ fn kill_cgroup(cgroup: &Path) -> Result<()> {
     }
 }
 
-/// `shoal task-init`: runs inside the new namespaces, as the task's PID 1 to be. Sets the
-/// hostname, puts the task's resolv.conf over /etc/resolv.conf (in its private mount
-/// namespace) and execs the command. Returns only on error.
+/// `shoal task-init`: runs inside the new namespaces as the task's PID 1. Sets the hostname,
+/// puts the task's resolv.conf over /etc/resolv.conf (in its private mount namespace), then
+/// runs the command as its child: it forwards signals to it (a PID 1 without handlers would
+/// ignore SIGTERM), reaps orphans, and exits with the command's status (128 + signal when it
+/// was killed). Returns only on a set-up error.
 pub fn exec_init(hostname: &str, resolv_conf: &Path, command: &[String]) -> anyhow::Error {
-    let run = || -> Result<std::convert::Infallible> {
-        nix::unistd::sethostname(hostname).context("setting the task's hostname")?;
-        File::open(resolv_conf).with_context(|| format!("opening {}", resolv_conf.display()))?;
-        nix::mount::mount(
-            Some(resolv_conf),
-            "/etc/resolv.conf",
-            None::<&str>,
-            nix::mount::MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .context("bind-mounting the task's resolv.conf")?;
-        let argv: Vec<CString> = command
-            .iter()
-            .map(|a| CString::new(a.as_bytes()))
-            .collect::<Result<_, _>>()?;
-        let program = argv.first().context("no command")?;
-        Ok(nix::unistd::execvp(program, &argv)
-            .with_context(|| format!("executing {}", command[0]))?)
-    };
-    match run() {
+    match run_init(hostname, resolv_conf, command) {
         Ok(never) => match never {},
         Err(err) => err,
+    }
+}
+
+fn run_init(
+    hostname: &str,
+    resolv_conf: &Path,
+    command: &[String],
+) -> Result<std::convert::Infallible> {
+    use nix::{
+        sys::{
+            signal::{kill, SigSet, SigmaskHow, Signal},
+            wait::{waitpid, WaitPidFlag, WaitStatus},
+        },
+        unistd::{fork, ForkResult},
+    };
+
+    nix::unistd::sethostname(hostname).context("setting the task's hostname")?;
+    File::open(resolv_conf).with_context(|| format!("opening {}", resolv_conf.display()))?;
+    nix::mount::mount(
+        Some(resolv_conf),
+        "/etc/resolv.conf",
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .context("bind-mounting the task's resolv.conf")?;
+    let argv: Vec<CString> = command
+        .iter()
+        .map(|a| CString::new(a.as_bytes()))
+        .collect::<Result<_, _>>()?;
+    let program = argv.first().context("no command")?.clone();
+
+    let forwarded = [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+        Signal::SIGWINCH,
+        Signal::SIGCHLD,
+    ];
+    let mut mask = SigSet::empty();
+    for signal in forwarded {
+        mask.add(signal);
+    }
+    let previous = mask.thread_swap_mask(SigmaskHow::SIG_BLOCK)?;
+    // SAFETY: task-init is single-threaded (no runtime has started), so fork is safe.
+    let child = match unsafe { fork() }.context("fork")? {
+        ForkResult::Child => {
+            let _ = previous.thread_set_mask();
+            let err = nix::unistd::execvp(&program, &argv).unwrap_err();
+            eprintln!("shoal: executing {}: {err}", command[0]);
+            std::process::exit(127);
+        }
+        ForkResult::Parent { child } => child,
+    };
+    loop {
+        let signal = mask.wait().context("waiting for signals")?;
+        if signal != Signal::SIGCHLD {
+            let _ = kill(child, signal);
+            continue;
+        }
+        loop {
+            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) if pid == child => std::process::exit(code),
+                Ok(WaitStatus::Signaled(pid, signal, _)) if pid == child => {
+                    std::process::exit(128 + signal as i32)
+                }
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
+                // An orphan reaped, or a stop/continue: keep going.
+                Ok(_) => {}
+            }
+        }
     }
 }

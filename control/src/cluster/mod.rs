@@ -1,8 +1,11 @@
 //! The cluster: trust, replicated state, membership and orchestration.
 
+pub mod manager;
+pub mod node;
 pub mod orchestrator;
 pub mod pki;
 pub mod protocol;
+pub mod raft;
 pub mod state;
 pub mod transport;
 pub mod worker;

@@ -13,6 +13,9 @@ use super::{
 
 /// Tasks kept per slot (the running one plus history), as Swarm's default.
 pub const TASK_HISTORY_LIMIT: usize = 5;
+/// A slot whose task failed waits this long before its replacement (Swarm's default), so a
+/// crashing command does not spin.
+pub const RESTART_DELAY_SECS: u64 = 5;
 
 #[derive(Clone, Copy, Debug)]
 pub struct Settings {
@@ -116,6 +119,17 @@ impl Plan<'_> {
                 .is_none_or(|n| n.availability != Availability::Drain)
     }
 
+    /// Whether the newest task of a slot failed less than the restart delay ago.
+    fn restart_delayed(&self, service_id: &str, in_slot: impl Fn(&Task) -> bool) -> bool {
+        self.tasks()
+            .filter(|t| t.service_id == service_id && in_slot(t))
+            .max_by_key(|t| (t.created_at, t.state_since))
+            .is_some_and(|t| {
+                matches!(t.state, TaskState::Failed | TaskState::Rejected)
+                    && self.now < t.state_since + RESTART_DELAY_SECS
+            })
+    }
+
     fn orphan_tasks_of_lost_nodes(&mut self, grace: u64) {
         let lost: Vec<&Node> = self
             .state
@@ -140,7 +154,11 @@ impl Plan<'_> {
         let gone: Vec<Task> = self
             .tasks()
             .filter(|t| !t.state.is_terminal())
-            .filter(|t| t.node_id.as_ref().is_some_and(|id| !self.state.nodes.contains_key(id)))
+            .filter(|t| {
+                t.node_id
+                    .as_ref()
+                    .is_some_and(|id| !self.state.nodes.contains_key(id))
+            })
             .cloned()
             .collect();
         for mut task in gone {
@@ -173,7 +191,7 @@ impl Plan<'_> {
             let has_live = self
                 .tasks()
                 .any(|t| t.service_id == service.id && t.slot == slot && self.is_live(t));
-            if !has_live {
+            if !has_live && !self.restart_delayed(&service.id, |t| t.slot == slot) {
                 self.new_task(service, slot, None);
             }
         }
@@ -190,7 +208,9 @@ impl Plan<'_> {
             if task.desired != TaskState::Running {
                 continue;
             }
-            let still_eligible = eligible.iter().any(|n| Some(&n.id) == task.node_id.as_ref());
+            let still_eligible = eligible
+                .iter()
+                .any(|n| Some(&n.id) == task.node_id.as_ref());
             if task.state.is_terminal() {
                 self.shut_down(task, "replaced");
             } else if !still_eligible {
@@ -203,7 +223,8 @@ impl Plan<'_> {
                     && t.node_id.as_deref() == Some(&node.id)
                     && self.is_live(t)
             });
-            if !has_live {
+            let on_node = |t: &Task| t.node_id.as_deref() == Some(&node.id);
+            if !has_live && !self.restart_delayed(&service.id, on_node) {
                 self.new_task(service, 0, Some(node.id.clone()));
             }
         }
@@ -234,7 +255,12 @@ impl Plan<'_> {
             return;
         }
         let batch = service.spec.update_parallelism.max(1) as usize;
-        for task in outdated.into_iter().take(batch).cloned().collect::<Vec<_>>() {
+        for task in outdated
+            .into_iter()
+            .take(batch)
+            .cloned()
+            .collect::<Vec<_>>()
+        {
             let (slot, node) = (task.slot, task.node_id.clone());
             self.shut_down(task, "updated");
             let node = match service.spec.mode {
@@ -267,7 +293,11 @@ impl Plan<'_> {
         let mut total: HashMap<&str, usize> = HashMap::new();
         for task in self.tasks().filter(|t| self.is_live(t)) {
             if let Some(node) = task.node_id.as_deref() {
-                let node = self.state.nodes.get_key_value(node).map(|(k, _)| k.as_str());
+                let node = self
+                    .state
+                    .nodes
+                    .get_key_value(node)
+                    .map(|(k, _)| k.as_str());
                 if let Some(node) = node {
                     let service = self.state.services.get_key_value(&task.service_id);
                     if let Some((service, _)) = service {
@@ -279,7 +309,9 @@ impl Plan<'_> {
         }
         let pending: Vec<Task> = self
             .tasks()
-            .filter(|t| t.node_id.is_none() && t.desired == TaskState::Running && !t.state.is_terminal())
+            .filter(|t| {
+                t.node_id.is_none() && t.desired == TaskState::Running && !t.state.is_terminal()
+            })
             .cloned()
             .collect();
         for mut task in pending {
@@ -294,14 +326,18 @@ impl Plan<'_> {
                 .filter(|n| eligible(n, service))
                 .min_by_key(|n| {
                     (
-                        load.get(&(service_key.as_str(), n.id.as_str())).copied().unwrap_or(0),
+                        load.get(&(service_key.as_str(), n.id.as_str()))
+                            .copied()
+                            .unwrap_or(0),
                         total.get(n.id.as_str()).copied().unwrap_or(0),
                         n.id.clone(),
                     )
                 });
             match best {
                 Some(node) => {
-                    *load.entry((service_key.as_str(), node.id.as_str())).or_default() += 1;
+                    *load
+                        .entry((service_key.as_str(), node.id.as_str()))
+                        .or_default() += 1;
                     *total.entry(node.id.as_str()).or_default() += 1;
                     task.node_id = Some(node.id.clone());
                     task.state = TaskState::Assigned;
@@ -366,7 +402,9 @@ mod tests {
         state::{Constraint, ServiceSpec, TaskReport},
     };
 
-    const SETTINGS: Settings = Settings { down_grace_secs: 10 };
+    const SETTINGS: Settings = Settings {
+        down_grace_secs: 10,
+    };
 
     fn cluster(nodes: usize) -> ClusterState {
         let mut state = ClusterState::default();
@@ -429,8 +467,13 @@ mod tests {
                     (TaskState::Shutdown, s) if !s.is_terminal() => TaskState::Shutdown,
                     _ => continue,
                 };
-                let Some(node) = task.node_id.clone() else { continue };
-                let down = state.nodes.get(&node).is_none_or(|n| n.status == NodeStatus::Down);
+                let Some(node) = task.node_id.clone() else {
+                    continue;
+                };
+                let down = state
+                    .nodes
+                    .get(&node)
+                    .is_none_or(|n| n.status == NodeStatus::Down);
                 if !down {
                     reports.entry(node).or_default().push(TaskReport {
                         task_id: task.id.clone(),
@@ -458,7 +501,10 @@ mod tests {
     fn running_per_node(state: &ClusterState, service: &str) -> BTreeMap<String, usize> {
         let mut per = BTreeMap::new();
         for t in state.tasks.values() {
-            if t.service_id == service && t.state == TaskState::Running && t.desired == TaskState::Running {
+            if t.service_id == service
+                && t.state == TaskState::Running
+                && t.desired == TaskState::Running
+            {
                 *per.entry(t.node_id.clone().unwrap()).or_default() += 1;
             }
         }
@@ -511,11 +557,24 @@ mod tests {
             })
             .unwrap();
         converge(&mut state, 3);
+        assert_eq!(
+            running_per_node(&state, &web).values().sum::<usize>(),
+            1,
+            "the replacement waits for the restart delay"
+        );
+        converge(&mut state, 2 + RESTART_DELAY_SECS);
         assert_eq!(running_per_node(&state, &web).values().sum::<usize>(), 2);
-        let slot: Vec<&Task> = state.tasks.values().filter(|t| t.slot == victim.slot).collect();
+        let slot: Vec<&Task> = state
+            .tasks
+            .values()
+            .filter(|t| t.slot == victim.slot)
+            .collect();
         assert_eq!(slot.len(), 2, "the failed task stays as history");
         let old = &state.tasks[&victim.id];
-        assert_eq!((old.state, old.desired), (TaskState::Failed, TaskState::Shutdown));
+        assert_eq!(
+            (old.state, old.desired),
+            (TaskState::Failed, TaskState::Shutdown)
+        );
         assert_eq!(old.error, "exit status 137");
     }
 
@@ -557,7 +616,11 @@ mod tests {
         converge(&mut state, 2);
         let per = running_per_node(&state, &web);
         assert_eq!(per.get("n2"), None, "drained node runs nothing: {per:?}");
-        assert_eq!(per.get("n3"), Some(&2), "paused node keeps its tasks: {per:?}");
+        assert_eq!(
+            per.get("n3"),
+            Some(&2),
+            "paused node keeps its tasks: {per:?}"
+        );
         assert_eq!(per.get("n1"), Some(&4));
     }
 
@@ -570,9 +633,16 @@ mod tests {
         n2.status = NodeStatus::Down;
         n2.status_since = 100;
         converge(&mut state, 105);
-        assert_eq!(running_per_node(&state, &web).get("n2"), Some(&1), "within grace");
+        assert_eq!(
+            running_per_node(&state, &web).get("n2"),
+            Some(&1),
+            "within grace"
+        );
         converge(&mut state, 110);
-        assert_eq!(running_per_node(&state, &web), BTreeMap::from([("n1".into(), 2)]));
+        assert_eq!(
+            running_per_node(&state, &web),
+            BTreeMap::from([("n1".into(), 2)])
+        );
         assert!(state.tasks.values().any(|t| t.state == TaskState::Orphaned));
     }
 
@@ -592,14 +662,32 @@ mod tests {
         state.services.get_mut(&zoned).unwrap().spec.constraints =
             vec![Constraint::parse("node.labels.zone==b").unwrap()];
         converge(&mut state, 2);
-        assert_eq!(running_per_node(&state, &zoned), BTreeMap::from([("n3".into(), 2)]));
-        let impossible = service(&mut state, "nowhere", ServiceMode::Replicated { replicas: 1 });
-        state.services.get_mut(&impossible).unwrap().spec.constraints =
-            vec![Constraint::parse("node.labels.zone==z").unwrap()];
+        assert_eq!(
+            running_per_node(&state, &zoned),
+            BTreeMap::from([("n3".into(), 2)])
+        );
+        let impossible = service(
+            &mut state,
+            "nowhere",
+            ServiceMode::Replicated { replicas: 1 },
+        );
+        state
+            .services
+            .get_mut(&impossible)
+            .unwrap()
+            .spec
+            .constraints = vec![Constraint::parse("node.labels.zone==z").unwrap()];
         converge(&mut state, 3);
-        let pending: Vec<&Task> = state.tasks.values().filter(|t| t.service_id == impossible).collect();
+        let pending: Vec<&Task> = state
+            .tasks
+            .values()
+            .filter(|t| t.service_id == impossible)
+            .collect();
         assert_eq!(pending.len(), 1);
-        assert_eq!((pending[0].state, pending[0].message.as_str()), (TaskState::Pending, "no suitable node"));
+        assert_eq!(
+            (pending[0].state, pending[0].message.as_str()),
+            (TaskState::Pending, "no suitable node")
+        );
     }
 
     #[test]
@@ -614,12 +702,22 @@ mod tests {
         for command in reconcile(&state, 2, SETTINGS) {
             state.apply(command).unwrap();
         }
-        let new = state.tasks.values().filter(|t| t.service_version == 2).count();
+        let new = state
+            .tasks
+            .values()
+            .filter(|t| t.service_version == 2)
+            .count();
         assert_eq!(new, 2);
         converge(&mut state, 3);
-        let live: Vec<&Task> = state.tasks.values().filter(|t| t.desired == TaskState::Running).collect();
+        let live: Vec<&Task> = state
+            .tasks
+            .values()
+            .filter(|t| t.desired == TaskState::Running)
+            .collect();
         assert_eq!(live.len(), 4);
-        assert!(live.iter().all(|t| t.service_version == 2 && t.state == TaskState::Running));
+        assert!(live
+            .iter()
+            .all(|t| t.service_version == 2 && t.state == TaskState::Running));
 
         state.services.remove(&web);
         converge(&mut state, 4);

@@ -221,17 +221,16 @@ impl JoinToken {
             secret: secret.to_owned(),
         })
     }
+}
 
-    /// Constant-time comparison of the secret.
-    pub fn secret_matches(&self, secret: &str) -> bool {
-        self.secret.len() == secret.len()
-            && self
-                .secret
-                .bytes()
-                .zip(secret.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
-    }
+/// Constant-time comparison of two token secrets.
+pub fn secrets_match(expected: &str, given: &str) -> bool {
+    expected.len() == given.len()
+        && expected
+            .bytes()
+            .zip(given.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
 }
 
 impl fmt::Display for JoinToken {
@@ -261,9 +260,9 @@ mod tests {
         ] {
             assert!(JoinToken::parse(bad).is_err(), "{bad:?}");
         }
-        assert!(token.secret_matches(&token.secret));
-        assert!(!token.secret_matches(&random_id(25)));
-        assert!(!token.secret_matches(""));
+        assert!(secrets_match(&token.secret, &token.secret.clone()));
+        assert!(!secrets_match(&token.secret, &random_id(25)));
+        assert!(!secrets_match(&token.secret, ""));
     }
 
     #[test]
@@ -288,13 +287,23 @@ mod tests {
         let mut greedy = CertificateParams::new(vec!["evil.example".to_owned()]).unwrap();
         greedy.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let csr = greedy.serialize_request(&key).unwrap().pem().unwrap();
-        let cert = ca.sign_node("node-abc", "10.0.0.1".parse().unwrap(), &csr).unwrap();
+        let cert = ca
+            .sign_node("node-abc", "10.0.0.1".parse().unwrap(), &csr)
+            .unwrap();
         let der = pem_der(&cert).unwrap();
         assert_eq!(node_id_of(&der).unwrap(), "node-abc");
         let (_, parsed) = x509_parser::parse_x509_certificate(&der).unwrap();
         assert!(!parsed.is_ca());
-        let sans = format!("{:?}", parsed.subject_alternative_name().unwrap().unwrap().value);
-        assert!(sans.contains(CLUSTER_SERVER_NAME) && !sans.contains("evil"), "{sans}");
-        assert!(ca.sign_node("n", "10.0.0.1".parse().unwrap(), "garbage").is_err());
+        let sans = format!(
+            "{:?}",
+            parsed.subject_alternative_name().unwrap().unwrap().value
+        );
+        assert!(
+            sans.contains(CLUSTER_SERVER_NAME) && !sans.contains("evil"),
+            "{sans}"
+        );
+        assert!(ca
+            .sign_node("n", "10.0.0.1".parse().unwrap(), "garbage")
+            .is_err());
     }
 }

@@ -127,7 +127,10 @@ impl ServiceSpec {
     pub fn validate(&self) -> Result<()> {
         let name_ok = !self.name.is_empty()
             && self.name.len() <= 63
-            && self.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
             && self.name.as_bytes()[0].is_ascii_alphanumeric();
         if !name_ok {
             bail!(
@@ -136,7 +139,10 @@ impl ServiceSpec {
             );
         }
         if self.command.is_empty() || self.command[0].is_empty() {
-            bail!("service {}: a command to run is required (after --)", self.name);
+            bail!(
+                "service {}: a command to run is required (after --)",
+                self.name
+            );
         }
         if let ServiceMode::Replicated { replicas } = self.mode {
             if replicas > 10_000 {
@@ -145,7 +151,10 @@ impl ServiceSpec {
         }
         for env in &self.env {
             if !env.contains('=') || env.starts_with('=') {
-                bail!("service {}: environment entry {env:?} is not KEY=VALUE", self.name);
+                bail!(
+                    "service {}: environment entry {env:?} is not KEY=VALUE",
+                    self.name
+                );
             }
         }
         Ok(())
@@ -243,10 +252,17 @@ pub enum Command {
     },
     AddNode(Node),
     UpdateNode(Node),
-    RemoveNode { id: String },
-    RotateToken { role: Role, secret: String },
+    RemoveNode {
+        id: String,
+    },
+    RotateToken {
+        role: Role,
+        secret: String,
+    },
     PutService(Service),
-    RemoveService { id: String },
+    RemoveService {
+        id: String,
+    },
     /// The orchestrator's decisions: new tasks, placements, desired-state changes.
     PutTasks(Vec<Task>),
     /// Workers' observations; a report never moves a task backwards.
@@ -305,7 +321,11 @@ impl ClusterState {
                     .values()
                     .find(|s| s.spec.name == service.spec.name && s.id != service.id)
                 {
-                    bail!("a service named {} already exists ({})", service.spec.name, other.id);
+                    bail!(
+                        "a service named {} already exists ({})",
+                        service.spec.name,
+                        other.id
+                    );
                 }
                 self.services.insert(service.id.clone(), service);
             }
@@ -327,7 +347,9 @@ impl ClusterState {
                         continue;
                     };
                     // Only the node a task was given to reports on it, and only forward.
-                    if task.node_id.as_deref() != Some(node_id.as_str()) || report.state <= task.state {
+                    if task.node_id.as_deref() != Some(node_id.as_str())
+                        || report.state <= task.state
+                    {
                         continue;
                     }
                     task.state = report.state;
@@ -347,7 +369,10 @@ impl ClusterState {
     }
 
     pub fn token(&self, role: Role) -> Result<JoinToken> {
-        let ca = self.ca.as_ref().ok_or_else(|| anyhow::anyhow!("cluster has no CA"))?;
+        let ca = self
+            .ca
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("cluster has no CA"))?;
         Ok(JoinToken {
             ca_digest: ca.digest()?,
             secret: match role {
@@ -379,7 +404,11 @@ impl ClusterState {
         if let Some(service) = self.services.values().find(|s| s.spec.name == key) {
             return Ok(service);
         }
-        let matches: Vec<&Service> = self.services.values().filter(|s| s.id.starts_with(key)).collect();
+        let matches: Vec<&Service> = self
+            .services
+            .values()
+            .filter(|s| s.id.starts_with(key))
+            .collect();
         match matches.as_slice() {
             [service] => Ok(service),
             [] => bail!("service {key} not found"),
@@ -432,7 +461,11 @@ mod tests {
     fn task_reports_only_move_forward_and_only_from_the_owner() {
         let mut state = ClusterState::default();
         state
-            .apply(Command::PutTasks(vec![task("t", "n1", TaskState::Assigned)]))
+            .apply(Command::PutTasks(vec![task(
+                "t",
+                "n1",
+                TaskState::Assigned,
+            )]))
             .unwrap();
         let report = |node: &str, s: TaskState| Command::ReportTasks {
             node_id: node.into(),
@@ -470,7 +503,9 @@ mod tests {
         state.apply(init.clone()).unwrap();
         assert_eq!(state.next_raft_id, 2);
         assert!(state.apply(init).is_err());
-        assert!(state.apply(Command::AddNode(node("a", 2, Role::Worker))).is_err());
+        assert!(state
+            .apply(Command::AddNode(node("a", 2, Role::Worker)))
+            .is_err());
         assert_eq!(state.find_node("a").unwrap().raft_id, 1);
         assert!(state.find_node("zz").is_err());
     }
@@ -499,7 +534,9 @@ mod tests {
         assert!(!c.matches(&n));
         n.labels.insert("zone".into(), "a".into());
         assert!(c.matches(&n));
-        assert!(!Constraint::parse("node.labels.zone!=a").unwrap().matches(&n));
+        assert!(!Constraint::parse("node.labels.zone!=a")
+            .unwrap()
+            .matches(&n));
         assert!(Constraint::parse("node.hostname==x").is_err());
         assert!(Constraint::parse("zone").is_err());
         assert_eq!(c.to_string(), "node.labels.zone==a");

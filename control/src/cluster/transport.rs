@@ -75,9 +75,10 @@ fn chain(identity: &NodeIdentity) -> Result<Vec<CertificateDer<'static>>> {
 }
 
 pub fn server_config(identity: &NodeIdentity) -> Result<Arc<ServerConfig>> {
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots(&identity.ca_pem)?, provider())
-        .allow_unauthenticated()
-        .build()?;
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(roots(&identity.ca_pem)?, provider())
+            .allow_unauthenticated()
+            .build()?;
     let config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
@@ -148,7 +149,12 @@ impl ServerCertVerifier for PinnedCaVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -157,7 +163,12 @@ impl ServerCertVerifier for PinnedCaVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -182,7 +193,8 @@ pub async fn serve(listener: TcpListener, tls: Arc<ServerConfig>, router: Router
         let acceptor = acceptor.clone();
         let router = router.clone();
         tokio::spawn(async move {
-            let stream = match tokio::time::timeout(CONNECT_TIMEOUT, acceptor.accept(stream)).await {
+            let stream = match tokio::time::timeout(CONNECT_TIMEOUT, acceptor.accept(stream)).await
+            {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(err)) => {
                     tracing::debug!(%remote, error = %err, "TLS handshake refused");
@@ -196,9 +208,8 @@ pub async fn serve(listener: TcpListener, tls: Arc<ServerConfig>, router: Router
                 .peer_certificates()
                 .and_then(|certs| certs.first())
                 .and_then(|cert| node_id_of(cert).ok());
-            let service = hyper_util::service::TowerToHyperService::new(
-                router.layer(Extension(Peer(peer))),
-            );
+            let service =
+                hyper_util::service::TowerToHyperService::new(router.layer(Extension(Peer(peer))));
             if let Err(err) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await
@@ -225,7 +236,9 @@ impl ClusterClient {
     }
 
     async fn connect(&self, addr: &str) -> Result<SendRequest<Full<Bytes>>> {
-        let socket: SocketAddr = addr.parse().with_context(|| format!("bad address {addr}"))?;
+        let socket: SocketAddr = addr
+            .parse()
+            .with_context(|| format!("bad address {addr}"))?;
         let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(socket))
             .await
             .map_err(|_| anyhow!("connecting to {addr} timed out"))?
@@ -249,9 +262,28 @@ impl ClusterClient {
         body: &B,
         timeout: Duration,
     ) -> Result<T> {
-        let body = Bytes::from(serde_json::to_vec(body)?);
+        let bytes = self
+            .post_raw(addr, path, serde_json::to_vec(body)?, timeout)
+            .await?;
+        serde_json::from_slice(&bytes).with_context(|| format!("bad answer from {addr}{path}"))
+    }
+
+    /// POSTs raw bytes; the answer's bytes on success, the server's message on failure.
+    pub async fn post_raw(
+        &self,
+        addr: &str,
+        path: &str,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>> {
+        let body = Bytes::from(body);
         let call = async {
-            let pooled = self.idle.lock().expect("pool").get_mut(addr).and_then(Vec::pop);
+            let pooled = self
+                .idle
+                .lock()
+                .expect("pool")
+                .get_mut(addr)
+                .and_then(Vec::pop);
             let mut sender = match pooled {
                 Some(sender) if sender.is_ready() => sender,
                 _ => self.connect(addr).await?,
@@ -280,6 +312,6 @@ impl ClusterClient {
                 .unwrap_or_else(|_| format!("{addr} answered {status}"));
             bail!("{message}");
         }
-        serde_json::from_slice(&bytes).with_context(|| format!("bad answer from {addr}{path}"))
+        Ok(bytes.to_vec())
     }
 }

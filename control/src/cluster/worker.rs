@@ -66,6 +66,46 @@ impl Worker {
         &self.runtime
     }
 
+    /// A running local task by ID, ID prefix, or name (`web.1.<id>`).
+    pub fn resolve_local(&self, key: &str) -> Result<String> {
+        let id_part = key.rsplit('.').next().unwrap_or(key);
+        let tasks = self.tasks.lock().expect("tasks");
+        let matches: Vec<&String> = tasks
+            .iter()
+            .filter(|(id, task)| {
+                task.stop.is_some() && !id_part.is_empty() && id.starts_with(id_part)
+            })
+            .map(|(id, _)| id)
+            .collect();
+        match matches.as_slice() {
+            [id] => Ok((*id).clone()),
+            [] => anyhow::bail!("no running task {key} on this node"),
+            _ => anyhow::bail!("task {key} is ambiguous on this node"),
+        }
+    }
+
+    /// Stops every local task and waits (bounded) until they are gone.
+    pub async fn stop_all(&self) {
+        for task in self.tasks.lock().expect("tasks").values_mut() {
+            if let Some(stop) = task.stop.take() {
+                let _ = stop.send(());
+            }
+        }
+        let deadline = tokio::time::Instant::now() + STOP_GRACE + Duration::from_secs(2);
+        while tokio::time::Instant::now() < deadline {
+            let all_done = self
+                .tasks
+                .lock()
+                .expect("tasks")
+                .values()
+                .all(|t| t.state.is_terminal());
+            if all_done {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Heartbeats until `shutdown` turns true. Tasks keep running when the agent stops.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let mut failing_since: Option<tokio::time::Instant> = None;
@@ -206,7 +246,12 @@ impl Worker {
         }
     }
 
-    async fn supervise(self: Arc<Self>, id: String, mut handle: TaskHandle, stopped: oneshot::Receiver<()>) {
+    async fn supervise(
+        self: Arc<Self>,
+        id: String,
+        mut handle: TaskHandle,
+        stopped: oneshot::Receiver<()>,
+    ) {
         let (state, error) = tokio::select! {
             status = handle.wait() => {
                 if let Err(err) = handle.remove_cgroup().await {

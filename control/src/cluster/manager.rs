@@ -1,0 +1,709 @@
+//! A manager: a Raft member holding the cluster state. The leader answers every cluster
+//! request (others forward to it), tracks node liveness from heartbeats and runs the
+//! orchestrator; followers only replicate.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use tokio::sync::watch;
+
+use super::{
+    orchestrator::{self, Settings},
+    pki::{random_id, secrets_match, Role},
+    protocol::{
+        Assignment, ClusterRequest, ClusterResponse, ControlRequest, ControlResponse, Envelope,
+        HeartbeatResponse, JoinRequest, JoinResponse, NodeView, ServiceView, TaskView,
+    },
+    raft::{Member, Raft, StateMachine},
+    state::{
+        Availability, ClusterState, Command, Node, NodeStatus, Service, ServiceMode, Task,
+        TaskState,
+    },
+    transport::{ClusterClient, Peer},
+};
+
+/// A node silent this long is marked Down.
+pub const NODE_DOWN_AFTER: Duration = Duration::from_secs(5);
+/// Writes that cannot reach a quorum fail after this long instead of hanging.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+const LEADER_LOOP_PERIOD: Duration = Duration::from_millis(500);
+
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+pub struct Manager {
+    pub raft: Raft,
+    sm: StateMachine,
+    raft_id: u64,
+    node_id: String,
+    client: ClusterClient,
+    settings: Settings,
+    /// Leader-local: when each node was last heard from.
+    heartbeats: Mutex<HashMap<String, Instant>>,
+}
+
+const NO_LEADER: &str = "the swarm does not have a leader: too few managers are reachable \
+                         to form a quorum (see `shoal node ls` on a manager, docs/operations.md)";
+
+impl Manager {
+    pub fn new(
+        raft: Raft,
+        sm: StateMachine,
+        raft_id: u64,
+        node_id: String,
+        client: ClusterClient,
+        settings: Settings,
+    ) -> Self {
+        Self {
+            raft,
+            sm,
+            raft_id,
+            node_id,
+            client,
+            settings,
+            heartbeats: Mutex::default(),
+        }
+    }
+
+    pub fn state(&self) -> ClusterState {
+        self.sm.state()
+    }
+
+    fn leader_id(&self) -> Option<u64> {
+        self.raft.metrics().borrow().current_leader
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.leader_id() == Some(self.raft_id)
+    }
+
+    /// Proposes a command and waits for it to be applied; fails fast without a quorum.
+    pub async fn write(&self, command: Command) -> Result<()> {
+        let result = tokio::time::timeout(WRITE_TIMEOUT, self.raft.client_write(command))
+            .await
+            .map_err(|_| anyhow!("{NO_LEADER} (write timed out)"))?
+            .map_err(|err| anyhow!("write refused: {err}"))?;
+        result.data.0.map_err(|message| anyhow!(message))
+    }
+
+    /// Answers a request from `peer` (maybe forwarded on behalf of `envelope.origin`).
+    pub async fn dispatch(&self, peer: &Peer, envelope: Envelope) -> Result<ClusterResponse> {
+        let state = self.state();
+        let caller = match (&envelope.origin, &peer.0) {
+            // Only a manager may speak for another node.
+            (Some(origin), Some(forwarder)) => {
+                let is_manager = state
+                    .nodes
+                    .get(forwarder)
+                    .is_some_and(|n| n.role == Role::Manager);
+                if !is_manager {
+                    bail!("only managers may forward requests");
+                }
+                Some(origin.clone())
+            }
+            (Some(_), None) => bail!("only managers may forward requests"),
+            (None, peer) => peer.clone(),
+        };
+        if self.is_leader() {
+            return self.handle(caller, envelope.request).await;
+        }
+        let leader = self.leader_id().ok_or_else(|| anyhow!(NO_LEADER))?;
+        let member = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&leader)
+            .cloned()
+            .ok_or_else(|| anyhow!(NO_LEADER))?;
+        let forwarded = Envelope {
+            origin: caller,
+            request: envelope.request,
+        };
+        self.client
+            .post(
+                &member.addr,
+                "/cluster",
+                &forwarded,
+                Duration::from_secs(10),
+            )
+            .await
+            .context("forwarding to the leader")
+    }
+
+    /// A request from this manager's own CLI clients.
+    pub async fn local(&self, request: ControlRequest) -> Result<ControlResponse> {
+        let envelope = Envelope {
+            origin: None,
+            request: ClusterRequest::Control(request),
+        };
+        let me = Peer(Some(self.node_id.clone()));
+        match self.dispatch(&me, envelope).await? {
+            ClusterResponse::Control(response) => Ok(response),
+            _ => bail!("unexpected answer to a control request"),
+        }
+    }
+
+    async fn handle(
+        &self,
+        caller: Option<String>,
+        request: ClusterRequest,
+    ) -> Result<ClusterResponse> {
+        match request {
+            ClusterRequest::Join(join) => Ok(ClusterResponse::Joined(self.join(join).await?)),
+            ClusterRequest::Heartbeat { reports } => {
+                let caller =
+                    caller.ok_or_else(|| anyhow!("heartbeat without a node certificate"))?;
+                Ok(ClusterResponse::Heartbeat(
+                    self.heartbeat(&caller, reports).await?,
+                ))
+            }
+            ClusterRequest::Control(control) => {
+                let caller =
+                    caller.ok_or_else(|| anyhow!("control request without a node certificate"))?;
+                let state = self.state();
+                match state.nodes.get(&caller) {
+                    Some(node) if node.role == Role::Manager => {}
+                    Some(_) => bail!(
+                        "this node is not a swarm manager: run the command on a manager, or \
+                         promote this node with `shoal node promote` from a manager"
+                    ),
+                    None => bail!("node {caller} is not part of this swarm"),
+                }
+                Ok(ClusterResponse::Control(self.control(control).await?))
+            }
+        }
+    }
+
+    async fn join(&self, join: JoinRequest) -> Result<JoinResponse> {
+        let state = self.state();
+        let role = if secrets_match(&state.manager_secret, &join.secret) {
+            Role::Manager
+        } else if secrets_match(&state.worker_secret, &join.secret) {
+            Role::Worker
+        } else {
+            bail!("invalid join token: it was rotated or belongs to another swarm");
+        };
+        let ca = state
+            .ca
+            .as_ref()
+            .ok_or_else(|| anyhow!("cluster has no CA"))?;
+        let node_id = random_id(25);
+        let raft_id = state.next_raft_id;
+        let cert_pem = ca.sign_node(&node_id, join.addr, &join.csr_pem)?;
+        let at = now();
+        let node = Node {
+            id: node_id.clone(),
+            raft_id,
+            hostname: join.hostname,
+            addr: join.addr,
+            port: join.port,
+            role,
+            availability: Availability::Active,
+            status: NodeStatus::Ready,
+            labels: BTreeMap::new(),
+            created_at: at,
+            status_since: at,
+        };
+        let endpoint = node.endpoint();
+        self.write(Command::AddNode(node)).await?;
+        self.heartbeats
+            .lock()
+            .expect("heartbeats")
+            .insert(node_id.clone(), Instant::now());
+        if role == Role::Manager {
+            self.spawn_add_voter(
+                raft_id,
+                Member {
+                    addr: endpoint,
+                    node_id: node_id.clone(),
+                },
+            );
+        }
+        tracing::info!(node = %node_id, %role, "node joined");
+        Ok(JoinResponse {
+            cluster_id: state.cluster_id.clone(),
+            node_id,
+            raft_id,
+            role,
+            cert_pem,
+            ca_pem: ca.cert_pem.clone(),
+            managers: self.manager_endpoints(),
+        })
+    }
+
+    /// Adds a manager to Raft once it runs: as a learner (catching up), then as a voter.
+    fn spawn_add_voter(&self, raft_id: u64, member: Member) {
+        let raft = self.raft.clone();
+        tokio::spawn(async move {
+            if let Err(err) = add_voter(&raft, raft_id, member).await {
+                tracing::error!(raft_id, error = %format!("{err:#}"), "adding a manager to Raft failed");
+            }
+        });
+    }
+
+    fn manager_endpoints(&self) -> Vec<String> {
+        let state = self.state();
+        let mut managers: Vec<(bool, String)> = state
+            .managers()
+            .map(|n| (Some(n.raft_id) != self.leader_id(), n.endpoint()))
+            .collect();
+        managers.sort();
+        managers.into_iter().map(|(_, e)| e).collect()
+    }
+
+    async fn heartbeat(
+        &self,
+        caller: &str,
+        reports: Vec<super::state::TaskReport>,
+    ) -> Result<HeartbeatResponse> {
+        let state = self.state();
+        if !state.nodes.contains_key(caller) {
+            bail!("node {caller} is not part of this swarm (it was removed); join again");
+        }
+        self.heartbeats
+            .lock()
+            .expect("heartbeats")
+            .insert(caller.to_owned(), Instant::now());
+        let moves = reports.iter().any(|r| {
+            state
+                .tasks
+                .get(&r.task_id)
+                .is_some_and(|t| t.node_id.as_deref() == Some(caller) && r.state > t.state)
+        });
+        let state = if moves {
+            self.write(Command::ReportTasks {
+                node_id: caller.to_owned(),
+                reports,
+                at: now(),
+            })
+            .await?;
+            self.state()
+        } else {
+            state
+        };
+        let assignments = state
+            .tasks
+            .values()
+            .filter(|t| t.node_id.as_deref() == Some(caller) && !t.state.is_terminal())
+            .filter_map(|t| {
+                let service = state.services.get(&t.service_id);
+                let spec = service.map(|s| &s.spec);
+                Some(Assignment {
+                    task_id: t.id.clone(),
+                    name: task_name(&state, t),
+                    // Tasks of a removed service are only ever stopped.
+                    desired: if service.is_some() {
+                        t.desired
+                    } else {
+                        TaskState::Shutdown
+                    },
+                    command: spec.map(|s| s.command.clone()).unwrap_or_default(),
+                    env: spec.map(|s| s.env.clone()).unwrap_or_default(),
+                })
+            })
+            .collect();
+        Ok(HeartbeatResponse {
+            assignments,
+            managers: self.manager_endpoints(),
+        })
+    }
+
+    /// Leader duties, every half second: node liveness, then reconciliation.
+    pub async fn run_leader_loop(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut was_leader = false;
+        while !*shutdown.borrow() {
+            let leader = self.is_leader();
+            if leader && !was_leader {
+                // New leader: everyone gets a fresh grace period.
+                let state = self.state();
+                let mut heartbeats = self.heartbeats.lock().expect("heartbeats");
+                for id in state.nodes.keys() {
+                    heartbeats.insert(id.clone(), Instant::now());
+                }
+                tracing::info!("this manager is the leader");
+            }
+            was_leader = leader;
+            if leader {
+                if let Err(err) = self.leader_pass().await {
+                    tracing::warn!(error = %format!("{err:#}"), "leader pass failed");
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(LEADER_LOOP_PERIOD) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+
+    async fn leader_pass(&self) -> Result<()> {
+        let state = self.state();
+        let changes: Vec<Node> = {
+            let heartbeats = self.heartbeats.lock().expect("heartbeats");
+            state
+                .nodes
+                .values()
+                .filter_map(|node| {
+                    // The leader's own agent heartbeats too, but it is alive by definition.
+                    let alive = node.id == self.node_id
+                        || heartbeats
+                            .get(&node.id)
+                            .is_some_and(|t| t.elapsed() < NODE_DOWN_AFTER);
+                    let status = if alive {
+                        NodeStatus::Ready
+                    } else {
+                        NodeStatus::Down
+                    };
+                    (status != node.status).then(|| Node {
+                        status,
+                        status_since: now(),
+                        ..node.clone()
+                    })
+                })
+                .collect()
+        };
+        for node in changes {
+            tracing::info!(node = %node.hostname, status = ?node.status, "node status changed");
+            self.write(Command::UpdateNode(node)).await?;
+        }
+        for command in orchestrator::reconcile(&self.state(), now(), self.settings) {
+            self.write(command).await?;
+        }
+        Ok(())
+    }
+
+    async fn control(&self, request: ControlRequest) -> Result<ControlResponse> {
+        let state = self.state();
+        Ok(match request {
+            ControlRequest::NodeList => {
+                ControlResponse::Nodes(state.nodes.values().map(|n| self.node_view(n)).collect())
+            }
+            ControlRequest::NodeInspect { node } => {
+                ControlResponse::Node(self.node_view(state.find_node(&node)?))
+            }
+            ControlRequest::NodeUpdate {
+                node,
+                availability,
+                label_add,
+                label_rm,
+                role,
+            } => {
+                let mut updated = state.find_node(&node)?.clone();
+                if let Some(availability) = availability {
+                    updated.availability = availability;
+                }
+                for label in label_add {
+                    let (key, value) = label.split_once('=').unwrap_or((&label, ""));
+                    if key.is_empty() {
+                        bail!("label {label:?}: empty key");
+                    }
+                    updated.labels.insert(key.to_owned(), value.to_owned());
+                }
+                for key in label_rm {
+                    if updated.labels.remove(&key).is_none() {
+                        bail!("node {} has no label {key}", updated.hostname);
+                    }
+                }
+                if let Some(role) = role {
+                    self.change_role(&state, &updated, role).await?;
+                    updated.role = role;
+                }
+                self.write(Command::UpdateNode(updated.clone())).await?;
+                ControlResponse::Node(self.node_view(&updated))
+            }
+            ControlRequest::NodeRemove { node, force } => {
+                let node = state.find_node(&node)?;
+                if node.role == Role::Manager {
+                    bail!(
+                        "node {} is a manager: demote it first (`shoal node demote {}`)",
+                        node.hostname,
+                        node.hostname
+                    );
+                }
+                if node.status == NodeStatus::Ready && !force {
+                    bail!(
+                        "node {} is not down and can't be removed: stop its agent (or `shoal swarm leave` on it) first, or use --force",
+                        node.hostname
+                    );
+                }
+                self.write(Command::RemoveNode {
+                    id: node.id.clone(),
+                })
+                .await?;
+                ControlResponse::Done
+            }
+            ControlRequest::NodeTasks { node } => {
+                let node = state.find_node(&node)?;
+                ControlResponse::Tasks(task_views(&state, |t| {
+                    t.node_id.as_deref() == Some(&node.id)
+                }))
+            }
+            ControlRequest::JoinToken { role, rotate } => {
+                if rotate {
+                    self.write(Command::RotateToken {
+                        role,
+                        secret: random_id(25),
+                    })
+                    .await?;
+                }
+                ControlResponse::Token(self.state().token(role)?.to_string())
+            }
+            ControlRequest::ServiceCreate(spec) => {
+                spec.validate()?;
+                let at = now();
+                let service = Service {
+                    id: random_id(25),
+                    spec,
+                    version: 1,
+                    created_at: at,
+                    updated_at: at,
+                };
+                self.write(Command::PutService(service.clone())).await?;
+                ControlResponse::Service(service_view(&self.state(), &service))
+            }
+            ControlRequest::ServiceList => ControlResponse::Services(
+                state
+                    .services
+                    .values()
+                    .map(|s| service_view(&state, s))
+                    .collect(),
+            ),
+            ControlRequest::ServiceInspect { service } => {
+                ControlResponse::Service(service_view(&state, state.find_service(&service)?))
+            }
+            ControlRequest::ServiceTasks { service } => {
+                let service = state.find_service(&service)?;
+                ControlResponse::Tasks(task_views(&state, |t| t.service_id == service.id))
+            }
+            ControlRequest::ServiceUpdate {
+                service,
+                replicas,
+                env_add,
+                force,
+            } => {
+                let mut updated = state.find_service(&service)?.clone();
+                if let Some(replicas) = replicas {
+                    match &mut updated.spec.mode {
+                        ServiceMode::Replicated { replicas: r } => *r = replicas,
+                        ServiceMode::Global => {
+                            bail!(
+                                "service {} is global: it cannot be scaled",
+                                updated.spec.name
+                            )
+                        }
+                    }
+                }
+                // Anything but the replica count restarts tasks (a rolling update).
+                let restart = force || !env_add.is_empty();
+                for entry in env_add {
+                    let key = entry
+                        .split_once('=')
+                        .map(|(k, _)| k.to_owned())
+                        .unwrap_or_default();
+                    updated
+                        .spec
+                        .env
+                        .retain(|e| !e.starts_with(&format!("{key}=")));
+                    updated.spec.env.push(entry);
+                }
+                updated.spec.validate()?;
+                if restart {
+                    updated.version += 1;
+                }
+                updated.updated_at = now();
+                self.write(Command::PutService(updated.clone())).await?;
+                ControlResponse::Service(service_view(&self.state(), &updated))
+            }
+            ControlRequest::ServiceRemove { service } => {
+                let service = state.find_service(&service)?;
+                self.write(Command::RemoveService {
+                    id: service.id.clone(),
+                })
+                .await?;
+                ControlResponse::Done
+            }
+        })
+    }
+
+    async fn change_role(&self, state: &ClusterState, node: &Node, role: Role) -> Result<()> {
+        if node.role == role {
+            return Ok(());
+        }
+        let voters: BTreeSet<u64> = state.managers().map(|n| n.raft_id).collect();
+        match role {
+            Role::Manager => {
+                self.spawn_add_voter(
+                    node.raft_id,
+                    Member {
+                        addr: node.endpoint(),
+                        node_id: node.id.clone(),
+                    },
+                );
+            }
+            Role::Worker => {
+                if voters.len() <= 1 {
+                    bail!(
+                        "node {} is the last manager of the swarm and cannot be demoted",
+                        node.hostname
+                    );
+                }
+                let remaining: BTreeSet<u64> = voters
+                    .into_iter()
+                    .filter(|id| *id != node.raft_id)
+                    .collect();
+                tokio::time::timeout(WRITE_TIMEOUT, self.raft.change_membership(remaining, false))
+                    .await
+                    .map_err(|_| anyhow!("{NO_LEADER} (membership change timed out)"))?
+                    .map_err(|err| anyhow!("demoting {}: {err}", node.hostname))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn node_view(&self, node: &Node) -> NodeView {
+        let manager_status = match node.role {
+            Role::Worker => String::new(),
+            Role::Manager if Some(node.raft_id) == self.leader_id() => "Leader".into(),
+            Role::Manager if node.status == NodeStatus::Ready => "Reachable".into(),
+            Role::Manager => "Unavailable".into(),
+        };
+        NodeView {
+            id: node.id.clone(),
+            hostname: node.hostname.clone(),
+            addr: node.addr,
+            role: node.role,
+            status: node.status,
+            availability: node.availability,
+            manager_status,
+            labels: node.labels.clone(),
+            created_at: node.created_at,
+        }
+    }
+}
+
+async fn add_voter(raft: &Raft, raft_id: u64, member: Member) -> Result<()> {
+    raft.add_learner(raft_id, member, true)
+        .await
+        .map_err(|err| anyhow!("adding learner: {err}"))?;
+    let mut voters: BTreeSet<u64> = raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .voter_ids()
+        .collect();
+    voters.insert(raft_id);
+    raft.change_membership(voters, false)
+        .await
+        .map_err(|err| anyhow!("making it a voter: {err}"))?;
+    tracing::info!(raft_id, "manager added to Raft");
+    Ok(())
+}
+
+/// `web.1.<id>` (or `web.<node id>.<id>` for global services), the task's hostname.
+pub fn task_name(state: &ClusterState, task: &Task) -> String {
+    format!("{}.{}", short_task_name(state, task), task.id)
+}
+
+fn short_task_name(state: &ClusterState, task: &Task) -> String {
+    let service = state
+        .services
+        .get(&task.service_id)
+        .map(|s| s.spec.name.as_str())
+        .unwrap_or("(removed)");
+    if task.slot > 0 {
+        format!("{service}.{}", task.slot)
+    } else {
+        format!("{service}.{}", task.node_id.as_deref().unwrap_or(""))
+    }
+}
+
+fn task_views(state: &ClusterState, keep: impl Fn(&Task) -> bool) -> Vec<TaskView> {
+    let mut views: Vec<TaskView> = state
+        .tasks
+        .values()
+        .filter(|t| keep(t))
+        .map(|t| TaskView {
+            id: t.id.clone(),
+            name: short_task_name(state, t),
+            service: state
+                .services
+                .get(&t.service_id)
+                .map(|s| s.spec.name.clone())
+                .unwrap_or_default(),
+            slot: t.slot,
+            node_id: t.node_id.clone(),
+            node: t
+                .node_id
+                .as_ref()
+                .and_then(|id| state.nodes.get(id))
+                .map(|n| n.hostname.clone())
+                .unwrap_or_default(),
+            desired: t.desired,
+            state: t.state,
+            state_since: t.state_since,
+            message: t.message.clone(),
+            error: t.error.clone(),
+            created_at: t.created_at,
+        })
+        .collect();
+    // By slot, newest first within a slot: the running task, then its history.
+    views.sort_by(|a, b| {
+        (
+            a.service.as_str(),
+            a.slot,
+            &a.node_id,
+            std::cmp::Reverse(a.created_at),
+        )
+            .cmp(&(
+                b.service.as_str(),
+                b.slot,
+                &b.node_id,
+                std::cmp::Reverse(b.created_at),
+            ))
+    });
+    views
+}
+
+fn service_view(state: &ClusterState, service: &Service) -> ServiceView {
+    let live = |t: &&Task| t.service_id == service.id && t.desired == TaskState::Running;
+    let running = state
+        .tasks
+        .values()
+        .filter(live)
+        .filter(|t| t.state == TaskState::Running)
+        .count() as u64;
+    let desired = match service.spec.mode {
+        ServiceMode::Replicated { replicas } => replicas,
+        ServiceMode::Global => state.tasks.values().filter(live).count() as u64,
+    };
+    ServiceView {
+        id: service.id.clone(),
+        name: service.spec.name.clone(),
+        mode: service.spec.mode.clone(),
+        running,
+        desired,
+        command: service.spec.command.clone(),
+        env: service.spec.env.clone(),
+        constraints: service
+            .spec
+            .constraints
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+        version: service.version,
+        update_parallelism: service.spec.update_parallelism,
+        update_delay_secs: service.spec.update_delay_secs,
+        created_at: service.created_at,
+        updated_at: service.updated_at,
+    }
+}

@@ -1,0 +1,518 @@
+//! This agent's place in a swarm: its identity on disk, the manager (Raft member and
+//! 2377 server) when it is one, and the worker loop every node runs. `swarm init`, `join` and
+//! `leave` start and stop these; an agent restart resumes them from the state dir.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use axum::{
+    body::Bytes,
+    extract::{Path as UrlPath, State},
+    http::StatusCode,
+    routing::post,
+    Extension, Json, Router,
+};
+use serde::{Deserialize, Serialize};
+use shoal_dataplane::task::TaskRuntime;
+use tokio::{sync::watch, task::JoinHandle};
+
+use super::{
+    manager::{now, Manager},
+    orchestrator::Settings,
+    pki::{ca_digest, new_key_and_csr, pem_der, random_id, JoinToken, NodeIdentity, Role, RootCa},
+    protocol::{
+        ClusterRequest, ClusterResponse, ControlRequest, ControlResponse, Envelope, JoinRequest,
+    },
+    raft::{self, Member},
+    state::{Availability, Command, Node, NodeStatus},
+    transport::{self, ClusterClient, Peer},
+    worker::Worker,
+};
+use crate::config::AgentConfig;
+
+/// What a node keeps about its membership (in `<state_dir>/cluster/node.json`, mode 0600).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Membership {
+    cluster_id: String,
+    identity: NodeIdentity,
+    raft_id: u64,
+    manager: bool,
+    /// Where this node's manager API listens, as others reach it.
+    advertise: SocketAddr,
+    managers: Vec<String>,
+}
+
+/// `shoal info`'s view of the swarm.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct SwarmInfo {
+    pub node_id: String,
+    pub cluster_id: String,
+    pub manager: bool,
+    pub advertise: SocketAddr,
+    pub managers: Vec<String>,
+    /// For managers: whether this one leads.
+    pub leader: Option<bool>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InitRequest {
+    pub advertise_addr: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InitResponse {
+    pub node_id: String,
+    pub worker_token: String,
+    pub advertise: SocketAddr,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JoinArgs {
+    pub token: String,
+    pub remote: String,
+    pub advertise_addr: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JoinedResponse {
+    pub node_id: String,
+    pub role: Role,
+}
+
+struct Running {
+    membership: Membership,
+    manager: Option<Arc<Manager>>,
+    worker: Arc<Worker>,
+    shutdown: watch::Sender<bool>,
+    loops: Vec<JoinHandle<()>>,
+}
+
+pub struct ClusterRuntime {
+    config: AgentConfig,
+    dir: PathBuf,
+    settings: Settings,
+    running: tokio::sync::RwLock<Option<Running>>,
+}
+
+const NOT_IN_SWARM: &str =
+    "this node is not part of a swarm: run `shoal swarm init` or `shoal swarm join` first";
+
+impl ClusterRuntime {
+    pub fn new(config: AgentConfig, settings: Settings) -> Self {
+        let dir = config.state_dir.join("cluster");
+        Self {
+            config,
+            dir,
+            settings,
+            running: tokio::sync::RwLock::new(None),
+        }
+    }
+
+    fn membership_path(&self) -> PathBuf {
+        self.dir.join("node.json")
+    }
+
+    /// Rejoins the swarm this node was part of before the agent restarted.
+    pub async fn resume(&self) -> Result<()> {
+        let path = self.membership_path();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(err) => return Err(err).with_context(|| format!("reading {}", path.display())),
+        };
+        let membership: Membership =
+            serde_json::from_str(&text).with_context(|| format!("corrupt {}", path.display()))?;
+        tracing::info!(node = %membership.identity.node_id, manager = membership.manager, "resuming swarm membership");
+        let running = self.launch(membership).await?;
+        *self.running.write().await = Some(running);
+        Ok(())
+    }
+
+    fn advertise(&self, requested: Option<&str>) -> Result<SocketAddr> {
+        let default = SocketAddr::new(self.config.advertise_addr, self.config.manager_port);
+        let Some(text) = requested else {
+            return Ok(default);
+        };
+        if let Ok(addr) = text.parse::<SocketAddr>() {
+            return Ok(addr);
+        }
+        let ip: IpAddr = text
+            .parse()
+            .with_context(|| format!("--advertise-addr {text:?}: expected IP or IP:PORT"))?;
+        Ok(SocketAddr::new(ip, self.config.manager_port))
+    }
+
+    pub async fn init(&self, request: InitRequest) -> Result<InitResponse> {
+        let mut running = self.running.write().await;
+        if running.is_some() {
+            bail!(
+                "this node is already part of a swarm: use `shoal swarm leave` to leave it first"
+            );
+        }
+        let advertise = self.advertise(request.advertise_addr.as_deref())?;
+        let ca = RootCa::generate()?;
+        let node_id = random_id(25);
+        let membership = Membership {
+            cluster_id: random_id(25),
+            identity: ca.issue_identity(&node_id, advertise.ip())?,
+            raft_id: 1,
+            manager: true,
+            advertise,
+            managers: vec![advertise.to_string()],
+        };
+        let started = self.launch(membership.clone()).await?;
+        let manager = started.manager.clone().expect("init makes a manager");
+        let result = async {
+            let members = BTreeMap::from([(
+                1,
+                Member {
+                    addr: advertise.to_string(),
+                    node_id: node_id.clone(),
+                },
+            )]);
+            manager
+                .raft
+                .initialize(members)
+                .await
+                .map_err(|e| anyhow!("initializing Raft: {e}"))?;
+            manager
+                .raft
+                .wait(Some(Duration::from_secs(10)))
+                .current_leader(1, "becoming leader")
+                .await
+                .map_err(|e| anyhow!("no leader after init: {e}"))?;
+            let at = now();
+            manager
+                .write(Command::Init {
+                    cluster_id: membership.cluster_id.clone(),
+                    ca: ca.clone(),
+                    worker_secret: random_id(25),
+                    manager_secret: random_id(25),
+                    first: Node {
+                        id: node_id.clone(),
+                        raft_id: 1,
+                        hostname: self.config.hostname.clone(),
+                        addr: advertise.ip(),
+                        port: advertise.port(),
+                        role: Role::Manager,
+                        availability: Availability::Active,
+                        status: NodeStatus::Ready,
+                        labels: BTreeMap::new(),
+                        created_at: at,
+                        status_since: at,
+                    },
+                })
+                .await?;
+            self.save(&membership)?;
+            manager.state().token(Role::Worker)
+        }
+        .await;
+        match result {
+            Ok(token) => {
+                *running = Some(started);
+                tracing::info!(node = %node_id, "swarm initialized");
+                Ok(InitResponse {
+                    node_id,
+                    worker_token: token.to_string(),
+                    advertise,
+                })
+            }
+            Err(err) => {
+                stop(started).await;
+                let _ = std::fs::remove_dir_all(&self.dir);
+                Err(err)
+            }
+        }
+    }
+
+    pub async fn join(&self, args: JoinArgs) -> Result<JoinedResponse> {
+        let mut running = self.running.write().await;
+        if running.is_some() {
+            bail!(
+                "this node is already part of a swarm: use `shoal swarm leave` to leave it first"
+            );
+        }
+        let token = JoinToken::parse(&args.token)?;
+        let remote: SocketAddr = args
+            .remote
+            .parse()
+            .or_else(|_| {
+                args.remote
+                    .parse::<IpAddr>()
+                    .map(|ip| SocketAddr::new(ip, 2377))
+            })
+            .with_context(|| format!("manager address {:?}: expected IP[:PORT]", args.remote))?;
+        let advertise = self.advertise(args.advertise_addr.as_deref())?;
+        let (key_pem, csr_pem) = new_key_and_csr()?;
+        let client = ClusterClient::new(transport::joining_client_config(&token.ca_digest)?);
+        let envelope = Envelope {
+            origin: None,
+            request: ClusterRequest::Join(JoinRequest {
+                secret: token.secret.clone(),
+                csr_pem,
+                hostname: self.config.hostname.clone(),
+                addr: advertise.ip(),
+                port: advertise.port(),
+            }),
+        };
+        let answer = client
+            .post(
+                &remote.to_string(),
+                "/cluster",
+                &envelope,
+                Duration::from_secs(15),
+            )
+            .await
+            .with_context(|| format!("joining the swarm through {remote}"))?;
+        let ClusterResponse::Joined(joined) = answer else {
+            bail!("{remote} answered the join oddly");
+        };
+        if ca_digest(&pem_der(&joined.ca_pem)?) != token.ca_digest {
+            bail!("the manager's CA does not match the join token");
+        }
+        let membership = Membership {
+            cluster_id: joined.cluster_id,
+            identity: NodeIdentity {
+                node_id: joined.node_id.clone(),
+                cert_pem: joined.cert_pem,
+                key_pem,
+                ca_pem: joined.ca_pem,
+            },
+            raft_id: joined.raft_id,
+            manager: joined.role == Role::Manager,
+            advertise,
+            managers: joined.managers,
+        };
+        self.save(&membership)?;
+        *running = Some(self.launch(membership).await?);
+        tracing::info!(node = %joined.node_id, role = %joined.role, "joined the swarm");
+        Ok(JoinedResponse {
+            node_id: joined.node_id,
+            role: joined.role,
+        })
+    }
+
+    /// Leaves the swarm: stops the cluster loops and forgets the membership. Tasks of this
+    /// node are stopped. A manager needs `force` (it may cost the swarm its quorum).
+    pub async fn leave(&self, force: bool) -> Result<()> {
+        let mut running = self.running.write().await;
+        let Some(current) = running.as_ref() else {
+            bail!(NOT_IN_SWARM)
+        };
+        if current.membership.manager && !force {
+            bail!(
+                "this node is a manager: leaving may cost the swarm its quorum. Demote it first \
+                 (`shoal node demote`), or use --force to leave anyway"
+            );
+        }
+        let current = running.take().expect("checked");
+        current.worker.stop_all().await;
+        stop(current).await;
+        std::fs::remove_dir_all(&self.dir)
+            .with_context(|| format!("removing {}", self.dir.display()))?;
+        tracing::info!("left the swarm");
+        Ok(())
+    }
+
+    fn save(&self, membership: &Membership) -> Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        let tmp = self.dir.join("node.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(membership)?)?;
+        std::fs::rename(&tmp, self.membership_path())?;
+        Ok(())
+    }
+
+    async fn launch(&self, membership: Membership) -> Result<Running> {
+        std::fs::create_dir_all(&self.dir)?;
+        let client = ClusterClient::new(transport::member_client_config(&membership.identity)?);
+        let (shutdown, watch_shutdown) = watch::channel(false);
+        let mut loops = Vec::new();
+        let manager = if membership.manager {
+            let (raft, sm) = raft::start(
+                membership.raft_id,
+                &self.dir.join("raft.redb"),
+                Arc::new(RaftTransport(client.clone())),
+            )
+            .await?;
+            let manager = Arc::new(Manager::new(
+                raft,
+                sm,
+                membership.raft_id,
+                membership.identity.node_id.clone(),
+                client.clone(),
+                self.settings,
+            ));
+            let listen = SocketAddr::new(
+                if membership.advertise.is_ipv4() {
+                    IpAddr::from([0, 0, 0, 0])
+                } else {
+                    IpAddr::from([0u16; 8])
+                },
+                membership.advertise.port(),
+            );
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("listening on {listen} (manager port)"))?;
+            let tls = transport::server_config(&membership.identity)?;
+            loops.push(tokio::spawn(transport::serve(
+                listener,
+                tls,
+                manager_router(manager.clone()),
+            )));
+            loops.push(tokio::spawn(
+                manager.clone().run_leader_loop(watch_shutdown.clone()),
+            ));
+            Some(manager)
+        } else {
+            None
+        };
+        let runtime = TaskRuntime::new(
+            &self.config.cgroup_root,
+            &self.config.state_dir,
+            std::env::current_exe()?,
+        )?;
+        let worker = Arc::new(Worker::new(runtime, client, membership.managers.clone())?);
+        loops.push(tokio::spawn(worker.clone().run(watch_shutdown)));
+        Ok(Running {
+            membership,
+            manager,
+            worker,
+            shutdown,
+            loops,
+        })
+    }
+
+    pub async fn info(&self) -> Option<SwarmInfo> {
+        let running = self.running.read().await;
+        let running = running.as_ref()?;
+        let m = &running.membership;
+        Some(SwarmInfo {
+            node_id: m.identity.node_id.clone(),
+            cluster_id: m.cluster_id.clone(),
+            manager: running.manager.is_some(),
+            advertise: m.advertise,
+            managers: running
+                .manager
+                .as_ref()
+                .map(|mgr| mgr.state().managers().map(|n| n.endpoint()).collect())
+                .unwrap_or_else(|| m.managers.clone()),
+            leader: running.manager.as_ref().map(|mgr| mgr.is_leader()),
+        })
+    }
+
+    /// A control request from this node's CLI.
+    pub async fn control(&self, request: ControlRequest) -> Result<ControlResponse> {
+        let running = self.running.read().await;
+        let running = running.as_ref().ok_or_else(|| anyhow!(NOT_IN_SWARM))?;
+        let Some(manager) = &running.manager else {
+            bail!(
+                "this node is not a swarm manager: worker nodes can't be used to view or modify \
+                 cluster state. Run this command on a manager, or promote this node with \
+                 `shoal node promote` from a manager"
+            );
+        };
+        manager.local(request).await
+    }
+
+    /// The host PID of a local task's PID 1, by task ID or unique ID prefix.
+    pub async fn task_pid(&self, task: &str) -> Result<u32> {
+        let running = self.running.read().await;
+        let running = running.as_ref().ok_or_else(|| anyhow!(NOT_IN_SWARM))?;
+        let id = running.worker.resolve_local(task)?;
+        running.worker.runtime().init_pid(&id)
+    }
+
+    /// Agent shutdown: loops stop; tasks keep running until the next agent takes over.
+    pub async fn shutdown(&self) {
+        if let Some(running) = self.running.write().await.take() {
+            stop(running).await;
+        }
+    }
+}
+
+async fn stop(running: Running) {
+    let _ = running.shutdown.send(true);
+    if let Some(manager) = &running.manager {
+        if let Err(err) = manager.raft.shutdown().await {
+            tracing::warn!(error = %err, "raft shutdown");
+        }
+    }
+    for handle in running.loops {
+        handle.abort();
+    }
+}
+
+/// Raft RPCs over the cluster transport.
+struct RaftTransport(ClusterClient);
+
+impl raft::Transport for RaftTransport {
+    async fn post(&self, addr: &str, path: &str, body: Vec<u8>) -> Result<Vec<u8>, String> {
+        self.0
+            .post_raw(addr, path, body, Duration::from_secs(3))
+            .await
+            .map_err(|e| format!("{e:#}"))
+    }
+}
+
+fn manager_router(manager: Arc<Manager>) -> Router {
+    Router::new()
+        .route("/cluster", post(cluster_call))
+        .route("/raft/{rpc}", post(raft_call))
+        .with_state(manager)
+}
+
+type Failure = (StatusCode, Json<crate::api::ApiError>);
+
+fn failure(status: StatusCode, err: anyhow::Error) -> Failure {
+    (
+        status,
+        Json(crate::api::ApiError {
+            error: format!("{err:#}"),
+        }),
+    )
+}
+
+async fn cluster_call(
+    State(manager): State<Arc<Manager>>,
+    Extension(peer): Extension<Peer>,
+    Json(envelope): Json<Envelope>,
+) -> Result<Json<ClusterResponse>, Failure> {
+    manager
+        .dispatch(&peer, envelope)
+        .await
+        .map(Json)
+        .map_err(|err| failure(StatusCode::BAD_REQUEST, err))
+}
+
+async fn raft_call(
+    State(manager): State<Arc<Manager>>,
+    Extension(peer): Extension<Peer>,
+    UrlPath(rpc): UrlPath<String>,
+    body: Bytes,
+) -> Result<Vec<u8>, Failure> {
+    let caller = peer
+        .require()
+        .map_err(|err| failure(StatusCode::FORBIDDEN, err))?;
+    // Only Raft members (or anyone, for a manager not yet given a membership) may talk Raft.
+    let membership = manager.raft.metrics().borrow().membership_config.clone();
+    let known = membership
+        .membership()
+        .nodes()
+        .any(|(_, m)| m.node_id == caller);
+    let fresh = membership.membership().nodes().next().is_none();
+    if !known && !fresh {
+        return Err(failure(
+            StatusCode::FORBIDDEN,
+            anyhow!("node {caller} is not a Raft member"),
+        ));
+    }
+    raft::handle_rpc(&manager.raft, &format!("/raft/{rpc}"), &body)
+        .await
+        .map_err(|err| failure(StatusCode::BAD_REQUEST, anyhow!(err)))
+}

@@ -1,0 +1,891 @@
+//! The Docker-shaped cluster commands: swarm, node, service, task. Each is a client of the
+//! local agent, which answers itself or forwards to the leader.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read as _, Write as _},
+    net::{TcpListener, TcpStream},
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Args, Subcommand, ValueEnum};
+
+use crate::{
+    api::{AgentInfo, LeaveRequest},
+    client::Client,
+    cluster::{
+        manager::now,
+        node::{InitRequest, InitResponse, JoinArgs, JoinedResponse},
+        pki::Role,
+        protocol::{ControlRequest, ControlResponse, NodeView, ServiceView, TaskView},
+        state::{Availability, Constraint, NodeStatus, ServiceMode, ServiceSpec, TaskState},
+    },
+    output::{json, table, Format},
+};
+
+#[derive(Subcommand)]
+pub enum SwarmCommand {
+    /// Create a swarm with this node as its first manager
+    Init {
+        /// Address (IP[:PORT]) other nodes reach this manager on [default: the agent's]
+        #[arg(long)]
+        advertise_addr: Option<String>,
+    },
+    /// Join a swarm as a worker or a manager, as the token says
+    Join {
+        #[arg(long)]
+        token: String,
+        /// A manager's address, HOST:PORT
+        remote: String,
+        #[arg(long)]
+        advertise_addr: Option<String>,
+    },
+    /// Print the join command (or the token) for workers or managers
+    JoinToken {
+        #[arg(value_enum)]
+        role: RoleArg,
+        /// Only the token
+        #[arg(short, long)]
+        quiet: bool,
+        /// Replace the token; the old one stops working at once
+        #[arg(long)]
+        rotate: bool,
+    },
+    /// Leave the swarm (a manager needs --force)
+    Leave {
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum RoleArg {
+    Worker,
+    Manager,
+}
+
+impl From<RoleArg> for Role {
+    fn from(role: RoleArg) -> Self {
+        match role {
+            RoleArg::Worker => Role::Worker,
+            RoleArg::Manager => Role::Manager,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum AvailabilityArg {
+    Active,
+    Pause,
+    Drain,
+}
+
+impl From<AvailabilityArg> for Availability {
+    fn from(a: AvailabilityArg) -> Self {
+        match a {
+            AvailabilityArg::Active => Availability::Active,
+            AvailabilityArg::Pause => Availability::Pause,
+            AvailabilityArg::Drain => Availability::Drain,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub enum NodeCommand {
+    /// List the swarm's nodes
+    Ls {
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Details of a node (`self` for this one), as JSON unless --pretty
+    Inspect {
+        node: String,
+        #[arg(long)]
+        pretty: bool,
+    },
+    /// Change a node's availability, labels or role
+    Update {
+        #[arg(long, value_enum)]
+        availability: Option<AvailabilityArg>,
+        #[arg(long = "label-add")]
+        label_add: Vec<String>,
+        #[arg(long = "label-rm")]
+        label_rm: Vec<String>,
+        #[arg(long, value_enum)]
+        role: Option<RoleArg>,
+        node: String,
+    },
+    /// Make nodes managers
+    Promote {
+        #[arg(required = true)]
+        nodes: Vec<String>,
+    },
+    /// Make managers workers
+    Demote {
+        #[arg(required = true)]
+        nodes: Vec<String>,
+    },
+    /// Remove nodes from the swarm
+    Rm {
+        #[arg(long)]
+        force: bool,
+        #[arg(required = true)]
+        nodes: Vec<String>,
+    },
+    /// Tasks on a node (this one by default)
+    Ps {
+        #[arg(default_value = "self")]
+        node: String,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ServiceCommand {
+    /// Create a service
+    Create(CreateArgs),
+    /// List services
+    Ls {
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// A service's tasks, with their history
+    Ps {
+        service: String,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Details of a service, as JSON unless --pretty
+    Inspect {
+        service: String,
+        #[arg(long)]
+        pretty: bool,
+    },
+    /// Set replica counts: NAME=N...
+    Scale {
+        #[arg(required = true)]
+        scales: Vec<String>,
+        #[arg(short, long)]
+        detach: bool,
+    },
+    /// Change a service; anything but --replicas replaces its tasks in a rolling update
+    Update {
+        #[arg(long)]
+        replicas: Option<u64>,
+        #[arg(long = "env-add")]
+        env_add: Vec<String>,
+        /// Replace the tasks even if nothing changed
+        #[arg(long)]
+        force: bool,
+        #[arg(short, long)]
+        detach: bool,
+        service: String,
+    },
+    /// Remove services (their tasks stop)
+    Rm {
+        #[arg(required = true)]
+        services: Vec<String>,
+    },
+}
+
+#[derive(Args)]
+pub struct CreateArgs {
+    #[arg(long)]
+    name: String,
+    #[arg(long, conflicts_with = "mode")]
+    replicas: Option<u64>,
+    #[arg(long, value_parser = ["replicated", "global"])]
+    mode: Option<String>,
+    #[arg(long = "env", short = 'e')]
+    env: Vec<String>,
+    #[arg(long = "constraint")]
+    constraints: Vec<String>,
+    #[arg(long, default_value_t = 1)]
+    update_parallelism: u64,
+    /// Delay between update batches: 10s, 1m, 500ms
+    #[arg(long, default_value = "0s")]
+    update_delay: String,
+    /// Return at once instead of waiting for the tasks to run
+    #[arg(short, long)]
+    detach: bool,
+    /// The command each task runs
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+async fn control(client: &Client, request: ControlRequest) -> Result<ControlResponse> {
+    client.post("/v1/control", &request).await
+}
+
+pub async fn swarm(client: &Client, command: SwarmCommand) -> Result<()> {
+    match command {
+        SwarmCommand::Init { advertise_addr } => {
+            let init: InitResponse = client
+                .post("/v1/swarm/init", &InitRequest { advertise_addr })
+                .await?;
+            println!(
+                "Swarm initialized: current node ({}) is now a manager.\n",
+                init.node_id
+            );
+            println!("To add a worker to this swarm, run the following command:\n");
+            println!(
+                "    shoal swarm join --token {} {}\n",
+                init.worker_token, init.advertise
+            );
+            println!("To add a manager to this swarm, run 'shoal swarm join-token manager' and follow the instructions.");
+        }
+        SwarmCommand::Join {
+            token,
+            remote,
+            advertise_addr,
+        } => {
+            let joined: JoinedResponse = client
+                .post(
+                    "/v1/swarm/join",
+                    &JoinArgs {
+                        token,
+                        remote,
+                        advertise_addr,
+                    },
+                )
+                .await?;
+            println!(
+                "This node joined a swarm as a {} ({}).",
+                joined.role, joined.node_id
+            );
+        }
+        SwarmCommand::JoinToken {
+            role,
+            quiet,
+            rotate,
+        } => {
+            let role = Role::from(role);
+            let ControlResponse::Token(token) =
+                control(client, ControlRequest::JoinToken { role, rotate }).await?
+            else {
+                bail!("unexpected answer");
+            };
+            if quiet {
+                println!("{token}");
+            } else {
+                let info: AgentInfo = client.get("/v1/info").await?;
+                let advertise = info
+                    .swarm
+                    .map(|s| s.advertise.to_string())
+                    .unwrap_or_default();
+                if rotate {
+                    println!("Successfully rotated {role} join token.\n");
+                }
+                println!("To add a {role} to this swarm, run the following command:\n");
+                println!("    shoal swarm join --token {token} {advertise}\n");
+            }
+        }
+        SwarmCommand::Leave { force } => {
+            let () = client
+                .post("/v1/swarm/leave", &LeaveRequest { force })
+                .await?;
+            println!("Node left the swarm.");
+        }
+    }
+    Ok(())
+}
+
+async fn self_id(client: &Client) -> Result<String> {
+    let info: AgentInfo = client.get("/v1/info").await?;
+    Ok(info
+        .swarm
+        .context("this node is not part of a swarm")?
+        .node_id)
+}
+
+async fn resolve_self(client: &Client, node: String) -> Result<String> {
+    if node == "self" {
+        self_id(client).await
+    } else {
+        Ok(node)
+    }
+}
+
+pub async fn node(client: &Client, command: NodeCommand) -> Result<()> {
+    match command {
+        NodeCommand::Ls { format } => {
+            let ControlResponse::Nodes(nodes) = control(client, ControlRequest::NodeList).await?
+            else {
+                bail!("unexpected answer");
+            };
+            match format {
+                Format::Json => print!("{}", json(&nodes)),
+                Format::Table => print!("{}", render_nodes(&nodes, &self_id(client).await?)),
+            }
+        }
+        NodeCommand::Inspect { node, pretty } => {
+            let node = resolve_self(client, node).await?;
+            let ControlResponse::Node(view) =
+                control(client, ControlRequest::NodeInspect { node }).await?
+            else {
+                bail!("unexpected answer");
+            };
+            if pretty {
+                let labels: Vec<String> = view
+                    .labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                println!("ID:                 {}", view.id);
+                println!("Hostname:           {}", view.hostname);
+                println!("Address:            {}", view.addr);
+                println!("Role:               {}", view.role);
+                println!("Status:             {}", status_label(view.status));
+                println!(
+                    "Availability:       {}",
+                    availability_label(view.availability)
+                );
+                if !view.manager_status.is_empty() {
+                    println!("Manager Status:     {}", view.manager_status);
+                }
+                println!("Labels:             {}", labels.join(", "));
+                println!("Created:            {}", ago(view.created_at));
+            } else {
+                print!("{}", json(&view));
+            }
+        }
+        NodeCommand::Update {
+            availability,
+            label_add,
+            label_rm,
+            role,
+            node,
+        } => {
+            let node = resolve_self(client, node).await?;
+            control(
+                client,
+                ControlRequest::NodeUpdate {
+                    node: node.clone(),
+                    availability: availability.map(Into::into),
+                    label_add,
+                    label_rm,
+                    role: role.map(Into::into),
+                },
+            )
+            .await?;
+            println!("{node}");
+        }
+        NodeCommand::Promote { nodes } => set_roles(client, nodes, Role::Manager).await?,
+        NodeCommand::Demote { nodes } => set_roles(client, nodes, Role::Worker).await?,
+        NodeCommand::Rm { force, nodes } => {
+            for node in nodes {
+                control(
+                    client,
+                    ControlRequest::NodeRemove {
+                        node: node.clone(),
+                        force,
+                    },
+                )
+                .await?;
+                println!("{node}");
+            }
+        }
+        NodeCommand::Ps { node, format } => {
+            let node = resolve_self(client, node).await?;
+            let ControlResponse::Tasks(tasks) =
+                control(client, ControlRequest::NodeTasks { node }).await?
+            else {
+                bail!("unexpected answer");
+            };
+            print_tasks(&tasks, format);
+        }
+    }
+    Ok(())
+}
+
+async fn set_roles(client: &Client, nodes: Vec<String>, role: Role) -> Result<()> {
+    for node in nodes {
+        control(
+            client,
+            ControlRequest::NodeUpdate {
+                node: node.clone(),
+                availability: None,
+                label_add: vec![],
+                label_rm: vec![],
+                role: Some(role),
+            },
+        )
+        .await?;
+        match role {
+            Role::Manager => println!("Node {node} promoted to a manager in the swarm."),
+            Role::Worker => println!("Manager {node} demoted in the swarm."),
+        }
+    }
+    Ok(())
+}
+
+pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
+    match command {
+        ServiceCommand::Create(args) => {
+            let mode = match (args.mode.as_deref(), args.replicas) {
+                (Some("global"), _) => ServiceMode::Global,
+                (_, replicas) => ServiceMode::Replicated {
+                    replicas: replicas.unwrap_or(1),
+                },
+            };
+            let spec = ServiceSpec {
+                name: args.name,
+                mode,
+                command: args.command,
+                env: args.env,
+                constraints: args
+                    .constraints
+                    .iter()
+                    .map(|c| Constraint::parse(c))
+                    .collect::<Result<_>>()?,
+                update_parallelism: args.update_parallelism,
+                update_delay_secs: parse_duration_secs(&args.update_delay)?,
+            };
+            spec.validate()?;
+            let ControlResponse::Service(view) =
+                control(client, ControlRequest::ServiceCreate(spec)).await?
+            else {
+                bail!("unexpected answer");
+            };
+            println!("{}", view.id);
+            if !args.detach {
+                wait_converged(client, &view.id).await?;
+            }
+        }
+        ServiceCommand::Ls { format } => {
+            let ControlResponse::Services(services) =
+                control(client, ControlRequest::ServiceList).await?
+            else {
+                bail!("unexpected answer");
+            };
+            match format {
+                Format::Json => print!("{}", json(&services)),
+                Format::Table => print!("{}", render_services(&services)),
+            }
+        }
+        ServiceCommand::Ps { service, format } => {
+            let ControlResponse::Tasks(tasks) =
+                control(client, ControlRequest::ServiceTasks { service }).await?
+            else {
+                bail!("unexpected answer");
+            };
+            print_tasks(&tasks, format);
+        }
+        ServiceCommand::Inspect { service, pretty } => {
+            let ControlResponse::Service(view) =
+                control(client, ControlRequest::ServiceInspect { service }).await?
+            else {
+                bail!("unexpected answer");
+            };
+            if pretty {
+                println!("ID:             {}", view.id);
+                println!("Name:           {}", view.name);
+                println!("Mode:           {}", mode_label(&view.mode));
+                println!("Replicas:       {}/{}", view.running, view.desired);
+                println!("Command:        {}", view.command.join(" "));
+                println!("Env:            {}", view.env.join(" "));
+                println!("Constraints:    {}", view.constraints.join(", "));
+                println!(
+                    "Update:         parallelism {}, delay {}s",
+                    view.update_parallelism, view.update_delay_secs
+                );
+                println!("Version:        {}", view.version);
+            } else {
+                print!("{}", json(&view));
+            }
+        }
+        ServiceCommand::Scale { scales, detach } => {
+            let mut parsed = Vec::new();
+            for scale in &scales {
+                let (name, n) = scale
+                    .split_once('=')
+                    .with_context(|| format!("{scale:?}: expected SERVICE=REPLICAS"))?;
+                let replicas: u64 = n
+                    .parse()
+                    .with_context(|| format!("{scale:?}: replicas must be a number"))?;
+                parsed.push((name.to_owned(), replicas));
+            }
+            for (name, replicas) in parsed {
+                let ControlResponse::Service(view) = control(
+                    client,
+                    ControlRequest::ServiceUpdate {
+                        service: name.clone(),
+                        replicas: Some(replicas),
+                        env_add: vec![],
+                        force: false,
+                    },
+                )
+                .await?
+                else {
+                    bail!("unexpected answer");
+                };
+                println!("{name} scaled to {replicas}");
+                if !detach {
+                    wait_converged(client, &view.id).await?;
+                }
+            }
+        }
+        ServiceCommand::Update {
+            replicas,
+            env_add,
+            force,
+            detach,
+            service,
+        } => {
+            let ControlResponse::Service(view) = control(
+                client,
+                ControlRequest::ServiceUpdate {
+                    service,
+                    replicas,
+                    env_add,
+                    force,
+                },
+            )
+            .await?
+            else {
+                bail!("unexpected answer");
+            };
+            println!("{}", view.name);
+            if !detach {
+                wait_converged(client, &view.id).await?;
+            }
+        }
+        ServiceCommand::Rm { services } => {
+            for service in services {
+                control(
+                    client,
+                    ControlRequest::ServiceRemove {
+                        service: service.clone(),
+                    },
+                )
+                .await?;
+                println!("{service}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Docker-like progress until every task of the current spec runs.
+async fn wait_converged(client: &Client, service: &str) -> Result<()> {
+    const LIMIT: Duration = Duration::from_secs(120);
+    let started = Instant::now();
+    let mut last = None;
+    loop {
+        let ControlResponse::Service(view) = control(
+            client,
+            ControlRequest::ServiceInspect {
+                service: service.to_owned(),
+            },
+        )
+        .await?
+        else {
+            bail!("unexpected answer");
+        };
+        let ControlResponse::Tasks(tasks) = control(
+            client,
+            ControlRequest::ServiceTasks {
+                service: service.to_owned(),
+            },
+        )
+        .await?
+        else {
+            bail!("unexpected answer");
+        };
+        let current: Vec<&TaskView> = tasks
+            .iter()
+            .filter(|t| t.desired == TaskState::Running)
+            .collect();
+        let running = current
+            .iter()
+            .filter(|t| t.state == TaskState::Running)
+            .count() as u64;
+        let stale = tasks.iter().any(|t| {
+            t.desired != TaskState::Running && !t.state.is_terminal() && !t.node.is_empty()
+        });
+        let progress = (running, view.desired);
+        if last != Some(progress) {
+            println!("overall progress: {running} out of {} tasks", view.desired);
+            last = Some(progress);
+        }
+        if running == view.desired && current.len() as u64 == view.desired && !stale {
+            println!("verify: Service converged");
+            return Ok(());
+        }
+        if started.elapsed() > LIMIT {
+            let errors: Vec<String> = tasks
+                .iter()
+                .filter(|t| !t.error.is_empty() || t.message == "no suitable node")
+                .map(|t| {
+                    format!(
+                        "{}: {}",
+                        t.name,
+                        if t.error.is_empty() {
+                            &t.message
+                        } else {
+                            &t.error
+                        }
+                    )
+                })
+                .collect();
+            bail!(
+                "service {} did not converge within {LIMIT:?} ({running}/{} running){}",
+                view.name,
+                view.desired,
+                if errors.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", errors.join("; "))
+                }
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// `shoal task exec TASK -- CMD`: runs CMD in the task's namespaces on this node.
+pub async fn task_exec(client: &Client, task: &str, command: &[String]) -> Result<ExitCode> {
+    let pid: u32 = client.get(&format!("/v1/tasks/{task}/pid")).await?;
+    let status = std::process::Command::new("nsenter")
+        .args([
+            "--target",
+            &pid.to_string(),
+            "--pid",
+            "--net",
+            "--uts",
+            "--mount",
+            "--",
+        ])
+        .args(command)
+        .status()
+        .context("running nsenter (util-linux)")?;
+    Ok(match status.code() {
+        Some(code) => ExitCode::from(code as u8),
+        None => ExitCode::FAILURE,
+    })
+}
+
+/// `shoal whoami`: answers HTTP requests with who it is and who asked; echoes other TCP.
+pub fn whoami(listen: &str) -> Result<()> {
+    let listener = TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
+    eprintln!("whoami listening on {}", listener.local_addr()?);
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        std::thread::spawn(move || {
+            let _ = whoami_connection(stream);
+        });
+    }
+    Ok(())
+}
+
+fn whoami_connection(mut stream: TcpStream) -> Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut buf = vec![0u8; 8192];
+    let n = stream.read(&mut buf)?;
+    let request = &buf[..n];
+    let methods: [&[u8]; 5] = [b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE "];
+    if !methods.iter().any(|m| request.starts_with(m)) {
+        // TCP echo, bounded by the read timeout.
+        stream.write_all(request)?;
+        loop {
+            let n = stream.read(&mut buf)?;
+            if n == 0 {
+                return Ok(());
+            }
+            stream.write_all(&buf[..n])?;
+        }
+    }
+    let hostname = nix::unistd::gethostname()?.to_string_lossy().into_owned();
+    let mut body = format!("Hostname: {hostname}\n");
+    if let Ok(task) = std::env::var("SHOAL_TASK_NAME") {
+        body.push_str(&format!("Task: {task}\n"));
+    }
+    for ifa in nix::ifaddrs::getifaddrs()? {
+        if let Some(v4) = ifa.address.as_ref().and_then(|a| a.as_sockaddr_in()) {
+            body.push_str(&format!("IP: {}\n", v4.ip()));
+        }
+    }
+    body.push_str(&format!("RemoteAddr: {}\n", stream.peer_addr()?));
+    let first_line = String::from_utf8_lossy(request)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    body.push_str(&format!("Request: {first_line}\n"));
+    write!(
+        stream,
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    Ok(())
+}
+
+fn parse_duration_secs(text: &str) -> Result<u64> {
+    let text = text.trim();
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let n: u64 = number
+        .parse()
+        .with_context(|| format!("duration {text:?}: expected e.g. 10s, 1m, 500ms"))?;
+    Ok(match unit {
+        "" | "s" => n,
+        "ms" => n.div_ceil(1000),
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => bail!("duration {text:?}: unit must be ms, s, m or h"),
+    })
+}
+
+fn status_label(status: NodeStatus) -> &'static str {
+    match status {
+        NodeStatus::Ready => "Ready",
+        NodeStatus::Down => "Down",
+    }
+}
+
+fn availability_label(availability: Availability) -> &'static str {
+    match availability {
+        Availability::Active => "Active",
+        Availability::Pause => "Pause",
+        Availability::Drain => "Drain",
+    }
+}
+
+fn mode_label(mode: &ServiceMode) -> &'static str {
+    match mode {
+        ServiceMode::Replicated { .. } => "replicated",
+        ServiceMode::Global => "global",
+    }
+}
+
+/// "3 minutes ago", as Docker words it.
+fn ago(at: u64) -> String {
+    let secs = now().saturating_sub(at);
+    match secs {
+        0..=1 => "Less than a second ago".into(),
+        2..=59 => format!("{secs} seconds ago"),
+        60..=119 => "About a minute ago".into(),
+        120..=3599 => format!("{} minutes ago", secs / 60),
+        3600..=7199 => "About an hour ago".into(),
+        7200..=172_799 => format!("{} hours ago", secs / 3600),
+        _ => format!("{} days ago", secs / 86_400),
+    }
+}
+
+fn render_nodes(nodes: &[NodeView], me: &str) -> String {
+    let mut rows: Vec<[String; 5]> = nodes
+        .iter()
+        .map(|n| {
+            [
+                if n.id == me {
+                    format!("{} *", n.id)
+                } else {
+                    n.id.clone()
+                },
+                n.hostname.clone(),
+                status_label(n.status).into(),
+                availability_label(n.availability).into(),
+                n.manager_status.clone(),
+            ]
+        })
+        .collect();
+    rows.sort_by(|a, b| a[1].cmp(&b[1]));
+    table(
+        ["ID", "HOSTNAME", "STATUS", "AVAILABILITY", "MANAGER STATUS"],
+        &rows,
+    )
+}
+
+fn render_services(services: &[ServiceView]) -> String {
+    let rows: Vec<[String; 6]> = services
+        .iter()
+        .map(|s| {
+            [
+                s.id[..12.min(s.id.len())].to_owned(),
+                s.name.clone(),
+                mode_label(&s.mode).into(),
+                format!("{}/{}", s.running, s.desired),
+                s.command.join(" "),
+                String::new(),
+            ]
+        })
+        .collect();
+    table(
+        ["ID", "NAME", "MODE", "REPLICAS", "COMMAND", "PORTS"],
+        &rows,
+    )
+}
+
+fn print_tasks(tasks: &[TaskView], format: Format) {
+    match format {
+        Format::Json => print!("{}", json(&tasks)),
+        Format::Table => print!("{}", render_tasks(tasks)),
+    }
+}
+
+fn render_tasks(tasks: &[TaskView]) -> String {
+    // Tasks come grouped by slot, newest first: the first of a slot is its current task.
+    let mut seen = BTreeMap::new();
+    let rows: Vec<[String; 7]> = tasks
+        .iter()
+        .map(|t| {
+            let history = seen
+                .insert((t.service.clone(), t.slot, t.node_id.clone()), ())
+                .is_some();
+            let state = if t.state == TaskState::Pending && t.node.is_empty() {
+                format!("Pending {}", ago(t.state_since).to_lowercase())
+            } else {
+                format!("{} {}", t.state.label(), ago(t.state_since).to_lowercase())
+            };
+            [
+                t.id[..12.min(t.id.len())].to_owned(),
+                if history {
+                    format!(" \\_ {}", t.name)
+                } else {
+                    t.name.clone()
+                },
+                t.node.clone(),
+                t.desired.label().into(),
+                state,
+                if t.error.is_empty() && t.message == "no suitable node" {
+                    "no suitable node".into()
+                } else {
+                    t.error.clone()
+                },
+                String::new(),
+            ]
+        })
+        .collect();
+    table(
+        [
+            "ID",
+            "NAME",
+            "NODE",
+            "DESIRED STATE",
+            "CURRENT STATE",
+            "ERROR",
+            "PORTS",
+        ],
+        &rows,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_secs("10s").unwrap(), 10);
+        assert_eq!(parse_duration_secs("2m").unwrap(), 120);
+        assert_eq!(parse_duration_secs("1500ms").unwrap(), 2);
+        assert_eq!(parse_duration_secs("7").unwrap(), 7);
+        assert!(parse_duration_secs("ten").is_err());
+        assert!(parse_duration_secs("5d").is_err());
+    }
+}
