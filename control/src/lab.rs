@@ -51,6 +51,8 @@ pub struct Member {
     pub socket: Option<PathBuf>,
     pub agent_pid: Option<u32>,
     pub agent_up: bool,
+    /// manager or worker, once the node is in the swarm.
+    pub role: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -404,10 +406,15 @@ impl Lab {
         let mut members = Vec::new();
         for node in (1..=nodes).map(node_name) {
             let socket = self.socket(&node);
-            let agent_up = runtime
+            let info = runtime
                 .block_on(Client::new(socket.clone()).get::<AgentInfo>("/v1/info"))
-                .is_ok();
+                .ok();
+            let agent_up = info.is_some();
+            let role = info
+                .and_then(|i| i.swarm)
+                .map(|s| if s.manager { "manager" } else { "worker" }.to_owned());
             members.push(Member {
+                role,
                 address: underlay_address(&node)?,
                 netns: self.netns(&node),
                 socket: Some(socket),
@@ -423,6 +430,7 @@ impl Lab {
             socket: None,
             agent_pid: None,
             agent_up: false,
+            role: None,
         });
         Ok(members)
     }

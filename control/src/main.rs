@@ -376,7 +376,7 @@ fn render_dataplane(status: &DataplaneStatus) -> String {
 }
 
 fn render_lab(members: &[lab::Member]) -> String {
-    let rows: Vec<[String; 4]> = members
+    let rows: Vec<[String; 5]> = members
         .iter()
         .map(|m| {
             let agent = match (m.socket.is_some(), m.agent_up, m.agent_pid) {
@@ -385,8 +385,15 @@ fn render_lab(members: &[lab::Member]) -> String {
                 (true, true, None) => "up".to_owned(),
                 (true, false, _) => "DOWN".to_owned(),
             };
-            [m.name.clone(), m.address.clone(), agent, m.netns.clone()]
+            let role = m.role.clone().unwrap_or_else(|| "-".to_owned());
+            [
+                m.name.clone(),
+                m.address.clone(),
+                role,
+                agent,
+                m.netns.clone(),
+            ]
         })
         .collect();
-    table(["NAME", "ADDRESS", "AGENT", "NAMESPACE"], &rows)
+    table(["NAME", "ADDRESS", "ROLE", "AGENT", "NAMESPACE"], &rows)
 }

@@ -31,6 +31,8 @@ pub const NODE_DOWN_AFTER: Duration = Duration::from_secs(5);
 /// Writes that cannot reach a quorum fail after this long instead of hanging.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 const LEADER_LOOP_PERIOD: Duration = Duration::from_millis(500);
+/// How long a follower keeps trying to reach a leader for a request.
+const FORWARD_PATIENCE: Duration = Duration::from_secs(4);
 
 pub fn now() -> u64 {
     SystemTime::now()
@@ -112,32 +114,47 @@ impl Manager {
             (Some(_), None) => bail!("only managers may forward requests"),
             (None, peer) => peer.clone(),
         };
-        if self.is_leader() {
-            return self.handle(caller, envelope.request).await;
+        // Elections and membership changes leave short windows without a reachable leader:
+        // retry for a few seconds before giving up.
+        let deadline = Instant::now() + FORWARD_PATIENCE;
+        loop {
+            if self.is_leader() {
+                return self.handle(caller, envelope.request).await;
+            }
+            let attempt = match self.leader_member() {
+                Some(member) => {
+                    let forwarded = Envelope {
+                        origin: caller.clone(),
+                        request: envelope.request.clone(),
+                    };
+                    self.client
+                        .post(
+                            &member.addr,
+                            "/cluster",
+                            &forwarded,
+                            Duration::from_secs(10),
+                        )
+                        .await
+                        .context("forwarding to the leader")
+                }
+                None => Err(anyhow!(NO_LEADER)),
+            };
+            match attempt {
+                Ok(answer) => return Ok(answer),
+                Err(err) if Instant::now() >= deadline => return Err(err),
+                Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+            }
         }
-        let leader = self.leader_id().ok_or_else(|| anyhow!(NO_LEADER))?;
-        let member = self
-            .raft
-            .metrics()
-            .borrow()
+    }
+
+    fn leader_member(&self) -> Option<Member> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let leader = metrics.current_leader?;
+        metrics
             .membership_config
             .membership()
             .get_node(&leader)
             .cloned()
-            .ok_or_else(|| anyhow!(NO_LEADER))?;
-        let forwarded = Envelope {
-            origin: caller,
-            request: envelope.request,
-        };
-        self.client
-            .post(
-                &member.addr,
-                "/cluster",
-                &forwarded,
-                Duration::from_secs(10),
-            )
-            .await
-            .context("forwarding to the leader")
     }
 
     /// A request from this manager's own CLI clients.
@@ -295,10 +312,10 @@ impl Manager {
             .tasks
             .values()
             .filter(|t| t.node_id.as_deref() == Some(caller) && !t.state.is_terminal())
-            .filter_map(|t| {
+            .map(|t| {
                 let service = state.services.get(&t.service_id);
                 let spec = service.map(|s| &s.spec);
-                Some(Assignment {
+                Assignment {
                     task_id: t.id.clone(),
                     name: task_name(&state, t),
                     // Tasks of a removed service are only ever stopped.
@@ -309,7 +326,7 @@ impl Manager {
                     },
                     command: spec.map(|s| s.command.clone()).unwrap_or_default(),
                     env: spec.map(|s| s.env.clone()).unwrap_or_default(),
-                })
+                }
             })
             .collect();
         Ok(HeartbeatResponse {
@@ -570,10 +587,19 @@ impl Manager {
     }
 
     fn node_view(&self, node: &Node) -> NodeView {
+        let voter = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|id| id == node.raft_id);
         let manager_status = match node.role {
             Role::Worker => String::new(),
             Role::Manager if Some(node.raft_id) == self.leader_id() => "Leader".into(),
-            Role::Manager if node.status == NodeStatus::Ready => "Reachable".into(),
+            // Reachable: a voting member of Raft whose agent heartbeats.
+            Role::Manager if voter && node.status == NodeStatus::Ready => "Reachable".into(),
             Role::Manager => "Unavailable".into(),
         };
         NodeView {

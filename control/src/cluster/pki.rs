@@ -197,13 +197,6 @@ pub struct JoinToken {
 }
 
 impl JoinToken {
-    pub fn new(ca_digest: &str) -> Self {
-        Self {
-            ca_digest: ca_digest.to_owned(),
-            secret: random_id(25),
-        }
-    }
-
     pub fn parse(text: &str) -> Result<Self> {
         let rest = text
             .trim()
@@ -246,7 +239,10 @@ mod tests {
     #[test]
     fn token_round_trip_and_rejections() {
         let ca = RootCa::generate().unwrap();
-        let token = JoinToken::new(&ca.digest().unwrap());
+        let token = JoinToken {
+            ca_digest: ca.digest().unwrap(),
+            secret: random_id(25),
+        };
         let text = token.to_string();
         assert!(text.starts_with("SWMTKN-1-"));
         assert_eq!(text.len(), "SWMTKN-1-".len() + 50 + 1 + 25);

@@ -220,11 +220,14 @@ pub async fn serve(listener: TcpListener, tls: Arc<ServerConfig>, router: Router
     }
 }
 
+/// Idle HTTP/1 connections, by peer address.
+type Pool = HashMap<String, Vec<SendRequest<Full<Bytes>>>>;
+
 /// A client with a small pool of HTTP/1 connections per peer.
 #[derive(Clone)]
 pub struct ClusterClient {
     connector: TlsConnector,
-    idle: Arc<Mutex<HashMap<String, Vec<SendRequest<Full<Bytes>>>>>>,
+    idle: Arc<Mutex<Pool>>,
 }
 
 impl ClusterClient {

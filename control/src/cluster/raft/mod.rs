@@ -1,6 +1,9 @@
 //! Managers' consensus: openraft 0.9 with the log and the state machine in one redb file
 //! per manager, and RPCs carried by the cluster's mutual-TLS transport.
 
+// openraft's storage traits return its (large) StorageError by value; our helpers follow them.
+#![allow(clippy::result_large_err)]
+
 mod log_store;
 mod network;
 mod state_machine;

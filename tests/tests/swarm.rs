@@ -1,0 +1,464 @@
+//! The Swarm walkthroughs in the lab: init and join, services that scale, heal and drain,
+//! managers that survive losing their leader, and tokens that protect the cluster.
+//! Needs root.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::PathBuf,
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use shoal_tests::TestLab;
+
+/// Polls `check` every 200 ms until it returns Some, or panics after `limit`.
+fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `shoal ARGS --format json` on a node, or None if it fails.
+fn try_json(lab: &TestLab, node: &str, command: &[&str]) -> Option<Value> {
+    let mut args = vec!["exec", node, "--", "shoal"];
+    args.extend_from_slice(command);
+    args.extend_from_slice(&["--format", "json"]);
+    let out = lab.run(&args);
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).expect("JSON"))
+}
+
+/// Running tasks of a service per node hostname.
+fn running_per_node(lab: &TestLab, service: &str) -> BTreeMap<String, usize> {
+    let tasks = lab.node_json("node1", &["service", "ps", service]);
+    let mut per = BTreeMap::new();
+    for task in tasks.as_array().unwrap() {
+        if task["desired"] == "running" && task["state"] == "running" {
+            *per.entry(task["node"].as_str().unwrap().to_owned())
+                .or_default() += 1;
+        }
+    }
+    per
+}
+
+fn cgroup_root() -> PathBuf {
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .find(|l| l.contains(" - cgroup2 "))
+        .and_then(|l| l.split_whitespace().nth(4).map(PathBuf::from))
+        .unwrap()
+}
+
+/// Task process IDs (every process in every task cgroup) of one node of the lab.
+fn task_pids(lab: &TestLab, node: &str) -> Vec<u32> {
+    let dir = cgroup_root().join(format!("shoal-{}/{node}/tasks", lab.name));
+    let mut pids = Vec::new();
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_type().unwrap().is_dir() {
+            let procs = fs::read_to_string(entry.path().join("cgroup.procs")).unwrap_or_default();
+            pids.extend(procs.lines().filter_map(|l| l.parse::<u32>().ok()));
+        }
+    }
+    pids
+}
+
+#[test]
+fn walkthrough_scale_heal_drain_and_remove() {
+    let lab = TestLab::up("sw-walk", 3);
+
+    // node ls: one leader, two ready and active workers, this node starred.
+    let nodes = lab.node_json("node1", &["node", "ls"]);
+    let nodes = nodes.as_array().unwrap();
+    assert_eq!(nodes.len(), 3);
+    let leaders: Vec<&Value> = nodes
+        .iter()
+        .filter(|n| n["manager_status"] == "Leader")
+        .collect();
+    assert_eq!(leaders.len(), 1);
+    assert_eq!(leaders[0]["hostname"], "node1");
+    for node in nodes.iter().filter(|n| n["hostname"] != "node1") {
+        assert_eq!(
+            (node["status"].as_str(), node["availability"].as_str()),
+            (Some("ready"), Some("active"))
+        );
+        assert_eq!(node["role"], "worker");
+    }
+    let table = lab.exec("node1", &["shoal", "node", "ls"]);
+    assert!(
+        table.starts_with("ID   ") && table.contains("MANAGER STATUS"),
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains(" * ") && l.contains("node1")),
+        "{table}"
+    );
+
+    // A worker refuses manager commands and says how to fix it.
+    let out = lab.run(&["exec", "node2", "--", "shoal", "node", "ls"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("this node is not a swarm manager"));
+
+    // Malformed specs are refused before anything is made.
+    for (args, message) in [
+        (
+            &["--name", "bad/name", "--", "true"][..],
+            "invalid service name",
+        ),
+        (
+            &["--name", "c", "--constraint", "node.id==x", "--", "true"],
+            "only node.labels",
+        ),
+        (
+            &["--name", "e", "--env", "NOVALUE", "--", "true"],
+            "is not KEY=VALUE",
+        ),
+    ] {
+        let mut full = vec!["exec", "node1", "--", "shoal", "service", "create"];
+        full.extend_from_slice(args);
+        let out = lab.run(&full);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(message),
+            "{args:?}: {out:?}"
+        );
+    }
+
+    let created = lab.exec(
+        "node1",
+        &[
+            "shoal",
+            "service",
+            "create",
+            "--name",
+            "web",
+            "--replicas",
+            "1",
+            "--",
+            "shoal",
+            "whoami",
+            "--listen",
+            "0.0.0.0:8080",
+        ],
+    );
+    assert!(created.contains("verify: Service converged"), "{created}");
+    let scaled = lab.exec("node1", &["shoal", "service", "scale", "web=5"]);
+    assert!(
+        scaled.contains("overall progress: 5 out of 5 tasks"),
+        "{scaled}"
+    );
+    let mut spread: Vec<usize> = running_per_node(&lab, "web").into_values().collect();
+    spread.sort();
+    assert_eq!(spread, [1, 2, 2], "fewest tasks of the service first");
+
+    // A task is a process tree in its own namespaces: hostname is its name.
+    let tasks = lab.node_json("node1", &["node", "ps", "node1"]);
+    let mine = tasks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["desired"] == "running")
+        .expect("a task on node1")
+        .clone();
+    let full_name = format!(
+        "{}.{}",
+        mine["name"].as_str().unwrap(),
+        mine["id"].as_str().unwrap()
+    );
+    let hostname = lab.exec(
+        "node1",
+        &["shoal", "task", "exec", &full_name, "--", "hostname"],
+    );
+    assert_eq!(hostname.trim(), full_name);
+    let resolv = lab.exec(
+        "node1",
+        &[
+            "shoal",
+            "task",
+            "exec",
+            &full_name,
+            "--",
+            "cat",
+            "/etc/resolv.conf",
+        ],
+    );
+    assert!(resolv.contains("nameserver 127.0.0.11"), "{resolv}");
+
+    // Kill a task's process: it comes back, with the dead one kept as history.
+    let victim = *task_pids(&lab, "node1").last().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(victim as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_for(
+        "the killed task to be replaced",
+        Duration::from_secs(20),
+        || {
+            let tasks = lab.node_json("node1", &["service", "ps", "web"]);
+            let tasks = tasks.as_array().unwrap();
+            let failed = tasks
+                .iter()
+                .any(|t| t["state"] == "failed" && t["error"] == "task: non-zero exit (137)");
+            let running = tasks
+                .iter()
+                .filter(|t| t["desired"] == "running" && t["state"] == "running")
+                .count();
+            (failed && running == 5).then_some(())
+        },
+    );
+    let ps = lab.exec("node1", &["shoal", "service", "ps", "web"]);
+    assert!(ps.contains(" \\_ web."), "history row shown: {ps}");
+
+    // Drain node2: its tasks move and it runs none.
+    lab.exec(
+        "node1",
+        &[
+            "shoal",
+            "node",
+            "update",
+            "--availability",
+            "drain",
+            "node2",
+        ],
+    );
+    wait_for("node2 to run nothing", Duration::from_secs(30), || {
+        let per = running_per_node(&lab, "web");
+        (!per.contains_key("node2")
+            && per.values().sum::<usize>() == 5
+            && task_pids(&lab, "node2").is_empty())
+        .then_some(())
+    });
+
+    lab.exec("node1", &["shoal", "service", "scale", "web=3"]);
+    assert_eq!(running_per_node(&lab, "web").values().sum::<usize>(), 3);
+    let ls = lab.node_json("node1", &["service", "ls"]);
+    assert_eq!(
+        (ls[0]["running"].as_u64(), ls[0]["desired"].as_u64()),
+        (Some(3), Some(3))
+    );
+
+    lab.exec("node1", &["shoal", "service", "rm", "web"]);
+    wait_for(
+        "no task process on any node",
+        Duration::from_secs(20),
+        || {
+            ["node1", "node2", "node3"]
+                .iter()
+                .all(|n| task_pids(&lab, n).is_empty())
+                .then_some(())
+        },
+    );
+    assert_eq!(
+        lab.node_json("node1", &["service", "ls"]),
+        serde_json::json!([])
+    );
+    lab.down_clean();
+}
+
+#[test]
+fn three_managers_survive_losing_the_leader() {
+    let lab = TestLab::named("sw-raft");
+    shoal_tests::require_root();
+    lab.run(&["down"]);
+    lab.ok(&["up", "--nodes", "3", "--managers", "3"]);
+    let statuses = |node: &str| -> Option<BTreeMap<String, String>> {
+        let nodes = try_json(&lab, node, &["node", "ls"])?;
+        Some(
+            nodes
+                .as_array()?
+                .iter()
+                .map(|n| {
+                    (
+                        n["hostname"].as_str().unwrap().to_owned(),
+                        n["manager_status"].as_str().unwrap().to_owned(),
+                    )
+                })
+                .collect(),
+        )
+    };
+    wait_for("three voting managers", Duration::from_secs(20), || {
+        let s = statuses("node1")?;
+        (s.values().filter(|v| *v == "Leader").count() == 1
+            && s.values().filter(|v| *v == "Reachable").count() == 2)
+            .then_some(())
+    });
+    lab.exec(
+        "node1",
+        &[
+            "shoal",
+            "service",
+            "create",
+            "--name",
+            "keep",
+            "--replicas",
+            "3",
+            "--",
+            "sleep",
+            "100000",
+        ],
+    );
+
+    // kill -9 the leader's agent: a new leader answers within 10 s, nothing lost.
+    let killed = Instant::now();
+    lab.ok(&["stop", "node1", "--kill"]);
+    let new_leader = wait_for("a new leader", Duration::from_secs(10), || {
+        let s = statuses("node2")?;
+        s.iter()
+            .find(|(_, v)| *v == "Leader")
+            .map(|(k, _)| k.clone())
+    });
+    assert_ne!(new_leader, "node1");
+    eprintln!("new leader {new_leader} after {:?}", killed.elapsed());
+    let services = lab.node_json("node2", &["service", "ls"]);
+    assert_eq!(
+        services[0]["name"], "keep",
+        "the service survived: {services}"
+    );
+
+    // The old leader comes back as a reachable follower.
+    lab.ok(&["start", "node1"]);
+    wait_for("node1 reachable again", Duration::from_secs(20), || {
+        let s = statuses("node2")?;
+        (s.get("node1").map(String::as_str) == Some("Reachable")).then_some(())
+    });
+
+    // Lose the quorum: commands fail fast and clearly, tasks keep running.
+    let before = ["node1", "node2", "node3"]
+        .iter()
+        .map(|n| task_pids(&lab, n).len())
+        .sum::<usize>();
+    assert!(before > 0);
+    let survivor = if new_leader == "node3" {
+        "node2"
+    } else {
+        "node3"
+    };
+    for node in ["node1", "node2", "node3"]
+        .iter()
+        .filter(|n| **n != survivor)
+    {
+        lab.ok(&["stop", node, "--kill"]);
+    }
+    let asked = Instant::now();
+    let out = lab.run(&[
+        "exec", survivor, "--", "shoal", "service", "scale", "keep=4", "--detach",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        asked.elapsed() < Duration::from_secs(15),
+        "fails fast, took {:?}",
+        asked.elapsed()
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("does not have a leader"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = ["node1", "node2", "node3"]
+        .iter()
+        .map(|n| task_pids(&lab, n).len())
+        .sum::<usize>();
+    assert_eq!(before, after, "tasks keep running without a quorum");
+    lab.down_clean();
+}
+
+#[test]
+fn join_tokens_protect_the_swarm() {
+    let lab = TestLab::up("sw-trust", 3);
+    let token = |role: &str| {
+        lab.exec("node1", &["shoal", "swarm", "join-token", "-q", role])
+            .trim()
+            .to_owned()
+    };
+    let (worker, manager) = (token("worker"), token("manager"));
+    assert!(worker.starts_with("SWMTKN-1-") && manager.starts_with("SWMTKN-1-"));
+    assert_ne!(worker, manager);
+    assert_eq!(
+        worker[..59],
+        manager[..59],
+        "same CA digest, different secrets"
+    );
+
+    // node3 leaves, then tries to come back with bad tokens.
+    lab.exec("node3", &["shoal", "swarm", "leave"]);
+    let join = |token: &str| {
+        lab.run(&[
+            "exec",
+            "node3",
+            "--",
+            "shoal",
+            "swarm",
+            "join",
+            "--token",
+            token,
+            "192.168.77.11:2377",
+        ])
+    };
+    let refused = |token: &str, message: &str| {
+        let out = join(token);
+        assert!(!out.status.success(), "{token} must be refused");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(message), "{token}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    };
+    refused("SWMTKN-1-nonsense", "invalid join token");
+    let wrong_ca = format!("SWMTKN-1-{}{}", "0".repeat(50), &worker[59..]);
+    refused(&wrong_ca, "does not match the join token");
+    let wrong_secret = format!("{}{}", &worker[..60], "0".repeat(25));
+    refused(&wrong_secret, "invalid join token");
+
+    // Rotation: the old worker token stops working at once.
+    lab.exec(
+        "node1",
+        &["shoal", "swarm", "join-token", "--rotate", "worker"],
+    );
+    refused(&worker, "invalid join token");
+    let fresh = token("worker");
+    assert_ne!(fresh, worker);
+
+    // The worker token makes a worker, never a manager.
+    let joined = join(&fresh);
+    assert!(joined.status.success(), "{joined:?}");
+    assert!(String::from_utf8_lossy(&joined.stdout).contains("as a worker"));
+    let out = lab.run(&["exec", "node3", "--", "shoal", "node", "ls"]);
+    assert!(!out.status.success(), "a worker cannot act as a manager");
+
+    // Leaving leaves a Down node behind on the managers; `node rm` cleans it up.
+    wait_for("the old node3 to be down", Duration::from_secs(20), || {
+        let nodes = lab.node_json("node1", &["node", "ls"]);
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["hostname"] == "node3" && n["status"] == "down")
+            .map(|n| n["id"].as_str().unwrap().to_owned())
+    });
+    let nodes = lab.node_json("node1", &["node", "ls"]);
+    let old = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["hostname"] == "node3" && n["status"] == "down")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    lab.exec("node1", &["shoal", "node", "rm", &old]);
+    let out = lab.run(&["exec", "node1", "--", "shoal", "node", "rm", "node2"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not down and can't be removed"));
+    lab.down_clean();
+}
