@@ -32,6 +32,10 @@ pub enum SwarmCommand {
         /// Address (IP[:PORT]) other nodes reach this manager on [default: the agent's]
         #[arg(long)]
         advertise_addr: Option<String>,
+        /// On a manager of a swarm that lost its quorum: continue as a one-manager swarm
+        /// with this manager's state
+        #[arg(long)]
+        force_new_cluster: bool,
     },
     /// Join a swarm as a worker or a manager, as the token says
     Join {
@@ -222,10 +226,15 @@ async fn control(client: &Client, request: ControlRequest) -> Result<ControlResp
 
 pub async fn swarm(client: &Client, command: SwarmCommand) -> Result<()> {
     match command {
-        SwarmCommand::Init { advertise_addr } => {
-            let init: InitResponse = client
-                .post("/v1/swarm/init", &InitRequest { advertise_addr })
-                .await?;
+        SwarmCommand::Init {
+            advertise_addr,
+            force_new_cluster,
+        } => {
+            let request = InitRequest {
+                advertise_addr,
+                force_new_cluster,
+            };
+            let init: InitResponse = client.post("/v1/swarm/init", &request).await?;
             println!(
                 "Swarm initialized: current node ({}) is now a manager.\n",
                 init.node_id

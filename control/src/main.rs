@@ -151,6 +151,11 @@ enum LabCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Agent { .. }) {
+        // A client piped into `head` ends quietly, as Unix tools do, instead of panicking.
+        // SAFETY: restoring a default signal disposition before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match run(cli) {
         Ok(code) => code,
         Err(err) => {

@@ -462,3 +462,135 @@ fn join_tokens_protect_the_swarm() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not down and can't be removed"));
     lab.down_clean();
 }
+
+#[test]
+fn force_new_cluster_recovers_from_a_lost_quorum() {
+    let lab = TestLab::named("sw-force");
+    shoal_tests::require_root();
+    lab.run(&["down"]);
+    lab.ok(&["up", "--nodes", "3", "--managers", "3"]);
+    lab.exec(
+        "node1",
+        &[
+            "shoal",
+            "service",
+            "create",
+            "--name",
+            "keep",
+            "--replicas",
+            "2",
+            "--",
+            "sleep",
+            "100000",
+        ],
+    );
+    lab.ok(&["stop", "node2", "--kill"]);
+    lab.ok(&["stop", "node3", "--kill"]);
+    let lost = lab.run(&[
+        "exec", "node1", "--", "shoal", "service", "scale", "keep=3", "--detach",
+    ]);
+    assert!(!lost.status.success(), "no quorum, no writes");
+
+    let out = lab.exec("node1", &["shoal", "swarm", "init", "--force-new-cluster"]);
+    assert!(out.contains("Swarm initialized"), "{out}");
+    let nodes = lab.node_json("node1", &["node", "ls"]);
+    let status: BTreeMap<&str, &str> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            (
+                n["hostname"].as_str().unwrap(),
+                n["manager_status"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(status["node1"], "Leader");
+    assert_eq!(
+        (status["node2"], status["node3"]),
+        ("Unavailable", "Unavailable")
+    );
+    let services = lab.node_json("node1", &["service", "ls"]);
+    assert_eq!(services[0]["name"], "keep", "state kept: {services}");
+    let scaled = lab.exec("node1", &["shoal", "service", "scale", "keep=3"]);
+    assert!(scaled.contains("verify: Service converged"), "{scaled}");
+    lab.down_clean();
+}
+
+#[test]
+fn a_state_dir_backup_restores_the_swarm() {
+    let lab = TestLab::up("sw-backup", 1);
+    lab.exec(
+        "node1",
+        &[
+            "shoal",
+            "service",
+            "create",
+            "--name",
+            "before",
+            "--replicas",
+            "1",
+            "--",
+            "sleep",
+            "100000",
+        ],
+    );
+    let state = lab.run_dir().join("node1/state");
+    let backup = tempfile::tempdir().unwrap();
+    lab.ok(&["stop", "node1"]);
+    let copied = std::process::Command::new("cp")
+        .args(["-a"])
+        .arg(state.join("cluster"))
+        .arg(backup.path())
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    lab.ok(&["start", "node1"]);
+    lab.exec(
+        "node1",
+        &[
+            "shoal",
+            "service",
+            "create",
+            "--name",
+            "after",
+            "--replicas",
+            "1",
+            "--",
+            "sleep",
+            "100000",
+        ],
+    );
+    assert_eq!(
+        lab.node_json("node1", &["service", "ls"])
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+
+    // Restore: stop, put the backup back, start: the swarm is as it was at backup time.
+    lab.ok(&["stop", "node1"]);
+    fs::remove_dir_all(state.join("cluster")).unwrap();
+    let restored = std::process::Command::new("cp")
+        .args(["-a"])
+        .arg(backup.path().join("cluster"))
+        .arg(&state)
+        .status()
+        .unwrap();
+    assert!(restored.success());
+    lab.ok(&["start", "node1"]);
+    let services = wait_for(
+        "the restored manager to lead",
+        Duration::from_secs(15),
+        || try_json(&lab, "node1", &["service", "ls"]),
+    );
+    let names: Vec<&str> = services
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["before"]);
+    lab.down_clean();
+}

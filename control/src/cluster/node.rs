@@ -63,6 +63,8 @@ pub struct SwarmInfo {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct InitRequest {
     pub advertise_addr: Option<String>,
+    /// Rebuild a single-manager swarm from this manager's state (after losing the quorum).
+    pub force_new_cluster: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -149,6 +151,9 @@ impl ClusterRuntime {
     }
 
     pub async fn init(&self, request: InitRequest) -> Result<InitResponse> {
+        if request.force_new_cluster {
+            return self.force_new_cluster().await;
+        }
         let mut running = self.running.write().await;
         if running.is_some() {
             bail!(
@@ -227,6 +232,77 @@ impl ClusterRuntime {
                 stop(started).await;
                 let _ = std::fs::remove_dir_all(&self.dir);
                 Err(err)
+            }
+        }
+    }
+
+    /// Keeps this manager's applied state, drops the Raft log and membership, and starts a
+    /// one-manager Raft from that state. The other managers are left out of Raft (shown
+    /// Unavailable) until they are demoted/removed or leave and join again.
+    async fn force_new_cluster(&self) -> Result<InitResponse> {
+        let mut running = self.running.write().await;
+        let current = running.take().ok_or_else(|| anyhow!(NOT_IN_SWARM))?;
+        let Some(manager) = current.manager.clone() else {
+            *running = Some(current);
+            bail!("--force-new-cluster needs a manager's state: this node is a worker");
+        };
+        let state = manager.state();
+        let membership = current.membership.clone();
+        stop(current).await;
+        drop(manager);
+        // The old log is kept beside, for the record.
+        let raft_file = self.dir.join("raft.redb");
+        let aside = self
+            .dir
+            .join(format!("raft.redb.before-force-new-cluster-{}", now()));
+        std::fs::rename(&raft_file, &aside)
+            .with_context(|| format!("moving {} aside", raft_file.display()))?;
+        let started = self.launch_retrying(membership.clone()).await?;
+        let manager = started.manager.clone().expect("a manager");
+        let result = async {
+            manager
+                .raft
+                .initialize(BTreeMap::from([(
+                    membership.raft_id,
+                    Member {
+                        addr: membership.advertise.to_string(),
+                        node_id: membership.identity.node_id.clone(),
+                    },
+                )]))
+                .await
+                .map_err(|e| anyhow!("initializing Raft: {e}"))?;
+            manager
+                .raft
+                .wait(Some(Duration::from_secs(10)))
+                .current_leader(membership.raft_id, "becoming leader")
+                .await
+                .map_err(|e| anyhow!("no leader after --force-new-cluster: {e}"))?;
+            manager.write(Command::Restore(Box::new(state))).await?;
+            manager.state().token(Role::Worker)
+        }
+        .await;
+        *running = Some(started);
+        let token = result?;
+        tracing::warn!("swarm rebuilt from this manager's state (--force-new-cluster)");
+        Ok(InitResponse {
+            node_id: membership.identity.node_id,
+            worker_token: token.to_string(),
+            advertise: membership.advertise,
+        })
+    }
+
+    /// `launch` once the previous Raft has let go of the redb file (its lock is released
+    /// when the last handle drops, shortly after shutdown).
+    async fn launch_retrying(&self, membership: Membership) -> Result<Running> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match self.launch(membership.clone()).await {
+                Ok(running) => return Ok(running),
+                Err(err) if tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(error = %format!("{err:#}"), "waiting for the old Raft to close");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(err) => return Err(err),
             }
         }
     }

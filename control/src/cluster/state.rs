@@ -273,6 +273,9 @@ pub enum Command {
     },
     /// Drops tasks (oldest history beyond the retention limit, or of removed services).
     DeleteTasks(Vec<String>),
+    /// The first entry of a cluster rebuilt by `swarm init --force-new-cluster`: the state
+    /// a surviving manager had.
+    Restore(Box<ClusterState>),
 }
 
 impl ClusterState {
@@ -294,6 +297,12 @@ impl ClusterState {
                 self.manager_secret = manager_secret;
                 self.next_raft_id = first.raft_id + 1;
                 self.nodes.insert(first.id.clone(), first);
+            }
+            Command::Restore(state) => {
+                if !self.cluster_id.is_empty() {
+                    bail!("cluster already initialized");
+                }
+                *self = *state;
             }
             Command::AddNode(node) => {
                 if self.nodes.contains_key(&node.id) {

@@ -179,10 +179,16 @@ impl ServerCertVerifier for PinnedCaVerifier {
 }
 
 /// Serves `router` over TLS on `listener`; each request carries the caller as `Peer`.
+/// Connections belong to this future: aborting it ends them all (and drops the router).
 pub async fn serve(listener: TcpListener, tls: Arc<ServerConfig>, router: Router) {
     let acceptor = TlsAcceptor::from(tls);
+    let mut connections = tokio::task::JoinSet::new();
     loop {
-        let (stream, remote) = match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            Some(_) = connections.join_next() => continue,
+        };
+        let (stream, remote) = match accepted {
             Ok(accepted) => accepted,
             Err(err) => {
                 tracing::warn!(error = %err, "accept on the manager port failed");
@@ -192,7 +198,7 @@ pub async fn serve(listener: TcpListener, tls: Arc<ServerConfig>, router: Router
         };
         let acceptor = acceptor.clone();
         let router = router.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let stream = match tokio::time::timeout(CONNECT_TIMEOUT, acceptor.accept(stream)).await
             {
                 Ok(Ok(stream)) => stream,

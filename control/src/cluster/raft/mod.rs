@@ -7,6 +7,8 @@
 mod log_store;
 mod network;
 mod state_machine;
+#[cfg(test)]
+mod tests;
 
 use std::{io::Cursor, path::Path, sync::Arc};
 
