@@ -582,22 +582,31 @@ fn is_zombie(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
-/// Every pid in a cgroup subtree.
+/// Every pid in a cgroup subtree. Cgroups may vanish while we walk (an agent removing a
+/// finished task's): those are skipped.
 fn cgroup_pids(dir: &Path) -> Result<Vec<i32>> {
     let mut pids = Vec::new();
-    if !dir.exists() {
-        return Ok(pids);
-    }
-    for line in fs::read_to_string(dir.join("cgroup.procs"))?.lines() {
-        pids.extend(line.trim().parse::<i32>().ok());
-    }
-    for entry in fs::read_dir(dir)? {
-        let entry = entry?;
+    let procs = match fs::read_to_string(dir.join("cgroup.procs")) {
+        Ok(procs) => procs,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(pids),
+        Err(err) => return Err(err).with_context(|| format!("reading {}", dir.display())),
+    };
+    pids.extend(procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+    for entry in read_dir_if_present(dir)? {
         if entry.file_type()?.is_dir() {
             pids.extend(cgroup_pids(&entry.path())?);
         }
     }
     Ok(pids)
+}
+
+/// Directory entries, or none if the directory is already gone.
+fn read_dir_if_present(dir: &Path) -> Result<Vec<fs::DirEntry>> {
+    match fs::read_dir(dir) {
+        Ok(entries) => Ok(entries.collect::<io::Result<_>>()?),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(err) => Err(err).with_context(|| format!("listing {}", dir.display())),
+    }
 }
 
 /// SIGTERM to every process in the subtree, SIGKILL to what is left after a grace period.
@@ -655,13 +664,16 @@ fn kill_processes_in(namespaces: &[String]) -> Result<usize> {
 }
 
 fn remove_cgroup_tree(dir: &Path) -> Result<()> {
-    for entry in fs::read_dir(dir)? {
-        let entry = entry?;
+    for entry in read_dir_if_present(dir)? {
         if entry.file_type()?.is_dir() {
             remove_cgroup_tree(&entry.path())?;
         }
     }
-    fs::remove_dir(dir).with_context(|| format!("removing cgroup {}", dir.display()))
+    match fs::remove_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(err) => Err(err).with_context(|| format!("removing cgroup {}", dir.display())),
+    }
 }
 
 #[cfg(test)]
