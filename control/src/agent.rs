@@ -67,12 +67,12 @@ pub fn run(config_file: Option<PathBuf>, flags: AgentSettings) -> Result<()> {
         started_at: SystemTime::now(),
         dns_upstreams: upstreams.servers.iter().map(ToString::to_string).collect(),
         dataplane: Mutex::new(dataplane),
-        cluster: ClusterRuntime::new(
+        cluster: Arc::new(ClusterRuntime::new(
             config.clone(),
             Settings {
                 down_grace_secs: config.reschedule_grace,
             },
-        ),
+        )),
         config,
     });
     tokio::runtime::Builder::new_multi_thread()

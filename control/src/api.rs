@@ -73,7 +73,7 @@ pub struct AgentState {
     pub started_at: SystemTime,
     pub dns_upstreams: Vec<String>,
     pub dataplane: Mutex<Dataplane>,
-    pub cluster: ClusterRuntime,
+    pub cluster: Arc<ClusterRuntime>,
 }
 
 pub fn router(state: Arc<AgentState>) -> Router {

@@ -594,3 +594,48 @@ fn a_state_dir_backup_restores_the_swarm() {
     assert_eq!(names, ["before"]);
     lab.down_clean();
 }
+
+#[test]
+fn promote_and_demote_change_raft_membership() {
+    let lab = TestLab::up("sw-roles", 3);
+    let manager_status = |node: &str| -> Option<String> {
+        let nodes = try_json(&lab, "node1", &["node", "ls"])?;
+        nodes
+            .as_array()?
+            .iter()
+            .find(|n| n["hostname"] == node)
+            .map(|n| n["manager_status"].as_str().unwrap().to_owned())
+    };
+    let promoted = lab.exec("node1", &["shoal", "node", "promote", "node2"]);
+    assert!(promoted.contains("promoted to a manager"), "{promoted}");
+    wait_for(
+        "node2 to be a reachable voter",
+        Duration::from_secs(20),
+        || (manager_status("node2")? == "Reachable").then_some(()),
+    );
+    // The promoted node now answers manager commands itself.
+    let nodes = wait_for("node2 to serve node ls", Duration::from_secs(10), || {
+        try_json(&lab, "node2", &["node", "ls"])
+    });
+    assert_eq!(nodes.as_array().unwrap().len(), 3);
+
+    lab.exec("node1", &["shoal", "node", "demote", "node2"]);
+    wait_for(
+        "node2 to be a worker again",
+        Duration::from_secs(20),
+        || {
+            let refused = !lab
+                .run(&["exec", "node2", "--", "shoal", "node", "ls"])
+                .status
+                .success();
+            (manager_status("node2")?.is_empty() && refused).then_some(())
+        },
+    );
+    // The last manager cannot be demoted.
+    let out = lab.run(&["exec", "node1", "--", "shoal", "node", "demote", "node1"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("last manager"),
+        "{out:?}"
+    );
+    lab.down_clean();
+}

@@ -284,9 +284,9 @@ impl Manager {
         reports: Vec<super::state::TaskReport>,
     ) -> Result<HeartbeatResponse> {
         let state = self.state();
-        if !state.nodes.contains_key(caller) {
+        let Some(role) = state.nodes.get(caller).map(|n| n.role) else {
             bail!("node {caller} is not part of this swarm (it was removed); join again");
-        }
+        };
         self.heartbeats
             .lock()
             .expect("heartbeats")
@@ -332,6 +332,7 @@ impl Manager {
         Ok(HeartbeatResponse {
             assignments,
             managers: self.manager_endpoints(),
+            role,
         })
     }
 

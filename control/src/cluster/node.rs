@@ -89,10 +89,24 @@ pub struct JoinedResponse {
 
 struct Running {
     membership: Membership,
-    manager: Option<Arc<Manager>>,
+    client: ClusterClient,
+    manager: Option<ManagerPart>,
     worker: Arc<Worker>,
     shutdown: watch::Sender<bool>,
     loops: Vec<JoinHandle<()>>,
+}
+
+/// What a node runs only while it is a manager.
+struct ManagerPart {
+    manager: Arc<Manager>,
+    shutdown: watch::Sender<bool>,
+    loops: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    fn manager(&self) -> Option<Arc<Manager>> {
+        self.manager.as_ref().map(|part| part.manager.clone())
+    }
 }
 
 pub struct ClusterRuntime {
@@ -121,7 +135,7 @@ impl ClusterRuntime {
     }
 
     /// Rejoins the swarm this node was part of before the agent restarted.
-    pub async fn resume(&self) -> Result<()> {
+    pub async fn resume(self: &Arc<Self>) -> Result<()> {
         let path = self.membership_path();
         let text = match std::fs::read_to_string(&path) {
             Ok(text) => text,
@@ -150,7 +164,7 @@ impl ClusterRuntime {
         Ok(SocketAddr::new(ip, self.config.manager_port))
     }
 
-    pub async fn init(&self, request: InitRequest) -> Result<InitResponse> {
+    pub async fn init(self: &Arc<Self>, request: InitRequest) -> Result<InitResponse> {
         if request.force_new_cluster {
             return self.force_new_cluster().await;
         }
@@ -172,7 +186,7 @@ impl ClusterRuntime {
             managers: vec![advertise.to_string()],
         };
         let started = self.launch(membership.clone()).await?;
-        let manager = started.manager.clone().expect("init makes a manager");
+        let manager = started.manager().expect("init makes a manager");
         let result = async {
             let members = BTreeMap::from([(
                 1,
@@ -239,10 +253,10 @@ impl ClusterRuntime {
     /// Keeps this manager's applied state, drops the Raft log and membership, and starts a
     /// one-manager Raft from that state. The other managers are left out of Raft (shown
     /// Unavailable) until they are demoted/removed or leave and join again.
-    async fn force_new_cluster(&self) -> Result<InitResponse> {
+    async fn force_new_cluster(self: &Arc<Self>) -> Result<InitResponse> {
         let mut running = self.running.write().await;
         let current = running.take().ok_or_else(|| anyhow!(NOT_IN_SWARM))?;
-        let Some(manager) = current.manager.clone() else {
+        let Some(manager) = current.manager() else {
             *running = Some(current);
             bail!("--force-new-cluster needs a manager's state: this node is a worker");
         };
@@ -258,7 +272,7 @@ impl ClusterRuntime {
         std::fs::rename(&raft_file, &aside)
             .with_context(|| format!("moving {} aside", raft_file.display()))?;
         let started = self.launch_retrying(membership.clone()).await?;
-        let manager = started.manager.clone().expect("a manager");
+        let manager = started.manager().expect("a manager");
         let result = async {
             manager
                 .raft
@@ -293,7 +307,7 @@ impl ClusterRuntime {
 
     /// `launch` once the previous Raft has let go of the redb file (its lock is released
     /// when the last handle drops, shortly after shutdown).
-    async fn launch_retrying(&self, membership: Membership) -> Result<Running> {
+    async fn launch_retrying(self: &Arc<Self>, membership: Membership) -> Result<Running> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
             match self.launch(membership.clone()).await {
@@ -307,7 +321,7 @@ impl ClusterRuntime {
         }
     }
 
-    pub async fn join(&self, args: JoinArgs) -> Result<JoinedResponse> {
+    pub async fn join(self: &Arc<Self>, args: JoinArgs) -> Result<JoinedResponse> {
         let mut running = self.running.write().await;
         if running.is_some() {
             bail!(
@@ -404,47 +418,11 @@ impl ClusterRuntime {
         Ok(())
     }
 
-    async fn launch(&self, membership: Membership) -> Result<Running> {
+    async fn launch(self: &Arc<Self>, membership: Membership) -> Result<Running> {
         std::fs::create_dir_all(&self.dir)?;
         let client = ClusterClient::new(transport::member_client_config(&membership.identity)?);
-        let (shutdown, watch_shutdown) = watch::channel(false);
-        let mut loops = Vec::new();
         let manager = if membership.manager {
-            let (raft, sm) = raft::start(
-                membership.raft_id,
-                &self.dir.join("raft.redb"),
-                Arc::new(RaftTransport(client.clone())),
-            )
-            .await?;
-            let manager = Arc::new(Manager::new(
-                raft,
-                sm,
-                membership.raft_id,
-                membership.identity.node_id.clone(),
-                client.clone(),
-                self.settings,
-            ));
-            let listen = SocketAddr::new(
-                if membership.advertise.is_ipv4() {
-                    IpAddr::from([0, 0, 0, 0])
-                } else {
-                    IpAddr::from([0u16; 8])
-                },
-                membership.advertise.port(),
-            );
-            let listener = tokio::net::TcpListener::bind(listen)
-                .await
-                .with_context(|| format!("listening on {listen} (manager port)"))?;
-            let tls = transport::server_config(&membership.identity)?;
-            loops.push(tokio::spawn(transport::serve(
-                listener,
-                tls,
-                manager_router(manager.clone()),
-            )));
-            loops.push(tokio::spawn(
-                manager.clone().run_leader_loop(watch_shutdown.clone()),
-            ));
-            Some(manager)
+            Some(self.start_manager(&membership, &client).await?)
         } else {
             None
         };
@@ -453,15 +431,119 @@ impl ClusterRuntime {
             &self.config.state_dir,
             std::env::current_exe()?,
         )?;
-        let worker = Arc::new(Worker::new(runtime, client, membership.managers.clone())?);
-        loops.push(tokio::spawn(worker.clone().run(watch_shutdown)));
+        let (roles, mut role_changes) = tokio::sync::mpsc::unbounded_channel();
+        let role = if membership.manager {
+            Role::Manager
+        } else {
+            Role::Worker
+        };
+        let worker = Arc::new(Worker::new(
+            runtime,
+            client.clone(),
+            membership.managers.clone(),
+            role,
+            roles,
+        )?);
+        let (shutdown, watch_shutdown) = watch::channel(false);
+        let this = Arc::downgrade(self);
+        let loops = vec![
+            tokio::spawn(worker.clone().run(watch_shutdown)),
+            // Promotion and demotion reach a node through its heartbeats.
+            tokio::spawn(async move {
+                while let Some(role) = role_changes.recv().await {
+                    let Some(runtime) = this.upgrade() else {
+                        return;
+                    };
+                    if let Err(err) = runtime.apply_role(role).await {
+                        tracing::error!(%role, error = %format!("{err:#}"), "changing role failed");
+                    }
+                }
+            }),
+        ];
         Ok(Running {
             membership,
+            client,
             manager,
             worker,
             shutdown,
             loops,
         })
+    }
+
+    /// Raft member, manager API server on 2377 and leader loop.
+    async fn start_manager(
+        &self,
+        membership: &Membership,
+        client: &ClusterClient,
+    ) -> Result<ManagerPart> {
+        let (raft, sm) = raft::start(
+            membership.raft_id,
+            &self.dir.join("raft.redb"),
+            Arc::new(RaftTransport(client.clone())),
+        )
+        .await?;
+        let manager = Arc::new(Manager::new(
+            raft,
+            sm,
+            membership.raft_id,
+            membership.identity.node_id.clone(),
+            client.clone(),
+            self.settings,
+        ));
+        let any = if membership.advertise.is_ipv4() {
+            IpAddr::from([0, 0, 0, 0])
+        } else {
+            IpAddr::from([0u16; 8])
+        };
+        let listen = SocketAddr::new(any, membership.advertise.port());
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("listening on {listen} (manager port)"))?;
+        let tls = transport::server_config(&membership.identity)?;
+        let (shutdown, watch_shutdown) = watch::channel(false);
+        let loops = vec![
+            tokio::spawn(transport::serve(
+                listener,
+                tls,
+                manager_router(manager.clone()),
+            )),
+            tokio::spawn(manager.clone().run_leader_loop(watch_shutdown)),
+        ];
+        Ok(ManagerPart {
+            manager,
+            shutdown,
+            loops,
+        })
+    }
+
+    /// Starts or stops this node's manager part after a promotion or demotion.
+    async fn apply_role(&self, role: Role) -> Result<()> {
+        let mut running = self.running.write().await;
+        let Some(current) = running.as_mut() else {
+            return Ok(());
+        };
+        match (role, current.manager.is_some()) {
+            (Role::Manager, false) => {
+                current.manager = Some(
+                    self.start_manager(&current.membership, &current.client)
+                        .await?,
+                );
+                tracing::info!("promoted: now a manager");
+            }
+            (Role::Worker, true) => {
+                if let Some(part) = current.manager.take() {
+                    stop_manager(part).await;
+                }
+                // A later promotion starts from an empty log.
+                let raft_file = self.dir.join("raft.redb");
+                std::fs::remove_file(&raft_file)
+                    .with_context(|| format!("removing {}", raft_file.display()))?;
+                tracing::info!("demoted: now a worker");
+            }
+            _ => return Ok(()),
+        }
+        current.membership.manager = role == Role::Manager;
+        self.save(&current.membership)
     }
 
     pub async fn info(&self) -> Option<SwarmInfo> {
@@ -474,11 +556,10 @@ impl ClusterRuntime {
             manager: running.manager.is_some(),
             advertise: m.advertise,
             managers: running
-                .manager
-                .as_ref()
+                .manager()
                 .map(|mgr| mgr.state().managers().map(|n| n.endpoint()).collect())
                 .unwrap_or_else(|| m.managers.clone()),
-            leader: running.manager.as_ref().map(|mgr| mgr.is_leader()),
+            leader: running.manager().map(|mgr| mgr.is_leader()),
         })
     }
 
@@ -486,7 +567,7 @@ impl ClusterRuntime {
     pub async fn control(&self, request: ControlRequest) -> Result<ControlResponse> {
         let running = self.running.read().await;
         let running = running.as_ref().ok_or_else(|| anyhow!(NOT_IN_SWARM))?;
-        let Some(manager) = &running.manager else {
+        let Some(manager) = running.manager() else {
             bail!(
                 "this node is not a swarm manager: worker nodes can't be used to view or modify \
                  cluster state. Run this command on a manager, or promote this node with \
@@ -514,12 +595,20 @@ impl ClusterRuntime {
 
 async fn stop(running: Running) {
     let _ = running.shutdown.send(true);
-    if let Some(manager) = &running.manager {
-        if let Err(err) = manager.raft.shutdown().await {
-            tracing::warn!(error = %err, "raft shutdown");
-        }
+    if let Some(part) = running.manager {
+        stop_manager(part).await;
     }
     for handle in running.loops {
+        handle.abort();
+    }
+}
+
+async fn stop_manager(part: ManagerPart) {
+    let _ = part.shutdown.send(true);
+    if let Err(err) = part.manager.raft.shutdown().await {
+        tracing::warn!(error = %err, "raft shutdown");
+    }
+    for handle in part.loops {
         handle.abort();
     }
 }

@@ -58,6 +58,8 @@ pub struct HeartbeatResponse {
     /// This node's tasks that are not finished as far as the managers know.
     pub assignments: Vec<Assignment>,
     pub managers: Vec<String>,
+    /// The node's role in the state: a change starts or stops its manager part.
+    pub role: Role,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -11,9 +11,10 @@ use std::{
 
 use anyhow::Result;
 use shoal_dataplane::task::{TaskHandle, TaskLaunch, TaskRuntime};
-use tokio::sync::{oneshot, watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use super::{
+    pki::Role,
     protocol::{Assignment, ClusterRequest, ClusterResponse, Envelope, HeartbeatResponse},
     state::{TaskReport, TaskState},
     transport::ClusterClient,
@@ -33,12 +34,21 @@ pub struct Worker {
     runtime: TaskRuntime,
     client: ClusterClient,
     managers: Mutex<Vec<String>>,
+    /// The role the managers last gave this node, and where changes are announced.
+    role: Mutex<Role>,
+    role_changes: mpsc::UnboundedSender<Role>,
     tasks: Mutex<HashMap<String, LocalTask>>,
     wake: Notify,
 }
 
 impl Worker {
-    pub fn new(runtime: TaskRuntime, client: ClusterClient, managers: Vec<String>) -> Result<Self> {
+    pub fn new(
+        runtime: TaskRuntime,
+        client: ClusterClient,
+        managers: Vec<String>,
+        role: Role,
+        role_changes: mpsc::UnboundedSender<Role>,
+    ) -> Result<Self> {
         let mut tasks = HashMap::new();
         // Tasks of a previous agent on this node are not supervised by anyone: end them and
         // report them failed, so the orchestrator replaces them.
@@ -57,6 +67,8 @@ impl Worker {
             runtime,
             client,
             managers: Mutex::new(managers),
+            role: Mutex::new(role),
+            role_changes,
             tasks: Mutex::new(tasks),
             wake: Notify::new(),
         })
@@ -118,6 +130,12 @@ impl Worker {
                     if !answer.managers.is_empty() {
                         *self.managers.lock().expect("managers") = answer.managers;
                     }
+                    let mut role = self.role.lock().expect("role");
+                    if *role != answer.role {
+                        *role = answer.role;
+                        let _ = self.role_changes.send(answer.role);
+                    }
+                    drop(role);
                     self.apply(answer.assignments);
                 }
                 Err(err) => {
