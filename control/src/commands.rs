@@ -188,6 +188,13 @@ pub enum ServiceCommand {
         detach: bool,
         service: String,
     },
+    /// Output of a service's tasks, gathered from the nodes that ran them
+    Logs {
+        service: String,
+        /// Only the last N lines of each task
+        #[arg(long)]
+        tail: Option<usize>,
+    },
     /// Remove services (their tasks stop)
     Rm {
         #[arg(required = true)]
@@ -560,6 +567,17 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
             println!("{}", view.name);
             if !detach {
                 wait_converged(client, &view.id).await?;
+            }
+        }
+        ServiceCommand::Logs { service, tail } => {
+            let ControlResponse::Logs(lines) =
+                control(client, ControlRequest::ServiceLogs { service, tail }).await?
+            else {
+                bail!("unexpected answer");
+            };
+            let width = lines.iter().map(|l| l.source.len()).max().unwrap_or(0);
+            for line in lines {
+                println!("{:<width$} | {}", line.source, line.line);
             }
         }
         ServiceCommand::Rm { services } => {

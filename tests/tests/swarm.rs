@@ -164,6 +164,20 @@ fn walkthrough_scale_heal_drain_and_remove() {
     spread.sort();
     assert_eq!(spread, [1, 2, 2], "fewest tasks of the service first");
 
+    // service logs gathers every task's output from the node that ran it.
+    let logs = wait_for(
+        "five whoami greetings in the logs",
+        Duration::from_secs(10),
+        || {
+            let logs = lab.exec("node1", &["shoal", "service", "logs", "web"]);
+            (logs.matches("whoami listening on 0.0.0.0:8080").count() == 5).then_some(logs)
+        },
+    );
+    for node in ["@node1 ", "@node2 ", "@node3 "] {
+        assert!(logs.contains(node), "a line from {node}: {logs}");
+    }
+    assert!(logs.lines().all(|l| l.starts_with("web.")), "{logs}");
+
     // A task is a process tree in its own namespaces: hostname is its name.
     let tasks = lab.node_json("node1", &["node", "ps", "node1"]);
     let mine = tasks

@@ -16,7 +16,8 @@ use super::{
     pki::{random_id, secrets_match, Role},
     protocol::{
         Assignment, ClusterRequest, ClusterResponse, ControlRequest, ControlResponse, Envelope,
-        HeartbeatResponse, JoinRequest, JoinResponse, NodeView, ServiceView, TaskView,
+        HeartbeatResponse, JoinRequest, JoinResponse, LogLine, LogsRequest, NodeView, ServiceView,
+        TaskLog, TaskView,
     },
     raft::{Member, Raft, StateMachine},
     state::{
@@ -333,6 +334,7 @@ impl Manager {
             assignments,
             managers: self.manager_endpoints(),
             role,
+            manager_ids: state.managers().map(|n| n.id.clone()).collect(),
         })
     }
 
@@ -541,6 +543,10 @@ impl Manager {
                 self.write(Command::PutService(updated.clone())).await?;
                 ControlResponse::Service(service_view(&self.state(), &updated))
             }
+            ControlRequest::ServiceLogs { service, tail } => {
+                let service = state.find_service(&service)?;
+                ControlResponse::Logs(self.service_logs(&state, &service.id, tail).await?)
+            }
             ControlRequest::ServiceRemove { service } => {
                 let service = state.find_service(&service)?;
                 self.write(Command::RemoveService {
@@ -550,6 +556,61 @@ impl Manager {
                 ControlResponse::Done
             }
         })
+    }
+
+    /// Gathers the output of a service's tasks from the nodes that ran them.
+    async fn service_logs(
+        &self,
+        state: &ClusterState,
+        service_id: &str,
+        tail: Option<usize>,
+    ) -> Result<Vec<LogLine>> {
+        let mut by_node: BTreeMap<&str, Vec<&Task>> = BTreeMap::new();
+        for task in state.tasks.values().filter(|t| t.service_id == service_id) {
+            if let Some(node) = task.node_id.as_deref() {
+                by_node.entry(node).or_default().push(task);
+            }
+        }
+        let mut lines = Vec::new();
+        for (node_id, tasks) in by_node {
+            let Some(node) = state.nodes.get(node_id) else {
+                continue;
+            };
+            let request = LogsRequest {
+                task_ids: tasks.iter().map(|t| t.id.clone()).collect(),
+                tail,
+            };
+            let logs: Vec<TaskLog> = match self
+                .client
+                .post(
+                    &node.endpoint(),
+                    "/node/logs",
+                    &request,
+                    Duration::from_secs(5),
+                )
+                .await
+            {
+                Ok(logs) => logs,
+                Err(err) => {
+                    lines.push(LogLine {
+                        source: format!("@{}", node.hostname),
+                        line: format!("(logs unavailable: {err:#})"),
+                    });
+                    continue;
+                }
+            };
+            for log in logs {
+                let Some(task) = state.tasks.get(&log.task_id) else {
+                    continue;
+                };
+                let source = format!("{}@{}", task_name(state, task), node.hostname);
+                lines.extend(log.lines.into_iter().map(|line| LogLine {
+                    source: source.clone(),
+                    line,
+                }));
+            }
+        }
+        Ok(lines)
     }
 
     async fn change_role(&self, state: &ClusterState, node: &Node, role: Role) -> Result<()> {

@@ -28,6 +28,7 @@ use super::{
     pki::{ca_digest, new_key_and_csr, pem_der, random_id, JoinToken, NodeIdentity, Role, RootCa},
     protocol::{
         ClusterRequest, ClusterResponse, ControlRequest, ControlResponse, Envelope, JoinRequest,
+        LogsRequest, TaskLog,
     },
     raft::{self, Member},
     state::{Availability, Command, Node, NodeStatus},
@@ -90,10 +91,18 @@ pub struct JoinedResponse {
 struct Running {
     membership: Membership,
     client: ClusterClient,
+    shared: Arc<NodeShared>,
     manager: Option<ManagerPart>,
     worker: Arc<Worker>,
     shutdown: watch::Sender<bool>,
     loops: Vec<JoinHandle<()>>,
+}
+
+/// What the node's server on the manager port serves from.
+struct NodeShared {
+    /// Present while this node is a manager: /cluster and /raft are served only then.
+    manager: std::sync::RwLock<Option<Arc<Manager>>>,
+    worker: Arc<Worker>,
 }
 
 /// What a node runs only while it is a manager.
@@ -421,11 +430,6 @@ impl ClusterRuntime {
     async fn launch(self: &Arc<Self>, membership: Membership) -> Result<Running> {
         std::fs::create_dir_all(&self.dir)?;
         let client = ClusterClient::new(transport::member_client_config(&membership.identity)?);
-        let manager = if membership.manager {
-            Some(self.start_manager(&membership, &client).await?)
-        } else {
-            None
-        };
         let runtime = TaskRuntime::new(
             &self.config.cgroup_root,
             &self.config.state_dir,
@@ -444,9 +448,31 @@ impl ClusterRuntime {
             role,
             roles,
         )?);
+        let shared = Arc::new(NodeShared {
+            manager: std::sync::RwLock::new(None),
+            worker: worker.clone(),
+        });
+        // Every node serves the manager port: task logs to managers, and while it is a
+        // manager, cluster requests and Raft.
+        let any = if membership.advertise.is_ipv4() {
+            IpAddr::from([0, 0, 0, 0])
+        } else {
+            IpAddr::from([0u16; 8])
+        };
+        let listen = SocketAddr::new(any, membership.advertise.port());
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("listening on {listen} (manager port)"))?;
+        let tls = transport::server_config(&membership.identity)?;
+        let manager = if membership.manager {
+            Some(self.start_manager(&membership, &client, &shared).await?)
+        } else {
+            None
+        };
         let (shutdown, watch_shutdown) = watch::channel(false);
         let this = Arc::downgrade(self);
         let loops = vec![
+            tokio::spawn(transport::serve(listener, tls, node_router(shared.clone()))),
             tokio::spawn(worker.clone().run(watch_shutdown)),
             // Promotion and demotion reach a node through its heartbeats.
             tokio::spawn(async move {
@@ -463,6 +489,7 @@ impl ClusterRuntime {
         Ok(Running {
             membership,
             client,
+            shared,
             manager,
             worker,
             shutdown,
@@ -470,11 +497,12 @@ impl ClusterRuntime {
         })
     }
 
-    /// Raft member, manager API server on 2377 and leader loop.
+    /// Raft member and leader loop, published to the node's server.
     async fn start_manager(
         &self,
         membership: &Membership,
         client: &ClusterClient,
+        shared: &NodeShared,
     ) -> Result<ManagerPart> {
         let (raft, sm) = raft::start(
             membership.raft_id,
@@ -490,25 +518,11 @@ impl ClusterRuntime {
             client.clone(),
             self.settings,
         ));
-        let any = if membership.advertise.is_ipv4() {
-            IpAddr::from([0, 0, 0, 0])
-        } else {
-            IpAddr::from([0u16; 8])
-        };
-        let listen = SocketAddr::new(any, membership.advertise.port());
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("listening on {listen} (manager port)"))?;
-        let tls = transport::server_config(&membership.identity)?;
         let (shutdown, watch_shutdown) = watch::channel(false);
-        let loops = vec![
-            tokio::spawn(transport::serve(
-                listener,
-                tls,
-                manager_router(manager.clone()),
-            )),
-            tokio::spawn(manager.clone().run_leader_loop(watch_shutdown)),
-        ];
+        let loops = vec![tokio::spawn(
+            manager.clone().run_leader_loop(watch_shutdown),
+        )];
+        *shared.manager.write().expect("manager slot") = Some(manager.clone());
         Ok(ManagerPart {
             manager,
             shutdown,
@@ -525,12 +539,13 @@ impl ClusterRuntime {
         match (role, current.manager.is_some()) {
             (Role::Manager, false) => {
                 current.manager = Some(
-                    self.start_manager(&current.membership, &current.client)
+                    self.start_manager(&current.membership, &current.client, &current.shared)
                         .await?,
                 );
                 tracing::info!("promoted: now a manager");
             }
             (Role::Worker, true) => {
+                *current.shared.manager.write().expect("manager slot") = None;
                 if let Some(part) = current.manager.take() {
                     stop_manager(part).await;
                 }
@@ -595,6 +610,7 @@ impl ClusterRuntime {
 
 async fn stop(running: Running) {
     let _ = running.shutdown.send(true);
+    *running.shared.manager.write().expect("manager slot") = None;
     if let Some(part) = running.manager {
         stop_manager(part).await;
     }
@@ -625,11 +641,12 @@ impl raft::Transport for RaftTransport {
     }
 }
 
-fn manager_router(manager: Arc<Manager>) -> Router {
+fn node_router(shared: Arc<NodeShared>) -> Router {
     Router::new()
         .route("/cluster", post(cluster_call))
         .route("/raft/{rpc}", post(raft_call))
-        .with_state(manager)
+        .route("/node/logs", post(logs_call))
+        .with_state(shared)
 }
 
 type Failure = (StatusCode, Json<crate::api::ApiError>);
@@ -643,12 +660,21 @@ fn failure(status: StatusCode, err: anyhow::Error) -> Failure {
     )
 }
 
+fn manager_of(shared: &NodeShared) -> Result<Arc<Manager>, Failure> {
+    shared
+        .manager
+        .read()
+        .expect("manager slot")
+        .clone()
+        .ok_or_else(|| failure(StatusCode::NOT_FOUND, anyhow!("this node is not a manager")))
+}
+
 async fn cluster_call(
-    State(manager): State<Arc<Manager>>,
+    State(shared): State<Arc<NodeShared>>,
     Extension(peer): Extension<Peer>,
     Json(envelope): Json<Envelope>,
 ) -> Result<Json<ClusterResponse>, Failure> {
-    manager
+    manager_of(&shared)?
         .dispatch(&peer, envelope)
         .await
         .map(Json)
@@ -656,11 +682,12 @@ async fn cluster_call(
 }
 
 async fn raft_call(
-    State(manager): State<Arc<Manager>>,
+    State(shared): State<Arc<NodeShared>>,
     Extension(peer): Extension<Peer>,
     UrlPath(rpc): UrlPath<String>,
     body: Bytes,
 ) -> Result<Vec<u8>, Failure> {
+    let manager = manager_of(&shared)?;
     let caller = peer
         .require()
         .map_err(|err| failure(StatusCode::FORBIDDEN, err))?;
@@ -680,4 +707,19 @@ async fn raft_call(
     raft::handle_rpc(&manager.raft, &format!("/raft/{rpc}"), &body)
         .await
         .map_err(|err| failure(StatusCode::BAD_REQUEST, anyhow!(err)))
+}
+
+async fn logs_call(
+    State(shared): State<Arc<NodeShared>>,
+    Extension(peer): Extension<Peer>,
+    Json(request): Json<LogsRequest>,
+) -> Result<Json<Vec<TaskLog>>, Failure> {
+    let caller = peer
+        .require()
+        .map_err(|err| failure(StatusCode::FORBIDDEN, err))?;
+    shared
+        .worker
+        .task_logs(caller, &request)
+        .map(Json)
+        .map_err(|err| failure(StatusCode::FORBIDDEN, err))
 }

@@ -60,6 +60,29 @@ pub struct HeartbeatResponse {
     pub managers: Vec<String>,
     /// The node's role in the state: a change starts or stops its manager part.
     pub role: Role,
+    /// Node IDs of the managers: the only callers a node serves its task logs to.
+    pub manager_ids: Vec<String>,
+}
+
+/// A manager asks a node for the output of some of its tasks.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LogsRequest {
+    pub task_ids: Vec<String>,
+    /// Last lines per task; all (up to the cap) when unset.
+    pub tail: Option<usize>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TaskLog {
+    pub task_id: String,
+    pub lines: Vec<String>,
+}
+
+/// One line of `service logs`, labelled as Docker does: `web.1.<id>@node2`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LogLine {
+    pub source: String,
+    pub line: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -112,6 +135,10 @@ pub enum ControlRequest {
     ServiceRemove {
         service: String,
     },
+    ServiceLogs {
+        service: String,
+        tail: Option<usize>,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -122,6 +149,7 @@ pub enum ControlResponse {
     Services(Vec<ServiceView>),
     Service(ServiceView),
     Tasks(Vec<TaskView>),
+    Logs(Vec<LogLine>),
     Done,
 }
 
