@@ -26,11 +26,17 @@ demo() {
     echo "Removing the previous demo lab first."
     "$shoal" lab down
   fi
+  echo "A 3-node lab: node1 runs 'swarm init', node2 and node3 join with its worker token."
   show "$shoal" lab up --nodes 3
-  show "$shoal" lab exec node2 -- shoal info
-  show "$shoal" lab exec node2 -- shoal dataplane status
+  show "$shoal" lab exec node1 -- shoal node ls
   echo
-  echo "Traffic from the client namespace to node2: ping, VXLAN (4789/udp) and gossip (7946/udp)."
+  echo "A service of 3 replicas, then 5: tasks spread over the nodes."
+  show "$shoal" lab exec node1 -- shoal service create --name web --replicas 3 -- shoal whoami --listen 0.0.0.0:8080
+  show "$shoal" lab exec node1 -- shoal service scale web=5
+  show "$shoal" lab exec node1 -- shoal service ps web
+  show "$shoal" lab exec node1 -- shoal service logs web
+  echo
+  echo "The eBPF ingress classifier on node2 counts what reaches it: ping, VXLAN, gossip."
   show "$shoal" lab exec client -- ping -c 3 -i 0.2 -q 192.168.77.12
   show "$shoal" lab exec client -- bash -c \
     'for i in 1 2 3 4 5; do echo hi >/dev/udp/192.168.77.12/4789; echo hi >/dev/udp/192.168.77.12/7946; done'
@@ -39,7 +45,8 @@ demo() {
   cat <<MSG
 
 The lab stays up for exploring, e.g.:
-  $shoal lab exec node1 -- shoal dataplane status --format json
+  $shoal lab exec node1 -- shoal service ps web
+  $shoal lab exec node1 -- shoal node update --availability drain node2
 Remove it with:
   $shoal lab down
 MSG

@@ -626,9 +626,10 @@ async fn wait_converged(client: &Client, service: &str) -> Result<()> {
             .iter()
             .filter(|t| t.desired == TaskState::Running)
             .collect();
+        // Done means running the current spec: a rolling update counts replaced tasks.
         let running = current
             .iter()
-            .filter(|t| t.state == TaskState::Running)
+            .filter(|t| t.state == TaskState::Running && t.service_version == view.version)
             .count() as u64;
         let stale = tasks.iter().any(|t| {
             t.desired != TaskState::Running && !t.state.is_terminal() && !t.node.is_empty()
@@ -676,6 +677,13 @@ async fn wait_converged(client: &Client, service: &str) -> Result<()> {
 /// `shoal task exec TASK -- CMD`: runs CMD in the task's namespaces on this node.
 pub async fn task_exec(client: &Client, task: &str, command: &[String]) -> Result<ExitCode> {
     let pid: u32 = client.get(&format!("/v1/tasks/{task}/pid")).await?;
+    // The command runs with the task's environment, as `docker exec` does.
+    let environ =
+        std::fs::read(format!("/proc/{pid}/environ")).context("reading the task's environment")?;
+    let env = environ.split(|b| *b == 0).filter_map(|entry| {
+        let entry = std::str::from_utf8(entry).ok()?;
+        entry.split_once('=')
+    });
     let status = std::process::Command::new("nsenter")
         .args([
             "--target",
@@ -687,6 +695,8 @@ pub async fn task_exec(client: &Client, task: &str, command: &[String]) -> Resul
             "--",
         ])
         .args(command)
+        .env_clear()
+        .envs(env)
         .status()
         .context("running nsenter (util-linux)")?;
     Ok(match status.code() {

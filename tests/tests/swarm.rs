@@ -237,6 +237,54 @@ fn walkthrough_scale_heal_drain_and_remove() {
     let ps = lab.exec("node1", &["shoal", "service", "ps", "web"]);
     assert!(ps.contains(" \\_ web."), "history row shown: {ps}");
 
+    // A rolling update replaces every task with the new spec, one at a time.
+    let updated = lab.exec(
+        "node1",
+        &[
+            "shoal",
+            "service",
+            "update",
+            "--env-add",
+            "COLOR=blue",
+            "web",
+        ],
+    );
+    assert!(updated.contains("verify: Service converged"), "{updated}");
+    let tasks = lab.node_json("node1", &["service", "ps", "web"]);
+    let live: Vec<&Value> = tasks
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["desired"] == "running")
+        .collect();
+    assert_eq!(live.len(), 5);
+    let inspect = lab.node_json("node1", &["service", "ls"]);
+    assert_eq!(inspect[0]["version"], 2);
+    assert_eq!(inspect[0]["env"], serde_json::json!(["COLOR=blue"]));
+    let task = live
+        .iter()
+        .find(|t| t["node"] == "node1")
+        .expect("a task on node1");
+    let name = format!(
+        "{}.{}",
+        task["name"].as_str().unwrap(),
+        task["id"].as_str().unwrap()
+    );
+    let env = lab.exec(
+        "node1",
+        &[
+            "shoal",
+            "task",
+            "exec",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            "echo $COLOR",
+        ],
+    );
+    assert_eq!(env.trim(), "blue", "the new task runs the new spec");
+
     // Drain node2: its tasks move and it runs none.
     lab.exec(
         "node1",

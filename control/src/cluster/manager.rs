@@ -729,6 +729,7 @@ fn task_views(state: &ClusterState, keep: impl Fn(&Task) -> bool) -> Vec<TaskVie
                 .map(|s| s.spec.name.clone())
                 .unwrap_or_default(),
             slot: t.slot,
+            service_version: t.service_version,
             node_id: t.node_id.clone(),
             node: t
                 .node_id

@@ -192,6 +192,8 @@ pub struct TaskView {
     pub name: String,
     pub service: String,
     pub slot: u64,
+    /// The service spec version this task runs.
+    pub service_version: u64,
     pub node_id: Option<String>,
     pub node: String,
     pub desired: TaskState,
