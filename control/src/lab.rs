@@ -312,11 +312,6 @@ impl Lab {
             .create(true)
             .append(true)
             .open(dir.join("agent.log"))?;
-        let procs = self.cgroup_dir()?.join(node).join("agent/cgroup.procs");
-        let procs = OpenOptions::new()
-            .write(true)
-            .open(&procs)
-            .with_context(|| format!("opening {}", procs.display()))?;
         let mut command = Command::new(std::env::current_exe()?);
         command
             .arg("agent")
@@ -326,24 +321,13 @@ impl Lab {
             .stdout(log.try_clone()?)
             .stderr(log);
         enter_netns(&mut command, &self.netns(node))?;
-        let procs_fd = procs.as_raw_fd();
-        // SAFETY: only async-signal-safe calls between fork and exec; `procs` outlives spawn.
-        unsafe {
-            command.pre_exec(move || {
-                if libc::setsid() < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                // "0" moves the writing process itself into the cgroup.
-                if libc::write(procs_fd, b"0".as_ptr().cast(), 1) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        shoal_dataplane::process::detach_into_cgroup(
+            &mut command,
+            &self.cgroup_dir()?.join(node).join("agent"),
+        )?;
         let child = command
             .spawn()
             .with_context(|| format!("starting the agent of {node}"))?;
-        drop(procs);
         fs::write(dir.join("agent.pid"), child.id().to_string())?;
         Ok(child)
     }

@@ -10,7 +10,6 @@ use std::{
     ffi::CString,
     fs::{self, File, OpenOptions},
     io,
-    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
     path::{Path, PathBuf},
     process::{ExitStatus, Stdio},
     time::Duration,
@@ -85,9 +84,6 @@ impl TaskRuntime {
         let cgroup = self.cgroup(&launch.id);
         fs::create_dir_all(&cgroup)
             .with_context(|| format!("creating cgroup {}", cgroup.display()))?;
-        let procs = OpenOptions::new()
-            .write(true)
-            .open(cgroup.join("cgroup.procs"))?;
         let log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -121,25 +117,11 @@ impl TaskRuntime {
                 command.env(key, value);
             }
         }
-        let procs_fd = procs.as_raw_fd();
-        // SAFETY: async-signal-safe calls only; `procs` outlives the spawn.
-        unsafe {
-            command.pre_exec(move || {
-                // Own session: a signal to the agent's group does not reach tasks.
-                if libc::setsid() < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                if libc::write(procs_fd, b"0".as_ptr().cast(), 1) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        crate::process::detach_into_cgroup(&mut command, &cgroup)?;
         let child = tokio::process::Command::from(command)
             .kill_on_drop(false)
             .spawn()
             .with_context(|| format!("starting task {} (is util-linux installed?)", launch.id))?;
-        drop(procs);
         Ok(TaskHandle {
             id: launch.id.clone(),
             child,
