@@ -4,7 +4,7 @@
 use std::{
     collections::BTreeMap,
     io::{Read as _, Write as _},
-    net::{TcpListener, TcpStream},
+    net::{Ipv4Addr, TcpListener, TcpStream},
     process::ExitCode,
     time::{Duration, Instant},
 };
@@ -16,10 +16,13 @@ use crate::{
     api::{AgentInfo, LeaveRequest},
     client::Client,
     cluster::{
+        ipam::Subnet,
         manager::now,
         node::{InitRequest, InitResponse, JoinArgs, JoinedResponse},
         pki::Role,
-        protocol::{ControlRequest, ControlResponse, NodeView, ServiceView, TaskView},
+        protocol::{
+            ControlRequest, ControlResponse, NetworkCreate, NodeView, ServiceView, TaskView,
+        },
         state::{Availability, Constraint, NodeStatus, ServiceMode, ServiceSpec, TaskState},
     },
     output::{json, table, Format},
@@ -36,6 +39,15 @@ pub enum SwarmCommand {
         /// with this manager's state
         #[arg(long)]
         force_new_cluster: bool,
+        /// Address pool overlay subnets come from
+        #[arg(long, default_value = "10.0.0.0/8")]
+        default_addr_pool: Subnet,
+        /// Prefix length of the subnets taken from the pool
+        #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u8).range(8..=30))]
+        default_addr_pool_mask_length: u8,
+        /// UDP port of the VXLAN data path [default: the agent's, 4789]
+        #[arg(long)]
+        data_path_port: Option<u16>,
     },
     /// Join a swarm as a worker or a manager, as the token says
     Join {
@@ -148,6 +160,44 @@ pub enum NodeCommand {
 }
 
 #[derive(Subcommand)]
+pub enum NetworkCommand {
+    /// Create an overlay network
+    Create {
+        /// Only `overlay` exists
+        #[arg(long, default_value = "overlay", value_parser = ["overlay"])]
+        driver: String,
+        /// Subnet in CIDR form [default: the next free one of the swarm's pool]
+        #[arg(long)]
+        subnet: Option<Subnet>,
+        /// Gateway address [default: the subnet's first host]
+        #[arg(long)]
+        gateway: Option<Ipv4Addr>,
+        /// Let standalone processes attach, not only services
+        #[arg(long)]
+        attachable: bool,
+        /// No route out of the swarm
+        #[arg(long)]
+        internal: bool,
+        /// Driver options: mtu=N
+        #[arg(long = "opt", short = 'o')]
+        opts: Vec<String>,
+        name: String,
+    },
+    /// List networks
+    Ls {
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Details of a network, as JSON
+    Inspect { network: String },
+    /// Remove networks (refused while a service uses one)
+    Rm {
+        #[arg(required = true)]
+        networks: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
 pub enum ServiceCommand {
     /// Create a service
     Create(CreateArgs),
@@ -214,6 +264,9 @@ pub struct CreateArgs {
     env: Vec<String>,
     #[arg(long = "constraint")]
     constraints: Vec<String>,
+    /// Overlay networks to attach each task to (eth0, eth1, ... in this order)
+    #[arg(long = "network")]
+    networks: Vec<String>,
     #[arg(long, default_value_t = 1)]
     update_parallelism: u64,
     /// Delay between update batches: 10s, 1m, 500ms
@@ -236,10 +289,16 @@ pub async fn swarm(client: &Client, command: SwarmCommand) -> Result<()> {
         SwarmCommand::Init {
             advertise_addr,
             force_new_cluster,
+            default_addr_pool,
+            default_addr_pool_mask_length,
+            data_path_port,
         } => {
             let request = InitRequest {
                 advertise_addr,
                 force_new_cluster,
+                default_addr_pool: Some(default_addr_pool),
+                default_addr_pool_mask_length: Some(default_addr_pool_mask_length),
+                data_path_port,
             };
             let init: InitResponse = client.post("/v1/swarm/init", &request).await?;
             println!(
@@ -438,6 +497,97 @@ async fn set_roles(client: &Client, nodes: Vec<String>, role: Role) -> Result<()
     Ok(())
 }
 
+pub async fn network(client: &Client, command: NetworkCommand) -> Result<()> {
+    match command {
+        NetworkCommand::Create {
+            driver: _,
+            subnet,
+            gateway,
+            attachable,
+            internal,
+            opts,
+            name,
+        } => {
+            let mut mtu = None;
+            for opt in opts {
+                match opt.split_once('=') {
+                    Some(("mtu", value)) => {
+                        mtu = Some(
+                            value
+                                .parse()
+                                .with_context(|| format!("--opt {opt}: mtu must be a number"))?,
+                        )
+                    }
+                    _ => bail!("--opt {opt}: the only option is mtu=N"),
+                }
+            }
+            let request = NetworkCreate {
+                name,
+                subnet,
+                gateway,
+                attachable,
+                internal,
+                mtu,
+            };
+            let ControlResponse::Network(view) =
+                control(client, ControlRequest::NetworkCreate(request)).await?
+            else {
+                bail!("unexpected answer");
+            };
+            println!("{}", view.id);
+        }
+        NetworkCommand::Ls { format } => {
+            let ControlResponse::Networks(networks) =
+                control(client, ControlRequest::NetworkList).await?
+            else {
+                bail!("unexpected answer");
+            };
+            match format {
+                Format::Json => print!("{}", json(&networks)),
+                Format::Table => {
+                    let rows: Vec<[String; 5]> = networks
+                        .iter()
+                        .map(|n| {
+                            [
+                                n.id[..12.min(n.id.len())].to_owned(),
+                                n.name.clone(),
+                                n.driver.clone(),
+                                n.scope.clone(),
+                                n.subnet.to_string(),
+                            ]
+                        })
+                        .collect();
+                    print!(
+                        "{}",
+                        table(["NETWORK ID", "NAME", "DRIVER", "SCOPE", "SUBNET"], &rows)
+                    );
+                }
+            }
+        }
+        NetworkCommand::Inspect { network } => {
+            let ControlResponse::Network(view) =
+                control(client, ControlRequest::NetworkInspect { network }).await?
+            else {
+                bail!("unexpected answer");
+            };
+            print!("{}", json(&view));
+        }
+        NetworkCommand::Rm { networks } => {
+            for network in networks {
+                control(
+                    client,
+                    ControlRequest::NetworkRemove {
+                        network: network.clone(),
+                    },
+                )
+                .await?;
+                println!("{network}");
+            }
+        }
+    }
+    Ok(())
+}
+
 pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
     match command {
         ServiceCommand::Create(args) => {
@@ -459,6 +609,7 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
                     .collect::<Result<_>>()?,
                 update_parallelism: args.update_parallelism,
                 update_delay_secs: parse_duration_secs(&args.update_delay)?,
+                networks: args.networks,
             };
             spec.validate()?;
             let ControlResponse::Service(view) =
@@ -504,6 +655,7 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
                 println!("Command:        {}", view.command.join(" "));
                 println!("Env:            {}", view.env.join(" "));
                 println!("Constraints:    {}", view.constraints.join(", "));
+                println!("Networks:       {}", view.networks.join(", "));
                 println!(
                     "Update:         parallelism {}, delay {}s",
                     view.update_parallelism, view.update_delay_secs

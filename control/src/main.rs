@@ -65,6 +65,9 @@ enum Command {
     /// Manage services (on a manager)
     #[command(subcommand)]
     Service(commands::ServiceCommand),
+    /// Manage overlay networks (on a manager)
+    #[command(subcommand)]
+    Network(commands::NetworkCommand),
     /// Work with tasks running on this node
     #[command(subcommand)]
     Task(TaskCommand),
@@ -207,6 +210,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Swarm(command) => block_on(commands::swarm(&client, command))?,
         Command::Node(command) => block_on(commands::node(&client, command))?,
         Command::Service(command) => block_on(commands::service(&client, command))?,
+        Command::Network(command) => block_on(commands::network(&client, command))?,
         Command::Task(TaskCommand::Exec { task, command }) => {
             return block_on(commands::task_exec(&client, &task, &command))
         }

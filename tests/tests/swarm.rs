@@ -701,3 +701,186 @@ fn promote_and_demote_change_raft_membership() {
     );
     lab.down_clean();
 }
+
+#[test]
+fn networks_are_allocated_attached_and_removed() {
+    let lab = TestLab::up("sw-nets", 2);
+    let networks = lab.node_json("node1", &["network", "ls"]);
+    assert_eq!(networks.as_array().unwrap().len(), 1);
+    let ingress = &networks[0];
+    assert_eq!(
+        (
+            ingress["name"].as_str(),
+            ingress["subnet"].as_str(),
+            ingress["vni"].as_u64(),
+            ingress["ingress"].as_bool()
+        ),
+        (Some("ingress"), Some("10.0.0.0/24"), Some(4096), Some(true))
+    );
+
+    lab.exec("node1", &["shoal", "network", "create", "backend"]);
+    let backend: Value =
+        serde_json::from_str(&lab.exec("node1", &["shoal", "network", "inspect", "backend"]))
+            .unwrap();
+    assert_eq!(
+        (
+            backend["subnet"].as_str(),
+            backend["gateway"].as_str(),
+            backend["vni"].as_u64()
+        ),
+        (Some("10.0.1.0/24"), Some("10.0.1.1"), Some(4097))
+    );
+    lab.exec(
+        "node1",
+        &[
+            "shoal",
+            "network",
+            "create",
+            "--subnet",
+            "192.168.50.0/24",
+            "--gateway",
+            "192.168.50.254",
+            "--attachable",
+            "--opt",
+            "mtu=1400",
+            "front",
+        ],
+    );
+    let front: Value =
+        serde_json::from_str(&lab.exec("node1", &["shoal", "network", "inspect", "front"]))
+            .unwrap();
+    assert_eq!(
+        (
+            front["gateway"].as_str(),
+            front["mtu"].as_u64(),
+            front["attachable"].as_bool()
+        ),
+        (Some("192.168.50.254"), Some(1400), Some(true))
+    );
+
+    let refused = |args: &[&str], message: &str| {
+        let mut full = vec!["exec", "node1", "--", "shoal"];
+        full.extend_from_slice(args);
+        let out = lab.run(&full);
+        assert!(!out.status.success(), "{args:?} must fail");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
+    };
+    refused(
+        &["network", "create", "--subnet", "10.0.1.128/25", "clash"],
+        "overlaps 10.0.1.0/24 of network backend",
+    );
+    refused(&["network", "create", "backend"], "already exists");
+    refused(
+        &[
+            "network",
+            "create",
+            "--subnet",
+            "10.9.0.0/24",
+            "--gateway",
+            "10.8.0.1",
+            "gw",
+        ],
+        "is not a host address",
+    );
+    refused(&["network", "create", "bad/name"], "invalid network name");
+    refused(
+        &[
+            "service",
+            "create",
+            "--name",
+            "x",
+            "--network",
+            "ingress",
+            "--",
+            "true",
+        ],
+        "ingress network cannot be attached",
+    );
+    refused(
+        &[
+            "service",
+            "create",
+            "--name",
+            "x",
+            "--network",
+            "nope",
+            "--",
+            "true",
+        ],
+        "network nope not found",
+    );
+
+    lab.exec(
+        "node1",
+        &[
+            "shoal",
+            "service",
+            "create",
+            "--name",
+            "api",
+            "--replicas",
+            "2",
+            "--network",
+            "backend",
+            "--network",
+            "front",
+            "--",
+            "sleep",
+            "100000",
+        ],
+    );
+    let tasks = lab.node_json("node1", &["service", "ps", "api"]);
+    let mut backend_ips: Vec<String> = tasks
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            assert_eq!(t["addresses"][1][0], "front", "{t}");
+            assert_eq!(t["addresses"][0][0], "backend", "{t}");
+            t["addresses"][0][1].as_str().unwrap().to_owned()
+        })
+        .collect();
+    backend_ips.sort();
+    assert_eq!(backend_ips, ["10.0.1.2", "10.0.1.3"]);
+    refused(&["network", "rm", "backend"], "in use by service api");
+    lab.exec("node1", &["shoal", "service", "rm", "api"]);
+    lab.exec("node1", &["shoal", "network", "rm", "backend", "front"]);
+    assert_eq!(
+        lab.node_json("node1", &["network", "ls"])
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // A swarm made with its own pool takes its subnets from it.
+    lab.exec("node2", &["shoal", "swarm", "leave"]);
+    lab.exec(
+        "node2",
+        &[
+            "shoal",
+            "swarm",
+            "init",
+            "--default-addr-pool",
+            "10.20.0.0/16",
+            "--default-addr-pool-mask-length",
+            "26",
+        ],
+    );
+    lab.exec("node2", &["shoal", "network", "create", "mine"]);
+    let subnets: Vec<String> = lab
+        .node_json("node2", &["network", "ls"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["subnet"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(subnets.len(), 2);
+    assert!(
+        subnets.contains(&"10.20.0.0/26".to_owned())
+            && subnets.contains(&"10.20.0.64/26".to_owned()),
+        "{subnets:?}"
+    );
+    lab.down_clean();
+}

@@ -12,16 +12,17 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use tokio::sync::watch;
 
 use super::{
+    ipam,
     orchestrator::{self, Settings},
     pki::{random_id, secrets_match, Role},
     protocol::{
         Assignment, ClusterRequest, ClusterResponse, ControlRequest, ControlResponse, Envelope,
-        HeartbeatResponse, JoinRequest, JoinResponse, LogLine, LogsRequest, NodeView, ServiceView,
-        TaskLog, TaskView,
+        HeartbeatResponse, JoinRequest, JoinResponse, LogLine, LogsRequest, NetworkCreate,
+        NetworkView, NodeView, ServiceView, TaskLog, TaskView,
     },
     raft::{Member, Raft, StateMachine},
     state::{
-        Availability, ClusterState, Command, Node, NodeStatus, Service, ServiceMode, Task,
+        Availability, ClusterState, Command, Network, Node, NodeStatus, Service, ServiceMode, Task,
         TaskState,
     },
     transport::{ClusterClient, Peer},
@@ -477,7 +478,8 @@ impl Manager {
                 }
                 ControlResponse::Token(self.state().token(role)?.to_string())
             }
-            ControlRequest::ServiceCreate(spec) => {
+            ControlRequest::ServiceCreate(mut spec) => {
+                spec.networks = resolve_networks(&state, &spec.networks)?;
                 spec.validate()?;
                 let at = now();
                 let service = Service {
@@ -542,6 +544,29 @@ impl Manager {
                 updated.updated_at = now();
                 self.write(Command::PutService(updated.clone())).await?;
                 ControlResponse::Service(service_view(&self.state(), &updated))
+            }
+            ControlRequest::NetworkCreate(request) => {
+                let network = new_network(&state, request)?;
+                self.write(Command::PutNetwork(network.clone())).await?;
+                ControlResponse::Network(network_view(&self.state(), &network))
+            }
+            ControlRequest::NetworkList => ControlResponse::Networks(
+                state
+                    .networks
+                    .values()
+                    .map(|n| network_view(&state, n))
+                    .collect(),
+            ),
+            ControlRequest::NetworkInspect { network } => {
+                ControlResponse::Network(network_view(&state, state.find_network(&network)?))
+            }
+            ControlRequest::NetworkRemove { network } => {
+                let network = state.find_network(&network)?;
+                self.write(Command::RemoveNetwork {
+                    id: network.id.clone(),
+                })
+                .await?;
+                ControlResponse::Done
             }
             ControlRequest::ServiceLogs { service, tail } => {
                 let service = state.find_service(&service)?;
@@ -697,6 +722,105 @@ async fn add_voter(raft: &Raft, raft_id: u64, member: Member) -> Result<()> {
     Ok(())
 }
 
+/// Network names (or IDs) of a service spec, as IDs; the ingress network is the mesh's own.
+fn resolve_networks(state: &ClusterState, keys: &[String]) -> Result<Vec<String>> {
+    let mut ids = Vec::new();
+    for key in keys {
+        let network = state.find_network(key)?;
+        if network.ingress {
+            bail!("the ingress network cannot be attached explicitly: publish a port instead");
+        }
+        if ids.contains(&network.id) {
+            bail!("network {} is given twice", network.name);
+        }
+        ids.push(network.id.clone());
+    }
+    Ok(ids)
+}
+
+fn new_network(state: &ClusterState, request: NetworkCreate) -> Result<Network> {
+    let name_ok = !request.name.is_empty()
+        && request.name.len() <= 63
+        && request
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if !name_ok {
+        bail!(
+            "invalid network name {:?}: 1-63 characters of letters, digits, -, _ and .",
+            request.name
+        );
+    }
+    let subnet = match request.subnet {
+        Some(subnet) => {
+            if subnet.prefix > 30 {
+                bail!("subnet {subnet} is too small (at most /30)");
+            }
+            subnet
+        }
+        None => {
+            let used: Vec<_> = state.networks.values().map(|n| n.subnet).collect();
+            ipam::allocate_subnet(
+                state.settings.default_pool,
+                state.settings.pool_prefix,
+                &used,
+            )?
+        }
+    };
+    let gateway = request.gateway.unwrap_or_else(|| subnet.first_host());
+    if !subnet.hosts().any(|host| host == gateway) {
+        bail!("gateway {gateway} is not a host address of {subnet}");
+    }
+    if let Some(mtu) = request.mtu {
+        if !(576..=9000).contains(&mtu) {
+            bail!("mtu {mtu} is out of range (576-9000)");
+        }
+    }
+    Ok(Network {
+        id: random_id(25),
+        name: request.name,
+        subnet,
+        gateway,
+        vni: state.free_vni(),
+        attachable: request.attachable,
+        internal: request.internal,
+        mtu: request.mtu,
+        ingress: false,
+        created_at: now(),
+    })
+}
+
+fn network_view(state: &ClusterState, network: &Network) -> NetworkView {
+    NetworkView {
+        id: network.id.clone(),
+        name: network.name.clone(),
+        driver: "overlay".into(),
+        scope: "swarm".into(),
+        subnet: network.subnet,
+        gateway: network.gateway,
+        vni: network.vni,
+        attachable: network.attachable,
+        internal: network.internal,
+        mtu: network.mtu,
+        ingress: network.ingress,
+        services: state
+            .services
+            .values()
+            .filter(|s| s.spec.networks.contains(&network.id))
+            .map(|s| s.spec.name.clone())
+            .collect(),
+        created_at: network.created_at,
+    }
+}
+
+fn network_name(state: &ClusterState, id: &str) -> String {
+    state
+        .networks
+        .get(id)
+        .map(|n| n.name.clone())
+        .unwrap_or_else(|| id.to_owned())
+}
+
 /// `web.1.<id>` (or `web.<node id>.<id>` for global services), the task's hostname.
 pub fn task_name(state: &ClusterState, task: &Task) -> String {
     format!("{}.{}", short_task_name(state, task), task.id)
@@ -743,6 +867,11 @@ fn task_views(state: &ClusterState, keep: impl Fn(&Task) -> bool) -> Vec<TaskVie
             message: t.message.clone(),
             error: t.error.clone(),
             created_at: t.created_at,
+            addresses: t
+                .attachments
+                .iter()
+                .map(|a| (network_name(state, &a.network_id), a.address))
+                .collect(),
         })
         .collect();
     // By slot, newest first within a slot: the running task, then its history.
@@ -792,6 +921,12 @@ fn service_view(state: &ClusterState, service: &Service) -> ServiceView {
         version: service.version,
         update_parallelism: service.spec.update_parallelism,
         update_delay_secs: service.spec.update_delay_secs,
+        networks: service
+            .spec
+            .networks
+            .iter()
+            .map(|id| network_name(state, id))
+            .collect(),
         created_at: service.created_at,
         updated_at: service.updated_at,
     }

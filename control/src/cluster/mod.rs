@@ -1,5 +1,6 @@
 //! The cluster: trust, replicated state, membership and orchestration.
 
+pub mod ipam;
 pub mod manager;
 pub mod node;
 pub mod orchestrator;

@@ -23,6 +23,7 @@ use shoal_dataplane::task::TaskRuntime;
 use tokio::{sync::watch, task::JoinHandle};
 
 use super::{
+    ipam::{allocate_subnet, Subnet},
     manager::{now, Manager},
     orchestrator::Settings,
     pki::{ca_digest, new_key_and_csr, pem_der, random_id, JoinToken, NodeIdentity, Role, RootCa},
@@ -31,7 +32,7 @@ use super::{
         LogsRequest, TaskLog,
     },
     raft::{self, Member},
-    state::{Availability, Command, Node, NodeStatus},
+    state::{Availability, ClusterSettings, Command, Network, Node, NodeStatus, FIRST_VNI},
     transport::{self, ClusterClient, Peer},
     worker::Worker,
 };
@@ -66,6 +67,12 @@ pub struct InitRequest {
     pub advertise_addr: Option<String>,
     /// Rebuild a single-manager swarm from this manager's state (after losing the quorum).
     pub force_new_cluster: bool,
+    /// Address pool for overlay subnets [default: 10.0.0.0/8].
+    pub default_addr_pool: Option<Subnet>,
+    /// Prefix length of subnets from the pool [default: 24].
+    pub default_addr_pool_mask_length: Option<u8>,
+    /// VXLAN UDP port of the swarm [default: this agent's data-path port].
+    pub data_path_port: Option<u16>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -184,6 +191,31 @@ impl ClusterRuntime {
             );
         }
         let advertise = self.advertise(request.advertise_addr.as_deref())?;
+        let defaults = ClusterSettings::default();
+        let settings = ClusterSettings {
+            default_pool: request.default_addr_pool.unwrap_or(defaults.default_pool),
+            pool_prefix: request
+                .default_addr_pool_mask_length
+                .unwrap_or(defaults.pool_prefix),
+            data_path_port: request.data_path_port.unwrap_or(self.config.data_path_port),
+        };
+        if settings.data_path_port == 0 {
+            bail!("--data-path-port must not be 0");
+        }
+        // The routing-mesh network takes the pool's first subnet, as Swarm's ingress does.
+        let ingress_subnet = allocate_subnet(settings.default_pool, settings.pool_prefix, &[])?;
+        let ingress = Network {
+            id: random_id(25),
+            name: "ingress".to_owned(),
+            subnet: ingress_subnet,
+            gateway: ingress_subnet.first_host(),
+            vni: FIRST_VNI,
+            attachable: false,
+            internal: false,
+            mtu: None,
+            ingress: true,
+            created_at: now(),
+        };
         let ca = RootCa::generate()?;
         let node_id = random_id(25);
         let membership = Membership {
@@ -235,6 +267,8 @@ impl ClusterRuntime {
                         created_at: at,
                         status_since: at,
                     },
+                    settings,
+                    ingress,
                 })
                 .await?;
             self.save(&membership)?;

@@ -1,13 +1,17 @@
 //! The leader's reconciliation: from services and nodes to tasks. A pure function of the
 //! state and the clock, so every decision is unit-testable; the leader proposes its output.
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::Ipv4Addr,
+};
 
 use super::{
+    ipam,
     pki::random_id,
     state::{
-        Availability, ClusterState, Command, Node, NodeStatus, Service, ServiceMode, Task,
-        TaskState, Timestamp,
+        Attachment, Availability, ClusterState, Command, Node, NodeStatus, Service, ServiceMode,
+        Task, TaskState, Timestamp,
     },
 };
 
@@ -88,7 +92,16 @@ impl Plan<'_> {
     }
 
     fn new_task(&mut self, service: &Service, slot: u64, node_id: Option<String>) {
+        let attachments = match self.attach(service) {
+            Ok(attachments) => attachments,
+            Err(err) => {
+                // No address left: the slot waits, as a Pending task would, and says why.
+                tracing::warn!(service = %service.spec.name, error = %format!("{err:#}"), "cannot attach a new task");
+                return;
+            }
+        };
         let task = Task {
+            attachments,
             id: random_id(25),
             service_id: service.id.clone(),
             slot,
@@ -106,6 +119,31 @@ impl Plan<'_> {
             state_since: self.now,
         };
         self.put(task);
+    }
+
+    /// One address per network of the service: the lowest free one, where free means not
+    /// held by a task that has not finished (finished tasks keep theirs for the record only).
+    fn attach(&self, service: &Service) -> anyhow::Result<Vec<Attachment>> {
+        let mut attachments = Vec::new();
+        for network_id in &service.spec.networks {
+            let network = self
+                .state
+                .networks
+                .get(network_id)
+                .ok_or_else(|| anyhow::anyhow!("network {network_id} is gone"))?;
+            let used: BTreeSet<Ipv4Addr> = self
+                .tasks()
+                .filter(|t| !t.state.is_terminal())
+                .flat_map(|t| t.attachments.iter())
+                .filter(|a| a.network_id == *network_id)
+                .map(|a| a.address)
+                .collect();
+            attachments.push(Attachment {
+                network_id: network_id.clone(),
+                address: ipam::allocate_address(network.subnet, network.gateway, &used)?,
+            });
+        }
+        Ok(attachments)
     }
 
     /// A task still meant to run and not known to have stopped.
@@ -444,6 +482,7 @@ mod tests {
                     constraints: vec![],
                     update_parallelism: 1,
                     update_delay_secs: 0,
+                    networks: vec![],
                 },
                 version: 1,
                 created_at: 0,
@@ -687,6 +726,79 @@ mod tests {
         assert_eq!(
             (pending[0].state, pending[0].message.as_str()),
             (TaskState::Pending, "no suitable node")
+        );
+    }
+
+    #[test]
+    fn tasks_get_one_free_address_per_network_and_free_it_when_they_end() {
+        use crate::cluster::{
+            ipam::Subnet,
+            state::{Network, FIRST_VNI},
+        };
+        let mut state = cluster(2);
+        let subnet: Subnet = "10.0.9.0/29".parse().unwrap();
+        state.networks.insert(
+            "net".into(),
+            Network {
+                id: "net".into(),
+                name: "backend".into(),
+                subnet,
+                gateway: subnet.first_host(),
+                vni: FIRST_VNI + 1,
+                attachable: false,
+                internal: false,
+                mtu: None,
+                ingress: false,
+                created_at: 0,
+            },
+        );
+        let web = service(&mut state, "web", ServiceMode::Replicated { replicas: 3 });
+        state.services.get_mut(&web).unwrap().spec.networks = vec!["net".into()];
+        converge(&mut state, 1);
+        let mut addresses: Vec<String> = state
+            .tasks
+            .values()
+            .map(|t| {
+                assert_eq!(t.attachments.len(), 1);
+                t.attachments[0].address.to_string()
+            })
+            .collect();
+        addresses.sort();
+        assert_eq!(
+            addresses,
+            ["10.0.9.2", "10.0.9.3", "10.0.9.4"],
+            "gateway .1 skipped"
+        );
+
+        // A failed task's address goes to its replacement; the /29 has room for 5 only.
+        let victim = state.tasks.values().next().unwrap().clone();
+        state
+            .apply(Command::ReportTasks {
+                node_id: victim.node_id.clone().unwrap(),
+                reports: vec![TaskReport {
+                    task_id: victim.id.clone(),
+                    state: TaskState::Failed,
+                    error: String::new(),
+                }],
+                at: 2,
+            })
+            .unwrap();
+        set_replicas(&mut state, &web, 5);
+        converge(&mut state, 2 + RESTART_DELAY_SECS);
+        assert_eq!(running_per_node(&state, &web).values().sum::<usize>(), 5);
+        let live: BTreeSet<_> = state
+            .tasks
+            .values()
+            .filter(|t| !t.state.is_terminal())
+            .map(|t| t.attachments[0].address)
+            .collect();
+        assert_eq!(live.len(), 5, "no address given twice");
+        set_replicas(&mut state, &web, 6);
+        converge(&mut state, 20);
+        assert_eq!(
+            running_per_node(&state, &web).values().sum::<usize>(),
+            5,
+            "no sixth address in a /29: the slot waits"
         );
     }
 

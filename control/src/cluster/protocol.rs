@@ -2,11 +2,15 @@
 //! is a `ClusterRequest`; a manager that is not the leader forwards it to the leader, naming
 //! the original caller, so reads and writes are always served by the leader.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+};
 
 use serde::{Deserialize, Serialize};
 
 use super::{
+    ipam::Subnet,
     pki::Role,
     state::{Availability, NodeStatus, ServiceMode, ServiceSpec, TaskReport, TaskState, Timestamp},
 };
@@ -139,6 +143,43 @@ pub enum ControlRequest {
         service: String,
         tail: Option<usize>,
     },
+    NetworkCreate(NetworkCreate),
+    NetworkList,
+    NetworkInspect {
+        network: String,
+    },
+    NetworkRemove {
+        network: String,
+    },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NetworkCreate {
+    pub name: String,
+    pub subnet: Option<Subnet>,
+    pub gateway: Option<Ipv4Addr>,
+    pub attachable: bool,
+    pub internal: bool,
+    pub mtu: Option<u32>,
+}
+
+/// A network as `network ls` / `network inspect` show it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct NetworkView {
+    pub id: String,
+    pub name: String,
+    pub driver: String,
+    pub scope: String,
+    pub subnet: Subnet,
+    pub gateway: Ipv4Addr,
+    pub vni: u32,
+    pub attachable: bool,
+    pub internal: bool,
+    pub mtu: Option<u32>,
+    pub ingress: bool,
+    /// Services attached to it.
+    pub services: Vec<String>,
+    pub created_at: Timestamp,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -150,6 +191,8 @@ pub enum ControlResponse {
     Service(ServiceView),
     Tasks(Vec<TaskView>),
     Logs(Vec<LogLine>),
+    Networks(Vec<NetworkView>),
+    Network(NetworkView),
     Done,
 }
 
@@ -181,6 +224,8 @@ pub struct ServiceView {
     pub version: u64,
     pub update_parallelism: u64,
     pub update_delay_secs: u64,
+    /// Names of the networks its tasks attach to.
+    pub networks: Vec<String>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
 }
@@ -202,4 +247,6 @@ pub struct TaskView {
     pub message: String,
     pub error: String,
     pub created_at: Timestamp,
+    /// `network name`, `address` pairs.
+    pub addresses: Vec<(String, Ipv4Addr)>,
 }

@@ -1,12 +1,19 @@
 //! The replicated cluster state and the commands that change it. Raft orders the commands;
 //! `ClusterState::apply` is the deterministic state machine every manager runs.
 
-use std::{collections::BTreeMap, fmt, net::IpAddr};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{IpAddr, Ipv4Addr},
+};
 
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
-use super::pki::{JoinToken, Role, RootCa};
+use super::{
+    ipam::Subnet,
+    pki::{JoinToken, Role, RootCa},
+};
 
 /// Seconds since the Unix epoch, as the leader saw it when it proposed the command.
 pub type Timestamp = u64;
@@ -20,8 +27,60 @@ pub struct ClusterState {
     pub nodes: BTreeMap<String, Node>,
     pub services: BTreeMap<String, Service>,
     pub tasks: BTreeMap<String, Task>,
+    pub networks: BTreeMap<String, Network>,
+    pub settings: ClusterSettings,
     /// Raft node ids are small integers; node IDs are strings.
     pub next_raft_id: u64,
+}
+
+/// Swarm-wide settings chosen at `swarm init`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ClusterSettings {
+    /// Where overlay subnets come from unless `--subnet` is given.
+    pub default_pool: Subnet,
+    /// Prefix length of those subnets.
+    pub pool_prefix: u8,
+    /// UDP port of the VXLAN data path.
+    pub data_path_port: u16,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        Self {
+            default_pool: Subnet::new(Ipv4Addr::new(10, 0, 0, 0), 8).expect("valid"),
+            pool_prefix: 24,
+            data_path_port: 4789,
+        }
+    }
+}
+
+/// The first VXLAN network identifier given to an overlay network.
+pub const FIRST_VNI: u32 = 4096;
+
+/// An overlay network: one VXLAN segment with one subnet.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Network {
+    pub id: String,
+    pub name: String,
+    pub subnet: Subnet,
+    pub gateway: Ipv4Addr,
+    pub vni: u32,
+    /// Standalone processes (not only services' tasks) may attach.
+    pub attachable: bool,
+    /// No route out of the swarm.
+    pub internal: bool,
+    /// None: the underlay MTU minus the VXLAN overhead (50 bytes).
+    pub mtu: Option<u32>,
+    /// The routing-mesh network made at `swarm init`.
+    pub ingress: bool,
+    pub created_at: Timestamp,
+}
+
+/// A task's address on one network.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Attachment {
+    pub network_id: String,
+    pub address: Ipv4Addr,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,6 +180,9 @@ pub struct ServiceSpec {
     pub constraints: Vec<Constraint>,
     pub update_parallelism: u64,
     pub update_delay_secs: u64,
+    /// Overlay networks (IDs) each task is attached to, in interface order.
+    #[serde(default)]
+    pub networks: Vec<String>,
 }
 
 impl ServiceSpec {
@@ -229,6 +291,9 @@ pub struct Task {
     pub created_at: Timestamp,
     /// When `state` last changed.
     pub state_since: Timestamp,
+    /// One address per network of the service, allocated with the task.
+    #[serde(default)]
+    pub attachments: Vec<Attachment>,
 }
 
 /// A worker's report on one of its tasks.
@@ -249,6 +314,8 @@ pub enum Command {
         worker_secret: String,
         manager_secret: String,
         first: Node,
+        settings: ClusterSettings,
+        ingress: Network,
     },
     AddNode(Node),
     UpdateNode(Node),
@@ -261,6 +328,10 @@ pub enum Command {
     },
     PutService(Service),
     RemoveService {
+        id: String,
+    },
+    PutNetwork(Network),
+    RemoveNetwork {
         id: String,
     },
     /// The orchestrator's decisions: new tasks, placements, desired-state changes.
@@ -287,10 +358,14 @@ impl ClusterState {
                 worker_secret,
                 manager_secret,
                 first,
+                settings,
+                ingress,
             } => {
                 if !self.cluster_id.is_empty() {
                     bail!("cluster already initialized");
                 }
+                self.settings = settings;
+                self.networks.insert(ingress.id.clone(), ingress);
                 self.cluster_id = cluster_id;
                 self.ca = Some(ca);
                 self.worker_secret = worker_secret;
@@ -340,6 +415,39 @@ impl ClusterState {
             }
             Command::RemoveService { id } => {
                 self.services.remove(&id);
+            }
+            Command::PutNetwork(network) => {
+                for other in self.networks.values().filter(|n| n.id != network.id) {
+                    if other.name == network.name {
+                        bail!("a network named {} already exists", network.name);
+                    }
+                    if other.vni == network.vni {
+                        bail!(
+                            "VNI {} is already used by network {}",
+                            network.vni,
+                            other.name
+                        );
+                    }
+                    if other.subnet.overlaps(network.subnet) {
+                        bail!(
+                            "subnet {} overlaps {} of network {}",
+                            network.subnet,
+                            other.subnet,
+                            other.name
+                        );
+                    }
+                }
+                self.networks.insert(network.id.clone(), network);
+            }
+            Command::RemoveNetwork { id } => {
+                if let Some(service) = self
+                    .services
+                    .values()
+                    .find(|s| s.spec.networks.contains(&id))
+                {
+                    bail!("network is in use by service {}", service.spec.name);
+                }
+                self.networks.remove(&id);
             }
             Command::PutTasks(tasks) => {
                 for task in tasks {
@@ -425,6 +533,30 @@ impl ClusterState {
         }
     }
 
+    /// A network by ID, ID prefix or name.
+    pub fn find_network(&self, key: &str) -> Result<&Network> {
+        if let Some(network) = self.networks.values().find(|n| n.name == key) {
+            return Ok(network);
+        }
+        let matches: Vec<&Network> = self
+            .networks
+            .values()
+            .filter(|n| n.id.starts_with(key))
+            .collect();
+        match matches.as_slice() {
+            [network] => Ok(network),
+            [] => bail!("network {key} not found"),
+            _ => bail!("network {key} is ambiguous ({} matches)", matches.len()),
+        }
+    }
+
+    /// The lowest VNI no network uses.
+    pub fn free_vni(&self) -> u32 {
+        (FIRST_VNI..)
+            .find(|vni| !self.networks.values().any(|n| n.vni == *vni))
+            .expect("VNIs are plenty")
+    }
+
     pub fn managers(&self) -> impl Iterator<Item = &Node> {
         self.nodes.values().filter(|n| n.role == Role::Manager)
     }
@@ -450,6 +582,84 @@ mod tests {
         }
     }
 
+    fn network(name: &str, subnet: &str, vni: u32) -> Network {
+        let subnet: Subnet = subnet.parse().unwrap();
+        Network {
+            id: format!("id-{name}"),
+            name: name.into(),
+            subnet,
+            gateway: subnet.first_host(),
+            vni,
+            attachable: false,
+            internal: false,
+            mtu: None,
+            ingress: false,
+            created_at: 0,
+        }
+    }
+
+    #[test]
+    fn networks_are_unique_and_not_removed_while_in_use() {
+        let mut state = ClusterState::default();
+        state
+            .apply(Command::PutNetwork(network("a", "10.0.1.0/24", 4097)))
+            .unwrap();
+        let twin = Network {
+            id: "other".into(),
+            ..network("a", "10.0.2.0/24", 4098)
+        };
+        let err = state.apply(Command::PutNetwork(twin)).unwrap_err();
+        assert_eq!(err.to_string(), "a network named a already exists");
+        let err = state
+            .apply(Command::PutNetwork(network("b", "10.0.1.128/25", 4098)))
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "subnet 10.0.1.128/25 overlaps 10.0.1.0/24 of network a"
+        );
+        let err = state
+            .apply(Command::PutNetwork(network("b", "10.0.2.0/24", 4097)))
+            .unwrap_err();
+        assert!(
+            err.to_string().starts_with("VNI 4097 is already used"),
+            "{err}"
+        );
+        state
+            .apply(Command::PutNetwork(network("b", "10.0.2.0/24", 4098)))
+            .unwrap();
+        assert_eq!(state.free_vni(), FIRST_VNI);
+        assert_eq!(state.find_network("b").unwrap().vni, 4098);
+
+        let mut spec_with_a = ServiceSpec {
+            name: "web".into(),
+            mode: ServiceMode::Replicated { replicas: 1 },
+            command: vec!["true".into()],
+            env: vec![],
+            constraints: vec![],
+            update_parallelism: 1,
+            update_delay_secs: 0,
+            networks: vec![],
+        };
+        spec_with_a.networks = vec!["id-a".into()];
+        state
+            .apply(Command::PutService(Service {
+                id: "s".into(),
+                spec: spec_with_a,
+                version: 1,
+                created_at: 0,
+                updated_at: 0,
+            }))
+            .unwrap();
+        let err = state
+            .apply(Command::RemoveNetwork { id: "id-a".into() })
+            .unwrap_err();
+        assert_eq!(err.to_string(), "network is in use by service web");
+        state
+            .apply(Command::RemoveNetwork { id: "id-b".into() })
+            .unwrap();
+        assert!(state.find_network("b").is_err());
+    }
+
     fn task(id: &str, node: &str, state: TaskState) -> Task {
         Task {
             id: id.into(),
@@ -463,6 +673,7 @@ mod tests {
             error: String::new(),
             created_at: 0,
             state_since: 0,
+            attachments: vec![],
         }
     }
 
@@ -508,6 +719,8 @@ mod tests {
             worker_secret: "w".into(),
             manager_secret: "m".into(),
             first: node("a", 1, Role::Manager),
+            settings: ClusterSettings::default(),
+            ingress: network("ingress", "10.0.0.0/24", FIRST_VNI),
         };
         state.apply(init.clone()).unwrap();
         assert_eq!(state.next_raft_id, 2);
@@ -529,6 +742,7 @@ mod tests {
             constraints: vec![],
             update_parallelism: 1,
             update_delay_secs: 0,
+            networks: vec![],
         };
         assert!(spec("web", &["sleep", "1"]).validate().is_ok());
         assert!(spec("-web", &["x"]).validate().is_err());

@@ -1,0 +1,214 @@
+//! Address management for overlay networks: subnets carved from the swarm's default pool,
+//! and addresses within a subnet. Pure functions over the replicated state's allocations, so
+//! every manager computes the same answer.
+
+use std::{collections::BTreeSet, fmt, net::Ipv4Addr, str::FromStr};
+
+use anyhow::{bail, Context as _, Result};
+use serde::{Deserialize, Serialize};
+
+/// An IPv4 network, `10.0.1.0/24`. Always stored with the host bits cleared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Subnet {
+    pub base: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Subnet {
+    pub fn new(addr: Ipv4Addr, prefix: u8) -> Result<Self> {
+        if prefix > 32 {
+            bail!("prefix length /{prefix} is longer than 32");
+        }
+        let base = Ipv4Addr::from(u32::from(addr) & mask(prefix));
+        Ok(Self { base, prefix })
+    }
+
+    fn start(self) -> u32 {
+        u32::from(self.base)
+    }
+
+    fn end(self) -> u32 {
+        self.start() | !mask(self.prefix)
+    }
+
+    pub fn contains(self, addr: Ipv4Addr) -> bool {
+        (self.start()..=self.end()).contains(&u32::from(addr))
+    }
+
+    pub fn overlaps(self, other: Subnet) -> bool {
+        self.start() <= other.end() && other.start() <= self.end()
+    }
+
+    /// The first usable address, which shoal gives the network's gateway by default.
+    pub fn first_host(self) -> Ipv4Addr {
+        Ipv4Addr::from(self.start() + 1)
+    }
+
+    /// Usable host addresses (network and broadcast addresses excluded).
+    pub fn hosts(self) -> impl Iterator<Item = Ipv4Addr> {
+        (self.start() + 1..self.end()).map(Ipv4Addr::from)
+    }
+}
+
+fn mask(prefix: u8) -> u32 {
+    if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(prefix))
+    }
+}
+
+impl FromStr for Subnet {
+    type Err = anyhow::Error;
+
+    fn from_str(text: &str) -> Result<Self> {
+        let (addr, prefix) = text
+            .split_once('/')
+            .with_context(|| format!("{text:?} is not a CIDR (e.g. 10.0.1.0/24)"))?;
+        let addr: Ipv4Addr = addr
+            .parse()
+            .with_context(|| format!("{text:?}: {addr:?} is not an IPv4 address"))?;
+        let prefix: u8 = prefix
+            .parse()
+            .with_context(|| format!("{text:?}: bad prefix length"))?;
+        Subnet::new(addr, prefix)
+    }
+}
+
+impl TryFrom<String> for Subnet {
+    type Error = anyhow::Error;
+
+    fn try_from(text: String) -> Result<Self> {
+        text.parse()
+    }
+}
+
+impl From<Subnet> for String {
+    fn from(subnet: Subnet) -> Self {
+        subnet.to_string()
+    }
+}
+
+impl fmt::Display for Subnet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.base, self.prefix)
+    }
+}
+
+/// The first `prefix`-sized subnet of `pool` that overlaps none of `used`.
+pub fn allocate_subnet(pool: Subnet, prefix: u8, used: &[Subnet]) -> Result<Subnet> {
+    if prefix < pool.prefix || prefix > 30 {
+        bail!(
+            "subnets of /{prefix} cannot be carved from the pool {pool} (need /{}../30)",
+            pool.prefix
+        );
+    }
+    let step = 1u64 << (32 - u32::from(prefix));
+    let mut start = u64::from(pool.start());
+    while start + step - 1 <= u64::from(pool.end()) {
+        let candidate = Subnet::new(Ipv4Addr::from(start as u32), prefix)?;
+        match used
+            .iter()
+            .filter(|u| u.overlaps(candidate))
+            .map(|u| u64::from(u.end()))
+            .max()
+        {
+            None => return Ok(candidate),
+            // Skip past the overlapping allocation, aligned to the step.
+            Some(end) => start = (end + 1).div_ceil(step) * step,
+        }
+    }
+    bail!("the address pool {pool} has no free /{prefix} left: give --subnet or a larger pool")
+}
+
+/// The lowest free host address of `subnet`, skipping the gateway and `used`.
+pub fn allocate_address(
+    subnet: Subnet,
+    gateway: Ipv4Addr,
+    used: &BTreeSet<Ipv4Addr>,
+) -> Result<Ipv4Addr> {
+    subnet
+        .hosts()
+        .find(|a| *a != gateway && !used.contains(a))
+        .with_context(|| format!("no free address left in {subnet}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(text: &str) -> Subnet {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn parses_and_normalises() {
+        assert_eq!(net("10.0.1.7/24").to_string(), "10.0.1.0/24");
+        assert_eq!(
+            net("0.0.0.0/0").hosts().next(),
+            Some(Ipv4Addr::new(0, 0, 0, 1))
+        );
+        for bad in [
+            "10.0.0.0",
+            "10.0.0.0/33",
+            "10.0.0/24",
+            "fd00::/64",
+            "10.0.0.0/x",
+        ] {
+            assert!(bad.parse::<Subnet>().is_err(), "{bad}");
+        }
+        let json = serde_json::to_string(&net("10.0.1.0/24")).unwrap();
+        assert_eq!(json, "\"10.0.1.0/24\"");
+        assert!(serde_json::from_str::<Subnet>("\"nope\"").is_err());
+    }
+
+    #[test]
+    fn subnets_fill_the_pool_in_order_around_existing_ones() {
+        let pool = net("10.0.0.0/8");
+        let first = allocate_subnet(pool, 24, &[net("10.0.0.0/24")]).unwrap();
+        assert_eq!(first, net("10.0.1.0/24"));
+        // A user-chosen /16 in the way is skipped as a whole.
+        let used = [
+            net("10.0.0.0/24"),
+            net("10.0.1.0/24"),
+            net("10.0.2.0/23"),
+            net("10.0.4.0/22"),
+            net("10.0.8.0/21"),
+            net("10.0.16.0/20"),
+            net("10.0.32.0/19"),
+            net("10.0.64.0/18"),
+            net("10.0.128.0/17"),
+        ];
+        assert_eq!(
+            allocate_subnet(pool, 24, &used).unwrap(),
+            net("10.1.0.0/24")
+        );
+        let tiny = net("192.168.0.0/30");
+        assert_eq!(allocate_subnet(tiny, 30, &[]).unwrap(), tiny);
+        assert!(allocate_subnet(tiny, 30, &[tiny]).is_err(), "exhausted");
+        assert!(
+            allocate_subnet(tiny, 24, &[]).is_err(),
+            "larger than the pool"
+        );
+    }
+
+    #[test]
+    fn addresses_skip_network_gateway_broadcast_and_used() {
+        let subnet = net("10.0.1.0/29");
+        let gateway = subnet.first_host();
+        assert_eq!(gateway, Ipv4Addr::new(10, 0, 1, 1));
+        let mut used = BTreeSet::new();
+        let mut got = Vec::new();
+        while let Ok(addr) = allocate_address(subnet, gateway, &used) {
+            used.insert(addr);
+            got.push(addr.to_string());
+        }
+        assert_eq!(
+            got,
+            ["10.0.1.2", "10.0.1.3", "10.0.1.4", "10.0.1.5", "10.0.1.6"]
+        );
+        assert!(subnet.contains(Ipv4Addr::new(10, 0, 1, 7)));
+        assert!(!subnet.contains(Ipv4Addr::new(10, 0, 1, 8)));
+    }
+}
