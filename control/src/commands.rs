@@ -231,6 +231,12 @@ pub enum ServiceCommand {
         replicas: Option<u64>,
         #[arg(long = "env-add")]
         env_add: Vec<String>,
+        /// Attach the tasks to another network
+        #[arg(long = "network-add")]
+        network_add: Vec<String>,
+        /// Detach the tasks from a network
+        #[arg(long = "network-rm")]
+        network_rm: Vec<String>,
         /// Replace the tasks even if nothing changed
         #[arg(long)]
         force: bool,
@@ -683,6 +689,8 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
                         service: name.clone(),
                         replicas: Some(replicas),
                         env_add: vec![],
+                        network_add: vec![],
+                        network_rm: vec![],
                         force: false,
                     },
                 )
@@ -699,6 +707,8 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
         ServiceCommand::Update {
             replicas,
             env_add,
+            network_add,
+            network_rm,
             force,
             detach,
             service,
@@ -709,6 +719,8 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
                     service,
                     replicas,
                     env_add,
+                    network_add,
+                    network_rm,
                     force,
                 },
             )

@@ -843,6 +843,29 @@ fn networks_are_allocated_attached_and_removed() {
         .collect();
     backend_ips.sort();
     assert_eq!(backend_ips, ["10.0.1.2", "10.0.1.3"]);
+
+    // Detaching a network is a rolling update: the new tasks have one address left.
+    let updated = lab.exec(
+        "node1",
+        &["shoal", "service", "update", "--network-rm", "front", "api"],
+    );
+    assert!(updated.contains("verify: Service converged"), "{updated}");
+    let tasks = lab.node_json("node1", &["service", "ps", "api"]);
+    let live: Vec<&Value> = tasks
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["desired"] == "running")
+        .collect();
+    assert_eq!(live.len(), 2);
+    for task in live {
+        assert_eq!(task["addresses"].as_array().unwrap().len(), 1, "{task}");
+        assert_eq!(task["addresses"][0][0], "backend");
+    }
+    refused(
+        &["service", "update", "--network-rm", "front", "api"],
+        "is not attached to network front",
+    );
     refused(&["network", "rm", "backend"], "in use by service api");
     lab.exec("node1", &["shoal", "service", "rm", "api"]);
     lab.exec("node1", &["shoal", "network", "rm", "backend", "front"]);

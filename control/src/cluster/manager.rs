@@ -510,6 +510,8 @@ impl Manager {
                 service,
                 replicas,
                 env_add,
+                network_add,
+                network_rm,
                 force,
             } => {
                 let mut updated = state.find_service(&service)?.clone();
@@ -525,7 +527,23 @@ impl Manager {
                     }
                 }
                 // Anything but the replica count restarts tasks (a rolling update).
-                let restart = force || !env_add.is_empty();
+                let restart = force
+                    || !env_add.is_empty()
+                    || !network_add.is_empty()
+                    || !network_rm.is_empty();
+                for key in network_rm {
+                    let id = state.find_network(&key)?.id.clone();
+                    if !updated.spec.networks.contains(&id) {
+                        bail!(
+                            "service {} is not attached to network {key}",
+                            updated.spec.name
+                        );
+                    }
+                    updated.spec.networks.retain(|n| *n != id);
+                }
+                let mut networks = updated.spec.networks.clone();
+                networks.extend(network_add);
+                updated.spec.networks = resolve_networks(&state, &networks)?;
                 for entry in env_add {
                     let key = entry
                         .split_once('=')

@@ -134,6 +134,10 @@ pub enum ControlRequest {
         service: String,
         replicas: Option<u64>,
         env_add: Vec<String>,
+        #[serde(default)]
+        network_add: Vec<String>,
+        #[serde(default)]
+        network_rm: Vec<String>,
         force: bool,
     },
     ServiceRemove {
