@@ -121,15 +121,26 @@ impl Lab {
         Ok(mount.join(format!("shoal-{}", self.name)))
     }
 
+    /// Whether a namespace is one of this lab's members: exactly, so that lab "a" does not
+    /// claim the namespaces of lab "a-b".
+    fn owns_netns(&self, name: &str) -> bool {
+        name.strip_prefix(&self.netns("")).is_some_and(|member| {
+            member == UNDERLAY
+                || member == CLIENT
+                || member
+                    .strip_prefix("node")
+                    .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        })
+    }
+
     /// Lab namespaces that exist now.
     fn namespaces(&self) -> Result<Vec<String>> {
-        let prefix = self.netns("");
         let mut found = Vec::new();
         match fs::read_dir(NETNS_DIR) {
             Ok(entries) => {
                 for entry in entries {
                     let name = entry?.file_name().to_string_lossy().into_owned();
-                    if name.starts_with(&prefix) {
+                    if self.owns_netns(&name) {
                         found.push(name);
                     }
                 }
@@ -682,5 +693,28 @@ mod tests {
             assert!(Lab::new(bad).is_err(), "{bad:?}");
         }
         assert_eq!(Lab::new("lab").unwrap().netns("node1"), "shoal-lab-node1");
+    }
+
+    #[test]
+    fn a_lab_owns_only_its_own_namespaces() {
+        let a = Lab::new("a").unwrap();
+        for ours in [
+            "shoal-a-node1",
+            "shoal-a-node12",
+            "shoal-a-client",
+            "shoal-a-underlay",
+        ] {
+            assert!(a.owns_netns(ours), "{ours}");
+        }
+        for theirs in [
+            "shoal-a-b-node1",
+            "shoal-a-b-client",
+            "shoal-a-node",
+            "shoal-a-nodex",
+            "shoal-ab-node1",
+            "other",
+        ] {
+            assert!(!a.owns_netns(theirs), "{theirs}");
+        }
     }
 }

@@ -78,6 +78,15 @@ impl TaskRuntime {
     }
 
     pub fn start(&self, launch: &TaskLaunch) -> Result<TaskHandle> {
+        // IDs become file and cgroup names: only [0-9a-z] (the managers' alphabet).
+        let id_ok = !launch.id.is_empty()
+            && launch
+                .id
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+        if !id_ok {
+            bail!("bad task id {:?}", launch.id);
+        }
         if launch.command.is_empty() {
             bail!("task {} has no command", launch.id);
         }
@@ -137,6 +146,7 @@ impl TaskRuntime {
             let entry = entry?;
             if entry.file_type()?.is_dir() {
                 kill_cgroup(&entry.path())?;
+                remove_cgroup_dir(&entry.path())?;
                 found.push(entry.file_name().to_string_lossy().into_owned());
             }
         }
@@ -183,16 +193,22 @@ impl TaskHandle {
     /// After the task ended on its own: kills stragglers and removes the cgroup.
     pub async fn remove_cgroup(&self) -> Result<()> {
         kill_cgroup(&self.cgroup)?;
-        for _ in 0..100 {
-            match fs::remove_dir(&self.cgroup) {
-                Ok(()) => return Ok(()),
-                Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
-                // Busy until the last process is reaped.
-                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        }
-        bail!("cgroup {} still busy", self.cgroup.display())
+        let cgroup = self.cgroup.clone();
+        tokio::task::spawn_blocking(move || remove_cgroup_dir(&cgroup)).await?
     }
+}
+
+/// Removes an (emptied) cgroup, waiting up to 2 s for its last processes to be reaped.
+fn remove_cgroup_dir(cgroup: &Path) -> Result<()> {
+    for _ in 0..100 {
+        match fs::remove_dir(cgroup) {
+            Ok(()) => return Ok(()),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
+            // Busy until the last process is reaped.
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    bail!("cgroup {} still busy", cgroup.display())
 }
 
 fn parent_of(pid: u32) -> Option<u32> {

@@ -30,7 +30,8 @@ pub struct LamportClock {
 
 impl LamportClock {
     pub fn tick(&mut self) -> u64 {
-        self.time += 1;
+        // A peer cannot push the clock past the end: it stays at the maximum.
+        self.time = self.time.saturating_add(1);
         self.time
     }
 

@@ -374,6 +374,37 @@ fn three_managers_survive_losing_the_leader() {
         ],
     );
 
+    // Without a certificate, nobody gets past join: not at the leader, not via a follower,
+    // not by claiming to be a forwarded request.
+    for node in ["192.168.77.11", "192.168.77.12", "192.168.77.13"] {
+        for body in [
+            r#"{"origin":null,"request":{"Control":"NodeList"}}"#,
+            r#"{"forwarded":true,"origin":"x","request":{"Control":{"JoinToken":{"role":"manager","rotate":false}}}}"#,
+            r#"{"origin":null,"request":{"Heartbeat":{"reports":[]}}}"#,
+        ] {
+            let url = format!("https://{node}:2377/cluster");
+            let out = lab.exec(
+                "client",
+                &[
+                    "curl",
+                    "-sk",
+                    "-X",
+                    "POST",
+                    "-H",
+                    "Content-Type: application/json",
+                    "-d",
+                    body,
+                    &url,
+                ],
+            );
+            assert!(
+                out.contains("needs a cluster member's certificate")
+                    || out.contains("only managers may forward"),
+                "{node} {body}: {out}"
+            );
+        }
+    }
+
     // kill -9 the leader's agent: a new leader answers within 10 s, nothing lost.
     let killed = Instant::now();
     lab.ok(&["stop", "node1", "--kill"]);

@@ -33,6 +33,8 @@ pub const NODE_DOWN_AFTER: Duration = Duration::from_secs(5);
 /// Writes that cannot reach a quorum fail after this long instead of hanging.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 const LEADER_LOOP_PERIOD: Duration = Duration::from_millis(500);
+/// How long adding one manager to Raft (catch-up included) may take before a retry.
+const ADD_VOTER_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a follower keeps trying to reach a leader for a request.
 const FORWARD_PATIENCE: Duration = Duration::from_secs(4);
 
@@ -50,8 +52,12 @@ pub struct Manager {
     node_id: String,
     client: ClusterClient,
     settings: Settings,
-    /// Leader-local: when each node was last heard from.
+    /// Leader-local: when each node was last heard from (real heartbeats only).
     heartbeats: Mutex<HashMap<String, Instant>>,
+    /// When this manager last became the leader: the start of everyone's grace period.
+    leader_since: Mutex<Instant>,
+    /// The Raft ID being added as a voter, if any.
+    adding_voter: Arc<Mutex<Option<u64>>>,
 }
 
 const NO_LEADER: &str = "the swarm does not have a leader: too few managers are reachable \
@@ -74,6 +80,8 @@ impl Manager {
             client,
             settings,
             heartbeats: Mutex::default(),
+            leader_since: Mutex::new(Instant::now()),
+            adding_voter: Arc::default(),
         }
     }
 
@@ -101,21 +109,27 @@ impl Manager {
     /// Answers a request from `peer` (maybe forwarded on behalf of `envelope.origin`).
     pub async fn dispatch(&self, peer: &Peer, envelope: Envelope) -> Result<ClusterResponse> {
         let state = self.state();
-        let caller = match (&envelope.origin, &peer.0) {
+        let caller = if envelope.forwarded {
             // Only a manager may speak for another node.
-            (Some(origin), Some(forwarder)) => {
-                let is_manager = state
-                    .nodes
-                    .get(forwarder)
-                    .is_some_and(|n| n.role == Role::Manager);
-                if !is_manager {
-                    bail!("only managers may forward requests");
-                }
-                Some(origin.clone())
+            let forwarder = peer.0.as_deref().unwrap_or_default();
+            if !state
+                .nodes
+                .get(forwarder)
+                .is_some_and(|n| n.role == Role::Manager)
+            {
+                bail!("only managers may forward requests");
             }
-            (Some(_), None) => bail!("only managers may forward requests"),
-            (None, peer) => peer.clone(),
+            envelope.origin.clone()
+        } else {
+            if envelope.origin.is_some() {
+                bail!("only managers may forward requests");
+            }
+            peer.0.clone()
         };
+        // Without a certificate a caller can only ask to join.
+        if caller.is_none() && !matches!(envelope.request, ClusterRequest::Join(_)) {
+            bail!("this request needs a cluster member's certificate");
+        }
         // Elections and membership changes leave short windows without a reachable leader:
         // retry for a few seconds before giving up.
         let deadline = Instant::now() + FORWARD_PATIENCE;
@@ -126,6 +140,7 @@ impl Manager {
             let attempt = match self.leader_member() {
                 Some(member) => {
                     let forwarded = Envelope {
+                        forwarded: true,
                         origin: caller.clone(),
                         request: envelope.request.clone(),
                     };
@@ -162,6 +177,7 @@ impl Manager {
     /// A request from this manager's own CLI clients.
     pub async fn local(&self, request: ControlRequest) -> Result<ControlResponse> {
         let envelope = Envelope {
+            forwarded: false,
             origin: None,
             request: ClusterRequest::Control(request),
         };
@@ -217,12 +233,11 @@ impl Manager {
             .as_ref()
             .ok_or_else(|| anyhow!("cluster has no CA"))?;
         let node_id = random_id(25);
-        let raft_id = state.next_raft_id;
         let cert_pem = ca.sign_node(&node_id, join.addr, &join.csr_pem)?;
         let at = now();
         let node = Node {
             id: node_id.clone(),
-            raft_id,
+            raft_id: 0,
             hostname: join.hostname,
             addr: join.addr,
             port: join.port,
@@ -233,21 +248,19 @@ impl Manager {
             created_at: at,
             status_since: at,
         };
-        let endpoint = node.endpoint();
         self.write(Command::AddNode(node)).await?;
+        let added = self
+            .state()
+            .nodes
+            .get(&node_id)
+            .cloned()
+            .ok_or_else(|| anyhow!("node {node_id} vanished after joining"))?;
+        let raft_id = added.raft_id;
         self.heartbeats
             .lock()
             .expect("heartbeats")
             .insert(node_id.clone(), Instant::now());
-        if role == Role::Manager {
-            self.spawn_add_voter(
-                raft_id,
-                Member {
-                    addr: endpoint,
-                    node_id: node_id.clone(),
-                },
-            );
-        }
+        // A manager becomes a Raft voter through the leader loop's membership reconciliation.
         tracing::info!(node = %node_id, %role, "node joined");
         Ok(JoinResponse {
             cluster_id: state.cluster_id.clone(),
@@ -260,13 +273,53 @@ impl Manager {
         })
     }
 
-    /// Adds a manager to Raft once it runs: as a learner (catching up), then as a voter.
-    fn spawn_add_voter(&self, raft_id: u64, member: Member) {
-        let raft = self.raft.clone();
+    /// Makes Raft's voters follow the managers of the state: one missing manager at a time
+    /// (openraft takes one membership change at a time) is added as a learner, then made a
+    /// voter, in the background; a failure is retried on a later pass.
+    fn reconcile_membership(&self, state: &ClusterState) {
+        let voters: BTreeSet<u64> = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
+        // Only a manager heard from lately: a lost one (after --force-new-cluster, say) must
+        // not become a voter the quorum would then wait for.
+        let heard = |id: &str| {
+            self.heartbeats
+                .lock()
+                .expect("heartbeats")
+                .get(id)
+                .is_some_and(|t| t.elapsed() < NODE_DOWN_AFTER)
+        };
+        let Some(missing) = state
+            .managers()
+            .find(|n| !voters.contains(&n.raft_id) && heard(&n.id))
+        else {
+            return;
+        };
+        let mut adding = self.adding_voter.lock().expect("adding voter");
+        if adding.is_some() {
+            return;
+        }
+        *adding = Some(missing.raft_id);
+        let (raft, raft_id) = (self.raft.clone(), missing.raft_id);
+        let member = Member {
+            addr: missing.endpoint(),
+            node_id: missing.id.clone(),
+        };
+        let slot = self.adding_voter.clone();
         tokio::spawn(async move {
-            if let Err(err) = add_voter(&raft, raft_id, member).await {
-                tracing::error!(raft_id, error = %format!("{err:#}"), "adding a manager to Raft failed");
+            match tokio::time::timeout(ADD_VOTER_TIMEOUT, add_voter(&raft, raft_id, member)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => {
+                    tracing::warn!(raft_id, error = %format!("{err:#}"), "adding a manager to Raft; will retry")
+                }
+                Err(_) => tracing::warn!(raft_id, "adding a manager to Raft timed out; will retry"),
             }
+            *slot.lock().expect("adding voter") = None;
         });
     }
 
@@ -345,12 +398,8 @@ impl Manager {
         while !*shutdown.borrow() {
             let leader = self.is_leader();
             if leader && !was_leader {
-                // New leader: everyone gets a fresh grace period.
-                let state = self.state();
-                let mut heartbeats = self.heartbeats.lock().expect("heartbeats");
-                for id in state.nodes.keys() {
-                    heartbeats.insert(id.clone(), Instant::now());
-                }
+                // New leader: nobody is marked Down before they had time to find it.
+                *self.leader_since.lock().expect("leader since") = Instant::now();
                 tracing::info!("this manager is the leader");
             }
             was_leader = leader;
@@ -368,7 +417,8 @@ impl Manager {
 
     async fn leader_pass(&self) -> Result<()> {
         let state = self.state();
-        let changes: Vec<Node> = {
+        let in_grace = self.leader_since.lock().expect("leader since").elapsed() < NODE_DOWN_AFTER;
+        let changes: Vec<(String, String, NodeStatus)> = {
             let heartbeats = self.heartbeats.lock().expect("heartbeats");
             state
                 .nodes
@@ -376,6 +426,7 @@ impl Manager {
                 .filter_map(|node| {
                     // The leader's own agent heartbeats too, but it is alive by definition.
                     let alive = node.id == self.node_id
+                        || in_grace
                         || heartbeats
                             .get(&node.id)
                             .is_some_and(|t| t.elapsed() < NODE_DOWN_AFTER);
@@ -384,18 +435,21 @@ impl Manager {
                     } else {
                         NodeStatus::Down
                     };
-                    (status != node.status).then(|| Node {
-                        status,
-                        status_since: now(),
-                        ..node.clone()
-                    })
+                    (status != node.status)
+                        .then(|| (node.id.clone(), node.hostname.clone(), status))
                 })
                 .collect()
         };
-        for node in changes {
-            tracing::info!(node = %node.hostname, status = ?node.status, "node status changed");
-            self.write(Command::UpdateNode(node)).await?;
+        for (id, hostname, status) in changes {
+            tracing::info!(node = %hostname, ?status, "node status changed");
+            self.write(Command::SetNodeStatus {
+                id,
+                status,
+                since: now(),
+            })
+            .await?;
         }
+        self.reconcile_membership(&state);
         for command in orchestrator::reconcile(&self.state(), now(), self.settings) {
             self.write(command).await?;
         }
@@ -434,11 +488,22 @@ impl Manager {
                         bail!("node {} has no label {key}", updated.hostname);
                     }
                 }
+                let demoted = role == Some(Role::Worker) && updated.role == Role::Manager;
+                if demoted && state.managers().count() <= 1 {
+                    bail!(
+                        "node {} is the last manager of the swarm and cannot be demoted",
+                        updated.hostname
+                    );
+                }
                 if let Some(role) = role {
-                    self.change_role(&state, &updated, role).await?;
                     updated.role = role;
                 }
+                // The role is written first: the leader loop then adds a promoted node to Raft,
+                // and never re-adds a demoted one while its voter is removed below.
                 self.write(Command::UpdateNode(updated.clone())).await?;
+                if demoted {
+                    self.remove_voter(&updated).await?;
+                }
                 ControlResponse::Node(self.node_view(&updated))
             }
             ControlRequest::NodeRemove { node, force } => {
@@ -656,38 +721,20 @@ impl Manager {
         Ok(lines)
     }
 
-    async fn change_role(&self, state: &ClusterState, node: &Node, role: Role) -> Result<()> {
-        if node.role == role {
-            return Ok(());
-        }
-        let voters: BTreeSet<u64> = state.managers().map(|n| n.raft_id).collect();
-        match role {
-            Role::Manager => {
-                self.spawn_add_voter(
-                    node.raft_id,
-                    Member {
-                        addr: node.endpoint(),
-                        node_id: node.id.clone(),
-                    },
-                );
-            }
-            Role::Worker => {
-                if voters.len() <= 1 {
-                    bail!(
-                        "node {} is the last manager of the swarm and cannot be demoted",
-                        node.hostname
-                    );
-                }
-                let remaining: BTreeSet<u64> = voters
-                    .into_iter()
-                    .filter(|id| *id != node.raft_id)
-                    .collect();
-                tokio::time::timeout(WRITE_TIMEOUT, self.raft.change_membership(remaining, false))
-                    .await
-                    .map_err(|_| anyhow!("{NO_LEADER} (membership change timed out)"))?
-                    .map_err(|err| anyhow!("demoting {}: {err}", node.hostname))?;
-            }
-        }
+    async fn remove_voter(&self, node: &Node) -> Result<()> {
+        let remaining: BTreeSet<u64> = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .filter(|id| *id != node.raft_id)
+            .collect();
+        tokio::time::timeout(WRITE_TIMEOUT, self.raft.change_membership(remaining, false))
+            .await
+            .map_err(|_| anyhow!("{NO_LEADER} (membership change timed out)"))?
+            .map_err(|err| anyhow!("demoting {}: {err}", node.hostname))?;
         Ok(())
     }
 

@@ -294,52 +294,56 @@ impl ClusterRuntime {
     }
 
     /// Keeps this manager's applied state, drops the Raft log and membership, and starts a
-    /// one-manager Raft from that state. The other managers are left out of Raft (shown
-    /// Unavailable) until they are demoted/removed or leave and join again.
-    async fn force_new_cluster(self: &Arc<Self>) -> Result<InitResponse> {
+    /// one-manager Raft from that state. Only the manager part restarts: the node's tasks keep
+    /// running. The other managers are left out of Raft (shown Unavailable) until they are
+    /// demoted/removed or leave and join again.
+    async fn force_new_cluster(&self) -> Result<InitResponse> {
         let mut running = self.running.write().await;
-        let current = running.take().ok_or_else(|| anyhow!(NOT_IN_SWARM))?;
-        let Some(manager) = current.manager() else {
-            *running = Some(current);
+        let current = running.as_mut().ok_or_else(|| anyhow!(NOT_IN_SWARM))?;
+        let Some(part) = current.manager.take() else {
             bail!("--force-new-cluster needs a manager's state: this node is a worker");
         };
-        let state = manager.state();
-        let membership = current.membership.clone();
-        stop(current).await;
-        drop(manager);
-        // The old log is kept beside, for the record.
+        let state = part.manager.state();
+        *current.shared.manager.write().expect("manager slot") = None;
+        stop_manager(part).await;
+        // The state goes to disk before the log is touched, so a failure below loses nothing.
+        let stamp = now();
+        let saved = self
+            .dir
+            .join(format!("state-before-force-new-cluster-{stamp}.json"));
+        std::fs::write(&saved, serde_json::to_vec(&state)?)
+            .with_context(|| format!("saving {}", saved.display()))?;
         let raft_file = self.dir.join("raft.redb");
         let aside = self
             .dir
-            .join(format!("raft.redb.before-force-new-cluster-{}", now()));
+            .join(format!("raft.redb.before-force-new-cluster-{stamp}"));
         std::fs::rename(&raft_file, &aside)
             .with_context(|| format!("moving {} aside", raft_file.display()))?;
-        let started = self.launch_retrying(membership.clone()).await?;
-        let manager = started.manager().expect("a manager");
-        let result = async {
-            manager
-                .raft
-                .initialize(BTreeMap::from([(
-                    membership.raft_id,
-                    Member {
-                        addr: membership.advertise.to_string(),
-                        node_id: membership.identity.node_id.clone(),
-                    },
-                )]))
-                .await
-                .map_err(|e| anyhow!("initializing Raft: {e}"))?;
-            manager
-                .raft
-                .wait(Some(Duration::from_secs(10)))
-                .current_leader(membership.raft_id, "becoming leader")
-                .await
-                .map_err(|e| anyhow!("no leader after --force-new-cluster: {e}"))?;
-            manager.write(Command::Restore(Box::new(state))).await?;
-            manager.state().token(Role::Worker)
-        }
-        .await;
-        *running = Some(started);
-        let token = result?;
+        let membership = current.membership.clone();
+        let part = self
+            .start_manager_retrying(&membership, &current.client, &current.shared)
+            .await?;
+        let manager = part.manager.clone();
+        current.manager = Some(part);
+        manager
+            .raft
+            .initialize(BTreeMap::from([(
+                membership.raft_id,
+                Member {
+                    addr: membership.advertise.to_string(),
+                    node_id: membership.identity.node_id.clone(),
+                },
+            )]))
+            .await
+            .map_err(|e| anyhow!("initializing Raft: {e}"))?;
+        manager
+            .raft
+            .wait(Some(Duration::from_secs(10)))
+            .current_leader(membership.raft_id, "becoming leader")
+            .await
+            .map_err(|e| anyhow!("no leader after --force-new-cluster: {e}"))?;
+        manager.write(Command::Restore(Box::new(state))).await?;
+        let token = manager.state().token(Role::Worker)?;
         tracing::warn!("swarm rebuilt from this manager's state (--force-new-cluster)");
         Ok(InitResponse {
             node_id: membership.identity.node_id,
@@ -348,13 +352,18 @@ impl ClusterRuntime {
         })
     }
 
-    /// `launch` once the previous Raft has let go of the redb file (its lock is released
-    /// when the last handle drops, shortly after shutdown).
-    async fn launch_retrying(self: &Arc<Self>, membership: Membership) -> Result<Running> {
+    /// `start_manager` once the previous Raft has let go of the redb file (its lock goes
+    /// with the last handle, shortly after shutdown).
+    async fn start_manager_retrying(
+        &self,
+        membership: &Membership,
+        client: &ClusterClient,
+        shared: &NodeShared,
+    ) -> Result<ManagerPart> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
-            match self.launch(membership.clone()).await {
-                Ok(running) => return Ok(running),
+            match self.start_manager(membership, client, shared).await {
+                Ok(part) => return Ok(part),
                 Err(err) if tokio::time::Instant::now() < deadline => {
                     tracing::debug!(error = %format!("{err:#}"), "waiting for the old Raft to close");
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -385,6 +394,7 @@ impl ClusterRuntime {
         let (key_pem, csr_pem) = new_key_and_csr()?;
         let client = ClusterClient::new(transport::joining_client_config(&token.ca_digest)?);
         let envelope = Envelope {
+            forwarded: false,
             origin: None,
             request: ClusterRequest::Join(JoinRequest {
                 secret: token.secret.clone(),
@@ -678,10 +688,17 @@ impl raft::Transport for RaftTransport {
 fn node_router(shared: Arc<NodeShared>) -> Router {
     Router::new()
         .route("/cluster", post(cluster_call))
-        .route("/raft/{rpc}", post(raft_call))
+        // Snapshot chunks and large entries exceed axum's 2 MB default.
+        .route(
+            "/raft/{rpc}",
+            post(raft_call).layer(axum::extract::DefaultBodyLimit::max(RAFT_BODY_LIMIT)),
+        )
         .route("/node/logs", post(logs_call))
         .with_state(shared)
 }
+
+/// Largest Raft message accepted (a snapshot chunk or a batch of entries, as JSON).
+const RAFT_BODY_LIMIT: usize = 64 << 20;
 
 type Failure = (StatusCode, Json<crate::api::ApiError>);
 
@@ -725,14 +742,16 @@ async fn raft_call(
     let caller = peer
         .require()
         .map_err(|err| failure(StatusCode::FORBIDDEN, err))?;
-    // Only Raft members (or anyone, for a manager not yet given a membership) may talk Raft.
+    // Only Raft members may talk Raft; a manager not yet given a membership listens to the
+    // managers its own heartbeats named.
     let membership = manager.raft.metrics().borrow().membership_config.clone();
     let known = membership
         .membership()
         .nodes()
         .any(|(_, m)| m.node_id == caller);
     let fresh = membership.membership().nodes().next().is_none();
-    if !known && !fresh {
+    let allowed = known || (fresh && shared.worker.is_manager(caller));
+    if !allowed {
         return Err(failure(
             StatusCode::FORBIDDEN,
             anyhow!("node {caller} is not a Raft member"),

@@ -18,7 +18,9 @@ use sha2::{Digest as _, Sha256};
 /// Every node certificate carries this DNS name; TLS clients verify it (plus the CA), since
 /// nodes are reached by address but identified by ID.
 pub const CLUSTER_SERVER_NAME: &str = "shoal-cluster";
-const CERT_VALIDITY_DAYS: i64 = 90;
+/// Node certificates are not renewed yet (docs/operations.md), so they last long enough
+/// that no swarm dies of an expiry; rotation will shorten this.
+const CERT_VALIDITY_DAYS: i64 = 3 * 365;
 const CA_VALIDITY_DAYS: i64 = 20 * 365;
 const BASE36: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
 

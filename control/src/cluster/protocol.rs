@@ -17,7 +17,10 @@ use super::{
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Envelope {
-    /// Set by a forwarding manager: the node that made the call.
+    /// Set by a manager passing the request on to the leader; then `origin` names the caller
+    /// (None only for a join, whose caller has no certificate yet).
+    #[serde(default)]
+    pub forwarded: bool,
     pub origin: Option<String>,
     pub request: ClusterRequest,
 }

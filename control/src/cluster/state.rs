@@ -317,8 +317,16 @@ pub enum Command {
         settings: ClusterSettings,
         ingress: Network,
     },
+    /// A joining node; its Raft ID is assigned when the command is applied.
     AddNode(Node),
     UpdateNode(Node),
+    /// Liveness, as the leader sees it; only these two fields, so a concurrent update of the
+    /// node's spec (role, availability, labels) is never undone.
+    SetNodeStatus {
+        id: String,
+        status: NodeStatus,
+        since: Timestamp,
+    },
     RemoveNode {
         id: String,
     },
@@ -379,12 +387,22 @@ impl ClusterState {
                 }
                 *self = *state;
             }
-            Command::AddNode(node) => {
+            Command::AddNode(mut node) => {
                 if self.nodes.contains_key(&node.id) {
                     bail!("node {} already exists", node.id);
                 }
-                self.next_raft_id = self.next_raft_id.max(node.raft_id + 1);
+                // Assigned here, in log order, so concurrent joins never share an ID.
+                node.raft_id = self.next_raft_id;
+                self.next_raft_id += 1;
                 self.nodes.insert(node.id.clone(), node);
+            }
+            Command::SetNodeStatus { id, status, since } => {
+                let node = self
+                    .nodes
+                    .get_mut(&id)
+                    .ok_or_else(|| anyhow::anyhow!("node {id} not found"))?;
+                node.status = status;
+                node.status_since = since;
             }
             Command::UpdateNode(node) => {
                 if !self.nodes.contains_key(&node.id) {
@@ -450,7 +468,16 @@ impl ClusterState {
                 self.networks.remove(&id);
             }
             Command::PutTasks(tasks) => {
-                for task in tasks {
+                for mut task in tasks {
+                    // The orchestrator's copy may predate a worker's report: states only move
+                    // forward, so the further one wins.
+                    if let Some(current) = self.tasks.get(&task.id) {
+                        if current.state > task.state {
+                            task.state = current.state;
+                            task.state_since = current.state_since;
+                            task.error = current.error.clone();
+                        }
+                    }
                     self.tasks.insert(task.id.clone(), task);
                 }
             }
@@ -705,6 +732,14 @@ mod tests {
         state.apply(report("n1", TaskState::Failed)).unwrap();
         assert_eq!(state.tasks["t"].state, TaskState::Failed);
         assert_eq!(state.tasks["t"].state_since, 5);
+        // An orchestrator decision made from an older copy does not undo the report.
+        let mut stale = task("t", "n1", TaskState::Running);
+        stale.desired = TaskState::Shutdown;
+        state.apply(Command::PutTasks(vec![stale])).unwrap();
+        assert_eq!(
+            (state.tasks["t"].state, state.tasks["t"].desired),
+            (TaskState::Failed, TaskState::Shutdown)
+        );
     }
 
     #[test]

@@ -31,6 +31,8 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use super::pki::{ca_digest, node_id_of, NodeIdentity, CLUSTER_SERVER_NAME};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a connection may wait between requests before the server closes it.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The verified node ID of the caller, or None for a node that is still joining.
 #[derive(Clone, Debug)]
@@ -216,7 +218,11 @@ pub async fn serve(listener: TcpListener, tls: Arc<ServerConfig>, router: Router
                 .and_then(|cert| node_id_of(cert).ok());
             let service =
                 hyper_util::service::TowerToHyperService::new(router.layer(Extension(Peer(peer))));
+            // A connection that sends no request in time is closed, so idle (or
+            // certificate-less) connections cannot pile up.
             if let Err(err) = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {

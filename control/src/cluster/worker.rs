@@ -85,16 +85,19 @@ impl Worker {
         &self.runtime
     }
 
-    /// Output of local tasks, for a manager: the last `tail` lines of each task's log (at
-    /// most `LOG_LINES_CAP`).
-    pub fn task_logs(&self, caller: &str, request: &LogsRequest) -> Result<Vec<TaskLog>> {
-        if !self
-            .manager_ids
+    /// Whether a node is a manager, as the last heartbeat said.
+    pub fn is_manager(&self, node_id: &str) -> bool {
+        self.manager_ids
             .lock()
             .expect("manager ids")
             .iter()
-            .any(|id| id == caller)
-        {
+            .any(|id| id == node_id)
+    }
+
+    /// Output of local tasks, for a manager: the last `tail` lines of each task's log (at
+    /// most `LOG_LINES_CAP`).
+    pub fn task_logs(&self, caller: &str, request: &LogsRequest) -> Result<Vec<TaskLog>> {
+        if !self.is_manager(caller) {
             anyhow::bail!("only managers may read task logs");
         }
         let tail = request.tail.unwrap_or(LOG_LINES_CAP).min(LOG_LINES_CAP);
@@ -211,6 +214,7 @@ impl Worker {
     async fn heartbeat(&self) -> Result<HeartbeatResponse> {
         let managers = self.managers.lock().expect("managers").clone();
         let envelope = Envelope {
+            forwarded: false,
             origin: None,
             request: ClusterRequest::Heartbeat {
                 reports: self.reports(),
