@@ -168,42 +168,30 @@ impl Plan<'_> {
             })
     }
 
+    /// Tasks of nodes Down past the grace period, or removed from the swarm, have no one to
+    /// report on them: they are Orphaned (and replaced by the passes that follow).
     fn orphan_tasks_of_lost_nodes(&mut self, grace: u64) {
-        let lost: Vec<&Node> = self
-            .state
-            .nodes
-            .values()
-            .filter(|n| n.status == NodeStatus::Down && self.now >= n.status_since + grace)
-            .collect();
-        let orphans: Vec<Task> = self
+        let orphans: Vec<(Task, &str)> = self
             .tasks()
             .filter(|t| !t.state.is_terminal())
-            .filter(|t| lost.iter().any(|n| Some(&n.id) == t.node_id.as_ref()))
-            .cloned()
-            .collect();
-        for mut task in orphans {
-            task.state = TaskState::Orphaned;
-            task.state_since = self.now;
-            task.desired = TaskState::Shutdown;
-            task.message = "node down".into();
-            self.put(task);
-        }
-        // Tasks of nodes that left the cluster have no one to report on them.
-        let gone: Vec<Task> = self
-            .tasks()
-            .filter(|t| !t.state.is_terminal())
-            .filter(|t| {
-                t.node_id
-                    .as_ref()
-                    .is_some_and(|id| !self.state.nodes.contains_key(id))
+            .filter_map(|t| {
+                let node_id = t.node_id.as_ref()?;
+                match self.state.nodes.get(node_id) {
+                    None => Some((t.clone(), "node removed")),
+                    Some(n)
+                        if n.status == NodeStatus::Down && self.now >= n.status_since + grace =>
+                    {
+                        Some((t.clone(), "node down"))
+                    }
+                    Some(_) => None,
+                }
             })
-            .cloned()
             .collect();
-        for mut task in gone {
+        for (mut task, why) in orphans {
             task.state = TaskState::Orphaned;
             task.state_since = self.now;
             task.desired = TaskState::Shutdown;
-            task.message = "node removed".into();
+            task.message = why.to_owned();
             self.put(task);
         }
     }
