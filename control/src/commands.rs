@@ -290,6 +290,16 @@ async fn control(client: &Client, request: ControlRequest) -> Result<ControlResp
     client.post("/v1/control", &request).await
 }
 
+/// Sends a control request and takes the kind of answer it must have.
+macro_rules! ask {
+    ($client:expr, $request:expr, $answer:ident) => {
+        match control($client, $request).await? {
+            ControlResponse::$answer(value) => value,
+            other => bail!("unexpected answer from the agent: {other:?}"),
+        }
+    };
+}
+
 pub async fn swarm(client: &Client, command: SwarmCommand) -> Result<()> {
     match command {
         SwarmCommand::Init {
@@ -344,11 +354,7 @@ pub async fn swarm(client: &Client, command: SwarmCommand) -> Result<()> {
             rotate,
         } => {
             let role = Role::from(role);
-            let ControlResponse::Token(token) =
-                control(client, ControlRequest::JoinToken { role, rotate }).await?
-            else {
-                bail!("unexpected answer");
-            };
+            let token = ask!(client, ControlRequest::JoinToken { role, rotate }, Token);
             if quiet {
                 println!("{token}");
             } else {
@@ -393,10 +399,7 @@ async fn resolve_self(client: &Client, node: String) -> Result<String> {
 pub async fn node(client: &Client, command: NodeCommand) -> Result<()> {
     match command {
         NodeCommand::Ls { format } => {
-            let ControlResponse::Nodes(nodes) = control(client, ControlRequest::NodeList).await?
-            else {
-                bail!("unexpected answer");
-            };
+            let nodes = ask!(client, ControlRequest::NodeList, Nodes);
             match format {
                 Format::Json => print!("{}", json(&nodes)),
                 Format::Table => print!("{}", render_nodes(&nodes, &self_id(client).await?)),
@@ -404,11 +407,7 @@ pub async fn node(client: &Client, command: NodeCommand) -> Result<()> {
         }
         NodeCommand::Inspect { node, pretty } => {
             let node = resolve_self(client, node).await?;
-            let ControlResponse::Node(view) =
-                control(client, ControlRequest::NodeInspect { node }).await?
-            else {
-                bail!("unexpected answer");
-            };
+            let view = ask!(client, ControlRequest::NodeInspect { node }, Node);
             if pretty {
                 let labels: Vec<String> = view
                     .labels
@@ -471,11 +470,7 @@ pub async fn node(client: &Client, command: NodeCommand) -> Result<()> {
         }
         NodeCommand::Ps { node, format } => {
             let node = resolve_self(client, node).await?;
-            let ControlResponse::Tasks(tasks) =
-                control(client, ControlRequest::NodeTasks { node }).await?
-            else {
-                bail!("unexpected answer");
-            };
+            let tasks = ask!(client, ControlRequest::NodeTasks { node }, Tasks);
             print_tasks(&tasks, format);
         }
     }
@@ -535,19 +530,11 @@ pub async fn network(client: &Client, command: NetworkCommand) -> Result<()> {
                 internal,
                 mtu,
             };
-            let ControlResponse::Network(view) =
-                control(client, ControlRequest::NetworkCreate(request)).await?
-            else {
-                bail!("unexpected answer");
-            };
+            let view = ask!(client, ControlRequest::NetworkCreate(request), Network);
             println!("{}", view.id);
         }
         NetworkCommand::Ls { format } => {
-            let ControlResponse::Networks(networks) =
-                control(client, ControlRequest::NetworkList).await?
-            else {
-                bail!("unexpected answer");
-            };
+            let networks = ask!(client, ControlRequest::NetworkList, Networks);
             match format {
                 Format::Json => print!("{}", json(&networks)),
                 Format::Table => {
@@ -571,11 +558,7 @@ pub async fn network(client: &Client, command: NetworkCommand) -> Result<()> {
             }
         }
         NetworkCommand::Inspect { network } => {
-            let ControlResponse::Network(view) =
-                control(client, ControlRequest::NetworkInspect { network }).await?
-            else {
-                bail!("unexpected answer");
-            };
+            let view = ask!(client, ControlRequest::NetworkInspect { network }, Network);
             print!("{}", json(&view));
         }
         NetworkCommand::Rm { networks } => {
@@ -618,41 +601,25 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
                 networks: args.networks,
             };
             spec.validate()?;
-            let ControlResponse::Service(view) =
-                control(client, ControlRequest::ServiceCreate(spec)).await?
-            else {
-                bail!("unexpected answer");
-            };
+            let view = ask!(client, ControlRequest::ServiceCreate(spec), Service);
             println!("{}", view.id);
             if !args.detach {
                 wait_converged(client, &view.id).await?;
             }
         }
         ServiceCommand::Ls { format } => {
-            let ControlResponse::Services(services) =
-                control(client, ControlRequest::ServiceList).await?
-            else {
-                bail!("unexpected answer");
-            };
+            let services = ask!(client, ControlRequest::ServiceList, Services);
             match format {
                 Format::Json => print!("{}", json(&services)),
                 Format::Table => print!("{}", render_services(&services)),
             }
         }
         ServiceCommand::Ps { service, format } => {
-            let ControlResponse::Tasks(tasks) =
-                control(client, ControlRequest::ServiceTasks { service }).await?
-            else {
-                bail!("unexpected answer");
-            };
+            let tasks = ask!(client, ControlRequest::ServiceTasks { service }, Tasks);
             print_tasks(&tasks, format);
         }
         ServiceCommand::Inspect { service, pretty } => {
-            let ControlResponse::Service(view) =
-                control(client, ControlRequest::ServiceInspect { service }).await?
-            else {
-                bail!("unexpected answer");
-            };
+            let view = ask!(client, ControlRequest::ServiceInspect { service }, Service);
             if pretty {
                 println!("ID:             {}", view.id);
                 println!("Name:           {}", view.name);
@@ -683,7 +650,7 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
                 parsed.push((name.to_owned(), replicas));
             }
             for (name, replicas) in parsed {
-                let ControlResponse::Service(view) = control(
+                let view = ask!(
                     client,
                     ControlRequest::ServiceUpdate {
                         service: name.clone(),
@@ -693,11 +660,8 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
                         network_rm: vec![],
                         force: false,
                     },
-                )
-                .await?
-                else {
-                    bail!("unexpected answer");
-                };
+                    Service
+                );
                 println!("{name} scaled to {replicas}");
                 if !detach {
                     wait_converged(client, &view.id).await?;
@@ -713,7 +677,7 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
             detach,
             service,
         } => {
-            let ControlResponse::Service(view) = control(
+            let view = ask!(
                 client,
                 ControlRequest::ServiceUpdate {
                     service,
@@ -723,22 +687,15 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
                     network_rm,
                     force,
                 },
-            )
-            .await?
-            else {
-                bail!("unexpected answer");
-            };
+                Service
+            );
             println!("{}", view.name);
             if !detach {
                 wait_converged(client, &view.id).await?;
             }
         }
         ServiceCommand::Logs { service, tail } => {
-            let ControlResponse::Logs(lines) =
-                control(client, ControlRequest::ServiceLogs { service, tail }).await?
-            else {
-                bail!("unexpected answer");
-            };
+            let lines = ask!(client, ControlRequest::ServiceLogs { service, tail }, Logs);
             let width = lines.iter().map(|l| l.source.len()).max().unwrap_or(0);
             for line in lines {
                 println!("{:<width$} | {}", line.source, line.line);
@@ -766,26 +723,20 @@ async fn wait_converged(client: &Client, service: &str) -> Result<()> {
     let started = Instant::now();
     let mut last = None;
     loop {
-        let ControlResponse::Service(view) = control(
+        let view = ask!(
             client,
             ControlRequest::ServiceInspect {
                 service: service.to_owned(),
             },
-        )
-        .await?
-        else {
-            bail!("unexpected answer");
-        };
-        let ControlResponse::Tasks(tasks) = control(
+            Service
+        );
+        let tasks = ask!(
             client,
             ControlRequest::ServiceTasks {
                 service: service.to_owned(),
             },
-        )
-        .await?
-        else {
-            bail!("unexpected answer");
-        };
+            Tasks
+        );
         let current: Vec<&TaskView> = tasks
             .iter()
             .filter(|t| t.desired == TaskState::Running)

@@ -23,6 +23,16 @@ pub fn shoal_bin() -> PathBuf {
     bin
 }
 
+/// Where the cgroup v2 hierarchy is mounted (labs and tasks live under it).
+pub fn cgroup2_mount() -> PathBuf {
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .find(|l| l.contains(" - cgroup2 "))
+        .and_then(|l| l.split_whitespace().nth(4).map(PathBuf::from))
+        .expect("a cgroup2 mount")
+}
+
 /// Tests that make namespaces or load eBPF need root. They fail, never skip, without it.
 pub fn require_root() {
     assert!(
@@ -123,12 +133,7 @@ impl TestLab {
             .filter(|n| n.starts_with(&prefix))
             .map(|n| format!("namespace {n}"))
             .collect();
-        let cgroup2 = fs::read_to_string("/proc/self/mountinfo")
-            .unwrap()
-            .lines()
-            .find(|l| l.contains(" - cgroup2 "))
-            .and_then(|l| l.split_whitespace().nth(4).map(PathBuf::from))
-            .expect("a cgroup2 mount");
+        let cgroup2 = cgroup2_mount();
         for path in [
             PathBuf::from(format!("/sys/fs/bpf/shoal-{}", self.name)),
             cgroup2.join(format!("shoal-{}", self.name)),

@@ -4,9 +4,7 @@
 
 use std::{
     collections::BTreeMap,
-    fs,
-    path::PathBuf,
-    thread,
+    fs, thread,
     time::{Duration, Instant},
 };
 
@@ -52,18 +50,9 @@ fn running_per_node(lab: &TestLab, service: &str) -> BTreeMap<String, usize> {
     per
 }
 
-fn cgroup_root() -> PathBuf {
-    fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .find(|l| l.contains(" - cgroup2 "))
-        .and_then(|l| l.split_whitespace().nth(4).map(PathBuf::from))
-        .unwrap()
-}
-
 /// Task process IDs (every process in every task cgroup) of one node of the lab.
 fn task_pids(lab: &TestLab, node: &str) -> Vec<u32> {
-    let dir = cgroup_root().join(format!("shoal-{}/{node}/tasks", lab.name));
+    let dir = shoal_tests::cgroup2_mount().join(format!("shoal-{}/{node}/tasks", lab.name));
     let mut pids = Vec::new();
     for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
         if entry.file_type().unwrap().is_dir() {

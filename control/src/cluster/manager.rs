@@ -85,8 +85,14 @@ impl Manager {
         }
     }
 
+    /// A copy of the state, for work that spans awaits.
     pub fn state(&self) -> ClusterState {
         self.sm.state()
+    }
+
+    /// Reads the state in place: the per-request paths use this instead of copying it.
+    fn read<R>(&self, f: impl FnOnce(&ClusterState) -> R) -> R {
+        self.sm.read(f)
     }
 
     fn leader_id(&self) -> Option<u64> {
@@ -108,15 +114,15 @@ impl Manager {
 
     /// Answers a request from `peer` (maybe forwarded on behalf of `envelope.origin`).
     pub async fn dispatch(&self, peer: &Peer, envelope: Envelope) -> Result<ClusterResponse> {
-        let state = self.state();
         let caller = if envelope.forwarded {
             // Only a manager may speak for another node.
             let forwarder = peer.0.as_deref().unwrap_or_default();
-            if !state
-                .nodes
-                .get(forwarder)
-                .is_some_and(|n| n.role == Role::Manager)
-            {
+            let is_manager = self.read(|s| {
+                s.nodes
+                    .get(forwarder)
+                    .is_some_and(|n| n.role == Role::Manager)
+            });
+            if !is_manager {
                 bail!("only managers may forward requests");
             }
             envelope.origin.clone()
@@ -205,10 +211,9 @@ impl Manager {
             ClusterRequest::Control(control) => {
                 let caller =
                     caller.ok_or_else(|| anyhow!("control request without a node certificate"))?;
-                let state = self.state();
-                match state.nodes.get(&caller) {
-                    Some(node) if node.role == Role::Manager => {}
-                    Some(_) => bail!(
+                match self.read(|s| s.nodes.get(&caller).map(|n| n.role)) {
+                    Some(Role::Manager) => {}
+                    Some(Role::Worker) => bail!(
                         "this node is not a swarm manager: run the command on a manager, or \
                          promote this node with `shoal node promote` from a manager"
                     ),
@@ -269,7 +274,7 @@ impl Manager {
             role,
             cert_pem,
             ca_pem: ca.cert_pem.clone(),
-            managers: self.manager_endpoints(),
+            managers: self.read(|s| self.manager_endpoints(s)),
         })
     }
 
@@ -323,11 +328,13 @@ impl Manager {
         });
     }
 
-    fn manager_endpoints(&self) -> Vec<String> {
-        let state = self.state();
+    /// Manager endpoints, the leader last (workers try them in order, and the leader is the
+    /// one most likely to change).
+    fn manager_endpoints(&self, state: &ClusterState) -> Vec<String> {
+        let leader = self.leader_id();
         let mut managers: Vec<(bool, String)> = state
             .managers()
-            .map(|n| (Some(n.raft_id) != self.leader_id(), n.endpoint()))
+            .map(|n| (Some(n.raft_id) != leader, n.endpoint()))
             .collect();
         managers.sort();
         managers.into_iter().map(|(_, e)| e).collect()
@@ -338,58 +345,57 @@ impl Manager {
         caller: &str,
         reports: Vec<super::state::TaskReport>,
     ) -> Result<HeartbeatResponse> {
-        let state = self.state();
-        let Some(role) = state.nodes.get(caller).map(|n| n.role) else {
+        let known = self.read(|state| {
+            let role = state.nodes.get(caller)?.role;
+            let moves = reports.iter().any(|r| {
+                state
+                    .tasks
+                    .get(&r.task_id)
+                    .is_some_and(|t| t.node_id.as_deref() == Some(caller) && r.state > t.state)
+            });
+            Some((role, moves))
+        });
+        let Some((role, moves)) = known else {
             bail!("node {caller} is not part of this swarm (it was removed); join again");
         };
         self.heartbeats
             .lock()
             .expect("heartbeats")
             .insert(caller.to_owned(), Instant::now());
-        let moves = reports.iter().any(|r| {
-            state
-                .tasks
-                .get(&r.task_id)
-                .is_some_and(|t| t.node_id.as_deref() == Some(caller) && r.state > t.state)
-        });
-        let state = if moves {
+        if moves {
             self.write(Command::ReportTasks {
                 node_id: caller.to_owned(),
                 reports,
                 at: now(),
             })
             .await?;
-            self.state()
-        } else {
-            state
-        };
-        let assignments = state
-            .tasks
-            .values()
-            .filter(|t| t.node_id.as_deref() == Some(caller) && !t.state.is_terminal())
-            .map(|t| {
-                let service = state.services.get(&t.service_id);
-                let spec = service.map(|s| &s.spec);
-                Assignment {
-                    task_id: t.id.clone(),
-                    name: task_name(&state, t),
-                    // Tasks of a removed service are only ever stopped.
-                    desired: if service.is_some() {
-                        t.desired
-                    } else {
-                        TaskState::Shutdown
-                    },
-                    command: spec.map(|s| s.command.clone()).unwrap_or_default(),
-                    env: spec.map(|s| s.env.clone()).unwrap_or_default(),
-                }
-            })
-            .collect();
-        Ok(HeartbeatResponse {
-            assignments,
-            managers: self.manager_endpoints(),
+        }
+        Ok(self.read(|state| HeartbeatResponse {
+            assignments: state
+                .tasks
+                .values()
+                .filter(|t| t.node_id.as_deref() == Some(caller) && !t.state.is_terminal())
+                .map(|t| {
+                    let service = state.services.get(&t.service_id);
+                    let spec = service.map(|s| &s.spec);
+                    Assignment {
+                        task_id: t.id.clone(),
+                        name: task_name(state, t),
+                        // Tasks of a removed service are only ever stopped.
+                        desired: if service.is_some() {
+                            t.desired
+                        } else {
+                            TaskState::Shutdown
+                        },
+                        command: spec.map(|s| s.command.clone()).unwrap_or_default(),
+                        env: spec.map(|s| s.env.clone()).unwrap_or_default(),
+                    }
+                })
+                .collect(),
+            managers: self.manager_endpoints(state),
             role,
             manager_ids: state.managers().map(|n| n.id.clone()).collect(),
-        })
+        }))
     }
 
     /// Leader duties, every half second: node liveness, then reconciliation.

@@ -538,6 +538,21 @@ mod tests {
         per
     }
 
+    /// The node running `task` reports it failed at `at`.
+    fn fail(state: &mut ClusterState, task: &Task, at: Timestamp, error: &str) {
+        state
+            .apply(Command::ReportTasks {
+                node_id: task.node_id.clone().unwrap(),
+                reports: vec![TaskReport {
+                    task_id: task.id.clone(),
+                    state: TaskState::Failed,
+                    error: error.into(),
+                }],
+                at,
+            })
+            .unwrap();
+    }
+
     fn set_replicas(state: &mut ClusterState, id: &str, replicas: u64) {
         state.services.get_mut(id).unwrap().spec.mode = ServiceMode::Replicated { replicas };
     }
@@ -572,17 +587,7 @@ mod tests {
         let web = service(&mut state, "web", ServiceMode::Replicated { replicas: 2 });
         converge(&mut state, 1);
         let victim = state.tasks.values().next().unwrap().clone();
-        state
-            .apply(Command::ReportTasks {
-                node_id: victim.node_id.clone().unwrap(),
-                reports: vec![TaskReport {
-                    task_id: victim.id.clone(),
-                    state: TaskState::Failed,
-                    error: "exit status 137".into(),
-                }],
-                at: 2,
-            })
-            .unwrap();
+        fail(&mut state, &victim, 2, "exit status 137");
         converge(&mut state, 3);
         assert_eq!(
             running_per_node(&state, &web).values().sum::<usize>(),
@@ -617,17 +622,7 @@ mod tests {
                 .find(|t| t.desired == TaskState::Running)
                 .unwrap()
                 .clone();
-            state
-                .apply(Command::ReportTasks {
-                    node_id: running.node_id.unwrap(),
-                    reports: vec![TaskReport {
-                        task_id: running.id,
-                        state: TaskState::Failed,
-                        error: String::new(),
-                    }],
-                    at: round * 10 + 1,
-                })
-                .unwrap();
+            fail(&mut state, &running, round * 10 + 1, "");
         }
         converge(&mut state, 1000);
         assert_eq!(state.tasks.len(), TASK_HISTORY_LIMIT);
@@ -760,17 +755,7 @@ mod tests {
 
         // A failed task's address goes to its replacement; the /29 has room for 5 only.
         let victim = state.tasks.values().next().unwrap().clone();
-        state
-            .apply(Command::ReportTasks {
-                node_id: victim.node_id.clone().unwrap(),
-                reports: vec![TaskReport {
-                    task_id: victim.id.clone(),
-                    state: TaskState::Failed,
-                    error: String::new(),
-                }],
-                at: 2,
-            })
-            .unwrap();
+        fail(&mut state, &victim, 2, "");
         set_replicas(&mut state, &web, 5);
         converge(&mut state, 2 + RESTART_DELAY_SECS);
         assert_eq!(running_per_node(&state, &web).values().sum::<usize>(), 5);

@@ -107,7 +107,12 @@ impl StateMachine {
 
     /// A copy of the applied cluster state (this manager's view).
     pub fn state(&self) -> ClusterState {
-        self.inner.lock().unwrap().sm.state.clone()
+        self.read(ClusterState::clone)
+    }
+
+    /// Reads the applied state in place, without copying it. `f` must not block.
+    pub fn read<R>(&self, f: impl FnOnce(&ClusterState) -> R) -> R {
+        f(&self.inner.lock().unwrap().sm.state)
     }
 
     /// Persist the current snapshot unless a newer one is already stored.
