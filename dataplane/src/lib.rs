@@ -6,6 +6,9 @@
 //! and a pinned link is updated in place to the newly loaded program, so the interface is never
 //! without a program while the agent restarts.
 
+pub mod iproute;
+pub mod overlay;
+pub mod peerdb;
 pub mod process;
 mod status;
 pub mod task;
