@@ -1047,6 +1047,11 @@ impl Gossip {
         stats
     }
 
+    /// Counts input a driver rejected before it reached the core (an oversized sync frame).
+    pub fn count_malformed(&mut self) {
+        self.stats.malformed_dropped += 1;
+    }
+
     /// Table writes waiting for retransmission (for tests and benchmarks).
     pub fn queued_writes(&self) -> usize {
         self.queue.len()
