@@ -130,6 +130,16 @@ impl<V: Clone + PartialEq> Table<V> {
         before - self.entries.len()
     }
 
+    /// Forgets an entry without leaving a tombstone (reaping dead entries locally).
+    pub fn remove(&mut self, key: &str) -> Option<Entry<V>> {
+        self.entries.remove(key)
+    }
+
+    /// The entry of a key, tombstone included.
+    pub fn entry(&self, key: &str) -> Option<&Entry<V>> {
+        self.entries.get(key)
+    }
+
     pub fn get(&self, key: &str) -> Option<&V> {
         self.entries.get(key)?.value.as_ref()
     }

@@ -1,0 +1,1059 @@
+//! The sans-IO gossip node: SWIM membership (foca), the cluster-wide network-membership
+//! table, one endpoint table per attached network, dissemination and full-state sync.
+//! Time comes in as `now_ms`; everything it wants sent comes out of `poll_output`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::time::Duration;
+
+use foca::{Config, Foca, NoCustomBroadcast, Notification, PostcardCodec, Runtime, State, Timer};
+use rand::rngs::SmallRng;
+use rand::seq::{IndexedRandom, SliceRandom};
+use rand::{Rng, SeedableRng};
+
+use crate::identity::NodeIdentity;
+use crate::message::{membership_key, split_membership_key, Message, SyncState, Update};
+use crate::queue::{Scope, TransmitQueue};
+use crate::record::EndpointRecord;
+use crate::table::{Entry, Table};
+use crate::wire::{DropReason, Keyring, Kind, Sealer, MAX_NODE_ID_LEN, MAX_OVERHEAD};
+
+/// Room for the `Message` enum tag and length prefix around a payload.
+const MESSAGE_FRAMING: usize = 8;
+/// Foca timers fired in one `tick`, at most (they never schedule themselves at zero delay,
+/// this only bounds the loop).
+const MAX_TIMERS_PER_TICK: usize = 10_000;
+
+#[derive(Clone, Debug)]
+pub struct GossipConfig {
+    pub node_id: String,
+    /// This node's gossip address (UDP and TCP).
+    pub addr: SocketAddr,
+    /// Seeds every random choice, so a simulation replays exactly.
+    pub seed: u64,
+    /// How often queued table writes are sent again.
+    pub gossip_interval_ms: u64,
+    /// Nodes each write is pushed to at once and on every gossip round.
+    pub fanout: usize,
+    /// A write is sent `retransmit_mult * ceil(log10(n + 1))` times (n: nodes in its scope).
+    pub retransmit_mult: u32,
+    /// The largest datagram sent, sealing included.
+    pub max_datagram: usize,
+    /// How often to run a full-state sync with a random member.
+    pub sync_interval_ms: u64,
+    /// A sync that teaches more writes than this is a bootstrap: they are not re-gossiped.
+    pub sync_regossip_max: usize,
+    /// How often to announce to the seeds again while no member is known.
+    pub rejoin_interval_ms: u64,
+    /// Packets whose send time is further than this from now are dropped.
+    pub max_packet_age_ms: u64,
+    /// Tombstones, and entries whose owner is Down or off the network, are forgotten after
+    /// they have been so for this long.
+    pub reap_after_ms: u64,
+    pub reap_interval_ms: u64,
+    /// Foca's timings scale with the cluster size; this is the starting guess.
+    pub expected_cluster_size: u32,
+}
+
+impl GossipConfig {
+    /// Production defaults.
+    pub fn new(node_id: &str, addr: SocketAddr, seed: u64) -> GossipConfig {
+        GossipConfig {
+            node_id: node_id.to_owned(),
+            addr,
+            seed,
+            gossip_interval_ms: 200,
+            fanout: 3,
+            retransmit_mult: 4,
+            max_datagram: 1_400,
+            sync_interval_ms: 30_000,
+            sync_regossip_max: 64,
+            rejoin_interval_ms: 5_000,
+            max_packet_age_ms: 60_000,
+            reap_after_ms: 30 * 60_000,
+            reap_interval_ms: 60_000,
+            expected_cluster_size: 16,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("node ids are 1 to {MAX_NODE_ID_LEN} bytes")]
+    NodeId,
+    #[error("network names are 1 to 255 bytes without '/'")]
+    NetworkName,
+    #[error("this node is not on network {0}")]
+    NotOnNetwork(String),
+    #[error("dropped: {0}")]
+    Dropped(#[from] DropReason),
+}
+
+/// What the node wants done.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Output {
+    Datagram {
+        to: SocketAddr,
+        bytes: Vec<u8>,
+    },
+    /// Send over TCP and hand the answer to `handle_sync_response`.
+    SyncRequest {
+        to: SocketAddr,
+        bytes: Vec<u8>,
+    },
+    /// The live view of a network may have changed: read `view(net)` again.
+    Changed {
+        net: String,
+    },
+    MembersChanged,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemberState {
+    Alive,
+    Suspect,
+    Down,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberInfo {
+    pub node_id: String,
+    pub addr: SocketAddr,
+    pub state: MemberState,
+    pub incarnation: u16,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GossipStats {
+    pub packets_sent: u64,
+    pub bytes_sent: u64,
+    pub packets_received: u64,
+    pub bytes_received: u64,
+    pub auth_failures: u64,
+    pub replays_dropped: u64,
+    /// Too old, from the future, or from an older boot of the sender.
+    pub stale_dropped: u64,
+    pub malformed_dropped: u64,
+    /// Writes for a network this node is not on (a sender's stale view).
+    pub out_of_scope_dropped: u64,
+    /// Probes of this node that failed, making it suspect the member.
+    pub suspicions: u64,
+    /// Times this node saw a member go Down.
+    pub downs_observed: u64,
+    pub syncs_sent: u64,
+    pub syncs_answered: u64,
+    pub members_alive: usize,
+    pub members_suspect: usize,
+    pub members_down: usize,
+}
+
+struct Peer {
+    identity: NodeIdentity,
+    /// Alive or Suspect; a known-Down node's entries leave every view.
+    up: bool,
+}
+
+/// Where foca's effects land until the node turns them into outputs.
+#[derive(Default)]
+struct FocaEffects {
+    sends: Vec<(SocketAddr, Vec<u8>)>,
+    timers: Vec<(Duration, Timer<NodeIdentity>)>,
+    notes: Vec<Note>,
+}
+
+enum Note {
+    Up(NodeIdentity),
+    Down(NodeIdentity),
+    Renamed(NodeIdentity, NodeIdentity),
+    ProbeFailed,
+}
+
+impl Runtime<NodeIdentity> for FocaEffects {
+    fn notify(&mut self, notification: Notification<'_, NodeIdentity>) {
+        let note = match notification {
+            Notification::MemberUp(id) => Note::Up(id.clone()),
+            Notification::MemberDown(id) => Note::Down(id.clone()),
+            Notification::Rename(old, new) => Note::Renamed(old.clone(), new.clone()),
+            Notification::ProbeFailed(..) => Note::ProbeFailed,
+            _ => return,
+        };
+        self.notes.push(note);
+    }
+
+    fn send_to(&mut self, to: NodeIdentity, data: &[u8]) {
+        self.sends.push((to.addr, data.to_vec()));
+    }
+
+    fn submit_after(&mut self, event: Timer<NodeIdentity>, after: Duration) {
+        self.timers.push((after, event));
+    }
+}
+
+type Swim = Foca<NodeIdentity, PostcardCodec, SmallRng, NoCustomBroadcast>;
+
+pub struct Gossip {
+    config: GossipConfig,
+    foca: Swim,
+    effects: FocaEffects,
+    rng: SmallRng,
+    sealer: Sealer,
+    timers: BTreeMap<(u64, u64), Timer<NodeIdentity>>,
+    timer_seq: u64,
+    foca_sized_for: u32,
+    peers: HashMap<String, Peer>,
+    membership: Table<()>,
+    /// Which nodes are on which network, from the live entries of `membership`.
+    net_members: BTreeMap<String, BTreeSet<String>>,
+    /// The networks this node is on, and the endpoints it publishes: what it wants the
+    /// tables to say about itself.
+    my_networks: BTreeSet<String>,
+    my_endpoints: BTreeMap<(String, String), EndpointRecord>,
+    tables: BTreeMap<String, Table<EndpointRecord>>,
+    queue: TransmitQueue,
+    outputs: VecDeque<Output>,
+    changed: BTreeSet<String>,
+    members_changed: bool,
+    seeds: Vec<SocketAddr>,
+    sync_on_first_member: bool,
+    next_gossip: u64,
+    next_sync: Option<u64>,
+    next_rejoin: Option<u64>,
+    next_reap: u64,
+    /// Since when each entry has been reapable (tombstone, owner Down or off the network).
+    dead_since: BTreeMap<(Scope, String), u64>,
+    stats: GossipStats,
+}
+
+fn foca_config(cluster_size: u32, max_datagram: usize) -> Config {
+    let mut config =
+        Config::new_lan(NonZeroU32::new(cluster_size.max(1)).unwrap_or(NonZeroU32::MIN));
+    let room = max_datagram
+        .saturating_sub(MAX_OVERHEAD + MESSAGE_FRAMING)
+        .max(512);
+    config.max_packet_size = NonZeroUsize::new(room).unwrap_or(NonZeroUsize::MIN);
+    config
+}
+
+fn valid_network_name(net: &str) -> bool {
+    !net.is_empty() && net.len() <= 255 && !net.contains('/')
+}
+
+impl Gossip {
+    pub fn new(config: GossipConfig, keyring: Keyring, now_ms: u64) -> Result<Gossip, Error> {
+        if config.node_id.is_empty() || config.node_id.len() > MAX_NODE_ID_LEN {
+            return Err(Error::NodeId);
+        }
+        let mut rng = SmallRng::seed_from_u64(config.seed);
+        let identity = NodeIdentity {
+            node_id: config.node_id.clone(),
+            addr: config.addr,
+            bump: now_ms,
+        };
+        let foca = Foca::new(
+            identity,
+            foca_config(config.expected_cluster_size, config.max_datagram),
+            SmallRng::seed_from_u64(rng.next_u64()),
+            PostcardCodec,
+        );
+        let sealer = Sealer::new(
+            &config.node_id,
+            now_ms,
+            rng.next_u64(),
+            config.max_packet_age_ms,
+            &keyring,
+        );
+        Ok(Gossip {
+            foca,
+            effects: FocaEffects::default(),
+            rng,
+            sealer,
+            timers: BTreeMap::new(),
+            timer_seq: 0,
+            foca_sized_for: config.expected_cluster_size,
+            peers: HashMap::new(),
+            membership: Table::new(&config.node_id),
+            net_members: BTreeMap::new(),
+            my_networks: BTreeSet::new(),
+            my_endpoints: BTreeMap::new(),
+            tables: BTreeMap::new(),
+            queue: TransmitQueue::default(),
+            outputs: VecDeque::new(),
+            changed: BTreeSet::new(),
+            members_changed: false,
+            seeds: Vec::new(),
+            sync_on_first_member: false,
+            next_gossip: now_ms + config.gossip_interval_ms,
+            next_sync: None,
+            next_rejoin: None,
+            next_reap: now_ms + config.reap_interval_ms,
+            dead_since: BTreeMap::new(),
+            stats: GossipStats::default(),
+            config,
+        })
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.config.node_id
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.config.addr
+    }
+
+    /// Announces this node to the seeds (its own address and dead seeds are fine: it keeps
+    /// announcing every `rejoin_interval_ms` while it knows no member) and syncs with the
+    /// first member it learns of.
+    pub fn join(&mut self, seeds: &[SocketAddr], now_ms: u64) {
+        self.seeds = seeds
+            .iter()
+            .copied()
+            .filter(|s| *s != self.config.addr)
+            .collect();
+        self.announce_to_seeds();
+        self.sync_on_first_member = true;
+        self.next_sync = Some(now_ms + self.config.sync_interval_ms);
+        self.next_rejoin = Some(now_ms + self.config.rejoin_interval_ms);
+        self.drain_effects(now_ms);
+    }
+
+    fn announce_to_seeds(&mut self) {
+        for seed in self.seeds.clone() {
+            // An announce can only fail to encode, which our identities never do.
+            let _ = self
+                .foca
+                .announce(NodeIdentity::seed(seed), &mut self.effects);
+        }
+    }
+
+    /// Takes a new keyring (the newest key last); see `wire` for which key sends.
+    pub fn set_keyring(&mut self, keyring: Keyring) {
+        self.sealer.set_keyring(&keyring);
+    }
+
+    pub fn join_network(&mut self, net: &str, now_ms: u64) -> Result<(), Error> {
+        if !valid_network_name(net) {
+            return Err(Error::NetworkName);
+        }
+        if !self.my_networks.insert(net.to_owned()) {
+            return Ok(());
+        }
+        self.tables
+            .insert(net.to_owned(), Table::new(&self.config.node_id));
+        let key = membership_key(net, &self.config.node_id);
+        let entry = self.membership.set(&key, ());
+        self.refresh_net_members(net);
+        self.changed.insert(net.to_owned());
+        self.enqueue(Update::Membership { key, entry }, now_ms);
+        self.flush(&Scope::Cluster, now_ms);
+        // The network's table is only sent to its members: fetch it now rather than at the
+        // next periodic sync.
+        let on_net: Vec<String> = self.live_members_of(&Scope::Network(net.to_owned()));
+        if let Some(peer) = on_net.choose(&mut self.rng).cloned() {
+            self.start_sync(&peer, now_ms);
+        }
+        Ok(())
+    }
+
+    /// Leaves a network: tombstones this node's endpoints there and its membership, and
+    /// forgets the network's table.
+    pub fn leave_network(&mut self, net: &str, now_ms: u64) {
+        if !self.my_networks.remove(net) {
+            return;
+        }
+        let keys: Vec<String> = self
+            .my_endpoints
+            .keys()
+            .filter(|(n, _)| n == net)
+            .map(|(_, k)| k.clone())
+            .collect();
+        for key in keys {
+            self.my_endpoints.remove(&(net.to_owned(), key.clone()));
+            if let Some(table) = self.tables.get_mut(net) {
+                let entry = table.delete(&key);
+                self.enqueue(
+                    Update::Endpoint {
+                        net: net.to_owned(),
+                        key,
+                        entry,
+                    },
+                    now_ms,
+                );
+            }
+        }
+        let key = membership_key(net, &self.config.node_id);
+        let entry = self.membership.delete(&key);
+        self.enqueue(Update::Membership { key, entry }, now_ms);
+        self.refresh_net_members(net);
+        self.flush(&Scope::Network(net.to_owned()), now_ms);
+        self.flush(&Scope::Cluster, now_ms);
+        self.tables.remove(net);
+        self.changed.insert(net.to_owned());
+    }
+
+    /// Publishes (or replaces) one of this node's endpoints on a network it is on.
+    pub fn publish(
+        &mut self,
+        net: &str,
+        key: &str,
+        value: EndpointRecord,
+        now_ms: u64,
+    ) -> Result<(), Error> {
+        let table = self
+            .tables
+            .get_mut(net)
+            .ok_or_else(|| Error::NotOnNetwork(net.to_owned()))?;
+        let endpoint = (net.to_owned(), key.to_owned());
+        let unchanged =
+            self.my_endpoints.get(&endpoint) == Some(&value) && table.get(key) == Some(&value);
+        self.my_endpoints.insert(endpoint, value.clone());
+        if unchanged {
+            return Ok(());
+        }
+        let entry = table.set(key, value);
+        self.write_endpoint(net, key, entry, now_ms);
+        Ok(())
+    }
+
+    /// Withdraws one of this node's endpoints (a tombstone).
+    pub fn withdraw(&mut self, net: &str, key: &str, now_ms: u64) {
+        self.my_endpoints.remove(&(net.to_owned(), key.to_owned()));
+        let Some(table) = self.tables.get_mut(net) else {
+            return;
+        };
+        if table.get(key).is_none() {
+            return;
+        }
+        let entry = table.delete(key);
+        self.write_endpoint(net, key, entry, now_ms);
+    }
+
+    fn write_endpoint(&mut self, net: &str, key: &str, entry: Entry<EndpointRecord>, now_ms: u64) {
+        self.changed.insert(net.to_owned());
+        self.enqueue(
+            Update::Endpoint {
+                net: net.to_owned(),
+                key: key.to_owned(),
+                entry,
+            },
+            now_ms,
+        );
+        self.flush(&Scope::Network(net.to_owned()), now_ms);
+    }
+
+    fn enqueue(&mut self, update: Update, now_ms: u64) {
+        if self.queue.is_empty() {
+            // The first gossip round for it comes one interval after the immediate push.
+            self.next_gossip = now_ms + self.config.gossip_interval_ms;
+        }
+        self.queue.push(update);
+    }
+
+    /// Handles a datagram. `from` is informational: the sender is the authenticated node id
+    /// in the packet header.
+    pub fn handle_datagram(&mut self, _from: SocketAddr, bytes: &[u8], now_ms: u64) {
+        self.stats.packets_received += 1;
+        self.stats.bytes_received += bytes.len() as u64;
+        let Ok(plain) = self.open(Kind::Datagram, bytes, now_ms) else {
+            return;
+        };
+        match postcard::from_bytes::<Message>(&plain) {
+            Ok(Message::Swim(data)) => {
+                if self.foca.handle_data(&data, &mut self.effects).is_err() {
+                    self.stats.malformed_dropped += 1;
+                }
+            }
+            Ok(Message::Updates(updates)) => self.apply(updates, true, now_ms),
+            Err(_) => self.stats.malformed_dropped += 1,
+        }
+        self.drain_effects(now_ms);
+    }
+
+    /// Opens a sealed packet of the expected kind, counting why it was dropped if it was.
+    fn open(&mut self, kind: Kind, bytes: &[u8], now_ms: u64) -> Result<Vec<u8>, DropReason> {
+        let opened = self.sealer.open(bytes, now_ms).and_then(|(header, plain)| {
+            if header.kind == kind {
+                Ok(plain)
+            } else {
+                Err(DropReason::Malformed)
+            }
+        });
+        if let Err(reason) = &opened {
+            match reason {
+                DropReason::AuthFailure => self.stats.auth_failures += 1,
+                DropReason::Replay => self.stats.replays_dropped += 1,
+                DropReason::Stale => self.stats.stale_dropped += 1,
+                DropReason::Malformed => self.stats.malformed_dropped += 1,
+            }
+        }
+        opened
+    }
+
+    /// Fires due timers and periodic work: foca's probes, gossip rounds, syncs, rejoins and
+    /// reaping.
+    pub fn tick(&mut self, now_ms: u64) {
+        for _ in 0..MAX_TIMERS_PER_TICK {
+            let Some(entry) = self.timers.first_entry() else {
+                break;
+            };
+            if entry.key().0 > now_ms {
+                break;
+            }
+            let timer = entry.remove();
+            // Errors are foca refusing a stale timer: nothing to do.
+            let _ = self.foca.handle_timer(timer, &mut self.effects);
+            self.drain_effects(now_ms);
+        }
+        if now_ms >= self.next_gossip {
+            self.next_gossip = now_ms + self.config.gossip_interval_ms;
+            for scope in self.queue.scopes() {
+                self.flush(&scope, now_ms);
+            }
+        }
+        if self.next_sync.is_some_and(|t| now_ms >= t) {
+            self.next_sync = Some(now_ms + self.config.sync_interval_ms);
+            let everyone = self.live_members_of(&Scope::Cluster);
+            if let Some(peer) = everyone.choose(&mut self.rng).cloned() {
+                self.start_sync(&peer, now_ms);
+            }
+        }
+        if self.next_rejoin.is_some_and(|t| now_ms >= t) {
+            self.next_rejoin = Some(now_ms + self.config.rejoin_interval_ms);
+            if !self.peers.values().any(|p| p.up) {
+                self.sync_on_first_member = true;
+                self.announce_to_seeds();
+            }
+        }
+        if now_ms >= self.next_reap {
+            self.next_reap = now_ms + self.config.reap_interval_ms;
+            self.reap(now_ms);
+        }
+        self.drain_effects(now_ms);
+    }
+
+    /// When `tick` should next be called.
+    pub fn next_deadline(&self) -> Option<u64> {
+        let gossip = (!self.queue.is_empty()).then_some(self.next_gossip);
+        [
+            self.timers.keys().next().map(|(due, _)| *due),
+            gossip,
+            self.next_sync,
+            self.next_rejoin,
+            Some(self.next_reap),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    pub fn poll_output(&mut self) -> Option<Output> {
+        if let Some(output) = self.outputs.pop_front() {
+            return Some(output);
+        }
+        if std::mem::take(&mut self.members_changed) {
+            return Some(Output::MembersChanged);
+        }
+        self.changed.pop_first().map(|net| Output::Changed { net })
+    }
+
+    /// Answers a full-state sync: merges what the peer sent, returns this node's state.
+    pub fn handle_sync_request(
+        &mut self,
+        _from: SocketAddr,
+        bytes: &[u8],
+        now_ms: u64,
+    ) -> Result<Vec<u8>, Error> {
+        let plain = self.open(Kind::SyncRequest, bytes, now_ms)?;
+        let (sender, state) = self.decode_sync(&plain)?;
+        self.apply_sync(state, now_ms);
+        self.stats.syncs_answered += 1;
+        let answer = self.sync_state_for(&sender);
+        let payload = postcard::to_allocvec(&answer).map_err(|_| DropReason::Malformed)?;
+        let sealed = self.sealer.seal(Kind::SyncResponse, &payload, now_ms);
+        self.drain_effects(now_ms);
+        Ok(sealed)
+    }
+
+    pub fn handle_sync_response(
+        &mut self,
+        _from: SocketAddr,
+        bytes: &[u8],
+        now_ms: u64,
+    ) -> Result<(), Error> {
+        let plain = self.open(Kind::SyncResponse, bytes, now_ms)?;
+        let (_, state) = self.decode_sync(&plain)?;
+        self.apply_sync(state, now_ms);
+        self.drain_effects(now_ms);
+        Ok(())
+    }
+
+    fn decode_sync(&mut self, plain: &[u8]) -> Result<(String, SyncState), Error> {
+        match postcard::from_bytes::<(String, SyncState)>(plain) {
+            Ok(decoded) => Ok(decoded),
+            Err(_) => {
+                self.stats.malformed_dropped += 1;
+                Err(DropReason::Malformed.into())
+            }
+        }
+    }
+
+    fn start_sync(&mut self, peer: &str, now_ms: u64) {
+        let Some(addr) = self.peers.get(peer).map(|p| p.identity.addr) else {
+            return;
+        };
+        let state = self.sync_state_for(peer);
+        let Ok(payload) = postcard::to_allocvec(&state) else {
+            return;
+        };
+        let bytes = self.sealer.seal(Kind::SyncRequest, &payload, now_ms);
+        self.stats.syncs_sent += 1;
+        self.outputs
+            .push_back(Output::SyncRequest { to: addr, bytes });
+    }
+
+    /// This node's id, the whole membership table, and the tables of the networks `peer`
+    /// is on too (as far as this node knows).
+    fn sync_state_for(&self, peer: &str) -> (String, SyncState) {
+        let membership = self
+            .membership
+            .entries()
+            .map(|(k, e)| (k.to_owned(), e.clone()))
+            .collect();
+        let networks = self
+            .tables
+            .iter()
+            .filter(|(net, _)| self.net_members.get(*net).is_some_and(|m| m.contains(peer)))
+            .map(|(net, table)| {
+                let entries = table
+                    .entries()
+                    .map(|(k, e)| (k.to_owned(), e.clone()))
+                    .collect();
+                (net.clone(), entries)
+            })
+            .collect();
+        (
+            self.config.node_id.clone(),
+            SyncState {
+                membership,
+                networks,
+            },
+        )
+    }
+
+    fn apply_sync(&mut self, state: SyncState, now_ms: u64) {
+        let mut updates: Vec<Update> = state
+            .membership
+            .into_iter()
+            .map(|(key, entry)| Update::Membership { key, entry })
+            .collect();
+        for (net, entries) in state.networks {
+            updates.extend(entries.into_iter().map(|(key, entry)| Update::Endpoint {
+                net: net.clone(),
+                key,
+                entry,
+            }));
+        }
+        // Only a sync that repairs a few writes spreads them: a large one is a node catching
+        // up, whose news is old news for everyone else.
+        let news = updates.iter().filter(|u| self.is_news(u)).count();
+        self.apply(updates, news <= self.config.sync_regossip_max, now_ms);
+    }
+
+    fn is_news(&self, update: &Update) -> bool {
+        match update {
+            Update::Membership { key, entry } => self
+                .membership
+                .entry(key)
+                .is_none_or(|ours| ours.version < entry.version),
+            Update::Endpoint { net, key, entry } => self
+                .tables
+                .get(net)
+                .is_some_and(|t| t.entry(key).is_none_or(|ours| ours.version < entry.version)),
+        }
+    }
+
+    /// Merges received writes; rewrites this node's own keys where they disagree with what
+    /// it wants (it restarted and lost them, or left); queues the news for gossip.
+    fn apply(&mut self, updates: Vec<Update>, regossip: bool, now_ms: u64) {
+        let mut dirty: BTreeSet<Scope> = BTreeSet::new();
+        for update in updates {
+            let scope = update.scope();
+            let merged = match &update {
+                Update::Membership { key, entry } => {
+                    let changed = self.membership.merge(key, entry.clone());
+                    if changed {
+                        self.membership_changed(key, entry, now_ms);
+                    }
+                    changed
+                }
+                Update::Endpoint { net, key, entry } => {
+                    let Some(table) = self.tables.get_mut(net) else {
+                        self.stats.out_of_scope_dropped += 1;
+                        continue;
+                    };
+                    let changed = table.merge(key, entry.clone());
+                    if changed {
+                        self.changed.insert(net.clone());
+                        self.correct_own_endpoint(net, key, entry, now_ms);
+                    }
+                    changed
+                }
+            };
+            if merged && regossip {
+                self.enqueue(update, now_ms);
+                dirty.insert(scope);
+            }
+        }
+        for scope in dirty {
+            self.flush(&scope, now_ms);
+        }
+    }
+
+    fn membership_changed(&mut self, key: &str, entry: &Entry<()>, now_ms: u64) {
+        let Some((net, node)) = split_membership_key(key) else {
+            return;
+        };
+        let net = net.to_owned();
+        self.refresh_net_members(&net);
+        if self.my_networks.contains(&net) {
+            self.changed.insert(net.clone());
+        }
+        if node == self.config.node_id && entry.version.node == self.config.node_id {
+            let wanted = self.my_networks.contains(&net);
+            if entry.value.is_some() != wanted {
+                let entry = if wanted {
+                    self.membership.set(key, ())
+                } else {
+                    self.membership.delete(key)
+                };
+                self.refresh_net_members(&net);
+                self.enqueue(
+                    Update::Membership {
+                        key: key.to_owned(),
+                        entry,
+                    },
+                    now_ms,
+                );
+                self.flush(&Scope::Cluster, now_ms);
+            }
+        }
+    }
+
+    fn correct_own_endpoint(
+        &mut self,
+        net: &str,
+        key: &str,
+        entry: &Entry<EndpointRecord>,
+        now_ms: u64,
+    ) {
+        if entry.version.node != self.config.node_id {
+            return;
+        }
+        let wanted = self.my_endpoints.get(&(net.to_owned(), key.to_owned()));
+        if entry.value.as_ref() == wanted {
+            return;
+        }
+        let wanted = wanted.cloned();
+        let Some(table) = self.tables.get_mut(net) else {
+            return;
+        };
+        let entry = match wanted {
+            Some(value) => table.set(key, value),
+            None => table.delete(key),
+        };
+        self.write_endpoint(net, key, entry, now_ms);
+    }
+
+    fn refresh_net_members(&mut self, net: &str) {
+        let prefix = format!("{net}/");
+        let members: BTreeSet<String> = self
+            .membership
+            .live()
+            .filter_map(|(k, _)| k.strip_prefix(&prefix).map(str::to_owned))
+            .collect();
+        if members.is_empty() {
+            self.net_members.remove(net);
+        } else {
+            self.net_members.insert(net.to_owned(), members);
+        }
+    }
+
+    /// Node ids of the reachable (Alive or Suspect) members in a scope, this node excluded.
+    fn live_members_of(&self, scope: &Scope) -> Vec<String> {
+        let is_up = |id: &String| self.peers.get(id).is_some_and(|p| p.up);
+        match scope {
+            Scope::Cluster => self
+                .peers
+                .iter()
+                .filter(|(_, p)| p.up)
+                .map(|(id, _)| id.clone())
+                .collect(),
+            Scope::Network(net) => self
+                .net_members
+                .get(net)
+                .map(|m| {
+                    m.iter()
+                        .filter(|id| is_up(id) && **id != self.config.node_id)
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Sends the queued writes of a scope to `fanout` random members of it.
+    fn flush(&mut self, scope: &Scope, now_ms: u64) {
+        let mut members = self.live_members_of(scope);
+        if members.is_empty() {
+            return;
+        }
+        let limit = self.config.retransmit_mult
+            * ((members.len() + 2) as f64).log10().ceil().max(1.0) as u32;
+        let budget = self
+            .config
+            .max_datagram
+            .saturating_sub(MAX_OVERHEAD + MESSAGE_FRAMING);
+        let fanout = self.config.fanout.min(members.len());
+        let (targets, _) = members.partial_shuffle(&mut self.rng, fanout);
+        let targets: Vec<SocketAddr> = targets
+            .iter()
+            .filter_map(|id| self.peers.get(id).map(|p| p.identity.addr))
+            .collect();
+        for to in targets {
+            let batch = self.queue.take_batch(scope, budget, limit);
+            if batch.is_empty() {
+                break;
+            }
+            self.send_message(to, &Message::Updates(batch), now_ms);
+        }
+    }
+
+    fn send_message(&mut self, to: SocketAddr, message: &Message, now_ms: u64) {
+        let Ok(payload) = postcard::to_allocvec(message) else {
+            return;
+        };
+        let bytes = self.sealer.seal(Kind::Datagram, &payload, now_ms);
+        self.stats.packets_sent += 1;
+        self.stats.bytes_sent += bytes.len() as u64;
+        self.outputs.push_back(Output::Datagram { to, bytes });
+    }
+
+    /// Turns foca's sends, timers and notifications into outputs and state.
+    fn drain_effects(&mut self, now_ms: u64) {
+        for (to, data) in std::mem::take(&mut self.effects.sends) {
+            self.send_message(to, &Message::Swim(data), now_ms);
+        }
+        for (after, timer) in std::mem::take(&mut self.effects.timers) {
+            self.timer_seq += 1;
+            let due = now_ms + after.as_millis() as u64;
+            self.timers.insert((due, self.timer_seq), timer);
+        }
+        for note in std::mem::take(&mut self.effects.notes) {
+            self.on_note(note, now_ms);
+        }
+    }
+
+    fn on_note(&mut self, note: Note, now_ms: u64) {
+        match note {
+            Note::Up(id) => {
+                let node = id.node_id.clone();
+                self.set_peer(id, true);
+                if std::mem::take(&mut self.sync_on_first_member) {
+                    self.start_sync(&node, now_ms);
+                }
+            }
+            Note::Down(id) => {
+                let current = self.peers.get(&id.node_id).map(|p| p.identity.bump);
+                if current.is_none_or(|bump| bump <= id.bump) {
+                    self.stats.downs_observed += 1;
+                    self.set_peer(id, false);
+                }
+            }
+            Note::Renamed(old, new) => {
+                if old.node_id != new.node_id {
+                    // Another node took this address: the old one is gone.
+                    self.set_peer(old, false);
+                }
+                if let Some(peer) = self.peers.get_mut(&new.node_id) {
+                    peer.identity = new;
+                }
+            }
+            Note::ProbeFailed => self.stats.suspicions += 1,
+        }
+    }
+
+    fn set_peer(&mut self, identity: NodeIdentity, up: bool) {
+        let node = identity.node_id.clone();
+        self.peers.insert(node.clone(), Peer { identity, up });
+        self.members_changed = true;
+        for (net, members) in &self.net_members {
+            if members.contains(&node) && self.my_networks.contains(net) {
+                self.changed.insert(net.clone());
+            }
+        }
+        self.resize_foca();
+    }
+
+    /// Foca's suspicion timeout and retransmissions scale with the cluster: retune when the
+    /// number of live members doubles or halves.
+    fn resize_foca(&mut self) {
+        let size = self.peers.values().filter(|p| p.up).count() as u32 + 1;
+        if size >= self.foca_sized_for * 2 || size * 2 <= self.foca_sized_for {
+            self.foca_sized_for = size.max(self.config.expected_cluster_size);
+            // Only probe timings may not change, and new_lan keeps them.
+            let _ = self
+                .foca
+                .set_config(foca_config(self.foca_sized_for, self.config.max_datagram));
+        }
+    }
+
+    fn owner_is_down(&self, owner: &str) -> bool {
+        self.peers.get(owner).is_some_and(|p| !p.up)
+    }
+
+    /// Forgets tombstones and entries of Down or departed owners once they have been so for
+    /// `reap_after_ms`, without writing anything: every node does the same on its own.
+    fn reap(&mut self, now_ms: u64) {
+        let mut dead: Vec<(Scope, String)> = Vec::new();
+        for (key, entry) in self.membership.entries() {
+            if entry.value.is_none() || self.owner_is_down(&entry.version.node) {
+                dead.push((Scope::Cluster, key.to_owned()));
+            }
+        }
+        for (net, table) in &self.tables {
+            let members = self.net_members.get(net);
+            for (key, entry) in table.entries() {
+                let owner = &entry.version.node;
+                let departed = members.is_none_or(|m| !m.contains(owner));
+                if entry.value.is_none() || self.owner_is_down(owner) || departed {
+                    dead.push((Scope::Network(net.clone()), key.to_owned()));
+                }
+            }
+        }
+        let dead: BTreeSet<(Scope, String)> = dead.into_iter().collect();
+        self.dead_since.retain(|k, _| dead.contains(k));
+        for item in dead {
+            let since = *self.dead_since.entry(item.clone()).or_insert(now_ms);
+            if now_ms.saturating_sub(since) < self.config.reap_after_ms {
+                continue;
+            }
+            self.dead_since.remove(&item);
+            match &item.0 {
+                Scope::Cluster => {
+                    self.membership.remove(&item.1);
+                }
+                Scope::Network(net) => {
+                    if let Some(table) = self.tables.get_mut(net) {
+                        table.remove(&item.1);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every member foca knows (Down ones until foca forgets them), this node first.
+    pub fn members(&self) -> Vec<MemberInfo> {
+        let me = MemberInfo {
+            node_id: self.config.node_id.clone(),
+            addr: self.config.addr,
+            state: MemberState::Alive,
+            incarnation: 0,
+        };
+        std::iter::once(me)
+            .chain(self.foca.iter_membership_state().map(|m| MemberInfo {
+                node_id: m.id().node_id.clone(),
+                addr: m.id().addr,
+                state: match m.state() {
+                    State::Alive => MemberState::Alive,
+                    State::Suspect => MemberState::Suspect,
+                    State::Down => MemberState::Down,
+                },
+                incarnation: m.incarnation(),
+            }))
+            .collect()
+    }
+
+    /// The networks a node is on, as the membership table says.
+    pub fn networks_of(&self, node: &str) -> Vec<String> {
+        self.net_members
+            .iter()
+            .filter(|(_, members)| members.contains(node))
+            .map(|(net, _)| net.clone())
+            .collect()
+    }
+
+    /// The networks this node is on.
+    pub fn my_networks(&self) -> Vec<String> {
+        self.my_networks.iter().cloned().collect()
+    }
+
+    /// The live endpoints of a network whose owner is on the network and not Down.
+    pub fn view(&self, net: &str) -> Vec<(String, EndpointRecord)> {
+        let Some(table) = self.tables.get(net) else {
+            return Vec::new();
+        };
+        table
+            .entries()
+            .filter(|(_, e)| self.visible(net, e))
+            .filter_map(|(k, e)| e.value.clone().map(|v| (k.to_owned(), v)))
+            .collect()
+    }
+
+    /// One endpoint of the view, if visible.
+    pub fn lookup(&self, net: &str, key: &str) -> Option<&EndpointRecord> {
+        let entry = self.tables.get(net)?.entry(key)?;
+        if self.visible(net, entry) {
+            entry.value.as_ref()
+        } else {
+            None
+        }
+    }
+
+    fn visible(&self, net: &str, entry: &Entry<EndpointRecord>) -> bool {
+        let owner = &entry.version.node;
+        let on_net = self.net_members.get(net).is_some_and(|m| m.contains(owner));
+        on_net && !self.owner_is_down(owner)
+    }
+
+    /// Every entry of a network's table, tombstones and versions included (debugging).
+    pub fn entries(&self, net: &str) -> Vec<(String, Entry<EndpointRecord>)> {
+        self.tables
+            .get(net)
+            .map(|t| {
+                t.entries()
+                    .map(|(k, e)| (k.to_owned(), e.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The network-membership table (`net/node` keys), tombstones included.
+    pub fn membership_entries(&self) -> Vec<(String, Entry<()>)> {
+        self.membership
+            .entries()
+            .map(|(k, e)| (k.to_owned(), e.clone()))
+            .collect()
+    }
+
+    pub fn stats(&self) -> GossipStats {
+        let mut stats = self.stats.clone();
+        for member in self.foca.iter_membership_state() {
+            match member.state() {
+                State::Alive => stats.members_alive += 1,
+                State::Suspect => stats.members_suspect += 1,
+                State::Down => stats.members_down += 1,
+            }
+        }
+        stats
+    }
+
+    /// Counts input a driver rejected before it reached the core (an oversized sync frame).
+    pub fn count_malformed(&mut self) {
+        self.stats.malformed_dropped += 1;
+    }
+
+    /// Table writes waiting for retransmission (for tests and benchmarks).
+    pub fn queued_writes(&self) -> usize {
+        self.queue.len()
+    }
+}

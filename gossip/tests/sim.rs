@@ -1,0 +1,250 @@
+//! Simulated clusters running the real gossip code.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use shoal_gossip::sim::{Sim, SimConfig};
+use shoal_gossip::{EndpointRecord, Keyring, MemberState};
+
+fn keyring(keys: &[u8]) -> Keyring {
+    Keyring::new(keys.iter().map(|k| [*k; 32]).collect()).unwrap()
+}
+
+fn record(node: usize, task: u32) -> EndpointRecord {
+    EndpointRecord {
+        task_id: format!("task{task}"),
+        task_name: format!("web.{task}"),
+        service_id: "svc".into(),
+        service_name: "web".into(),
+        node_id: format!("node{node}"),
+        ip: Ipv4Addr::new(10, 0, (task >> 8) as u8, task as u8),
+        mac: [2, 0, 0, 0, 0, task as u8],
+        vtep: IpAddr::V4(Ipv4Addr::new(192, 168, 0, node as u8)),
+        vip: None,
+        ports: Vec::new(),
+    }
+}
+
+/// A cluster of `n` nodes, all joined and on network `net1`, with membership settled.
+fn cluster(n: usize, loss: f64, seed: u64) -> Sim {
+    let mut config = SimConfig::new(n);
+    config.loss = loss;
+    config.latency_ms = 1;
+    config.jitter_ms = 2;
+    config.seed = seed;
+    let mut sim = Sim::new(config, keyring(&[1]));
+    sim.run_for(2_000);
+    for i in 0..n {
+        sim.with_node(i, |g, now| g.join_network("net1", now).unwrap());
+    }
+    let settled = sim.run_until_true(60_000, 500, |sim| {
+        (0..n).all(|i| {
+            sim.node(i).is_some_and(|g| {
+                g.stats().members_alive == n - 1
+                    && g.networks_of(&format!("node{}", (i + 1) % n)) == ["net1"]
+            })
+        })
+    });
+    assert!(settled, "cluster of {n} formed");
+    sim
+}
+
+fn views_agree(sim: &Sim, net: &str, among: &[usize], expected: &[&str]) -> bool {
+    among.iter().all(|&i| {
+        sim.node(i).is_some_and(|g| {
+            let keys: Vec<String> = g.view(net).into_iter().map(|(k, _)| k).collect();
+            keys == expected
+        })
+    })
+}
+
+fn false_downs(sim: &Sim) -> u64 {
+    (0..sim.len())
+        .filter_map(|i| sim.node(i))
+        .map(|g| g.stats().downs_observed)
+        .sum()
+}
+
+#[test]
+fn publish_and_withdraw_converge_with_loss_and_delay() {
+    let n = 50;
+    let mut sim = cluster(n, 0.05, 11);
+    let all: Vec<usize> = (0..n).collect();
+    sim.with_node(7, |g, now| {
+        g.publish("net1", "task1", record(7, 1), now).unwrap()
+    });
+    assert!(sim.run_until_true(5_000, 50, |s| views_agree(s, "net1", &all, &["task1"])));
+    sim.with_node(7, |g, now| g.withdraw("net1", "task1", now));
+    assert!(sim.run_until_true(5_000, 50, |s| views_agree(s, "net1", &all, &[])));
+    assert_eq!(false_downs(&sim), 0);
+}
+
+#[test]
+fn a_partition_heals_and_both_sides_writes_converge() {
+    let n = 20;
+    let mut sim = cluster(n, 0.0, 12);
+    let left: Vec<usize> = (0..10).collect();
+    sim.partition(&[left]);
+    sim.with_node(2, |g, now| {
+        g.publish("net1", "left", record(2, 1), now).unwrap()
+    });
+    sim.with_node(15, |g, now| {
+        g.publish("net1", "right", record(15, 2), now).unwrap()
+    });
+    sim.run_for(60_000);
+    sim.heal();
+    let all: Vec<usize> = (0..n).collect();
+    let converged = sim.run_until_true(300_000, 1_000, |s| {
+        views_agree(s, "net1", &all, &["left", "right"])
+            && (0..n).all(|i| s.node(i).is_some_and(|g| g.stats().members_alive == n - 1))
+    });
+    assert!(converged, "both sides' writes everywhere after healing");
+}
+
+#[test]
+fn only_nodes_on_a_network_receive_its_entries() {
+    let n = 12;
+    let mut sim = cluster(n, 0.0, 13);
+    for i in 0..6 {
+        sim.with_node(i, |g, now| g.join_network("secret", now).unwrap());
+    }
+    sim.run_for(2_000);
+    for i in 0..6 {
+        let key = format!("t{i}");
+        sim.with_node(i, |g, now| {
+            g.publish("secret", &key, record(i, i as u32), now).unwrap()
+        });
+    }
+    sim.run_for(40_000); // a full sync period too
+    let on: Vec<usize> = (0..6).collect();
+    assert!(views_agree(
+        &sim,
+        "secret",
+        &on,
+        &["t0", "t1", "t2", "t3", "t4", "t5"]
+    ));
+    for i in 6..n {
+        let g = sim.node(i).unwrap();
+        assert!(
+            g.entries("secret").is_empty(),
+            "node{i} holds no table of secret"
+        );
+        assert_eq!(
+            g.stats().out_of_scope_dropped,
+            0,
+            "nobody sent node{i} a secret entry"
+        );
+        // It still knows who is on the network.
+        assert_eq!(g.networks_of("node0"), ["net1", "secret"]);
+    }
+}
+
+#[test]
+fn a_killed_node_disappears_and_a_restarted_one_holds_exactly_its_current_entries() {
+    let n = 20;
+    let mut sim = cluster(n, 0.0, 14);
+    for task in 0..3 {
+        let key = format!("n5-t{task}");
+        sim.with_node(5, |g, now| {
+            g.publish("net1", &key, record(5, task), now).unwrap()
+        });
+    }
+    sim.with_node(6, |g, now| {
+        g.publish("net1", "n6-t0", record(6, 9), now).unwrap()
+    });
+    let others: Vec<usize> = (0..n).filter(|&i| i != 5).collect();
+    let before = ["n5-t0", "n5-t1", "n5-t2", "n6-t0"];
+    assert!(sim.run_until_true(3_000, 50, |s| views_agree(s, "net1", &others, &before)));
+
+    sim.kill(5);
+    let killed_at = sim.now();
+    // foca (new_lan, 20 nodes): suspicion 4 * log10(20) * 1 s = 5.2 s after a failed probe.
+    let gone = sim.run_until_true(30_000, 100, |s| views_agree(s, "net1", &others, &["n6-t0"]));
+    assert!(gone, "node5's entries withdrawn everywhere");
+    let detection = sim.now() - killed_at;
+    assert!(detection <= 15_000, "detected in {detection} ms");
+
+    sim.restart(5);
+    sim.run_for(100);
+    sim.with_node(5, |g, now| {
+        g.join_network("net1", now).unwrap();
+        g.publish("net1", "n5-t1", record(5, 11), now).unwrap();
+    });
+    let all: Vec<usize> = (0..n).collect();
+    let restored = sim.run_until_true(60_000, 200, |s| {
+        views_agree(s, "net1", &all, &["n5-t1", "n6-t0"])
+            && all
+                .iter()
+                .all(|&i| s.node(i).unwrap().lookup("net1", "n5-t1") == Some(&record(5, 11)))
+    });
+    assert!(
+        restored,
+        "exactly node5's current entries, with its current value"
+    );
+    // And it stays so (no stale entry resurfaces through a later sync).
+    sim.run_for(65_000);
+    assert!(views_agree(&sim, "net1", &all, &["n5-t1", "n6-t0"]));
+}
+
+#[test]
+fn no_false_downs_at_five_percent_loss() {
+    let n = 100;
+    let mut sim = cluster(n, 0.05, 15);
+    let downs_before = false_downs(&sim);
+    sim.run_for(60_000);
+    let suspicions: u64 = (0..n)
+        .map(|i| sim.node(i).unwrap().stats().suspicions)
+        .sum();
+    println!("100 nodes, 5% loss, 60 s: {suspicions} suspicions raised");
+    assert_eq!(false_downs(&sim) - downs_before, 0);
+    for i in 0..n {
+        let members = sim.node(i).unwrap().members();
+        assert!(members.iter().all(|m| m.state != MemberState::Down));
+    }
+}
+
+#[test]
+fn keys_rotate_one_node_at_a_time_without_disturbing_membership() {
+    let n = 10;
+    let mut sim = cluster(n, 0.0, 16);
+    // Distribute key 2, then 3 (sending moves to 2), then drop 1 (sending stays on 2 until 4
+    // arrives): one node at a time, a second apart.
+    for ring in [keyring(&[1, 2]), keyring(&[1, 2, 3]), keyring(&[2, 3])] {
+        for i in 0..n {
+            sim.set_keyring(i, ring.clone());
+            sim.run_for(1_000);
+        }
+    }
+    sim.with_node(3, |g, now| {
+        g.publish("net1", "after", record(3, 1), now).unwrap()
+    });
+    sim.run_for(5_000);
+    let all: Vec<usize> = (0..n).collect();
+    assert!(views_agree(&sim, "net1", &all, &["after"]));
+    for i in 0..n {
+        let stats = sim.node(i).unwrap().stats();
+        assert_eq!(stats.auth_failures, 0, "node{i}");
+        assert_eq!(stats.suspicions, 0, "node{i}");
+        assert_eq!(stats.downs_observed, 0, "node{i}");
+        assert_eq!(stats.members_alive, n - 1, "node{i}");
+    }
+}
+
+#[test]
+fn a_node_with_an_old_key_is_locked_out() {
+    let n = 6;
+    let mut sim = cluster(n, 0.0, 17);
+    for i in 0..n - 1 {
+        sim.set_keyring(i, keyring(&[2]));
+    }
+    sim.run_for(30_000);
+    let outsider = sim.node(n - 1).unwrap().stats();
+    assert!(outsider.auth_failures > 0);
+    let insider = sim.node(0).unwrap();
+    assert!(insider.stats().auth_failures > 0);
+    let outsider_state = insider
+        .members()
+        .into_iter()
+        .find(|m| m.node_id == format!("node{}", n - 1))
+        .map(|m| m.state);
+    assert_eq!(outsider_state, Some(MemberState::Down));
+}
