@@ -8,6 +8,9 @@ BPF_LINKER_VERSION=0.13.0
 # Debian packages the build, the lab and the tests use.
 PACKAGES=(iproute2 iputils-ping procps psmisc util-linux curl ca-certificates bpftool systemd nftables)
 
+# Load generators and servers the benchmarks compare with (`setup.sh bench`).
+BENCH_PACKAGES=(wrk iperf3 nginx-light)
+
 say() { printf 'setup: %s\n' "$*"; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 
@@ -15,8 +18,10 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 command -v rustup >/dev/null || die "rustup not found: install Rust with rustup (stable 1.95 and nightly)"
 
 # 1. Debian packages, installed only when one is missing.
+wanted=("${PACKAGES[@]}")
+[ "${1:-}" = bench ] && wanted+=("${BENCH_PACKAGES[@]}")
 missing=()
-for p in "${PACKAGES[@]}"; do
+for p in "${wanted[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -14,7 +14,8 @@ use axum::{
     Json, Router,
 };
 use serde::{Deserialize, Serialize};
-use shoal_dataplane::{Dataplane, DataplaneStatus};
+use shoal_dataplane::{overlay::NetworkDataplane, Dataplane, DataplaneStatus};
+use shoal_gossip::{net::GossipHandle, EndpointRecord, GossipStats, MemberInfo};
 
 use crate::{
     cluster::{
@@ -86,6 +87,9 @@ pub fn router(state: Arc<AgentState>) -> Router {
         .route("/v1/swarm/leave", post(swarm_leave))
         .route("/v1/control", post(control))
         .route("/v1/tasks/{task}/pid", get(task_pid))
+        .route("/v1/networks/{network}/dataplane", get(network_dataplane))
+        .route("/v1/gossip/members", get(gossip_members))
+        .route("/v1/gossip/tables/{network}", get(gossip_table))
         .fallback(not_found)
         .with_state(state)
 }
@@ -168,6 +172,75 @@ async fn task_pid(
     Path(task): Path<String>,
 ) -> Result<Json<u32>, Failure> {
     Ok(Json(state.cluster.task_pid(&task).await?))
+}
+
+/// A network as programmed on this node (null when no local task uses it).
+async fn network_dataplane(
+    State(state): State<Arc<AgentState>>,
+    Path(network): Path<String>,
+) -> Result<Json<Option<NetworkDataplane>>, Failure> {
+    let networks = state.cluster.networks().await?;
+    Ok(Json(
+        tokio::task::spawn_blocking(move || networks.inspect(&network))
+            .await
+            .map_err(anyhow::Error::from)??,
+    ))
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GossipMembers {
+    pub members: Vec<MemberInfo>,
+    pub stats: GossipStats,
+}
+
+async fn gossip_members(
+    State(state): State<Arc<AgentState>>,
+) -> Result<Json<GossipMembers>, Failure> {
+    let gossip = gossip_of(&state).await?;
+    Ok(Json(GossipMembers {
+        members: gossip.members().await.map_err(anyhow::Error::from)?,
+        stats: gossip.stats().await.map_err(anyhow::Error::from)?,
+    }))
+}
+
+/// One row of `gossip tables`: an entry with its version, tombstones included.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GossipTableRow {
+    pub key: String,
+    pub version: u64,
+    pub writer: String,
+    pub record: Option<EndpointRecord>,
+}
+
+async fn gossip_table(
+    State(state): State<Arc<AgentState>>,
+    Path(network): Path<String>,
+) -> Result<Json<Vec<GossipTableRow>>, Failure> {
+    let networks = state.cluster.networks().await?;
+    let id = networks.local_id(&network).ok_or_else(|| {
+        anyhow::anyhow!("no task of this node is on network {network}: its table is not here")
+    })?;
+    let gossip = gossip_of(&state).await?;
+    Ok(Json(
+        gossip
+            .entries(&id)
+            .await
+            .map_err(anyhow::Error::from)?
+            .into_iter()
+            .map(|(key, entry)| GossipTableRow {
+                key,
+                version: entry.version.time,
+                writer: entry.version.node,
+                record: entry.value,
+            })
+            .collect(),
+    ))
+}
+
+async fn gossip_of(state: &AgentState) -> Result<GossipHandle, Failure> {
+    state.cluster.networks().await?.gossip().ok_or_else(|| {
+        anyhow::anyhow!("gossip has not started yet: no keyring from the managers").into()
+    })
 }
 
 async fn not_found(uri: axum::http::Uri) -> Failure {

@@ -48,6 +48,10 @@ pub enum SwarmCommand {
         /// UDP port of the VXLAN data path [default: the agent's, 4789]
         #[arg(long)]
         data_path_port: Option<u16>,
+        /// This node's source address for VXLAN traffic [default: the agent's data-path
+        /// address, else the advertise address]
+        #[arg(long)]
+        data_path_addr: Option<std::net::Ipv4Addr>,
     },
     /// Join a swarm as a worker or a manager, as the token says
     Join {
@@ -57,6 +61,10 @@ pub enum SwarmCommand {
         remote: String,
         #[arg(long)]
         advertise_addr: Option<String>,
+        /// This node's source address for VXLAN traffic [default: the agent's data-path
+        /// address, else the advertise address]
+        #[arg(long)]
+        data_path_addr: Option<std::net::Ipv4Addr>,
     },
     /// Print the join command (or the token) for workers or managers
     JoinToken {
@@ -68,6 +76,12 @@ pub enum SwarmCommand {
         /// Replace the token; the old one stops working at once
         #[arg(long)]
         rotate: bool,
+    },
+    /// Change swarm-wide settings (on a manager)
+    Update {
+        /// Add a new gossip encryption key now (the leader also does it every 12 hours)
+        #[arg(long)]
+        rotate_gossip_key: bool,
     },
     /// Leave the swarm (a manager needs --force)
     Leave {
@@ -286,7 +300,7 @@ pub struct CreateArgs {
     command: Vec<String>,
 }
 
-async fn control(client: &Client, request: ControlRequest) -> Result<ControlResponse> {
+pub async fn control(client: &Client, request: ControlRequest) -> Result<ControlResponse> {
     client.post("/v1/control", &request).await
 }
 
@@ -308,6 +322,7 @@ pub async fn swarm(client: &Client, command: SwarmCommand) -> Result<()> {
             default_addr_pool,
             default_addr_pool_mask_length,
             data_path_port,
+            data_path_addr,
         } => {
             let request = InitRequest {
                 advertise_addr,
@@ -315,6 +330,7 @@ pub async fn swarm(client: &Client, command: SwarmCommand) -> Result<()> {
                 default_addr_pool: Some(default_addr_pool),
                 default_addr_pool_mask_length: Some(default_addr_pool_mask_length),
                 data_path_port,
+                data_path_addr,
             };
             let init: InitResponse = client.post("/v1/swarm/init", &request).await?;
             println!(
@@ -332,6 +348,7 @@ pub async fn swarm(client: &Client, command: SwarmCommand) -> Result<()> {
             token,
             remote,
             advertise_addr,
+            data_path_addr,
         } => {
             let joined: JoinedResponse = client
                 .post(
@@ -340,6 +357,7 @@ pub async fn swarm(client: &Client, command: SwarmCommand) -> Result<()> {
                         token,
                         remote,
                         advertise_addr,
+                        data_path_addr,
                     },
                 )
                 .await?;
@@ -369,6 +387,13 @@ pub async fn swarm(client: &Client, command: SwarmCommand) -> Result<()> {
                 println!("To add a {role} to this swarm, run the following command:\n");
                 println!("    shoal swarm join --token {token} {advertise}\n");
             }
+        }
+        SwarmCommand::Update { rotate_gossip_key } => {
+            if !rotate_gossip_key {
+                bail!("nothing to update: pass --rotate-gossip-key");
+            }
+            control(client, ControlRequest::RotateGossipKey).await?;
+            println!("A new gossip key is being distributed; nodes send with it after the next rotation.");
         }
         SwarmCommand::Leave { force } => {
             let () = client
@@ -558,8 +583,21 @@ pub async fn network(client: &Client, command: NetworkCommand) -> Result<()> {
             }
         }
         NetworkCommand::Inspect { network } => {
-            let view = ask!(client, ControlRequest::NetworkInspect { network }, Network);
-            print!("{}", json(&view));
+            // What this node programmed for it: its peers and the FDB and neighbour entries
+            // read back from the kernel (null when no local task is on it). A worker only
+            // has this part.
+            let local: Option<shoal_dataplane::overlay::NetworkDataplane> = client
+                .get(&format!("/v1/networks/{network}/dataplane"))
+                .await?;
+            let mut value = match control(client, ControlRequest::NetworkInspect { network }).await
+            {
+                Ok(ControlResponse::Network(view)) => serde_json::to_value(&view)?,
+                Ok(other) => bail!("unexpected answer from the agent: {other:?}"),
+                Err(_) if local.is_some() => serde_json::json!({}),
+                Err(err) => return Err(err),
+            };
+            value["local"] = serde_json::to_value(local)?;
+            print!("{}", json(&value));
         }
         NetworkCommand::Rm { networks } => {
             for network in networks {

@@ -53,6 +53,16 @@ pub struct AgentSettings {
     /// Seconds a node may be down before managers reschedule its tasks [default: 10]
     #[arg(long)]
     pub reschedule_grace: Option<u64>,
+    /// Source address of VXLAN traffic, an IPv4 of this host [default: the advertise address]
+    #[arg(long)]
+    pub data_path_addr: Option<IpAddr>,
+    /// Prefix of the network namespaces made for overlay networks [default: shoal-]
+    #[arg(long)]
+    pub netns_prefix: Option<String>,
+    /// Node-local subnet of the gateway bridge that gives tasks a way out [default:
+    /// 172.18.0.0/16]
+    #[arg(long)]
+    pub gateway_subnet: Option<String>,
 }
 
 impl AgentSettings {
@@ -83,6 +93,9 @@ impl AgentSettings {
             cgroup_root: self.cgroup_root.or(base.cgroup_root),
             log_level: self.log_level.or(base.log_level),
             reschedule_grace: self.reschedule_grace.or(base.reschedule_grace),
+            data_path_addr: self.data_path_addr.or(base.data_path_addr),
+            netns_prefix: self.netns_prefix.or(base.netns_prefix),
+            gateway_subnet: self.gateway_subnet.or(base.gateway_subnet),
         }
     }
 }
@@ -102,6 +115,9 @@ pub struct AgentConfig {
     pub cgroup_root: PathBuf,
     pub log_level: String,
     pub reschedule_grace: u64,
+    pub data_path_addr: std::net::Ipv4Addr,
+    pub netns_prefix: String,
+    pub gateway_subnet: (std::net::Ipv4Addr, u8),
 }
 
 /// What the host offers to resolve defaults from; a trait so the logic is testable.
@@ -153,8 +169,34 @@ impl AgentConfig {
             },
             log_level: settings.log_level.unwrap_or_else(|| "info".into()),
             reschedule_grace: settings.reschedule_grace.unwrap_or(10),
+            data_path_addr: match settings.data_path_addr.unwrap_or(advertise_addr) {
+                IpAddr::V4(addr) => addr,
+                IpAddr::V6(addr) => {
+                    bail!("the data path needs an IPv4 address, not {addr}; pass --data-path-addr")
+                }
+            },
+            netns_prefix: settings.netns_prefix.unwrap_or_else(|| "shoal-".into()),
+            gateway_subnet: parse_subnet(
+                settings
+                    .gateway_subnet
+                    .as_deref()
+                    .unwrap_or("172.18.0.0/16"),
+            )?,
         })
     }
+}
+
+/// `A.B.C.D/N` with room for a gateway and tasks (N at most 30), the base address aligned.
+fn parse_subnet(text: &str) -> Result<(std::net::Ipv4Addr, u8)> {
+    let bad = || format!("gateway subnet {text:?} is not A.B.C.D/N with N from 8 to 30");
+    let (addr, prefix) = text.split_once('/').with_context(bad)?;
+    let addr: std::net::Ipv4Addr = addr.parse().with_context(bad)?;
+    let prefix: u8 = prefix.parse().with_context(bad)?;
+    if !(8..=30).contains(&prefix) {
+        bail!(bad());
+    }
+    let mask = u32::MAX << (32 - prefix);
+    Ok((std::net::Ipv4Addr::from(u32::from(addr) & mask), prefix))
 }
 
 fn resolve_advertise(

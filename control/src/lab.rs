@@ -125,6 +125,8 @@ impl Lab {
     /// claim the namespaces of lab "a-b".
     fn owns_netns(&self, name: &str) -> bool {
         name.strip_prefix(&self.netns("")).is_some_and(|member| {
+            // A node agent's overlay namespaces are `<node namespace>.ov-<network>`.
+            let member = member.split_once('.').map_or(member, |(node, _)| node);
             member == UNDERLAY
                 || member == CLIENT
                 || member
@@ -245,6 +247,7 @@ impl Lab {
                 advertise_interface: Some("eth0".into()),
                 bpffs_root: Some(self.bpffs_dir().join(node)),
                 cgroup_root: Some(cgroup.join(node).join("tasks")),
+                netns_prefix: Some(format!("{}.", self.netns(node))),
                 ..Default::default()
             };
             fs::write(dir.join("agent.toml"), toml::to_string(&settings)?)?;
@@ -703,6 +706,7 @@ mod tests {
             "shoal-a-node12",
             "shoal-a-client",
             "shoal-a-underlay",
+            "shoal-a-node2.ov-4j2k9x",
         ] {
             assert!(a.owns_netns(ours), "{ours}");
         }

@@ -6,6 +6,7 @@ mod client;
 mod cluster;
 mod commands;
 mod config;
+mod debug;
 mod lab;
 mod output;
 
@@ -71,6 +72,9 @@ enum Command {
     /// Work with tasks running on this node
     #[command(subcommand)]
     Task(TaskCommand),
+    /// Gossip members and network tables as this node sees them
+    #[command(subcommand)]
+    Gossip(debug::GossipCommand),
     /// A tiny HTTP (and TCP echo) server that says who it is and who asked
     Whoami {
         #[arg(long, default_value = "0.0.0.0:80")]
@@ -79,6 +83,9 @@ enum Command {
     /// Inside a new task's namespaces: set it up and exec its command (used by the agent)
     #[command(hide = true)]
     TaskInit {
+        /// Descriptor of the start gate: the command runs once the agent writes to it
+        #[arg(long)]
+        gate_fd: i32,
         #[arg(long)]
         hostname: String,
         #[arg(long)]
@@ -211,16 +218,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Node(command) => block_on(commands::node(&client, command))?,
         Command::Service(command) => block_on(commands::service(&client, command))?,
         Command::Network(command) => block_on(commands::network(&client, command))?,
+        Command::Gossip(command) => block_on(debug::gossip(&client, command))?,
         Command::Task(TaskCommand::Exec { task, command }) => {
             return block_on(commands::task_exec(&client, &task, &command))
         }
         Command::Whoami { listen } => commands::whoami(&listen)?,
         Command::TaskInit {
+            gate_fd,
             hostname,
             resolv_conf,
             command,
         } => {
             return Err(shoal_dataplane::task::exec_init(
+                gate_fd,
                 &hostname,
                 &resolv_conf,
                 &command,

@@ -44,7 +44,6 @@ pub struct OverlayConfig {
     pub node_netns: Netns,
     /// Source address of VXLAN packets.
     pub data_addr: Ipv4Addr,
-    pub data_port: u16,
     /// Node-local subnet of the gateway bridge; its first address is the bridge's.
     pub gateway_subnet: (Ipv4Addr, u8),
 }
@@ -55,6 +54,8 @@ pub struct NetworkSpec {
     pub id: String,
     pub name: String,
     pub vni: u32,
+    /// UDP port of the swarm's VXLAN data path.
+    pub port: u16,
     pub subnet: (Ipv4Addr, u8),
     /// None: underlay MTU minus the VXLAN overhead.
     pub mtu: Option<u32>,
@@ -255,7 +256,7 @@ impl Overlay {
             &[
                 format!(
                     "link add {vxlan} mtu {mtu} type vxlan id {} local {} dstport {} nolearning proxy",
-                    spec.vni, self.config.data_addr, self.config.data_port
+                    spec.vni, self.config.data_addr, spec.port
                 ),
                 format!("link set {vxlan} netns {netns}"),
             ],
@@ -285,6 +286,24 @@ impl Overlay {
             &self.config.node_netns,
             &format!("delete element ip {NFT_TABLE} overlay_subnets {{ {base}/{prefix} }}\n"),
         )
+    }
+
+    /// A network built here, by ID, unique ID prefix or name.
+    pub fn find(&self, key: &str) -> Option<NetworkSpec> {
+        let state = self.state.lock().expect("overlay state");
+        let matches: Vec<&NetworkSpec> = state
+            .networks
+            .values()
+            .map(|n| &n.spec)
+            .filter(|spec| spec.id == key || spec.name == key || spec.id.starts_with(key))
+            .collect();
+        match matches.as_slice() {
+            [one] => Some((*one).clone()),
+            _ => matches
+                .iter()
+                .find(|s| s.id == key || s.name == key)
+                .map(|s| (*s).clone()),
+        }
     }
 
     pub fn networks(&self) -> Vec<String> {
@@ -451,7 +470,7 @@ impl Overlay {
             vni: sandbox.spec.vni,
             mtu: sandbox.mtu,
             local: self.config.data_addr.to_string(),
-            port: self.config.data_port,
+            port: sandbox.spec.port,
             peers: sandbox
                 .peers
                 .peers()

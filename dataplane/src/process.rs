@@ -35,3 +35,24 @@ pub fn detach_into_cgroup(command: &mut Command, cgroup: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// Makes `fd` (close-on-exec in the spawner) available to the child as `target`; `fd` is
+/// closed in the spawner when `command` is dropped.
+pub fn pass_fd(command: &mut Command, fd: std::os::fd::OwnedFd, target: i32) {
+    // SAFETY: dup2 is async-signal-safe; the new descriptor does not inherit close-on-exec.
+    unsafe {
+        command.pre_exec(move || {
+            let fd = fd.as_raw_fd();
+            // dup2 onto itself keeps close-on-exec: clear it instead.
+            let result = if fd == target {
+                libc::fcntl(fd, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, target)
+            };
+            if result < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}

@@ -4,7 +4,10 @@
 //! Launch: the agent runs util-linux `unshare --fork --pid --mount-proc --net --uts` (which
 //! makes the namespaces and a fresh /proc), placed in the task's cgroup before exec; inside,
 //! `shoal task-init` sets the hostname, bind-mounts the resolver file and execs the command,
-//! which becomes PID 1 of the task. Stop: SIGTERM to the cgroup, then `cgroup.kill`.
+//! which becomes PID 1 of the task. Before exec, task-init waits at a start gate (a pipe on
+//! fd 3) until the agent has connected the task's namespace to its networks, so the command
+//! never runs without them; if the agent closes the gate without opening it, the task ends.
+//! Stop: SIGTERM to the cgroup, then `cgroup.kill`.
 
 use std::{
     ffi::CString,
@@ -39,11 +42,16 @@ pub struct TaskRuntime {
     init_exe: PathBuf,
 }
 
+/// The file descriptor task-init reads its start gate from.
+pub const GATE_FD: i32 = 3;
+
 /// A started task: the `unshare` process the agent waits on, and the task's cgroup.
 pub struct TaskHandle {
     pub id: String,
     child: tokio::process::Child,
     cgroup: PathBuf,
+    /// Write end of the start gate while the task waits at it.
+    gate: Option<File>,
 }
 
 impl TaskRuntime {
@@ -109,7 +117,8 @@ impl TaskRuntime {
             ])
             .args(["--propagation", "private", "--"])
             .arg(&self.init_exe)
-            .args(["task-init", "--hostname", &launch.name, "--resolv-conf"])
+            .args(["task-init", "--gate-fd", &GATE_FD.to_string()])
+            .args(["--hostname", &launch.name, "--resolv-conf"])
             .arg(self.dir.join("resolv.conf"))
             .arg("--")
             .args(&launch.command)
@@ -127,6 +136,8 @@ impl TaskRuntime {
             }
         }
         crate::process::detach_into_cgroup(&mut command, &cgroup)?;
+        let (gate_read, gate_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        crate::process::pass_fd(&mut command, gate_read, GATE_FD);
         let child = tokio::process::Command::from(command)
             .kill_on_drop(false)
             .spawn()
@@ -135,6 +146,7 @@ impl TaskRuntime {
             id: launch.id.clone(),
             child,
             cgroup,
+            gate: Some(File::from(gate_write)),
         })
     }
 
@@ -171,6 +183,37 @@ impl TaskRuntime {
 }
 
 impl TaskHandle {
+    /// The PID of a process inside the task's network namespace, once there is one: the
+    /// `unshare` process itself moves into the namespaces it makes.
+    pub async fn netns_pid(&self) -> Result<u32> {
+        let pid = self.child.id().context("the task already ended")?;
+        let ours = fs::read_link("/proc/self/ns/net")?;
+        for _ in 0..500 {
+            match fs::read_link(format!("/proc/{pid}/ns/net")) {
+                Ok(theirs) if theirs != ours => return Ok(pid),
+                Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                Err(_) => bail!("the task ended before its namespaces were made"),
+            }
+        }
+        bail!("the task's namespaces did not appear within 5 s")
+    }
+
+    /// Ends a task waiting at its gate without running its command.
+    pub fn close_gate(&mut self) {
+        self.gate = None;
+    }
+
+    /// Lets the task's command run.
+    pub fn open_gate(&mut self) -> Result<()> {
+        use std::io::Write as _;
+        let mut gate = self
+            .gate
+            .take()
+            .context("the start gate was already used")?;
+        gate.write_all(b"1")
+            .context("opening the task's start gate")
+    }
+
     pub async fn wait(&mut self) -> io::Result<ExitStatus> {
         self.child.wait().await
     }
@@ -248,14 +291,33 @@ fn kill_cgroup(cgroup: &Path) -> Result<()> {
 /// runs the command as its child: it forwards signals to it (a PID 1 without handlers would
 /// ignore SIGTERM), reaps orphans, and exits with the command's status (128 + signal when it
 /// was killed). Returns only on a set-up error.
-pub fn exec_init(hostname: &str, resolv_conf: &Path, command: &[String]) -> anyhow::Error {
-    match run_init(hostname, resolv_conf, command) {
+pub fn exec_init(
+    gate_fd: i32,
+    hostname: &str,
+    resolv_conf: &Path,
+    command: &[String],
+) -> anyhow::Error {
+    match run_init(gate_fd, hostname, resolv_conf, command) {
         Ok(never) => match never {},
         Err(err) => err,
     }
 }
 
+/// Blocks until the agent opens the start gate; the command must not inherit it.
+fn wait_at_gate(gate_fd: i32) -> Result<()> {
+    use std::{io::Read as _, os::fd::FromRawFd as _};
+    // SAFETY: the agent passes the gate's read end as `gate_fd` and nothing else owns it.
+    let mut gate = unsafe { File::from_raw_fd(gate_fd) };
+    let mut byte = [0u8; 1];
+    match gate.read(&mut byte) {
+        Ok(1) => Ok(()),
+        Ok(_) => bail!("the agent could not connect the task to its networks"),
+        Err(err) => Err(err).context("reading the start gate"),
+    }
+}
+
 fn run_init(
+    gate_fd: i32,
     hostname: &str,
     resolv_conf: &Path,
     command: &[String],
@@ -283,6 +345,7 @@ fn run_init(
         .map(|a| CString::new(a.as_bytes()))
         .collect::<Result<_, _>>()?;
     let program = argv.first().context("no command")?.clone();
+    wait_at_gate(gate_fd)?;
 
     let forwarded = [
         Signal::SIGTERM,

@@ -60,7 +60,6 @@ impl Rig {
                 netns_prefix: format!("{tag}-n{}.", i + 1),
                 node_netns: ns,
                 data_addr: Ipv4Addr::new(192, 168, 99, i as u8 + 1),
-                data_port: 4789,
                 gateway_subnet: (Ipv4Addr::new(172, 18, 0, 0), 16),
             })
             .expect("overlay start");
@@ -126,6 +125,7 @@ fn network(id: &str, vni: u32, third: u8, internal: bool) -> NetworkSpec {
         id: id.into(),
         name: id.into(),
         vni,
+        port: 4789,
         subnet: (Ipv4Addr::new(10, 0, third, 0), 24),
         mtu: None,
         internal,

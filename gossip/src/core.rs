@@ -109,14 +109,14 @@ pub enum Output {
     MembersChanged,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum MemberState {
     Alive,
     Suspect,
     Down,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MemberInfo {
     pub node_id: String,
     pub addr: SocketAddr,
@@ -124,7 +124,7 @@ pub struct MemberInfo {
     pub incarnation: u16,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GossipStats {
     pub packets_sent: u64,
     pub bytes_sent: u64,
@@ -717,6 +717,12 @@ impl Gossip {
         self.refresh_net_members(&net);
         if self.my_networks.contains(&net) {
             self.changed.insert(net.clone());
+            // A node that just joined one of our networks has none of its entries yet (and
+            // we none of its own): exchange tables now rather than at the next periodic sync.
+            if entry.value.is_some() && node != self.config.node_id {
+                let peer = node.to_owned();
+                self.start_sync(&peer, now_ms);
+            }
         }
         if node == self.config.node_id && entry.version.node == self.config.node_id {
             let wanted = self.my_networks.contains(&net);
@@ -857,8 +863,15 @@ impl Gossip {
         match note {
             Note::Up(id) => {
                 let node = id.node_id.clone();
+                let was_up = self.peers.get(&node).is_some_and(|p| p.up);
                 self.set_peer(id, true);
-                if std::mem::take(&mut self.sync_on_first_member) {
+                let shares_a_network = self
+                    .networks_of(&node)
+                    .iter()
+                    .any(|net| self.my_networks.contains(net));
+                // The first member, or one back from the dead that shares a network, may
+                // hold state this node misses: sync with it now.
+                if std::mem::take(&mut self.sync_on_first_member) || (!was_up && shares_a_network) {
                     self.start_sync(&node, now_ms);
                 }
             }

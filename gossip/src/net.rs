@@ -74,18 +74,19 @@ impl GossipService {
             commands,
             changes,
             local_addr,
-            server,
-            task,
+            tasks: Arc::new(std::sync::Mutex::new(Some((server, task)))),
         })
     }
 }
 
+/// A cheap handle on the running service; clones share it.
+#[derive(Clone)]
 pub struct GossipHandle {
     commands: mpsc::Sender<Command>,
     changes: broadcast::Sender<Change>,
     local_addr: SocketAddr,
-    server: JoinHandle<()>,
-    task: JoinHandle<()>,
+    /// The sync server and the core's task, taken by the first `shutdown`.
+    tasks: Arc<std::sync::Mutex<Option<(JoinHandle<()>, JoinHandle<()>)>>>,
 }
 
 impl GossipHandle {
@@ -168,11 +169,15 @@ impl GossipHandle {
     }
 
     /// Stops the service and waits for its tasks to end.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(&self) {
+        let tasks = self.tasks.lock().expect("gossip tasks").take();
+        let Some((server, task)) = tasks else {
+            return;
+        };
         let _ = self.commands.send(Command::Stop).await;
-        self.server.abort();
-        let _ = self.server.await;
-        let _ = self.task.await;
+        server.abort();
+        let _ = server.await;
+        let _ = task.await;
     }
 }
 

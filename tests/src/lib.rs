@@ -5,6 +5,7 @@ use std::{
     fs,
     path::{Path, PathBuf},
     process::{Command, Output},
+    time::{Duration, Instant},
 };
 
 use serde_json::Value;
@@ -65,6 +66,32 @@ pub fn shoal_ok(args: &[&str]) -> String {
     String::from_utf8(out.stdout).expect("utf-8 output")
 }
 
+/// A running task as `service ps` shows it.
+#[derive(Clone, Debug)]
+pub struct RunningTask {
+    pub node: String,
+    /// Full name (`web.1.<id>`), as `task exec` takes it.
+    pub name: String,
+    /// Network name -> address.
+    pub addresses: std::collections::BTreeMap<String, String>,
+}
+
+impl RunningTask {
+    fn from_json(task: &Value) -> Self {
+        let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+        Self {
+            node: text(&task["node"]),
+            name: format!("{}.{}", text(&task["name"]), text(&task["id"])),
+            addresses: task["addresses"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|a| (text(&a[0]), text(&a[1])))
+                .collect(),
+        }
+    }
+}
+
 /// A lab that exists for one test and is removed when the test ends, pass or fail.
 pub struct TestLab {
     pub name: String,
@@ -115,6 +142,44 @@ impl TestLab {
         args.extend_from_slice(command);
         args.extend_from_slice(&["--format", "json"]);
         serde_json::from_str(&self.exec(node, &args)).expect("JSON output")
+    }
+
+    /// `shoal ARGS --format json` on a node, or None if it fails.
+    pub fn try_json(&self, node: &str, command: &[&str]) -> Option<Value> {
+        let mut args = vec!["exec", node, "--", "shoal"];
+        args.extend_from_slice(command);
+        args.extend_from_slice(&["--format", "json"]);
+        let out = self.run(&args);
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).expect("JSON"))
+    }
+
+    /// The running tasks of a service once there are `replicas` of them (30 s at most).
+    pub fn running_tasks(&self, service: &str, replicas: usize) -> Vec<RunningTask> {
+        wait_for(
+            &format!("{replicas} running tasks of {service}"),
+            Duration::from_secs(30),
+            || {
+                let tasks = self.try_json("node1", &["service", "ps", service])?;
+                let running: Vec<RunningTask> = tasks
+                    .as_array()?
+                    .iter()
+                    .filter(|t| t["desired"] == "running" && t["state"] == "running")
+                    .map(RunningTask::from_json)
+                    .collect();
+                (running.len() == replicas).then_some(running)
+            },
+        )
+    }
+
+    /// Runs a command inside a task, through `shoal task exec` on the task's node.
+    pub fn in_task(&self, task: &RunningTask, command: &[&str]) -> Output {
+        let mut args = vec![
+            "exec", &task.node, "--", "shoal", "task", "exec", &task.name, "--",
+        ];
+        args.extend_from_slice(command);
+        self.run(&args)
     }
 
     pub fn run_dir(&self) -> PathBuf {
@@ -193,4 +258,19 @@ pub fn verdict_packets(status: &Value, verdict: &str) -> u64 {
         .find(|c| c["verdict"] == verdict)
         .and_then(|c| c["packets"].as_u64())
         .unwrap_or_else(|| panic!("no {verdict} counter in {status}"))
+}
+
+/// Polls `check` every 200 ms until it returns Some, or panics after `limit`.
+pub fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

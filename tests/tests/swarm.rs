@@ -9,33 +9,7 @@ use std::{
 };
 
 use serde_json::Value;
-use shoal_tests::TestLab;
-
-/// Polls `check` every 200 ms until it returns Some, or panics after `limit`.
-fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        assert!(
-            start.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// `shoal ARGS --format json` on a node, or None if it fails.
-fn try_json(lab: &TestLab, node: &str, command: &[&str]) -> Option<Value> {
-    let mut args = vec!["exec", node, "--", "shoal"];
-    args.extend_from_slice(command);
-    args.extend_from_slice(&["--format", "json"]);
-    let out = lab.run(&args);
-    out.status
-        .success()
-        .then(|| serde_json::from_slice(&out.stdout).expect("JSON"))
-}
+use shoal_tests::{wait_for, TestLab};
 
 /// Running tasks of a service per node hostname.
 fn running_per_node(lab: &TestLab, service: &str) -> BTreeMap<String, usize> {
@@ -327,7 +301,7 @@ fn three_managers_survive_losing_the_leader() {
     lab.run(&["down"]);
     lab.ok(&["up", "--nodes", "3", "--managers", "3"]);
     let statuses = |node: &str| -> Option<BTreeMap<String, String>> {
-        let nodes = try_json(&lab, node, &["node", "ls"])?;
+        let nodes = lab.try_json(node, &["node", "ls"])?;
         Some(
             nodes
                 .as_array()?
@@ -665,7 +639,7 @@ fn a_state_dir_backup_restores_the_swarm() {
     let services = wait_for(
         "the restored manager to lead",
         Duration::from_secs(15),
-        || try_json(&lab, "node1", &["service", "ls"]),
+        || lab.try_json("node1", &["service", "ls"]),
     );
     let names: Vec<&str> = services
         .as_array()
@@ -681,7 +655,7 @@ fn a_state_dir_backup_restores_the_swarm() {
 fn promote_and_demote_change_raft_membership() {
     let lab = TestLab::up("sw-roles", 3);
     let manager_status = |node: &str| -> Option<String> {
-        let nodes = try_json(&lab, "node1", &["node", "ls"])?;
+        let nodes = lab.try_json("node1", &["node", "ls"])?;
         nodes
             .as_array()?
             .iter()
@@ -697,7 +671,7 @@ fn promote_and_demote_change_raft_membership() {
     );
     // The promoted node now answers manager commands itself.
     let nodes = wait_for("node2 to serve node ls", Duration::from_secs(10), || {
-        try_json(&lab, "node2", &["node", "ls"])
+        lab.try_json("node2", &["node", "ls"])
     });
     assert_eq!(nodes.as_array().unwrap().len(), 3);
 

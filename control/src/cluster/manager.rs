@@ -16,9 +16,9 @@ use super::{
     orchestrator::{self, Settings},
     pki::{random_id, secrets_match, Role},
     protocol::{
-        Assignment, ClusterRequest, ClusterResponse, ControlRequest, ControlResponse, Envelope,
-        HeartbeatResponse, JoinRequest, JoinResponse, LogLine, LogsRequest, NetworkCreate,
-        NetworkView, NodeView, ServiceView, TaskLog, TaskView,
+        AssignedNetwork, Assignment, ClusterRequest, ClusterResponse, ControlRequest,
+        ControlResponse, Envelope, HeartbeatResponse, JoinRequest, JoinResponse, LogLine,
+        LogsRequest, NetworkCreate, NetworkView, NodeView, ServiceView, TaskLog, TaskView,
     },
     raft::{Member, Raft, StateMachine},
     state::{
@@ -37,6 +37,19 @@ const LEADER_LOOP_PERIOD: Duration = Duration::from_millis(500);
 const ADD_VOTER_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a follower keeps trying to reach a leader for a request.
 const FORWARD_PATIENCE: Duration = Duration::from_secs(4);
+
+/// How often the leader adds a gossip key (Swarm rotates every 12 hours too).
+pub const GOSSIP_KEY_ROTATION: Duration = Duration::from_secs(12 * 3600);
+
+fn new_gossip_key() -> Command {
+    use rand::RngCore as _;
+    let mut key = [0u8; 32];
+    rand::rng().fill_bytes(&mut key);
+    Command::AddGossipKey {
+        key: key.iter().map(|b| format!("{b:02x}")).collect(),
+        at: now(),
+    }
+}
 
 pub fn now() -> u64 {
     SystemTime::now()
@@ -389,12 +402,28 @@ impl Manager {
                         },
                         command: spec.map(|s| s.command.clone()).unwrap_or_default(),
                         env: spec.map(|s| s.env.clone()).unwrap_or_default(),
+                        networks: t
+                            .attachments
+                            .iter()
+                            .filter_map(|a| {
+                                Some(AssignedNetwork {
+                                    spec: state
+                                        .networks
+                                        .get(&a.network_id)?
+                                        .dataplane_spec(state.settings.data_path_port),
+                                    address: a.address,
+                                })
+                            })
+                            .collect(),
+                        service_id: t.service_id.clone(),
+                        service_name: service.map(|s| s.spec.name.clone()).unwrap_or_default(),
                     }
                 })
                 .collect(),
             managers: self.manager_endpoints(state),
             role,
             manager_ids: state.managers().map(|n| n.id.clone()).collect(),
+            gossip_keys: state.gossip_keys.clone(),
         }))
     }
 
@@ -454,6 +483,12 @@ impl Manager {
                 since: now(),
             })
             .await?;
+        }
+        // Gossip keys rotate on a schedule; the first is made as soon as there is a leader.
+        if state.gossip_keys.is_empty()
+            || now().saturating_sub(state.gossip_key_added_at) >= GOSSIP_KEY_ROTATION.as_secs()
+        {
+            self.write(new_gossip_key()).await?;
         }
         self.reconcile_membership(&state);
         for command in orchestrator::reconcile(&self.state(), now(), self.settings) {
@@ -538,6 +573,10 @@ impl Manager {
                 ControlResponse::Tasks(task_views(&state, |t| {
                     t.node_id.as_deref() == Some(&node.id)
                 }))
+            }
+            ControlRequest::RotateGossipKey => {
+                self.write(new_gossip_key()).await?;
+                ControlResponse::Done
             }
             ControlRequest::JoinToken { role, rotate } => {
                 if rotate {

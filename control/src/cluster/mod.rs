@@ -2,6 +2,7 @@
 
 pub mod ipam;
 pub mod manager;
+pub mod networking;
 pub mod node;
 pub mod orchestrator;
 pub mod pki;

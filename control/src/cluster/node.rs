@@ -4,7 +4,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
     sync::Arc,
     time::Duration,
@@ -19,12 +19,13 @@ use axum::{
     Extension, Json, Router,
 };
 use serde::{Deserialize, Serialize};
-use shoal_dataplane::task::TaskRuntime;
+use shoal_dataplane::{iproute::Netns, overlay::OverlayConfig, task::TaskRuntime};
 use tokio::{sync::watch, task::JoinHandle};
 
 use super::{
     ipam::{allocate_subnet, Subnet},
     manager::{now, Manager},
+    networking::NodeNetworks,
     orchestrator::Settings,
     pki::{ca_digest, new_key_and_csr, pem_der, random_id, JoinToken, NodeIdentity, Role, RootCa},
     protocol::{
@@ -48,6 +49,9 @@ struct Membership {
     /// Where this node's manager API listens, as others reach it.
     advertise: SocketAddr,
     managers: Vec<String>,
+    /// `--data-path-addr` of init or join; the agent's setting otherwise.
+    #[serde(default)]
+    data_path_addr: Option<Ipv4Addr>,
 }
 
 /// `shoal info`'s view of the swarm.
@@ -73,6 +77,8 @@ pub struct InitRequest {
     pub default_addr_pool_mask_length: Option<u8>,
     /// VXLAN UDP port of the swarm [default: this agent's data-path port].
     pub data_path_port: Option<u16>,
+    #[serde(default)]
+    pub data_path_addr: Option<Ipv4Addr>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -87,6 +93,8 @@ pub struct JoinArgs {
     pub token: String,
     pub remote: String,
     pub advertise_addr: Option<String>,
+    #[serde(default)]
+    pub data_path_addr: Option<Ipv4Addr>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -225,6 +233,7 @@ impl ClusterRuntime {
             manager: true,
             advertise,
             managers: vec![advertise.to_string()],
+            data_path_addr: request.data_path_addr,
         };
         let started = self.launch(membership.clone()).await?;
         let manager = started.manager().expect("init makes a manager");
@@ -431,6 +440,7 @@ impl ClusterRuntime {
             manager: joined.role == Role::Manager,
             advertise,
             managers: joined.managers,
+            data_path_addr: args.data_path_addr,
         };
         self.save(&membership)?;
         *running = Some(self.launch(membership).await?);
@@ -456,7 +466,9 @@ impl ClusterRuntime {
         }
         let current = running.take().expect("checked");
         current.worker.stop_all().await;
+        let networks = current.worker.networks().clone();
         stop(current).await;
+        networks.remove_all().await?;
         std::fs::remove_dir_all(&self.dir)
             .with_context(|| format!("removing {}", self.dir.display()))?;
         tracing::info!("left the swarm");
@@ -485,8 +497,21 @@ impl ClusterRuntime {
         } else {
             Role::Worker
         };
+        let networks = Arc::new(NodeNetworks::start(
+            &membership.identity.node_id,
+            OverlayConfig {
+                netns_prefix: self.config.netns_prefix.clone(),
+                node_netns: Netns::Current,
+                data_addr: membership
+                    .data_path_addr
+                    .unwrap_or(self.config.data_path_addr),
+                gateway_subnet: self.config.gateway_subnet,
+            },
+            SocketAddr::new(membership.advertise.ip(), self.config.gossip_port),
+        )?);
         let worker = Arc::new(Worker::new(
             runtime,
+            networks,
             client.clone(),
             membership.managers.clone(),
             role,
@@ -642,6 +667,13 @@ impl ClusterRuntime {
         let running = running.as_ref().ok_or_else(|| anyhow!(NOT_IN_SWARM))?;
         let id = running.worker.resolve_local(task)?;
         running.worker.runtime().init_pid(&id)
+    }
+
+    /// This node's overlay networking, while it is in a swarm.
+    pub async fn networks(&self) -> Result<Arc<NodeNetworks>> {
+        let running = self.running.read().await;
+        let running = running.as_ref().ok_or_else(|| anyhow!(NOT_IN_SWARM))?;
+        Ok(running.worker.networks().clone())
     }
 
     /// Agent shutdown: loops stop; tasks keep running until the next agent takes over.

@@ -69,6 +69,9 @@ pub struct HeartbeatResponse {
     pub role: Role,
     /// Node IDs of the managers: the only callers a node serves its task logs to.
     pub manager_ids: Vec<String>,
+    /// The gossip keyring (hex AES-256 keys, newest last).
+    #[serde(default)]
+    pub gossip_keys: Vec<String>,
 }
 
 /// A manager asks a node for the output of some of its tasks.
@@ -99,6 +102,19 @@ pub struct Assignment {
     pub desired: TaskState,
     pub command: Vec<String>,
     pub env: Vec<String>,
+    /// The task's networks in interface order, with its address on each.
+    #[serde(default)]
+    pub networks: Vec<AssignedNetwork>,
+    #[serde(default)]
+    pub service_id: String,
+    #[serde(default)]
+    pub service_name: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct AssignedNetwork {
+    pub spec: shoal_dataplane::overlay::NetworkSpec,
+    pub address: std::net::Ipv4Addr,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -121,6 +137,8 @@ pub enum ControlRequest {
     NodeTasks {
         node: String,
     },
+    /// Adds a new gossip key now instead of at the next scheduled rotation.
+    RotateGossipKey,
     JoinToken {
         role: Role,
         rotate: bool,

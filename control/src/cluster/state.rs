@@ -31,7 +31,17 @@ pub struct ClusterState {
     pub settings: ClusterSettings,
     /// Raft node ids are small integers; node IDs are strings.
     pub next_raft_id: u64,
+    /// AES-256 keys of gossip encryption (hex), newest last, at most `GOSSIP_KEYS`.
+    #[serde(default)]
+    pub gossip_keys: Vec<String>,
+    /// When the newest gossip key was added.
+    #[serde(default)]
+    pub gossip_key_added_at: Timestamp,
 }
+
+/// Gossip keys kept: the one in use, the one before it (still accepted), and the newest,
+/// which is only handed out until the next rotation makes it the one in use.
+pub const GOSSIP_KEYS: usize = 3;
 
 /// Swarm-wide settings chosen at `swarm init`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -74,6 +84,21 @@ pub struct Network {
     /// The routing-mesh network made at `swarm init`.
     pub ingress: bool,
     pub created_at: Timestamp,
+}
+
+impl Network {
+    /// What a node needs to build the network in its kernel.
+    pub fn dataplane_spec(&self, data_path_port: u16) -> shoal_dataplane::overlay::NetworkSpec {
+        shoal_dataplane::overlay::NetworkSpec {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            vni: self.vni,
+            port: data_path_port,
+            subnet: (self.subnet.base, self.subnet.prefix),
+            mtu: self.mtu,
+            internal: self.internal,
+        }
+    }
 }
 
 /// A task's address on one network.
@@ -334,6 +359,11 @@ pub enum Command {
         role: Role,
         secret: String,
     },
+    /// A new gossip key; the oldest beyond `GOSSIP_KEYS` is dropped.
+    AddGossipKey {
+        key: String,
+        at: Timestamp,
+    },
     PutService(Service),
     RemoveService {
         id: String,
@@ -412,6 +442,12 @@ impl ClusterState {
             }
             Command::RemoveNode { id } => {
                 self.nodes.remove(&id);
+            }
+            Command::AddGossipKey { key, at } => {
+                self.gossip_keys.push(key);
+                let extra = self.gossip_keys.len().saturating_sub(GOSSIP_KEYS);
+                self.gossip_keys.drain(..extra);
+                self.gossip_key_added_at = at;
             }
             Command::RotateToken { role, secret } => match role {
                 Role::Worker => self.worker_secret = secret,

@@ -14,6 +14,7 @@ use shoal_dataplane::task::{TaskHandle, TaskLaunch, TaskRuntime};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use super::{
+    networking::NodeNetworks,
     pki::Role,
     protocol::{
         Assignment, ClusterRequest, ClusterResponse, Envelope, HeartbeatResponse, LogsRequest,
@@ -37,6 +38,9 @@ struct LocalTask {
 
 pub struct Worker {
     runtime: TaskRuntime,
+    networks: Arc<NodeNetworks>,
+    /// The gossip keyring last applied.
+    gossip_keys: Mutex<Vec<String>>,
     client: ClusterClient,
     managers: Mutex<Vec<String>>,
     /// The role the managers last gave this node, and where changes are announced.
@@ -50,6 +54,7 @@ pub struct Worker {
 impl Worker {
     pub fn new(
         runtime: TaskRuntime,
+        networks: Arc<NodeNetworks>,
         client: ClusterClient,
         managers: Vec<String>,
         role: Role,
@@ -71,6 +76,8 @@ impl Worker {
         }
         Ok(Self {
             runtime,
+            networks,
+            gossip_keys: Mutex::default(),
             client,
             managers: Mutex::new(managers),
             role: Mutex::new(role),
@@ -83,6 +90,10 @@ impl Worker {
 
     pub fn runtime(&self) -> &TaskRuntime {
         &self.runtime
+    }
+
+    pub fn networks(&self) -> &Arc<NodeNetworks> {
+        &self.networks
     }
 
     /// Whether a node is a manager, as the last heartbeat said.
@@ -171,15 +182,12 @@ impl Worker {
                         tracing::info!("managers reachable again");
                     }
                     if !answer.managers.is_empty() {
-                        *self.managers.lock().expect("managers") = answer.managers;
+                        *self.managers.lock().expect("managers") = answer.managers.clone();
                     }
                     *self.manager_ids.lock().expect("manager ids") = answer.manager_ids;
-                    let mut role = self.role.lock().expect("role");
-                    if *role != answer.role {
-                        *role = answer.role;
-                        let _ = self.role_changes.send(answer.role);
-                    }
-                    drop(role);
+                    self.apply_role(answer.role);
+                    self.apply_gossip_keys(&answer.gossip_keys, &answer.managers, &shutdown)
+                        .await;
                     self.apply(answer.assignments);
                 }
                 Err(err) => {
@@ -193,6 +201,35 @@ impl Worker {
                 _ = tokio::time::sleep(HEARTBEAT_INTERVAL) => {}
                 _ = self.wake.notified() => {}
                 _ = shutdown.changed() => {}
+            }
+        }
+    }
+
+    fn apply_role(&self, new: Role) {
+        let mut role = self.role.lock().expect("role");
+        if *role != new {
+            *role = new;
+            let _ = self.role_changes.send(new);
+        }
+    }
+
+    async fn apply_gossip_keys(
+        &self,
+        keys: &[String],
+        managers: &[String],
+        shutdown: &watch::Receiver<bool>,
+    ) {
+        if keys.is_empty() || *self.gossip_keys.lock().expect("gossip keys") == keys {
+            return;
+        }
+        match self
+            .networks
+            .set_keyring(keys, managers, shutdown.clone())
+            .await
+        {
+            Ok(()) => *self.gossip_keys.lock().expect("gossip keys") = keys.to_vec(),
+            Err(err) => {
+                tracing::warn!(error = %format!("{err:#}"), "applying the gossip keyring failed")
             }
         }
     }
@@ -289,11 +326,10 @@ impl Worker {
         };
         match self.runtime.start(&launch) {
             Ok(handle) => {
-                tracing::info!(task = %launch.name, "task started");
                 let (stop, stopped) = oneshot::channel();
-                tokio::spawn(Arc::clone(self).supervise(launch.id.clone(), handle, stopped));
+                tokio::spawn(Arc::clone(self).supervise(assignment.clone(), handle, stopped));
                 LocalTask {
-                    state: TaskState::Running,
+                    state: TaskState::Starting,
                     error: String::new(),
                     stop: Some(stop),
                 }
@@ -309,13 +345,67 @@ impl Worker {
         }
     }
 
+    /// Connects a started task to its networks, then lets its command run.
+    async fn connect(&self, task: &Assignment, handle: &mut TaskHandle) -> Result<()> {
+        let pid = handle.netns_pid().await?;
+        self.networks.connect(task, pid).await?;
+        handle.open_gate()
+    }
+
     async fn supervise(
         self: Arc<Self>,
-        id: String,
+        task: Assignment,
         mut handle: TaskHandle,
-        stopped: oneshot::Receiver<()>,
+        mut stopped: oneshot::Receiver<()>,
     ) {
-        let (state, error) = tokio::select! {
+        let id = task.task_id.clone();
+        // None: told to stop while starting.
+        let connected = tokio::select! {
+            connected = self.connect(&task, &mut handle) => Some(connected),
+            _ = &mut stopped => None,
+        };
+        let (state, error) = match connected {
+            Some(Ok(())) => {
+                tracing::info!(task = %task.name, "task started");
+                self.set_state(&id, TaskState::Running, String::new(), true);
+                self.wait_or_stop(&id, &mut handle, stopped).await
+            }
+            failed_or_stopped => {
+                // Closing the gate ends the task; stop() reaps it and removes its cgroup.
+                handle.close_gate();
+                let _ = handle.stop(STOP_GRACE).await;
+                match failed_or_stopped {
+                    Some(Err(err)) => {
+                        tracing::warn!(task = %task.name, error = %format!("{err:#}"), "task could not start");
+                        (TaskState::Rejected, format!("{err:#}"))
+                    }
+                    _ => (TaskState::Shutdown, String::new()),
+                }
+            }
+        };
+        self.networks.disconnect(&id).await;
+        tracing::info!(task = %id, state = ?state, error = %error, "task ended");
+        self.set_state(&id, state, error, false);
+        self.wake.notify_one();
+    }
+
+    fn set_state(&self, id: &str, state: TaskState, error: String, running: bool) {
+        if let Some(local) = self.tasks.lock().expect("tasks").get_mut(id) {
+            local.state = state;
+            local.error = error;
+            if !running {
+                local.stop = None;
+            }
+        }
+    }
+
+    async fn wait_or_stop(
+        &self,
+        id: &str,
+        handle: &mut TaskHandle,
+        stopped: oneshot::Receiver<()>,
+    ) -> (TaskState, String) {
+        tokio::select! {
             status = handle.wait() => {
                 if let Err(err) = handle.remove_cgroup().await {
                     tracing::warn!(task = %id, error = %format!("{err:#}"), "cleaning up the task's cgroup");
@@ -330,14 +420,7 @@ impl Worker {
                 Ok(_) => (TaskState::Shutdown, String::new()),
                 Err(err) => (TaskState::Shutdown, format!("stopping: {err:#}")),
             },
-        };
-        tracing::info!(task = %id, state = ?state, error = %error, "task ended");
-        if let Some(local) = self.tasks.lock().expect("tasks").get_mut(&id) {
-            local.state = state;
-            local.error = error;
-            local.stop = None;
         }
-        self.wake.notify_one();
     }
 }
 

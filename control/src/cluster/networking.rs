@@ -1,0 +1,278 @@
+//! A node's overlay networking: the kernel side (`shoal_dataplane::overlay`) driven by what
+//! gossip says. A task's networks are built when its first task arrives and removed with
+//! the last; its endpoints are announced on gossip while it runs; every change gossip
+//! reports about a network reprograms that network's remote peers.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+};
+
+use anyhow::{Context as _, Result};
+use shoal_dataplane::{
+    overlay::{NetworkDataplane, Overlay, OverlayConfig},
+    peerdb::Peer,
+};
+use shoal_gossip::{
+    net::{now_ms, Change, GossipHandle, GossipService},
+    EndpointRecord, Gossip, GossipConfig, Keyring,
+};
+use tokio::sync::watch;
+
+use super::protocol::Assignment;
+
+pub struct NodeNetworks {
+    node_id: String,
+    vtep: IpAddr,
+    gossip_addr: SocketAddr,
+    overlay: Arc<Overlay>,
+    /// Started with the first keyring the managers hand out.
+    gossip: Mutex<Option<GossipHandle>>,
+    /// Network ID -> local tasks attached to it.
+    users: Mutex<HashMap<String, HashSet<String>>>,
+    /// Task ID -> networks it announced an endpoint on.
+    announced: Mutex<HashMap<String, Vec<String>>>,
+}
+
+impl NodeNetworks {
+    /// Cleans up after a previous agent and builds the gateway bridge.
+    pub fn start(node_id: &str, config: OverlayConfig, gossip_addr: SocketAddr) -> Result<Self> {
+        let vtep = IpAddr::V4(config.data_addr);
+        let overlay = Overlay::start(config).context("setting up overlay networking")?;
+        Ok(Self {
+            node_id: node_id.to_owned(),
+            vtep,
+            gossip_addr,
+            overlay: Arc::new(overlay),
+            gossip: Mutex::default(),
+            users: Mutex::default(),
+            announced: Mutex::default(),
+        })
+    }
+
+    pub fn gossip(&self) -> Option<GossipHandle> {
+        self.gossip.lock().expect("gossip").clone()
+    }
+
+    /// Applies the managers' keyring: starts gossip the first time (joining through the
+    /// managers, `IP:PORT` of their manager API; gossip uses the same port everywhere), hands
+    /// later keyrings to it.
+    pub async fn set_keyring(
+        self: &Arc<Self>,
+        keys: &[String],
+        managers: &[String],
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<()> {
+        let keyring = parse_keyring(keys)?;
+        let managers: Vec<SocketAddr> = managers
+            .iter()
+            .filter_map(|m| m.parse::<SocketAddr>().ok())
+            .map(|m| SocketAddr::new(m.ip(), self.gossip_addr.port()))
+            .collect();
+        if let Some(gossip) = self.gossip() {
+            return Ok(gossip.set_keyring(keyring).await?);
+        }
+        let config = GossipConfig::new(&self.node_id, self.gossip_addr, rand::random());
+        let core = Gossip::new(config, keyring, now_ms())?;
+        let handle = GossipService::start(core, self.gossip_addr)
+            .await
+            .with_context(|| format!("starting gossip on {}", self.gossip_addr))?;
+        handle.join(managers).await?;
+        *self.gossip.lock().expect("gossip") = Some(handle.clone());
+        tokio::spawn(Arc::clone(self).follow(handle, shutdown));
+        Ok(())
+    }
+
+    /// Reprograms a network's peers whenever gossip reports it changed.
+    async fn follow(self: Arc<Self>, gossip: GossipHandle, mut shutdown: watch::Receiver<bool>) {
+        let mut changes = gossip.subscribe();
+        loop {
+            tokio::select! {
+                changed = changes.recv() => match changed {
+                    Ok(Change::Network(net)) => self.reprogram(&gossip, &net).await,
+                    Ok(Change::Members) => {}
+                    // Missed notifications: every network may have changed.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        for net in self.overlay.networks() {
+                            self.reprogram(&gossip, &net).await;
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
+                _ = shutdown.changed() => {
+                    gossip.shutdown().await;
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn reprogram(&self, gossip: &GossipHandle, net: &str) {
+        let view = match gossip.view(net).await {
+            Ok(view) => view,
+            Err(err) => {
+                tracing::warn!(network = %net, error = %err, "reading the gossip view");
+                return;
+            }
+        };
+        let desired: BTreeMap<String, Peer> = view
+            .into_iter()
+            .filter(|(_, record)| record.node_id != self.node_id)
+            .map(|(key, record)| {
+                (
+                    key,
+                    Peer {
+                        ip: record.ip,
+                        mac: record.mac,
+                        vtep: record.vtep,
+                    },
+                )
+            })
+            .collect();
+        let overlay = Arc::clone(&self.overlay);
+        let net_id = net.to_owned();
+        let result =
+            tokio::task::spawn_blocking(move || overlay.program_peers(&net_id, &desired)).await;
+        if let Err(err) = result.map_err(anyhow::Error::from).and_then(|r| r) {
+            tracing::warn!(network = %net, error = %format!("{err:#}"), "programming peers failed");
+        }
+    }
+
+    /// Builds the task's networks (when it is the first here), connects the task's
+    /// namespace (`pid`) to them and announces its endpoints.
+    pub async fn connect(&self, task: &Assignment, pid: u32) -> Result<()> {
+        if task.networks.is_empty() {
+            return Ok(());
+        }
+        let gossip = self
+            .gossip()
+            .context("gossip has not started yet (no keyring from the managers)")?;
+        for network in &task.networks {
+            let overlay = Arc::clone(&self.overlay);
+            let spec = network.spec.clone();
+            tokio::task::spawn_blocking(move || overlay.ensure_network(&spec)).await??;
+            self.users
+                .lock()
+                .expect("users")
+                .entry(network.spec.id.clone())
+                .or_default()
+                .insert(task.task_id.clone());
+            gossip.join_network(&network.spec.id).await?;
+        }
+        let overlay = Arc::clone(&self.overlay);
+        let task_id = task.task_id.clone();
+        let wanted: Vec<_> = task
+            .networks
+            .iter()
+            .map(|n| (n.spec.id.clone(), n.address))
+            .collect();
+        let interfaces =
+            tokio::task::spawn_blocking(move || overlay.attach(&task_id, pid, &wanted)).await??;
+        for interface in &interfaces {
+            let record = EndpointRecord {
+                task_id: task.task_id.clone(),
+                task_name: task.name.clone(),
+                service_id: task.service_id.clone(),
+                service_name: task.service_name.clone(),
+                node_id: self.node_id.clone(),
+                ip: interface.ip,
+                mac: interface.mac,
+                vtep: self.vtep,
+                vip: None,
+                ports: vec![],
+            };
+            gossip
+                .publish(&interface.network_id, &task.task_id, record)
+                .await?;
+            // Peers learned before this node joined the network are programmed now.
+            self.reprogram(&gossip, &interface.network_id).await;
+        }
+        self.announced.lock().expect("announced").insert(
+            task.task_id.clone(),
+            interfaces.into_iter().map(|i| i.network_id).collect(),
+        );
+        Ok(())
+    }
+
+    /// Withdraws a finished task's endpoints and removes networks no local task uses.
+    pub async fn disconnect(&self, task_id: &str) {
+        let gossip = self.gossip();
+        let announced = self
+            .announced
+            .lock()
+            .expect("announced")
+            .remove(task_id)
+            .unwrap_or_default();
+        if let Some(gossip) = &gossip {
+            for net in &announced {
+                if let Err(err) = gossip.withdraw(net, task_id).await {
+                    tracing::warn!(task = %task_id, error = %format!("{err:#}"), "withdrawing an endpoint");
+                }
+            }
+        }
+        self.overlay.detach(task_id);
+        let unused: Vec<String> = {
+            let mut users = self.users.lock().expect("users");
+            for tasks in users.values_mut() {
+                tasks.remove(task_id);
+            }
+            let unused = users
+                .iter()
+                .filter(|(_, tasks)| tasks.is_empty())
+                .map(|(net, _)| net.clone())
+                .collect();
+            users.retain(|_, tasks| !tasks.is_empty());
+            unused
+        };
+        for net in unused {
+            if let Some(gossip) = &gossip {
+                let _ = gossip.leave_network(&net).await;
+            }
+            let overlay = Arc::clone(&self.overlay);
+            let id = net.clone();
+            let removed = tokio::task::spawn_blocking(move || overlay.remove_network(&id)).await;
+            if let Err(err) = removed.map_err(anyhow::Error::from).and_then(|r| r) {
+                tracing::warn!(network = %net, error = %format!("{err:#}"), "removing a network");
+            }
+        }
+    }
+
+    /// The network as programmed on this node (by ID or name), if it is here.
+    pub fn inspect(&self, network: &str) -> Result<Option<NetworkDataplane>> {
+        match self.overlay.find(network) {
+            Some(spec) => self.overlay.inspect(&spec.id),
+            None => Ok(None),
+        }
+    }
+
+    /// A network's ID from its name or ID, for networks this node is on.
+    pub fn local_id(&self, network: &str) -> Option<String> {
+        self.overlay.find(network).map(|spec| spec.id)
+    }
+
+    /// Removes every network, the gateway bridge and its rules (leaving the swarm).
+    pub async fn remove_all(&self) -> Result<()> {
+        let gossip = self.gossip.lock().expect("gossip").take();
+        if let Some(gossip) = gossip {
+            gossip.shutdown().await;
+        }
+        let overlay = Arc::clone(&self.overlay);
+        tokio::task::spawn_blocking(move || overlay.remove_all()).await?
+    }
+}
+
+fn parse_keyring(keys: &[String]) -> Result<Keyring> {
+    let keys = keys
+        .iter()
+        .map(|hex| {
+            let bytes = (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(hex.get(i..i + 2).unwrap_or("zz"), 16))
+                .collect::<Result<Vec<u8>, _>>()
+                .context("a gossip key is not hex")?;
+            <[u8; 32]>::try_from(bytes).map_err(|_| anyhow::anyhow!("a gossip key is not 32 bytes"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Keyring::new(keys)?)
+}

@@ -1,0 +1,248 @@
+//! Overlay networks in the lab: tasks on three nodes reach each other over VXLAN programmed
+//! from gossip, networks are isolated, a dead node's endpoints are withdrawn everywhere,
+//! forged gossip is dropped and counted, and key rotation keeps membership. Needs root.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
+
+use serde_json::Value;
+use shoal_tests::{wait_for, RunningTask, TestLab};
+
+fn ping(lab: &TestLab, from: &RunningTask, ip: &str) -> bool {
+    lab.in_task(from, &["ping", "-c", "3", "-i", "0.3", "-W", "1", ip])
+        .status
+        .success()
+}
+
+/// Endpoint IPs of a network that a node's gossip view holds (live entries only).
+fn gossip_ips(lab: &TestLab, node: &str, network: &str) -> BTreeSet<String> {
+    lab.try_json(node, &["gossip", "tables", network])
+        .and_then(|rows| rows.as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter(|r| !r["record"].is_null())
+        .map(|r| r["record"]["ip"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// FDB entries (MAC -> VTEP) programmed for a network on a node.
+fn programmed_vteps(lab: &TestLab, node: &str, network: &str) -> BTreeSet<String> {
+    let out = lab.exec(node, &["shoal", "network", "inspect", network]);
+    let view: Value = serde_json::from_str(&out).expect("JSON");
+    view["local"]["fdb"]
+        .as_array()
+        .map(|entries| {
+            entries
+                .iter()
+                .map(|e| e[1].as_str().unwrap().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn create_service(lab: &TestLab, name: &str, network: &str, replicas: u32) {
+    lab.exec(
+        "node1",
+        &[
+            "shoal",
+            "service",
+            "create",
+            "--detach",
+            "--name",
+            name,
+            "--replicas",
+            &replicas.to_string(),
+            "--network",
+            network,
+            "--",
+            "shoal",
+            "whoami",
+            "--listen",
+            "0.0.0.0:80",
+        ],
+    );
+}
+
+#[test]
+fn tasks_on_three_nodes_talk_over_their_overlay_and_nothing_else() {
+    let lab = TestLab::up("ovl", 3);
+    lab.exec("node1", &["shoal", "network", "create", "front"]);
+    lab.exec("node1", &["shoal", "network", "create", "back"]);
+    create_service(&lab, "web", "front", 3);
+    create_service(&lab, "db", "back", 1);
+    let web = lab.running_tasks("web", 3);
+    let db = lab.running_tasks("db", 1);
+    let nodes: BTreeSet<&str> = web.iter().map(|t| t.node.as_str()).collect();
+    assert_eq!(nodes.len(), 3, "one web task per node: {web:?}");
+    let front: BTreeSet<String> = web.iter().map(|t| t.addresses["front"].clone()).collect();
+    for node in ["node1", "node2", "node3"] {
+        wait_for(
+            "every front endpoint in gossip",
+            Duration::from_secs(10),
+            || (gossip_ips(&lab, node, "front") == front).then_some(()),
+        );
+    }
+
+    // Every task reaches every other one: ICMP and TCP (HTTP to whoami).
+    for from in &web {
+        for to in &web {
+            let ip = &to.addresses["front"];
+            assert!(
+                ping(&lab, from, ip),
+                "{} cannot ping {} ({ip})",
+                from.name,
+                to.name
+            );
+            let url = format!("http://{ip}:80/");
+            assert!(
+                lab.in_task(from, &["curl", "-sf", "--max-time", "3", &url])
+                    .status
+                    .success(),
+                "{} cannot open TCP to {} ({ip})",
+                from.name,
+                to.name
+            );
+        }
+    }
+    // Front cannot reach back, not even on the same node.
+    let db_ip = &db[0].addresses["back"];
+    for from in &web {
+        assert!(
+            !ping(&lab, from, db_ip),
+            "{} reached db on another network",
+            from.name
+        );
+    }
+    // A node is not on any network: it cannot reach a task's overlay address.
+    let web_ip = &web[0].addresses["front"];
+    for node in ["node1", "node2", "node3"] {
+        let out = lab.run(&["exec", node, "--", "ping", "-c", "1", "-W", "1", web_ip]);
+        assert!(!out.status.success(), "{node} reached {web_ip}");
+    }
+    // Each node programmed exactly the other nodes' endpoints of front.
+    for node in ["node1", "node2", "node3"] {
+        let remote: BTreeSet<String> = web
+            .iter()
+            .filter(|t| t.node != node)
+            .map(|t| t.addresses["front"].clone())
+            .collect();
+        let view: Value =
+            serde_json::from_str(&lab.exec(node, &["shoal", "network", "inspect", "front"]))
+                .unwrap();
+        let neighbours: BTreeSet<String> = view["local"]["neighbours"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n[0].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(neighbours, remote, "neighbour entries on {node}");
+    }
+    lab.down_clean();
+}
+
+#[test]
+fn a_dead_node_is_withdrawn_and_forged_gossip_is_dropped() {
+    let lab = TestLab::up("ovd", 3);
+    lab.exec("node1", &["shoal", "network", "create", "front"]);
+    create_service(&lab, "web", "front", 3);
+    let web = lab.running_tasks("web", 3);
+    let node3_ip = web
+        .iter()
+        .find(|t| t.node == "node3")
+        .map(|t| t.addresses["front"].clone())
+        .expect("a task on node3");
+    for node in ["node1", "node2"] {
+        wait_for(
+            "node3's endpoint on the others",
+            Duration::from_secs(10),
+            || {
+                gossip_ips(&lab, node, "front")
+                    .contains(&node3_ip)
+                    .then_some(())
+            },
+        );
+        assert!(programmed_vteps(&lab, node, "front").contains("192.168.77.13"));
+    }
+
+    // Forged packets from the client: dropped, counted, and membership does not move.
+    let before = lab.node_json("node1", &["gossip", "members"]);
+    let dropped_before = before["stats"]["auth_failures"].as_u64().unwrap()
+        + before["stats"]["malformed_dropped"].as_u64().unwrap();
+    let forged = lab.run(&[
+        "exec",
+        "client",
+        "--",
+        "bash",
+        "-c",
+        "for i in 1 2 3 4 5; do head -c 200 /dev/urandom > /dev/udp/192.168.77.11/7946; done",
+    ]);
+    assert!(forged.status.success(), "{forged:?}");
+    let after = wait_for("forged packets counted", Duration::from_secs(5), || {
+        let after = lab.try_json("node1", &["gossip", "members"])?;
+        let dropped = after["stats"]["auth_failures"].as_u64()?
+            + after["stats"]["malformed_dropped"].as_u64()?;
+        (dropped >= dropped_before + 5).then_some(after)
+    });
+    let alive = |v: &Value| {
+        v["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["state"] == "Alive")
+            .count()
+    };
+    assert_eq!(alive(&after), 3, "{after}");
+
+    // Kill node3's agent: its endpoint leaves every other node's view and kernel.
+    lab.ok(&["stop", "node3", "--kill"]);
+    for node in ["node1", "node2"] {
+        wait_for(
+            "node3's endpoint withdrawn",
+            Duration::from_secs(15),
+            || (!gossip_ips(&lab, node, "front").contains(&node3_ip)).then_some(()),
+        );
+        wait_for(
+            "node3's FDB entries removed",
+            Duration::from_secs(5),
+            || (!programmed_vteps(&lab, node, "front").contains("192.168.77.13")).then_some(()),
+        );
+    }
+    lab.down_clean();
+}
+
+#[test]
+fn rotating_the_gossip_key_keeps_membership() {
+    let lab = TestLab::up("ovk", 3);
+    lab.exec("node1", &["shoal", "network", "create", "front"]);
+    create_service(&lab, "web", "front", 3);
+    lab.running_tasks("web", 3);
+    for _ in 0..4 {
+        lab.exec(
+            "node1",
+            &["shoal", "swarm", "update", "--rotate-gossip-key"],
+        );
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    for node in ["node1", "node2", "node3"] {
+        let members = lab.node_json(node, &["gossip", "members"]);
+        let states: Vec<&str> = members["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["state"].as_str().unwrap())
+            .collect();
+        assert_eq!(states, ["Alive"; 3], "{node}: {members}");
+    }
+    // Updates still flow with the new keys: scaling shows up in every node's table.
+    lab.exec("node1", &["shoal", "service", "scale", "--detach", "web=6"]);
+    let web = lab.running_tasks("web", 6);
+    let all: BTreeSet<String> = web.iter().map(|t| t.addresses["front"].clone()).collect();
+    for node in ["node1", "node2", "node3"] {
+        wait_for("six endpoints everywhere", Duration::from_secs(10), || {
+            (gossip_ips(&lab, node, "front") == all).then_some(())
+        });
+    }
+    lab.down_clean();
+}
