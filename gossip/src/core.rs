@@ -2,7 +2,7 @@
 //! table, one endpoint table per attached network, dissemination and full-state sync.
 //! Time comes in as `now_ms`; everything it wants sent comes out of `poll_output`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::time::Duration;
@@ -201,7 +201,7 @@ pub struct Gossip {
     timers: BTreeMap<(u64, u64), Timer<NodeIdentity>>,
     timer_seq: u64,
     foca_sized_for: u32,
-    peers: HashMap<String, Peer>,
+    peers: BTreeMap<String, Peer>,
     membership: Table<()>,
     /// Which nodes are on which network, from the live entries of `membership`.
     net_members: BTreeMap<String, BTreeSet<String>>,
@@ -271,7 +271,7 @@ impl Gossip {
             timers: BTreeMap::new(),
             timer_seq: 0,
             foca_sized_for: config.expected_cluster_size,
-            peers: HashMap::new(),
+            peers: BTreeMap::new(),
             membership: Table::new(&config.node_id),
             net_members: BTreeMap::new(),
             my_networks: BTreeSet::new(),

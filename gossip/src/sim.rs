@@ -229,6 +229,11 @@ impl Sim {
         }
     }
 
+    /// Changes the datagram loss from now on.
+    pub fn set_loss(&mut self, loss: f64) {
+        self.config.loss = loss;
+    }
+
     pub fn heal(&mut self) {
         self.sides = vec![0; self.nodes.len()];
     }

@@ -36,7 +36,7 @@ fn cluster(n: usize, loss: f64, seed: u64) -> Sim {
     for i in 0..n {
         sim.with_node(i, |g, now| g.join_network("net1", now).unwrap());
     }
-    let settled = sim.run_until_true(60_000, 500, |sim| {
+    let settled = sim.run_until_true(120_000, 500, |sim| {
         (0..n).all(|i| {
             sim.node(i).is_some_and(|g| {
                 g.stats().members_alive == n - 1

@@ -1,0 +1,190 @@
+//! Gossip in simulation (the real `shoal-gossip` code over a simulated network): convergence
+//! of one endpoint change, failure detection, bandwidth and false suspicions. Run with
+//! `cargo bench -p shoal-tests --bench gossip`.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Instant;
+
+use shoal_gossip::sim::{Sim, SimConfig};
+use shoal_gossip::{EndpointRecord, Keyring, MemberState};
+
+/// memberlist's own convergence model for 1,000 nodes (hashicorp's "convergence
+/// simulator" with its default LAN settings: 200 ms gossip interval, fanout 3): 99.99% of
+/// the nodes have an update after about 1.6 s, all of them after about 2.2 s.
+const MEMBERLIST_1000_9999_MS: u64 = 1_600;
+const MEMBERLIST_1000_ALL_MS: u64 = 2_200;
+
+fn record(node: usize, task: u32) -> EndpointRecord {
+    EndpointRecord {
+        task_id: format!("task{task}"),
+        task_name: format!("web.{task}"),
+        service_id: "svc".into(),
+        service_name: "web".into(),
+        node_id: format!("node{node}"),
+        ip: Ipv4Addr::new(10, 0, (task >> 8) as u8, task as u8),
+        mac: [2, 0, 0, 0, 0, task as u8],
+        vtep: IpAddr::V4(Ipv4Addr::new(192, 168, 0, 1)),
+        vip: None,
+        ports: Vec::new(),
+    }
+}
+
+/// `n` nodes, 1 ms ± 0.5 ms latency, all on `net1`, given at most `settle_ms` of simulated
+/// time to settle; returns the cluster and how many nodes know every member and network.
+fn cluster(n: usize, settle_ms: u64) -> (Sim, usize) {
+    let mut config = SimConfig::new(n);
+    config.latency_ms = 1; // 1 to 2 ms: the simulator works in whole milliseconds
+    config.jitter_ms = 1;
+    config.join_spread_ms = 2_000;
+    let mut sim = Sim::new(config, Keyring::new(vec![[7; 32]]).unwrap());
+    sim.run_for(3_000);
+    for i in 0..n {
+        sim.with_node(i, |g, now| g.join_network("net1", now).unwrap());
+    }
+    let settled_nodes = |s: &Sim| {
+        (0..n)
+            .filter(|&i| {
+                s.node(i).is_some_and(|g| {
+                    g.stats().members_alive == n - 1
+                        && g.networks_of(&format!("node{}", (i + 1) % n)).len() == 1
+                })
+            })
+            .count()
+    };
+    sim.run_until_true(settle_ms, 1_000, |s| settled_nodes(s) == n);
+    let settled = settled_nodes(&sim);
+    (sim, settled)
+}
+
+/// Publishes one endpoint and returns the ms to 99.99% and to 100% of the other nodes.
+fn convergence(sim: &mut Sim, task: u32) -> (Option<u64>, Option<u64>) {
+    let key = format!("bench{task}");
+    sim.watch("net1", &key, true);
+    let start = sim.now();
+    sim.with_node(0, |g, now| {
+        g.publish("net1", &key, record(0, task), now).unwrap()
+    });
+    sim.run_for(5_000);
+    let watch = sim.take_watch().unwrap();
+    let others: Vec<usize> = (1..sim.len()).collect();
+    (
+        watch.time_to_fraction(start, &others, 0.9999),
+        watch.time_to_fraction(start, &others, 1.0),
+    )
+}
+
+fn bytes_sent(sim: &Sim) -> u64 {
+    (0..sim.len())
+        .filter_map(|i| sim.node(i))
+        .map(|g| g.stats().bytes_sent)
+        .sum()
+}
+
+fn ms(t: Option<u64>) -> String {
+    t.map_or("never".into(), |t| format!("{t} ms"))
+}
+
+fn main() {
+    let started = Instant::now();
+    println!("shoal-gossip, simulated (real code), latency 1-2 ms, fanout 3, gossip every 200 ms");
+    println!();
+    println!(
+        "{:>6} {:>6} {:>14} {:>14}   memberlist model (1,000 nodes)",
+        "nodes", "loss", "to 99.99%", "to 100%"
+    );
+    let mut task = 0;
+    let mut hundred = None;
+    for n in [10, 100, 1_000] {
+        let built = Instant::now();
+        let (mut sim, settled) = cluster(n, if n == 1_000 { 30_000 } else { 120_000 });
+        let build_secs = built.elapsed().as_secs_f64();
+        for loss in [0.0, 0.05] {
+            sim.set_loss(loss);
+            sim.run_for(2_000);
+            task += 1;
+            let (most, all) = convergence(&mut sim, task);
+            let reference = if n == 1_000 {
+                format!("{MEMBERLIST_1000_9999_MS} ms / {MEMBERLIST_1000_ALL_MS} ms")
+            } else {
+                String::new()
+            };
+            println!(
+                "{n:>6} {:>5.0}% {:>14} {:>14}   {reference}",
+                loss * 100.0,
+                ms(most),
+                ms(all)
+            );
+        }
+        println!(
+            "{:>6} ({settled}/{n} nodes knew every member and network when measured; built in {build_secs:.1} s CPU)",
+            ""
+        );
+        if n == 100 {
+            hundred = Some(sim);
+        }
+    }
+    let mut sim = hundred.unwrap();
+    let n = sim.len();
+
+    // Bandwidth, steady state and with one endpoint change per second.
+    sim.set_loss(0.0);
+    let secs = 30;
+    let before = bytes_sent(&sim);
+    sim.run_for(secs * 1_000);
+    let idle = (bytes_sent(&sim) - before) as f64 / n as f64 / secs as f64;
+    let before = bytes_sent(&sim);
+    for second in 0..secs {
+        let node = (second as usize * 37) % n;
+        let key = format!("churn{second}");
+        sim.with_node(node, |g, now| {
+            g.publish("net1", &key, record(node, second as u32), now)
+                .unwrap()
+        });
+        sim.run_for(1_000);
+    }
+    let churn = (bytes_sent(&sim) - before) as f64 / n as f64 / secs as f64;
+    println!();
+    println!("gossip bytes per node per second, {n} nodes: steady {idle:.0} B/s, one endpoint change per second {churn:.0} B/s");
+
+    // False suspicions and downs at 5% loss over 60 simulated seconds.
+    sim.set_loss(0.05);
+    let counts = |s: &Sim| {
+        (0..s.len())
+            .filter_map(|i| s.node(i))
+            .fold((0, 0), |(a, b), g| {
+                let st = g.stats();
+                (a + st.suspicions, b + st.downs_observed)
+            })
+    };
+    let (suspicions0, downs0) = counts(&sim);
+    sim.run_for(60_000);
+    let (suspicions1, downs1) = counts(&sim);
+    println!(
+        "5% loss, {n} nodes, 60 s: {} false suspicions raised, {} false downs",
+        suspicions1 - suspicions0,
+        downs1 - downs0
+    );
+
+    // Failure detection: kill a node, time until every other node holds it Down.
+    sim.set_loss(0.0);
+    sim.run_for(10_000);
+    let victim = n / 2;
+    let victim_id = format!("node{victim}");
+    sim.kill(victim);
+    let killed = sim.now();
+    let detected = sim.run_until_true(60_000, 50, |s| {
+        (0..s.len()).filter(|&i| i != victim).all(|i| {
+            s.node(i)
+                .unwrap()
+                .members()
+                .iter()
+                .any(|m| m.node_id == victim_id && m.state == MemberState::Down)
+        })
+    });
+    let detection = detected.then(|| sim.now() - killed);
+    println!(
+        "failure detection, {n} nodes (kill -> every other node sees Down): {}  (foca bound: see docs/gossip.md)",
+        ms(detection)
+    );
+    eprintln!("  (bench ran in {:.1} s)", started.elapsed().as_secs_f64());
+}
