@@ -210,6 +210,9 @@ pub struct GossipTableRow {
     pub version: u64,
     pub writer: String,
     pub record: Option<EndpointRecord>,
+    /// In this node's view: not deleted, and its node is not down (a dead node's entries are
+    /// kept, hidden, until reaped).
+    pub live: bool,
 }
 
 async fn gossip_table(
@@ -221,6 +224,13 @@ async fn gossip_table(
         anyhow::anyhow!("no task of this node is on network {network}: its table is not here")
     })?;
     let gossip = gossip_of(&state).await?;
+    let live: std::collections::HashSet<String> = gossip
+        .view(&id)
+        .await
+        .map_err(anyhow::Error::from)?
+        .into_iter()
+        .map(|(key, _)| key)
+        .collect();
     Ok(Json(
         gossip
             .entries(&id)
@@ -228,6 +238,7 @@ async fn gossip_table(
             .map_err(anyhow::Error::from)?
             .into_iter()
             .map(|(key, entry)| GossipTableRow {
+                live: live.contains(&key),
                 key,
                 version: entry.version.time,
                 writer: entry.version.node,

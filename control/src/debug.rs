@@ -61,20 +61,26 @@ pub async fn gossip(client: &Client, command: GossipCommand) -> Result<()> {
             match format {
                 Format::Json => print!("{}", json(&rows)),
                 Format::Table => {
-                    let rows: Vec<[String; 6]> = rows
+                    let rows: Vec<[String; 7]> = rows
                         .iter()
                         .map(|r| {
                             let (name, ip, node) = match &r.record {
                                 Some(e) => {
                                     (e.task_name.clone(), e.ip.to_string(), e.vtep.to_string())
                                 }
-                                None => ("(deleted)".into(), "-".into(), "-".into()),
+                                None => ("-".into(), "-".into(), "-".into()),
+                            };
+                            let state = match (&r.record, r.live) {
+                                (None, _) => "deleted",
+                                (Some(_), true) => "live",
+                                (Some(_), false) => "node down",
                             };
                             [
                                 r.key.clone(),
                                 name,
                                 ip,
                                 node,
+                                state.into(),
                                 r.version.to_string(),
                                 r.writer.clone(),
                             ]
@@ -82,7 +88,10 @@ pub async fn gossip(client: &Client, command: GossipCommand) -> Result<()> {
                         .collect();
                     print!(
                         "{}",
-                        table(["KEY", "TASK", "IP", "VTEP", "VERSION", "WRITER"], &rows)
+                        table(
+                            ["KEY", "TASK", "IP", "VTEP", "STATE", "VERSION", "WRITER"],
+                            &rows
+                        )
                     );
                 }
             }

@@ -500,18 +500,24 @@ impl Lab {
     pub fn down(&self) -> Result<Vec<String>> {
         let mut removed = Vec::new();
         let cgroup = self.cgroup_dir()?;
-        let namespaces = self.namespaces()?;
 
         // 1. Processes: politely, then by force; agents and tasks live in the lab's cgroup,
         //    anything else (a `lab exec` left running) is found by its network namespace.
+        //    Agents remove overlay namespaces as their tasks end, so namespaces are listed
+        //    once they are all stopped.
         let stopped = stop_cgroup(&cgroup)?;
+        let namespaces = self.namespaces()?;
         let stray = kill_processes_in(&namespaces)?;
         if stopped + stray > 0 {
             removed.push(format!("{} processes", stopped + stray));
         }
         // 2. Namespaces: their links go with them.
         for netns in &namespaces {
-            ip(&["netns", "del", netns])?;
+            if let Err(err) = ip(&["netns", "del", netns]) {
+                if Path::new(NETNS_DIR).join(netns).exists() {
+                    return Err(err);
+                }
+            }
         }
         if !namespaces.is_empty() {
             removed.push(format!("{} namespaces", namespaces.len()));
@@ -636,10 +642,11 @@ fn kill_processes_in(namespaces: &[String]) -> Result<usize> {
     use std::os::unix::fs::MetadataExt as _;
     let mut inodes = Vec::new();
     for netns in namespaces {
-        inodes.push(format!(
-            "net:[{}]",
-            fs::metadata(Path::new(NETNS_DIR).join(netns))?.ino()
-        ));
+        match fs::metadata(Path::new(NETNS_DIR).join(netns)) {
+            Ok(meta) => inodes.push(format!("net:[{}]", meta.ino())),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => return Err(err).with_context(|| format!("reading namespace {netns}")),
+        }
     }
     let mut killed = 0;
     for entry in fs::read_dir("/proc")? {

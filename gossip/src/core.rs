@@ -69,7 +69,7 @@ impl GossipConfig {
             max_datagram: 1_400,
             sync_interval_ms: 30_000,
             sync_regossip_max: 64,
-            rejoin_interval_ms: 5_000,
+            rejoin_interval_ms: 1_000,
             max_packet_age_ms: 60_000,
             reap_after_ms: 30 * 60_000,
             reap_interval_ms: 60_000,
@@ -216,6 +216,9 @@ pub struct Gossip {
     members_changed: bool,
     seeds: Vec<SocketAddr>,
     sync_on_first_member: bool,
+    /// Nodes that joined one of our networks before SWIM told us their address: synced
+    /// with as soon as they are up.
+    pending_syncs: BTreeSet<String>,
     next_gossip: u64,
     next_sync: Option<u64>,
     next_rejoin: Option<u64>,
@@ -283,6 +286,7 @@ impl Gossip {
             members_changed: false,
             seeds: Vec::new(),
             sync_on_first_member: false,
+            pending_syncs: BTreeSet::new(),
             next_gossip: now_ms + config.gossip_interval_ms,
             next_sync: None,
             next_rejoin: None,
@@ -721,7 +725,11 @@ impl Gossip {
             // we none of its own): exchange tables now rather than at the next periodic sync.
             if entry.value.is_some() && node != self.config.node_id {
                 let peer = node.to_owned();
-                self.start_sync(&peer, now_ms);
+                if self.peers.get(&peer).is_some_and(|p| p.up) {
+                    self.start_sync(&peer, now_ms);
+                } else {
+                    self.pending_syncs.insert(peer);
+                }
             }
         }
         if node == self.config.node_id && entry.version.node == self.config.node_id {

@@ -79,6 +79,9 @@ impl GossipService {
     }
 }
 
+/// The sync server and the task that owns the core.
+type ServiceTasks = (JoinHandle<()>, JoinHandle<()>);
+
 /// A cheap handle on the running service; clones share it.
 #[derive(Clone)]
 pub struct GossipHandle {
@@ -86,7 +89,7 @@ pub struct GossipHandle {
     changes: broadcast::Sender<Change>,
     local_addr: SocketAddr,
     /// The sync server and the core's task, taken by the first `shutdown`.
-    tasks: Arc<std::sync::Mutex<Option<(JoinHandle<()>, JoinHandle<()>)>>>,
+    tasks: Arc<std::sync::Mutex<Option<ServiceTasks>>>,
 }
 
 impl GossipHandle {

@@ -2,10 +2,7 @@
 //! from gossip, networks are isolated, a dead node's endpoints are withdrawn everywhere,
 //! forged gossip is dropped and counted, and key rotation keeps membership. Needs root.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    time::Duration,
-};
+use std::{collections::BTreeSet, time::Duration};
 
 use serde_json::Value;
 use shoal_tests::{wait_for, RunningTask, TestLab};
@@ -16,13 +13,13 @@ fn ping(lab: &TestLab, from: &RunningTask, ip: &str) -> bool {
         .success()
 }
 
-/// Endpoint IPs of a network that a node's gossip view holds (live entries only).
+/// Endpoint IPs of a network in a node's gossip view (live entries: not deleted, node up).
 fn gossip_ips(lab: &TestLab, node: &str, network: &str) -> BTreeSet<String> {
     lab.try_json(node, &["gossip", "tables", network])
         .and_then(|rows| rows.as_array().cloned())
         .unwrap_or_default()
         .iter()
-        .filter(|r| !r["record"].is_null())
+        .filter(|r| r["live"] == true)
         .map(|r| r["record"]["ip"].as_str().unwrap().to_owned())
         .collect()
 }
