@@ -206,6 +206,25 @@ fn a_dead_node_is_withdrawn_and_forged_gossip_is_dropped() {
             || (!programmed_vteps(&lab, node, "front").contains("192.168.77.13")).then_some(()),
         );
     }
+
+    // node3 comes back (its old tasks are ended and replaced): every node with a task ends
+    // with exactly the endpoints of the running tasks, none stale, none missing.
+    lab.ok(&["start", "node3"]);
+    wait_for(
+        "views equal to the running tasks",
+        Duration::from_secs(30),
+        || {
+            let running = lab.running_tasks("web", 3);
+            let ips: BTreeSet<String> = running
+                .iter()
+                .map(|t| t.addresses["front"].clone())
+                .collect();
+            running
+                .iter()
+                .all(|t| gossip_ips(&lab, &t.node, "front") == ips)
+                .then_some(())
+        },
+    );
     lab.down_clean();
 }
 
