@@ -136,6 +136,22 @@ fn tasks_on_three_nodes_talk_over_their_overlay_and_nothing_else() {
             .collect();
         assert_eq!(neighbours, remote, "neighbour entries on {node}");
     }
+
+    // The last task of a network on a node takes the network's namespace with it.
+    lab.exec("node1", &["shoal", "service", "rm", "web", "db"]);
+    let overlay_namespaces = || {
+        std::fs::read_dir("/run/netns")
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("shoal-ovl-") && n.contains(".ov-"))
+            .collect::<Vec<_>>()
+    };
+    wait_for(
+        "overlay namespaces removed",
+        Duration::from_secs(20),
+        || overlay_namespaces().is_empty().then_some(()),
+    );
     lab.down_clean();
 }
 
