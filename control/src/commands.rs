@@ -23,7 +23,9 @@ use crate::{
         protocol::{
             ControlRequest, ControlResponse, NetworkCreate, NodeView, ServiceView, TaskView,
         },
-        state::{Availability, Constraint, NodeStatus, ServiceMode, ServiceSpec, TaskState},
+        state::{
+            Availability, Constraint, EndpointMode, NodeStatus, ServiceMode, ServiceSpec, TaskState,
+        },
     },
     output::{json, table, Format},
 };
@@ -88,6 +90,12 @@ pub enum SwarmCommand {
         #[arg(long)]
         force: bool,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum EndpointModeArg {
+    Vip,
+    Dnsrr,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -287,6 +295,9 @@ pub struct CreateArgs {
     /// Overlay networks to attach each task to (eth0, eth1, ... in this order)
     #[arg(long = "network")]
     networks: Vec<String>,
+    /// `vip`: one virtual IP per network, balanced in eBPF; `dnsrr`: no VIP
+    #[arg(long, value_enum, default_value_t = EndpointModeArg::Vip)]
+    endpoint_mode: EndpointModeArg,
     #[arg(long, default_value_t = 1)]
     update_parallelism: u64,
     /// Delay between update batches: 10s, 1m, 500ms
@@ -637,6 +648,10 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
                 update_parallelism: args.update_parallelism,
                 update_delay_secs: parse_duration_secs(&args.update_delay)?,
                 networks: args.networks,
+                endpoint_mode: match args.endpoint_mode {
+                    EndpointModeArg::Vip => EndpointMode::Vip,
+                    EndpointModeArg::Dnsrr => EndpointMode::Dnsrr,
+                },
             };
             spec.validate()?;
             let view = ask!(client, ControlRequest::ServiceCreate(spec), Service);

@@ -412,6 +412,11 @@ impl Manager {
                                         .get(&a.network_id)?
                                         .dataplane_spec(state.settings.data_path_port),
                                     address: a.address,
+                                    vip: service
+                                        .and_then(|s| {
+                                            s.vips.iter().find(|v| v.network_id == a.network_id)
+                                        })
+                                        .map(|v| v.address),
                                 })
                             })
                             .collect(),
@@ -598,6 +603,7 @@ impl Manager {
                     version: 1,
                     created_at: at,
                     updated_at: at,
+                    vips: vec![],
                 };
                 self.write(Command::PutService(service.clone())).await?;
                 ControlResponse::Service(service_view(&self.state(), &service))
@@ -1036,6 +1042,12 @@ fn service_view(state: &ClusterState, service: &Service) -> ServiceView {
             .networks
             .iter()
             .map(|id| network_name(state, id))
+            .collect(),
+        endpoint_mode: service.spec.endpoint_mode,
+        vips: service
+            .vips
+            .iter()
+            .map(|v| (network_name(state, &v.network_id), v.address))
             .collect(),
         created_at: service.created_at,
         updated_at: service.updated_at,

@@ -170,6 +170,11 @@ impl NodeNetworks {
         let interfaces =
             tokio::task::spawn_blocking(move || overlay.attach(&task_id, pid, &wanted)).await??;
         for interface in &interfaces {
+            let vip = task
+                .networks
+                .iter()
+                .find(|n| n.spec.id == interface.network_id)
+                .and_then(|n| n.vip);
             let record = EndpointRecord {
                 task_id: task.task_id.clone(),
                 task_name: task.name.clone(),
@@ -179,7 +184,7 @@ impl NodeNetworks {
                 ip: interface.ip,
                 mac: interface.mac,
                 vtep: self.vtep,
-                vip: None,
+                vip,
                 ports: vec![],
             };
             gossip

@@ -10,8 +10,8 @@ use super::{
     ipam,
     pki::random_id,
     state::{
-        Attachment, Availability, ClusterState, Command, Node, NodeStatus, Service, ServiceMode,
-        Task, TaskState, Timestamp,
+        Attachment, Availability, ClusterState, Command, EndpointMode, Node, NodeStatus, Service,
+        ServiceMode, Task, TaskState, Timestamp,
     },
 };
 
@@ -29,11 +29,14 @@ pub struct Settings {
 
 /// The commands that bring tasks in line with services and nodes; empty when converged.
 pub fn reconcile(state: &ClusterState, now: Timestamp, settings: Settings) -> Vec<Command> {
+    let mut commands = Vec::new();
+    let vips = plan_vips(state, &mut commands);
     let mut plan = Plan {
         state,
         now,
         changed: BTreeMap::new(),
         delete: Vec::new(),
+        vips,
     };
     plan.orphan_tasks_of_lost_nodes(settings.down_grace_secs);
     for service in state.services.values() {
@@ -47,7 +50,6 @@ pub fn reconcile(state: &ClusterState, now: Timestamp, settings: Settings) -> Ve
     plan.assign_pending();
     plan.trim_history();
 
-    let mut commands = Vec::new();
     if !plan.changed.is_empty() {
         commands.push(Command::PutTasks(plan.changed.into_values().collect()));
     }
@@ -63,6 +65,63 @@ struct Plan<'a> {
     /// Tasks created or changed in this pass, by ID; they shadow the state's copies.
     changed: BTreeMap<String, Task>,
     delete: Vec<String>,
+    /// Every service's VIPs after this pass (addresses tasks must not take).
+    vips: BTreeMap<String, Vec<Attachment>>,
+}
+
+/// Gives every `vip`-mode service one VIP per network (keeping the ones it has), and takes
+/// them from `dnsrr` services and removed networks. Returns every service's VIPs.
+fn plan_vips(
+    state: &ClusterState,
+    commands: &mut Vec<Command>,
+) -> BTreeMap<String, Vec<Attachment>> {
+    let mut all: BTreeMap<String, Vec<Attachment>> = state
+        .services
+        .iter()
+        .map(|(id, s)| (id.clone(), s.vips.clone()))
+        .collect();
+    for service in state.services.values() {
+        let wanted: &[String] = match service.spec.endpoint_mode {
+            EndpointMode::Vip => &service.spec.networks,
+            EndpointMode::Dnsrr => &[],
+        };
+        let mut vips: Vec<Attachment> = Vec::new();
+        for network_id in wanted {
+            if let Some(kept) = service.vips.iter().find(|v| v.network_id == *network_id) {
+                vips.push(kept.clone());
+                continue;
+            }
+            let Some(network) = state.networks.get(network_id) else {
+                continue;
+            };
+            let used: BTreeSet<Ipv4Addr> = state
+                .tasks
+                .values()
+                .filter(|t| !t.state.is_terminal())
+                .flat_map(|t| t.attachments.iter())
+                .chain(all.values().flatten())
+                .filter(|a| a.network_id == *network_id)
+                .map(|a| a.address)
+                .collect();
+            match ipam::allocate_address(network.subnet, network.gateway, &used) {
+                Ok(address) => vips.push(Attachment {
+                    network_id: network_id.clone(),
+                    address,
+                }),
+                Err(err) => {
+                    tracing::warn!(service = %service.spec.name, error = %format!("{err:#}"), "no address left for a VIP")
+                }
+            }
+        }
+        if vips != service.vips {
+            all.insert(service.id.clone(), vips.clone());
+            commands.push(Command::SetServiceVips {
+                id: service.id.clone(),
+                vips,
+            });
+        }
+    }
+    all
 }
 
 impl Plan<'_> {
@@ -135,6 +194,7 @@ impl Plan<'_> {
                 .tasks()
                 .filter(|t| !t.state.is_terminal())
                 .flat_map(|t| t.attachments.iter())
+                .chain(self.vips.values().flatten())
                 .filter(|a| a.network_id == *network_id)
                 .map(|a| a.address)
                 .collect();
@@ -471,10 +531,12 @@ mod tests {
                     update_parallelism: 1,
                     update_delay_secs: 0,
                     networks: vec![],
+                    endpoint_mode: EndpointMode::Vip,
                 },
                 version: 1,
                 created_at: 0,
                 updated_at: 0,
+                vips: vec![],
             },
         );
         id
@@ -736,7 +798,9 @@ mod tests {
             },
         );
         let web = service(&mut state, "web", ServiceMode::Replicated { replicas: 3 });
-        state.services.get_mut(&web).unwrap().spec.networks = vec!["net".into()];
+        let spec = &mut state.services.get_mut(&web).unwrap().spec;
+        spec.networks = vec!["net".into()];
+        spec.endpoint_mode = EndpointMode::Dnsrr;
         converge(&mut state, 1);
         let mut addresses: Vec<String> = state
             .tasks
@@ -773,6 +837,69 @@ mod tests {
             5,
             "no sixth address in a /29: the slot waits"
         );
+    }
+
+    #[test]
+    fn vip_services_get_one_vip_per_network_that_tasks_never_take() {
+        use crate::cluster::{
+            ipam::Subnet,
+            state::{Network, FIRST_VNI},
+        };
+        let mut state = cluster(2);
+        for (id, third) in [("a", 1), ("b", 2)] {
+            let subnet: Subnet = format!("10.0.{third}.0/24").parse().unwrap();
+            state.networks.insert(
+                id.into(),
+                Network {
+                    id: id.into(),
+                    name: id.into(),
+                    subnet,
+                    gateway: subnet.first_host(),
+                    vni: FIRST_VNI + third,
+                    attachable: false,
+                    internal: false,
+                    mtu: None,
+                    ingress: false,
+                    created_at: 0,
+                },
+            );
+        }
+        let web = service(&mut state, "web", ServiceMode::Replicated { replicas: 3 });
+        let db = service(&mut state, "db", ServiceMode::Replicated { replicas: 1 });
+        state.services.get_mut(&web).unwrap().spec.networks = vec!["a".into(), "b".into()];
+        let db_spec = &mut state.services.get_mut(&db).unwrap().spec;
+        db_spec.networks = vec!["a".into()];
+        db_spec.endpoint_mode = EndpointMode::Dnsrr;
+        converge(&mut state, 1);
+        let vips = &state.services[&web].vips;
+        assert_eq!(
+            vips.iter()
+                .map(|v| v.network_id.as_str())
+                .collect::<Vec<_>>(),
+            ["a", "b"],
+            "one VIP per network, in order"
+        );
+        assert!(state.services[&db].vips.is_empty(), "dnsrr has no VIP");
+        let taken: BTreeSet<Ipv4Addr> = state
+            .tasks
+            .values()
+            .flat_map(|t| t.attachments.iter())
+            .map(|a| a.address)
+            .collect();
+        assert!(vips.iter().all(|v| !taken.contains(&v.address)));
+
+        // A spec update (new version, same networks) keeps the VIPs; dropping a network
+        // drops its VIP.
+        let before = vips.clone();
+        let mut updated = state.services[&web].clone();
+        updated.version += 1;
+        updated.vips = vec![];
+        state.apply(Command::PutService(updated)).unwrap();
+        converge(&mut state, 2);
+        assert_eq!(state.services[&web].vips, before);
+        state.services.get_mut(&web).unwrap().spec.networks = vec!["b".into()];
+        converge(&mut state, 3);
+        assert_eq!(state.services[&web].vips, before[1..]);
     }
 
     #[test]

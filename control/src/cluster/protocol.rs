@@ -12,7 +12,10 @@ use serde::{Deserialize, Serialize};
 use super::{
     ipam::Subnet,
     pki::Role,
-    state::{Availability, NodeStatus, ServiceMode, ServiceSpec, TaskReport, TaskState, Timestamp},
+    state::{
+        Availability, EndpointMode, NodeStatus, ServiceMode, ServiceSpec, TaskReport, TaskState,
+        Timestamp,
+    },
 };
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -115,6 +118,9 @@ pub struct Assignment {
 pub struct AssignedNetwork {
     pub spec: shoal_dataplane::overlay::NetworkSpec,
     pub address: std::net::Ipv4Addr,
+    /// The service's virtual IP on this network (none in `dnsrr` mode).
+    #[serde(default)]
+    pub vip: Option<std::net::Ipv4Addr>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -251,6 +257,9 @@ pub struct ServiceView {
     pub update_delay_secs: u64,
     /// Names of the networks its tasks attach to.
     pub networks: Vec<String>,
+    pub endpoint_mode: EndpointMode,
+    /// `network name`, `virtual IP` pairs.
+    pub vips: Vec<(String, std::net::Ipv4Addr)>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
 }

@@ -208,6 +208,19 @@ pub struct ServiceSpec {
     /// Overlay networks (IDs) each task is attached to, in interface order.
     #[serde(default)]
     pub networks: Vec<String>,
+    /// How the service's name resolves: one virtual IP per network, or every task's IP.
+    #[serde(default)]
+    pub endpoint_mode: EndpointMode,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EndpointMode {
+    /// A virtual IP per network, balanced over the running tasks in eBPF.
+    #[default]
+    Vip,
+    /// DNS round robin: no virtual IP.
+    Dnsrr,
 }
 
 impl ServiceSpec {
@@ -256,6 +269,10 @@ pub struct Service {
     pub version: u64,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
+    /// Virtual IPs, one per network in `vip` mode; set only by the orchestrator
+    /// (`SetServiceVips`), so a spec update never changes them.
+    #[serde(default)]
+    pub vips: Vec<Attachment>,
 }
 
 /// Swarm's task states, in the only order a task may move through them.
@@ -365,6 +382,10 @@ pub enum Command {
         at: Timestamp,
     },
     PutService(Service),
+    SetServiceVips {
+        id: String,
+        vips: Vec<Attachment>,
+    },
     RemoveService {
         id: String,
     },
@@ -465,7 +486,16 @@ impl ClusterState {
                         other.id
                     );
                 }
+                let mut service = service;
+                if let Some(existing) = self.services.get(&service.id) {
+                    service.vips = existing.vips.clone();
+                }
                 self.services.insert(service.id.clone(), service);
+            }
+            Command::SetServiceVips { id, vips } => {
+                if let Some(service) = self.services.get_mut(&id) {
+                    service.vips = vips;
+                }
             }
             Command::RemoveService { id } => {
                 self.services.remove(&id);
@@ -702,6 +732,7 @@ mod tests {
             update_parallelism: 1,
             update_delay_secs: 0,
             networks: vec![],
+            endpoint_mode: EndpointMode::Vip,
         };
         spec_with_a.networks = vec!["id-a".into()];
         state
@@ -711,6 +742,7 @@ mod tests {
                 version: 1,
                 created_at: 0,
                 updated_at: 0,
+                vips: vec![],
             }))
             .unwrap();
         let err = state
@@ -814,6 +846,7 @@ mod tests {
             update_parallelism: 1,
             update_delay_secs: 0,
             networks: vec![],
+            endpoint_mode: EndpointMode::Vip,
         };
         assert!(spec("web", &["sleep", "1"]).validate().is_ok());
         assert!(spec("-web", &["x"]).validate().is_err());
