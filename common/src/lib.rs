@@ -12,6 +12,49 @@ pub mod names {
     pub const INGRESS_PROGRAM: &str = "shoal_ingress";
     pub const VERDICT_COUNTERS: &str = "VERDICTS";
     pub const INGRESS_SETTINGS: &str = "SETTINGS";
+    pub const LB_CONNECT4: &str = "shoal_connect4";
+    pub const LB_SENDMSG4: &str = "shoal_sendmsg4";
+    pub const LB_RECVMSG4: &str = "shoal_recvmsg4";
+    pub const LB_SERVICES: &str = "LB_SERVICES";
+    pub const LB_BACKENDS: &str = "LB_BACKENDS";
+    pub const LB_REVERSE: &str = "LB_REVERSE";
+}
+
+/// Capacity of the service maps: VIPs, and backend slots over all of them.
+pub const LB_MAX_VIPS: u32 = 16_384;
+pub const LB_MAX_BACKEND_SLOTS: u32 = 262_144;
+/// UDP reverse translations remembered (LRU): one per socket and backend in use.
+pub const LB_MAX_REVERSE: u32 = 65_536;
+
+/// A virtual IP's entry (key: the VIP, network byte order). Backends live in `LB_BACKENDS`
+/// under (`id`, `generation`, 0..`count`); user space writes a new generation's slots before
+/// pointing the VIP at it, so a program never sees half a change.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipService {
+    pub id: u32,
+    pub count: u32,
+    pub generation: u32,
+    pub _pad: u32,
+}
+
+/// Key of one backend slot of one generation of a VIP's backend list.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BackendSlot {
+    pub service: u32,
+    pub generation: u32,
+    pub slot: u32,
+}
+
+/// A UDP socket's view of a backend, so replies read as coming from the VIP (network byte
+/// order address and port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ReverseKey {
+    pub cookie: u64,
+    pub ip: u32,
+    pub port: u32,
 }
 
 /// What the ingress classifier decided for one packet. Every verdict currently passes the
@@ -71,4 +114,7 @@ mod user {
     // SAFETY: both are repr(C) structs of integers with no padding holes left uninitialised.
     unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::IngressSettings {}
+    unsafe impl aya::Pod for super::VipService {}
+    unsafe impl aya::Pod for super::BackendSlot {}
+    unsafe impl aya::Pod for super::ReverseKey {}
 }

@@ -49,6 +49,7 @@ pub fn run(config_file: Option<PathBuf>, flags: AgentSettings) -> Result<()> {
             manager_port: config.manager_port,
             _pad: 0,
         },
+        task_cgroup: config.cgroup_root.clone(),
     })?;
     tracing::info!(
         interface = %config.advertise_interface,

@@ -19,6 +19,7 @@ use shoal_gossip::{net::GossipHandle, EndpointRecord, GossipStats, MemberInfo};
 
 use crate::{
     cluster::{
+        networking::LoadBalancer,
         node::{ClusterRuntime, InitRequest, InitResponse, JoinArgs, JoinedResponse, SwarmInfo},
         protocol::{ControlRequest, ControlResponse},
     },
@@ -89,6 +90,7 @@ pub fn router(state: Arc<AgentState>) -> Router {
         .route("/v1/tasks/{task}/pid", get(task_pid))
         .route("/v1/networks/{network}/dataplane", get(network_dataplane))
         .route("/v1/gossip/members", get(gossip_members))
+        .route("/v1/lb", get(load_balancers))
         .route("/v1/gossip/tables/{network}", get(gossip_table))
         .fallback(not_found)
         .with_state(state)
@@ -185,6 +187,13 @@ async fn network_dataplane(
             .await
             .map_err(anyhow::Error::from)??,
     ))
+}
+
+async fn load_balancers(
+    State(state): State<Arc<AgentState>>,
+) -> Result<Json<Vec<LoadBalancer>>, Failure> {
+    let networks = state.cluster.networks().await?;
+    Ok(Json(networks.load_balancers().await?))
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

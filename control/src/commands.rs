@@ -852,7 +852,8 @@ pub async fn task_exec(client: &Client, task: &str, command: &[String]) -> Resul
         let entry = std::str::from_utf8(entry).ok()?;
         entry.split_once('=')
     });
-    let status = std::process::Command::new("nsenter")
+    let mut nsenter = std::process::Command::new("nsenter");
+    nsenter
         .args([
             "--target",
             &pid.to_string(),
@@ -864,9 +865,13 @@ pub async fn task_exec(client: &Client, task: &str, command: &[String]) -> Resul
         ])
         .args(command)
         .env_clear()
-        .envs(env)
-        .status()
-        .context("running nsenter (util-linux)")?;
+        .envs(env);
+    // In the task's cgroup too: its limits apply, and connections to VIPs are balanced.
+    shoal_dataplane::process::join_cgroup(
+        &mut nsenter,
+        &shoal_dataplane::process::cgroup_of(pid)?,
+    )?;
+    let status = nsenter.status().context("running nsenter (util-linux)")?;
     Ok(match status.code() {
         Some(code) => ExitCode::from(code as u8),
         None => ExitCode::FAILURE,

@@ -277,14 +277,7 @@ fn default_route_from_proc(routes: &str) -> Option<String> {
     })
 }
 
-/// Mount point of the cgroup2 filesystem in /proc/self/mountinfo.
-pub fn cgroup2_from_mountinfo(mountinfo: &str) -> Option<PathBuf> {
-    mountinfo.lines().find_map(|line| {
-        let (mount, fs) = line.split_once(" - ")?;
-        (fs.split_whitespace().next() == Some("cgroup2"))
-            .then(|| mount.split_whitespace().nth(4).map(PathBuf::from))?
-    })
-}
+pub use shoal_dataplane::process::cgroup2_from_mountinfo;
 
 #[cfg(test)]
 mod tests {

@@ -1,4 +1,5 @@
-//! Commands for network engineers: what gossip knows, as this node sees it.
+//! Commands for network engineers: what gossip knows and what the load balancer does, as
+//! this node sees it.
 
 use anyhow::Result;
 use clap::Subcommand;
@@ -6,6 +7,7 @@ use clap::Subcommand;
 use crate::{
     api::{GossipMembers, GossipTableRow},
     client::Client,
+    cluster::networking::LoadBalancer,
     output::{json, table, Format},
 };
 
@@ -95,6 +97,55 @@ pub async fn gossip(client: &Client, command: GossipCommand) -> Result<()> {
                     );
                 }
             }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Subcommand)]
+pub enum LbCommand {
+    /// Service VIPs this node balances, with their backends (read from the kernel maps)
+    Ls {
+        /// Only this service's VIPs
+        service: Option<String>,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+}
+
+pub async fn lb(client: &Client, command: LbCommand) -> Result<()> {
+    let LbCommand::Ls { service, format } = command;
+    let mut rows: Vec<LoadBalancer> = client.get("/v1/lb").await?;
+    if let Some(service) = &service {
+        rows.retain(|r| r.service == *service);
+    }
+    match format {
+        Format::Json => print!("{}", json(&rows)),
+        Format::Table => {
+            let rows: Vec<[String; 5]> = rows
+                .iter()
+                .map(|r| {
+                    [
+                        r.service.clone(),
+                        r.network.clone(),
+                        r.entry.vip.to_string(),
+                        r.entry.generation.to_string(),
+                        r.entry
+                            .backends
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(","),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                table(
+                    ["SERVICE", "NETWORK", "VIP", "GENERATION", "BACKENDS"],
+                    &rows
+                )
+            );
         }
     }
     Ok(())

@@ -75,6 +75,9 @@ enum Command {
     /// Gossip members and network tables as this node sees them
     #[command(subcommand)]
     Gossip(debug::GossipCommand),
+    /// Service VIPs and their backends on this node
+    #[command(subcommand)]
+    Lb(debug::LbCommand),
     /// A tiny HTTP (and TCP echo) server that says who it is and who asked
     Whoami {
         #[arg(long, default_value = "0.0.0.0:80")]
@@ -219,6 +222,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Service(command) => block_on(commands::service(&client, command))?,
         Command::Network(command) => block_on(commands::network(&client, command))?,
         Command::Gossip(command) => block_on(debug::gossip(&client, command))?,
+        Command::Lb(command) => block_on(debug::lb(&client, command))?,
         Command::Task(TaskCommand::Exec { task, command }) => {
             return block_on(commands::task_exec(&client, &task, &command))
         }

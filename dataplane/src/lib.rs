@@ -10,6 +10,7 @@ pub mod iproute;
 pub mod overlay;
 pub mod peerdb;
 pub mod process;
+pub mod socket_lb;
 mod status;
 pub mod task;
 
@@ -44,11 +45,13 @@ pub struct DataplaneConfig {
     /// Interface whose ingress the classifier watches (the advertise interface).
     pub interface: String,
     pub settings: IngressSettings,
+    /// The cgroup every task lives under: the socket load balancer attaches there.
+    pub task_cgroup: PathBuf,
 }
 
 impl DataplaneConfig {
-    fn maps_dir(&self) -> PathBuf {
-        self.bpffs_root.join(format!("maps-v{MAPS_ABI_VERSION}"))
+    pub fn maps_dir(&self) -> PathBuf {
+        maps_dir(&self.bpffs_root)
     }
 
     fn links_dir(&self) -> PathBuf {
@@ -58,6 +61,11 @@ impl DataplaneConfig {
     fn ingress_link_pin(&self) -> PathBuf {
         self.links_dir().join(format!("ingress-{}", self.interface))
     }
+}
+
+/// Where an agent with pins under `bpffs_root` keeps its maps.
+pub fn maps_dir(bpffs_root: &Path) -> PathBuf {
+    bpffs_root.join(format!("maps-v{MAPS_ABI_VERSION}"))
 }
 
 /// The loaded programs and maps of one agent.
@@ -97,6 +105,9 @@ impl Dataplane {
             .load()
             .context("loading the ingress classifier into the kernel (verifier)")?;
         let replaced_link = attach_pinned(program, &config.interface, &config.ingress_link_pin())?;
+        fs::create_dir_all(&config.task_cgroup)
+            .with_context(|| format!("creating {}", config.task_cgroup.display()))?;
+        socket_lb::attach(&mut ebpf, &config.task_cgroup, &config.links_dir())?;
         remove_stale_links(&config)?;
         Ok(Dataplane {
             config,
@@ -176,10 +187,11 @@ fn attach_pinned(program: &mut SchedClassifier, interface: &str, pin: &Path) -> 
 /// Unpins links for interfaces this agent no longer watches (a changed advertise interface),
 /// which detaches their programs.
 fn remove_stale_links(config: &DataplaneConfig) -> Result<()> {
-    let keep = config.ingress_link_pin();
+    let mut keep = socket_lb::link_pins(&config.links_dir());
+    keep.push(config.ingress_link_pin());
     for entry in fs::read_dir(config.links_dir())? {
         let path = entry?.path();
-        if path != keep {
+        if !keep.contains(&path) {
             tracing::info!(pin = %path.display(), "detaching stale link");
             fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
         }

@@ -14,11 +14,7 @@ use anyhow::{Context as _, Result};
 /// spawner's process group do not reach it) and move into the cgroup at `cgroup`, so it and
 /// every descendant can be found and killed through the cgroup.
 pub fn detach_into_cgroup(command: &mut Command, cgroup: &Path) -> Result<()> {
-    let procs = cgroup.join("cgroup.procs");
-    let procs = OpenOptions::new()
-        .write(true)
-        .open(&procs)
-        .with_context(|| format!("opening {}", procs.display()))?;
+    let procs = open_procs(cgroup)?;
     // SAFETY: only async-signal-safe calls between fork and exec; the closure owns `procs`,
     // which is close-on-exec.
     unsafe {
@@ -34,6 +30,56 @@ pub fn detach_into_cgroup(command: &mut Command, cgroup: &Path) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// Makes `command` join the cgroup at `cgroup` between fork and exec (`task exec`: the
+/// command is then part of the task, its limits and its socket load balancing).
+pub fn join_cgroup(command: &mut Command, cgroup: &Path) -> Result<()> {
+    let procs = open_procs(cgroup)?;
+    // SAFETY: only write(2) between fork and exec; `procs` is close-on-exec.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
+fn open_procs(cgroup: &Path) -> Result<std::fs::File> {
+    let procs = cgroup.join("cgroup.procs");
+    OpenOptions::new()
+        .write(true)
+        .open(&procs)
+        .with_context(|| format!("opening {}", procs.display()))
+}
+
+/// The cgroup (v2) a process is in, as a path under the cgroup2 mount.
+pub fn cgroup_of(pid: u32) -> Result<std::path::PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let mount = cgroup2_from_mountinfo(&mountinfo).context("no cgroup v2 hierarchy is mounted")?;
+    let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .with_context(|| format!("reading the cgroup of process {pid}"))?;
+    let relative = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .with_context(|| format!("process {pid} is in no cgroup v2"))?;
+    Ok(mount.join(relative.trim_start_matches('/')))
+}
+
+/// Mount point of the cgroup2 filesystem in /proc/self/mountinfo.
+pub fn cgroup2_from_mountinfo(mountinfo: &str) -> Option<std::path::PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (mount, fs) = line.split_once(" - ")?;
+        (fs.split_whitespace().next() == Some("cgroup2")).then(|| {
+            mount
+                .split_whitespace()
+                .nth(4)
+                .map(std::path::PathBuf::from)
+        })?
+    })
 }
 
 /// Makes `fd` (close-on-exec in the spawner) available to the child as `target`; `fd` is

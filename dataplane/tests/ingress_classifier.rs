@@ -39,11 +39,21 @@ fn in_private_netns<T: Send + 'static>(
     })
     .join();
     shoal_dataplane::remove_pins(&pins).expect("removing test pins");
+    let _ = std::fs::remove_dir(task_cgroup(&pins));
     result.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
+/// An empty cgroup named after the pin directory, for the socket load balancer to attach to.
+fn task_cgroup(pins: &std::path::Path) -> PathBuf {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    shoal_dataplane::process::cgroup2_from_mountinfo(&mountinfo)
+        .expect("a cgroup2 mount")
+        .join(pins.file_name().expect("pin dir name"))
 }
 
 fn config(pins: PathBuf) -> DataplaneConfig {
     DataplaneConfig {
+        task_cgroup: task_cgroup(&pins),
         bpffs_root: pins,
         interface: "lo".to_owned(),
         settings: SETTINGS,

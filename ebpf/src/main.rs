@@ -11,6 +11,8 @@ use aya_ebpf::{
 };
 use shoal_common::{Counter, IngressSettings, Verdict};
 
+mod socket_lb;
+
 #[map(name = "VERDICTS")]
 static VERDICTS: PerCpuArray<Counter> = PerCpuArray::pinned(Verdict::COUNT, 0);
 

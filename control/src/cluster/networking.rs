@@ -4,8 +4,9 @@
 //! reports about a network reprograms that network's remote peers.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
-    net::{IpAddr, SocketAddr},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::Path,
     sync::{Arc, Mutex},
 };
 
@@ -13,6 +14,7 @@ use anyhow::{Context as _, Result};
 use shoal_dataplane::{
     overlay::{NetworkDataplane, Overlay, OverlayConfig},
     peerdb::Peer,
+    socket_lb::{VipEntry, VipTable},
 };
 use shoal_gossip::{
     net::{now_ms, Change, GossipHandle, GossipService},
@@ -22,8 +24,22 @@ use tokio::sync::watch;
 
 use super::protocol::Assignment;
 
+/// One VIP as `lb ls` shows it.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct LoadBalancer {
+    pub service: String,
+    pub network: String,
+    #[serde(flatten)]
+    pub entry: VipEntry,
+}
+
 pub struct NodeNetworks {
     node_id: String,
+    /// Service VIP -> backends, read by the socket load balancer.
+    vips: Mutex<VipTable>,
+    /// The VIPs programmed per network with their backends: unchanged ones are not
+    /// rewritten, and those whose service is gone are removed.
+    vips_by_network: Mutex<HashMap<String, BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>>>,
     vtep: IpAddr,
     gossip_addr: SocketAddr,
     overlay: Arc<Overlay>,
@@ -37,11 +53,18 @@ pub struct NodeNetworks {
 
 impl NodeNetworks {
     /// Cleans up after a previous agent and builds the gateway bridge.
-    pub fn start(node_id: &str, config: OverlayConfig, gossip_addr: SocketAddr) -> Result<Self> {
+    pub fn start(
+        node_id: &str,
+        config: OverlayConfig,
+        gossip_addr: SocketAddr,
+        maps_dir: &Path,
+    ) -> Result<Self> {
         let vtep = IpAddr::V4(config.data_addr);
         let overlay = Overlay::start(config).context("setting up overlay networking")?;
         Ok(Self {
             node_id: node_id.to_owned(),
+            vips: Mutex::new(VipTable::open(maps_dir)?),
+            vips_by_network: Mutex::default(),
             vtep,
             gossip_addr,
             overlay: Arc::new(overlay),
@@ -116,6 +139,7 @@ impl NodeNetworks {
                 return;
             }
         };
+        self.program_vips(net, &view);
         let desired: BTreeMap<String, Peer> = view
             .into_iter()
             .filter(|(_, record)| record.node_id != self.node_id)
@@ -137,6 +161,69 @@ impl NodeNetworks {
         if let Err(err) = result.map_err(anyhow::Error::from).and_then(|r| r) {
             tracing::warn!(network = %net, error = %format!("{err:#}"), "programming peers failed");
         }
+    }
+
+    /// Points each VIP of the network at the running tasks gossip lists behind it, and drops
+    /// VIPs no endpoint names any more.
+    fn program_vips(&self, net: &str, view: &[(String, EndpointRecord)]) {
+        let mut wanted: BTreeMap<Ipv4Addr, BTreeSet<Ipv4Addr>> = BTreeMap::new();
+        for (_, record) in view {
+            if let Some(vip) = record.vip {
+                wanted.entry(vip).or_default().insert(record.ip);
+            }
+        }
+        let wanted: BTreeMap<Ipv4Addr, Vec<Ipv4Addr>> = wanted
+            .into_iter()
+            .map(|(vip, ips)| (vip, ips.into_iter().collect()))
+            .collect();
+        let mut table = self.vips.lock().expect("vip table");
+        let mut by_network = self.vips_by_network.lock().expect("vips by network");
+        let programmed = by_network.entry(net.to_owned()).or_default();
+        for gone in programmed.keys().filter(|vip| !wanted.contains_key(vip)) {
+            if let Err(err) = table.remove(*gone) {
+                tracing::warn!(vip = %gone, error = %format!("{err:#}"), "removing a VIP");
+            }
+        }
+        for (vip, ips) in &wanted {
+            if programmed.get(vip) == Some(ips) {
+                continue;
+            }
+            if let Err(err) = table.set(*vip, ips) {
+                tracing::warn!(vip = %vip, error = %format!("{err:#}"), "programming a VIP");
+            }
+        }
+        *programmed = wanted;
+    }
+
+    /// The VIPs and backends the socket load balancer uses now, read from the kernel, with
+    /// the service and network gossip names for each.
+    pub async fn load_balancers(&self) -> Result<Vec<LoadBalancer>> {
+        let entries = self.vips.lock().expect("vip table").list()?;
+        let mut names: HashMap<Ipv4Addr, (String, String)> = HashMap::new();
+        if let Some(gossip) = self.gossip() {
+            for net in self.overlay.networks() {
+                let network = self
+                    .overlay
+                    .find(&net)
+                    .map_or(net.clone(), |spec| spec.name);
+                for (_, record) in gossip.view(&net).await? {
+                    if let Some(vip) = record.vip {
+                        names.insert(vip, (record.service_name, network.clone()));
+                    }
+                }
+            }
+        }
+        Ok(entries
+            .into_iter()
+            .map(|entry| {
+                let (service, network) = names.remove(&entry.vip).unwrap_or_default();
+                LoadBalancer {
+                    service,
+                    network,
+                    entry,
+                }
+            })
+            .collect())
     }
 
     /// Builds the task's networks (when it is the first here), connects the task's

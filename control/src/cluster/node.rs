@@ -508,6 +508,7 @@ impl ClusterRuntime {
                 gateway_subnet: self.config.gateway_subnet,
             },
             SocketAddr::new(membership.advertise.ip(), self.config.gossip_port),
+            &shoal_dataplane::maps_dir(&self.config.bpffs_root),
         )?);
         let worker = Arc::new(Worker::new(
             runtime,
