@@ -58,6 +58,9 @@ enum Command {
     Stop,
 }
 
+/// The driver's server and worker tasks.
+type DriverTasks = (JoinHandle<()>, JoinHandle<()>);
+
 pub struct GossipService;
 
 impl GossipService {
@@ -86,7 +89,7 @@ pub struct GossipHandle {
     changes: broadcast::Sender<Change>,
     local_addr: SocketAddr,
     /// The sync server and the core's task, taken by the first `shutdown`.
-    tasks: Arc<std::sync::Mutex<Option<(JoinHandle<()>, JoinHandle<()>)>>>,
+    tasks: Arc<std::sync::Mutex<Option<DriverTasks>>>,
 }
 
 impl GossipHandle {

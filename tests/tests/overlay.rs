@@ -2,10 +2,7 @@
 //! from gossip, networks are isolated, a dead node's endpoints are withdrawn everywhere,
 //! forged gossip is dropped and counted, and key rotation keeps membership. Needs root.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    time::Duration,
-};
+use std::{collections::BTreeSet, time::Duration};
 
 use serde_json::Value;
 use shoal_tests::{wait_for, RunningTask, TestLab};

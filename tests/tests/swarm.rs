@@ -4,7 +4,7 @@
 
 use std::{
     collections::BTreeMap,
-    fs, thread,
+    fs,
     time::{Duration, Instant},
 };
 
