@@ -7,10 +7,13 @@ use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::time::Duration;
 
-use foca::{Config, Foca, NoCustomBroadcast, Notification, PostcardCodec, Runtime, State, Timer};
+use foca::{
+    Codec, Config, Foca, Header, Member, Message as SwimMessage, NoCustomBroadcast, Notification,
+    PostcardCodec, ProbeNumber, Runtime, State, Timer,
+};
 use rand::rngs::SmallRng;
-use rand::seq::{IndexedRandom, SliceRandom};
-use rand::{Rng, SeedableRng};
+use rand::seq::SliceRandom;
+use rand::{Rng, RngExt, SeedableRng};
 
 use crate::identity::NodeIdentity;
 use crate::message::{membership_key, split_membership_key, Message, SyncState, Update};
@@ -54,6 +57,56 @@ pub struct GossipConfig {
     pub reap_interval_ms: u64,
     /// Foca's timings scale with the cluster size; this is the starting guess.
     pub expected_cluster_size: u32,
+    pub swim: SwimConfig,
+}
+
+/// Failure-detection settings (foca's `new_lan` with these replaced). Detection takes about
+/// `2 * probe_period + suspicion + dissemination`; see docs/gossip.md.
+#[derive(Clone, Debug)]
+pub struct SwimConfig {
+    /// Each node probes one member (shuffled round-robin) this often.
+    pub probe_period_ms: u64,
+    /// How long a direct probe waits for its ack before the indirect probes (and the retry)
+    /// go out.
+    pub probe_rtt_ms: u64,
+    /// Members asked to probe indirectly after a missed ack.
+    pub indirect_probes: usize,
+    /// Sends the direct probe once more along with the indirect ones (memberlist sends a
+    /// TCP ping then): a single lost ping or ack no longer needs the indirect path.
+    pub retry_direct_probe: bool,
+    /// A suspect is declared Down `suspicion_mult * max(1, log10(n)) * probe_period` after
+    /// the failed probe (n: live cluster size).
+    pub suspicion_mult: f64,
+}
+
+impl SwimConfig {
+    /// foca's `new_lan` (memberlist's LAN defaults) as they are.
+    pub fn foca_lan() -> SwimConfig {
+        SwimConfig {
+            probe_period_ms: 1_000,
+            probe_rtt_ms: 500,
+            indirect_probes: 3,
+            retry_direct_probe: false,
+            suspicion_mult: 4.0,
+        }
+    }
+
+    /// Faster detection that tolerates lossy links: a probe fails only if the direct ping
+    /// fails twice and every one of 6 indirect paths fails too (about 4e-7 at 5% loss).
+    pub fn fast_lossy_lan() -> SwimConfig {
+        SwimConfig {
+            probe_period_ms: 500,
+            probe_rtt_ms: 200,
+            indirect_probes: 6,
+            retry_direct_probe: true,
+            suspicion_mult: 3.0,
+        }
+    }
+
+    fn suspicion(&self, cluster_size: u32) -> Duration {
+        let scale = f64::from(cluster_size.max(1)).log10().max(1.0);
+        Duration::from_millis((self.suspicion_mult * scale * self.probe_period_ms as f64) as u64)
+    }
 }
 
 impl GossipConfig {
@@ -74,6 +127,7 @@ impl GossipConfig {
             reap_after_ms: 30 * 60_000,
             reap_interval_ms: 60_000,
             expected_cluster_size: 16,
+            swim: SwimConfig::fast_lossy_lan(),
         }
     }
 }
@@ -148,6 +202,13 @@ pub struct GossipStats {
     pub members_down: usize,
 }
 
+/// The direct ping of the probe in flight, sent once more if its ack is late.
+struct DirectProbe {
+    to: SocketAddr,
+    number: ProbeNumber,
+    ping: Vec<u8>,
+}
+
 struct Peer {
     identity: NodeIdentity,
     /// Alive or Suspect; a known-Down node's entries leave every view.
@@ -200,8 +261,14 @@ pub struct Gossip {
     sealer: Sealer,
     timers: BTreeMap<(u64, u64), Timer<NodeIdentity>>,
     timer_seq: u64,
+    direct_probe: Option<DirectProbe>,
     foca_sized_for: u32,
     peers: BTreeMap<String, Peer>,
+    /// How many of `peers` are up, kept as they change.
+    peers_up: usize,
+    /// The reachable (Alive or Suspect) members of each scope, this node excluded, kept as
+    /// peers and network memberships change: picking gossip targets must not walk them all.
+    live: BTreeMap<Scope, BTreeSet<String>>,
     membership: Table<()>,
     /// Which nodes are on which network, from the live entries of `membership`.
     net_members: BTreeMap<String, BTreeSet<String>>,
@@ -228,14 +295,25 @@ pub struct Gossip {
     stats: GossipStats,
 }
 
-fn foca_config(cluster_size: u32, max_datagram: usize) -> Config {
-    let mut config =
-        Config::new_lan(NonZeroU32::new(cluster_size.max(1)).unwrap_or(NonZeroU32::MIN));
-    let room = max_datagram
+fn foca_config(cluster_size: u32, config: &GossipConfig) -> Config {
+    let swim = &config.swim;
+    let mut foca = Config::new_lan(NonZeroU32::new(cluster_size.max(1)).unwrap_or(NonZeroU32::MIN));
+    foca.probe_period = Duration::from_millis(swim.probe_period_ms.max(2));
+    foca.probe_rtt =
+        Duration::from_millis(swim.probe_rtt_ms.clamp(1, swim.probe_period_ms.max(2) - 1));
+    foca.num_indirect_probes = NonZeroUsize::new(swim.indirect_probes).unwrap_or(NonZeroUsize::MIN);
+    foca.suspect_to_down_after = swim.suspicion(cluster_size).max(Duration::from_millis(1));
+    let room = config
+        .max_datagram
         .saturating_sub(MAX_OVERHEAD + MESSAGE_FRAMING)
         .max(512);
-    config.max_packet_size = NonZeroUsize::new(room).unwrap_or(NonZeroUsize::MIN);
-    config
+    foca.max_packet_size = NonZeroUsize::new(room).unwrap_or(NonZeroUsize::MIN);
+    foca
+}
+
+/// The header of a foca packet (who sent it to whom, and which message).
+fn swim_header(data: &[u8]) -> Option<Header<NodeIdentity>> {
+    Codec::<NodeIdentity>::decode_header(&mut PostcardCodec, data).ok()
 }
 
 fn valid_network_name(net: &str) -> bool {
@@ -255,7 +333,7 @@ impl Gossip {
         };
         let foca = Foca::new(
             identity,
-            foca_config(config.expected_cluster_size, config.max_datagram),
+            foca_config(config.expected_cluster_size, &config),
             SmallRng::seed_from_u64(rng.next_u64()),
             PostcardCodec,
         );
@@ -273,8 +351,11 @@ impl Gossip {
             sealer,
             timers: BTreeMap::new(),
             timer_seq: 0,
+            direct_probe: None,
             foca_sized_for: config.expected_cluster_size,
             peers: BTreeMap::new(),
+            peers_up: 0,
+            live: BTreeMap::new(),
             membership: Table::new(&config.node_id),
             net_members: BTreeMap::new(),
             my_networks: BTreeSet::new(),
@@ -346,14 +427,13 @@ impl Gossip {
             .insert(net.to_owned(), Table::new(&self.config.node_id));
         let key = membership_key(net, &self.config.node_id);
         let entry = self.membership.set(&key, ());
-        self.refresh_net_members(net);
+        self.set_net_member(net, &self.config.node_id.clone(), true);
         self.changed.insert(net.to_owned());
         self.enqueue(Update::Membership { key, entry }, now_ms);
         self.flush(&Scope::Cluster, now_ms);
         // The network's table is only sent to its members: fetch it now rather than at the
         // next periodic sync.
-        let on_net: Vec<String> = self.live_members_of(&Scope::Network(net.to_owned()));
-        if let Some(peer) = on_net.choose(&mut self.rng).cloned() {
+        if let Some(peer) = self.random_live(&Scope::Network(net.to_owned()), 1).pop() {
             self.start_sync(&peer, now_ms);
         }
         Ok(())
@@ -388,7 +468,7 @@ impl Gossip {
         let key = membership_key(net, &self.config.node_id);
         let entry = self.membership.delete(&key);
         self.enqueue(Update::Membership { key, entry }, now_ms);
-        self.refresh_net_members(net);
+        self.set_net_member(net, &self.config.node_id.clone(), false);
         self.flush(&Scope::Network(net.to_owned()), now_ms);
         self.flush(&Scope::Cluster, now_ms);
         self.tables.remove(net);
@@ -463,6 +543,7 @@ impl Gossip {
         };
         match postcard::from_bytes::<Message>(&plain) {
             Ok(Message::Swim(data)) => {
+                self.note_probe_ack(&data);
                 if self.foca.handle_data(&data, &mut self.effects).is_err() {
                     self.stats.malformed_dropped += 1;
                 }
@@ -471,6 +552,50 @@ impl Gossip {
             Err(_) => self.stats.malformed_dropped += 1,
         }
         self.drain_effects(now_ms);
+    }
+
+    fn handle_foca_timer(&mut self, timer: Timer<NodeIdentity>) {
+        let retry_for = match &timer {
+            Timer::SendIndirectProbe { probed_id, .. } if self.config.swim.retry_direct_probe => {
+                Some(probed_id.addr)
+            }
+            _ => None,
+        };
+        let starts_probe = matches!(timer, Timer::ProbeRandomMember(_));
+        // Errors are foca refusing a stale timer: nothing to do.
+        let _ = self.foca.handle_timer(timer, &mut self.effects);
+        if starts_probe {
+            self.direct_probe = self
+                .effects
+                .sends
+                .iter()
+                .find_map(|(to, data)| match swim_header(data)?.message {
+                    SwimMessage::Ping(number) => Some(DirectProbe {
+                        to: *to,
+                        number,
+                        ping: data.clone(),
+                    }),
+                    _ => None,
+                });
+        }
+        if let Some(probed) = retry_for {
+            if let Some(probe) = self.direct_probe.take().filter(|p| p.to == probed) {
+                self.effects.sends.push((probe.to, probe.ping));
+            }
+        }
+    }
+
+    /// Forgets the direct probe in flight once its ack arrives: it needs no retry.
+    fn note_probe_ack(&mut self, data: &[u8]) {
+        let Some(probe) = &self.direct_probe else {
+            return;
+        };
+        let Some(header) = swim_header(data) else {
+            return;
+        };
+        if header.src.addr == probe.to && header.message == SwimMessage::Ack(probe.number) {
+            self.direct_probe = None;
+        }
     }
 
     /// Opens a sealed packet of the expected kind, counting why it was dropped if it was.
@@ -504,8 +629,7 @@ impl Gossip {
                 break;
             }
             let timer = entry.remove();
-            // Errors are foca refusing a stale timer: nothing to do.
-            let _ = self.foca.handle_timer(timer, &mut self.effects);
+            self.handle_foca_timer(timer);
             self.drain_effects(now_ms);
         }
         if now_ms >= self.next_gossip {
@@ -516,14 +640,13 @@ impl Gossip {
         }
         if self.next_sync.is_some_and(|t| now_ms >= t) {
             self.next_sync = Some(now_ms + self.config.sync_interval_ms);
-            let everyone = self.live_members_of(&Scope::Cluster);
-            if let Some(peer) = everyone.choose(&mut self.rng).cloned() {
+            if let Some(peer) = self.random_live(&Scope::Cluster, 1).pop() {
                 self.start_sync(&peer, now_ms);
             }
         }
         if self.next_rejoin.is_some_and(|t| now_ms >= t) {
             self.next_rejoin = Some(now_ms + self.config.rejoin_interval_ms);
-            if !self.peers.values().any(|p| p.up) {
+            if self.peers_up == 0 {
                 self.sync_on_first_member = true;
                 self.announce_to_seeds();
             }
@@ -635,9 +758,18 @@ impl Gossip {
                 (net.clone(), entries)
             })
             .collect();
+        let me = (self.foca.identity().clone(), 0);
+        let members = std::iter::once(me)
+            .chain(
+                self.foca
+                    .iter_members()
+                    .map(|m| (m.id().clone(), m.incarnation())),
+            )
+            .collect();
         (
             self.config.node_id.clone(),
             SyncState {
+                members,
                 membership,
                 networks,
             },
@@ -645,6 +777,14 @@ impl Gossip {
     }
 
     fn apply_sync(&mut self, state: SyncState, now_ms: u64) {
+        // Old news for the rest of the cluster: learned, not re-broadcast. A stale entry loses
+        // to what this node knows (a higher incarnation, Down, or a newer identity).
+        let members = state
+            .members
+            .into_iter()
+            .map(|(id, incarnation)| Member::new(id, incarnation, State::Alive));
+        // Errors are members that fail to encode, which ours never do.
+        let _ = self.foca.apply_many(members, false, &mut self.effects);
         let mut updates: Vec<Update> = state
             .membership
             .into_iter()
@@ -717,18 +857,20 @@ impl Gossip {
         let Some((net, node)) = split_membership_key(key) else {
             return;
         };
-        let net = net.to_owned();
-        self.refresh_net_members(&net);
+        let (net, node) = (net.to_owned(), node.to_owned());
+        self.set_net_member(&net, &node, entry.value.is_some());
         if self.my_networks.contains(&net) {
             self.changed.insert(net.clone());
-            // A node that just joined one of our networks has none of its entries yet (and
-            // we none of its own): exchange tables now rather than at the next periodic sync.
-            if entry.value.is_some() && node != self.config.node_id {
-                let peer = node.to_owned();
-                if self.peers.get(&peer).is_some_and(|p| p.up) {
-                    self.start_sync(&peer, now_ms);
+            // A node that just joined one of our networks has none of our endpoints there yet
+            // (and we none of its own): exchange tables now rather than at the next periodic
+            // sync, or as soon as SWIM says it is up. Only publishers start it, so a network
+            // that many nodes join at once without endpoints costs no sync storm; the answer
+            // brings the newcomer's back.
+            if entry.value.is_some() && node != self.config.node_id && self.publishes_on(&net) {
+                if self.peers.get(&node).is_some_and(|p| p.up) {
+                    self.start_sync(&node, now_ms);
                 } else {
-                    self.pending_syncs.insert(peer);
+                    self.pending_syncs.insert(node.clone());
                 }
             }
         }
@@ -740,7 +882,7 @@ impl Gossip {
                 } else {
                     self.membership.delete(key)
                 };
-                self.refresh_net_members(&net);
+                self.set_net_member(&net, &node, wanted);
                 self.enqueue(
                     Update::Membership {
                         key: key.to_owned(),
@@ -751,6 +893,14 @@ impl Gossip {
                 self.flush(&Scope::Cluster, now_ms);
             }
         }
+    }
+
+    /// Whether this node publishes any endpoint on `net`.
+    fn publishes_on(&self, net: &str) -> bool {
+        self.my_endpoints
+            .range((net.to_owned(), String::new())..)
+            .next()
+            .is_some_and(|((n, _), _)| n == net)
     }
 
     fn correct_own_endpoint(
@@ -778,58 +928,72 @@ impl Gossip {
         self.write_endpoint(net, key, entry, now_ms);
     }
 
-    fn refresh_net_members(&mut self, net: &str) {
-        let prefix = format!("{net}/");
-        let members: BTreeSet<String> = self
-            .membership
-            .live()
-            .filter_map(|(k, _)| k.strip_prefix(&prefix).map(str::to_owned))
-            .collect();
-        if members.is_empty() {
-            self.net_members.remove(net);
-        } else {
-            self.net_members.insert(net.to_owned(), members);
+    /// Records whether `node` is on `net`, as a live membership entry now says.
+    fn set_net_member(&mut self, net: &str, node: &str, present: bool) {
+        let up = self.peers.get(node).is_some_and(|p| p.up);
+        self.set_live(Scope::Network(net.to_owned()), node, present && up);
+        if present {
+            self.net_members
+                .entry(net.to_owned())
+                .or_default()
+                .insert(node.to_owned());
+        } else if let Some(members) = self.net_members.get_mut(net) {
+            members.remove(node);
+            if members.is_empty() {
+                self.net_members.remove(net);
+            }
         }
     }
 
-    /// Node ids of the reachable (Alive or Suspect) members in a scope, this node excluded.
-    fn live_members_of(&self, scope: &Scope) -> Vec<String> {
-        let is_up = |id: &String| self.peers.get(id).is_some_and(|p| p.up);
-        match scope {
-            Scope::Cluster => self
-                .peers
+    fn live_count(&self, scope: &Scope) -> usize {
+        self.live.get(scope).map_or(0, BTreeSet::len)
+    }
+
+    /// Up to `k` distinct random reachable members of a scope, in random order.
+    fn random_live(&mut self, scope: &Scope, k: usize) -> Vec<String> {
+        let count = self.live_count(scope);
+        let k = k.min(count);
+        // Floyd's sampling: k distinct indices without walking the set more than once.
+        let mut picks: Vec<usize> = Vec::with_capacity(k);
+        for top in count - k..count {
+            let pick = self.rng.random_range(0..=top);
+            picks.push(if picks.contains(&pick) { top } else { pick });
+        }
+        let mut chosen: Vec<String> = self.live.get(scope).map_or_else(Vec::new, |members| {
+            members
                 .iter()
-                .filter(|(_, p)| p.up)
-                .map(|(id, _)| id.clone())
-                .collect(),
-            Scope::Network(net) => self
-                .net_members
-                .get(net)
-                .map(|m| {
-                    m.iter()
-                        .filter(|id| is_up(id) && **id != self.config.node_id)
-                        .cloned()
-                        .collect()
-                })
-                .unwrap_or_default(),
+                .enumerate()
+                .filter(|(i, _)| picks.contains(i))
+                .map(|(_, id)| id.clone())
+                .collect()
+        });
+        chosen.shuffle(&mut self.rng);
+        chosen
+    }
+
+    /// Keeps `live` in step with a peer's reachability or a network membership.
+    fn set_live(&mut self, scope: Scope, node: &str, live: bool) {
+        if live {
+            self.live.entry(scope).or_default().insert(node.to_owned());
+        } else if let Some(members) = self.live.get_mut(&scope) {
+            members.remove(node);
         }
     }
 
     /// Sends the queued writes of a scope to `fanout` random members of it.
     fn flush(&mut self, scope: &Scope, now_ms: u64) {
-        let mut members = self.live_members_of(scope);
-        if members.is_empty() {
+        let members = self.live_count(scope);
+        if members == 0 {
             return;
         }
-        let limit = self.config.retransmit_mult
-            * ((members.len() + 2) as f64).log10().ceil().max(1.0) as u32;
+        let limit =
+            self.config.retransmit_mult * ((members + 2) as f64).log10().ceil().max(1.0) as u32;
         let budget = self
             .config
             .max_datagram
             .saturating_sub(MAX_OVERHEAD + MESSAGE_FRAMING);
-        let fanout = self.config.fanout.min(members.len());
-        let (targets, _) = members.partial_shuffle(&mut self.rng, fanout);
-        let targets: Vec<SocketAddr> = targets
+        let targets: Vec<SocketAddr> = self
+            .random_live(scope, self.config.fanout)
             .iter()
             .filter_map(|id| self.peers.get(id).map(|p| p.identity.addr))
             .collect();
@@ -871,15 +1035,21 @@ impl Gossip {
         match note {
             Note::Up(id) => {
                 let node = id.node_id.clone();
-                let was_up = self.peers.get(&node).is_some_and(|p| p.up);
+                let was_down = self.peers.get(&node).is_some_and(|p| !p.up);
                 self.set_peer(id, true);
                 let shares_a_network = self
                     .networks_of(&node)
                     .iter()
                     .any(|net| self.my_networks.contains(net));
-                // The first member, or one back from the dead that shares a network, may
-                // hold state this node misses: sync with it now.
-                if std::mem::take(&mut self.sync_on_first_member) || (!was_up && shares_a_network) {
+                // The first member, one back from the dead that shares a network, or one that
+                // joined our network before SWIM knew it, may hold state this node misses:
+                // sync with it now. (A member merely discovered is not one: syncing with each
+                // would be a storm while a cluster forms.)
+                let pending = self.pending_syncs.remove(&node);
+                if std::mem::take(&mut self.sync_on_first_member)
+                    || pending
+                    || (was_down && shares_a_network)
+                {
                     self.start_sync(&node, now_ms);
                 }
             }
@@ -905,11 +1075,21 @@ impl Gossip {
 
     fn set_peer(&mut self, identity: NodeIdentity, up: bool) {
         let node = identity.node_id.clone();
-        self.peers.insert(node.clone(), Peer { identity, up });
+        let was_up = self
+            .peers
+            .insert(node.clone(), Peer { identity, up })
+            .is_some_and(|p| p.up);
+        match (was_up, up) {
+            (false, true) => self.peers_up += 1,
+            (true, false) => self.peers_up -= 1,
+            _ => {}
+        }
         self.members_changed = true;
-        for (net, members) in &self.net_members {
-            if members.contains(&node) && self.my_networks.contains(net) {
-                self.changed.insert(net.clone());
+        self.set_live(Scope::Cluster, &node, up);
+        for net in self.networks_of(&node) {
+            self.set_live(Scope::Network(net.clone()), &node, up);
+            if self.my_networks.contains(&net) {
+                self.changed.insert(net);
             }
         }
         self.resize_foca();
@@ -918,13 +1098,13 @@ impl Gossip {
     /// Foca's suspicion timeout and retransmissions scale with the cluster: retune when the
     /// number of live members doubles or halves.
     fn resize_foca(&mut self) {
-        let size = self.peers.values().filter(|p| p.up).count() as u32 + 1;
+        let size = self.peers_up as u32 + 1;
         if size >= self.foca_sized_for * 2 || size * 2 <= self.foca_sized_for {
             self.foca_sized_for = size.max(self.config.expected_cluster_size);
-            // Only probe timings may not change, and new_lan keeps them.
+            // Only probe timings may not change, and they do not depend on the size.
             let _ = self
                 .foca
-                .set_config(foca_config(self.foca_sized_for, self.config.max_datagram));
+                .set_config(foca_config(self.foca_sized_for, &self.config));
         }
     }
 

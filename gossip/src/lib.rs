@@ -18,7 +18,9 @@ pub mod sim;
 mod table;
 pub mod wire;
 
-pub use crate::core::{Error, Gossip, GossipConfig, GossipStats, MemberInfo, MemberState, Output};
+pub use crate::core::{
+    Error, Gossip, GossipConfig, GossipStats, MemberInfo, MemberState, Output, SwimConfig,
+};
 pub use record::{EndpointRecord, PublishedPort};
 pub use table::{Entry, LamportClock, Table, Version};
 pub use wire::{DropReason, Keyring, KeyringError};

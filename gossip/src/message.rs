@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::identity::NodeIdentity;
 use crate::record::EndpointRecord;
 use crate::table::Entry;
 
@@ -30,10 +31,14 @@ pub enum Update {
 /// One network's table as a sync carries it: every entry, tombstones included.
 pub type TableDump = Vec<(String, Entry<EndpointRecord>)>;
 
-/// A full-state sync message, request or response: the whole membership table and the
-/// tables of the networks the two nodes share.
+/// A full-state sync message, request or response: the SWIM members the sender holds up,
+/// the whole membership table and the tables of the networks the two nodes share.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct SyncState {
+    /// Alive or Suspect members with their incarnations, the sender included (memberlist's
+    /// push-pull): a joiner learns the whole cluster at once, and a member one missed
+    /// (gossip is probabilistic) is learned at the next sync. Failures are left to SWIM.
+    pub members: Vec<(NodeIdentity, u16)>,
     pub membership: Vec<(String, Entry<()>)>,
     pub networks: Vec<(String, TableDump)>,
 }

@@ -58,6 +58,9 @@ enum Command {
     Stop,
 }
 
+/// The driver's server and worker tasks.
+type DriverTasks = (JoinHandle<()>, JoinHandle<()>);
+
 pub struct GossipService;
 
 impl GossipService {
@@ -79,9 +82,6 @@ impl GossipService {
     }
 }
 
-/// The sync server and the task that owns the core.
-type ServiceTasks = (JoinHandle<()>, JoinHandle<()>);
-
 /// A cheap handle on the running service; clones share it.
 #[derive(Clone)]
 pub struct GossipHandle {
@@ -89,7 +89,7 @@ pub struct GossipHandle {
     changes: broadcast::Sender<Change>,
     local_addr: SocketAddr,
     /// The sync server and the core's task, taken by the first `shutdown`.
-    tasks: Arc<std::sync::Mutex<Option<ServiceTasks>>>,
+    tasks: Arc<std::sync::Mutex<Option<DriverTasks>>>,
 }
 
 impl GossipHandle {

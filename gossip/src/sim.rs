@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 
-use crate::core::{Gossip, GossipConfig, Output};
+use crate::core::{Gossip, GossipConfig, Output, SwimConfig};
 use crate::wire::Keyring;
 
 #[derive(Clone, Debug)]
@@ -25,6 +25,8 @@ pub struct SimConfig {
     pub seeds: usize,
     /// Joins are spread over this long, as nodes would start.
     pub join_spread_ms: u64,
+    /// Every node's failure-detection settings.
+    pub swim: SwimConfig,
 }
 
 impl SimConfig {
@@ -37,6 +39,7 @@ impl SimConfig {
             seed: 1,
             seeds: 3,
             join_spread_ms: 1_000,
+            swim: SwimConfig::fast_lossy_lan(),
         }
     }
 }
@@ -160,6 +163,7 @@ impl Sim {
         let seed = self.config.seed ^ ((i as u64) << 20) ^ (node.restarts << 40);
         let mut config = GossipConfig::new(&node.id, node.addr, seed);
         config.expected_cluster_size = self.config.nodes as u32;
+        config.swim = self.config.swim.clone();
         // Node ids and settings are valid by construction.
         node.gossip = Gossip::new(config, node.keyring.clone(), self.now).ok();
         node.wake_at = None;

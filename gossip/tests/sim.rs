@@ -57,6 +57,13 @@ fn views_agree(sim: &Sim, net: &str, among: &[usize], expected: &[&str]) -> bool
     })
 }
 
+fn suspicions(sim: &Sim) -> u64 {
+    (0..sim.len())
+        .filter_map(|i| sim.node(i))
+        .map(|g| g.stats().suspicions)
+        .sum()
+}
+
 fn false_downs(sim: &Sim) -> u64 {
     (0..sim.len())
         .filter_map(|i| sim.node(i))
@@ -157,11 +164,11 @@ fn a_killed_node_disappears_and_a_restarted_one_holds_exactly_its_current_entrie
 
     sim.kill(5);
     let killed_at = sim.now();
-    // foca (new_lan, 20 nodes): suspicion 4 * log10(20) * 1 s = 5.2 s after a failed probe.
+    // Suspicion 3 * log10(20) * 0.5 s = 2 s after a probe that fails within 2 probe periods.
     let gone = sim.run_until_true(30_000, 100, |s| views_agree(s, "net1", &others, &["n6-t0"]));
     assert!(gone, "node5's entries withdrawn everywhere");
     let detection = sim.now() - killed_at;
-    assert!(detection <= 15_000, "detected in {detection} ms");
+    assert!(detection <= 5_000, "detected in {detection} ms");
 
     sim.restart(5);
     sim.run_for(100);
@@ -191,10 +198,8 @@ fn no_false_downs_at_five_percent_loss() {
     let mut sim = cluster(n, 0.05, 15);
     let downs_before = false_downs(&sim);
     sim.run_for(60_000);
-    let suspicions: u64 = (0..n)
-        .map(|i| sim.node(i).unwrap().stats().suspicions)
-        .sum();
-    println!("100 nodes, 5% loss, 60 s: {suspicions} suspicions raised");
+    let suspicions = suspicions(&sim);
+    assert_eq!(suspicions, 0, "100 nodes, 5% loss, 60 s");
     assert_eq!(false_downs(&sim) - downs_before, 0);
     for i in 0..n {
         let members = sim.node(i).unwrap().members();
@@ -247,4 +252,63 @@ fn a_node_with_an_old_key_is_locked_out() {
         .find(|m| m.node_id == format!("node{}", n - 1))
         .map(|m| m.state);
     assert_eq!(outsider_state, Some(MemberState::Down));
+}
+
+fn sees_down(sim: &Sim, i: usize, node: &str) -> bool {
+    sim.node(i).is_some_and(|g| {
+        g.members()
+            .iter()
+            .any(|m| m.node_id == node && m.state == MemberState::Down)
+    })
+}
+
+/// The key scenarios on a lossy 20-node cluster for several seeds: a property that holds for
+/// one seed only is luck.
+#[test]
+fn key_scenarios_hold_across_seeds() {
+    let n = 20;
+    for seed in 100..106 {
+        let mut sim = cluster(n, 0.05, seed);
+        let all: Vec<usize> = (0..n).collect();
+        sim.with_node(3, |g, now| {
+            g.publish("net1", "a", record(3, 1), now).unwrap()
+        });
+        sim.with_node(9, |g, now| {
+            g.publish("net1", "b", record(9, 2), now).unwrap()
+        });
+        let converged =
+            sim.run_until_true(3_000, 50, |s| views_agree(s, "net1", &all, &["a", "b"]));
+        assert!(converged, "seed {seed}: publishes converge");
+
+        sim.run_for(30_000);
+        assert_eq!(suspicions(&sim), 0, "seed {seed}: no suspicion at 5% loss");
+        assert_eq!(false_downs(&sim), 0, "seed {seed}: no down at 5% loss");
+
+        sim.kill(3);
+        let others: Vec<usize> = (0..n).filter(|&i| i != 3).collect();
+        let killed_at = sim.now();
+        let detected = sim.run_until_true(30_000, 50, |s| {
+            others.iter().all(|&i| sees_down(s, i, "node3"))
+                && views_agree(s, "net1", &others, &["b"])
+        });
+        let detection = sim.now() - killed_at;
+        // Typically 3-4 s; the tail is the dead node going unprobed for a few periods.
+        assert!(
+            detected && detection <= 8_000,
+            "seed {seed}: a kill is detected everywhere within 8 s, not {detection} ms"
+        );
+
+        sim.restart(3);
+        sim.run_for(100);
+        sim.with_node(3, |g, now| {
+            g.join_network("net1", now).unwrap();
+            g.publish("net1", "c", record(3, 3), now).unwrap();
+        });
+        let rejoined =
+            sim.run_until_true(10_000, 100, |s| views_agree(s, "net1", &all, &["b", "c"]));
+        assert!(
+            rejoined,
+            "seed {seed}: a restarted node's new entries everywhere, old ones gone"
+        );
+    }
 }

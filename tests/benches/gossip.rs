@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Instant;
 
 use shoal_gossip::sim::{Sim, SimConfig};
-use shoal_gossip::{EndpointRecord, Keyring, MemberState};
+use shoal_gossip::{EndpointRecord, Keyring, MemberState, SwimConfig};
 
 /// memberlist's own convergence model for 1,000 nodes (hashicorp's "convergence
 /// simulator" with its default LAN settings: 200 ms gossip interval, fanout 3): 99.99% of
@@ -30,9 +30,11 @@ fn record(node: usize, task: u32) -> EndpointRecord {
 }
 
 /// `n` nodes, 1 ms ± 0.5 ms latency, all on `net1`, given at most `settle_ms` of simulated
-/// time to settle; returns the cluster and how many nodes know every member and network.
-fn cluster(n: usize, settle_ms: u64) -> (Sim, usize) {
+/// time to settle (a periodic sync fills what gossip missed); returns the cluster and how many
+/// nodes know every member and network.
+fn cluster(n: usize, settle_ms: u64, swim: SwimConfig) -> (Sim, usize) {
     let mut config = SimConfig::new(n);
+    config.swim = swim;
     config.latency_ms = 1; // 1 to 2 ms: the simulator works in whole milliseconds
     config.jitter_ms = 1;
     config.join_spread_ms = 2_000;
@@ -84,6 +86,55 @@ fn ms(t: Option<u64>) -> String {
     t.map_or("never".into(), |t| format!("{t} ms"))
 }
 
+struct DetectionTrial {
+    suspicions: u64,
+    downs: u64,
+    detection: Option<u64>,
+    idle_bytes_per_node: f64,
+}
+
+/// Idle traffic, then false suspicions and downs at 5% loss over 60 s, then how long until
+/// every other node holds a killed node Down.
+fn failure_detection(sim: &mut Sim) -> DetectionTrial {
+    let n = sim.len();
+    let before = bytes_sent(sim);
+    sim.run_for(10_000);
+    let idle_bytes_per_node = (bytes_sent(sim) - before) as f64 / n as f64 / 10.0;
+    sim.set_loss(0.05);
+    let counts = |s: &Sim| {
+        (0..s.len())
+            .filter_map(|i| s.node(i))
+            .fold((0, 0), |(a, b), g| {
+                let st = g.stats();
+                (a + st.suspicions, b + st.downs_observed)
+            })
+    };
+    let (suspicions0, downs0) = counts(sim);
+    sim.run_for(60_000);
+    let (suspicions1, downs1) = counts(sim);
+    sim.set_loss(0.0);
+    sim.run_for(10_000);
+    let victim = n / 2;
+    let victim_id = format!("node{victim}");
+    sim.kill(victim);
+    let killed = sim.now();
+    let detected = sim.run_until_true(60_000, 50, |s| {
+        (0..s.len()).filter(|&i| i != victim).all(|i| {
+            s.node(i)
+                .unwrap()
+                .members()
+                .iter()
+                .any(|m| m.node_id == victim_id && m.state == MemberState::Down)
+        })
+    });
+    DetectionTrial {
+        suspicions: suspicions1 - suspicions0,
+        downs: downs1 - downs0,
+        detection: detected.then(|| sim.now() - killed),
+        idle_bytes_per_node,
+    }
+}
+
 fn main() {
     let started = Instant::now();
     println!("shoal-gossip, simulated (real code), latency 1-2 ms, fanout 3, gossip every 200 ms");
@@ -96,7 +147,7 @@ fn main() {
     let mut hundred = None;
     for n in [10, 100, 1_000] {
         let built = Instant::now();
-        let (mut sim, settled) = cluster(n, if n == 1_000 { 30_000 } else { 120_000 });
+        let (mut sim, settled) = cluster(n, 60_000, SwimConfig::fast_lossy_lan());
         let build_secs = built.elapsed().as_secs_f64();
         for loss in [0.0, 0.05] {
             sim.set_loss(loss);
@@ -146,45 +197,34 @@ fn main() {
     println!();
     println!("gossip bytes per node per second, {n} nodes: steady {idle:.0} B/s, one endpoint change per second {churn:.0} B/s");
 
-    // False suspicions and downs at 5% loss over 60 simulated seconds.
-    sim.set_loss(0.05);
-    let counts = |s: &Sim| {
-        (0..s.len())
-            .filter_map(|i| s.node(i))
-            .fold((0, 0), |(a, b), g| {
-                let st = g.stats();
-                (a + st.suspicions, b + st.downs_observed)
-            })
-    };
-    let (suspicions0, downs0) = counts(&sim);
-    sim.run_for(60_000);
-    let (suspicions1, downs1) = counts(&sim);
+    println!();
+    println!("failure detection, {n} nodes: false alarms at 5% loss over 60 s, then kill -> every other node sees Down");
     println!(
-        "5% loss, {n} nodes, 60 s: {} false suspicions raised, {} false downs",
-        suspicions1 - suspicions0,
-        downs1 - downs0
+        "{:>32} {:>12} {:>12} {:>12} {:>10}",
+        "SWIM settings", "suspicions", "false downs", "detection", "SWIM B/s"
     );
-
-    // Failure detection: kill a node, time until every other node holds it Down.
-    sim.set_loss(0.0);
-    sim.run_for(10_000);
-    let victim = n / 2;
-    let victim_id = format!("node{victim}");
-    sim.kill(victim);
-    let killed = sim.now();
-    let detected = sim.run_until_true(60_000, 50, |s| {
-        (0..s.len()).filter(|&i| i != victim).all(|i| {
-            s.node(i)
-                .unwrap()
-                .members()
-                .iter()
-                .any(|m| m.node_id == victim_id && m.state == MemberState::Down)
-        })
-    });
-    let detection = detected.then(|| sim.now() - killed);
-    println!(
-        "failure detection, {n} nodes (kill -> every other node sees Down): {}  (foca bound: see docs/gossip.md)",
-        ms(detection)
-    );
+    let settings = [
+        ("foca new_lan (before)", SwimConfig::foca_lan()),
+        (
+            "new_lan + retry + 6 indirect",
+            SwimConfig {
+                retry_direct_probe: true,
+                indirect_probes: 6,
+                ..SwimConfig::foca_lan()
+            },
+        ),
+        ("fast_lossy_lan (default)", SwimConfig::fast_lossy_lan()),
+    ];
+    for (name, swim) in settings {
+        let (mut sim, _) = cluster(n, 60_000, swim);
+        let trial = failure_detection(&mut sim);
+        println!(
+            "{name:>32} {:>12} {:>12} {:>12} {:>10.0}",
+            trial.suspicions,
+            trial.downs,
+            ms(trial.detection),
+            trial.idle_bytes_per_node
+        );
+    }
     eprintln!("  (bench ran in {:.1} s)", started.elapsed().as_secs_f64());
 }
