@@ -7,6 +7,7 @@
 //! without a program while the agent restarts.
 
 pub mod iproute;
+pub mod maglev;
 pub mod overlay;
 pub mod peerdb;
 pub mod process;
