@@ -15,6 +15,7 @@ pub mod names {
     pub const LB_CONNECT4: &str = "shoal_connect4";
     pub const LB_SENDMSG4: &str = "shoal_sendmsg4";
     pub const LB_RECVMSG4: &str = "shoal_recvmsg4";
+    pub const VIP_ECHO: &str = "shoal_vip_echo";
     pub const LB_SERVICES: &str = "LB_SERVICES";
     pub const LB_BACKENDS: &str = "LB_BACKENDS";
     pub const LB_REVERSE: &str = "LB_REVERSE";

@@ -14,6 +14,7 @@ pub mod process;
 pub mod socket_lb;
 mod status;
 pub mod task;
+pub mod vip_echo;
 
 use std::{
     fs, io,
@@ -36,7 +37,8 @@ use shoal_common::{names, IngressSettings, MAPS_ABI_VERSION};
 pub use status::{AttachStatus, CounterStatus, DataplaneStatus, MapStatus};
 
 /// The kernel object built by build.rs from the `shoal-ebpf` crate.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/shoal-ebpf"));
+pub(crate) static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/shoal-ebpf"));
 
 /// Where and how to run the dataplane on this node.
 #[derive(Clone, Debug)]

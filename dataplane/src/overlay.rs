@@ -67,6 +67,9 @@ pub struct NetworkSpec {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskInterface {
     pub ifname: String,
+    /// The other end of the veth, on the network's bridge, and the namespace it is in.
+    pub host_side: String,
+    pub netns: String,
     pub network_id: String,
     pub ip: Ipv4Addr,
     pub mac: [u8; 6],
@@ -355,6 +358,8 @@ impl Overlay {
                 ]);
                 interfaces.push(TaskInterface {
                     ifname,
+                    host_side,
+                    netns: sandbox.netns.clone(),
                     network_id: network_id.clone(),
                     ip: *ip,
                     mac,

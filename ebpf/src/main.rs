@@ -12,6 +12,7 @@ use aya_ebpf::{
 use shoal_common::{Counter, IngressSettings, Verdict};
 
 mod socket_lb;
+mod vip_echo;
 
 #[map(name = "VERDICTS")]
 static VERDICTS: PerCpuArray<Counter> = PerCpuArray::pinned(Verdict::COUNT, 0);

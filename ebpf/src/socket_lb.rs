@@ -15,7 +15,7 @@ use shoal_common::{
 };
 
 #[map(name = "LB_SERVICES")]
-static LB_SERVICES: HashMap<u32, VipService> = HashMap::pinned(LB_MAX_VIPS, 0);
+pub(crate) static LB_SERVICES: HashMap<u32, VipService> = HashMap::pinned(LB_MAX_VIPS, 0);
 
 #[map(name = "LB_BACKENDS")]
 static LB_BACKENDS: HashMap<BackendSlot, u32> = HashMap::pinned(LB_MAX_BACKEND_SLOTS, 0);
@@ -49,7 +49,7 @@ pub fn shoal_recvmsg4(ctx: SockAddrContext) -> i32 {
         port: addr.user_port,
     };
     // SAFETY: a plain lookup; the value is copied out at once.
-    if let Some(vip) = unsafe { LB_REVERSE.get(&key) } {
+    if let Some(vip) = unsafe { LB_REVERSE.get(key) } {
         addr.user_ip4 = *vip;
     }
     ALLOW
@@ -62,7 +62,7 @@ fn pick_backend(ctx: &SockAddrContext) -> i32 {
     let addr = unsafe { &mut *ctx.sock_addr };
     let vip = addr.user_ip4;
     // SAFETY: a plain lookup; the value is copied out at once.
-    let Some(service) = (unsafe { LB_SERVICES.get(&vip) }).copied() else {
+    let Some(service) = (unsafe { LB_SERVICES.get(vip) }).copied() else {
         return ALLOW;
     };
     if service.count == 0 {
@@ -75,7 +75,7 @@ fn pick_backend(ctx: &SockAddrContext) -> i32 {
         slot: unsafe { bpf_get_prandom_u32() } % service.count,
     };
     // SAFETY: as above.
-    let Some(backend) = (unsafe { LB_BACKENDS.get(&slot) }).copied() else {
+    let Some(backend) = (unsafe { LB_BACKENDS.get(slot) }).copied() else {
         return ALLOW;
     };
     addr.user_ip4 = backend;
@@ -87,7 +87,7 @@ fn pick_backend(ctx: &SockAddrContext) -> i32 {
             port: addr.user_port,
         };
         // A full LRU evicts the oldest entry; failure only costs the reply's VIP source.
-        let _ = LB_REVERSE.insert(&key, &vip, 0);
+        let _ = LB_REVERSE.insert(key, vip, 0);
     }
     ALLOW
 }

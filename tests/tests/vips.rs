@@ -1,6 +1,6 @@
 //! Service VIPs in the lab: connections from a task to a service's VIP are balanced by the
 //! socket load balancer over the running replicas on any node, keep the client task's own
-//! address, and follow scaling. Needs root.
+//! address, and follow scaling; the VIP answers ping. Needs root.
 
 use std::{collections::BTreeSet, time::Duration};
 
@@ -108,6 +108,15 @@ fn a_vip_spreads_connections_over_replicas_on_every_node() {
         BTreeSet::from([client.addresses["front"].clone()]),
         "servers see the client task's address"
     );
+
+    // The VIP answers ping (as in Swarm); an address nobody holds does not.
+    let ping = |ip: &str| {
+        lab.in_task(&client, &["ping", "-c", "2", "-i", "0.3", "-W", "1", ip])
+            .status
+            .success()
+    };
+    assert!(ping(&vip), "ping of the VIP {vip}");
+    assert!(!ping("10.0.1.250"), "an unused address answered ping");
 
     // dnsrr services get no VIP.
     let rows: Value = lab.node_json(&client.node, &["lb", "ls"]);

@@ -15,6 +15,7 @@ use shoal_dataplane::{
     overlay::{NetworkDataplane, Overlay, OverlayConfig},
     peerdb::Peer,
     socket_lb::{VipEntry, VipTable},
+    vip_echo::{EchoLink, VipEcho},
 };
 use shoal_gossip::{
     net::{now_ms, Change, GossipHandle, GossipService},
@@ -37,6 +38,9 @@ pub struct NodeNetworks {
     node_id: String,
     /// Service VIP -> backends, read by the socket load balancer.
     vips: Mutex<VipTable>,
+    /// Answers pings to VIPs on every task interface; its links live as long as the task.
+    vip_echo: Mutex<VipEcho>,
+    echo_links: Mutex<HashMap<String, Vec<EchoLink>>>,
     /// The VIPs programmed per network with their backends: unchanged ones are not
     /// rewritten, and those whose service is gone are removed.
     vips_by_network: Mutex<HashMap<String, BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>>>,
@@ -64,6 +68,8 @@ impl NodeNetworks {
         Ok(Self {
             node_id: node_id.to_owned(),
             vips: Mutex::new(VipTable::open(maps_dir)?),
+            vip_echo: Mutex::new(VipEcho::load(maps_dir)?),
+            echo_links: Mutex::default(),
             vips_by_network: Mutex::default(),
             vtep,
             gossip_addr,
@@ -256,6 +262,20 @@ impl NodeNetworks {
             .collect();
         let interfaces =
             tokio::task::spawn_blocking(move || overlay.attach(&task_id, pid, &wanted)).await??;
+        let mut links = Vec::new();
+        for interface in &interfaces {
+            let netns = Path::new("/run/netns").join(&interface.netns);
+            links.push(
+                self.vip_echo
+                    .lock()
+                    .expect("vip echo")
+                    .attach(&netns, &interface.host_side)?,
+            );
+        }
+        self.echo_links
+            .lock()
+            .expect("echo links")
+            .insert(task.task_id.clone(), links);
         for interface in &interfaces {
             let vip = task
                 .networks
@@ -287,22 +307,30 @@ impl NodeNetworks {
         Ok(())
     }
 
-    /// Withdraws a finished task's endpoints and removes networks no local task uses.
-    pub async fn disconnect(&self, task_id: &str) {
-        let gossip = self.gossip();
+    /// Withdraws a task's endpoints (VIPs stop choosing it, here at once and elsewhere as
+    /// gossip carries it), leaving its interfaces in place so its connections can finish.
+    pub async fn withdraw(&self, task_id: &str) {
         let announced = self
             .announced
             .lock()
             .expect("announced")
             .remove(task_id)
             .unwrap_or_default();
-        if let Some(gossip) = &gossip {
-            for net in &announced {
-                if let Err(err) = gossip.withdraw(net, task_id).await {
-                    tracing::warn!(task = %task_id, error = %format!("{err:#}"), "withdrawing an endpoint");
-                }
+        let Some(gossip) = self.gossip() else {
+            return;
+        };
+        for net in &announced {
+            if let Err(err) = gossip.withdraw(net, task_id).await {
+                tracing::warn!(task = %task_id, error = %format!("{err:#}"), "withdrawing an endpoint");
             }
         }
+    }
+
+    /// Withdraws a finished task's endpoints and removes networks no local task uses.
+    pub async fn disconnect(&self, task_id: &str) {
+        let gossip = self.gossip();
+        self.withdraw(task_id).await;
+        self.echo_links.lock().expect("echo links").remove(task_id);
         self.overlay.detach(task_id);
         let unused: Vec<String> = {
             let mut users = self.users.lock().expect("users");

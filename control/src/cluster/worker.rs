@@ -28,6 +28,10 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 /// Most lines of one task's log sent for `service logs`.
 const LOG_LINES_CAP: usize = 10_000;
 const STOP_GRACE: Duration = Duration::from_secs(10);
+/// Between withdrawing a stopping task from its VIPs and signalling it: time for gossip to
+/// carry the withdrawal to every node (a few hundred milliseconds), so no node still sends
+/// new connections to a task that is going away.
+const STOP_DRAIN: Duration = Duration::from_secs(1);
 
 struct LocalTask {
     state: TaskState,
@@ -416,10 +420,15 @@ impl Worker {
                     Err(err) => (TaskState::Failed, format!("lost track of the task: {err}")),
                 }
             }
-            _ = stopped => match handle.stop(STOP_GRACE).await {
-                Ok(_) => (TaskState::Shutdown, String::new()),
-                Err(err) => (TaskState::Shutdown, format!("stopping: {err:#}")),
-            },
+            _ = stopped => {
+                // Out of every VIP first, so no new connection picks a task about to stop.
+                self.networks.withdraw(id).await;
+                tokio::time::sleep(STOP_DRAIN).await;
+                match handle.stop(STOP_GRACE).await {
+                    Ok(_) => (TaskState::Shutdown, String::new()),
+                    Err(err) => (TaskState::Shutdown, format!("stopping: {err:#}")),
+                }
+            }
         }
     }
 }
