@@ -11,6 +11,7 @@ use aya_ebpf::{
 };
 use shoal_common::{Counter, IngressSettings, Verdict};
 
+mod headers;
 mod socket_lb;
 mod vip_echo;
 
@@ -20,13 +21,7 @@ static VERDICTS: PerCpuArray<Counter> = PerCpuArray::pinned(Verdict::COUNT, 0);
 #[map(name = "SETTINGS")]
 static SETTINGS: Array<IngressSettings> = Array::pinned(1, 0);
 
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const ETH_P_8021Q: u16 = 0x8100;
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
-const IPV6_HLEN: usize = 40;
+use headers::{ETH_HLEN, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, IPV6_HLEN};
 
 /// Ingress classifier on the advertise interface: sorts every packet by verdict and counts it.
 #[classifier]

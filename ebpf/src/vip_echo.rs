@@ -8,14 +8,13 @@ use aya_ebpf::{
     bindings::TC_ACT_OK, helpers::bpf_redirect, macros::classifier, programs::TcContext,
 };
 
-use crate::socket_lb::LB_SERVICES;
+use crate::{
+    headers::{ETH_HLEN, ETH_P_ARP, ETH_P_IP, IPPROTO_ICMP},
+    socket_lb::LB_SERVICES,
+};
 
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_ARP: u16 = 0x0806;
 const ARP_REQUEST: u16 = 1;
 const ARP_REPLY: u16 = 2;
-const IPPROTO_ICMP: u8 = 1;
 const ICMP_ECHO_REQUEST: u8 = 8;
 const ICMP_ECHO_REPLY: u8 = 0;
 

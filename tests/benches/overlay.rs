@@ -287,22 +287,12 @@ fn main() {
     );
     lab.exec("node1", &["shoal", "network", "create", "bench"]);
     let service = |name: &str, role: &str, command: &[&str]| {
-        let mut args = vec![
-            "shoal",
-            "service",
-            "create",
-            "--detach",
-            "--name",
-            name,
-            "--network",
-            "bench",
-            "--constraint",
-        ];
         let constraint = format!("node.labels.bench=={role}");
-        args.push(&constraint);
-        args.push("--");
-        args.extend_from_slice(command);
-        lab.exec("node1", &args);
+        lab.create_service(
+            name,
+            &["--network", "bench", "--constraint", &constraint],
+            command,
+        );
     };
     service("nginx", "server", &["nginx", "-c", &overlay_conf]);
     service("iperf", "server", &["iperf3", "-s"]);

@@ -173,6 +173,15 @@ impl TestLab {
         )
     }
 
+    /// `shoal service create --detach --name NAME [OPTIONS...] -- COMMAND...` on node1.
+    pub fn create_service(&self, name: &str, options: &[&str], command: &[&str]) {
+        let mut args = vec!["shoal", "service", "create", "--detach", "--name", name];
+        args.extend_from_slice(options);
+        args.push("--");
+        args.extend_from_slice(command);
+        self.exec("node1", &args);
+    }
+
     /// Runs a command inside a task, through `shoal task exec` on the task's node.
     pub fn in_task(&self, task: &RunningTask, command: &[&str]) -> Output {
         let mut args = vec![

@@ -39,26 +39,11 @@ fn programmed_vteps(lab: &TestLab, node: &str, network: &str) -> BTreeSet<String
         .unwrap_or_default()
 }
 
-fn create_service(lab: &TestLab, name: &str, network: &str, replicas: u32) {
-    lab.exec(
-        "node1",
-        &[
-            "shoal",
-            "service",
-            "create",
-            "--detach",
-            "--name",
-            name,
-            "--replicas",
-            &replicas.to_string(),
-            "--network",
-            network,
-            "--",
-            "shoal",
-            "whoami",
-            "--listen",
-            "0.0.0.0:80",
-        ],
+fn create_whoami(lab: &TestLab, name: &str, network: &str, replicas: &str) {
+    lab.create_service(
+        name,
+        &["--replicas", replicas, "--network", network],
+        &["shoal", "whoami", "--listen", "0.0.0.0:80"],
     );
 }
 
@@ -67,8 +52,8 @@ fn tasks_on_three_nodes_talk_over_their_overlay_and_nothing_else() {
     let lab = TestLab::up("ovl", 3);
     lab.exec("node1", &["shoal", "network", "create", "front"]);
     lab.exec("node1", &["shoal", "network", "create", "back"]);
-    create_service(&lab, "web", "front", 3);
-    create_service(&lab, "db", "back", 1);
+    create_whoami(&lab, "web", "front", "3");
+    create_whoami(&lab, "db", "back", "1");
     let web = lab.running_tasks("web", 3);
     let db = lab.running_tasks("db", 1);
     let nodes: BTreeSet<&str> = web.iter().map(|t| t.node.as_str()).collect();
@@ -159,7 +144,7 @@ fn tasks_on_three_nodes_talk_over_their_overlay_and_nothing_else() {
 fn a_dead_node_is_withdrawn_and_forged_gossip_is_dropped() {
     let lab = TestLab::up("ovd", 3);
     lab.exec("node1", &["shoal", "network", "create", "front"]);
-    create_service(&lab, "web", "front", 3);
+    create_whoami(&lab, "web", "front", "3");
     let web = lab.running_tasks("web", 3);
     let node3_ip = web
         .iter()
@@ -248,7 +233,7 @@ fn a_dead_node_is_withdrawn_and_forged_gossip_is_dropped() {
 fn rotating_the_gossip_key_keeps_membership() {
     let lab = TestLab::up("ovk", 3);
     lab.exec("node1", &["shoal", "network", "create", "front"]);
-    create_service(&lab, "web", "front", 3);
+    create_whoami(&lab, "web", "front", "3");
     lab.running_tasks("web", 3);
     for _ in 0..4 {
         lab.exec(

@@ -836,7 +836,14 @@ fn networks_are_allocated_attached_and_removed() {
         })
         .collect();
     backend_ips.sort();
-    assert_eq!(backend_ips, ["10.0.1.2", "10.0.1.3"]);
+    // The service's VIP on backend took the first free address (.2); tasks take the next.
+    assert_eq!(backend_ips, ["10.0.1.3", "10.0.1.4"]);
+    let inspect: Value =
+        serde_json::from_str(&lab.exec("node1", &["shoal", "service", "inspect", "api"])).unwrap();
+    assert_eq!(
+        inspect["vips"][0],
+        serde_json::json!(["backend", "10.0.1.2"])
+    );
 
     // Detaching a network is a rolling update: the new tasks have one address left.
     let updated = lab.exec(

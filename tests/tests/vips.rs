@@ -44,43 +44,17 @@ fn vip_of(lab: &TestLab, service: &str) -> String {
 fn a_vip_spreads_connections_over_replicas_on_every_node() {
     let lab = TestLab::up("vip", 3);
     lab.exec("node1", &["shoal", "network", "create", "front"]);
-    for (name, replicas, command) in [
-        ("web", "3", "shoal whoami --listen 0.0.0.0:80"),
-        ("client", "1", "sleep infinity"),
-    ] {
-        let mut args = vec![
-            "shoal",
-            "service",
-            "create",
-            "--detach",
-            "--name",
-            name,
-            "--replicas",
-            replicas,
-            "--network",
-            "front",
-            "--",
-        ];
-        args.extend(command.split(' '));
-        lab.exec("node1", &args);
-    }
-    lab.exec(
-        "node1",
-        &[
-            "shoal",
-            "service",
-            "create",
-            "--detach",
-            "--name",
-            "rr",
-            "--endpoint-mode",
-            "dnsrr",
-            "--network",
-            "front",
-            "--",
-            "sleep",
-            "infinity",
-        ],
+    let network = ["--network", "front"];
+    lab.create_service(
+        "web",
+        &["--replicas", "3", network[0], network[1]],
+        &["shoal", "whoami", "--listen", "0.0.0.0:80"],
+    );
+    lab.create_service("client", &network, &["sleep", "infinity"]);
+    lab.create_service(
+        "rr",
+        &["--endpoint-mode", "dnsrr", network[0], network[1]],
+        &["sleep", "infinity"],
     );
     let web = lab.running_tasks("web", 3);
     let client = lab.running_tasks("client", 1).remove(0);

@@ -615,6 +615,30 @@ mod tests {
             .unwrap();
     }
 
+    fn add_network(state: &mut ClusterState, id: &str, subnet: &str) {
+        use crate::cluster::{
+            ipam::Subnet,
+            state::{Network, FIRST_VNI},
+        };
+        let subnet: Subnet = subnet.parse().unwrap();
+        let vni = FIRST_VNI + 1 + state.networks.len() as u32;
+        state.networks.insert(
+            id.into(),
+            Network {
+                id: id.into(),
+                name: id.into(),
+                subnet,
+                gateway: subnet.first_host(),
+                vni,
+                attachable: false,
+                internal: false,
+                mtu: None,
+                ingress: false,
+                created_at: 0,
+            },
+        );
+    }
+
     fn set_replicas(state: &mut ClusterState, id: &str, replicas: u64) {
         state.services.get_mut(id).unwrap().spec.mode = ServiceMode::Replicated { replicas };
     }
@@ -776,27 +800,8 @@ mod tests {
 
     #[test]
     fn tasks_get_one_free_address_per_network_and_free_it_when_they_end() {
-        use crate::cluster::{
-            ipam::Subnet,
-            state::{Network, FIRST_VNI},
-        };
         let mut state = cluster(2);
-        let subnet: Subnet = "10.0.9.0/29".parse().unwrap();
-        state.networks.insert(
-            "net".into(),
-            Network {
-                id: "net".into(),
-                name: "backend".into(),
-                subnet,
-                gateway: subnet.first_host(),
-                vni: FIRST_VNI + 1,
-                attachable: false,
-                internal: false,
-                mtu: None,
-                ingress: false,
-                created_at: 0,
-            },
-        );
+        add_network(&mut state, "net", "10.0.9.0/29");
         let web = service(&mut state, "web", ServiceMode::Replicated { replicas: 3 });
         let spec = &mut state.services.get_mut(&web).unwrap().spec;
         spec.networks = vec!["net".into()];
@@ -841,29 +846,9 @@ mod tests {
 
     #[test]
     fn vip_services_get_one_vip_per_network_that_tasks_never_take() {
-        use crate::cluster::{
-            ipam::Subnet,
-            state::{Network, FIRST_VNI},
-        };
         let mut state = cluster(2);
-        for (id, third) in [("a", 1), ("b", 2)] {
-            let subnet: Subnet = format!("10.0.{third}.0/24").parse().unwrap();
-            state.networks.insert(
-                id.into(),
-                Network {
-                    id: id.into(),
-                    name: id.into(),
-                    subnet,
-                    gateway: subnet.first_host(),
-                    vni: FIRST_VNI + third,
-                    attachable: false,
-                    internal: false,
-                    mtu: None,
-                    ingress: false,
-                    created_at: 0,
-                },
-            );
-        }
+        add_network(&mut state, "a", "10.0.1.0/24");
+        add_network(&mut state, "b", "10.0.2.0/24");
         let web = service(&mut state, "web", ServiceMode::Replicated { replicas: 3 });
         let db = service(&mut state, "db", ServiceMode::Replicated { replicas: 1 });
         state.services.get_mut(&web).unwrap().spec.networks = vec!["a".into(), "b".into()];
