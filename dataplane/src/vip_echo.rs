@@ -35,6 +35,27 @@ impl VipEcho {
         Ok(Self { ebpf })
     }
 
+    /// Runs the program on one frame with BPF_PROG_TEST_RUN against the live maps; returns
+    /// its return code and the frame as it left the program.
+    pub fn test_run(&self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        use aya::programs::{TestRun as _, TestRunOptions};
+        let program: &SchedClassifier = self
+            .ebpf
+            .program(names::VIP_ECHO)
+            .context("VIP echo program missing")?
+            .try_into()?;
+        let mut out = vec![0u8; frame.len() + 64];
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .context("BPF_PROG_TEST_RUN on the VIP echo program")?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value, out))
+    }
+
     /// Attaches to `interface` (ingress: what the task sends) in the namespace at `netns`.
     pub fn attach(&mut self, netns: &Path, interface: &str) -> Result<EchoLink> {
         let netns = File::open(netns).with_context(|| format!("opening {}", netns.display()))?;

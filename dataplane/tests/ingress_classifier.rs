@@ -1,5 +1,6 @@
-//! The ingress classifier run by the kernel (BPF_PROG_TEST_RUN) on crafted packets, and the
-//! restart path (pinned maps reused, pinned link updated in place). Needs root and bpffs.
+//! Kernel programs run by the kernel (BPF_PROG_TEST_RUN) on crafted packets: the ingress
+//! classifier and its restart path (pinned maps reused, pinned link updated in place), and
+//! the VIP echo responder against a VIP programmed in the live maps. Needs root and bpffs.
 
 use std::{path::PathBuf, thread};
 
@@ -232,4 +233,98 @@ fn refuses_a_root_outside_bpffs() {
         format!("{err:#}").contains("not on a bpffs mount"),
         "{err:#}"
     );
+}
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_REDIRECT: u32 = 7;
+const TASK_MAC: [u8; 6] = [0x02, 0x42, 10, 0, 1, 7];
+
+/// Ones' complement sum over `bytes`: 0xffff (i.e. 0 when complemented) for a valid checksum.
+fn checksum_ok(bytes: &[u8]) -> bool {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum == 0xffff
+}
+
+fn echo_request(to: [u8; 4]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(TASK_MAC, [0xff; 6])
+        .ipv4([10, 0, 1, 7], to, 64)
+        .icmpv4_echo_request(7, 1)
+        .write(&mut out, b"ping payload")
+        .unwrap();
+    out
+}
+
+fn arp_request(target: [u8; 4]) -> Vec<u8> {
+    let mut frame = vec![0xff; 6];
+    frame.extend(TASK_MAC);
+    frame.extend([0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 1]);
+    frame.extend(TASK_MAC);
+    frame.extend([10, 0, 1, 7]);
+    frame.extend([0; 6]);
+    frame.extend(target);
+    frame
+}
+
+#[test]
+fn vips_answer_ping_and_arp_and_nothing_else_is_touched() {
+    use shoal_dataplane::{socket_lb::VipTable, vip_echo::VipEcho};
+    in_private_netns("echo", |pins| {
+        let dp = Dataplane::start(config(pins)).unwrap();
+        let maps = dp.config().maps_dir();
+        let mut vips = VipTable::open(&maps).unwrap();
+        vips.set("10.0.1.2".parse().unwrap(), &["10.0.1.3".parse().unwrap()])
+            .unwrap();
+        vips.set("10.0.1.9".parse().unwrap(), &[]).unwrap();
+        let echo = VipEcho::load(&maps).unwrap();
+
+        // An echo request to the VIP comes back as the reply, addressed to the task.
+        let request = echo_request([10, 0, 1, 2]);
+        let (code, reply) = echo.test_run(&request).unwrap();
+        assert_eq!(code, TC_ACT_REDIRECT);
+        assert_eq!(reply.len(), request.len());
+        assert_eq!(&reply[0..6], &TASK_MAC, "back to the task's MAC");
+        assert_eq!(&reply[26..30], &[10, 0, 1, 2], "from the VIP");
+        assert_eq!(&reply[30..34], &[10, 0, 1, 7], "to the task");
+        assert_eq!(reply[34], 0, "echo reply");
+        assert!(checksum_ok(&reply[14..34]), "IPv4 header checksum");
+        assert!(checksum_ok(&reply[34..]), "ICMP checksum");
+        assert_eq!(&reply[42..], b"ping payload");
+
+        // ARP for the VIP is answered with its derived MAC.
+        let (code, answer) = echo.test_run(&arp_request([10, 0, 1, 2])).unwrap();
+        assert_eq!(code, TC_ACT_REDIRECT);
+        let vip_mac = [0x02, 0x42, 10, 0, 1, 2];
+        assert_eq!(&answer[0..6], &TASK_MAC);
+        assert_eq!(&answer[6..12], &vip_mac);
+        assert_eq!(&answer[20..22], &[0, 2], "ARP reply");
+        assert_eq!(&answer[22..28], &vip_mac);
+        assert_eq!(&answer[28..32], &[10, 0, 1, 2]);
+        assert_eq!(&answer[32..38], &TASK_MAC);
+        assert_eq!(&answer[38..42], &[10, 0, 1, 7]);
+
+        // Untouched: pings to other addresses, a VIP without backends, ARP for others, other
+        // traffic, truncated frames.
+        for frame in [
+            echo_request([10, 0, 1, 3]),
+            echo_request([10, 0, 1, 9]),
+            arp_request([10, 0, 1, 3]),
+            udp4(53),
+            // The IP header whole (the kernel wants it), the ICMP header cut short.
+            echo_request([10, 0, 1, 2])[..38].to_vec(),
+            arp_request([10, 0, 1, 2])[..20].to_vec(),
+        ] {
+            let (code, out) = echo
+                .test_run(&frame)
+                .unwrap_or_else(|e| panic!("{} bytes: {e:#}", frame.len()));
+            assert_eq!(code, TC_ACT_OK, "{frame:02x?}");
+            assert_eq!(out, frame, "a frame not for a VIP is left as it was");
+        }
+    })
 }

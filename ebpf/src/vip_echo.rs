@@ -79,6 +79,9 @@ fn reflect_echo_to_vip(ctx: &TcContext) -> Option<()> {
     if service.count == 0 || kind[0] != ICMP_ECHO_REQUEST {
         return None;
     }
+    // The whole ICMP header must be there before anything is rewritten: a truncated request
+    // is passed on untouched, never half turned into a reply.
+    ctx.load::<[u8; 8]>(icmp).ok()?;
     let dst_mac: [u8; 6] = ctx.load(0).ok()?;
     let src_mac: [u8; 6] = ctx.load(6).ok()?;
     ctx.store(0, &src_mac, 0).ok()?;
