@@ -17,8 +17,8 @@ pub const EMBEDDED_DNS_ADDR: SocketAddr =
 /// `/proc/PID/ns/net`) and returns both sockets, non-blocking.
 ///
 /// The namespace's `lo` must be up (the agent brings it up when it creates the task's
-/// namespace): 127.0.0.11 is one of its addresses. Needs CAP_SYS_ADMIN (setns) and
-/// CAP_NET_BIND_SERVICE (port 53).
+/// namespace): with `lo` down the bind still succeeds, but queries to it fail with "Network is
+/// unreachable". Needs CAP_SYS_ADMIN (setns) and CAP_NET_BIND_SERVICE (port 53).
 pub fn bind_in_netns(netns_path: &Path) -> io::Result<(UdpSocket, TcpListener)> {
     let netns = File::open(netns_path)?;
     // A short-lived thread enters the namespace and ends there: no other thread of the agent,
