@@ -409,6 +409,74 @@ async fn bind_in_netns_serves_on_127_0_0_11() {
     assert_eq!(a_records(&reply).len(), 2);
 }
 
+/// A named network namespace for one test, deleted when dropped.
+struct TestNetns(String);
+
+impl TestNetns {
+    fn create() -> Self {
+        let name = format!("shoal-dns-test-{}", std::process::id());
+        let ip = |args: &[&str]| {
+            let status = std::process::Command::new("ip").args(args).status();
+            assert!(
+                status.is_ok_and(|s| s.success()),
+                "ip {args:?} failed (needs root and iproute2)"
+            );
+        };
+        ip(&["netns", "add", &name]);
+        let netns = Self(name);
+        ip(&["-n", &netns.0, "link", "set", "lo", "up"]);
+        netns
+    }
+
+    fn path(&self) -> std::path::PathBuf {
+        Path::new("/run/netns").join(&self.0)
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+/// Asks 127.0.0.11 from a thread inside the namespace, as a task would.
+async fn ask_from_netns(netns: std::path::PathBuf, wire: Vec<u8>) -> Message {
+    let reply = tokio::task::spawn_blocking(move || {
+        let netns = std::fs::File::open(netns).unwrap();
+        nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.set_read_timeout(Some(CLIENT_WAIT)).unwrap();
+        socket.send_to(&wire, shoal_dns::EMBEDDED_DNS_ADDR).unwrap();
+        let mut buffer = vec![0u8; 65_535];
+        let len = socket.recv(&mut buffer).unwrap();
+        buffer.truncate(len);
+        buffer
+    })
+    .await
+    .unwrap();
+    Message::from_vec(&reply).unwrap()
+}
+
+#[tokio::test]
+async fn bind_in_netns_serves_a_task_namespace_and_forwards_from_the_host() {
+    let netns = TestNetns::create();
+    // The stub listens on the host's loopback, which the task's namespace cannot reach: the
+    // answer proves forwarding leaves from the agent's namespace.
+    let stub = stub_upstream(Stub::Answers).await;
+    let (udp, tcp) = bind_in_netns(&netns.path()).unwrap();
+    let server = DnsServer::new(cluster(), Forwarder::new(upstream(stub)));
+    let scope = TaskScope {
+        networks: vec!["front".into()],
+    };
+    let _handle = server.serve(udp, tcp, scope).unwrap();
+    let web = ask_from_netns(netns.path(), query("web.", RecordType::A, None)).await;
+    assert_eq!(a_records(&web), [Ipv4Addr::new(10, 0, 1, 2)]);
+    let external = ask_from_netns(netns.path(), query("example.com.", RecordType::A, None)).await;
+    assert_eq!(a_records(&external), [EXTERNAL_IP]);
+}
+
 /// Latency of cluster answers over UDP, one client, sequential queries. Run by hand:
 /// `cargo test --release -p shoal-dns --test wire -- --ignored --nocapture local_answer_latency`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
