@@ -291,6 +291,28 @@ async fn a_silent_upstream_gives_servfail_within_the_overall_timeout() {
 }
 
 #[tokio::test]
+async fn a_silent_upstream_is_skipped_for_the_next_one() {
+    let silent = stub_upstream(Stub::Silent).await;
+    let answering = stub_upstream(Stub::Answers).await;
+    let running = start(
+        cluster(),
+        ForwarderConfig {
+            upstreams: vec![silent, answering],
+            try_timeout: Duration::from_millis(300),
+            ..ForwarderConfig::default()
+        },
+    );
+    let started = Instant::now();
+    let reply = udp_ask(running.udp, &query("example.com.", RecordType::A, None)).await;
+    assert_eq!(a_records(&reply), [EXTERNAL_IP]);
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "the silent one was asked first"
+    );
+    assert_eq!(running.server.stats().forwarded, 1);
+}
+
+#[tokio::test]
 async fn beyond_the_in_flight_cap_clients_get_servfail_at_once() {
     let stub = stub_upstream(Stub::Silent).await;
     let running = start(
