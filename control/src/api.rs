@@ -19,7 +19,7 @@ use shoal_gossip::{net::GossipHandle, EndpointRecord, GossipStats, MemberInfo};
 
 use crate::{
     cluster::{
-        networking::LoadBalancer,
+        networking::{DnsLookup, LoadBalancer},
         node::{ClusterRuntime, InitRequest, InitResponse, JoinArgs, JoinedResponse, SwarmInfo},
         protocol::{ControlRequest, ControlResponse},
     },
@@ -91,6 +91,7 @@ pub fn router(state: Arc<AgentState>) -> Router {
         .route("/v1/networks/{network}/dataplane", get(network_dataplane))
         .route("/v1/gossip/members", get(gossip_members))
         .route("/v1/lb", get(load_balancers))
+        .route("/v1/dns/lookup", get(dns_lookup))
         .route("/v1/gossip/tables/{network}", get(gossip_table))
         .fallback(not_found)
         .with_state(state)
@@ -186,6 +187,21 @@ async fn network_dataplane(
         tokio::task::spawn_blocking(move || networks.inspect(&network))
             .await
             .map_err(anyhow::Error::from)??,
+    ))
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DnsLookupQuery {
+    pub task: String,
+    pub name: String,
+}
+
+async fn dns_lookup(
+    State(state): State<Arc<AgentState>>,
+    axum::extract::Query(query): axum::extract::Query<DnsLookupQuery>,
+) -> Result<Json<DnsLookup>, Failure> {
+    Ok(Json(
+        state.cluster.dns_lookup(&query.task, &query.name).await?,
     ))
 }
 

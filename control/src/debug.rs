@@ -7,7 +7,7 @@ use clap::Subcommand;
 use crate::{
     api::{GossipMembers, GossipTableRow},
     client::Client,
-    cluster::networking::LoadBalancer,
+    cluster::networking::{DnsAnswer, DnsLookup, LoadBalancer},
     output::{json, table, Format},
 };
 
@@ -149,4 +149,71 @@ pub async fn lb(client: &Client, command: LbCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[derive(Subcommand)]
+pub enum DnsCommand {
+    /// What a task on this node would get for NAME from the embedded DNS, and why
+    Lookup {
+        name: String,
+        /// The asking task (ID, ID prefix or name), on this node
+        #[arg(long)]
+        task: String,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+}
+
+pub async fn dns(client: &Client, command: DnsCommand) -> Result<()> {
+    let DnsCommand::Lookup { name, task, format } = command;
+    let path = format!(
+        "/v1/dns/lookup?task={}&name={}",
+        query_escape(&task),
+        query_escape(&name)
+    );
+    let lookup: DnsLookup = client.get(&path).await?;
+    match format {
+        Format::Json => print!("{}", json(&lookup)),
+        Format::Table => {
+            println!(
+                "{} (networks of the task: {})",
+                lookup.name,
+                lookup.networks.join(", ")
+            );
+            match &lookup.answer {
+                DnsAnswer::Addresses(ips) => {
+                    for ip in ips {
+                        println!(
+                            "  A {ip}  (cluster records, TTL {}s)",
+                            shoal_dns::CLUSTER_TTL_SECS
+                        );
+                    }
+                }
+                DnsAnswer::Pointer(target) => println!("  PTR {target}  (cluster records)"),
+                DnsAnswer::NoData => println!("  no records of this type (a cluster name)"),
+                DnsAnswer::NxDomain => {
+                    println!("  NXDOMAIN: not a service, task or network the task can see")
+                }
+                DnsAnswer::Forwarded(upstreams) => {
+                    println!(
+                        "  not a cluster name: forwarded to {}",
+                        upstreams.join(", ")
+                    )
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Percent-encodes everything but unreserved characters, for a query string.
+fn query_escape(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }

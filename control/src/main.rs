@@ -78,6 +78,9 @@ enum Command {
     /// Service VIPs and their backends on this node
     #[command(subcommand)]
     Lb(debug::LbCommand),
+    /// The embedded DNS as a task on this node sees it
+    #[command(subcommand)]
+    Dns(debug::DnsCommand),
     /// A tiny HTTP (and TCP echo) server that says who it is and who asked
     Whoami {
         #[arg(long, default_value = "0.0.0.0:80")]
@@ -223,6 +226,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Network(command) => block_on(commands::network(&client, command))?,
         Command::Gossip(command) => block_on(debug::gossip(&client, command))?,
         Command::Lb(command) => block_on(debug::lb(&client, command))?,
+        Command::Dns(command) => block_on(debug::dns(&client, command))?,
         Command::Task(TaskCommand::Exec { task, command }) => {
             return block_on(commands::task_exec(&client, &task, &command))
         }

@@ -17,6 +17,10 @@ use shoal_dataplane::{
     socket_lb::{VipEntry, VipTable},
     vip_echo::{EchoLink, VipEcho},
 };
+use shoal_dns::{
+    bind_in_netns, DnsServer, DnsStats, Forwarder, ForwarderConfig, QueryKind, Records, Resolution,
+    ServeHandle, SharedRecords, TaskEndpoint, TaskScope,
+};
 use shoal_gossip::{
     net::{now_ms, Change, GossipHandle, GossipService},
     EndpointRecord, Gossip, GossipConfig, Keyring,
@@ -34,6 +38,34 @@ pub struct LoadBalancer {
     pub entry: VipEntry,
 }
 
+/// `shoal dns lookup`: a task's view of a name.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct DnsLookup {
+    pub name: String,
+    /// The networks whose names the task sees.
+    pub networks: Vec<String>,
+    pub answer: DnsAnswer,
+    /// The node's DNS counters by outcome.
+    pub stats: DnsStats,
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DnsAnswer {
+    /// From the cluster's records, in the order one answer would give them.
+    Addresses(Vec<Ipv4Addr>),
+    Pointer(String),
+    /// A cluster name without records of this type.
+    NoData,
+    /// In the cluster's namespace but unknown to the task's networks.
+    NxDomain,
+    /// Not a cluster name: sent to these upstream resolvers.
+    Forwarded(Vec<String>),
+}
+
+/// Where the node's upstream resolvers are read from.
+const RESOLV_CONF: &str = "/etc/resolv.conf";
+
 pub struct NodeNetworks {
     node_id: String,
     /// Service VIP -> backends, read by the socket load balancer.
@@ -41,6 +73,11 @@ pub struct NodeNetworks {
     /// Answers pings to VIPs on every task interface; its links live as long as the task.
     vip_echo: Mutex<VipEcho>,
     echo_links: Mutex<HashMap<String, Vec<EchoLink>>>,
+    /// The embedded DNS: one node-wide server answering in every task's namespace.
+    dns: DnsServer,
+    dns_records: SharedRecords,
+    /// Per local task: its DNS server and the networks it sees names of.
+    dns_tasks: Mutex<HashMap<String, (ServeHandle, TaskScope)>>,
     /// The VIPs programmed per network with their backends: unchanged ones are not
     /// rewritten, and those whose service is gone are removed.
     vips_by_network: Mutex<HashMap<String, BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>>>,
@@ -65,11 +102,19 @@ impl NodeNetworks {
     ) -> Result<Self> {
         let vtep = IpAddr::V4(config.data_addr);
         let overlay = Overlay::start(config).context("setting up overlay networking")?;
+        let forwarder = Forwarder::from_resolv_conf(Path::new(RESOLV_CONF)).unwrap_or_else(|err| {
+            tracing::warn!(error = %err, "no upstream resolvers: tasks resolve cluster names only");
+            Forwarder::new(ForwarderConfig::default())
+        });
+        let dns_records = SharedRecords::new(Records::default());
         Ok(Self {
             node_id: node_id.to_owned(),
             vips: Mutex::new(VipTable::open(maps_dir)?),
             vip_echo: Mutex::new(VipEcho::load(maps_dir)?),
             echo_links: Mutex::default(),
+            dns: DnsServer::new(dns_records.clone(), forwarder),
+            dns_records,
+            dns_tasks: Mutex::default(),
             vips_by_network: Mutex::default(),
             vtep,
             gossip_addr,
@@ -119,13 +164,17 @@ impl NodeNetworks {
         loop {
             tokio::select! {
                 changed = changes.recv() => match changed {
-                    Ok(Change::Network(net)) => self.reprogram(&gossip, &net).await,
+                    Ok(Change::Network(net)) => {
+                        self.reprogram(&gossip, &net).await;
+                        self.refresh_dns(&gossip).await;
+                    }
                     Ok(Change::Members) => {}
                     // Missed notifications: every network may have changed.
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                         for net in self.overlay.networks() {
                             self.reprogram(&gossip, &net).await;
                         }
+                        self.refresh_dns(&gossip).await;
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 },
@@ -135,6 +184,64 @@ impl NodeNetworks {
                 }
             }
         }
+    }
+
+    /// Rebuilds the DNS records from the views of every network on this node.
+    async fn refresh_dns(&self, gossip: &GossipHandle) {
+        let mut endpoints = Vec::new();
+        for net in self.overlay.networks() {
+            let Some(spec) = self.overlay.find(&net) else {
+                continue;
+            };
+            let Ok(view) = gossip.view(&net).await else {
+                continue;
+            };
+            endpoints.extend(view.into_iter().map(|(_, record)| TaskEndpoint {
+                network: spec.name.clone(),
+                task_name: record.task_name,
+                service_name: record.service_name,
+                ip: record.ip,
+                vip: record.vip,
+            }));
+        }
+        self.dns_records
+            .replace(Records::from_endpoints(&endpoints));
+    }
+
+    /// What a local task asking for `name` (type A, or PTR for a reverse name) would get
+    /// from the embedded DNS, and from where.
+    pub fn dns_lookup(&self, task_id: &str, name: &str) -> Result<DnsLookup> {
+        let networks = self
+            .dns_tasks
+            .lock()
+            .expect("dns tasks")
+            .get(task_id)
+            .map(|(_, scope)| scope.networks.clone())
+            .context("this task has no embedded DNS (it is on no overlay network)")?;
+        let kind = if name.trim_end_matches('.').ends_with(".in-addr.arpa") {
+            QueryKind::Ptr
+        } else {
+            QueryKind::A
+        };
+        let answer = match self.dns_records.load().resolve(&networks, name, kind) {
+            Resolution::Addresses(ips) => DnsAnswer::Addresses(ips),
+            Resolution::Pointer(name) => DnsAnswer::Pointer(name),
+            Resolution::NoData => DnsAnswer::NoData,
+            Resolution::NxDomain => DnsAnswer::NxDomain,
+            Resolution::NotOurs => DnsAnswer::Forwarded(
+                self.dns
+                    .upstreams()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+            ),
+        };
+        Ok(DnsLookup {
+            name: name.to_owned(),
+            networks,
+            answer,
+            stats: self.dns.stats(),
+        })
     }
 
     async fn reprogram(&self, gossip: &GossipHandle, net: &str) {
@@ -304,6 +411,25 @@ impl NodeNetworks {
             task.task_id.clone(),
             interfaces.into_iter().map(|i| i.network_id).collect(),
         );
+        self.refresh_dns(&gossip).await;
+        self.serve_dns(task, pid).await
+    }
+
+    /// Opens 127.0.0.11:53 (UDP and TCP) in the task's namespace and answers there for the
+    /// task's networks.
+    async fn serve_dns(&self, task: &Assignment, pid: u32) -> Result<()> {
+        let netns = std::path::PathBuf::from(format!("/proc/{pid}/ns/net"));
+        let (udp, tcp) = tokio::task::spawn_blocking(move || bind_in_netns(&netns))
+            .await?
+            .context("opening the task's DNS sockets at 127.0.0.11:53")?;
+        let scope = TaskScope {
+            networks: task.networks.iter().map(|n| n.spec.name.clone()).collect(),
+        };
+        let handle = self.dns.serve(udp, tcp, scope.clone())?;
+        self.dns_tasks
+            .lock()
+            .expect("dns tasks")
+            .insert(task.task_id.clone(), (handle, scope));
         Ok(())
     }
 
@@ -331,6 +457,7 @@ impl NodeNetworks {
         let gossip = self.gossip();
         self.withdraw(task_id).await;
         self.echo_links.lock().expect("echo links").remove(task_id);
+        self.dns_tasks.lock().expect("dns tasks").remove(task_id);
         self.overlay.detach(task_id);
         let unused: Vec<String> = {
             let mut users = self.users.lock().expect("users");

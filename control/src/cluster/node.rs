@@ -25,7 +25,7 @@ use tokio::{sync::watch, task::JoinHandle};
 use super::{
     ipam::{allocate_subnet, Subnet},
     manager::{now, Manager},
-    networking::NodeNetworks,
+    networking::{DnsLookup, NodeNetworks},
     orchestrator::Settings,
     pki::{ca_digest, new_key_and_csr, pem_der, random_id, JoinToken, NodeIdentity, Role, RootCa},
     protocol::{
@@ -668,6 +668,14 @@ impl ClusterRuntime {
         let running = running.as_ref().ok_or_else(|| anyhow!(NOT_IN_SWARM))?;
         let id = running.worker.resolve_local(task)?;
         running.worker.runtime().init_pid(&id)
+    }
+
+    /// `shoal dns lookup`: what a local task (ID, prefix or name) would get for `name`.
+    pub async fn dns_lookup(&self, task: &str, name: &str) -> Result<DnsLookup> {
+        let running = self.running.read().await;
+        let running = running.as_ref().ok_or_else(|| anyhow!(NOT_IN_SWARM))?;
+        let id = running.worker.resolve_local(task)?;
+        running.worker.networks().dns_lookup(&id, name)
     }
 
     /// This node's overlay networking, while it is in a swarm.
