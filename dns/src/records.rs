@@ -25,6 +25,25 @@ pub struct TaskEndpoint {
     pub vip: Option<Ipv4Addr>,
 }
 
+impl TaskEndpoint {
+    /// A task endpoint from plain parts (tests and tools).
+    pub fn new(
+        network: &str,
+        task: &str,
+        service: &str,
+        ip: [u8; 4],
+        vip: Option<[u8; 4]>,
+    ) -> Self {
+        Self {
+            network: network.into(),
+            task_name: task.into(),
+            service_name: service.into(),
+            ip: ip.into(),
+            vip: vip.map(Into::into),
+        }
+    }
+}
+
 /// What the cluster says about a name, for the networks of the asking task.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Resolution {
@@ -207,42 +226,26 @@ mod tests {
 
     use super::*;
 
-    fn endpoint(
-        network: &str,
-        task: &str,
-        service: &str,
-        ip: [u8; 4],
-        vip: Option<[u8; 4]>,
-    ) -> TaskEndpoint {
-        TaskEndpoint {
-            network: network.into(),
-            task_name: task.into(),
-            service_name: service.into(),
-            ip: ip.into(),
-            vip: vip.map(Into::into),
-        }
-    }
-
     /// `web` (VIP) with two tasks and `cache` (dnsrr) on `front`; `db` on `back` only.
     fn sample() -> Records {
         Records::from_endpoints(&[
-            endpoint(
+            TaskEndpoint::new(
                 "front",
                 "web.1.aaa",
                 "web",
                 [10, 0, 1, 3],
                 Some([10, 0, 1, 2]),
             ),
-            endpoint(
+            TaskEndpoint::new(
                 "front",
                 "web.2.bbb",
                 "web",
                 [10, 0, 1, 4],
                 Some([10, 0, 1, 2]),
             ),
-            endpoint("front", "cache.1.ccc", "cache", [10, 0, 1, 5], None),
-            endpoint("front", "cache.2.ddd", "cache", [10, 0, 1, 6], None),
-            endpoint("back", "db.1.eee", "db", [10, 0, 2, 3], Some([10, 0, 2, 2])),
+            TaskEndpoint::new("front", "cache.1.ccc", "cache", [10, 0, 1, 5], None),
+            TaskEndpoint::new("front", "cache.2.ddd", "cache", [10, 0, 1, 6], None),
+            TaskEndpoint::new("back", "db.1.eee", "db", [10, 0, 2, 3], Some([10, 0, 2, 2])),
         ])
     }
 
@@ -411,7 +414,7 @@ mod tests {
     #[test]
     fn answers_are_shuffled() {
         let endpoints: Vec<_> = (1..=8)
-            .map(|i| endpoint("front", &format!("w.{i}.x"), "w", [10, 0, 0, i], None))
+            .map(|i| TaskEndpoint::new("front", &format!("w.{i}.x"), "w", [10, 0, 0, i], None))
             .collect();
         let records = Records::from_endpoints(&endpoints);
         let firsts: HashSet<Ipv4Addr> = (0..400)

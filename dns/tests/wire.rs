@@ -18,39 +18,23 @@ use tokio::time::timeout;
 const CLIENT_WAIT: Duration = Duration::from_secs(6);
 const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 
-fn endpoint(
-    network: &str,
-    task: &str,
-    service: &str,
-    ip: [u8; 4],
-    vip: Option<[u8; 4]>,
-) -> TaskEndpoint {
-    TaskEndpoint {
-        network: network.into(),
-        task_name: task.into(),
-        service_name: service.into(),
-        ip: ip.into(),
-        vip: vip.map(Into::into),
-    }
-}
-
 fn cluster() -> SharedRecords {
     SharedRecords::new(Records::from_endpoints(&[
-        endpoint(
+        TaskEndpoint::new(
             "front",
             "web.1.aaa",
             "web",
             [10, 0, 1, 3],
             Some([10, 0, 1, 2]),
         ),
-        endpoint(
+        TaskEndpoint::new(
             "front",
             "web.2.bbb",
             "web",
             [10, 0, 1, 4],
             Some([10, 0, 1, 2]),
         ),
-        endpoint("back", "db.1.ccc", "db", [10, 0, 2, 3], Some([10, 0, 2, 2])),
+        TaskEndpoint::new("back", "db.1.ccc", "db", [10, 0, 2, 3], Some([10, 0, 2, 2])),
     ]))
 }
 
@@ -507,7 +491,7 @@ async fn local_answer_latency() {
     let endpoints: Vec<_> = (0..2_000u32)
         .map(|i| {
             let [_, _, high, low] = i.to_be_bytes();
-            endpoint(
+            TaskEndpoint::new(
                 "front",
                 &format!("s{}.1.t{i}", i % 200),
                 &format!("s{}", i % 200),

@@ -10,6 +10,7 @@ use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 
 use crate::core::{Gossip, GossipConfig, Output, SwimConfig};
+use crate::record::EndpointRecord;
 use crate::wire::Keyring;
 
 #[derive(Clone, Debug)]
@@ -440,5 +441,21 @@ impl Watch {
             return Some(0);
         }
         times.get(needed - 1).copied()
+    }
+}
+
+/// An endpoint of task `task` on node `node`, as simulations and benchmarks publish them.
+pub fn sample_endpoint(node: usize, task: u32) -> EndpointRecord {
+    EndpointRecord {
+        task_id: format!("task{task}"),
+        task_name: format!("web.{task}"),
+        service_id: "svc".into(),
+        service_name: "web".into(),
+        node_id: format!("node{node}"),
+        ip: Ipv4Addr::new(10, 0, (task >> 8) as u8, task as u8),
+        mac: [2, 0, 0, 0, 0, task as u8],
+        vtep: IpAddr::V4(Ipv4Addr::new(192, 168, 0, node as u8)),
+        vip: None,
+        ports: Vec::new(),
     }
 }

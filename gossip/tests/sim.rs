@@ -1,27 +1,10 @@
 //! Simulated clusters running the real gossip code.
 
-use std::net::{IpAddr, Ipv4Addr};
-
-use shoal_gossip::sim::{Sim, SimConfig};
-use shoal_gossip::{EndpointRecord, Keyring, MemberState};
+use shoal_gossip::sim::{sample_endpoint, Sim, SimConfig};
+use shoal_gossip::{Keyring, MemberState};
 
 fn keyring(keys: &[u8]) -> Keyring {
     Keyring::new(keys.iter().map(|k| [*k; 32]).collect()).unwrap()
-}
-
-fn record(node: usize, task: u32) -> EndpointRecord {
-    EndpointRecord {
-        task_id: format!("task{task}"),
-        task_name: format!("web.{task}"),
-        service_id: "svc".into(),
-        service_name: "web".into(),
-        node_id: format!("node{node}"),
-        ip: Ipv4Addr::new(10, 0, (task >> 8) as u8, task as u8),
-        mac: [2, 0, 0, 0, 0, task as u8],
-        vtep: IpAddr::V4(Ipv4Addr::new(192, 168, 0, node as u8)),
-        vip: None,
-        ports: Vec::new(),
-    }
 }
 
 /// A cluster of `n` nodes, all joined and on network `net1`, with membership settled.
@@ -77,7 +60,8 @@ fn publish_and_withdraw_converge_with_loss_and_delay() {
     let mut sim = cluster(n, 0.05, 11);
     let all: Vec<usize> = (0..n).collect();
     sim.with_node(7, |g, now| {
-        g.publish("net1", "task1", record(7, 1), now).unwrap()
+        g.publish("net1", "task1", sample_endpoint(7, 1), now)
+            .unwrap()
     });
     assert!(sim.run_until_true(5_000, 50, |s| views_agree(s, "net1", &all, &["task1"])));
     sim.with_node(7, |g, now| g.withdraw("net1", "task1", now));
@@ -92,10 +76,12 @@ fn a_partition_heals_and_both_sides_writes_converge() {
     let left: Vec<usize> = (0..10).collect();
     sim.partition(&[left]);
     sim.with_node(2, |g, now| {
-        g.publish("net1", "left", record(2, 1), now).unwrap()
+        g.publish("net1", "left", sample_endpoint(2, 1), now)
+            .unwrap()
     });
     sim.with_node(15, |g, now| {
-        g.publish("net1", "right", record(15, 2), now).unwrap()
+        g.publish("net1", "right", sample_endpoint(15, 2), now)
+            .unwrap()
     });
     sim.run_for(60_000);
     sim.heal();
@@ -118,7 +104,8 @@ fn only_nodes_on_a_network_receive_its_entries() {
     for i in 0..6 {
         let key = format!("t{i}");
         sim.with_node(i, |g, now| {
-            g.publish("secret", &key, record(i, i as u32), now).unwrap()
+            g.publish("secret", &key, sample_endpoint(i, i as u32), now)
+                .unwrap()
         });
     }
     sim.run_for(40_000); // a full sync period too
@@ -152,11 +139,13 @@ fn a_killed_node_disappears_and_a_restarted_one_holds_exactly_its_current_entrie
     for task in 0..3 {
         let key = format!("n5-t{task}");
         sim.with_node(5, |g, now| {
-            g.publish("net1", &key, record(5, task), now).unwrap()
+            g.publish("net1", &key, sample_endpoint(5, task), now)
+                .unwrap()
         });
     }
     sim.with_node(6, |g, now| {
-        g.publish("net1", "n6-t0", record(6, 9), now).unwrap()
+        g.publish("net1", "n6-t0", sample_endpoint(6, 9), now)
+            .unwrap()
     });
     let others: Vec<usize> = (0..n).filter(|&i| i != 5).collect();
     let before = ["n5-t0", "n5-t1", "n5-t2", "n6-t0"];
@@ -174,14 +163,15 @@ fn a_killed_node_disappears_and_a_restarted_one_holds_exactly_its_current_entrie
     sim.run_for(100);
     sim.with_node(5, |g, now| {
         g.join_network("net1", now).unwrap();
-        g.publish("net1", "n5-t1", record(5, 11), now).unwrap();
+        g.publish("net1", "n5-t1", sample_endpoint(5, 11), now)
+            .unwrap();
     });
     let all: Vec<usize> = (0..n).collect();
     let restored = sim.run_until_true(60_000, 200, |s| {
         views_agree(s, "net1", &all, &["n5-t1", "n6-t0"])
-            && all
-                .iter()
-                .all(|&i| s.node(i).unwrap().lookup("net1", "n5-t1") == Some(&record(5, 11)))
+            && all.iter().all(|&i| {
+                s.node(i).unwrap().lookup("net1", "n5-t1") == Some(&sample_endpoint(5, 11))
+            })
     });
     assert!(
         restored,
@@ -220,7 +210,8 @@ fn keys_rotate_one_node_at_a_time_without_disturbing_membership() {
         }
     }
     sim.with_node(3, |g, now| {
-        g.publish("net1", "after", record(3, 1), now).unwrap()
+        g.publish("net1", "after", sample_endpoint(3, 1), now)
+            .unwrap()
     });
     sim.run_for(5_000);
     let all: Vec<usize> = (0..n).collect();
@@ -271,10 +262,10 @@ fn key_scenarios_hold_across_seeds() {
         let mut sim = cluster(n, 0.05, seed);
         let all: Vec<usize> = (0..n).collect();
         sim.with_node(3, |g, now| {
-            g.publish("net1", "a", record(3, 1), now).unwrap()
+            g.publish("net1", "a", sample_endpoint(3, 1), now).unwrap()
         });
         sim.with_node(9, |g, now| {
-            g.publish("net1", "b", record(9, 2), now).unwrap()
+            g.publish("net1", "b", sample_endpoint(9, 2), now).unwrap()
         });
         let converged =
             sim.run_until_true(3_000, 50, |s| views_agree(s, "net1", &all, &["a", "b"]));
@@ -302,7 +293,7 @@ fn key_scenarios_hold_across_seeds() {
         sim.run_for(100);
         sim.with_node(3, |g, now| {
             g.join_network("net1", now).unwrap();
-            g.publish("net1", "c", record(3, 3), now).unwrap();
+            g.publish("net1", "c", sample_endpoint(3, 3), now).unwrap();
         });
         let rejoined =
             sim.run_until_true(10_000, 100, |s| views_agree(s, "net1", &all, &["b", "c"]));

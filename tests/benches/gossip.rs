@@ -2,32 +2,16 @@
 //! of one endpoint change, failure detection, bandwidth and false suspicions. Run with
 //! `cargo bench -p shoal-tests --bench gossip`.
 
-use std::net::{IpAddr, Ipv4Addr};
 use std::time::Instant;
 
-use shoal_gossip::sim::{Sim, SimConfig};
-use shoal_gossip::{EndpointRecord, Keyring, MemberState, SwimConfig};
+use shoal_gossip::sim::{sample_endpoint, Sim, SimConfig};
+use shoal_gossip::{Keyring, MemberState, SwimConfig};
 
 /// memberlist's own convergence model for 1,000 nodes (hashicorp's "convergence
 /// simulator" with its default LAN settings: 200 ms gossip interval, fanout 3): 99.99% of
 /// the nodes have an update after about 1.6 s, all of them after about 2.2 s.
 const MEMBERLIST_1000_9999_MS: u64 = 1_600;
 const MEMBERLIST_1000_ALL_MS: u64 = 2_200;
-
-fn record(node: usize, task: u32) -> EndpointRecord {
-    EndpointRecord {
-        task_id: format!("task{task}"),
-        task_name: format!("web.{task}"),
-        service_id: "svc".into(),
-        service_name: "web".into(),
-        node_id: format!("node{node}"),
-        ip: Ipv4Addr::new(10, 0, (task >> 8) as u8, task as u8),
-        mac: [2, 0, 0, 0, 0, task as u8],
-        vtep: IpAddr::V4(Ipv4Addr::new(192, 168, 0, 1)),
-        vip: None,
-        ports: Vec::new(),
-    }
-}
 
 /// `n` nodes, 1 ms ± 0.5 ms latency, all on `net1`, given at most `settle_ms` of simulated
 /// time to settle (a periodic sync fills what gossip missed); returns the cluster and how many
@@ -64,7 +48,8 @@ fn convergence(sim: &mut Sim, task: u32) -> (Option<u64>, Option<u64>) {
     sim.watch("net1", &key, true);
     let start = sim.now();
     sim.with_node(0, |g, now| {
-        g.publish("net1", &key, record(0, task), now).unwrap()
+        g.publish("net1", &key, sample_endpoint(0, task), now)
+            .unwrap()
     });
     sim.run_for(5_000);
     let watch = sim.take_watch().unwrap();
@@ -188,7 +173,7 @@ fn main() {
         let node = (second as usize * 37) % n;
         let key = format!("churn{second}");
         sim.with_node(node, |g, now| {
-            g.publish("net1", &key, record(node, second as u32), now)
+            g.publish("net1", &key, sample_endpoint(node, second as u32), now)
                 .unwrap()
         });
         sim.run_for(1_000);

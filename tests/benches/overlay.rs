@@ -263,28 +263,13 @@ fn main() {
     let baseline_conf = nginx_config(dir, "baseline");
 
     let lab = TestLab::up("bov", 3);
-    lab.exec(
-        "node1",
-        &[
-            "shoal",
-            "node",
-            "update",
-            "--label-add",
-            "bench=client",
+    for (node, role) in [("node1", "client"), ("node2", "server")] {
+        let label = format!("bench={role}");
+        lab.exec(
             "node1",
-        ],
-    );
-    lab.exec(
-        "node1",
-        &[
-            "shoal",
-            "node",
-            "update",
-            "--label-add",
-            "bench=server",
-            "node2",
-        ],
-    );
+            &["shoal", "node", "update", "--label-add", &label, node],
+        );
+    }
     lab.exec("node1", &["shoal", "network", "create", "bench"]);
     let service = |name: &str, role: &str, command: &[&str]| {
         let constraint = format!("node.labels.bench=={role}");
