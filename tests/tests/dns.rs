@@ -64,6 +64,28 @@ fn tasks_resolve_services_and_tasks_of_their_networks() {
         || (resolve(&lab, &client, "tasks.web") == five).then_some(()),
     );
 
+    // A killed task leaves the answers; its replacement joins them.
+    let victim = lab
+        .running_tasks("web", 5)
+        .into_iter()
+        .find(|t| t.node != client.node)
+        .expect("a web task on another node");
+    let killed = lab.in_task(&victim, &["pkill", "-9", "-x", "shoal"]);
+    assert!(killed.status.success(), "{killed:?}");
+    wait_for(
+        "the killed task's address gone",
+        Duration::from_secs(10),
+        || {
+            (!resolve(&lab, &client, "tasks.web").contains(&victim.addresses["front"]))
+                .then_some(())
+        },
+    );
+    wait_for("five tasks again", Duration::from_secs(30), || {
+        let now = addresses(5);
+        (resolve(&lab, &client, "tasks.web") == now).then_some(())
+    });
+    let five = addresses(5);
+
     // `shoal dns lookup` says the same, and that external names are forwarded.
     let lookup = lab.node_json(
         &client.node,
