@@ -137,6 +137,11 @@ fn tasks_on_three_nodes_talk_over_their_overlay_and_nothing_else() {
         Duration::from_secs(20),
         || overlay_namespaces().is_empty().then_some(()),
     );
+    // ... and its VIPs leave the kernel maps.
+    for node in ["node1", "node2", "node3"] {
+        let vips = lab.node_json(node, &["lb", "ls"]);
+        assert_eq!(vips, serde_json::json!([]), "{node}");
+    }
     lab.down_clean();
 }
 

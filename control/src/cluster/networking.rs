@@ -289,23 +289,43 @@ impl NodeNetworks {
             .into_iter()
             .map(|(vip, ips)| (vip, ips.into_iter().collect()))
             .collect();
+        self.apply_vips(net, wanted);
+    }
+
+    /// Brings the kernel's VIPs of one network to `wanted`. Only what the kernel took is
+    /// remembered, so a failed write is retried at the next change.
+    fn apply_vips(&self, net: &str, wanted: BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>) {
         let mut table = self.vips.lock().expect("vip table");
         let mut by_network = self.vips_by_network.lock().expect("vips by network");
         let programmed = by_network.entry(net.to_owned()).or_default();
-        for gone in programmed.keys().filter(|vip| !wanted.contains_key(vip)) {
-            if let Err(err) = table.remove(*gone) {
-                tracing::warn!(vip = %gone, error = %format!("{err:#}"), "removing a VIP");
+        programmed.retain(|vip, _| {
+            if wanted.contains_key(vip) {
+                return true;
             }
-        }
-        for (vip, ips) in &wanted {
-            if programmed.get(vip) == Some(ips) {
+            match table.remove(*vip) {
+                Ok(()) => false,
+                Err(err) => {
+                    tracing::warn!(vip = %vip, error = %format!("{err:#}"), "removing a VIP");
+                    true
+                }
+            }
+        });
+        for (vip, ips) in wanted {
+            if programmed.get(&vip) == Some(&ips) {
                 continue;
             }
-            if let Err(err) = table.set(*vip, ips) {
-                tracing::warn!(vip = %vip, error = %format!("{err:#}"), "programming a VIP");
+            match table.set(vip, &ips) {
+                Ok(()) => {
+                    programmed.insert(vip, ips);
+                }
+                Err(err) => {
+                    tracing::warn!(vip = %vip, error = %format!("{err:#}"), "programming a VIP")
+                }
             }
         }
-        *programmed = wanted;
+        if programmed.is_empty() {
+            by_network.remove(net);
+        }
     }
 
     /// The VIPs and backends the socket load balancer uses now, read from the kernel, with
@@ -476,6 +496,8 @@ impl NodeNetworks {
             if let Some(gossip) = &gossip {
                 let _ = gossip.leave_network(&net).await;
             }
+            // No local task can use the network's VIPs any more.
+            self.apply_vips(&net, BTreeMap::new());
             let overlay = Arc::clone(&self.overlay);
             let id = net.clone();
             let removed = tokio::task::spawn_blocking(move || overlay.remove_network(&id)).await;
