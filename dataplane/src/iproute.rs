@@ -47,7 +47,15 @@ pub fn batch(netns: &Netns, tool: &str, lines: &[String]) -> Result<()> {
     if lines.is_empty() {
         return Ok(());
     }
-    let mut command = netns.command(tool);
+    // iproute2 enters a named namespace itself (`-n`), sparing an `ip netns exec` process.
+    let mut command = match netns {
+        Netns::Named(name) => {
+            let mut command = Command::new(tool);
+            command.args(["-n", name]);
+            command
+        }
+        other => other.command(tool),
+    };
     command.args(["-batch", "-"]);
     feed(
         command,

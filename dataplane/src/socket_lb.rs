@@ -12,7 +12,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result};
 use aya::{
     maps::{HashMap, Map, MapData},
     programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr},
@@ -107,26 +107,30 @@ impl VipTable {
             None => self.free_id()?,
         };
         let generation = current.map_or(0, |entry| entry.generation.wrapping_add(1));
-        if backends.len() as u64 + self.slots_in_use() as u64 > u64::from(LB_MAX_BACKEND_SLOTS) {
-            bail!("the backend map is full ({LB_MAX_BACKEND_SLOTS} slots)");
-        }
-        for (slot, backend) in backends.iter().enumerate() {
-            let slot = BackendSlot {
-                service: id,
-                generation,
-                slot: slot as u32,
-            };
-            self.backends.insert(slot, to_key(*backend), 0)?;
-        }
         let entry = VipService {
             id,
             count: backends.len() as u32,
             generation,
             _pad: 0,
         };
-        self.services
-            .insert(key, entry, 0)
-            .with_context(|| format!("programming VIP {vip}"))?;
+        // A full map refuses the insert; the partial new generation is then removed, and the
+        // VIP keeps its previous one.
+        let written = backends.iter().enumerate().try_for_each(|(slot, backend)| {
+            let slot = BackendSlot {
+                service: id,
+                generation,
+                slot: slot as u32,
+            };
+            self.backends.insert(slot, to_key(*backend), 0)
+        });
+        if let Err(err) = written.and_then(|()| self.services.insert(key, entry, 0)) {
+            self.remove_slots(&entry);
+            return Err(err).with_context(|| {
+                format!(
+                    "programming VIP {vip} (the maps hold {LB_MAX_BACKEND_SLOTS} backend slots)"
+                )
+            });
+        }
         if let Some(old) = current {
             self.remove_slots(&old);
         }
@@ -192,10 +196,6 @@ impl VipTable {
         (0..u32::MAX)
             .find(|id| !used.contains(id))
             .context("no VIP id left")
-    }
-
-    fn slots_in_use(&self) -> usize {
-        self.backends.keys().count()
     }
 }
 
