@@ -5,7 +5,7 @@
 
 /// Bumped whenever the layout of a pinned map changes. Pinned maps live under a directory
 /// named after it, so a new agent never reuses a map whose layout it does not understand.
-pub const MAPS_ABI_VERSION: u32 = 1;
+pub const MAPS_ABI_VERSION: u32 = 2;
 
 /// Program and map names, as the kernel and bpffs see them.
 pub mod names {
@@ -19,6 +19,15 @@ pub mod names {
     pub const LB_SERVICES: &str = "LB_SERVICES";
     pub const LB_BACKENDS: &str = "LB_BACKENDS";
     pub const LB_REVERSE: &str = "LB_REVERSE";
+    pub const MESH_REPLY: &str = "shoal_mesh_reply";
+    pub const MESH_TO_TASK: &str = "shoal_mesh_to_task";
+    pub const MESH_FROM_TASK: &str = "shoal_mesh_from_task";
+    pub const MESH_PORTS: &str = "MESH_PORTS";
+    pub const MESH_MAGLEV: &str = "MESH_MAGLEV";
+    pub const MESH_FLOWS: &str = "MESH_FLOWS";
+    pub const MESH_REPLIES: &str = "MESH_REPLIES";
+    pub const MESH_ORIGINS: &str = "MESH_ORIGINS";
+    pub const MESH_COUNTERS: &str = "MESH_COUNTERS";
 }
 
 /// Capacity of the service maps: VIPs, and backend slots over all of them.
@@ -58,8 +67,134 @@ pub struct ReverseKey {
     pub port: u32,
 }
 
-/// What the ingress classifier decided for one packet. Every verdict currently passes the
-/// packet on unchanged; the verdict says which part of shoal the packet belongs to.
+/// Published ports the mesh serves at once (one Maglev row each); the agent may lower or
+/// raise it at load time (`MESH_MAGLEV` holds `services × table size` slots of 8 bytes:
+/// 8 MiB by default).
+pub const MESH_MAX_SERVICES: u32 = 256;
+/// Default Maglev table size (prime): within 1% balance up to 40 backends per service.
+pub const MESH_DEFAULT_TABLE_SIZE: u32 = 4_093;
+/// Flows tracked (LRU) on the node clients reach, and origins on the node of the backend.
+pub const MESH_MAX_FLOWS: u32 = 131_072;
+
+/// `MeshService::flags`: the client address is replaced by the origin node's ingress address.
+pub const MESH_SNAT: u16 = 1;
+/// `MeshFlow::state` bits, from the TCP flags seen both ways.
+pub const FLOW_FIN_CLIENT: u32 = 1;
+pub const FLOW_FIN_BACKEND: u32 = 2;
+pub const FLOW_RST: u32 = 4;
+
+/// The Maglev hash of a flow (addresses and ports as they sit in the packet). The same on
+/// every node, so any node picks the same backend from the same table, and a node that
+/// forgot a flow picks it again; `ingress trace` computes it to name the slot.
+#[inline(always)]
+pub fn flow_hash(client_ip: u32, client_port: u16, published_port: u16, protocol: u8) -> u32 {
+    let ports = (u32::from(client_port) << 16) | u32::from(published_port);
+    mix(mix(client_ip ^ 0x9e37_79b9) ^ ports ^ (u32::from(protocol) << 24))
+}
+
+/// Murmur3's finaliser: every input bit affects every output bit.
+#[inline(always)]
+pub fn mix(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// A published port (key of `MESH_PORTS`): network byte order port, IP protocol number.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MeshPortKey {
+    pub port: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// A published port's service: its Maglev row (`index`), the tasks' port (network byte
+/// order) and how many backends the row holds (0: nothing to pick, the kernel answers).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MeshService {
+    pub index: u32,
+    pub backends: u32,
+    pub target_port: u16,
+    pub flags: u16,
+    pub _pad: u32,
+}
+
+/// A flow as it reaches the node (key of `MESH_FLOWS`), addresses and ports in network
+/// byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub client_ip: u32,
+    pub node_ip: u32,
+    pub client_port: u16,
+    pub published_port: u16,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Where a tracked flow goes: the backend, the source it is given (the client's own, or
+/// the node's ingress address and a port in SNAT mode), its service's row, and its age.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MeshFlow {
+    pub backend_ip: u32,
+    pub source_ip: u32,
+    pub backend_port: u16,
+    pub source_port: u16,
+    pub service_index: u32,
+    /// `FLOW_*` bits.
+    pub state: u32,
+    pub _pad: u32,
+    /// bpf_ktime_get_ns of the last packet either way.
+    pub last_seen_ns: u64,
+}
+
+/// A reply as it comes back from the backend (key of `MESH_REPLIES` on the node the client
+/// reached, and of `MESH_ORIGINS` on the backend's node): the backend's address and port,
+/// and the address and port it answers to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ReplyKey {
+    pub backend_ip: u32,
+    pub peer_ip: u32,
+    pub backend_port: u16,
+    pub peer_port: u16,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+
+/// The overlay MAC of the node a flow came in through, so the backend's replies go back
+/// through it (where the flow's translation lives).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Origin {
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+/// Per service (by row), summed over CPUs by user space.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MeshCounters {
+    /// Flows given a backend by Maglev (new flows, and flows the table had forgotten).
+    pub flows: u64,
+    /// Packets and bytes sent to backends, and replies sent back to clients.
+    pub packets_in: u64,
+    pub bytes_in: u64,
+    pub packets_out: u64,
+    pub bytes_out: u64,
+    /// Packets to a published port with no backend: left to the kernel, which refuses them.
+    pub no_backend: u64,
+    /// Packets that could not be rewritten or sent (checksum helpers, redirect).
+    pub errors: u64,
+}
+
+/// What the ingress classifier decided for one packet: which part of shoal it belongs to.
+/// Only `Mesh` packets are rewritten; every other verdict passes the packet on unchanged.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -71,15 +206,18 @@ pub enum Verdict {
     Control = 2,
     /// Headers shorter than they claim: passed on for the kernel to drop.
     Malformed = 3,
+    /// To a published port: balanced by the routing mesh.
+    Mesh = 4,
 }
 
 impl Verdict {
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 5;
     pub const ALL: [Verdict; Verdict::COUNT as usize] = [
         Verdict::Other,
         Verdict::Overlay,
         Verdict::Control,
         Verdict::Malformed,
+        Verdict::Mesh,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -88,6 +226,7 @@ impl Verdict {
             Verdict::Overlay => "overlay",
             Verdict::Control => "control",
             Verdict::Malformed => "malformed",
+            Verdict::Mesh => "mesh",
         }
     }
 }
@@ -108,6 +247,16 @@ pub struct IngressSettings {
     pub gossip_port: u16,
     pub manager_port: u16,
     pub _pad: u16,
+    /// The mesh answers on this address (network byte order); 0 until the agent has one.
+    pub advertise_ip: u32,
+    /// Replies leave through this interface (the advertise interface).
+    pub advertise_ifindex: u32,
+    /// The node's endpoint on the ingress network: its address (network byte order, the
+    /// SNAT source) and interface (where new flows are sent). 0: no mesh yet.
+    pub ingress_ip: u32,
+    pub ingress_ifindex: u32,
+    /// Slots per service in `MESH_MAGLEV`.
+    pub table_size: u32,
 }
 
 #[cfg(feature = "user")]
@@ -118,4 +267,11 @@ mod user {
     unsafe impl aya::Pod for super::VipService {}
     unsafe impl aya::Pod for super::BackendSlot {}
     unsafe impl aya::Pod for super::ReverseKey {}
+    unsafe impl aya::Pod for super::MeshPortKey {}
+    unsafe impl aya::Pod for super::MeshService {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::MeshFlow {}
+    unsafe impl aya::Pod for super::ReplyKey {}
+    unsafe impl aya::Pod for super::Origin {}
+    unsafe impl aya::Pod for super::MeshCounters {}
 }

@@ -47,9 +47,14 @@ pub fn run(config_file: Option<PathBuf>, flags: AgentSettings) -> Result<()> {
             data_path_port: config.data_path_port,
             gossip_port: config.gossip_port,
             manager_port: config.manager_port,
-            _pad: 0,
+            advertise_ip: match config.advertise_addr {
+                std::net::IpAddr::V4(ip) => u32::from_ne_bytes(ip.octets()),
+                std::net::IpAddr::V6(_) => 0,
+            },
+            ..Default::default()
         },
         task_cgroup: config.cgroup_root.clone(),
+        mesh: config.mesh_limits(),
     })?;
     tracing::info!(
         interface = %config.advertise_interface,

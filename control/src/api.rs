@@ -19,7 +19,7 @@ use shoal_gossip::{net::GossipHandle, EndpointRecord, GossipStats, MemberInfo};
 
 use crate::{
     cluster::{
-        networking::{DnsLookup, LoadBalancer},
+        networking::{DnsLookup, IngressPort, LoadBalancer},
         node::{ClusterRuntime, InitRequest, InitResponse, JoinArgs, JoinedResponse, SwarmInfo},
         protocol::{ControlRequest, ControlResponse},
     },
@@ -91,6 +91,8 @@ pub fn router(state: Arc<AgentState>) -> Router {
         .route("/v1/networks/{network}/dataplane", get(network_dataplane))
         .route("/v1/gossip/members", get(gossip_members))
         .route("/v1/lb", get(load_balancers))
+        .route("/v1/ingress", get(ingress_ports))
+        .route("/v1/conntrack", get(conntrack))
         .route("/v1/dns/lookup", get(dns_lookup))
         .route("/v1/gossip/tables/{network}", get(gossip_table))
         .fallback(not_found)
@@ -210,6 +212,20 @@ async fn load_balancers(
 ) -> Result<Json<Vec<LoadBalancer>>, Failure> {
     let networks = state.cluster.networks().await?;
     Ok(Json(networks.load_balancers().await?))
+}
+
+async fn ingress_ports(
+    State(state): State<Arc<AgentState>>,
+) -> Result<Json<Vec<IngressPort>>, Failure> {
+    let networks = state.cluster.networks().await?;
+    Ok(Json(networks.ingress_ports().await?))
+}
+
+async fn conntrack(
+    State(state): State<Arc<AgentState>>,
+) -> Result<Json<Vec<shoal_dataplane::mesh::TrackedFlow>>, Failure> {
+    let networks = state.cluster.networks().await?;
+    Ok(Json(networks.flows()?))
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

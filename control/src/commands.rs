@@ -24,7 +24,8 @@ use crate::{
             ControlRequest, ControlResponse, NetworkCreate, NodeView, ServiceView, TaskView,
         },
         state::{
-            Availability, Constraint, EndpointMode, NodeStatus, ServiceMode, ServiceSpec, TaskState,
+            Availability, Constraint, EndpointMode, NodeStatus, PortConfig, ServiceMode,
+            ServiceSpec, TaskState,
         },
     },
     output::{json, table, Format},
@@ -259,6 +260,12 @@ pub enum ServiceCommand {
         /// Detach the tasks from a network
         #[arg(long = "network-rm")]
         network_rm: Vec<String>,
+        /// Publish another port (as `create --publish`)
+        #[arg(long = "publish-add", value_parser = PortConfig::parse)]
+        publish_add: Vec<PortConfig>,
+        /// Stop publishing a port: PUBLISHED or PUBLISHED/udp
+        #[arg(long = "publish-rm")]
+        publish_rm: Vec<String>,
         /// Replace the tasks even if nothing changed
         #[arg(long)]
         force: bool,
@@ -298,6 +305,10 @@ pub struct CreateArgs {
     /// `vip`: one virtual IP per network, balanced in eBPF; `dnsrr`: no VIP
     #[arg(long, value_enum, default_value_t = EndpointModeArg::Vip)]
     endpoint_mode: EndpointModeArg,
+    /// Publish a port on every node (routing mesh): 8080:80, 53:53/udp, or
+    /// published=8080,target=80[,protocol=udp][,mode=host][,source=snat]
+    #[arg(long = "publish", short = 'p', value_parser = PortConfig::parse)]
+    ports: Vec<PortConfig>,
     #[arg(long, default_value_t = 1)]
     update_parallelism: u64,
     /// Delay between update batches: 10s, 1m, 500ms
@@ -652,6 +663,7 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
                     EndpointModeArg::Vip => EndpointMode::Vip,
                     EndpointModeArg::Dnsrr => EndpointMode::Dnsrr,
                 },
+                ports: args.ports,
             };
             spec.validate()?;
             let view = ask!(client, ControlRequest::ServiceCreate(spec), Service);
@@ -682,6 +694,8 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
                 println!("Env:            {}", view.env.join(" "));
                 println!("Constraints:    {}", view.constraints.join(", "));
                 println!("Networks:       {}", view.networks.join(", "));
+                let ports: Vec<String> = view.ports.iter().map(ToString::to_string).collect();
+                println!("Ports:          {}", ports.join(", "));
                 println!(
                     "Update:         parallelism {}, delay {}s",
                     view.update_parallelism, view.update_delay_secs
@@ -711,6 +725,8 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
                         env_add: vec![],
                         network_add: vec![],
                         network_rm: vec![],
+                        publish_add: vec![],
+                        publish_rm: vec![],
                         force: false,
                     },
                     Service
@@ -726,6 +742,8 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
             env_add,
             network_add,
             network_rm,
+            publish_add,
+            publish_rm,
             force,
             detach,
             service,
@@ -738,6 +756,8 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
                     env_add,
                     network_add,
                     network_rm,
+                    publish_add,
+                    publish_rm,
                     force,
                 },
                 Service

@@ -63,6 +63,13 @@ pub struct AgentSettings {
     /// 172.18.0.0/16]
     #[arg(long)]
     pub gateway_subnet: Option<String>,
+    /// Maglev slots per published port, a prime; balance stays within 1% up to
+    /// slots/100 replicas [default: 4093]
+    #[arg(long)]
+    pub mesh_table_size: Option<u32>,
+    /// Published ports the routing mesh serves at once [default: 256]
+    #[arg(long)]
+    pub mesh_max_services: Option<u32>,
 }
 
 impl AgentSettings {
@@ -96,6 +103,8 @@ impl AgentSettings {
             data_path_addr: self.data_path_addr.or(base.data_path_addr),
             netns_prefix: self.netns_prefix.or(base.netns_prefix),
             gateway_subnet: self.gateway_subnet.or(base.gateway_subnet),
+            mesh_table_size: self.mesh_table_size.or(base.mesh_table_size),
+            mesh_max_services: self.mesh_max_services.or(base.mesh_max_services),
         }
     }
 }
@@ -118,6 +127,17 @@ pub struct AgentConfig {
     pub data_path_addr: std::net::Ipv4Addr,
     pub netns_prefix: String,
     pub gateway_subnet: (std::net::Ipv4Addr, u8),
+    pub mesh_table_size: u32,
+    pub mesh_max_services: u32,
+}
+
+impl AgentConfig {
+    pub fn mesh_limits(&self) -> shoal_dataplane::mesh::MeshLimits {
+        shoal_dataplane::mesh::MeshLimits {
+            max_services: self.mesh_max_services,
+            table_size: self.mesh_table_size,
+        }
+    }
 }
 
 /// What the host offers to resolve defaults from; a trait so the logic is testable.
@@ -182,6 +202,12 @@ impl AgentConfig {
                     .as_deref()
                     .unwrap_or("172.18.0.0/16"),
             )?,
+            mesh_table_size: settings
+                .mesh_table_size
+                .unwrap_or(shoal_common::MESH_DEFAULT_TABLE_SIZE),
+            mesh_max_services: settings
+                .mesh_max_services
+                .unwrap_or(shoal_common::MESH_MAX_SERVICES),
         })
     }
 }

@@ -3,11 +3,12 @@
 
 use anyhow::Result;
 use clap::Subcommand;
+use shoal_dataplane::mesh::TrackedFlow;
 
 use crate::{
     api::{GossipMembers, GossipTableRow},
     client::Client,
-    cluster::networking::{DnsAnswer, DnsLookup, LoadBalancer},
+    cluster::networking::{DnsAnswer, DnsLookup, IngressPort, LoadBalancer},
     output::{json, table, Format},
 };
 
@@ -143,6 +144,100 @@ pub async fn lb(client: &Client, command: LbCommand) -> Result<()> {
                 "{}",
                 table(
                     ["SERVICE", "NETWORK", "VIP", "GENERATION", "BACKENDS"],
+                    &rows
+                )
+            );
+        }
+    }
+    Ok(())
+}
+
+#[derive(Subcommand)]
+pub enum IngressCommand {
+    /// Published ports this node answers on, their backends' share of the Maglev table and
+    /// their counters (read from the kernel maps)
+    Ls {
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+}
+
+pub async fn ingress(client: &Client, command: IngressCommand) -> Result<()> {
+    let IngressCommand::Ls { format } = command;
+    let ports: Vec<IngressPort> = client.get("/v1/ingress").await?;
+    match format {
+        Format::Json => print!("{}", json(&ports)),
+        Format::Table => {
+            let rows: Vec<[String; 6]> = ports
+                .iter()
+                .map(|p| {
+                    let s = &p.status;
+                    let mode = if s.snat { "snat" } else { "client" };
+                    [
+                        p.service.clone(),
+                        format!("{}/{}", s.published, s.protocol.name()),
+                        format!("{} ({mode})", s.target),
+                        s.backends
+                            .iter()
+                            .map(|(ip, slots)| format!("{ip}={slots}"))
+                            .collect::<Vec<_>>()
+                            .join(","),
+                        s.counters.flows.to_string(),
+                        format!("{}/{}", s.counters.packets_in, s.counters.packets_out),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                table(
+                    [
+                        "SERVICE",
+                        "PUBLISHED",
+                        "TARGET (SOURCE)",
+                        "BACKENDS=SLOTS",
+                        "FLOWS",
+                        "PACKETS IN/OUT"
+                    ],
+                    &rows
+                )
+            );
+        }
+    }
+    Ok(())
+}
+
+#[derive(Subcommand)]
+pub enum ConntrackCommand {
+    /// Flows the routing mesh translated on this node, most recently active first
+    Ls {
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+}
+
+pub async fn conntrack(client: &Client, command: ConntrackCommand) -> Result<()> {
+    let ConntrackCommand::Ls { format } = command;
+    let flows: Vec<TrackedFlow> = client.get("/v1/conntrack").await?;
+    match format {
+        Format::Json => print!("{}", json(&flows)),
+        Format::Table => {
+            let rows: Vec<[String; 6]> = flows
+                .iter()
+                .map(|f| {
+                    [
+                        f.protocol.name().to_owned(),
+                        f.client.to_string(),
+                        f.published.to_string(),
+                        f.backend.to_string(),
+                        f.state.clone(),
+                        format!("{}s", f.idle_secs),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                table(
+                    ["PROTO", "CLIENT", "PUBLISHED", "BACKEND", "STATE", "IDLE"],
                     &rows
                 )
             );

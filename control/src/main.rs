@@ -81,6 +81,12 @@ enum Command {
     /// The embedded DNS as a task on this node sees it
     #[command(subcommand)]
     Dns(debug::DnsCommand),
+    /// Published ports of the routing mesh on this node
+    #[command(subcommand)]
+    Ingress(debug::IngressCommand),
+    /// Flows the routing mesh tracks on this node
+    #[command(subcommand)]
+    Conntrack(debug::ConntrackCommand),
     /// A tiny HTTP (and TCP echo) server that says who it is and who asked
     Whoami {
         #[arg(long, default_value = "0.0.0.0:80")]
@@ -226,6 +232,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Network(command) => block_on(commands::network(&client, command))?,
         Command::Gossip(command) => block_on(debug::gossip(&client, command))?,
         Command::Lb(command) => block_on(debug::lb(&client, command))?,
+        Command::Ingress(command) => block_on(debug::ingress(&client, command))?,
+        Command::Conntrack(command) => block_on(debug::conntrack(&client, command))?,
         Command::Dns(command) => block_on(debug::dns(&client, command))?,
         Command::Task(TaskCommand::Exec { task, command }) => {
             return block_on(commands::task_exec(&client, &task, &command))

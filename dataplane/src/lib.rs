@@ -8,6 +8,7 @@
 
 pub mod iproute;
 pub mod maglev;
+pub mod mesh;
 pub mod overlay;
 pub mod peerdb;
 pub mod process;
@@ -50,6 +51,7 @@ pub struct DataplaneConfig {
     pub settings: IngressSettings,
     /// The cgroup every task lives under: the socket load balancer attaches there.
     pub task_cgroup: PathBuf,
+    pub mesh: mesh::MeshLimits,
 }
 
 impl DataplaneConfig {
@@ -87,8 +89,13 @@ impl Dataplane {
         for dir in [config.maps_dir(), config.links_dir()] {
             fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         }
+        config.mesh.validate()?;
+        remove_resized_mesh_maps(&config.maps_dir(), &config.mesh)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(config.maps_dir())
+            .map_max_entries(names::MESH_MAGLEV, config.mesh.slots())
+            .map_max_entries(names::MESH_PORTS, config.mesh.max_services)
+            .map_max_entries(names::MESH_COUNTERS, config.mesh.max_services)
             .load(EBPF_OBJECT)
             .context("loading shoal's eBPF object")?;
 
@@ -96,8 +103,19 @@ impl Dataplane {
             ebpf.map_mut(names::INGRESS_SETTINGS)
                 .context("settings map missing from the eBPF object")?,
         )?;
+        // The mesh's endpoints stay as the previous agent left them until this one has its
+        // own, so published ports keep answering across a restart.
+        let previous = settings.get(&0, 0).unwrap_or_default();
+        let written = IngressSettings {
+            advertise_ifindex: nix::net::if_::if_nametoindex(config.interface.as_str())
+                .with_context(|| format!("no interface {}", config.interface))?,
+            ingress_ip: previous.ingress_ip,
+            ingress_ifindex: previous.ingress_ifindex,
+            table_size: config.mesh.table_size,
+            ..config.settings
+        };
         settings
-            .set(0, config.settings, 0)
+            .set(0, written, 0)
             .context("writing ingress settings")?;
 
         let program: &mut SchedClassifier = ebpf
@@ -134,22 +152,30 @@ impl Dataplane {
     }
 
     /// Runs the loaded ingress classifier on one packet with BPF_PROG_TEST_RUN against the
-    /// live maps; returns the program's return code.
-    pub fn test_run_ingress(&self, packet: &[u8]) -> Result<u32> {
-        use aya::programs::{TestRun as _, TestRunOptions};
-        let program: &SchedClassifier = self
-            .ebpf
-            .program(names::INGRESS_PROGRAM)
-            .context("ingress program missing")?
-            .try_into()?;
-        let result = program
-            .test_run(TestRunOptions {
-                data_in: Some(packet),
-                ..Default::default()
-            })
-            .context("BPF_PROG_TEST_RUN on the ingress classifier")?;
-        Ok(result.return_value)
+    /// live maps; returns the program's return code and the packet as it left the program.
+    pub fn test_run_ingress(&self, packet: &[u8]) -> Result<(u32, Vec<u8>)> {
+        test_run(&self.ebpf, names::INGRESS_PROGRAM, packet)
     }
+}
+
+/// Runs the loaded classifier `name` of `ebpf` on one frame with BPF_PROG_TEST_RUN against
+/// the live maps: its return code and the frame as it left the program.
+pub(crate) fn test_run(ebpf: &Ebpf, name: &str, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+    use aya::programs::{TestRun as _, TestRunOptions};
+    let program: &SchedClassifier = ebpf
+        .program(name)
+        .with_context(|| format!("{name} missing"))?
+        .try_into()?;
+    let mut out = vec![0u8; frame.len() + 64];
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })
+        .with_context(|| format!("BPF_PROG_TEST_RUN on {name}"))?;
+    out.truncate(result.data_size_out as usize);
+    Ok((result.return_value, out))
 }
 
 /// Attaches `program` to `interface` through the link pinned at `pin`: an existing pinned link
@@ -187,6 +213,41 @@ fn attach_pinned(program: &mut SchedClassifier, interface: &str, pin: &Path) -> 
     Ok(false)
 }
 
+/// Attaches a loaded classifier of `ebpf` to `interface` through a new TCX link, inside the
+/// namespace `netns` when given (interface names resolve in the caller's namespace, so the
+/// attach runs on a thread that entered it). The link detaches when dropped.
+pub(crate) fn attach_tcx(
+    ebpf: &mut Ebpf,
+    name: &str,
+    netns: Option<&fs::File>,
+    interface: &str,
+    direction: TcAttachType,
+) -> Result<FdLink> {
+    let program: &mut SchedClassifier = ebpf
+        .program_mut(name)
+        .with_context(|| format!("{name} missing from the eBPF object"))?
+        .try_into()?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| -> Result<FdLink> {
+                if let Some(netns) = netns {
+                    nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET)
+                        .context("entering the network's namespace")?;
+                }
+                let id = program
+                    .attach_with_options(
+                        interface,
+                        direction,
+                        TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    )
+                    .with_context(|| format!("attaching {name} to {interface}"))?;
+                Ok(program.take_link(id)?.try_into()?)
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the attaching thread panicked"))?
+    })
+}
+
 /// Unpins links for interfaces this agent no longer watches (a changed advertise interface),
 /// which detaches their programs.
 fn remove_stale_links(config: &DataplaneConfig) -> Result<()> {
@@ -197,6 +258,37 @@ fn remove_stale_links(config: &DataplaneConfig) -> Result<()> {
         if !keep.contains(&path) {
             tracing::info!(pin = %path.display(), "detaching stale link");
             fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Drops the pinned mesh maps when their size no longer matches the settings (the kernel
+/// cannot resize a map); the flows they tracked are balanced afresh.
+fn remove_resized_mesh_maps(maps_dir: &Path, limits: &mesh::MeshLimits) -> Result<()> {
+    let maglev = maps_dir.join(names::MESH_MAGLEV);
+    let Ok(info) = aya::maps::MapInfo::from_pin(&maglev) else {
+        return Ok(());
+    };
+    if info.max_entries() == limits.slots() {
+        return Ok(());
+    }
+    tracing::warn!(
+        from = info.max_entries(),
+        to = limits.slots(),
+        "mesh limits changed: recreating the mesh maps"
+    );
+    for name in [
+        names::MESH_MAGLEV,
+        names::MESH_PORTS,
+        names::MESH_COUNTERS,
+        names::MESH_FLOWS,
+        names::MESH_REPLIES,
+    ] {
+        match fs::remove_file(maps_dir.join(name)) {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => return Err(err).with_context(|| format!("removing the pin of {name}")),
         }
     }
     Ok(())

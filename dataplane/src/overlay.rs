@@ -34,6 +34,13 @@ use crate::{
 /// VXLAN over IPv4 UDP adds 50 bytes to every frame.
 pub const VXLAN_OVERHEAD: u32 = 50;
 pub const GATEWAY_BRIDGE: &str = "shoal_gw";
+/// The node's own endpoint on the ingress network (routing mesh), and its peer on the
+/// network's bridge.
+pub const INGRESS_ENDPOINT: &str = "shoal_ing";
+const INGRESS_ENDPOINT_PEER: &str = "ving0";
+/// Routing table in a task for what its ingress address sends: replies to mesh clients go
+/// back through the node's ingress endpoint, not out of the task's default route.
+const INGRESS_ROUTE_TABLE: u32 = 2000;
 const NFT_TABLE: &str = "shoal_overlay";
 
 #[derive(Clone, Debug)]
@@ -61,6 +68,9 @@ pub struct NetworkSpec {
     pub mtu: Option<u32>,
     /// No route out of the swarm for tasks that are only on internal networks.
     pub internal: bool,
+    /// The routing mesh's network.
+    #[serde(default)]
+    pub ingress: bool,
 }
 
 /// One of a task's interfaces on an overlay network.
@@ -112,6 +122,8 @@ struct State {
     networks: HashMap<String, NetworkSandbox>,
     /// Gateway-bridge addresses in use, by task ID.
     gateway_leases: BTreeMap<String, Ipv4Addr>,
+    /// This node's address on the ingress network, once its endpoint exists.
+    ingress_endpoint: Option<Ipv4Addr>,
 }
 
 pub struct Overlay {
@@ -172,6 +184,8 @@ impl Overlay {
                    set overlay_subnets {{ type ipv4_addr; flags interval; }}\n\
                    chain forward {{ type filter hook forward priority filter; policy accept;\n\
                      iifname \"{GATEWAY_BRIDGE}\" ip daddr @overlay_subnets drop\n\
+                     iifname \"{INGRESS_ENDPOINT}\" drop\n\
+                     oifname \"{INGRESS_ENDPOINT}\" drop\n\
                    }}\n\
                    chain postrouting {{ type nat hook postrouting priority srcnat; policy accept;\n\
                      ip saddr {base}/{prefix} oifname != \"{GATEWAY_BRIDGE}\" masquerade\n\
@@ -190,10 +204,16 @@ impl Overlay {
                 delete_netns(&name)?;
             }
         }
-        self.state.lock().expect("overlay state").networks.clear();
+        {
+            let mut state = self.state.lock().expect("overlay state");
+            state.networks.clear();
+            state.ingress_endpoint = None;
+        }
         let node = &self.config.node_netns;
-        if link_exists(node, GATEWAY_BRIDGE)? {
-            iproute::batch(node, "ip", &[format!("link del {GATEWAY_BRIDGE}")])?;
+        for link in [GATEWAY_BRIDGE, INGRESS_ENDPOINT] {
+            if link_exists(node, link)? {
+                iproute::batch(node, "ip", &[format!("link del {link}")])?;
+            }
         }
         iproute::nft(
             node,
@@ -277,6 +297,48 @@ impl Overlay {
         )
     }
 
+    /// Connects the node itself to the ingress network (built already) with `ip`: a veth
+    /// `shoal_ing` in the node's namespace. Returns its interface index.
+    pub fn attach_node(&self, network_id: &str, ip: Ipv4Addr) -> Result<u32> {
+        let mut state = self.state.lock().expect("overlay state");
+        let sandbox = state
+            .networks
+            .get(network_id)
+            .with_context(|| format!("network {network_id} is not set up here"))?;
+        let node = &self.config.node_netns;
+        if link_exists(node, INGRESS_ENDPOINT)? {
+            iproute::batch(node, "ip", &[format!("link del {INGRESS_ENDPOINT}")])?;
+        }
+        let mtu = sandbox.mtu;
+        iproute::batch(
+            node,
+            "ip",
+            &[
+                format!(
+                    "link add {INGRESS_ENDPOINT} mtu {mtu} type veth peer name {INGRESS_ENDPOINT_PEER} netns {}",
+                    sandbox.netns
+                ),
+                format!(
+                    "link set {INGRESS_ENDPOINT} address {}",
+                    format_mac(&mac_for(ip))
+                ),
+                format!("addr add {ip}/{} dev {INGRESS_ENDPOINT}", sandbox.spec.subnet.1),
+                format!("link set {INGRESS_ENDPOINT} up"),
+            ],
+        )?;
+        iproute::batch(
+            &Netns::Named(sandbox.netns.clone()),
+            "ip",
+            &[format!("link set {INGRESS_ENDPOINT_PEER} master br0 up")],
+        )?;
+        state.ingress_endpoint = Some(ip);
+        let index = read_json(node, "ip", &["-j", "link", "show", INGRESS_ENDPOINT])?
+            .first()
+            .and_then(|link| link["ifindex"].as_u64())
+            .context("reading the ingress endpoint's interface index")?;
+        Ok(index as u32)
+    }
+
     /// Removes a network this node no longer has tasks on.
     pub fn remove_network(&self, network_id: &str) -> Result<()> {
         let mut state = self.state.lock().expect("overlay state");
@@ -356,6 +418,18 @@ impl Overlay {
                     ),
                     format!("addr add {ip}/{} dev {ifname}", sandbox.spec.subnet.1),
                 ]);
+                if sandbox.spec.ingress {
+                    let via = state
+                        .ingress_endpoint
+                        .context("this node has no ingress endpoint yet")?;
+                    let (base, prefix) = sandbox.spec.subnet;
+                    let table = INGRESS_ROUTE_TABLE;
+                    inside.extend([
+                        format!("rule add from {ip} lookup {table} pref {table}"),
+                        format!("route add {base}/{prefix} dev {ifname} table {table}"),
+                        format!("route add default via {via} dev {ifname} table {table}"),
+                    ]);
+                }
                 interfaces.push(TaskInterface {
                     ifname,
                     host_side,

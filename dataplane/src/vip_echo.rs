@@ -6,7 +6,7 @@ use std::{fs::File, path::Path};
 
 use anyhow::{Context as _, Result};
 use aya::{
-    programs::{links::FdLink, tc::TcAttachOptions, LinkOrder, SchedClassifier, TcAttachType},
+    programs::{links::FdLink, SchedClassifier, TcAttachType},
     Ebpf, EbpfLoader,
 };
 use shoal_common::names;
@@ -38,51 +38,18 @@ impl VipEcho {
     /// Runs the program on one frame with BPF_PROG_TEST_RUN against the live maps; returns
     /// its return code and the frame as it left the program.
     pub fn test_run(&self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
-        use aya::programs::{TestRun as _, TestRunOptions};
-        let program: &SchedClassifier = self
-            .ebpf
-            .program(names::VIP_ECHO)
-            .context("VIP echo program missing")?
-            .try_into()?;
-        let mut out = vec![0u8; frame.len() + 64];
-        let result = program
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ..Default::default()
-            })
-            .context("BPF_PROG_TEST_RUN on the VIP echo program")?;
-        out.truncate(result.data_size_out as usize);
-        Ok((result.return_value, out))
+        crate::test_run(&self.ebpf, names::VIP_ECHO, frame)
     }
 
     /// Attaches to `interface` (ingress: what the task sends) in the namespace at `netns`.
     pub fn attach(&mut self, netns: &Path, interface: &str) -> Result<EchoLink> {
         let netns = File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
-        let program: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(names::VIP_ECHO)
-            .context("VIP echo program missing")?
-            .try_into()?;
-        // Interface names resolve in the caller's namespace: attach from a thread inside it.
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| -> Result<FdLink> {
-                    nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)
-                        .context("entering the network's namespace")?;
-                    let id = program
-                        .attach_with_options(
-                            interface,
-                            TcAttachType::Ingress,
-                            TcAttachOptions::TcxOrder(LinkOrder::default()),
-                        )
-                        .with_context(|| {
-                            format!("attaching the VIP echo program to {interface}")
-                        })?;
-                    Ok(program.take_link(id)?.try_into()?)
-                })
-                .join()
-                .map_err(|_| anyhow::anyhow!("the attaching thread panicked"))?
-        })
+        crate::attach_tcx(
+            &mut self.ebpf,
+            names::VIP_ECHO,
+            Some(&netns),
+            interface,
+            TcAttachType::Ingress,
+        )
     }
 }

@@ -2,64 +2,11 @@
 //! classifier and its restart path (pinned maps reused, pinned link updated in place), and
 //! the VIP echo responder against a VIP programmed in the live maps. Needs root and bpffs.
 
-use std::{path::PathBuf, thread};
+mod support;
 
 use etherparse::{Ethernet2Header, PacketBuilder, PacketBuilderStep};
-use shoal_common::IngressSettings;
-use shoal_dataplane::{Dataplane, DataplaneConfig, DataplaneStatus};
-
-const SETTINGS: IngressSettings = IngressSettings {
-    data_path_port: 4789,
-    gossip_port: 7946,
-    manager_port: 2377,
-    _pad: 0,
-};
-
-fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "this test loads eBPF programs and needs root (run the README's test command as root)"
-    );
-}
-
-/// Runs `body` on a thread inside a fresh network namespace (so attaching to its `lo` touches
-/// nothing on the host), with its own pin directory, removed afterwards.
-fn in_private_netns<T: Send + 'static>(
-    name: &str,
-    body: impl FnOnce(PathBuf) -> T + Send + 'static,
-) -> T {
-    require_root();
-    let pins = PathBuf::from(format!(
-        "/sys/fs/bpf/shoal-test-{}-{name}",
-        std::process::id()
-    ));
-    let pins_for_thread = pins.clone();
-    let result = thread::spawn(move || {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
-        body(pins_for_thread)
-    })
-    .join();
-    shoal_dataplane::remove_pins(&pins).expect("removing test pins");
-    let _ = std::fs::remove_dir(task_cgroup(&pins));
-    result.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-}
-
-/// An empty cgroup named after the pin directory, for the socket load balancer to attach to.
-fn task_cgroup(pins: &std::path::Path) -> PathBuf {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-    shoal_dataplane::process::cgroup2_from_mountinfo(&mountinfo)
-        .expect("a cgroup2 mount")
-        .join(pins.file_name().expect("pin dir name"))
-}
-
-fn config(pins: PathBuf) -> DataplaneConfig {
-    DataplaneConfig {
-        task_cgroup: task_cgroup(&pins),
-        bpffs_root: pins,
-        interface: "lo".to_owned(),
-        settings: SETTINGS,
-    }
-}
+use shoal_dataplane::{Dataplane, DataplaneStatus};
+use support::{checksum_ok, config, in_private_netns};
 
 fn packets(status: &DataplaneStatus, verdict: &str) -> u64 {
     status
@@ -102,7 +49,7 @@ fn udp6(dport: u16) -> Vec<u8> {
 /// Sends `packet` through the program and returns which counter moved.
 fn verdict_of(dataplane: &Dataplane, packet: &[u8]) -> String {
     let before = dataplane.status().unwrap();
-    let code = dataplane
+    let (code, _) = dataplane
         .test_run_ingress(packet)
         .unwrap_or_else(|e| panic!("test run of {packet:02x?}: {e:#}"));
     assert_eq!(code, 0, "every verdict passes the packet on (TC_ACT_OK)");
@@ -238,18 +185,6 @@ fn refuses_a_root_outside_bpffs() {
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_REDIRECT: u32 = 7;
 const TASK_MAC: [u8; 6] = [0x02, 0x42, 10, 0, 1, 7];
-
-/// Ones' complement sum over `bytes`: 0xffff (i.e. 0 when complemented) for a valid checksum.
-fn checksum_ok(bytes: &[u8]) -> bool {
-    let mut sum: u32 = bytes
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum == 0xffff
-}
 
 fn echo_request(to: [u8; 4]) -> Vec<u8> {
     let mut out = Vec::new();

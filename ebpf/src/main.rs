@@ -12,6 +12,7 @@ use aya_ebpf::{
 use shoal_common::{Counter, IngressSettings, Verdict};
 
 mod headers;
+mod mesh;
 mod socket_lb;
 mod vip_echo;
 
@@ -19,14 +20,15 @@ mod vip_echo;
 static VERDICTS: PerCpuArray<Counter> = PerCpuArray::pinned(Verdict::COUNT, 0);
 
 #[map(name = "SETTINGS")]
-static SETTINGS: Array<IngressSettings> = Array::pinned(1, 0);
+pub(crate) static SETTINGS: Array<IngressSettings> = Array::pinned(1, 0);
 
 use headers::{ETH_HLEN, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, IPV6_HLEN};
 
-/// Ingress classifier on the advertise interface: sorts every packet by verdict and counts it.
+/// Ingress classifier on the advertise interface: sorts every packet by verdict and counts
+/// it; packets to published ports go to the routing mesh.
 #[classifier]
 pub fn shoal_ingress(ctx: TcContext) -> i32 {
-    let verdict = classify(&ctx);
+    let (verdict, action) = classify(&ctx);
     if let Some(counter) = VERDICTS.get_ptr_mut(verdict as u32) {
         // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
         unsafe {
@@ -34,64 +36,76 @@ pub fn shoal_ingress(ctx: TcContext) -> i32 {
             (*counter).bytes += u64::from(ctx.len());
         }
     }
-    TC_ACT_OK
+    action
 }
 
-fn classify(ctx: &TcContext) -> Verdict {
+fn classify(ctx: &TcContext) -> (Verdict, i32) {
+    let pass = |verdict| (verdict, TC_ACT_OK);
     let Some(mut ethertype) = load_be16(ctx, 12) else {
-        return Verdict::Malformed;
+        return pass(Verdict::Malformed);
     };
     let mut l3 = ETH_HLEN;
     if ethertype == ETH_P_8021Q {
         let Some(inner) = load_be16(ctx, 16) else {
-            return Verdict::Malformed;
+            return pass(Verdict::Malformed);
         };
         ethertype = inner;
         l3 += 4;
     }
+    let Some(settings) = SETTINGS.get(0) else {
+        return pass(Verdict::Other);
+    };
     let (proto, l4) = match ethertype {
         ETH_P_IP => {
             let Some(vihl) = load_u8(ctx, l3) else {
-                return Verdict::Malformed;
+                return pass(Verdict::Malformed);
             };
             let ihl = usize::from(vihl & 0x0f) * 4;
             if vihl >> 4 != 4 || ihl < 20 {
-                return Verdict::Malformed;
+                return pass(Verdict::Malformed);
             }
             let (Some(frag), Some(proto)) = (load_be16(ctx, l3 + 6), load_u8(ctx, l3 + 9)) else {
-                return Verdict::Malformed;
+                return pass(Verdict::Malformed);
             };
             // Later fragments carry no transport header: nothing to match on.
             if frag & 0x1fff != 0 {
-                return Verdict::Other;
+                return pass(Verdict::Other);
+            }
+            // Untagged only: the mesh answers on the advertise address, never on a VLAN.
+            if l3 == ETH_HLEN {
+                if let Some(packet) = mesh::Datagram::parse(ctx, l3) {
+                    if let Some(service) = mesh::published(&packet, settings) {
+                        return (
+                            Verdict::Mesh,
+                            mesh::forward(ctx, &packet, settings, &service),
+                        );
+                    }
+                }
             }
             (proto, l3 + ihl)
         }
         ETH_P_IPV6 => {
             let Some(next) = load_u8(ctx, l3 + 6) else {
-                return Verdict::Malformed;
+                return pass(Verdict::Malformed);
             };
             (next, l3 + IPV6_HLEN)
         }
-        _ => return Verdict::Other,
+        _ => return pass(Verdict::Other),
     };
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
-        return Verdict::Other;
+        return pass(Verdict::Other);
     }
     let Some(dport) = load_be16(ctx, l4 + 2) else {
-        return Verdict::Malformed;
-    };
-    let Some(settings) = SETTINGS.get(0) else {
-        return Verdict::Other;
+        return pass(Verdict::Malformed);
     };
     if proto == IPPROTO_UDP && dport == settings.data_path_port {
-        Verdict::Overlay
+        pass(Verdict::Overlay)
     } else if dport == settings.gossip_port
         || (proto == IPPROTO_TCP && dport == settings.manager_port)
     {
-        Verdict::Control
+        pass(Verdict::Control)
     } else {
-        Verdict::Other
+        pass(Verdict::Other)
     }
 }
 

@@ -27,4 +27,10 @@ pub struct PublishedPort {
     pub protocol: String,
     pub published: u16,
     pub target: u16,
+    /// Only this task's node answers (`mode=host`), to its own tasks.
+    #[serde(default)]
+    pub host_mode: bool,
+    /// Backends see the node's ingress address instead of the client's.
+    #[serde(default)]
+    pub snat: bool,
 }

@@ -22,8 +22,8 @@ use super::{
     },
     raft::{Member, Raft, StateMachine},
     state::{
-        Availability, ClusterState, Command, Network, Node, NodeStatus, Service, ServiceMode, Task,
-        TaskState,
+        Availability, ClusterState, Command, Network, Node, NodeStatus, Service, ServiceMode,
+        ServiceSpec, Task, TaskState,
     },
     transport::{ClusterClient, Peer},
 };
@@ -265,6 +265,7 @@ impl Manager {
             labels: BTreeMap::new(),
             created_at: at,
             status_since: at,
+            ingress_address: None,
         };
         self.write(Command::AddNode(node)).await?;
         let added = self
@@ -422,6 +423,7 @@ impl Manager {
                             .collect(),
                         service_id: t.service_id.clone(),
                         service_name: service.map(|s| s.spec.name.clone()).unwrap_or_default(),
+                        ports: spec.map(|s| s.ports.clone()).unwrap_or_default(),
                     }
                 })
                 .collect(),
@@ -429,6 +431,13 @@ impl Manager {
             role,
             manager_ids: state.managers().map(|n| n.id.clone()).collect(),
             gossip_keys: state.gossip_keys.clone(),
+            ingress: state.ingress_network().and_then(|network| {
+                Some(AssignedNetwork {
+                    spec: network.dataplane_spec(state.settings.data_path_port),
+                    address: state.nodes.get(caller)?.ingress_address?,
+                    vip: None,
+                })
+            }),
         }))
     }
 
@@ -596,6 +605,7 @@ impl Manager {
             ControlRequest::ServiceCreate(mut spec) => {
                 spec.networks = resolve_networks(&state, &spec.networks)?;
                 spec.validate()?;
+                check_ports_free(&state, &spec, None)?;
                 let at = now();
                 let service = Service {
                     id: random_id(25),
@@ -628,6 +638,8 @@ impl Manager {
                 env_add,
                 network_add,
                 network_rm,
+                publish_add,
+                publish_rm,
                 force,
             } => {
                 let mut updated = state.find_service(&service)?.clone();
@@ -646,7 +658,32 @@ impl Manager {
                 let restart = force
                     || !env_add.is_empty()
                     || !network_add.is_empty()
-                    || !network_rm.is_empty();
+                    || !network_rm.is_empty()
+                    || !publish_add.is_empty()
+                    || !publish_rm.is_empty();
+                for key in publish_rm {
+                    let (port, protocol) = match key.split_once('/') {
+                        Some((port, protocol)) => (port, protocol.parse()?),
+                        None => (key.as_str(), shoal_dataplane::mesh::Protocol::Tcp),
+                    };
+                    let port: u16 = port
+                        .parse()
+                        .map_err(|_| anyhow!("--publish-rm {key:?}: expected PORT or PORT/udp"))?;
+                    let before = updated.spec.ports.len();
+                    updated
+                        .spec
+                        .ports
+                        .retain(|p| !(p.published == port && p.protocol == protocol));
+                    if updated.spec.ports.len() == before {
+                        bail!("service {} does not publish {key}", updated.spec.name);
+                    }
+                }
+                for port in publish_add {
+                    updated.spec.ports.retain(|p| {
+                        !(p.published == port.published && p.protocol == port.protocol)
+                    });
+                    updated.spec.ports.push(port);
+                }
                 for key in network_rm {
                     let id = state.find_network(&key)?.id.clone();
                     if !updated.spec.networks.contains(&id) {
@@ -672,6 +709,7 @@ impl Manager {
                     updated.spec.env.push(entry);
                 }
                 updated.spec.validate()?;
+                check_ports_free(&state, &updated.spec, Some(&updated.id))?;
                 if restart {
                     updated.version += 1;
                 }
@@ -1008,6 +1046,29 @@ fn task_views(state: &ClusterState, keep: impl Fn(&Task) -> bool) -> Vec<TaskVie
     views
 }
 
+/// A published port belongs to one service in the whole swarm: every node answers on it.
+fn check_ports_free(state: &ClusterState, spec: &ServiceSpec, own: Option<&str>) -> Result<()> {
+    for port in &spec.ports {
+        let holder = state.services.values().find(|s| {
+            Some(s.id.as_str()) != own
+                && s.spec
+                    .ports
+                    .iter()
+                    .any(|p| p.published == port.published && p.protocol == port.protocol)
+        });
+        if let Some(holder) = holder {
+            bail!(
+                "port {}/{} is already published by service {}: choose another, or `service update --publish-rm {}` there first",
+                port.published,
+                port.protocol.name(),
+                holder.spec.name,
+                port.published
+            );
+        }
+    }
+    Ok(())
+}
+
 fn service_view(state: &ClusterState, service: &Service) -> ServiceView {
     let live = |t: &&Task| t.service_id == service.id && t.desired == TaskState::Running;
     let running = state
@@ -1044,6 +1105,7 @@ fn service_view(state: &ClusterState, service: &Service) -> ServiceView {
             .map(|id| network_name(state, id))
             .collect(),
         endpoint_mode: service.spec.endpoint_mode,
+        ports: service.spec.ports.clone(),
         vips: service
             .vips
             .iter()

@@ -12,8 +12,12 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use shoal_dataplane::{
-    overlay::{NetworkDataplane, Overlay, OverlayConfig},
-    peerdb::Peer,
+    mesh::{
+        FlowTimeouts, MeshLimits, MeshPortStatus, MeshPrograms, MeshTable, Protocol,
+        PublishedService, TrackedFlow,
+    },
+    overlay::{NetworkDataplane, Overlay, OverlayConfig, INGRESS_ENDPOINT},
+    peerdb::{mac_for, Peer},
     socket_lb::{VipEntry, VipTable},
     vip_echo::{EchoLink, VipEcho},
 };
@@ -23,11 +27,32 @@ use shoal_dns::{
 };
 use shoal_gossip::{
     net::{now_ms, Change, GossipHandle, GossipService},
-    EndpointRecord, Gossip, GossipConfig, Keyring,
+    EndpointRecord, Gossip, GossipConfig, Keyring, PublishedPort,
 };
 use tokio::sync::watch;
 
-use super::protocol::Assignment;
+use super::{
+    protocol::{AssignedNetwork, Assignment},
+    state::{PublishMode, SourceMode},
+};
+
+/// One published port as `ingress ls` shows it.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct IngressPort {
+    pub service: String,
+    #[serde(flatten)]
+    pub status: MeshPortStatus,
+}
+
+/// How often idle flows are looked for.
+const FLOW_EXPIRY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The node's endpoint on the ingress network.
+#[derive(Clone, Debug, PartialEq)]
+struct IngressEndpoint {
+    network_id: String,
+    address: Ipv4Addr,
+}
 
 /// One VIP as `lb ls` shows it.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -90,6 +115,13 @@ pub struct NodeNetworks {
     users: Mutex<HashMap<String, HashSet<String>>>,
     /// Task ID -> networks it announced an endpoint on.
     announced: Mutex<HashMap<String, Vec<String>>>,
+    /// The routing mesh: published ports and flows in the kernel, its per-packet programs,
+    /// and this node's endpoint on the ingress network (with its reply program's link).
+    mesh: Mutex<MeshTable>,
+    mesh_programs: Mutex<MeshPrograms>,
+    ingress: Mutex<Option<(IngressEndpoint, shoal_dataplane::vip_echo::EchoLink)>>,
+    /// Where the mesh answers: the advertise address and interface index.
+    advertise: (Ipv4Addr, u32),
 }
 
 impl NodeNetworks {
@@ -99,8 +131,20 @@ impl NodeNetworks {
         config: OverlayConfig,
         gossip_addr: SocketAddr,
         maps_dir: &Path,
+        (advertise_interface, mesh_limits): (&str, MeshLimits),
     ) -> Result<Self> {
         let vtep = IpAddr::V4(config.data_addr);
+        let IpAddr::V4(advertise_ip) = gossip_addr.ip() else {
+            anyhow::bail!("the routing mesh needs an IPv4 advertise address");
+        };
+        let advertise = (
+            advertise_ip,
+            nix::net::if_::if_nametoindex(advertise_interface)
+                .with_context(|| format!("no interface {advertise_interface}"))?,
+        );
+        let mut mesh = MeshTable::open(maps_dir, mesh_limits)?;
+        // Until this node's ingress endpoint exists, published ports are left to the kernel.
+        mesh.set_endpoints(advertise, None)?;
         let overlay = Overlay::start(config).context("setting up overlay networking")?;
         let forwarder = Forwarder::from_resolv_conf(Path::new(RESOLV_CONF)).unwrap_or_else(|err| {
             tracing::warn!(error = %err, "no upstream resolvers: tasks resolve cluster names only");
@@ -122,7 +166,143 @@ impl NodeNetworks {
             gossip: Mutex::default(),
             users: Mutex::default(),
             announced: Mutex::default(),
+            mesh: Mutex::new(mesh),
+            mesh_programs: Mutex::new(MeshPrograms::load(maps_dir)?),
+            ingress: Mutex::default(),
+            advertise,
         })
+    }
+
+    fn ingress_network(&self) -> Option<String> {
+        self.ingress
+            .lock()
+            .expect("ingress")
+            .as_ref()
+            .map(|(endpoint, _)| endpoint.network_id.clone())
+    }
+
+    /// Connects this node to the ingress network with the address the managers gave it,
+    /// announces that endpoint, and turns the routing mesh on. Idempotent.
+    pub async fn ensure_ingress(&self, assigned: &AssignedNetwork) -> Result<()> {
+        let wanted = IngressEndpoint {
+            network_id: assigned.spec.id.clone(),
+            address: assigned.address,
+        };
+        if self
+            .ingress
+            .lock()
+            .expect("ingress")
+            .as_ref()
+            .is_some_and(|(endpoint, _)| *endpoint == wanted)
+        {
+            return Ok(());
+        }
+        let gossip = self
+            .gossip()
+            .context("gossip has not started yet (no keyring from the managers)")?;
+        let overlay = Arc::clone(&self.overlay);
+        let spec = assigned.spec.clone();
+        let address = assigned.address;
+        let ifindex = tokio::task::spawn_blocking(move || {
+            overlay.ensure_network(&spec)?;
+            overlay.attach_node(&spec.id, address)
+        })
+        .await??;
+        let link = self
+            .mesh_programs
+            .lock()
+            .expect("mesh programs")
+            .attach_reply(INGRESS_ENDPOINT)?;
+        self.mesh
+            .lock()
+            .expect("mesh")
+            .set_endpoints(self.advertise, Some((address, ifindex)))?;
+        // The node itself keeps the ingress network up, with or without tasks on it.
+        self.users
+            .lock()
+            .expect("users")
+            .entry(wanted.network_id.clone())
+            .or_default()
+            .insert(node_endpoint_key(&self.node_id));
+        gossip.join_network(&wanted.network_id).await?;
+        let record = EndpointRecord {
+            task_id: node_endpoint_key(&self.node_id),
+            task_name: String::new(),
+            service_id: String::new(),
+            service_name: String::new(),
+            node_id: self.node_id.clone(),
+            ip: address,
+            mac: mac_for(address),
+            vtep: self.vtep,
+            vip: None,
+            ports: vec![],
+        };
+        gossip
+            .publish(&wanted.network_id, &record.task_id, record.clone())
+            .await?;
+        let network_id = wanted.network_id.clone();
+        *self.ingress.lock().expect("ingress") = Some((wanted, link));
+        self.reprogram(&gossip, &network_id).await;
+        tracing::info!(address = %address, "routing mesh endpoint up");
+        Ok(())
+    }
+
+    /// Points every published port at the running tasks gossip lists for it.
+    fn program_mesh(&self, view: &[(String, EndpointRecord)]) {
+        let mut wanted: BTreeMap<(Protocol, u16), PublishedService> = BTreeMap::new();
+        for (_, record) in view {
+            for port in &record.ports {
+                let Ok(protocol) = port.protocol.parse::<Protocol>() else {
+                    continue;
+                };
+                if port.host_mode && record.node_id != self.node_id {
+                    continue;
+                }
+                wanted
+                    .entry((protocol, port.published))
+                    .or_insert_with(|| PublishedService {
+                        target: port.target,
+                        snat: port.snat,
+                        backends: vec![],
+                    })
+                    .backends
+                    .push(record.ip);
+            }
+        }
+        if let Err(err) = self.mesh.lock().expect("mesh").sync(&wanted) {
+            tracing::warn!(error = %format!("{err:#}"), "programming the routing mesh");
+        }
+    }
+
+    /// Published ports with their backends and counters, read from the kernel, named by
+    /// service.
+    pub async fn ingress_ports(&self) -> Result<Vec<IngressPort>> {
+        let ports = self.mesh.lock().expect("mesh").list()?;
+        let mut names: HashMap<(String, u16), String> = HashMap::new();
+        if let (Some(gossip), Some(net)) = (self.gossip(), self.ingress_network()) {
+            for (_, record) in gossip.view(&net).await? {
+                for port in &record.ports {
+                    names.insert(
+                        (port.protocol.clone(), port.published),
+                        record.service_name.clone(),
+                    );
+                }
+            }
+        }
+        Ok(ports
+            .into_iter()
+            .map(|status| IngressPort {
+                service: names
+                    .remove(&(status.protocol.name().to_owned(), status.published))
+                    .unwrap_or_default(),
+                status,
+            })
+            .collect())
+    }
+
+    /// The mesh flows this node translated.
+    pub fn flows(&self) -> Result<Vec<TrackedFlow>> {
+        self.mesh.lock().expect("mesh").flows()
     }
 
     pub fn gossip(&self) -> Option<GossipHandle> {
@@ -161,8 +341,16 @@ impl NodeNetworks {
     /// Reprograms a network's peers whenever gossip reports it changed.
     async fn follow(self: Arc<Self>, gossip: GossipHandle, mut shutdown: watch::Receiver<bool>) {
         let mut changes = gossip.subscribe();
+        let mut expiry = tokio::time::interval(FLOW_EXPIRY_INTERVAL);
         loop {
             tokio::select! {
+                _ = expiry.tick() => {
+                    match self.mesh.lock().expect("mesh").expire(&FlowTimeouts::default()) {
+                        Ok(0) => {}
+                        Ok(n) => tracing::debug!(flows = n, "idle mesh flows expired"),
+                        Err(err) => tracing::warn!(error = %format!("{err:#}"), "expiring mesh flows"),
+                    }
+                }
                 changed = changes.recv() => match changed {
                     Ok(Change::Network(net)) => {
                         self.reprogram(&gossip, &net).await;
@@ -190,7 +378,8 @@ impl NodeNetworks {
     async fn refresh_dns(&self, gossip: &GossipHandle) {
         let mut endpoints = Vec::new();
         for net in self.overlay.networks() {
-            let Some(spec) = self.overlay.find(&net) else {
+            // Names are not served on the ingress network, as in Swarm.
+            let Some(spec) = self.overlay.find(&net).filter(|spec| !spec.ingress) else {
                 continue;
             };
             let Ok(view) = gossip.view(&net).await else {
@@ -252,7 +441,11 @@ impl NodeNetworks {
                 return;
             }
         };
-        self.program_vips(net, &view);
+        if self.ingress_network().as_deref() == Some(net) {
+            self.program_mesh(&view);
+        } else {
+            self.program_vips(net, &view);
+        }
         let desired: BTreeMap<String, Peer> = view
             .into_iter()
             .filter(|(_, record)| record.node_id != self.node_id)
@@ -390,14 +583,24 @@ impl NodeNetworks {
         let interfaces =
             tokio::task::spawn_blocking(move || overlay.attach(&task_id, pid, &wanted)).await??;
         let mut links = Vec::new();
+        let ingress = self.ingress_network();
         for interface in &interfaces {
             let netns = Path::new("/run/netns").join(&interface.netns);
-            links.push(
-                self.vip_echo
-                    .lock()
-                    .expect("vip echo")
-                    .attach(&netns, &interface.host_side)?,
-            );
+            if ingress.as_deref() == Some(interface.network_id.as_str()) {
+                links.extend(
+                    self.mesh_programs
+                        .lock()
+                        .expect("mesh programs")
+                        .attach_task(&netns, &interface.host_side)?,
+                );
+            } else {
+                links.push(
+                    self.vip_echo
+                        .lock()
+                        .expect("vip echo")
+                        .attach(&netns, &interface.host_side)?,
+                );
+            }
         }
         self.echo_links
             .lock()
@@ -419,7 +622,20 @@ impl NodeNetworks {
                 mac: interface.mac,
                 vtep: self.vtep,
                 vip,
-                ports: vec![],
+                ports: if ingress.as_deref() == Some(interface.network_id.as_str()) {
+                    task.ports
+                        .iter()
+                        .map(|p| PublishedPort {
+                            protocol: p.protocol.name().to_owned(),
+                            published: p.published,
+                            target: p.target,
+                            host_mode: p.mode == PublishMode::Host,
+                            snat: p.source == SourceMode::Snat,
+                        })
+                        .collect()
+                } else {
+                    vec![]
+                },
             };
             gossip
                 .publish(&interface.network_id, &task.task_id, record)
@@ -443,7 +659,12 @@ impl NodeNetworks {
             .await?
             .context("opening the task's DNS sockets at 127.0.0.11:53")?;
         let scope = TaskScope {
-            networks: task.networks.iter().map(|n| n.spec.name.clone()).collect(),
+            networks: task
+                .networks
+                .iter()
+                .filter(|n| !n.spec.ingress)
+                .map(|n| n.spec.name.clone())
+                .collect(),
         };
         let handle = self.dns.serve(udp, tcp, scope.clone())?;
         self.dns_tasks
@@ -529,6 +750,11 @@ impl NodeNetworks {
         let overlay = Arc::clone(&self.overlay);
         tokio::task::spawn_blocking(move || overlay.remove_all()).await?
     }
+}
+
+/// The gossip key of a node's own ingress endpoint (task IDs never contain `/`).
+fn node_endpoint_key(node_id: &str) -> String {
+    format!("node/{node_id}")
 }
 
 fn parse_keyring(keys: &[String]) -> Result<Keyring> {

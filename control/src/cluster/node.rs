@@ -275,6 +275,7 @@ impl ClusterRuntime {
                         labels: BTreeMap::new(),
                         created_at: at,
                         status_since: at,
+                        ingress_address: None,
                     },
                     settings,
                     ingress,
@@ -509,6 +510,10 @@ impl ClusterRuntime {
             },
             SocketAddr::new(membership.advertise.ip(), self.config.gossip_port),
             &shoal_dataplane::maps_dir(&self.config.bpffs_root),
+            (
+                self.config.advertise_interface.as_str(),
+                self.config.mesh_limits(),
+            ),
         )?);
         let worker = Arc::new(Worker::new(
             runtime,

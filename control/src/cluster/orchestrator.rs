@@ -30,7 +30,8 @@ pub struct Settings {
 /// The commands that bring tasks in line with services and nodes; empty when converged.
 pub fn reconcile(state: &ClusterState, now: Timestamp, settings: Settings) -> Vec<Command> {
     let mut commands = Vec::new();
-    let vips = plan_vips(state, &mut commands);
+    let mut vips = plan_vips(state, &mut commands);
+    plan_node_ingress(state, &mut commands, &mut vips);
     let mut plan = Plan {
         state,
         now,
@@ -65,7 +66,8 @@ struct Plan<'a> {
     /// Tasks created or changed in this pass, by ID; they shadow the state's copies.
     changed: BTreeMap<String, Task>,
     delete: Vec<String>,
-    /// Every service's VIPs after this pass (addresses tasks must not take).
+    /// Addresses tasks must not take after this pass: every service's VIPs, and the nodes'
+    /// ingress endpoints (under `node/<id>`).
     vips: BTreeMap<String, Vec<Attachment>>,
 }
 
@@ -122,6 +124,53 @@ fn plan_vips(
         }
     }
     all
+}
+
+/// Gives every node an address on the ingress network (the routing mesh's endpoint there)
+/// and adds them to `reserved`.
+fn plan_node_ingress(
+    state: &ClusterState,
+    commands: &mut Vec<Command>,
+    reserved: &mut BTreeMap<String, Vec<Attachment>>,
+) {
+    let Some(ingress) = state.ingress_network() else {
+        return;
+    };
+    let mut used: BTreeSet<Ipv4Addr> = state
+        .tasks
+        .values()
+        .filter(|t| !t.state.is_terminal())
+        .flat_map(|t| t.attachments.iter())
+        .filter(|a| a.network_id == ingress.id)
+        .map(|a| a.address)
+        .chain(state.nodes.values().filter_map(|n| n.ingress_address))
+        .collect();
+    for node in state.nodes.values() {
+        let address = match node.ingress_address {
+            Some(address) => address,
+            None => match ipam::allocate_address(ingress.subnet, ingress.gateway, &used) {
+                Ok(address) => {
+                    used.insert(address);
+                    commands.push(Command::SetNodeIngress {
+                        id: node.id.clone(),
+                        address: Some(address),
+                    });
+                    address
+                }
+                Err(err) => {
+                    tracing::warn!(node = %node.hostname, error = %format!("{err:#}"), "no ingress address left for a node");
+                    continue;
+                }
+            },
+        };
+        reserved.insert(
+            format!("node/{}", node.id),
+            vec![Attachment {
+                network_id: ingress.id.clone(),
+                address,
+            }],
+        );
+    }
 }
 
 impl Plan<'_> {
@@ -184,7 +233,7 @@ impl Plan<'_> {
     /// held by a task that has not finished (finished tasks keep theirs for the record only).
     fn attach(&self, service: &Service) -> anyhow::Result<Vec<Attachment>> {
         let mut attachments = Vec::new();
-        for network_id in &service.spec.networks {
+        for network_id in &self.state.task_networks(&service.spec) {
             let network = self
                 .state
                 .networks

@@ -75,6 +75,10 @@ pub struct HeartbeatResponse {
     /// The gossip keyring (hex AES-256 keys, newest last).
     #[serde(default)]
     pub gossip_keys: Vec<String>,
+    /// The ingress network and this node's endpoint on it (the routing mesh), once the
+    /// orchestrator gave it an address.
+    #[serde(default)]
+    pub ingress: Option<AssignedNetwork>,
 }
 
 /// A manager asks a node for the output of some of its tasks.
@@ -112,6 +116,9 @@ pub struct Assignment {
     pub service_id: String,
     #[serde(default)]
     pub service_name: String,
+    /// The service's published ports, announced with the task's ingress endpoint.
+    #[serde(default)]
+    pub ports: Vec<super::state::PortConfig>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -165,6 +172,11 @@ pub enum ControlRequest {
         network_add: Vec<String>,
         #[serde(default)]
         network_rm: Vec<String>,
+        #[serde(default)]
+        publish_add: Vec<super::state::PortConfig>,
+        /// `PUBLISHED` or `PUBLISHED/udp`.
+        #[serde(default)]
+        publish_rm: Vec<String>,
         force: bool,
     },
     ServiceRemove {
@@ -260,6 +272,8 @@ pub struct ServiceView {
     pub endpoint_mode: EndpointMode,
     /// `network name`, `virtual IP` pairs.
     pub vips: Vec<(String, std::net::Ipv4Addr)>,
+    #[serde(default)]
+    pub ports: Vec<super::state::PortConfig>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
 }

@@ -97,6 +97,7 @@ impl Network {
             subnet: (self.subnet.base, self.subnet.prefix),
             mtu: self.mtu,
             internal: self.internal,
+            ingress: self.ingress,
         }
     }
 }
@@ -138,6 +139,10 @@ pub struct Node {
     pub created_at: Timestamp,
     /// When `status` last changed.
     pub status_since: Timestamp,
+    /// The node's own endpoint on the ingress network, where the routing mesh sends flows
+    /// from and receives replies; set by the orchestrator (`SetNodeIngress`).
+    #[serde(default)]
+    pub ingress_address: Option<Ipv4Addr>,
 }
 
 impl Node {
@@ -211,6 +216,120 @@ pub struct ServiceSpec {
     /// How the service's name resolves: one virtual IP per network, or every task's IP.
     #[serde(default)]
     pub endpoint_mode: EndpointMode,
+    /// Published ports (`--publish`).
+    #[serde(default)]
+    pub ports: Vec<PortConfig>,
+}
+
+/// A published port, as `--publish published=P,target=T,protocol=tcp|udp,mode=ingress|host,
+/// source=client|snat` or `P:T[/udp]` says.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PortConfig {
+    pub protocol: shoal_dataplane::mesh::Protocol,
+    pub published: u16,
+    pub target: u16,
+    pub mode: PublishMode,
+    /// The source address backends see: the client's (default) or the node's (SNAT).
+    pub source: SourceMode,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PublishMode {
+    /// Open on every node, balanced over every task (the routing mesh).
+    #[default]
+    Ingress,
+    /// Open only on nodes running a task, to their own tasks.
+    Host,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceMode {
+    #[default]
+    Client,
+    Snat,
+}
+
+impl PortConfig {
+    pub fn parse(text: &str) -> Result<Self> {
+        let mut port = PortConfig {
+            protocol: shoal_dataplane::mesh::Protocol::Tcp,
+            published: 0,
+            target: 0,
+            mode: PublishMode::Ingress,
+            source: SourceMode::Client,
+        };
+        let number = |field: &str, value: &str| -> Result<u16> {
+            match value.parse::<u16>() {
+                Ok(n) if n > 0 => Ok(n),
+                _ => bail!("--publish {text:?}: {field} {value:?} is not a port (1-65535)"),
+            }
+        };
+        if text.contains('=') {
+            for part in text.split(',') {
+                let Some((key, value)) = part.split_once('=') else {
+                    bail!("--publish {text:?}: {part:?} is not KEY=VALUE");
+                };
+                match key.trim() {
+                    "published" => port.published = number("published", value)?,
+                    "target" => port.target = number("target", value)?,
+                    "protocol" => port.protocol = value.parse()?,
+                    "mode" => {
+                        port.mode = match value {
+                            "ingress" => PublishMode::Ingress,
+                            "host" => PublishMode::Host,
+                            _ => bail!("--publish {text:?}: mode is ingress or host"),
+                        }
+                    }
+                    "source" => {
+                        port.source = match value {
+                            "client" => SourceMode::Client,
+                            "snat" => SourceMode::Snat,
+                            _ => bail!("--publish {text:?}: source is client or snat"),
+                        }
+                    }
+                    other => bail!(
+                        "--publish {text:?}: unknown field {other:?} (published, target, protocol, mode, source)"
+                    ),
+                }
+            }
+        } else {
+            let (ports, protocol) = match text.split_once('/') {
+                Some((ports, protocol)) => (ports, protocol.parse()?),
+                None => (text, shoal_dataplane::mesh::Protocol::Tcp),
+            };
+            port.protocol = protocol;
+            let Some((published, target)) = ports.split_once(':') else {
+                bail!("--publish {text:?}: expected PUBLISHED:TARGET[/udp] or published=P,target=T,...");
+            };
+            port.published = number("published", published)?;
+            port.target = number("target", target)?;
+        }
+        if port.published == 0 || port.target == 0 {
+            bail!("--publish {text:?}: both published and target ports are needed");
+        }
+        Ok(port)
+    }
+}
+
+impl fmt::Display for PortConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}/{}",
+            self.published,
+            self.target,
+            self.protocol.name()
+        )?;
+        if self.mode == PublishMode::Host {
+            write!(f, ",host")?;
+        }
+        if self.source == SourceMode::Snat {
+            write!(f, ",snat")?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -247,6 +366,19 @@ impl ServiceSpec {
         if let ServiceMode::Replicated { replicas } = self.mode {
             if replicas > 10_000 {
                 bail!("service {}: at most 10000 replicas", self.name);
+            }
+        }
+        for (i, port) in self.ports.iter().enumerate() {
+            if self.ports[..i]
+                .iter()
+                .any(|p| p.protocol == port.protocol && p.published == port.published)
+            {
+                bail!(
+                    "service {}: port {}/{} is published twice",
+                    self.name,
+                    port.published,
+                    port.protocol.name()
+                );
             }
         }
         for env in &self.env {
@@ -386,6 +518,11 @@ pub enum Command {
         id: String,
         vips: Vec<Attachment>,
     },
+    /// A node's address on the ingress network (None: given back).
+    SetNodeIngress {
+        id: String,
+        address: Option<Ipv4Addr>,
+    },
     RemoveService {
         id: String,
     },
@@ -409,6 +546,23 @@ pub enum Command {
 }
 
 impl ClusterState {
+    /// The routing mesh's network, made at `swarm init`.
+    pub fn ingress_network(&self) -> Option<&Network> {
+        self.networks.values().find(|n| n.ingress)
+    }
+
+    /// The networks a service's tasks attach to, in interface order: its own, then the
+    /// ingress network when it publishes a port.
+    pub fn task_networks(&self, spec: &ServiceSpec) -> Vec<String> {
+        let mut networks = spec.networks.clone();
+        if !spec.ports.is_empty() {
+            if let Some(ingress) = self.ingress_network() {
+                networks.push(ingress.id.clone());
+            }
+        }
+        networks
+    }
+
     pub fn apply(&mut self, command: Command) -> Result<()> {
         match command {
             Command::Init {
@@ -491,6 +645,11 @@ impl ClusterState {
                     service.vips = existing.vips.clone();
                 }
                 self.services.insert(service.id.clone(), service);
+            }
+            Command::SetNodeIngress { id, address } => {
+                if let Some(node) = self.nodes.get_mut(&id) {
+                    node.ingress_address = address;
+                }
             }
             Command::SetServiceVips { id, vips } => {
                 if let Some(service) = self.services.get_mut(&id) {

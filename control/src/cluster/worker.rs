@@ -192,6 +192,11 @@ impl Worker {
                     self.apply_role(answer.role);
                     self.apply_gossip_keys(&answer.gossip_keys, &answer.managers, &shutdown)
                         .await;
+                    if let Some(ingress) = &answer.ingress {
+                        if let Err(err) = self.networks.ensure_ingress(ingress).await {
+                            tracing::warn!(error = %format!("{err:#}"), "setting up the routing mesh endpoint");
+                        }
+                    }
                     self.apply(answer.assignments);
                 }
                 Err(err) => {

@@ -1,0 +1,664 @@
+//! User side of the routing mesh (`ebpf/src/mesh.rs`): the published-port table with each
+//! service's Maglev row, the node's ingress endpoint in the settings, the programs on the
+//! ingress endpoint and on tasks' ingress interfaces, and the flow table (`conntrack ls`,
+//! expiry).
+//!
+//! Maglev rows live in one mmap-able array (`MESH_MAGLEV`, `max_services × table_size` slots
+//! of backend addresses; the kernel lays array elements out 8 bytes apart): a change writes
+//! only the slots that move, straight into the kernel's memory, with no system call per slot. A slot always holds a valid backend, so a
+//! packet racing a change sees the old or the new owner of its slot, never a hole.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs::File,
+    net::{Ipv4Addr, SocketAddrV4},
+    os::fd::{AsFd as _, AsRawFd as _},
+    path::Path,
+    ptr::NonNull,
+};
+
+use anyhow::{bail, Context as _, Result};
+use aya::{
+    maps::{Array, HashMap, Map, MapData, PerCpuArray},
+    programs::{links::FdLink, SchedClassifier, TcAttachType},
+    Ebpf, EbpfLoader,
+};
+use serde::{Deserialize, Serialize};
+use shoal_common::{
+    names, FlowKey, IngressSettings, MeshCounters, MeshFlow, MeshPortKey, MeshService, ReplyKey,
+    FLOW_FIN_BACKEND, FLOW_FIN_CLIENT, FLOW_RST, MESH_SNAT,
+};
+
+use crate::maglev;
+
+/// Transport protocols the mesh publishes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+        }
+    }
+
+    pub fn from_number(number: u8) -> Option<Self> {
+        match number {
+            6 => Some(Protocol::Tcp),
+            17 => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+impl std::str::FromStr for Protocol {
+    type Err = anyhow::Error;
+    fn from_str(text: &str) -> Result<Self> {
+        match text {
+            "tcp" => Ok(Protocol::Tcp),
+            "udp" => Ok(Protocol::Udp),
+            other => bail!("protocol {other:?}: expected tcp or udp"),
+        }
+    }
+}
+
+/// Sizes of the mesh's kernel tables, fixed when the maps are made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MeshLimits {
+    /// Published ports served at once.
+    pub max_services: u32,
+    /// Maglev slots per service: a prime; within 1% balance while ≥ 100 × backends.
+    pub table_size: u32,
+}
+
+impl Default for MeshLimits {
+    fn default() -> Self {
+        Self {
+            max_services: shoal_common::MESH_MAX_SERVICES,
+            table_size: shoal_common::MESH_DEFAULT_TABLE_SIZE,
+        }
+    }
+}
+
+impl MeshLimits {
+    /// Largest `MESH_MAGLEV` accepted: 256 MiB of kernel memory (8 bytes per slot).
+    const MAX_SLOTS: u64 = 32 << 20;
+
+    pub fn validate(&self) -> Result<()> {
+        if !maglev::is_valid_table_size(self.table_size) {
+            bail!("{}", maglev::MaglevError::InvalidTableSize(self.table_size));
+        }
+        if self.max_services == 0 {
+            bail!("the mesh needs room for at least one published port");
+        }
+        let slots = u64::from(self.max_services) * u64::from(self.table_size);
+        if slots > Self::MAX_SLOTS {
+            bail!(
+                "{} published ports × {} Maglev slots = {slots} slots: more than the {} allowed (8 bytes each)",
+                self.max_services,
+                self.table_size,
+                Self::MAX_SLOTS
+            );
+        }
+        Ok(())
+    }
+
+    pub(crate) fn slots(&self) -> u32 {
+        self.max_services * self.table_size
+    }
+}
+
+/// What the mesh does with one published port on this node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishedService {
+    pub target: u16,
+    /// Replace the client's address with the node's ingress address.
+    pub snat: bool,
+    /// Task addresses on the ingress network; order does not matter.
+    pub backends: Vec<Ipv4Addr>,
+}
+
+/// A published port as the kernel holds it, for `ingress ls`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshPortStatus {
+    pub protocol: Protocol,
+    pub published: u16,
+    pub target: u16,
+    pub snat: bool,
+    pub row: u32,
+    /// Each backend and the Maglev slots it owns.
+    pub backends: Vec<(Ipv4Addr, u32)>,
+    pub counters: MeshServiceCounters,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshServiceCounters {
+    pub flows: u64,
+    pub packets_in: u64,
+    pub bytes_in: u64,
+    pub packets_out: u64,
+    pub bytes_out: u64,
+    pub no_backend: u64,
+    pub errors: u64,
+}
+
+/// One tracked flow, for `conntrack ls`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrackedFlow {
+    pub protocol: Protocol,
+    pub client: SocketAddrV4,
+    /// The node address and published port the client reached.
+    pub published: SocketAddrV4,
+    pub backend: SocketAddrV4,
+    /// The source the backend sees: the client, or the node's ingress address in SNAT mode.
+    pub source: SocketAddrV4,
+    pub state: String,
+    pub idle_secs: u64,
+}
+
+/// How long an idle flow is kept (LRU eviction bounds the table besides). A forgotten flow
+/// is not cut: its next packet is balanced again by the same Maglev row, which still gives
+/// the same backend unless the backends changed meanwhile.
+#[derive(Clone, Copy, Debug)]
+pub struct FlowTimeouts {
+    /// TCP after RST, or FIN both ways.
+    pub closed_secs: u64,
+    /// TCP after a FIN one way.
+    pub closing_secs: u64,
+    /// TCP otherwise.
+    pub established_secs: u64,
+    pub udp_secs: u64,
+}
+
+impl Default for FlowTimeouts {
+    fn default() -> Self {
+        Self {
+            closed_secs: 10,
+            closing_secs: 3_600,
+            established_secs: 86_400,
+            udp_secs: 300,
+        }
+    }
+}
+
+struct Row {
+    index: u32,
+    service: PublishedService,
+}
+
+/// The pinned mesh maps of one agent.
+pub struct MeshTable {
+    ports: HashMap<MapData, MeshPortKey, MeshService>,
+    settings: Array<MapData, IngressSettings>,
+    flows: HashMap<MapData, FlowKey, MeshFlow>,
+    replies: HashMap<MapData, ReplyKey, FlowKey>,
+    counters: PerCpuArray<MapData, MeshCounters>,
+    slots: MaglevSlots,
+    limits: MeshLimits,
+    rows: BTreeMap<(Protocol, u16), Row>,
+}
+
+impl MeshTable {
+    /// Opens the maps an agent's dataplane pinned under `maps_dir`, and takes over the rows
+    /// a previous agent left (so its flows keep their backends).
+    pub fn open(maps_dir: &Path, limits: MeshLimits) -> Result<Self> {
+        let open = |name: &str| -> Result<Map> {
+            let path = maps_dir.join(name);
+            let data = MapData::from_pin(&path)
+                .with_context(|| format!("opening pinned map {}", path.display()))?;
+            Ok(Map::from_map_data(data)?)
+        };
+        let mut table = Self {
+            ports: HashMap::try_from(open(names::MESH_PORTS)?)?,
+            settings: Array::try_from(open(names::INGRESS_SETTINGS)?)?,
+            flows: HashMap::try_from(open(names::MESH_FLOWS)?)?,
+            replies: HashMap::try_from(open(names::MESH_REPLIES)?)?,
+            counters: PerCpuArray::try_from(open(names::MESH_COUNTERS)?)?,
+            slots: MaglevSlots::map(&maps_dir.join(names::MESH_MAGLEV), limits.slots())?,
+            limits,
+            rows: BTreeMap::new(),
+        };
+        table.recover()?;
+        Ok(table)
+    }
+
+    fn recover(&mut self) -> Result<()> {
+        for item in self.ports.iter() {
+            let (key, entry) = item?;
+            let Some(protocol) = Protocol::from_number(key.protocol) else {
+                continue;
+            };
+            let backends: BTreeSet<Ipv4Addr> = self
+                .slots
+                .row(entry.index, self.limits.table_size)
+                .iter()
+                .filter(|ip| **ip != 0)
+                .map(|ip| from_key(*ip as u32))
+                .collect();
+            self.rows.insert(
+                (protocol, u16::from_be(key.port)),
+                Row {
+                    index: entry.index,
+                    service: PublishedService {
+                        target: u16::from_be(entry.target_port),
+                        snat: entry.flags & MESH_SNAT != 0,
+                        backends: backends.into_iter().collect(),
+                    },
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Where the mesh answers and sends: the advertise address and interface, and the node's
+    /// ingress endpoint (none yet: 0).
+    pub fn set_endpoints(
+        &mut self,
+        advertise: (Ipv4Addr, u32),
+        ingress: Option<(Ipv4Addr, u32)>,
+    ) -> Result<()> {
+        let mut settings = self.settings.get(&0, 0)?;
+        settings.advertise_ip = to_key(advertise.0);
+        settings.advertise_ifindex = advertise.1;
+        let (ip, ifindex) = ingress.map_or((0, 0), |(ip, index)| (to_key(ip), index));
+        settings.ingress_ip = ip;
+        settings.ingress_ifindex = ifindex;
+        settings.table_size = self.limits.table_size;
+        self.settings.set(0, settings, 0)?;
+        Ok(())
+    }
+
+    /// Brings the published ports to `wanted`: rows of new ports are written before their
+    /// port entry appears, changed rows only where slots move, removed ports disappear
+    /// before their row is reused.
+    pub fn sync(&mut self, wanted: &BTreeMap<(Protocol, u16), PublishedService>) -> Result<()> {
+        let gone: Vec<(Protocol, u16)> = self
+            .rows
+            .keys()
+            .filter(|key| !wanted.contains_key(key))
+            .copied()
+            .collect();
+        for key in gone {
+            self.ports.remove(&port_key(key))?;
+            self.counters_reset(self.rows[&key].index)?;
+            self.rows.remove(&key);
+        }
+        for (&key, service) in wanted {
+            let mut service = service.clone();
+            service.backends.sort();
+            service.backends.dedup();
+            if self
+                .rows
+                .get(&key)
+                .is_some_and(|row| row.service == service)
+            {
+                continue;
+            }
+            let index = match self.rows.get(&key) {
+                Some(row) => row.index,
+                None => self.free_row()?,
+            };
+            self.write_row(index, &service.backends).with_context(|| {
+                format!("building the Maglev row of {}/{}", key.1, key.0.name())
+            })?;
+            let entry = MeshService {
+                index,
+                backends: service.backends.len() as u32,
+                target_port: service.target.to_be(),
+                flags: if service.snat { MESH_SNAT } else { 0 },
+                _pad: 0,
+            };
+            if !self.rows.contains_key(&key) {
+                self.counters_reset(index)?;
+            }
+            self.ports.insert(port_key(key), entry, 0)?;
+            self.rows.insert(key, Row { index, service });
+        }
+        Ok(())
+    }
+
+    fn free_row(&self) -> Result<u32> {
+        let used: BTreeSet<u32> = self.rows.values().map(|row| row.index).collect();
+        (0..self.limits.max_services)
+            .find(|index| !used.contains(index))
+            .with_context(|| {
+                format!(
+                    "the mesh serves at most {} published ports (agent setting mesh_max_services)",
+                    self.limits.max_services
+                )
+            })
+    }
+
+    fn write_row(&mut self, index: u32, backends: &[Ipv4Addr]) -> Result<()> {
+        let size = self.limits.table_size;
+        let keys: Vec<[u8; 4]> = backends.iter().map(|ip| ip.octets()).collect();
+        let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
+        let table = maglev::build_table(&refs, size)?;
+        let row = self.slots.row_mut(index, size);
+        if backends.is_empty() {
+            row.fill(0);
+            return Ok(());
+        }
+        for (slot, owner) in row.iter_mut().zip(table) {
+            let ip = u64::from(to_key(backends[usize::from(owner)]));
+            if *slot != ip {
+                *slot = ip;
+            }
+        }
+        Ok(())
+    }
+
+    fn counters_reset(&mut self, index: u32) -> Result<()> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, err)| err)?;
+        let zero = aya::maps::PerCpuValues::try_from(vec![MeshCounters::default(); cpus])?;
+        self.counters.set(index, zero, 0)?;
+        Ok(())
+    }
+
+    /// Every published port, its backends' share of the row and its counters.
+    pub fn list(&self) -> Result<Vec<MeshPortStatus>> {
+        let mut out = Vec::new();
+        for (&(protocol, published), row) in &self.rows {
+            let mut owners: BTreeMap<Ipv4Addr, u32> = BTreeMap::new();
+            for ip in self.slots.row(row.index, self.limits.table_size) {
+                if *ip != 0 {
+                    *owners.entry(from_key(*ip as u32)).or_default() += 1;
+                }
+            }
+            let per_cpu = self.counters.get(&row.index, 0)?;
+            let sum = |f: fn(&MeshCounters) -> u64| per_cpu.iter().map(f).sum();
+            out.push(MeshPortStatus {
+                protocol,
+                published,
+                target: row.service.target,
+                snat: row.service.snat,
+                row: row.index,
+                backends: owners.into_iter().collect(),
+                counters: MeshServiceCounters {
+                    flows: sum(|c| c.flows),
+                    packets_in: sum(|c| c.packets_in),
+                    bytes_in: sum(|c| c.bytes_in),
+                    packets_out: sum(|c| c.packets_out),
+                    bytes_out: sum(|c| c.bytes_out),
+                    no_backend: sum(|c| c.no_backend),
+                    errors: sum(|c| c.errors),
+                },
+            });
+        }
+        Ok(out)
+    }
+
+    /// The flows this node translated, newest activity first.
+    pub fn flows(&self) -> Result<Vec<TrackedFlow>> {
+        let now = monotonic_ns()?;
+        let mut out = Vec::new();
+        for item in self.flows.iter() {
+            let (key, flow) = item?;
+            let Some(protocol) = Protocol::from_number(key.protocol) else {
+                continue;
+            };
+            out.push(TrackedFlow {
+                protocol,
+                client: socket(key.client_ip, key.client_port),
+                published: socket(key.node_ip, key.published_port),
+                backend: socket(flow.backend_ip, flow.backend_port),
+                source: socket(flow.source_ip, flow.source_port),
+                state: flow_state(protocol, flow.state).to_owned(),
+                idle_secs: now.saturating_sub(flow.last_seen_ns) / 1_000_000_000,
+            });
+        }
+        out.sort_by_key(|f| f.idle_secs);
+        Ok(out)
+    }
+
+    /// Removes flows idle for longer than their state allows; returns how many.
+    pub fn expire(&mut self, timeouts: &FlowTimeouts) -> Result<usize> {
+        let now = monotonic_ns()?;
+        let mut expired = Vec::new();
+        for item in self.flows.iter() {
+            let (key, flow) = item?;
+            let limit = if key.protocol == Protocol::Udp.number() {
+                timeouts.udp_secs
+            } else if flow.state & FLOW_RST != 0
+                || flow.state & (FLOW_FIN_CLIENT | FLOW_FIN_BACKEND)
+                    == FLOW_FIN_CLIENT | FLOW_FIN_BACKEND
+            {
+                timeouts.closed_secs
+            } else if flow.state != 0 {
+                timeouts.closing_secs
+            } else {
+                timeouts.established_secs
+            };
+            if now.saturating_sub(flow.last_seen_ns) > limit * 1_000_000_000 {
+                expired.push((key, flow));
+            }
+        }
+        for (key, flow) in &expired {
+            let reply = ReplyKey {
+                backend_ip: flow.backend_ip,
+                peer_ip: flow.source_ip,
+                backend_port: flow.backend_port,
+                peer_port: flow.source_port,
+                protocol: key.protocol,
+                _pad: [0; 3],
+            };
+            // Either may be gone already (LRU): that is the state we want.
+            let _ = self.flows.remove(key);
+            let _ = self.replies.remove(&reply);
+        }
+        Ok(expired.len())
+    }
+}
+
+fn flow_state(protocol: Protocol, state: u32) -> &'static str {
+    if protocol == Protocol::Udp {
+        return "udp";
+    }
+    match (
+        state & FLOW_RST != 0,
+        state & FLOW_FIN_CLIENT != 0,
+        state & FLOW_FIN_BACKEND != 0,
+    ) {
+        (true, _, _) => "reset",
+        (false, true, true) => "closed",
+        (false, true, false) => "fin-client",
+        (false, false, true) => "fin-backend",
+        (false, false, false) => "established",
+    }
+}
+
+/// `MESH_MAGLEV` mapped into the agent's memory. Array elements sit 8 bytes apart (the
+/// kernel rounds value sizes up to 8); a slot's address is the element's low half, as
+/// little-endian u64 (x86, arm64 and BPF are all little-endian here).
+struct MaglevSlots {
+    base: NonNull<u64>,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by this value and only accessed through `&self`/`&mut self`.
+unsafe impl Send for MaglevSlots {}
+unsafe impl Sync for MaglevSlots {}
+
+impl MaglevSlots {
+    fn map(pin: &Path, slots: u32) -> Result<Self> {
+        let data = MapData::from_pin(pin)
+            .with_context(|| format!("opening pinned map {}", pin.display()))?;
+        let max = data.info()?.max_entries();
+        if max != slots {
+            bail!(
+                "{} holds {max} slots, the agent's settings want {slots}: run `shoal dataplane cleanup` after changing mesh limits",
+                pin.display()
+            );
+        }
+        let len = slots as usize;
+        let bytes = (len * 8).next_multiple_of(page_size());
+        // SAFETY: mapping a BPF_F_MMAPABLE array by its fd, shared, for its whole size.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                data.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("mapping {}", pin.display()));
+        }
+        Ok(Self {
+            base: NonNull::new(base.cast()).context("mmap returned null")?,
+            len,
+        })
+    }
+
+    fn row(&self, index: u32, size: u32) -> &[u64] {
+        let start = index as usize * size as usize;
+        // SAFETY: in bounds (index < max_services checked by the callers' allocation) and
+        // the mapping lives as long as `self`.
+        unsafe {
+            &std::slice::from_raw_parts(self.base.as_ptr(), self.len)[start..start + size as usize]
+        }
+    }
+
+    fn row_mut(&mut self, index: u32, size: u32) -> &mut [u64] {
+        let start = index as usize * size as usize;
+        // SAFETY: as above; aligned 8-byte stores are atomic for the kernel's readers.
+        unsafe {
+            &mut std::slice::from_raw_parts_mut(self.base.as_ptr(), self.len)
+                [start..start + size as usize]
+        }
+    }
+}
+
+impl Drop for MaglevSlots {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `map` mapped.
+        unsafe {
+            libc::munmap(
+                self.base.as_ptr().cast(),
+                (self.len * 8).next_multiple_of(page_size()),
+            );
+        }
+    }
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096)
+}
+
+/// The mesh's per-packet programs, loaded once; links are held by their owners and detach
+/// when dropped.
+pub struct MeshPrograms {
+    ebpf: Ebpf,
+}
+
+impl MeshPrograms {
+    pub fn load(maps_dir: &Path) -> Result<Self> {
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(maps_dir)
+            .load(crate::EBPF_OBJECT)
+            .context("loading shoal's eBPF object")?;
+        for name in [
+            names::MESH_REPLY,
+            names::MESH_TO_TASK,
+            names::MESH_FROM_TASK,
+        ] {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .with_context(|| format!("{name} missing from the eBPF object"))?
+                .try_into()?;
+            program
+                .load()
+                .with_context(|| format!("loading {name} into the kernel (verifier)"))?;
+        }
+        Ok(Self { ebpf })
+    }
+
+    /// Runs one of the mesh programs (`names::MESH_*`) on a frame with BPF_PROG_TEST_RUN
+    /// against the live maps: its return code and the frame it left.
+    pub fn test_run(&self, program: &str, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        crate::test_run(&self.ebpf, program, frame)
+    }
+
+    /// The reply program on the node's ingress endpoint (in the agent's namespace).
+    pub fn attach_reply(&mut self, interface: &str) -> Result<FdLink> {
+        crate::attach_tcx(
+            &mut self.ebpf,
+            names::MESH_REPLY,
+            None,
+            interface,
+            TcAttachType::Ingress,
+        )
+    }
+
+    /// The origin-tracking pair on a task's ingress-network veth, inside the network's
+    /// namespace at `netns`.
+    pub fn attach_task(&mut self, netns: &Path, interface: &str) -> Result<Vec<FdLink>> {
+        let netns = File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
+        Ok(vec![
+            crate::attach_tcx(
+                &mut self.ebpf,
+                names::MESH_TO_TASK,
+                Some(&netns),
+                interface,
+                TcAttachType::Egress,
+            )?,
+            crate::attach_tcx(
+                &mut self.ebpf,
+                names::MESH_FROM_TASK,
+                Some(&netns),
+                interface,
+                TcAttachType::Ingress,
+            )?,
+        ])
+    }
+}
+
+fn port_key((protocol, port): (Protocol, u16)) -> MeshPortKey {
+    MeshPortKey {
+        port: port.to_be(),
+        protocol: protocol.number(),
+        _pad: 0,
+    }
+}
+
+/// Addresses as the programs compare them: network byte order in memory.
+fn to_key(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+fn from_key(key: u32) -> Ipv4Addr {
+    Ipv4Addr::from(key.to_ne_bytes())
+}
+
+fn socket(ip: u32, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(from_key(ip), u16::from_be(port))
+}
+
+/// The clock `bpf_ktime_get_ns` reads.
+fn monotonic_ns() -> Result<u64> {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) } != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64)
+}

@@ -1,0 +1,465 @@
+//! The routing mesh. A packet to a published port on the node's advertise address is given a
+//! backend (a task's address on the `ingress` overlay) by the service's Maglev row, its flow
+//! is remembered, and it is rewritten to the backend and sent into the ingress network,
+//! keeping the client's address as its source (or, in SNAT mode, the node's ingress address).
+//!
+//! Replies must come back through the node that translated the flow:
+//! - on the backend's node, `shoal_mesh_to_task` remembers which node's overlay MAC each
+//!   flow arrived from, and `shoal_mesh_from_task` sends the task's replies to that MAC;
+//! - on the node the client reached, `shoal_mesh_reply` undoes the translation and sends the
+//!   reply out of the advertise interface.
+//!
+//! Everything else passes untouched: only whole IPv4 TCP/UDP datagrams are ever rewritten
+//! (fragments carry no or partial transport headers), and a packet is either rewritten
+//! completely or not at all.
+
+use aya_ebpf::{
+    bindings::{
+        BPF_F_MARK_MANGLED_0, BPF_F_MMAPABLE, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT,
+    },
+    helpers::{bpf_ktime_get_ns, bpf_redirect_neigh},
+    macros::{classifier, map},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    programs::TcContext,
+};
+use shoal_common::{
+    FlowKey, IngressSettings, MeshCounters, MeshFlow, MeshPortKey, MeshService, Origin, ReplyKey,
+    FLOW_FIN_BACKEND, FLOW_FIN_CLIENT, FLOW_RST, MESH_DEFAULT_TABLE_SIZE, MESH_MAX_FLOWS,
+    MESH_MAX_SERVICES, MESH_SNAT,
+};
+
+use crate::headers::{ETH_HLEN, ETH_P_IP, IPPROTO_TCP, IPPROTO_UDP};
+
+#[map(name = "MESH_PORTS")]
+pub(crate) static MESH_PORTS: HashMap<MeshPortKey, MeshService> =
+    HashMap::pinned(MESH_MAX_SERVICES, 0);
+
+/// One row of `table size` backend addresses per service; the agent sizes it at load time
+/// and writes it through a memory mapping.
+#[map(name = "MESH_MAGLEV")]
+static MESH_MAGLEV: Array<u32> = Array::pinned(
+    MESH_MAX_SERVICES * MESH_DEFAULT_TABLE_SIZE,
+    BPF_F_MMAPABLE as u32,
+);
+
+#[map(name = "MESH_FLOWS")]
+static MESH_FLOWS: LruHashMap<FlowKey, MeshFlow> = LruHashMap::pinned(MESH_MAX_FLOWS, 0);
+
+#[map(name = "MESH_REPLIES")]
+static MESH_REPLIES: LruHashMap<ReplyKey, FlowKey> = LruHashMap::pinned(MESH_MAX_FLOWS, 0);
+
+#[map(name = "MESH_ORIGINS")]
+static MESH_ORIGINS: LruHashMap<ReplyKey, Origin> = LruHashMap::pinned(MESH_MAX_FLOWS, 0);
+
+#[map(name = "MESH_COUNTERS")]
+static MESH_COUNTERS: PerCpuArray<MeshCounters> = PerCpuArray::pinned(MESH_MAX_SERVICES, 0);
+
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+const IP_CSUM: usize = 10;
+const IP_SRC: usize = 12;
+const IP_DST: usize = 16;
+/// SNAT ports are drawn from here, away from the usual ephemeral range of the node's own
+/// sockets on its ingress address (it has none, but a neighbour might).
+const SNAT_PORT_BASE: u32 = 1_024;
+const SNAT_PORTS: u32 = 65_536 - SNAT_PORT_BASE;
+const SNAT_ATTEMPTS: u32 = 4;
+
+/// An IPv4 TCP or UDP datagram's addresses and ports (network byte order) and where its
+/// headers are.
+#[derive(Clone, Copy)]
+pub(crate) struct Datagram {
+    pub l3: usize,
+    pub l4: usize,
+    pub protocol: u8,
+    pub tcp_flags: u8,
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+impl Datagram {
+    /// Parses the IPv4 header at `l3` and the TCP/UDP header after it. None for anything
+    /// else: other protocols, fragments, and headers shorter than they claim.
+    #[inline(always)]
+    pub(crate) fn parse(ctx: &TcContext, l3: usize) -> Option<Self> {
+        let vihl: u8 = ctx.load(l3).ok()?;
+        let ihl = usize::from(vihl & 0x0f) * 4;
+        let frag = u16::from_be(ctx.load::<u16>(l3 + 6).ok()?);
+        let protocol: u8 = ctx.load(l3 + 9).ok()?;
+        if vihl >> 4 != 4 || ihl < 20 || frag & 0x3fff != 0 {
+            return None;
+        }
+        let l4 = l3 + ihl;
+        // The whole transport header must be there: it is rewritten in place.
+        let tcp_flags = match protocol {
+            IPPROTO_TCP => {
+                ctx.load::<[u8; 20]>(l4).ok()?;
+                ctx.load::<u8>(l4 + 13).ok()?
+            }
+            IPPROTO_UDP => {
+                ctx.load::<[u8; 8]>(l4).ok()?;
+                0
+            }
+            _ => return None,
+        };
+        Some(Self {
+            l3,
+            l4,
+            protocol,
+            tcp_flags,
+            saddr: ctx.load(l3 + IP_SRC).ok()?,
+            daddr: ctx.load(l3 + IP_DST).ok()?,
+            sport: ctx.load(l4).ok()?,
+            dport: ctx.load(l4 + 2).ok()?,
+        })
+    }
+
+    fn checksum_offset(&self) -> usize {
+        if self.protocol == IPPROTO_TCP {
+            self.l4 + 16
+        } else {
+            self.l4 + 6
+        }
+    }
+
+    fn l4_flags(&self) -> u64 {
+        // A UDP checksum of 0 means "none" and must stay so.
+        if self.protocol == IPPROTO_UDP {
+            u64::from(BPF_F_MARK_MANGLED_0)
+        } else {
+            0
+        }
+    }
+
+    /// Replaces the source (`source`) or destination address and port, with checksums.
+    fn rewrite(&self, ctx: &TcContext, source: bool, ip: u32, port: u16) -> Option<()> {
+        let (old_ip, old_port, ip_at, port_at) = if source {
+            (self.saddr, self.sport, self.l3 + IP_SRC, self.l4)
+        } else {
+            (self.daddr, self.dport, self.l3 + IP_DST, self.l4 + 2)
+        };
+        let csum = self.checksum_offset();
+        if old_ip != ip {
+            ctx.store(ip_at, &ip, 0).ok()?;
+            ctx.l3_csum_replace(self.l3 + IP_CSUM, u64::from(old_ip), u64::from(ip), 4)
+                .ok()?;
+            ctx.l4_csum_replace(
+                csum,
+                u64::from(old_ip),
+                u64::from(ip),
+                u64::from(BPF_F_PSEUDO_HDR) | self.l4_flags() | 4,
+            )
+            .ok()?;
+        }
+        if old_port != port {
+            ctx.store(port_at, &port, 0).ok()?;
+            ctx.l4_csum_replace(
+                csum,
+                u64::from(old_port),
+                u64::from(port),
+                self.l4_flags() | 2,
+            )
+            .ok()?;
+        }
+        Some(())
+    }
+
+    fn tcp_state_bits(&self, fin: u32) -> u32 {
+        let mut bits = 0;
+        if self.tcp_flags & TCP_FIN != 0 {
+            bits |= fin;
+        }
+        if self.tcp_flags & TCP_RST != 0 {
+            bits |= FLOW_RST;
+        }
+        bits
+    }
+}
+
+/// The published port's service, if `packet` is addressed to one on this node.
+#[inline(always)]
+pub(crate) fn published(packet: &Datagram, settings: &IngressSettings) -> Option<MeshService> {
+    if settings.ingress_ifindex == 0 || packet.daddr != settings.advertise_ip {
+        return None;
+    }
+    let key = MeshPortKey {
+        port: packet.dport,
+        protocol: packet.protocol,
+        _pad: 0,
+    };
+    // SAFETY: a plain lookup; the value is copied out at once.
+    unsafe { MESH_PORTS.get(key) }.copied()
+}
+
+/// Sends a packet for a published port to its flow's backend (choosing one for a new flow).
+pub(crate) fn forward(
+    ctx: &TcContext,
+    packet: &Datagram,
+    settings: &IngressSettings,
+    service: &MeshService,
+) -> i32 {
+    let counters = MESH_COUNTERS.get_ptr_mut(service.index);
+    let key = FlowKey {
+        client_ip: packet.saddr,
+        node_ip: packet.daddr,
+        client_port: packet.sport,
+        published_port: packet.dport,
+        protocol: packet.protocol,
+        _pad: [0; 3],
+    };
+    // SAFETY: helper without side effects.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // A SYN starts a new connection: it is balanced afresh even if the tuple was seen before.
+    let opening = packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let tracked = if opening {
+        None
+    } else {
+        MESH_FLOWS.get_ptr_mut(key)
+    };
+    let flow = match tracked {
+        Some(flow) => {
+            // SAFETY: the entry stays valid for the program's run (RCU); racing updates
+            // of the age and state bits are benign.
+            unsafe {
+                (*flow).last_seen_ns = now;
+                (*flow).state |= packet.tcp_state_bits(FLOW_FIN_CLIENT);
+                *flow
+            }
+        }
+        None => match new_flow(packet, &key, settings, service, now) {
+            Some(flow) => {
+                if let Some(c) = counters {
+                    // SAFETY: per-CPU slot.
+                    unsafe { (*c).flows += 1 };
+                }
+                flow
+            }
+            None => {
+                if let Some(c) = counters {
+                    // SAFETY: per-CPU slot.
+                    unsafe { (*c).no_backend += 1 };
+                }
+                return TC_ACT_OK;
+            }
+        },
+    };
+    let translated = packet
+        .rewrite(ctx, false, flow.backend_ip, flow.backend_port)
+        .and_then(|()| packet.rewrite(ctx, true, flow.source_ip, flow.source_port));
+    if let Some(c) = counters {
+        // SAFETY: per-CPU slot.
+        unsafe {
+            if translated.is_some() {
+                (*c).packets_in += 1;
+                (*c).bytes_in += u64::from(ctx.len());
+            } else {
+                (*c).errors += 1;
+            }
+        }
+    }
+    match translated {
+        Some(()) => redirect(settings.ingress_ifindex),
+        None => TC_ACT_SHOT,
+    }
+}
+
+/// Picks the flow's backend from the service's Maglev row and records the flow both ways.
+fn new_flow(
+    packet: &Datagram,
+    key: &FlowKey,
+    settings: &IngressSettings,
+    service: &MeshService,
+    now: u64,
+) -> Option<MeshFlow> {
+    if service.backends == 0 || settings.table_size == 0 {
+        return None;
+    }
+    let hash = shoal_common::flow_hash(packet.saddr, packet.sport, packet.dport, packet.protocol);
+    let slot = service
+        .index
+        .wrapping_mul(settings.table_size)
+        .wrapping_add(hash % settings.table_size);
+    let backend_ip = *MESH_MAGLEV.get(slot)?;
+    if backend_ip == 0 {
+        return None;
+    }
+    let mut flow = MeshFlow {
+        backend_ip,
+        source_ip: packet.saddr,
+        backend_port: service.target_port,
+        source_port: packet.sport,
+        service_index: service.index,
+        state: 0,
+        _pad: 0,
+        last_seen_ns: now,
+    };
+    let mut reply = ReplyKey {
+        backend_ip,
+        peer_ip: packet.saddr,
+        backend_port: service.target_port,
+        peer_port: packet.sport,
+        protocol: packet.protocol,
+        _pad: [0; 3],
+    };
+    if service.flags & MESH_SNAT != 0 {
+        flow.source_ip = settings.ingress_ip;
+        reply.peer_ip = settings.ingress_ip;
+        flow.source_port = snat_port(&mut reply, key, hash)?;
+    } else {
+        // A full LRU drops its oldest entry to make room.
+        MESH_REPLIES.insert(reply, *key, 0).ok()?;
+    }
+    MESH_FLOWS.insert(key, flow, 0).ok()?;
+    Some(flow)
+}
+
+/// Claims a source port on the node's ingress address for a SNAT flow: derived from the
+/// flow's hash, so a retransmitted SYN gets the same port back; a port another flow holds
+/// is skipped.
+fn snat_port(reply: &mut ReplyKey, key: &FlowKey, hash: u32) -> Option<u16> {
+    let mut attempt = 0;
+    while attempt < SNAT_ATTEMPTS {
+        let port =
+            ((SNAT_PORT_BASE + shoal_common::mix(hash ^ attempt) % SNAT_PORTS) as u16).to_be();
+        reply.peer_port = port;
+        // SAFETY: a plain lookup; the value is copied out at once.
+        let ours = match unsafe { MESH_REPLIES.get(*reply) } {
+            Some(owner) => *owner == *key,
+            None => MESH_REPLIES
+                .insert(*reply, *key, u64::from(BPF_NOEXIST))
+                .is_ok(),
+        };
+        if ours {
+            return Some(port);
+        }
+        attempt += 1;
+    }
+    None
+}
+
+/// A backend's reply arriving at this node's ingress endpoint: back to the client, from the
+/// published port, out of the advertise interface.
+#[classifier]
+pub fn shoal_mesh_reply(ctx: TcContext) -> i32 {
+    if !is_ipv4(&ctx) {
+        return TC_ACT_OK;
+    }
+    let Some(packet) = Datagram::parse(&ctx, ETH_HLEN) else {
+        return TC_ACT_OK;
+    };
+    let key = ReplyKey {
+        backend_ip: packet.saddr,
+        peer_ip: packet.daddr,
+        backend_port: packet.sport,
+        peer_port: packet.dport,
+        protocol: packet.protocol,
+        _pad: [0; 3],
+    };
+    // SAFETY: a plain lookup; the value is copied out at once.
+    let Some(flow_key) = (unsafe { MESH_REPLIES.get(key) }).copied() else {
+        return TC_ACT_OK;
+    };
+    let Some(settings) = crate::SETTINGS.get(0) else {
+        return TC_ACT_OK;
+    };
+    let mut index = None;
+    if let Some(flow) = MESH_FLOWS.get_ptr_mut(flow_key) {
+        // SAFETY: as in `forward`.
+        unsafe {
+            (*flow).last_seen_ns = bpf_ktime_get_ns();
+            (*flow).state |= packet.tcp_state_bits(FLOW_FIN_BACKEND);
+            index = Some((*flow).service_index);
+        }
+    }
+    let counters = index.and_then(|i| MESH_COUNTERS.get_ptr_mut(i));
+    let translated = packet
+        .rewrite(&ctx, true, flow_key.node_ip, flow_key.published_port)
+        .and_then(|()| packet.rewrite(&ctx, false, flow_key.client_ip, flow_key.client_port));
+    if translated.is_none() {
+        if let Some(c) = counters {
+            // SAFETY: per-CPU slot.
+            unsafe { (*c).errors += 1 };
+        }
+        return TC_ACT_SHOT;
+    }
+    if let Some(c) = counters {
+        // SAFETY: per-CPU slot.
+        unsafe {
+            (*c).packets_out += 1;
+            (*c).bytes_out += u64::from(ctx.len());
+        }
+    }
+    redirect(settings.advertise_ifindex)
+}
+
+/// On a task's ingress interface, towards the task: remembers the overlay MAC of the node
+/// each flow came through.
+#[classifier]
+pub fn shoal_mesh_to_task(ctx: TcContext) -> i32 {
+    if !is_ipv4(&ctx) {
+        return TC_ACT_OK;
+    }
+    let Some(packet) = Datagram::parse(&ctx, ETH_HLEN) else {
+        return TC_ACT_OK;
+    };
+    let Ok(mac) = ctx.load::<[u8; 6]>(6) else {
+        return TC_ACT_OK;
+    };
+    let key = ReplyKey {
+        backend_ip: packet.daddr,
+        peer_ip: packet.saddr,
+        backend_port: packet.dport,
+        peer_port: packet.sport,
+        protocol: packet.protocol,
+        _pad: [0; 3],
+    };
+    // SAFETY: a plain lookup; the value is copied out at once.
+    let known = unsafe { MESH_ORIGINS.get(key) }.is_some_and(|origin| origin.mac == mac);
+    if !known {
+        let _ = MESH_ORIGINS.insert(key, Origin { mac, _pad: [0; 2] }, 0);
+    }
+    TC_ACT_OK
+}
+
+/// On a task's ingress interface, from the task: a reply to a mesh flow goes to the node
+/// the flow came through, whatever the task's routing chose.
+#[classifier]
+pub fn shoal_mesh_from_task(ctx: TcContext) -> i32 {
+    if !is_ipv4(&ctx) {
+        return TC_ACT_OK;
+    }
+    let Some(packet) = Datagram::parse(&ctx, ETH_HLEN) else {
+        return TC_ACT_OK;
+    };
+    let key = ReplyKey {
+        backend_ip: packet.saddr,
+        peer_ip: packet.daddr,
+        backend_port: packet.sport,
+        peer_port: packet.dport,
+        protocol: packet.protocol,
+        _pad: [0; 3],
+    };
+    // SAFETY: a plain lookup; the value is copied out at once.
+    if let Some(origin) = unsafe { MESH_ORIGINS.get(key) }.copied() {
+        let _ = ctx.store(0, &origin.mac, 0);
+    }
+    TC_ACT_OK
+}
+
+fn is_ipv4(ctx: &TcContext) -> bool {
+    ctx.load::<u16>(12).map(u16::from_be) == Ok(ETH_P_IP)
+}
+
+/// Out of `ifindex` with the MACs of the next hop the kernel's FIB and neighbour table
+/// give; a missing interface drops the packet rather than let it through untranslated.
+fn redirect(ifindex: u32) -> i32 {
+    if ifindex == 0 {
+        return TC_ACT_SHOT;
+    }
+    // SAFETY: no parameters: the helper does its own FIB lookup.
+    unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 }
+}
