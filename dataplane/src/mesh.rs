@@ -262,20 +262,23 @@ impl MeshTable {
         Ok(())
     }
 
-    /// Where the mesh answers and sends: the advertise address and interface, and the node's
-    /// ingress endpoint (none yet: 0).
-    pub fn set_endpoints(
-        &mut self,
-        advertise: (Ipv4Addr, u32),
-        ingress: Option<(Ipv4Addr, u32)>,
-    ) -> Result<()> {
+    /// Where the mesh answers and replies leave: the advertise address and interface.
+    pub fn set_advertise(&mut self, ip: Ipv4Addr, ifindex: u32) -> Result<()> {
         let mut settings = self.settings.get(&0, 0)?;
-        settings.advertise_ip = to_key(advertise.0);
-        settings.advertise_ifindex = advertise.1;
-        let (ip, ifindex) = ingress.map_or((0, 0), |(ip, index)| (to_key(ip), index));
-        settings.ingress_ip = ip;
-        settings.ingress_ifindex = ifindex;
+        settings.advertise_ip = to_key(ip);
+        settings.advertise_ifindex = ifindex;
         settings.table_size = self.limits.table_size;
+        self.settings.set(0, settings, 0)?;
+        Ok(())
+    }
+
+    /// The node's endpoint on the ingress network: its address (the SNAT source) and the
+    /// interface new flows are sent into. Until it is set, published ports are left to the
+    /// kernel; a restarted agent keeps the previous one until it sets its own.
+    pub fn set_ingress(&mut self, ip: Ipv4Addr, ifindex: u32) -> Result<()> {
+        let mut settings = self.settings.get(&0, 0)?;
+        settings.ingress_ip = to_key(ip);
+        settings.ingress_ifindex = ifindex;
         self.settings.set(0, settings, 0)?;
         Ok(())
     }
@@ -327,6 +330,14 @@ impl MeshTable {
             self.rows.insert(key, Row { index, service });
         }
         Ok(())
+    }
+
+    /// The published ports as programmed now.
+    pub fn programmed(&self) -> BTreeMap<(Protocol, u16), PublishedService> {
+        self.rows
+            .iter()
+            .map(|(key, row)| (*key, row.service.clone()))
+            .collect()
     }
 
     fn free_row(&self) -> Result<u32> {

@@ -96,9 +96,8 @@ impl Mesh {
         let maps = dataplane.config().maps_dir();
         let mut table = MeshTable::open(&maps, MeshLimits::default()).unwrap();
         // `lo` (index 1 in a fresh namespace) stands for both interfaces.
-        table
-            .set_endpoints((NODE.into(), 1), Some((NODE_INGRESS.into(), 1)))
-            .unwrap();
+        table.set_advertise(NODE.into(), 1).unwrap();
+        table.set_ingress(NODE_INGRESS.into(), 1).unwrap();
         let programs = MeshPrograms::load(&maps).unwrap();
         Mesh {
             dataplane,

@@ -431,6 +431,12 @@ impl Manager {
             role,
             manager_ids: state.managers().map(|n| n.id.clone()).collect(),
             gossip_keys: state.gossip_keys.clone(),
+            peers: state
+                .nodes
+                .values()
+                .filter(|n| n.id != caller)
+                .map(|n| n.endpoint())
+                .collect(),
             ingress: state.ingress_network().and_then(|network| {
                 Some(AssignedNetwork {
                     spec: network.dataplane_spec(state.settings.data_path_port),

@@ -44,6 +44,15 @@ pub struct IngressPort {
     pub status: MeshPortStatus,
 }
 
+/// A new task joins its published ports once it accepts connections: probed this often,
+/// for at most this long.
+const READINESS_PROBE: std::time::Duration = std::time::Duration::from_millis(50);
+const READINESS_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// After an agent restart, the mesh only grows for this long: gossip is still catching up,
+/// and a partial view must not take published ports or backends away from live flows.
+const MESH_RESTART_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// How often idle flows are looked for.
 const FLOW_EXPIRY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -120,8 +129,8 @@ pub struct NodeNetworks {
     mesh: Mutex<MeshTable>,
     mesh_programs: Mutex<MeshPrograms>,
     ingress: Mutex<Option<(IngressEndpoint, shoal_dataplane::vip_echo::EchoLink)>>,
-    /// Where the mesh answers: the advertise address and interface index.
-    advertise: (Ipv4Addr, u32),
+    /// Until then the mesh keeps what a previous agent programmed (see `MESH_RESTART_GRACE`).
+    mesh_grace_until: tokio::time::Instant,
 }
 
 impl NodeNetworks {
@@ -137,14 +146,12 @@ impl NodeNetworks {
         let IpAddr::V4(advertise_ip) = gossip_addr.ip() else {
             anyhow::bail!("the routing mesh needs an IPv4 advertise address");
         };
-        let advertise = (
+        let mut mesh = MeshTable::open(maps_dir, mesh_limits)?;
+        mesh.set_advertise(
             advertise_ip,
             nix::net::if_::if_nametoindex(advertise_interface)
                 .with_context(|| format!("no interface {advertise_interface}"))?,
-        );
-        let mut mesh = MeshTable::open(maps_dir, mesh_limits)?;
-        // Until this node's ingress endpoint exists, published ports are left to the kernel.
-        mesh.set_endpoints(advertise, None)?;
+        )?;
         let overlay = Overlay::start(config).context("setting up overlay networking")?;
         let forwarder = Forwarder::from_resolv_conf(Path::new(RESOLV_CONF)).unwrap_or_else(|err| {
             tracing::warn!(error = %err, "no upstream resolvers: tasks resolve cluster names only");
@@ -169,7 +176,7 @@ impl NodeNetworks {
             mesh: Mutex::new(mesh),
             mesh_programs: Mutex::new(MeshPrograms::load(maps_dir)?),
             ingress: Mutex::default(),
-            advertise,
+            mesh_grace_until: tokio::time::Instant::now() + MESH_RESTART_GRACE,
         })
     }
 
@@ -216,7 +223,7 @@ impl NodeNetworks {
         self.mesh
             .lock()
             .expect("mesh")
-            .set_endpoints(self.advertise, Some((address, ifindex)))?;
+            .set_ingress(address, ifindex)?;
         // The node itself keeps the ingress network up, with or without tasks on it.
         self.users
             .lock()
@@ -269,7 +276,14 @@ impl NodeNetworks {
                     .push(record.ip);
             }
         }
-        if let Err(err) = self.mesh.lock().expect("mesh").sync(&wanted) {
+        let mut mesh = self.mesh.lock().expect("mesh");
+        if tokio::time::Instant::now() < self.mesh_grace_until {
+            for (key, kept) in mesh.programmed() {
+                let entry = wanted.entry(key).or_insert_with(|| kept.clone());
+                entry.backends.extend(kept.backends);
+            }
+        }
+        if let Err(err) = mesh.sync(&wanted) {
             tracing::warn!(error = %format!("{err:#}"), "programming the routing mesh");
         }
     }
@@ -309,17 +323,17 @@ impl NodeNetworks {
         self.gossip.lock().expect("gossip").clone()
     }
 
-    /// Applies the managers' keyring: starts gossip the first time (joining through the
-    /// managers, `IP:PORT` of their manager API; gossip uses the same port everywhere), hands
-    /// later keyrings to it.
+    /// Applies the managers' keyring: starts gossip the first time (joining through `seeds`,
+    /// the managers and other nodes as `IP:PORT` of their manager API; gossip uses the same
+    /// port everywhere), hands later keyrings to it.
     pub async fn set_keyring(
         self: &Arc<Self>,
         keys: &[String],
-        managers: &[String],
+        seeds: &[String],
         shutdown: watch::Receiver<bool>,
     ) -> Result<()> {
         let keyring = parse_keyring(keys)?;
-        let managers: Vec<SocketAddr> = managers
+        let seeds: Vec<SocketAddr> = seeds
             .iter()
             .filter_map(|m| m.parse::<SocketAddr>().ok())
             .map(|m| SocketAddr::new(m.ip(), self.gossip_addr.port()))
@@ -332,7 +346,7 @@ impl NodeNetworks {
         let handle = GossipService::start(core, self.gossip_addr)
             .await
             .with_context(|| format!("starting gossip on {}", self.gossip_addr))?;
-        handle.join(managers).await?;
+        handle.join(seeds).await?;
         *self.gossip.lock().expect("gossip") = Some(handle.clone());
         tokio::spawn(Arc::clone(self).follow(handle, shutdown));
         Ok(())
@@ -342,8 +356,17 @@ impl NodeNetworks {
     async fn follow(self: Arc<Self>, gossip: GossipHandle, mut shutdown: watch::Receiver<bool>) {
         let mut changes = gossip.subscribe();
         let mut expiry = tokio::time::interval(FLOW_EXPIRY_INTERVAL);
+        let grace_over = tokio::time::sleep_until(self.mesh_grace_until);
+        tokio::pin!(grace_over);
+        let mut grace_pending = true;
         loop {
             tokio::select! {
+                () = &mut grace_over, if grace_pending => {
+                    grace_pending = false;
+                    if let Some(net) = self.ingress_network() {
+                        self.reprogram(&gossip, &net).await;
+                    }
+                }
                 _ = expiry.tick() => {
                     match self.mesh.lock().expect("mesh").expire(&FlowTimeouts::default()) {
                         Ok(0) => {}
@@ -554,7 +577,7 @@ impl NodeNetworks {
 
     /// Builds the task's networks (when it is the first here), connects the task's
     /// namespace (`pid`) to them and announces its endpoints.
-    pub async fn connect(&self, task: &Assignment, pid: u32) -> Result<()> {
+    pub async fn connect(self: &Arc<Self>, task: &Assignment, pid: u32) -> Result<()> {
         if task.networks.is_empty() {
             return Ok(());
         }
@@ -583,6 +606,7 @@ impl NodeNetworks {
         let interfaces =
             tokio::task::spawn_blocking(move || overlay.attach(&task_id, pid, &wanted)).await??;
         let mut links = Vec::new();
+        let mut ready_ports = Vec::new();
         let ingress = self.ingress_network();
         for interface in &interfaces {
             let netns = Path::new("/run/netns").join(&interface.netns);
@@ -622,7 +646,10 @@ impl NodeNetworks {
                 mac: interface.mac,
                 vtep: self.vtep,
                 vip,
-                ports: if ingress.as_deref() == Some(interface.network_id.as_str()) {
+                ports: vec![],
+            };
+            let published: Vec<PublishedPort> =
+                if ingress.as_deref() == Some(interface.network_id.as_str()) {
                     task.ports
                         .iter()
                         .map(|p| PublishedPort {
@@ -635,8 +662,10 @@ impl NodeNetworks {
                         .collect()
                 } else {
                     vec![]
-                },
-            };
+                };
+            if !published.is_empty() {
+                ready_ports.push((interface.network_id.clone(), record.clone(), published));
+            }
             gossip
                 .publish(&interface.network_id, &task.task_id, record)
                 .await?;
@@ -648,7 +677,51 @@ impl NodeNetworks {
             interfaces.into_iter().map(|i| i.network_id).collect(),
         );
         self.refresh_dns(&gossip).await;
+        for (network, record, ports) in ready_ports {
+            tokio::spawn(Arc::clone(self).publish_when_listening(network, record, ports));
+        }
         self.serve_dns(task, pid).await
+    }
+
+    /// Adds a task to its published ports' backends once it accepts connections on their
+    /// TCP target ports (UDP ones cannot be probed), so no new flow reaches a task that is
+    /// still starting: a rolling update has no refused connections. Gives up (the task
+    /// stays out of the mesh, with a warning) after `READINESS_LIMIT`.
+    async fn publish_when_listening(
+        self: Arc<Self>,
+        network: String,
+        mut record: EndpointRecord,
+        ports: Vec<PublishedPort>,
+    ) {
+        let started = tokio::time::Instant::now();
+        for port in ports.iter().filter(|p| p.protocol == "tcp") {
+            let target = SocketAddr::new(IpAddr::V4(record.ip), port.target);
+            loop {
+                let attempt =
+                    tokio::time::timeout(READINESS_PROBE, tokio::net::TcpStream::connect(target));
+                if matches!(attempt.await, Ok(Ok(_))) {
+                    break;
+                }
+                if started.elapsed() > READINESS_LIMIT {
+                    tracing::warn!(task = %record.task_name, port = port.target, "not listening: left out of the routing mesh");
+                    return;
+                }
+                tokio::time::sleep(READINESS_PROBE).await;
+            }
+        }
+        let still_running = self
+            .announced
+            .lock()
+            .expect("announced")
+            .contains_key(&record.task_id);
+        let Some(gossip) = self.gossip().filter(|_| still_running) else {
+            return;
+        };
+        record.ports = ports;
+        let key = record.task_id.clone();
+        if let Err(err) = gossip.publish(&network, &key, record).await {
+            tracing::warn!(task = %key, error = %format!("{err:#}"), "publishing a task's ports");
+        }
     }
 
     /// Opens 127.0.0.11:53 (UDP and TCP) in the task's namespace and answers there for the

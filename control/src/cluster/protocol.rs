@@ -75,6 +75,10 @@ pub struct HeartbeatResponse {
     /// The gossip keyring (hex AES-256 keys, newest last).
     #[serde(default)]
     pub gossip_keys: Vec<String>,
+    /// Manager API endpoints (`IP:PORT`) of every other node: gossip seeds besides the
+    /// managers, so a restarted lone manager finds the workers again.
+    #[serde(default)]
+    pub peers: Vec<String>,
     /// The ingress network and this node's endpoint on it (the routing mesh), once the
     /// orchestrator gave it an address.
     #[serde(default)]

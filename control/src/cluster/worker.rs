@@ -190,7 +190,13 @@ impl Worker {
                     }
                     *self.manager_ids.lock().expect("manager ids") = answer.manager_ids;
                     self.apply_role(answer.role);
-                    self.apply_gossip_keys(&answer.gossip_keys, &answer.managers, &shutdown)
+                    let seeds: Vec<String> = answer
+                        .managers
+                        .iter()
+                        .chain(&answer.peers)
+                        .cloned()
+                        .collect();
+                    self.apply_gossip_keys(&answer.gossip_keys, &seeds, &shutdown)
                         .await;
                     if let Some(ingress) = &answer.ingress {
                         if let Err(err) = self.networks.ensure_ingress(ingress).await {
@@ -225,7 +231,7 @@ impl Worker {
     async fn apply_gossip_keys(
         &self,
         keys: &[String],
-        managers: &[String],
+        seeds: &[String],
         shutdown: &watch::Receiver<bool>,
     ) {
         if keys.is_empty() || *self.gossip_keys.lock().expect("gossip keys") == keys {
@@ -233,7 +239,7 @@ impl Worker {
         }
         match self
             .networks
-            .set_keyring(keys, managers, shutdown.clone())
+            .set_keyring(keys, seeds, shutdown.clone())
             .await
         {
             Ok(()) => *self.gossip_keys.lock().expect("gossip keys") = keys.to_vec(),
