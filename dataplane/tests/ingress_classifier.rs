@@ -6,7 +6,7 @@ mod support;
 
 use etherparse::{Ethernet2Header, PacketBuilder, PacketBuilderStep};
 use shoal_dataplane::{Dataplane, DataplaneStatus};
-use support::{checksum_ok, config, in_private_netns};
+use support::{checksum_ok, config, in_private_netns, require_root};
 
 fn packets(status: &DataplaneStatus, verdict: &str) -> u64 {
     status

@@ -338,7 +338,7 @@ fn random_packets_are_never_half_rewritten() {
             ((Protocol::Tcp, 8080), service(80, false, &[B1, B2])),
             ((Protocol::Udp, 8080), service(80, true, &[B1])),
         ]);
-        let seeds = vec![
+        let seeds = [
             tcp(CLIENT, 3, NODE, 8080, true),
             udp(CLIENT, 3, NODE, 8080),
             tcp(B1, 80, CLIENT, 3, false),

@@ -129,6 +129,7 @@ fn network(id: &str, vni: u32, third: u8, internal: bool) -> NetworkSpec {
         subnet: (Ipv4Addr::new(10, 0, third, 0), 24),
         mtu: None,
         internal,
+        ingress: false,
     }
 }
 

@@ -37,10 +37,8 @@ pub(crate) static MESH_PORTS: HashMap<MeshPortKey, MeshService> =
 /// One row of `table size` backend addresses per service; the agent sizes it at load time
 /// and writes it through a memory mapping.
 #[map(name = "MESH_MAGLEV")]
-static MESH_MAGLEV: Array<u32> = Array::pinned(
-    MESH_MAX_SERVICES * MESH_DEFAULT_TABLE_SIZE,
-    BPF_F_MMAPABLE as u32,
-);
+static MESH_MAGLEV: Array<u32> =
+    Array::pinned(MESH_MAX_SERVICES * MESH_DEFAULT_TABLE_SIZE, BPF_F_MMAPABLE);
 
 #[map(name = "MESH_FLOWS")]
 static MESH_FLOWS: LruHashMap<FlowKey, MeshFlow> = LruHashMap::pinned(MESH_MAX_FLOWS, 0);

@@ -559,6 +559,7 @@ mod tests {
                     labels: BTreeMap::new(),
                     created_at: 0,
                     status_since: 0,
+                    ingress_address: None,
                 },
             );
         }
@@ -581,6 +582,7 @@ mod tests {
                     update_delay_secs: 0,
                     networks: vec![],
                     endpoint_mode: EndpointMode::Vip,
+                    ports: vec![],
                 },
                 version: 1,
                 created_at: 0,
@@ -934,6 +936,44 @@ mod tests {
         state.services.get_mut(&web).unwrap().spec.networks = vec!["b".into()];
         converge(&mut state, 3);
         assert_eq!(state.services[&web].vips, before[1..]);
+    }
+
+    #[test]
+    fn nodes_get_ingress_addresses_and_publishing_tasks_join_ingress() {
+        let mut state = cluster(2);
+        add_network(&mut state, "ingress", "10.0.0.0/24");
+        state.networks.get_mut("ingress").unwrap().ingress = true;
+        add_network(&mut state, "front", "10.0.1.0/24");
+        let web = service(&mut state, "web", ServiceMode::Replicated { replicas: 3 });
+        let spec = &mut state.services.get_mut(&web).unwrap().spec;
+        spec.networks = vec!["front".into()];
+        spec.ports = vec![crate::cluster::state::PortConfig::parse("8080:80").unwrap()];
+        converge(&mut state, 1);
+        let nodes: BTreeSet<Ipv4Addr> = state
+            .nodes
+            .values()
+            .map(|n| {
+                n.ingress_address
+                    .expect("every node has an ingress address")
+            })
+            .collect();
+        assert_eq!(nodes.len(), 2, "distinct node addresses");
+        for task in state.tasks.values() {
+            let networks: Vec<&str> = task
+                .attachments
+                .iter()
+                .map(|a| a.network_id.as_str())
+                .collect();
+            assert_eq!(networks, ["front", "ingress"], "ingress comes last");
+            assert!(!nodes.contains(&task.attachments[1].address));
+        }
+        assert!(
+            state.services[&web]
+                .vips
+                .iter()
+                .all(|v| v.network_id != "ingress"),
+            "no VIP on the ingress network"
+        );
     }
 
     #[test]

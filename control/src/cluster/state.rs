@@ -831,6 +831,7 @@ mod tests {
             labels: BTreeMap::new(),
             created_at: 0,
             status_since: 0,
+            ingress_address: None,
         }
     }
 
@@ -892,6 +893,7 @@ mod tests {
             update_delay_secs: 0,
             networks: vec![],
             endpoint_mode: EndpointMode::Vip,
+            ports: vec![],
         };
         spec_with_a.networks = vec!["id-a".into()];
         state
@@ -970,6 +972,36 @@ mod tests {
     }
 
     #[test]
+    fn published_ports_parse_in_both_forms_and_refuse_nonsense() {
+        use shoal_dataplane::mesh::Protocol;
+        let short = PortConfig::parse("8080:80").unwrap();
+        assert_eq!(
+            (short.published, short.target, short.protocol),
+            (8080, 80, Protocol::Tcp)
+        );
+        assert_eq!(
+            PortConfig::parse("53:53/udp").unwrap().protocol,
+            Protocol::Udp
+        );
+        let long = PortConfig::parse("published=9090,target=80,protocol=udp,mode=host,source=snat")
+            .unwrap();
+        assert_eq!(long.mode, PublishMode::Host);
+        assert_eq!(long.source, SourceMode::Snat);
+        assert_eq!(long.to_string(), "9090:80/udp,host,snat");
+        for bad in [
+            "8080",
+            "0:80",
+            "8080:70000",
+            "8080:80/sctp",
+            "published=8080",
+            "published=8080,target=80,mode=mesh",
+            "published=8080,target=80,colour=red",
+        ] {
+            assert!(PortConfig::parse(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
     fn init_once_and_unique_names() {
         let mut state = ClusterState::default();
         let init = Command::Init {
@@ -1006,6 +1038,7 @@ mod tests {
             update_delay_secs: 0,
             networks: vec![],
             endpoint_mode: EndpointMode::Vip,
+            ports: vec![],
         };
         assert!(spec("web", &["sleep", "1"]).validate().is_ok());
         assert!(spec("-web", &["x"]).validate().is_err());
