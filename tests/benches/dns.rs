@@ -35,6 +35,8 @@ const DIR: &str = "/tmp/shoal-bench-dns";
 
 /// The names every server answers: (name, addresses).
 type Zone = Vec<(String, Vec<String>)>;
+/// A measure and its value per round for shoal, dnsmasq and unbound.
+type Row = (String, Vec<f64>, Vec<f64>, Vec<f64>);
 
 fn sh(args: &[&str]) {
     let status = Command::new(args[0])
@@ -320,7 +322,7 @@ fn main() {
     }
     let _ = fs::remove_dir_all(DIR);
     fs::create_dir_all(DIR).unwrap();
-    let mut rows: Vec<(String, Vec<f64>, Vec<f64>, Vec<f64>)> = Vec::new();
+    let mut rows: Vec<Row> = Vec::new();
     let mut record = |name: &str, shoal: f64, dnsmasq: f64, unbound: f64| match rows
         .iter_mut()
         .find(|(n, ..)| n == name)
