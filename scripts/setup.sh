@@ -6,10 +6,13 @@ set -euo pipefail
 BPF_TOOLS=${BPF_TOOLS:-/opt/bpf-tools}
 BPF_LINKER_VERSION=0.13.0
 # Debian packages the build, the lab and the tests use.
-PACKAGES=(iproute2 iputils-ping procps psmisc util-linux curl ca-certificates bpftool systemd nftables)
+PACKAGES=(iproute2 iputils-ping procps psmisc util-linux curl ca-certificates bpftool systemd nftables
+  bind9-dnsutils)
 
 # Load generators and servers the benchmarks compare with (`setup.sh bench`).
-BENCH_PACKAGES=(wrk iperf3 nginx-light)
+# dnsmasq-base is the binary without the system service; unbound's service is kept from
+# starting (below): the benchmark starts its own servers, in its own namespaces.
+BENCH_PACKAGES=(wrk iperf3 nginx-light dnsperf unbound dnsmasq-base)
 
 say() { printf 'setup: %s\n' "$*"; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
@@ -27,7 +30,20 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing Debian packages: ${missing[*]}"
   DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # A resolver service started by the install would take the host's port 53: no service starts
+  # during the install (policy-rc.d 101, honoured by invoke-rc.d and deb-systemd-invoke).
+  policy=/usr/sbin/policy-rc.d
+  own_policy=false
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && own_policy=true
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+    || { $own_policy && rm -f "$policy"; die "apt-get install failed"; }
+  $own_policy && rm -f "$policy"
+  # Nor at the next boot.
+  if [[ " ${missing[*]} " == *" unbound "* ]] && command -v systemctl >/dev/null; then
+    systemctl disable --quiet unbound 2>/dev/null || true
+  fi
 fi
 
 # 2. Toolchains: stable for user space (pinned by rust-toolchain.toml), nightly + rust-src for eBPF.

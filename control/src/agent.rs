@@ -62,8 +62,6 @@ pub fn run(config_file: Option<PathBuf>, flags: AgentSettings) -> Result<()> {
         "ingress classifier attached"
     );
 
-    let upstreams =
-        shoal_dns::parse_resolv_conf(&fs::read_to_string("/etc/resolv.conf").unwrap_or_default());
     let state = Arc::new(AgentState {
         kernel: nix::sys::utsname::uname()?
             .release()
@@ -71,7 +69,11 @@ pub fn run(config_file: Option<PathBuf>, flags: AgentSettings) -> Result<()> {
             .into_owned(),
         started: Instant::now(),
         started_at: SystemTime::now(),
-        dns_upstreams: upstreams.servers.iter().map(ToString::to_string).collect(),
+        dns_upstreams: config
+            .dns_resolvers()
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
         dataplane: Mutex::new(dataplane),
         cluster: Arc::new(ClusterRuntime::new(
             config.clone(),

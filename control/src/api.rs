@@ -15,6 +15,7 @@ use axum::{
 };
 use serde::{Deserialize, Serialize};
 use shoal_dataplane::{overlay::NetworkDataplane, Dataplane, DataplaneStatus};
+use shoal_dns::DnsStats;
 use shoal_gossip::{net::GossipHandle, EndpointRecord, GossipStats, MemberInfo};
 
 use crate::{
@@ -94,6 +95,7 @@ pub fn router(state: Arc<AgentState>) -> Router {
         .route("/v1/ingress", get(ingress_ports))
         .route("/v1/conntrack", get(conntrack))
         .route("/v1/dns/lookup", get(dns_lookup))
+        .route("/v1/dns/stats", get(dns_stats))
         .route("/v1/gossip/tables/{network}", get(gossip_table))
         .fallback(not_found)
         .with_state(state)
@@ -205,6 +207,10 @@ async fn dns_lookup(
     Ok(Json(
         state.cluster.dns_lookup(&query.task, &query.name).await?,
     ))
+}
+
+async fn dns_stats(State(state): State<Arc<AgentState>>) -> Result<Json<DnsStats>, Failure> {
+    Ok(Json(state.cluster.dns_stats().await?))
 }
 
 async fn load_balancers(

@@ -1,7 +1,7 @@
 //! The agent's configuration: `/etc/shoal/agent.toml`, overridden by flags.
 
 use std::{
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
 };
 
@@ -70,6 +70,10 @@ pub struct AgentSettings {
     /// Published ports the routing mesh serves at once [default: 256]
     #[arg(long)]
     pub mesh_max_services: Option<u32>,
+    /// Resolvers the embedded DNS forwards names outside the cluster to, as IP:PORT;
+    /// repeatable [default: the nameservers of /etc/resolv.conf]
+    #[arg(long = "dns-upstream")]
+    pub dns_upstreams: Option<Vec<SocketAddr>>,
 }
 
 impl AgentSettings {
@@ -105,6 +109,7 @@ impl AgentSettings {
             gateway_subnet: self.gateway_subnet.or(base.gateway_subnet),
             mesh_table_size: self.mesh_table_size.or(base.mesh_table_size),
             mesh_max_services: self.mesh_max_services.or(base.mesh_max_services),
+            dns_upstreams: self.dns_upstreams.or(base.dns_upstreams),
         }
     }
 }
@@ -129,9 +134,20 @@ pub struct AgentConfig {
     pub gateway_subnet: (std::net::Ipv4Addr, u8),
     pub mesh_table_size: u32,
     pub mesh_max_services: u32,
+    /// `None`: the nameservers of /etc/resolv.conf, read when the agent starts.
+    pub dns_upstreams: Option<Vec<SocketAddr>>,
 }
 
 impl AgentConfig {
+    /// Where the embedded DNS forwards names outside the cluster: the configured resolvers, else
+    /// the nameservers of /etc/resolv.conf (loopback ones skipped: tasks cannot reach them).
+    pub fn dns_resolvers(&self) -> Vec<SocketAddr> {
+        self.dns_upstreams.clone().unwrap_or_else(|| {
+            let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+            shoal_dns::parse_resolv_conf(&text).servers
+        })
+    }
+
     pub fn mesh_limits(&self) -> shoal_dataplane::mesh::MeshLimits {
         shoal_dataplane::mesh::MeshLimits {
             max_services: self.mesh_max_services,
@@ -208,6 +224,7 @@ impl AgentConfig {
             mesh_max_services: settings
                 .mesh_max_services
                 .unwrap_or(shoal_common::MESH_MAX_SERVICES),
+            dns_upstreams: settings.dns_upstreams,
         })
     }
 }
@@ -352,6 +369,17 @@ mod tests {
         assert_eq!(config.socket, PathBuf::from(DEFAULT_SOCKET));
         assert_eq!(config.cgroup_root, PathBuf::from("/sys/fs/cgroup/shoal"));
         assert_eq!(config.bpffs_root, PathBuf::from("/sys/fs/bpf/shoal"));
+        assert_eq!(config.dns_upstreams, None);
+    }
+
+    #[test]
+    fn dns_upstreams_replace_resolv_conf() {
+        let config = resolve(r#"dns_upstreams = ["192.0.2.53:53", "192.0.2.54:5353"]"#).unwrap();
+        let expected: Vec<SocketAddr> = vec![
+            "192.0.2.53:53".parse().unwrap(),
+            "192.0.2.54:5353".parse().unwrap(),
+        ];
+        assert_eq!(config.dns_resolvers(), expected);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use anyhow::Result;
 use clap::Subcommand;
 use shoal_dataplane::mesh::TrackedFlow;
+use shoal_dns::DnsStats;
 
 use crate::{
     api::{GossipMembers, GossipTableRow},
@@ -257,10 +258,18 @@ pub enum DnsCommand {
         #[arg(long, value_enum, default_value_t)]
         format: Format,
     },
+    /// Queries answered by this node's embedded DNS since the agent started, by outcome
+    Stats {
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
 }
 
 pub async fn dns(client: &Client, command: DnsCommand) -> Result<()> {
-    let DnsCommand::Lookup { name, task, format } = command;
+    let (name, task, format) = match command {
+        DnsCommand::Lookup { name, task, format } => (name, task, format),
+        DnsCommand::Stats { format } => return dns_stats(client, format).await,
+    };
     let path = format!(
         "/v1/dns/lookup?task={}&name={}",
         query_escape(&task),
@@ -296,6 +305,30 @@ pub async fn dns(client: &Client, command: DnsCommand) -> Result<()> {
                     )
                 }
             }
+        }
+    }
+    Ok(())
+}
+
+async fn dns_stats(client: &Client, format: Format) -> Result<()> {
+    let stats: DnsStats = client.get("/v1/dns/stats").await?;
+    match format {
+        Format::Json => print!("{}", json(&stats)),
+        Format::Table => {
+            let rows: Vec<[String; 2]> = [
+                ("answered locally", stats.answered_locally),
+                ("nxdomain", stats.nxdomain),
+                ("nodata", stats.nodata),
+                ("forwarded", stats.forwarded),
+                ("servfail", stats.servfail),
+                ("formerr", stats.formerr),
+                ("refused", stats.refused),
+                ("dropped", stats.dropped),
+            ]
+            .into_iter()
+            .map(|(outcome, count)| [outcome.to_owned(), count.to_string()])
+            .collect();
+            print!("{}", table(["OUTCOME", "QUERIES"], &rows));
         }
     }
     Ok(())

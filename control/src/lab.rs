@@ -188,7 +188,13 @@ impl Lab {
         Ok(())
     }
 
-    pub fn up(&self, nodes: u8, managers: u8) -> Result<Vec<Member>> {
+    /// Builds the lab; `dns_upstreams`, when given, replace the host's resolvers in every agent.
+    pub fn up(
+        &self,
+        nodes: u8,
+        managers: u8,
+        dns_upstreams: &[std::net::SocketAddr],
+    ) -> Result<Vec<Member>> {
         if !(1..=MAX_NODES).contains(&nodes) {
             bail!("--nodes must be between 1 and {MAX_NODES}");
         }
@@ -208,7 +214,7 @@ impl Lab {
             serde_json::to_string(&LabRecord { nodes })?,
         )?;
         if let Err(err) = self
-            .build(nodes)
+            .build(nodes, dns_upstreams)
             .and_then(|()| self.form_swarm(nodes, managers))
         {
             eprintln!("lab up failed; removing what it made");
@@ -220,7 +226,7 @@ impl Lab {
         self.status()
     }
 
-    fn build(&self, nodes: u8) -> Result<()> {
+    fn build(&self, nodes: u8, dns_upstreams: &[std::net::SocketAddr]) -> Result<()> {
         let underlay = self.netns(UNDERLAY);
         ip(&["netns", "add", &underlay])?;
         ip(&["-n", &underlay, "link", "set", "lo", "up"])?;
@@ -248,6 +254,7 @@ impl Lab {
                 bpffs_root: Some(self.bpffs_dir().join(node)),
                 cgroup_root: Some(cgroup.join(node).join("tasks")),
                 netns_prefix: Some(format!("{}.", self.netns(node))),
+                dns_upstreams: (!dns_upstreams.is_empty()).then(|| dns_upstreams.to_vec()),
                 ..Default::default()
             };
             fs::write(dir.join("agent.toml"), toml::to_string(&settings)?)?;

@@ -146,6 +146,10 @@ enum LabCommand {
         /// How many of the nodes are managers (node1 first); they form the swarm
         #[arg(long, default_value_t = 1)]
         managers: u8,
+        /// Resolver (IP:PORT) the agents forward names outside the cluster to, instead of the
+        /// host's resolv.conf; repeatable (tests point it at a stub in the client)
+        #[arg(long = "dns-upstream")]
+        dns_upstreams: Vec<std::net::SocketAddr>,
     },
     /// Remove everything the lab made (works after crashes too)
     Down,
@@ -258,8 +262,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
 
 fn run_lab(lab: &lab::Lab, command: LabCommand) -> Result<ExitCode> {
     match command {
-        LabCommand::Up { nodes, managers } => {
-            let members = lab.up(nodes, managers)?;
+        LabCommand::Up {
+            nodes,
+            managers,
+            dns_upstreams,
+        } => {
+            let members = lab.up(nodes, managers, &dns_upstreams)?;
             print!("{}", render_lab(&members));
             println!("\nTry: shoal lab exec node1 -- shoal dataplane status");
         }

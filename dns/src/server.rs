@@ -11,8 +11,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::timeout;
 
@@ -61,7 +62,9 @@ impl DnsServer {
         let _entered = runtime.enter();
         udp.set_nonblocking(true)?;
         tcp.set_nonblocking(true)?;
-        let udp = Arc::new(UdpSocket::from_std(udp)?);
+        // SAFETY: a std `UdpSocket` owns its descriptor and always returns that one; it lives as
+        // long as the `AsyncFd` that owns it.
+        let udp = Arc::new(unsafe { AsyncFd::register_with_interest(udp, Interest::READABLE) }?);
         let tcp = TcpListener::from_std(tcp)?;
         let task = Arc::new(TaskServer {
             node: self.clone(),
@@ -75,12 +78,12 @@ impl DnsServer {
         })
     }
 
-    /// Counters since the agent started, all tasks together.
     /// The resolvers names outside the cluster go to.
     pub fn upstreams(&self) -> &[std::net::SocketAddr] {
         &self.forwarder.config().upstreams
     }
 
+    /// Counters by outcome since the server was made, all tasks together.
     pub fn stats(&self) -> DnsStats {
         self.counters.snapshot()
     }
@@ -136,30 +139,43 @@ impl TaskServer {
     }
 }
 
-async fn serve_udp(socket: Arc<UdpSocket>, task: Arc<TaskServer>) {
+/// The UDP socket is registered for readability only. With write interest too (as tokio's
+/// `UdpSocket` registers it), every reply wakes the runtime once more when the kernel frees its
+/// buffer (an EPOLLOUT edge): a context switch per query, most of the cost under load. Replies
+/// are sent directly on the non-blocking socket instead (see [`send_udp`]).
+async fn serve_udp(socket: Arc<AsyncFd<std::net::UdpSocket>>, task: Arc<TaskServer>) {
     let mut buffer = vec![0u8; usize::from(u16::MAX)];
     let mut forwards = JoinSet::new();
     loop {
-        let (len, client) = match socket.recv_from(&mut buffer).await {
-            Ok(received) => received,
-            Err(error) if is_transient(&error) => continue,
+        let mut ready = match socket.readable().await {
+            Ok(ready) => ready,
             Err(error) => {
                 tracing::warn!(%error, "DNS UDP socket failed; no more UDP queries for this task");
                 return;
             }
         };
+        let (len, client) = match ready.try_io(|socket| socket.get_ref().recv_from(&mut buffer)) {
+            Ok(Ok(received)) => received,
+            Ok(Err(error)) if is_transient(&error) => continue,
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "DNS UDP socket failed; no more UDP queries for this task");
+                return;
+            }
+            // Drained: wait for the next datagram.
+            Err(_would_block) => continue,
+        };
         while forwards.try_join_next().is_some() {}
         match task.step(&buffer[..len], Transport::Udp) {
-            Step::Reply(reply, _) => send_udp(&socket, &reply, client).await,
+            Step::Reply(reply, _) => send_udp(socket.get_ref(), &reply, client),
             Step::Drop => {}
             Step::Forward(request) => match task.node.forwarder.reserve() {
-                None => send_udp(&socket, &task.overloaded(&request), client).await,
+                None => send_udp(socket.get_ref(), &task.overloaded(&request), client),
                 Some(permit) => {
                     let (socket, task) = (socket.clone(), task.clone());
                     forwards.spawn(async move {
                         let reply = task.forward(&request).await;
                         drop(permit);
-                        send_udp(&socket, &reply, client).await;
+                        send_udp(socket.get_ref(), &reply, client);
                     });
                 }
             },
@@ -167,8 +183,11 @@ async fn serve_udp(socket: Arc<UdpSocket>, task: Arc<TaskServer>) {
     }
 }
 
-async fn send_udp(socket: &UdpSocket, reply: &[u8], client: SocketAddr) {
-    if let Err(error) = socket.send_to(reply, client).await {
+/// A non-blocking send: a UDP send does not wait for the peer, only for room in the socket's
+/// send buffer. Should that be full, the reply is lost as the network could lose it, and the
+/// client asks again.
+fn send_udp(socket: &std::net::UdpSocket, reply: &[u8], client: SocketAddr) {
+    if let Err(error) = socket.send_to(reply, client) {
         tracing::debug!(%error, %client, "could not send a DNS reply");
     }
 }
@@ -181,7 +200,6 @@ fn is_transient(error: &io::Error) -> bool {
         io::ErrorKind::ConnectionRefused
             | io::ErrorKind::ConnectionReset
             | io::ErrorKind::Interrupted
-            | io::ErrorKind::WouldBlock
     ) || error.raw_os_error() == Some(nix::libc::EHOSTUNREACH)
 }
 

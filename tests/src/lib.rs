@@ -100,12 +100,25 @@ pub struct TestLab {
 impl TestLab {
     /// Brings up `nodes` nodes in a lab named after the test (labs of different tests coexist).
     pub fn up(name: &str, nodes: u8) -> Self {
+        Self::up_with(name, nodes, &[])
+    }
+
+    /// As `up`, with more `lab up` options.
+    pub fn up_with(name: &str, nodes: u8, options: &[&str]) -> Self {
         require_root();
         let lab = Self::named(name);
         // A previous run killed mid-way may have left this lab behind.
         lab.run(&["down"]);
-        lab.ok(&["up", "--nodes", &nodes.to_string()]);
+        let nodes = nodes.to_string();
+        let mut args = vec!["up", "--nodes", &nodes];
+        args.extend_from_slice(options);
+        lab.ok(&args);
         lab
+    }
+
+    /// The path of a member's (`nodeN`, `client`) network namespace.
+    pub fn netns_path(&self, member: &str) -> PathBuf {
+        PathBuf::from(format!("/run/netns/shoal-{}-{member}", self.name))
     }
 
     /// A handle on a lab without bringing it up.

@@ -97,9 +97,6 @@ pub enum DnsAnswer {
     Forwarded(Vec<String>),
 }
 
-/// Where the node's upstream resolvers are read from.
-const RESOLV_CONF: &str = "/etc/resolv.conf";
-
 pub struct NodeNetworks {
     node_id: String,
     /// Service VIP -> backends, read by the socket load balancer.
@@ -141,6 +138,7 @@ impl NodeNetworks {
         gossip_addr: SocketAddr,
         maps_dir: &Path,
         (advertise_interface, mesh_limits): (&str, MeshLimits),
+        dns_upstreams: Vec<SocketAddr>,
     ) -> Result<Self> {
         let vtep = IpAddr::V4(config.data_addr);
         let IpAddr::V4(advertise_ip) = gossip_addr.ip() else {
@@ -153,9 +151,12 @@ impl NodeNetworks {
                 .with_context(|| format!("no interface {advertise_interface}"))?,
         )?;
         let overlay = Overlay::start(config).context("setting up overlay networking")?;
-        let forwarder = Forwarder::from_resolv_conf(Path::new(RESOLV_CONF)).unwrap_or_else(|err| {
-            tracing::warn!(error = %err, "no upstream resolvers: tasks resolve cluster names only");
-            Forwarder::new(ForwarderConfig::default())
+        if dns_upstreams.is_empty() {
+            tracing::warn!("no upstream resolvers: tasks resolve cluster names only");
+        }
+        let forwarder = Forwarder::new(ForwarderConfig {
+            upstreams: dns_upstreams,
+            ..ForwarderConfig::default()
         });
         let dns_records = SharedRecords::new(Records::default());
         Ok(Self {
@@ -418,6 +419,12 @@ impl NodeNetworks {
         }
         self.dns_records
             .replace(Records::from_endpoints(&endpoints));
+    }
+
+    /// The embedded DNS's counters by outcome, all tasks of this node together, monotonic
+    /// since the agent joined the swarm (for metrics and `shoal dns stats`).
+    pub fn dns_stats(&self) -> DnsStats {
+        self.dns.stats()
     }
 
     /// What a local task asking for `name` (type A, or PTR for a reverse name) would get

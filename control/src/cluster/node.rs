@@ -20,6 +20,7 @@ use axum::{
 };
 use serde::{Deserialize, Serialize};
 use shoal_dataplane::{iproute::Netns, overlay::OverlayConfig, task::TaskRuntime};
+use shoal_dns::DnsStats;
 use tokio::{sync::watch, task::JoinHandle};
 
 use super::{
@@ -514,6 +515,7 @@ impl ClusterRuntime {
                 self.config.advertise_interface.as_str(),
                 self.config.mesh_limits(),
             ),
+            self.config.dns_resolvers(),
         )?);
         let worker = Arc::new(Worker::new(
             runtime,
@@ -681,6 +683,11 @@ impl ClusterRuntime {
         let running = running.as_ref().ok_or_else(|| anyhow!(NOT_IN_SWARM))?;
         let id = running.worker.resolve_local(task)?;
         running.worker.networks().dns_lookup(&id, name)
+    }
+
+    /// The embedded DNS's counters by outcome on this node (see `NodeNetworks::dns_stats`).
+    pub async fn dns_stats(&self) -> Result<DnsStats> {
+        Ok(self.networks().await?.dns_stats())
     }
 
     /// This node's overlay networking, while it is in a swarm.
