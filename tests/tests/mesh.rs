@@ -1,0 +1,181 @@
+//! The routing mesh in the lab: a published port answers on every node (with or without a
+//! replica) and reaches every replica with the client's own address (or the node's, in SNAT
+//! mode); nothing else is open; a long-lived connection survives scaling and a kill -9 of
+//! the agent it goes through; a rolling update under load fails no request. Needs root.
+
+use std::{
+    collections::BTreeSet,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use serde_json::Value;
+use shoal_tests::{shoal_bin, wait_for, TestLab};
+
+const CLIENT: &str = "192.168.77.100";
+const NODES: [&str; 3] = ["192.168.77.11", "192.168.77.12", "192.168.77.13"];
+const WHOAMI: [&str; 4] = ["shoal", "whoami", "--listen", "0.0.0.0:80"];
+
+/// `count` requests from the client namespace: the `Hostname:` answers and the addresses
+/// the servers saw.
+fn ask(lab: &TestLab, url: &str, count: usize) -> (Vec<String>, BTreeSet<String>) {
+    let script = format!("for i in $(seq {count}); do curl -s --max-time 2 {url}; done");
+    let text = lab.exec("client", &["sh", "-c", &script]);
+    let field = |name: &str| -> Vec<String> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_owned())
+            .collect()
+    };
+    let remotes = field("RemoteAddr:")
+        .iter()
+        .map(|a| a.rsplit_once(':').map_or(a.clone(), |(ip, _)| ip.to_owned()))
+        .collect();
+    (field("Hostname:"), remotes)
+}
+
+/// Backends of a published port in a node's kernel maps.
+fn backends(lab: &TestLab, node: &str, port: u64) -> Option<usize> {
+    let ports = lab.try_json(node, &["ingress", "ls"])?;
+    let entry = ports
+        .as_array()?
+        .iter()
+        .find(|p: &&Value| p["published"] == port)?;
+    Some(entry["backends"].as_array()?.len())
+}
+
+fn wait_backends(lab: &TestLab, port: u64, count: usize) {
+    for node in ["node1", "node2", "node3"] {
+        wait_for(
+            &format!("{count} backends of port {port} on {node}"),
+            Duration::from_secs(20),
+            || (backends(lab, node, port)? == count).then_some(()),
+        );
+    }
+}
+
+/// A command in the client namespace, running while the test goes on.
+fn in_client_background(lab: &TestLab, script: &str) -> std::process::Child {
+    Command::new(shoal_bin())
+        .args(["lab", "--name", &lab.name, "exec", "client", "--"])
+        .args(["bash", "-c", script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning a client command")
+}
+
+#[test]
+fn published_ports_reach_every_replica_from_every_node_and_keep_flows() {
+    let lab = TestLab::up("mesh", 3);
+    // node1 runs no replica of web: it must answer all the same.
+    lab.exec(
+        "node1",
+        &["shoal", "node", "update", "--label-add", "edge=yes", "node1"],
+    );
+    lab.create_service(
+        "web",
+        &[
+            "--replicas",
+            "2",
+            "--constraint",
+            "node.labels.edge!=yes",
+            "--publish",
+            "8080:80",
+        ],
+        &WHOAMI,
+    );
+    lab.create_service(
+        "natted",
+        &["--publish", "published=9090,target=80,source=snat"],
+        &WHOAMI,
+    );
+    let replicas: BTreeSet<String> = lab
+        .running_tasks("web", 2)
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    lab.running_tasks("natted", 1);
+    wait_backends(&lab, 8080, 2);
+    wait_backends(&lab, 9090, 1);
+
+    for node in NODES {
+        let (hosts, remotes) = ask(&lab, &format!("http://{node}:8080/"), 30);
+        assert_eq!(hosts.len(), 30, "every request through {node} answered");
+        let seen: BTreeSet<String> = hosts.into_iter().collect();
+        assert_eq!(seen, replicas, "{node} reaches every replica");
+        assert_eq!(
+            remotes,
+            BTreeSet::from([CLIENT.to_owned()]),
+            "backends see the client's own address through {node}"
+        );
+        let (hosts, remotes) = ask(&lab, &format!("http://{node}:9090/"), 3);
+        assert_eq!(hosts.len(), 3);
+        assert!(
+            remotes.iter().all(|r| r.starts_with("10.0.0.")),
+            "SNAT: backends see the node's ingress address, not the client: {remotes:?}"
+        );
+    }
+
+    // Nothing but published ports: an unpublished port and a task's own port are refused.
+    for url in ["http://192.168.77.11:9999/", "http://192.168.77.12:80/"] {
+        let out = lab.run(&["exec", "client", "--", "curl", "-s", "--max-time", "2", url]);
+        assert_eq!(out.status.code(), Some(7), "{url} refused");
+    }
+
+    // A long-lived connection through node1 (echo, one line a second) lives through
+    // scaling up and down and a kill -9 and restart of node1's agent.
+    let long_lived = in_client_background(
+        &lab,
+        "exec 3<>/dev/tcp/192.168.77.11/8080 || exit 1
+         for i in $(seq 20); do
+           echo ping $i >&3
+           read -t 5 line <&3 && [ \"$line\" = \"ping $i\" ] || { echo LOST $i; exit 1; }
+           sleep 1
+         done
+         echo survived",
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    lab.exec("node1", &["shoal", "service", "scale", "web=4"]);
+    wait_backends(&lab, 8080, 4);
+    lab.exec("node1", &["shoal", "service", "scale", "web=2"]);
+    wait_backends(&lab, 8080, 2);
+    lab.ok(&["stop", "node1", "--kill"]);
+    std::thread::sleep(Duration::from_secs(1));
+    lab.ok(&["start", "node1"]);
+    let out = long_lived.wait_with_output().expect("the long-lived client");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("survived"),
+        "the long-lived connection broke: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A rolling update of web under steady requests through node3 fails none of them.
+    let load = in_client_background(
+        &lab,
+        "end=$((SECONDS + 15)); n=0
+         while [ $SECONDS -lt $end ] && [ $n -lt 5000 ]; do
+           curl -s -o /dev/null --max-time 2 -w '%{http_code}\\n' http://192.168.77.13:8080/ || echo failed
+           n=$((n + 1))
+         done",
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    lab.exec("node1", &["shoal", "service", "update", "--force", "web"]);
+    let out = load.wait_with_output().expect("the load loop");
+    let codes: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let failed = codes.iter().filter(|c| *c != "200").count();
+    assert!(codes.len() > 100, "the load ran: {} requests", codes.len());
+    assert_eq!(failed, 0, "{failed} of {} requests failed", codes.len());
+    let updated: BTreeSet<String> = lab
+        .running_tasks("web", 2)
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    assert!(updated.is_disjoint(&replicas), "the update replaced the tasks");
+
+    lab.down_clean();
+}
