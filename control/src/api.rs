@@ -20,7 +20,7 @@ use shoal_gossip::{net::GossipHandle, EndpointRecord, GossipStats, MemberInfo};
 
 use crate::{
     cluster::{
-        networking::{DnsLookup, IngressPort, LoadBalancer},
+        networking::{DnsLookup, IngressPort, IngressTrace, LoadBalancer},
         node::{ClusterRuntime, InitRequest, InitResponse, JoinArgs, JoinedResponse, SwarmInfo},
         protocol::{ControlRequest, ControlResponse},
     },
@@ -94,6 +94,7 @@ pub fn router(state: Arc<AgentState>) -> Router {
         .route("/v1/lb", get(load_balancers))
         .route("/v1/ingress", get(ingress_ports))
         .route("/v1/conntrack", get(conntrack))
+        .route("/v1/ingress/trace", get(ingress_trace))
         .route("/v1/dns/lookup", get(dns_lookup))
         .route("/v1/dns/stats", get(dns_stats))
         .route("/v1/gossip/tables/{network}", get(gossip_table))
@@ -225,6 +226,21 @@ async fn ingress_ports(
 ) -> Result<Json<Vec<IngressPort>>, Failure> {
     let networks = state.cluster.networks().await?;
     Ok(Json(networks.ingress_ports().await?))
+}
+
+async fn ingress_trace(
+    State(state): State<Arc<AgentState>>,
+    axum::extract::Query(request): axum::extract::Query<shoal_dataplane::mesh::TraceRequest>,
+) -> Result<Json<IngressTrace>, Failure> {
+    let networks = state.cluster.networks().await?;
+    let result = {
+        let dataplane = state
+            .dataplane
+            .lock()
+            .map_err(|_| anyhow::anyhow!("dataplane state poisoned"))?;
+        networks.trace(&request, |frame| dataplane.test_run_ingress(frame))?
+    };
+    Ok(Json(networks.name_backend(result).await?))
 }
 
 async fn conntrack(

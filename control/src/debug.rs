@@ -3,13 +3,15 @@
 
 use anyhow::Result;
 use clap::Subcommand;
-use shoal_dataplane::mesh::TrackedFlow;
+use std::net::SocketAddrV4;
+
+use shoal_dataplane::mesh::{Protocol, TrackedFlow};
 use shoal_dns::DnsStats;
 
 use crate::{
     api::{GossipMembers, GossipTableRow},
     client::Client,
-    cluster::networking::{DnsAnswer, DnsLookup, IngressPort, LoadBalancer},
+    cluster::networking::{DnsAnswer, DnsLookup, IngressPort, IngressTrace, LoadBalancer},
     output::{json, table, Format},
 };
 
@@ -161,10 +163,35 @@ pub enum IngressCommand {
         #[arg(long, value_enum, default_value_t)]
         format: Format,
     },
+    /// Run a packet through the attached ingress program (BPF_PROG_TEST_RUN against the
+    /// live maps) and show what it does: verdict, rewritten packet, backend and its node.
+    /// A TCP packet is a SYN (a new connection); a flow the trace creates is removed.
+    ///
+    /// Example: shoal ingress trace --proto tcp --dst 192.168.77.11:8080 --src 192.168.77.100:40000
+    Trace {
+        #[arg(long, default_value = "tcp")]
+        proto: Protocol,
+        /// The node address and port the packet is sent to
+        #[arg(long)]
+        dst: SocketAddrV4,
+        /// The client's address and port
+        #[arg(long)]
+        src: SocketAddrV4,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
 }
 
 pub async fn ingress(client: &Client, command: IngressCommand) -> Result<()> {
-    let IngressCommand::Ls { format } = command;
+    let format = match command {
+        IngressCommand::Ls { format } => format,
+        IngressCommand::Trace {
+            proto,
+            dst,
+            src,
+            format,
+        } => return ingress_trace(client, proto, src, dst, format).await,
+    };
     let ports: Vec<IngressPort> = client.get("/v1/ingress").await?;
     match format {
         Format::Json => print!("{}", json(&ports)),
@@ -203,6 +230,45 @@ pub async fn ingress(client: &Client, command: IngressCommand) -> Result<()> {
                 )
             );
         }
+    }
+    Ok(())
+}
+
+async fn ingress_trace(
+    client: &Client,
+    proto: Protocol,
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    format: Format,
+) -> Result<()> {
+    let trace: IngressTrace = client
+        .get(&format!(
+            "/v1/ingress/trace?protocol={}&source={src}&destination={dst}",
+            proto.name()
+        ))
+        .await?;
+    if format == Format::Json {
+        print!("{}", json(&trace));
+        return Ok(());
+    }
+    let r = &trace.result;
+    println!("packet in:   {}", r.packet_in);
+    println!("verdict:     {} (return code {})", r.verdict, r.return_code);
+    println!("packet out:  {}", r.packet_out);
+    match r.slot {
+        Some(slot) if r.tracked => println!("decided by:  the flow table (slot {slot} not used)"),
+        Some(slot) => println!("decided by:  Maglev slot {slot}"),
+        None => println!("decided by:  no published port: left to the kernel"),
+    }
+    if let Some(backend) = r.backend {
+        let source = r.source_seen.map(|s| s.to_string()).unwrap_or_default();
+        println!("backend:     {backend} (sees the client as {source})");
+    }
+    if let Some(task) = &trace.backend_task {
+        println!(
+            "task:        {} on node {} ({})",
+            task.task, task.node_id, task.node_address
+        );
     }
     Ok(())
 }

@@ -168,6 +168,84 @@ pub struct TrackedFlow {
     pub idle_secs: u64,
 }
 
+/// What `ingress trace` asks: a packet from `source` to `destination`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceRequest {
+    pub protocol: Protocol,
+    pub source: SocketAddrV4,
+    pub destination: SocketAddrV4,
+}
+
+/// What the attached ingress program did with the traced packet.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceResult {
+    /// `redirect` (into the ingress network), `pass` (to the kernel) or `drop`.
+    pub verdict: String,
+    pub return_code: u32,
+    /// The packet as it left the program: `proto src -> dst`.
+    pub packet_in: String,
+    pub packet_out: String,
+    /// The backend the flow goes to, and the source it sees, when redirected.
+    pub backend: Option<SocketAddrV4>,
+    pub source_seen: Option<SocketAddrV4>,
+    /// Whether the flow was already tracked (then the table decided, not Maglev).
+    pub tracked: bool,
+    /// The Maglev slot of the flow's hash (when the port is published).
+    pub slot: Option<u32>,
+}
+
+/// The packet `ingress trace` runs: a TCP SYN (a new connection) or a UDP datagram.
+pub fn trace_packet(request: &TraceRequest) -> Vec<u8> {
+    let builder = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4(
+            request.source.ip().octets(),
+            request.destination.ip().octets(),
+            64,
+        );
+    let mut out = Vec::new();
+    let written = match request.protocol {
+        Protocol::Tcp => builder
+            .tcp(request.source.port(), request.destination.port(), 1, 65_535)
+            .syn()
+            .write(&mut out, &[]),
+        Protocol::Udp => builder
+            .udp(request.source.port(), request.destination.port())
+            .write(&mut out, b"shoal trace"),
+    };
+    written.expect("writing to a Vec cannot fail");
+    out
+}
+
+/// `proto src -> dst` of an Ethernet/IPv4 TCP or UDP frame, or what it is not.
+pub fn describe(frame: &[u8]) -> String {
+    match etherparse::SlicedPacket::from_ethernet(frame) {
+        Ok(packet) => {
+            let ips = match &packet.net {
+                Some(etherparse::NetSlice::Ipv4(ip)) => {
+                    Some((ip.header().source_addr(), ip.header().destination_addr()))
+                }
+                _ => None,
+            };
+            let ports = match &packet.transport {
+                Some(etherparse::TransportSlice::Tcp(t)) => {
+                    Some(("tcp", t.source_port(), t.destination_port()))
+                }
+                Some(etherparse::TransportSlice::Udp(u)) => {
+                    Some(("udp", u.source_port(), u.destination_port()))
+                }
+                _ => None,
+            };
+            match (ips, ports) {
+                (Some((src, dst)), Some((proto, sport, dport))) => {
+                    format!("{proto} {src}:{sport} -> {dst}:{dport}")
+                }
+                _ => "not IPv4 TCP/UDP".to_owned(),
+            }
+        }
+        Err(err) => format!("unparsable: {err}"),
+    }
+}
+
 /// How long an idle flow is kept (LRU eviction bounds the table besides). A forgotten flow
 /// is not cut: its next packet is balanced again by the same Maglev row, which still gives
 /// the same backend unless the backends changed meanwhile.
@@ -411,6 +489,79 @@ impl MeshTable {
         Ok(out)
     }
 
+    /// Runs the traced packet through `run` (the attached ingress program, by
+    /// BPF_PROG_TEST_RUN against the live maps) and says what happened. A flow the trace
+    /// created is removed again, so tracing leaves the table as it was.
+    pub fn trace(
+        &mut self,
+        request: &TraceRequest,
+        run: impl FnOnce(&[u8]) -> Result<(u32, Vec<u8>)>,
+    ) -> Result<TraceResult> {
+        let key = FlowKey {
+            client_ip: to_key(*request.source.ip()),
+            node_ip: to_key(*request.destination.ip()),
+            client_port: request.source.port().to_be(),
+            published_port: request.destination.port().to_be(),
+            protocol: request.protocol.number(),
+            _pad: [0; 3],
+        };
+        let before = self.flows.get(&key, 0).ok();
+        let frame = trace_packet(request);
+        let (code, out) = run(&frame)?;
+        let after = self.flows.get(&key, 0).ok();
+        if before.is_none() {
+            if let Some(flow) = after {
+                self.forget(&key, &flow);
+            }
+        }
+        let slot = self
+            .rows
+            .contains_key(&(request.protocol, request.destination.port()))
+            .then(|| {
+                shoal_common::flow_hash(
+                    key.client_ip,
+                    key.client_port,
+                    key.published_port,
+                    key.protocol,
+                ) % self.limits.table_size
+            });
+        let redirected = code == 7;
+        Ok(TraceResult {
+            verdict: match code {
+                0 => "pass",
+                2 => "drop",
+                7 => "redirect",
+                _ => "other",
+            }
+            .to_owned(),
+            return_code: code,
+            packet_in: describe(&frame),
+            packet_out: describe(&out),
+            backend: after
+                .filter(|_| redirected)
+                .map(|f| socket(f.backend_ip, f.backend_port)),
+            source_seen: after
+                .filter(|_| redirected)
+                .map(|f| socket(f.source_ip, f.source_port)),
+            tracked: before.is_some(),
+            slot,
+        })
+    }
+
+    fn forget(&mut self, key: &FlowKey, flow: &MeshFlow) {
+        let reply = ReplyKey {
+            backend_ip: flow.backend_ip,
+            peer_ip: flow.source_ip,
+            backend_port: flow.backend_port,
+            peer_port: flow.source_port,
+            protocol: key.protocol,
+            _pad: [0; 3],
+        };
+        // Either may be gone already (LRU): that is the state we want.
+        let _ = self.flows.remove(key);
+        let _ = self.replies.remove(&reply);
+    }
+
     /// The flows this node translated, newest activity first.
     pub fn flows(&self) -> Result<Vec<TrackedFlow>> {
         let now = monotonic_ns()?;
@@ -457,17 +608,7 @@ impl MeshTable {
             }
         }
         for (key, flow) in &expired {
-            let reply = ReplyKey {
-                backend_ip: flow.backend_ip,
-                peer_ip: flow.source_ip,
-                backend_port: flow.backend_port,
-                peer_port: flow.source_port,
-                protocol: key.protocol,
-                _pad: [0; 3],
-            };
-            // Either may be gone already (LRU): that is the state we want.
-            let _ = self.flows.remove(key);
-            let _ = self.replies.remove(&reply);
+            self.forget(key, flow);
         }
         Ok(expired.len())
     }

@@ -78,7 +78,19 @@ pub(crate) fn read(dataplane: &Dataplane) -> Result<DataplaneStatus> {
     };
 
     let mut maps = Vec::new();
-    for name in [names::VERDICT_COUNTERS, names::INGRESS_SETTINGS] {
+    for name in [
+        names::VERDICT_COUNTERS,
+        names::INGRESS_SETTINGS,
+        names::MESH_PORTS,
+        names::MESH_MAGLEV,
+        names::MESH_FLOWS,
+        names::MESH_REPLIES,
+        names::MESH_ORIGINS,
+        names::MESH_COUNTERS,
+        names::LB_SERVICES,
+        names::LB_BACKENDS,
+        names::LB_REVERSE,
+    ] {
         let pin = config.maps_dir().join(name);
         let info =
             MapInfo::from_pin(&pin).with_context(|| format!("reading map {}", pin.display()))?;
@@ -89,7 +101,7 @@ pub(crate) fn read(dataplane: &Dataplane) -> Result<DataplaneStatus> {
                 .map(|t| format!("{t:?}"))
                 .unwrap_or_else(|_| "unknown".to_owned()),
             map_id: info.id(),
-            // Arrays are always full; hash maps will count their keys here.
+            // Capacity only: counting a hash map's keys would walk it.
             entries: info.max_entries(),
             max_entries: info.max_entries(),
             pin,

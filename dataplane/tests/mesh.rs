@@ -177,6 +177,45 @@ fn published_ports_are_balanced_tracked_and_translated_back() {
 }
 
 #[test]
+fn a_trace_runs_the_attached_program_and_leaves_no_flow_behind() {
+    use shoal_dataplane::mesh::TraceRequest;
+    in_private_netns("mesh-trace", |pins| {
+        let mut mesh = Mesh::start(pins);
+        mesh.publish(&[((Protocol::Tcp, 8080), service(80, false, &[B1, B2]))]);
+        let request = TraceRequest {
+            protocol: Protocol::Tcp,
+            source: "192.168.77.100:40000".parse().unwrap(),
+            destination: "192.168.77.11:8080".parse().unwrap(),
+        };
+        let Mesh {
+            dataplane, table, ..
+        } = &mut mesh;
+        let traced = table
+            .trace(&request, |frame| dataplane.test_run_ingress(frame))
+            .unwrap();
+        assert_eq!(traced.verdict, "redirect");
+        let backend = traced.backend.expect("a backend");
+        assert!([B1, B2].contains(&backend.ip().octets()) && backend.port() == 80);
+        assert_eq!(traced.source_seen, Some(request.source));
+        assert_eq!(
+            traced.packet_out,
+            format!("tcp 192.168.77.100:40000 -> {backend}")
+        );
+        assert!(traced.slot.is_some() && !traced.tracked);
+        assert!(table.flows().unwrap().is_empty(), "the trace left a flow");
+
+        let closed = TraceRequest {
+            destination: "192.168.77.11:8081".parse().unwrap(),
+            ..request
+        };
+        let traced = table
+            .trace(&closed, |frame| dataplane.test_run_ingress(frame))
+            .unwrap();
+        assert_eq!((traced.verdict.as_str(), traced.backend), ("pass", None));
+    });
+}
+
+#[test]
 fn udp_and_snat_translate_both_ways() {
     in_private_netns("mesh-snat", |pins| {
         let mut mesh = Mesh::start(pins);

@@ -29,7 +29,10 @@ fn ask(lab: &TestLab, url: &str, count: usize) -> (Vec<String>, BTreeSet<String>
     };
     let remotes = field("RemoteAddr:")
         .iter()
-        .map(|a| a.rsplit_once(':').map_or(a.clone(), |(ip, _)| ip.to_owned()))
+        .map(|a| {
+            a.rsplit_once(':')
+                .map_or(a.clone(), |(ip, _)| ip.to_owned())
+        })
         .collect();
     (field("Hostname:"), remotes)
 }
@@ -71,7 +74,14 @@ fn published_ports_reach_every_replica_from_every_node_and_keep_flows() {
     // node1 runs no replica of web: it must answer all the same.
     lab.exec(
         "node1",
-        &["shoal", "node", "update", "--label-add", "edge=yes", "node1"],
+        &[
+            "shoal",
+            "node",
+            "update",
+            "--label-add",
+            "edge=yes",
+            "node1",
+        ],
     );
     lab.create_service(
         "web",
@@ -117,6 +127,38 @@ fn published_ports_reach_every_replica_from_every_node_and_keep_flows() {
         );
     }
 
+    // `ingress trace` runs the attached program on node3: a SYN to the published port is
+    // sent to a replica, keeping the client's address; an unpublished port is left alone.
+    let trace = lab.node_json(
+        "node3",
+        &[
+            "ingress",
+            "trace",
+            "--dst",
+            "192.168.77.13:8080",
+            "--src",
+            "192.168.77.100:40000",
+        ],
+    );
+    assert_eq!(trace["verdict"], "redirect");
+    assert_eq!(trace["source_seen"], "192.168.77.100:40000");
+    let task = trace["backend_task"]["task"]
+        .as_str()
+        .expect("a backend task");
+    assert!(replicas.iter().any(|r| task == r), "{task} is a replica");
+    let trace = lab.node_json(
+        "node3",
+        &[
+            "ingress",
+            "trace",
+            "--dst",
+            "192.168.77.13:8081",
+            "--src",
+            "192.168.77.100:40000",
+        ],
+    );
+    assert_eq!(trace["verdict"], "pass");
+
     // Nothing but published ports: an unpublished port and a task's own port are refused.
     for url in ["http://192.168.77.11:9999/", "http://192.168.77.12:80/"] {
         let out = lab.run(&["exec", "client", "--", "curl", "-s", "--max-time", "2", url]);
@@ -143,7 +185,9 @@ fn published_ports_reach_every_replica_from_every_node_and_keep_flows() {
     lab.ok(&["stop", "node1", "--kill"]);
     std::thread::sleep(Duration::from_secs(1));
     lab.ok(&["start", "node1"]);
-    let out = long_lived.wait_with_output().expect("the long-lived client");
+    let out = long_lived
+        .wait_with_output()
+        .expect("the long-lived client");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && text.contains("survived"),
@@ -175,7 +219,10 @@ fn published_ports_reach_every_replica_from_every_node_and_keep_flows() {
         .into_iter()
         .map(|t| t.name)
         .collect();
-    assert!(updated.is_disjoint(&replicas), "the update replaced the tasks");
+    assert!(
+        updated.is_disjoint(&replicas),
+        "the update replaced the tasks"
+    );
 
     lab.down_clean();
 }

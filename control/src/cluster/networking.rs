@@ -14,7 +14,7 @@ use anyhow::{Context as _, Result};
 use shoal_dataplane::{
     mesh::{
         FlowTimeouts, MeshLimits, MeshPortStatus, MeshPrograms, MeshTable, Protocol,
-        PublishedService, TrackedFlow,
+        PublishedService, TraceRequest, TraceResult, TrackedFlow,
     },
     overlay::{NetworkDataplane, Overlay, OverlayConfig, INGRESS_ENDPOINT},
     peerdb::{mac_for, Peer},
@@ -42,6 +42,21 @@ pub struct IngressPort {
     pub service: String,
     #[serde(flatten)]
     pub status: MeshPortStatus,
+}
+
+/// `ingress trace`: what the program did, and where the backend runs.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct IngressTrace {
+    #[serde(flatten)]
+    pub result: TraceResult,
+    pub backend_task: Option<BackendTask>,
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct BackendTask {
+    pub task: String,
+    pub node_id: String,
+    pub node_address: IpAddr,
 }
 
 /// A new task joins its published ports once it accepts connections: probed this often,
@@ -313,6 +328,39 @@ impl NodeNetworks {
                 status,
             })
             .collect())
+    }
+
+    /// `ingress trace`: runs a packet through the attached ingress program (`run`) against
+    /// the live maps.
+    pub fn trace(
+        &self,
+        request: &TraceRequest,
+        run: impl FnOnce(&[u8]) -> Result<(u32, Vec<u8>)>,
+    ) -> Result<TraceResult> {
+        self.mesh.lock().expect("mesh").trace(request, run)
+    }
+
+    /// A trace with the task behind its backend, from the ingress network's gossip view.
+    pub async fn name_backend(&self, result: TraceResult) -> Result<IngressTrace> {
+        let mut backend_task = None;
+        if let (Some(backend), Some(gossip), Some(net)) =
+            (result.backend, self.gossip(), self.ingress_network())
+        {
+            backend_task = gossip
+                .view(&net)
+                .await?
+                .into_iter()
+                .find(|(_, record)| record.ip == *backend.ip())
+                .map(|(_, record)| BackendTask {
+                    task: record.task_name,
+                    node_id: record.node_id,
+                    node_address: record.vtep,
+                });
+        }
+        Ok(IngressTrace {
+            result,
+            backend_task,
+        })
     }
 
     /// The mesh flows this node translated.
