@@ -20,6 +20,7 @@ pub mod names {
     pub const LB_BACKENDS: &str = "LB_BACKENDS";
     pub const LB_REVERSE: &str = "LB_REVERSE";
     pub const MESH_REPLY: &str = "shoal_mesh_reply";
+    pub const MESH_NODE_CONNECT4: &str = "shoal_mesh_node_connect4";
     pub const MESH_TO_TASK: &str = "shoal_mesh_to_task";
     pub const MESH_FROM_TASK: &str = "shoal_mesh_from_task";
     pub const MESH_PORTS: &str = "MESH_PORTS";
@@ -257,6 +258,10 @@ pub struct IngressSettings {
     pub ingress_ifindex: u32,
     /// Slots per service in `MESH_MAGLEV`.
     pub table_size: u32,
+    pub _pad2: u32,
+    /// The node's network namespace (SO_NETNS_COOKIE): the node's own processes reach
+    /// published ports through the mesh; everyone else's connects are left alone.
+    pub netns_cookie: u64,
 }
 
 #[cfg(feature = "user")]

@@ -54,6 +54,10 @@ pub fn run(config_file: Option<PathBuf>, flags: AgentSettings) -> Result<()> {
             ..Default::default()
         },
         task_cgroup: config.cgroup_root.clone(),
+        node_cgroup: shoal_dataplane::process::cgroup2_from_mountinfo(&fs::read_to_string(
+            "/proc/self/mountinfo",
+        )?)
+        .context("no cgroup2 mount: the agent needs the unified cgroup hierarchy")?,
         mesh: config.mesh_limits(),
     })?;
     tracing::info!(

@@ -51,6 +51,9 @@ pub struct DataplaneConfig {
     pub settings: IngressSettings,
     /// The cgroup every task lives under: the socket load balancer attaches there.
     pub task_cgroup: PathBuf,
+    /// The cgroup of the node's own processes (the cgroup2 root): the mesh's connect
+    /// program attaches there so they reach published ports too.
+    pub node_cgroup: PathBuf,
     pub mesh: mesh::MeshLimits,
 }
 
@@ -112,6 +115,7 @@ impl Dataplane {
             ingress_ip: previous.ingress_ip,
             ingress_ifindex: previous.ingress_ifindex,
             table_size: config.mesh.table_size,
+            netns_cookie: netns_cookie()?,
             ..config.settings
         };
         settings
@@ -128,7 +132,12 @@ impl Dataplane {
         let replaced_link = attach_pinned(program, &config.interface, &config.ingress_link_pin())?;
         fs::create_dir_all(&config.task_cgroup)
             .with_context(|| format!("creating {}", config.task_cgroup.display()))?;
-        socket_lb::attach(&mut ebpf, &config.task_cgroup, &config.links_dir())?;
+        socket_lb::attach(
+            &mut ebpf,
+            &config.task_cgroup,
+            &config.node_cgroup,
+            &config.links_dir(),
+        )?;
         remove_stale_links(&config)?;
         Ok(Dataplane {
             config,
@@ -261,6 +270,29 @@ fn remove_stale_links(config: &DataplaneConfig) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The cookie of the calling thread's network namespace (SO_NETNS_COOKIE, Linux 5.14+).
+fn netns_cookie() -> Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let socket =
+        std::net::UdpSocket::bind("127.0.0.1:0").context("a socket to ask for the netns cookie")?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error()).context("getsockopt(SO_NETNS_COOKIE)");
+    }
+    Ok(cookie)
 }
 
 /// Drops the pinned mesh maps when their size no longer matches the settings (the kernel

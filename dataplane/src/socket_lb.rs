@@ -28,18 +28,45 @@ const PROGRAMS: [(&str, &str); 3] = [
     (names::LB_RECVMSG4, "lb-recvmsg4"),
 ];
 
+/// The routing mesh's connect program for the node's own processes, on the node's root
+/// cgroup.
+const NODE_PROGRAM: (&str, &str) = (names::MESH_NODE_CONNECT4, "mesh-node-connect4");
+
 pub fn link_pins(links_dir: &Path) -> Vec<PathBuf> {
     PROGRAMS
         .iter()
+        .chain([&NODE_PROGRAM])
         .map(|(_, pin)| links_dir.join(pin))
         .collect()
 }
 
-/// Loads the socket programs and attaches them to `cgroup` (every task's parent).
-pub fn attach(ebpf: &mut Ebpf, cgroup: &Path, links_dir: &Path) -> Result<()> {
+/// Loads the socket programs and attaches them: the VIP ones to `task_cgroup` (every
+/// task's parent), the mesh's to `node_cgroup`.
+pub fn attach(
+    ebpf: &mut Ebpf,
+    task_cgroup: &Path,
+    node_cgroup: &Path,
+    links_dir: &Path,
+) -> Result<()> {
+    let cgroups = [task_cgroup, node_cgroup];
+    for (cgroup, programs) in cgroups
+        .iter()
+        .zip([&PROGRAMS[..], std::slice::from_ref(&NODE_PROGRAM)])
+    {
+        attach_to(ebpf, cgroup, programs, links_dir)?;
+    }
+    Ok(())
+}
+
+fn attach_to(
+    ebpf: &mut Ebpf,
+    cgroup: &Path,
+    programs: &[(&str, &str)],
+    links_dir: &Path,
+) -> Result<()> {
     let cgroup_dir =
         File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
-    for (name, pin) in PROGRAMS {
+    for &(name, pin) in programs {
         let program: &mut CgroupSockAddr = ebpf
             .program_mut(name)
             .with_context(|| format!("program {name} missing from the eBPF object"))?

@@ -17,10 +17,11 @@ use aya_ebpf::{
     bindings::{
         BPF_F_MARK_MANGLED_0, BPF_F_MMAPABLE, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT,
     },
-    helpers::{bpf_ktime_get_ns, bpf_redirect_neigh},
-    macros::{classifier, map},
+    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect_neigh},
+    macros::{cgroup_sock_addr, classifier, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
-    programs::TcContext,
+    programs::{SockAddrContext, TcContext},
+    EbpfContext as _,
 };
 use shoal_common::{
     FlowKey, IngressSettings, MeshCounters, MeshFlow, MeshPortKey, MeshService, Origin, ReplyKey,
@@ -446,6 +447,57 @@ pub fn shoal_mesh_from_task(ctx: TcContext) -> i32 {
         let _ = ctx.store(0, &origin.mac, 0);
     }
     TC_ACT_OK
+}
+
+/// The node's own processes reach published ports too: a `connect()` in the node's
+/// namespace to its advertise address or 127.0.0.1 on a published port is sent straight to
+/// a backend (chosen at random from the service's Maglev row), before any packet exists.
+/// Attached to the node's root cgroup; other namespaces' sockets are left alone.
+#[cgroup_sock_addr(connect4)]
+pub fn shoal_mesh_node_connect4(ctx: SockAddrContext) -> i32 {
+    const ALLOW: i32 = 1;
+    const SOCK_STREAM: u32 = 1;
+    const LOCALHOST: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
+    let Some(settings) = crate::SETTINGS.get(0) else {
+        return ALLOW;
+    };
+    // SAFETY: the kernel hands a valid bpf_sock_addr for the program's lifetime.
+    let addr = unsafe { &mut *ctx.sock_addr };
+    if settings.ingress_ifindex == 0
+        || settings.table_size == 0
+        || (addr.user_ip4 != settings.advertise_ip && addr.user_ip4 != LOCALHOST)
+        // SAFETY: the helper only reads the socket's namespace.
+        || unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != settings.netns_cookie
+    {
+        return ALLOW;
+    }
+    let key = MeshPortKey {
+        port: addr.user_port as u16,
+        protocol: if addr.type_ == SOCK_STREAM {
+            IPPROTO_TCP
+        } else {
+            IPPROTO_UDP
+        },
+        _pad: 0,
+    };
+    // SAFETY: a plain lookup; the value is copied out at once.
+    let Some(service) = (unsafe { MESH_PORTS.get(key) }).copied() else {
+        return ALLOW;
+    };
+    // SAFETY: helper without side effects.
+    let pick = unsafe { bpf_get_prandom_u32() } % settings.table_size;
+    let slot = service
+        .index
+        .wrapping_mul(settings.table_size)
+        .wrapping_add(pick);
+    match MESH_MAGLEV.get(slot) {
+        Some(backend) if service.backends != 0 && *backend != 0 => {
+            addr.user_ip4 = *backend;
+            addr.user_port = u32::from(service.target_port);
+        }
+        _ => {}
+    }
+    ALLOW
 }
 
 fn is_ipv4(ctx: &TcContext) -> bool {

@@ -1,6 +1,6 @@
 //! The routing mesh in the lab: a published port answers on every node (with or without a
 //! replica) and reaches every replica with the client's own address (or the node's, in SNAT
-//! mode); nothing else is open; a long-lived connection survives scaling and a kill -9 of
+//! mode), also for the nodes' own processes; nothing else is open; a long-lived connection survives scaling and a kill -9 of
 //! the agent it goes through; a rolling update under load fails no request. Needs root.
 
 use std::{
@@ -125,6 +125,16 @@ fn published_ports_reach_every_replica_from_every_node_and_keep_flows() {
             remotes.iter().all(|r| r.starts_with("10.0.0.")),
             "SNAT: backends see the node's ingress address, not the client: {remotes:?}"
         );
+    }
+
+    // The node's own processes reach published ports too, on its address and on localhost.
+    for url in ["http://192.168.77.13:8080/", "http://127.0.0.1:8080/"] {
+        let text = lab.exec("node3", &["curl", "-s", "--max-time", "2", url]);
+        let host = text
+            .lines()
+            .find_map(|l| l.strip_prefix("Hostname: "))
+            .unwrap_or_else(|| panic!("no answer from {url} on node3: {text}"));
+        assert!(replicas.contains(host.trim()), "{url} reached {host}");
     }
 
     // `ingress trace` runs the attached program on node3: a SYN to the published port is

@@ -18,6 +18,8 @@ pub const SETTINGS: IngressSettings = IngressSettings {
     ingress_ip: 0,
     ingress_ifindex: 0,
     table_size: 0,
+    _pad2: 0,
+    netns_cookie: 0,
 };
 
 pub fn require_root() {
@@ -60,6 +62,7 @@ pub fn task_cgroup(pins: &std::path::Path) -> PathBuf {
 pub fn config(pins: PathBuf) -> DataplaneConfig {
     DataplaneConfig {
         task_cgroup: task_cgroup(&pins),
+        node_cgroup: task_cgroup(&pins),
         bpffs_root: pins,
         interface: "lo".to_owned(),
         settings: SETTINGS,
