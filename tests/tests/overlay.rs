@@ -122,8 +122,13 @@ fn tasks_on_three_nodes_talk_over_their_overlay_and_nothing_else() {
         assert_eq!(neighbours, remote, "neighbour entries on {node}");
     }
 
-    // The last task of a network on a node takes the network's namespace with it.
+    // The last task of a network on a node takes the network's namespace with it; only the
+    // ingress network (the routing mesh's, one per node) stays.
     lab.exec("node1", &["shoal", "service", "rm", "web", "db"]);
+    let ingress: Value =
+        serde_json::from_str(&lab.exec("node1", &["shoal", "network", "inspect", "ingress"]))
+            .unwrap();
+    let ingress_ns = format!(".ov-{}", &ingress["id"].as_str().unwrap()[..12]);
     let overlay_namespaces = || {
         std::fs::read_dir("/run/netns")
             .unwrap()
@@ -135,7 +140,10 @@ fn tasks_on_three_nodes_talk_over_their_overlay_and_nothing_else() {
     wait_for(
         "overlay namespaces removed",
         Duration::from_secs(20),
-        || overlay_namespaces().is_empty().then_some(()),
+        || {
+            let left = overlay_namespaces();
+            (left.len() == 3 && left.iter().all(|n| n.ends_with(&ingress_ns))).then_some(())
+        },
     );
     // ... and its VIPs leave the kernel maps.
     for node in ["node1", "node2", "node3"] {
