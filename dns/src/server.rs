@@ -39,26 +39,57 @@ pub struct DnsServer {
     records: SharedRecords,
     forwarder: Forwarder,
     counters: Arc<Counters>,
+    runtime: Arc<DnsRuntime>,
+}
+
+/// A thread of its own with a single-threaded runtime for every task's queries: answers do
+/// not wait behind the agent's other work, and no worker is woken to hand a reply over. It
+/// stops when the last clone of the server is dropped.
+#[derive(Debug)]
+struct DnsRuntime {
+    handle: tokio::runtime::Handle,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl DnsRuntime {
+    fn start() -> io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("shoal-dns".into())
+            .spawn(move || {
+                let _ = runtime.block_on(stopped);
+            })?;
+        Ok(Self {
+            handle,
+            _stop: stop,
+        })
+    }
 }
 
 impl DnsServer {
-    pub fn new(records: SharedRecords, forwarder: Forwarder) -> Self {
-        Self {
+    /// Starts the DNS thread; fails only if the system cannot make a thread or an epoll.
+    pub fn new(records: SharedRecords, forwarder: Forwarder) -> io::Result<Self> {
+        Ok(Self {
             records,
             forwarder,
             counters: Arc::default(),
-        }
+            runtime: Arc::new(DnsRuntime::start()?),
+        })
     }
 
-    /// Serves one task on its sockets until the handle is stopped or dropped. Must be called
-    /// within a tokio runtime; the sockets are switched to non-blocking mode.
+    /// Serves one task on its sockets, on the DNS thread, until the handle is stopped or
+    /// dropped; the sockets are switched to non-blocking mode.
     pub fn serve(
         &self,
         udp: std::net::UdpSocket,
         tcp: std::net::TcpListener,
         scope: TaskScope,
     ) -> io::Result<ServeHandle> {
-        let runtime = tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
+        let runtime = self.runtime.handle.clone();
         let _entered = runtime.enter();
         udp.set_nonblocking(true)?;
         tcp.set_nonblocking(true)?;

@@ -49,7 +49,7 @@ fn start(records: SharedRecords, forwarder: ForwarderConfig) -> Running {
     let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let (udp_addr, tcp_addr) = (udp.local_addr().unwrap(), tcp.local_addr().unwrap());
-    let server = DnsServer::new(records, Forwarder::new(forwarder));
+    let server = DnsServer::new(records, Forwarder::new(forwarder)).unwrap();
     let scope = TaskScope {
         networks: vec!["front".into()],
     };
@@ -396,7 +396,7 @@ async fn bind_in_netns_serves_on_127_0_0_11() {
         }
         Err(error) => panic!("bind_in_netns needs root (setns, port 53): {error}"),
     };
-    let server = DnsServer::new(cluster(), Forwarder::new(ForwarderConfig::default()));
+    let server = DnsServer::new(cluster(), Forwarder::new(ForwarderConfig::default())).unwrap();
     let scope = TaskScope {
         networks: vec!["front".into()],
     };
@@ -472,7 +472,7 @@ async fn bind_in_netns_serves_a_task_namespace_and_forwards_from_the_host() {
     // answer proves forwarding leaves from the agent's namespace.
     let stub = stub_upstream(Stub::Answers).await;
     let (udp, tcp) = bind_in_netns(&netns.path()).unwrap();
-    let server = DnsServer::new(cluster(), Forwarder::new(upstream(stub)));
+    let server = DnsServer::new(cluster(), Forwarder::new(upstream(stub))).unwrap();
     let scope = TaskScope {
         networks: vec!["front".into()],
     };

@@ -179,7 +179,8 @@ impl NodeNetworks {
             vips: Mutex::new(VipTable::open(maps_dir)?),
             vip_echo: Mutex::new(VipEcho::load(maps_dir)?),
             echo_links: Mutex::default(),
-            dns: DnsServer::new(dns_records.clone(), forwarder),
+            dns: DnsServer::new(dns_records.clone(), forwarder)
+                .context("starting the embedded DNS thread")?,
             dns_records,
             dns_tasks: Mutex::default(),
             vips_by_network: Mutex::default(),
