@@ -95,6 +95,10 @@ impl Lab {
         })
     }
 
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     fn netns(&self, member: &str) -> String {
         format!("shoal-{}-{member}", self.name)
     }
@@ -154,14 +158,14 @@ impl Lab {
         Ok(found)
     }
 
-    fn exists(&self) -> Result<bool> {
+    pub fn exists(&self) -> Result<bool> {
         Ok(self.run_dir().exists()
             || self.bpffs_dir().exists()
             || self.cgroup_dir()?.exists()
             || !self.namespaces()?.is_empty())
     }
 
-    fn down_hint(&self) -> String {
+    pub fn down_hint(&self) -> String {
         match self.name.as_str() {
             "lab" => "shoal lab down".to_owned(),
             name => format!("shoal lab --name {name} down"),
@@ -380,6 +384,12 @@ impl Lab {
             }
             thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Processes of the tasks a node's agent runs now.
+    pub fn task_pids(&self, node: &str) -> Result<Vec<i32>> {
+        self.check_node(node)?;
+        cgroup_pids(&self.cgroup_dir()?.join(node).join("tasks"))
     }
 
     fn log_tail(&self, node: &str) -> String {

@@ -7,6 +7,7 @@ mod cluster;
 mod commands;
 mod config;
 mod debug;
+mod demo;
 mod lab;
 mod output;
 
@@ -173,6 +174,9 @@ enum LabCommand {
     },
     /// Start a node's agent again
     Start { node: String },
+    /// Play the Swarm walkthrough on a fresh lab (replacing one of this name), narrated and
+    /// checked step by step; the lab stays up
+    Demo,
 }
 
 fn main() -> ExitCode {
@@ -295,6 +299,7 @@ fn run_lab(lab: &lab::Lab, command: LabCommand) -> Result<ExitCode> {
         }
         LabCommand::Stop { node, kill } => lab.stop(&node, kill)?,
         LabCommand::Start { node } => lab.start(&node)?,
+        LabCommand::Demo => demo::Demo::new(lab)?.run()?,
     }
     Ok(ExitCode::SUCCESS)
 }
