@@ -8,6 +8,7 @@ mod commands;
 mod config;
 mod debug;
 mod lab;
+mod metrics;
 mod output;
 
 use std::{path::PathBuf, process::ExitCode};

@@ -397,6 +397,11 @@ impl NodeNetworks {
             .replace(Records::from_endpoints(&endpoints));
     }
 
+    /// The embedded DNS's counters since the agent started, all tasks together.
+    pub fn dns_stats(&self) -> DnsStats {
+        self.dns.stats()
+    }
+
     /// What a local task asking for `name` (type A, or PTR for a reverse name) would get
     /// from the embedded DNS, and from where.
     pub fn dns_lookup(&self, task_id: &str, name: &str) -> Result<DnsLookup> {
