@@ -14,7 +14,7 @@ mod output;
 use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 use shoal_dataplane::DataplaneStatus;
 
 use crate::{
@@ -109,6 +109,8 @@ enum Command {
     /// Inspect the eBPF dataplane
     #[command(subcommand)]
     Dataplane(DataplaneCommand),
+    /// Print a shell completion script: `source <(shoal completion bash)`
+    Completion { shell: clap_complete::Shell },
     /// A multi-node lab in network namespaces on this machine
     Lab {
         /// Name of the lab, so several can coexist
@@ -240,6 +242,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             return block_on(commands::task_exec(&client, &task, &command))
         }
         Command::Whoami { listen } => commands::whoami(&listen)?,
+        Command::Completion { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "shoal", &mut std::io::stdout())
+        }
         Command::TaskInit {
             gate_fd,
             hostname,
