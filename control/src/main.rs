@@ -333,6 +333,11 @@ fn render_info(info: &AgentInfo) -> String {
         ("cgroup root", c.cgroup_root.display().to_string()),
         ("DNS upstreams", info.dns_upstreams.join(", ")),
         (
+            "Metrics",
+            c.metrics_addr
+                .map_or("off".to_owned(), |a| format!("http://{a}/metrics")),
+        ),
+        (
             "Swarm",
             match &info.swarm {
                 None => "inactive".to_owned(),
