@@ -19,6 +19,7 @@ use crate::{
     api::{self, AgentState},
     cluster::{node::ClusterRuntime, orchestrator::Settings},
     config::{AgentConfig, AgentSettings, SystemHost, DEFAULT_CONFIG},
+    metrics,
 };
 
 pub fn run(config_file: Option<PathBuf>, flags: AgentSettings) -> Result<()> {
@@ -97,6 +98,7 @@ pub fn run(config_file: Option<PathBuf>, flags: AgentSettings) -> Result<()> {
 async fn serve(state: Arc<AgentState>) -> Result<()> {
     let socket = state.config.socket.clone();
     let listener = bind_api_socket(&socket)?;
+    let _metrics = metrics::start(&state).await?;
     state.cluster.resume().await?;
     tracing::info!(
         socket = %socket.display(),

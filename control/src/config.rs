@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 
 pub const DEFAULT_CONFIG: &str = "/etc/shoal/agent.toml";
 pub const DEFAULT_SOCKET: &str = "/run/shoal/shoal.sock";
+/// Loopback only: metrics and health are for the node's own scraper and systemd; Docker's
+/// `metrics-addr` examples use the same port.
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9323";
 
 /// Settings of `shoal agent`; each is also a key of the config file (same name, snake_case).
 #[derive(Args, Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -74,6 +77,10 @@ pub struct AgentSettings {
     /// repeatable [default: the nameservers of /etc/resolv.conf]
     #[arg(long = "dns-upstream")]
     pub dns_upstreams: Option<Vec<SocketAddr>>,
+    /// Listen address of the Prometheus metrics and health endpoints (HTTP), or `off`
+    /// [default: 127.0.0.1:9323]
+    #[arg(long)]
+    pub metrics_addr: Option<String>,
 }
 
 impl AgentSettings {
@@ -110,6 +117,7 @@ impl AgentSettings {
             mesh_table_size: self.mesh_table_size.or(base.mesh_table_size),
             mesh_max_services: self.mesh_max_services.or(base.mesh_max_services),
             dns_upstreams: self.dns_upstreams.or(base.dns_upstreams),
+            metrics_addr: self.metrics_addr.or(base.metrics_addr),
         }
     }
 }
@@ -136,6 +144,8 @@ pub struct AgentConfig {
     pub mesh_max_services: u32,
     /// `None`: the nameservers of /etc/resolv.conf, read when the agent starts.
     pub dns_upstreams: Option<Vec<SocketAddr>>,
+    /// None when turned off.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl AgentConfig {
@@ -180,6 +190,22 @@ impl AgentConfig {
                 bail!("{name} port {port} is also the {other} port; each needs its own");
             }
         }
+        let metrics_addr = match settings.metrics_addr.as_deref() {
+            Some("off") => None,
+            text => {
+                let text = text.unwrap_or(DEFAULT_METRICS_ADDR);
+                let addr: SocketAddr = text.parse().with_context(|| {
+                    format!("metrics address {text:?} is not IP:PORT (or `off`)")
+                })?;
+                if let Some((name, _)) = ports.iter().find(|(_, p)| *p == addr.port()) {
+                    bail!(
+                        "metrics port {} is also the {name} port; each needs its own",
+                        addr.port()
+                    );
+                }
+                Some(addr)
+            }
+        };
         let (advertise_interface, advertise_addr) =
             resolve_advertise(settings.advertise_addr, settings.advertise_interface, host)?;
         Ok(Self {
@@ -225,6 +251,7 @@ impl AgentConfig {
                 .mesh_max_services
                 .unwrap_or(shoal_common::MESH_MAX_SERVICES),
             dns_upstreams: settings.dns_upstreams,
+            metrics_addr,
         })
     }
 }
@@ -380,6 +407,24 @@ mod tests {
             "192.0.2.54:5353".parse().unwrap(),
         ];
         assert_eq!(config.dns_resolvers(), expected);
+        assert_eq!(config.metrics_addr, Some("127.0.0.1:9323".parse().unwrap()));
+    }
+
+    #[test]
+    fn metrics_can_move_or_be_turned_off() {
+        let config = resolve(r#"metrics_addr = "0.0.0.0:9100""#).unwrap();
+        assert_eq!(config.metrics_addr, Some("0.0.0.0:9100".parse().unwrap()));
+        assert_eq!(
+            resolve(r#"metrics_addr = "off""#).unwrap().metrics_addr,
+            None
+        );
+        let err = resolve(r#"metrics_addr = "9323""#).unwrap_err();
+        assert!(err.to_string().contains("is not IP:PORT"), "{err}");
+        let err = resolve(r#"metrics_addr = "127.0.0.1:7946""#).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "metrics port 7946 is also the gossip port; each needs its own"
+        );
     }
 
     #[test]

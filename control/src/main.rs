@@ -9,12 +9,13 @@ mod config;
 mod debug;
 mod demo;
 mod lab;
+mod metrics;
 mod output;
 
 use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 use shoal_dataplane::DataplaneStatus;
 
 use crate::{
@@ -109,6 +110,8 @@ enum Command {
     /// Inspect the eBPF dataplane
     #[command(subcommand)]
     Dataplane(DataplaneCommand),
+    /// Print a shell completion script: `source <(shoal completion bash)`
+    Completion { shell: clap_complete::Shell },
     /// A multi-node lab in network namespaces on this machine
     Lab {
         /// Name of the lab, so several can coexist
@@ -247,6 +250,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             return block_on(commands::task_exec(&client, &task, &command))
         }
         Command::Whoami { listen } => commands::whoami(&listen)?,
+        Command::Completion { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "shoal", &mut std::io::stdout())
+        }
         Command::TaskInit {
             gate_fd,
             hostname,
@@ -339,6 +345,11 @@ fn render_info(info: &AgentInfo) -> String {
         ("bpffs root", c.bpffs_root.display().to_string()),
         ("cgroup root", c.cgroup_root.display().to_string()),
         ("DNS upstreams", info.dns_upstreams.join(", ")),
+        (
+            "Metrics",
+            c.metrics_addr
+                .map_or("off".to_owned(), |a| format!("http://{a}/metrics")),
+        ),
         (
             "Swarm",
             match &info.swarm {

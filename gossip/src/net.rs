@@ -149,6 +149,11 @@ impl GossipHandle {
         self.call(|g, _| g.members()).await
     }
 
+    /// The networks this node is on.
+    pub async fn my_networks(&self) -> Result<Vec<String>, ServiceError> {
+        self.call(|g, _| g.my_networks()).await
+    }
+
     pub async fn networks_of(&self, node: &str) -> Result<Vec<String>, ServiceError> {
         let node = node.to_owned();
         self.call(move |g, _| g.networks_of(&node)).await

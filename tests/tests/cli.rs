@@ -66,3 +66,38 @@ fn bad_lab_names_and_sizes_are_refused() {
     let stderr = stderr_of(&["lab", "--name", "never-made", "status"]);
     assert!(stderr.contains("is not up"), "{stderr}");
 }
+
+#[test]
+fn completion_scripts_know_the_subcommands() {
+    let bash = shoal_tests::shoal_ok(&["completion", "bash"]);
+    for word in [
+        "swarm",
+        "service",
+        "network",
+        "lab",
+        "dataplane",
+        "--metrics-addr",
+    ] {
+        assert!(bash.contains(word), "bash completion lacks {word}");
+    }
+    // The script loads in bash and registers itself for `shoal`.
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("shoal.bash");
+    fs::write(&script, &bash).unwrap();
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!("source {} && complete -p shoal", script.display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("_shoal"));
+
+    assert!(shoal_tests::shoal_ok(&["completion", "zsh"]).starts_with("#compdef shoal"));
+    assert!(shoal_tests::shoal_ok(&["completion", "fish"]).contains("complete -c shoal"));
+    let out = shoal(&["completion", "tcsh"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an unknown shell is a usage error"
+    );
+}

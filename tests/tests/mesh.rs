@@ -127,6 +127,20 @@ fn published_ports_reach_every_replica_from_every_node_and_keep_flows() {
         );
     }
 
+    // Per-service counters, as Prometheus metrics: node3 balanced flows of web.
+    let metrics = lab.exec("node3", &["curl", "-s", "http://127.0.0.1:9323/metrics"]);
+    let flows: f64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(
+                "shoal_mesh_flows_total{service=\"web\",published=\"8080\",protocol=\"tcp\"} ",
+            )
+        })
+        .unwrap_or_else(|| panic!("no mesh flow counter for web in {metrics}"))
+        .parse()
+        .unwrap();
+    assert!(flows >= 30.0, "node3 counted {flows} flows");
+
     // The node's own processes reach published ports too, on its address and on localhost.
     for url in ["http://192.168.77.13:8080/", "http://127.0.0.1:8080/"] {
         let text = lab.exec("node3", &["curl", "-s", "--max-time", "2", url]);

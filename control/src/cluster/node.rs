@@ -104,6 +104,15 @@ pub struct JoinedResponse {
     pub role: Role,
 }
 
+/// See `ClusterRuntime::parts`.
+pub struct NodeParts {
+    pub node_id: String,
+    pub manager: Option<Arc<Manager>>,
+    pub worker: Arc<Worker>,
+    /// The node's server, heartbeat and role loops are all still running.
+    pub loops_alive: bool,
+}
+
 struct Running {
     membership: Membership,
     client: ClusterClient,
@@ -652,6 +661,19 @@ impl ClusterRuntime {
                 .map(|mgr| mgr.state().managers().map(|n| n.endpoint()).collect())
                 .unwrap_or_else(|| m.managers.clone()),
             leader: running.manager().map(|mgr| mgr.is_leader()),
+        })
+    }
+
+    /// The running parts of this node's membership, for metrics and health checks; None
+    /// outside a swarm.
+    pub async fn parts(&self) -> Option<NodeParts> {
+        let running = self.running.read().await;
+        let running = running.as_ref()?;
+        Some(NodeParts {
+            node_id: running.membership.identity.node_id.clone(),
+            manager: running.manager(),
+            worker: running.worker.clone(),
+            loops_alive: running.loops.iter().all(|l| !l.is_finished()),
         })
     }
 

@@ -53,6 +53,8 @@ pub struct Worker {
     manager_ids: Mutex<Vec<String>>,
     tasks: Mutex<HashMap<String, LocalTask>>,
     wake: Notify,
+    /// When a manager last answered a heartbeat (health checks).
+    last_heartbeat: Mutex<Option<tokio::time::Instant>>,
 }
 
 impl Worker {
@@ -89,6 +91,7 @@ impl Worker {
             manager_ids: Mutex::default(),
             tasks: Mutex::new(tasks),
             wake: Notify::new(),
+            last_heartbeat: Mutex::default(),
         })
     }
 
@@ -98,6 +101,18 @@ impl Worker {
 
     pub fn networks(&self) -> &Arc<NodeNetworks> {
         &self.networks
+    }
+
+    /// The state of each task this node knows (metrics).
+    pub fn task_states(&self) -> Vec<TaskState> {
+        let tasks = self.tasks.lock().expect("tasks");
+        tasks.values().map(|task| task.state).collect()
+    }
+
+    /// How long ago a manager last answered a heartbeat; None before the first answer.
+    pub fn since_heartbeat(&self) -> Option<Duration> {
+        let last = *self.last_heartbeat.lock().expect("last heartbeat");
+        last.map(|at| at.elapsed())
     }
 
     /// Whether a node is a manager, as the last heartbeat said.
@@ -182,6 +197,8 @@ impl Worker {
         while !*shutdown.borrow() {
             match self.heartbeat().await {
                 Ok(answer) => {
+                    *self.last_heartbeat.lock().expect("last heartbeat") =
+                        Some(tokio::time::Instant::now());
                     if failing_since.take().is_some() {
                         tracing::info!("managers reachable again");
                     }
