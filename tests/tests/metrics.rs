@@ -345,8 +345,15 @@ fn nodes_export_real_metrics_and_health() {
     );
     assert!(after > before, "DNS answers counted: {before} -> {after}");
     let m = scrape(&lab, &asker.node);
+    let front: serde_json::Value =
+        serde_json::from_str(&lab.exec("node1", &["shoal", "network", "inspect", "front"]))
+            .unwrap();
+    let front_id = front["id"].as_str().unwrap();
     let live = m
-        .find("shoal_gossip_table_entries", &[("state", "live")])
+        .find(
+            "shoal_gossip_table_entries",
+            &[("network_id", front_id), ("state", "live")],
+        )
         .iter()
         .map(|s| s.value)
         .sum::<f64>();
