@@ -377,13 +377,16 @@ async fn lb(parts: &NodeParts) -> Result<Exposition> {
     Ok(out)
 }
 
+/// A mesh counter family: name, help, and which counter it reads.
+type MeshCounterFamily = (&'static str, &'static str, fn(&MeshServiceCounters) -> u64);
+
 /// The routing mesh's per-service counters (summed over CPUs from the kernel), by
 /// published port.
 async fn mesh(parts: &NodeParts) -> Result<Exposition> {
     let networks = parts.worker.networks();
     let ports = networks.ingress_ports().await?;
     let mut out = Exposition::default();
-    let counters: [(&str, &str, fn(&MeshServiceCounters) -> u64); 7] = [
+    let counters: [MeshCounterFamily; 7] = [
         (
             "shoal_mesh_flows_total",
             "Flows given a backend by Maglev",

@@ -167,6 +167,28 @@ impl Dataplane {
     }
 }
 
+impl Dataplane {
+    /// Runs the ingress classifier `repeat` times on `packet` against the live maps (each run
+    /// sees what the previous one left): the last return code and the kernel's own mean time
+    /// per run (for the decision-cost benchmark).
+    pub fn time_ingress(&self, packet: &[u8], repeat: u32) -> Result<(u32, std::time::Duration)> {
+        use aya::programs::{TestRun as _, TestRunOptions};
+        let program: &SchedClassifier = self
+            .ebpf
+            .program(names::INGRESS_PROGRAM)
+            .context("ingress program missing")?
+            .try_into()?;
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                repeat,
+                ..Default::default()
+            })
+            .context("BPF_PROG_TEST_RUN on the ingress classifier")?;
+        Ok((result.return_value, result.duration))
+    }
+}
+
 /// Runs the loaded classifier `name` of `ebpf` on one frame with BPF_PROG_TEST_RUN against
 /// the live maps: its return code and the frame as it left the program.
 pub(crate) fn test_run(ebpf: &Ebpf, name: &str, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
