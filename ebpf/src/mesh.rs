@@ -117,6 +117,33 @@ impl Datagram {
         })
     }
 
+    /// An untagged Ethernet frame's IPv4 TCP/UDP datagram (what the ingress network carries).
+    #[inline(always)]
+    fn from_frame(ctx: &TcContext) -> Option<Self> {
+        if ctx.load::<u16>(12).map(u16::from_be) != Ok(ETH_P_IP) {
+            return None;
+        }
+        Self::parse(ctx, ETH_HLEN)
+    }
+
+    /// The flow key of `MESH_REPLIES` / `MESH_ORIGINS` for this datagram: sent by the backend
+    /// (`from_backend`) or to it.
+    fn reply_key(&self, from_backend: bool) -> ReplyKey {
+        let (backend_ip, backend_port, peer_ip, peer_port) = if from_backend {
+            (self.saddr, self.sport, self.daddr, self.dport)
+        } else {
+            (self.daddr, self.dport, self.saddr, self.sport)
+        };
+        ReplyKey {
+            backend_ip,
+            peer_ip,
+            backend_port,
+            peer_port,
+            protocol: self.protocol,
+            _pad: [0; 3],
+        }
+    }
+
     fn checksum_offset(&self) -> usize {
         if self.protocol == IPPROTO_TCP {
             self.l4 + 16
@@ -344,20 +371,10 @@ fn snat_port(reply: &mut ReplyKey, key: &FlowKey, hash: u32) -> Option<u16> {
 /// published port, out of the advertise interface.
 #[classifier]
 pub fn shoal_mesh_reply(ctx: TcContext) -> i32 {
-    if !is_ipv4(&ctx) {
-        return TC_ACT_OK;
-    }
-    let Some(packet) = Datagram::parse(&ctx, ETH_HLEN) else {
+    let Some(packet) = Datagram::from_frame(&ctx) else {
         return TC_ACT_OK;
     };
-    let key = ReplyKey {
-        backend_ip: packet.saddr,
-        peer_ip: packet.daddr,
-        backend_port: packet.sport,
-        peer_port: packet.dport,
-        protocol: packet.protocol,
-        _pad: [0; 3],
-    };
+    let key = packet.reply_key(true);
     // SAFETY: a plain lookup; the value is copied out at once.
     let Some(flow_key) = (unsafe { MESH_REPLIES.get(key) }).copied() else {
         return TC_ACT_OK;
@@ -399,23 +416,13 @@ pub fn shoal_mesh_reply(ctx: TcContext) -> i32 {
 /// each flow came through.
 #[classifier]
 pub fn shoal_mesh_to_task(ctx: TcContext) -> i32 {
-    if !is_ipv4(&ctx) {
-        return TC_ACT_OK;
-    }
-    let Some(packet) = Datagram::parse(&ctx, ETH_HLEN) else {
+    let Some(packet) = Datagram::from_frame(&ctx) else {
         return TC_ACT_OK;
     };
     let Ok(mac) = ctx.load::<[u8; 6]>(6) else {
         return TC_ACT_OK;
     };
-    let key = ReplyKey {
-        backend_ip: packet.daddr,
-        peer_ip: packet.saddr,
-        backend_port: packet.dport,
-        peer_port: packet.sport,
-        protocol: packet.protocol,
-        _pad: [0; 3],
-    };
+    let key = packet.reply_key(false);
     // SAFETY: a plain lookup; the value is copied out at once.
     let known = unsafe { MESH_ORIGINS.get(key) }.is_some_and(|origin| origin.mac == mac);
     if !known {
@@ -428,20 +435,10 @@ pub fn shoal_mesh_to_task(ctx: TcContext) -> i32 {
 /// the flow came through, whatever the task's routing chose.
 #[classifier]
 pub fn shoal_mesh_from_task(ctx: TcContext) -> i32 {
-    if !is_ipv4(&ctx) {
-        return TC_ACT_OK;
-    }
-    let Some(packet) = Datagram::parse(&ctx, ETH_HLEN) else {
+    let Some(packet) = Datagram::from_frame(&ctx) else {
         return TC_ACT_OK;
     };
-    let key = ReplyKey {
-        backend_ip: packet.saddr,
-        peer_ip: packet.daddr,
-        backend_port: packet.sport,
-        peer_port: packet.dport,
-        protocol: packet.protocol,
-        _pad: [0; 3],
-    };
+    let key = packet.reply_key(true);
     // SAFETY: a plain lookup; the value is copied out at once.
     if let Some(origin) = unsafe { MESH_ORIGINS.get(key) }.copied() {
         let _ = ctx.store(0, &origin.mac, 0);
@@ -498,10 +495,6 @@ pub fn shoal_mesh_node_connect4(ctx: SockAddrContext) -> i32 {
         _ => {}
     }
     ALLOW
-}
-
-fn is_ipv4(ctx: &TcContext) -> bool {
-    ctx.load::<u16>(12).map(u16::from_be) == Ok(ETH_P_IP)
 }
 
 /// Out of `ifindex` with the MACs of the next hop the kernel's FIB and neighbour table
