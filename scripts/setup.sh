@@ -11,8 +11,9 @@ PACKAGES=(iproute2 iputils-ping procps psmisc util-linux curl ca-certificates bp
 
 # Load generators and servers the benchmarks compare with (`setup.sh bench`).
 # dnsmasq-base is the binary without the system service; unbound's service is kept from
-# starting (below): the benchmark starts its own servers, in its own namespaces.
-BENCH_PACKAGES=(wrk iperf3 nginx-light dnsperf unbound dnsmasq-base)
+# starting (below): the benchmark starts its own servers, in its own namespaces. haproxy is the
+# routing-mesh bench's user-space proxy baseline (its service is kept from starting too).
+BENCH_PACKAGES=(wrk iperf3 nginx-light dnsperf unbound dnsmasq-base haproxy)
 
 say() { printf 'setup: %s\n' "$*"; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
@@ -41,9 +42,11 @@ if [ ${#missing[@]} -gt 0 ]; then
     || { $own_policy && rm -f "$policy"; die "apt-get install failed"; }
   $own_policy && rm -f "$policy"
   # Nor at the next boot.
-  if [[ " ${missing[*]} " == *" unbound "* ]] && command -v systemctl >/dev/null; then
-    systemctl disable --quiet unbound 2>/dev/null || true
-  fi
+  for service in unbound haproxy; do
+    if [[ " ${missing[*]} " == *" $service "* ]] && command -v systemctl >/dev/null; then
+      systemctl disable --quiet "$service" 2>/dev/null || true
+    fi
+  done
 fi
 
 # 2. Toolchains: stable for user space (pinned by rust-toolchain.toml), nightly + rust-src for eBPF.
