@@ -33,7 +33,7 @@ const RUNS: usize = 20_000;
 const NODE: [u8; 4] = [192, 168, 77, 11];
 const TABLE_SIZE: u32 = 1_021;
 
-fn packet(sport: u16, dport: u16, syn: bool) -> Vec<u8> {
+pub(crate) fn packet(sport: u16, dport: u16, syn: bool) -> Vec<u8> {
     let builder = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
         .ipv4([192, 168, 77, 100], NODE, 64)
         .tcp(sport, dport, 1, 65_535);
@@ -53,14 +53,14 @@ fn backends(port: u16) -> PublishedService {
     }
 }
 
-fn ports(count: u16) -> BTreeMap<(Protocol, u16), PublishedService> {
+pub(crate) fn ports(count: u16) -> BTreeMap<(Protocol, u16), PublishedService> {
     (0..count)
         .map(|i| ((Protocol::Tcp, 20_000 + i), backends(20_000 + i)))
         .collect()
 }
 
 /// A dataplane on this thread's (private) namespace's `lo`, with its own pins and cgroup.
-fn dataplane(pins: &Path, limits: MeshLimits) -> Dataplane {
+pub(crate) fn dataplane(pins: &Path, limits: MeshLimits) -> Dataplane {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let cgroup = shoal_dataplane::process::cgroup2_from_mountinfo(&mountinfo)
         .unwrap()
@@ -79,8 +79,17 @@ fn dataplane(pins: &Path, limits: MeshLimits) -> Dataplane {
     .expect("starting the dataplane")
 }
 
+/// Removes a run's pins and cgroup when dropped, also when the run panics.
+pub(crate) struct Pins(pub(crate) PathBuf);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        cleanup(&self.0);
+    }
+}
+
 fn cleanup(pins: &Path) {
-    shoal_dataplane::remove_pins(pins).unwrap();
+    let _ = shoal_dataplane::remove_pins(pins);
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let cgroup = shoal_dataplane::process::cgroup2_from_mountinfo(&mountinfo)
         .unwrap()
@@ -105,7 +114,7 @@ fn time(dp: &Dataplane, frame: impl Fn(usize) -> Vec<u8>, expect: u32) -> (f64, 
     (percentile(&times, 0.5), percentile(&times, 0.99))
 }
 
-fn in_private_netns<T: Send + 'static>(body: impl FnOnce() -> T + Send + 'static) -> T {
+pub(crate) fn in_private_netns<T: Send + 'static>(body: impl FnOnce() -> T + Send + 'static) -> T {
     std::thread::spawn(move || {
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare");
         body()
@@ -114,7 +123,7 @@ fn in_private_netns<T: Send + 'static>(body: impl FnOnce() -> T + Send + 'static
     .unwrap()
 }
 
-fn decision(services: u16) -> serde_json::Value {
+pub(crate) fn decision(services: u16) -> serde_json::Value {
     in_private_netns(move || {
         let pins = PathBuf::from(format!(
             "/sys/fs/bpf/shoal-bench-{}-{services}",
@@ -124,6 +133,7 @@ fn decision(services: u16) -> serde_json::Value {
             max_services: u32::from(services).max(16),
             table_size: TABLE_SIZE,
         };
+        let _pins = Pins(pins.clone());
         let dp = dataplane(&pins, limits);
         let mut table = MeshTable::open(&dp.config().maps_dir(), limits).unwrap();
         table.set_advertise(NODE.into(), 1).unwrap();
@@ -148,7 +158,6 @@ fn decision(services: u16) -> serde_json::Value {
         let (_, warm) = dp.time_ingress(&packet(1_024, 9, false), 100_000).unwrap();
         drop(table);
         drop(dp);
-        cleanup(&pins);
         json!({
             "services": services,
             "new_flow_ns": {"p50": new_flow.0, "p99": new_flow.1},
@@ -159,7 +168,7 @@ fn decision(services: u16) -> serde_json::Value {
     })
 }
 
-fn programming() -> serde_json::Value {
+pub(crate) fn programming() -> serde_json::Value {
     in_private_netns(|| {
         let pins = PathBuf::from(format!(
             "/sys/fs/bpf/shoal-bench-{}-prog",
@@ -169,6 +178,7 @@ fn programming() -> serde_json::Value {
             max_services: 1_024,
             table_size: shoal_common::MESH_DEFAULT_TABLE_SIZE,
         };
+        let _pins = Pins(pins.clone());
         let dp = dataplane(&pins, limits);
         let mut table = MeshTable::open(&dp.config().maps_dir(), limits).unwrap();
         let wanted = ports(1_000);
@@ -185,7 +195,6 @@ fn programming() -> serde_json::Value {
         let mesh_change = started.elapsed();
         drop(table);
         drop(dp);
-        cleanup(&pins);
 
         let mut rules = String::from(
             "table ip shoal_bench {\n chain prerouting { type nat hook prerouting priority dstnat;\n",
