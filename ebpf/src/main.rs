@@ -41,7 +41,7 @@ pub fn shoal_ingress(ctx: TcContext) -> i32 {
 
 fn classify(ctx: &TcContext) -> (Verdict, i32) {
     let pass = |verdict| (verdict, TC_ACT_OK);
-    let Some(mut ethertype) = load_be16(ctx, 12) else {
+    let Some(mut ethertype) = mesh::peek::<u16>(ctx, 12).map(u16::from_be) else {
         return pass(Verdict::Malformed);
     };
     let mut l3 = ETH_HLEN;
@@ -57,6 +57,18 @@ fn classify(ctx: &TcContext) -> (Verdict, i32) {
     };
     let (proto, l4) = match ethertype {
         ETH_P_IP => {
+            // Untagged only: the mesh answers on the advertise address, never on a VLAN.
+            // First, before any other read: a packet the mesh takes passes every check below.
+            if l3 == ETH_HLEN {
+                if let Some(packet) = mesh::Datagram::parse(ctx, l3) {
+                    if let Some(service) = mesh::published(&packet, settings) {
+                        return (
+                            Verdict::Mesh,
+                            mesh::forward(ctx, &packet, settings, &service),
+                        );
+                    }
+                }
+            }
             let Some(vihl) = load_u8(ctx, l3) else {
                 return pass(Verdict::Malformed);
             };
@@ -70,17 +82,6 @@ fn classify(ctx: &TcContext) -> (Verdict, i32) {
             // Later fragments carry no transport header: nothing to match on.
             if frag & 0x1fff != 0 {
                 return pass(Verdict::Other);
-            }
-            // Untagged only: the mesh answers on the advertise address, never on a VLAN.
-            if l3 == ETH_HLEN {
-                if let Some(packet) = mesh::Datagram::parse(ctx, l3) {
-                    if let Some(service) = mesh::published(&packet, settings) {
-                        return (
-                            Verdict::Mesh,
-                            mesh::forward(ctx, &packet, settings, &service),
-                        );
-                    }
-                }
             }
             (proto, l3 + ihl)
         }

@@ -85,6 +85,68 @@ impl Datagram {
     /// else: other protocols, fragments, and headers shorter than they claim.
     #[inline(always)]
     pub(crate) fn parse(ctx: &TcContext, l3: usize) -> Option<Self> {
+        match Self::parse_direct(ctx, l3) {
+            Some(parsed) => parsed,
+            None => Self::parse_loaded(ctx, l3),
+        }
+    }
+
+    /// `parse` without a helper call for the common case: an IPv4 header without options
+    /// right after the Ethernet header, in the packet's linear part, read in place at
+    /// constant offsets (the verifier bounds those; a `bpf_skb_load_bytes` per field was
+    /// most of the mesh's per-packet cost). None when the case does not apply: then
+    /// `parse_loaded` decides, with the same answers.
+    #[inline(always)]
+    fn parse_direct(ctx: &TcContext, l3: usize) -> Option<Option<Self>> {
+        const L4: usize = ETH_HLEN + 20;
+        let start = ctx.data();
+        let end = ctx.data_end();
+        if l3 != ETH_HLEN || start + L4 > end {
+            return None;
+        }
+        // SAFETY (every read below): within [data, data_end), checked before the read.
+        let byte = |at: usize| unsafe { *((start + at) as *const u8) };
+        let be16 = |at: usize| u16::from_be_bytes([byte(at), byte(at + 1)]);
+        let ne32 =
+            |at: usize| u32::from_ne_bytes([byte(at), byte(at + 1), byte(at + 2), byte(at + 3)]);
+        if byte(ETH_HLEN) != 0x45 {
+            return None;
+        }
+        let protocol = byte(ETH_HLEN + 9);
+        let frag = be16(ETH_HLEN + 6);
+        if frag & 0x3fff != 0 {
+            return Some(None);
+        }
+        let tcp_flags = match protocol {
+            IPPROTO_TCP => {
+                if start + L4 + 20 > end {
+                    return None;
+                }
+                byte(L4 + 13)
+            }
+            IPPROTO_UDP => {
+                if start + L4 + 8 > end {
+                    return None;
+                }
+                0
+            }
+            _ => return Some(None),
+        };
+        Some(Some(Self {
+            l3,
+            l4: L4,
+            protocol,
+            tcp_flags,
+            saddr: ne32(ETH_HLEN + IP_SRC),
+            daddr: ne32(ETH_HLEN + IP_DST),
+            sport: u16::from_ne_bytes([byte(L4), byte(L4 + 1)]),
+            dport: u16::from_ne_bytes([byte(L4 + 2), byte(L4 + 3)]),
+        }))
+    }
+
+    /// `parse` for any case, one `bpf_skb_load_bytes` per field.
+    #[inline(always)]
+    fn parse_loaded(ctx: &TcContext, l3: usize) -> Option<Self> {
         let vihl: u8 = ctx.load(l3).ok()?;
         let ihl = usize::from(vihl & 0x0f) * 4;
         let frag = u16::from_be(ctx.load::<u16>(l3 + 6).ok()?);
@@ -120,7 +182,7 @@ impl Datagram {
     /// An untagged Ethernet frame's IPv4 TCP/UDP datagram (what the ingress network carries).
     #[inline(always)]
     fn from_frame(ctx: &TcContext) -> Option<Self> {
-        if ctx.load::<u16>(12).map(u16::from_be) != Ok(ETH_P_IP) {
+        if peek::<u16>(ctx, 12).map(u16::from_be) != Some(ETH_P_IP) {
             return None;
         }
         Self::parse(ctx, ETH_HLEN)
@@ -419,7 +481,7 @@ pub fn shoal_mesh_to_task(ctx: TcContext) -> i32 {
     let Some(packet) = Datagram::from_frame(&ctx) else {
         return TC_ACT_OK;
     };
-    let Ok(mac) = ctx.load::<[u8; 6]>(6) else {
+    let Some(mac) = peek::<[u8; 6]>(&ctx, 6) else {
         return TC_ACT_OK;
     };
     let key = packet.reply_key(false);
@@ -495,6 +557,20 @@ pub fn shoal_mesh_node_connect4(ctx: SockAddrContext) -> i32 {
         _ => {}
     }
     ALLOW
+}
+
+/// Reads a `T` at a constant `offset` of the packet: straight from its linear part when it is
+/// there (no helper call), else with `bpf_skb_load_bytes` (the same answer, slower). Only for
+/// offsets the compiler sees as constants: the verifier cannot bound a variable one here.
+#[inline(always)]
+pub(crate) fn peek<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + core::mem::size_of::<T>() > end {
+        return ctx.load(offset).ok();
+    }
+    // SAFETY: within [data, data_end), checked just above (and by the verifier).
+    Some(unsafe { core::ptr::read_unaligned((start + offset) as *const T) })
 }
 
 /// Out of `ifindex` with the MACs of the next hop the kernel's FIB and neighbour table
