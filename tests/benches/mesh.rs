@@ -515,6 +515,105 @@ fn warm_decision(services: u16) -> Value {
     })
 }
 
+/// The floor under every figure of part 2 on this machine: one BPF_PROG_TEST_RUN iteration
+/// of an empty TC program (`r0 = 0; exit`), and of one with a single helper call
+/// (`bpf_ktime_get_ns`), repeated 1,000,000 times, the kernel's mean. Loaded from raw
+/// instructions (bpf(2)), closed at once.
+fn calibration() -> Value {
+    #[repr(C)]
+    struct Load {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        rest: [u8; 104],
+    }
+    #[repr(C)]
+    struct TestRun {
+        prog_fd: u32,
+        retval: u32,
+        size_in: u32,
+        size_out: u32,
+        data_in: u64,
+        data_out: u64,
+        repeat: u32,
+        duration: u32,
+        rest: [u8; 88],
+    }
+    const SCHED_CLS: u32 = 3;
+    let (exit, r0_zero, ktime) = (0x95u64, 0xb7u64, 0x85u64 | (5 << 32));
+    let license = c"GPL";
+    let frame = decision::packet(1, 9, false);
+    let mut out = serde_json::Map::new();
+    for (name, insns) in [
+        ("empty_program_ns", vec![r0_zero, exit]),
+        ("one_helper_call_program_ns", vec![ktime, r0_zero, exit]),
+    ] {
+        let load = Load {
+            prog_type: SCHED_CLS,
+            insn_cnt: insns.len() as u32,
+            insns: insns.as_ptr() as u64,
+            license: license.as_ptr() as u64,
+            rest: [0; 104],
+        };
+        // SAFETY: bpf(BPF_PROG_LOAD) reads the attribute and the buffers it points to.
+        let fd = unsafe {
+            nix::libc::syscall(
+                nix::libc::SYS_bpf,
+                5,
+                &load as *const Load,
+                size_of::<Load>(),
+            )
+        };
+        assert!(
+            fd >= 0,
+            "loading the calibration program: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: a new descriptor, owned here and closed when dropped.
+        let fd =
+            unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+        let runs: Vec<f64> = (0..3)
+            .map(|_| {
+                let mut run = TestRun {
+                    prog_fd: std::os::fd::AsRawFd::as_raw_fd(&fd) as u32,
+                    retval: 0,
+                    size_in: frame.len() as u32,
+                    size_out: 0,
+                    data_in: frame.as_ptr() as u64,
+                    data_out: 0,
+                    repeat: 1_000_000,
+                    duration: 0,
+                    rest: [0; 88],
+                };
+                // SAFETY: bpf(BPF_PROG_TEST_RUN) reads the frame and writes `run` back.
+                let done = unsafe {
+                    nix::libc::syscall(
+                        nix::libc::SYS_bpf,
+                        10,
+                        &mut run as *mut TestRun,
+                        size_of::<TestRun>(),
+                    )
+                };
+                assert_eq!(done, 0, "test run: {}", std::io::Error::last_os_error());
+                f64::from(run.duration)
+            })
+            .collect();
+        out.insert(name.into(), json!(median(&runs)));
+    }
+    Value::Object(out)
+}
+
+fn decision_only() {
+    println!("{}", calibration());
+    let single = [decision::decision(10), decision::decision(10_000)];
+    let warm = [warm_decision(10), warm_decision(10_000)];
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json!({"single_runs": single, "repeated": warm})).unwrap()
+    );
+}
+
 fn main() {
     shoal_tests::require_root();
     for tool in ["wrk", "nginx", "haproxy", "nft", "curl"] {
@@ -527,10 +626,15 @@ fn main() {
             "{tool} is missing: run scripts/setup.sh bench"
         );
     }
+    // SHOAL_BENCH_MESH_NO_LAB=1: parts 2 and 3 only (a quick check of a kernel-side change).
+    if std::env::var_os("SHOAL_BENCH_MESH_NO_LAB").is_some() {
+        return decision_only();
+    }
     let (paths, lab) = lab_bench();
     let single = [decision::decision(10), decision::decision(10_000)];
     let warm = [warm_decision(10), warm_decision(10_000)];
     let programming = decision::programming();
+    let floor = calibration();
 
     // 1. The lab table.
     println!(
@@ -638,6 +742,11 @@ fn main() {
             cell(&source[1], path)
         );
     }
+    println!(
+        "(floor here: an empty program {:.0} ns per test run, one with one helper call {:.0} ns)",
+        floor["empty_program_ns"].as_f64().unwrap(),
+        floor["one_helper_call_program_ns"].as_f64().unwrap()
+    );
     for (label, key) in [
         ("new flow", "new_flow_warm_mean_ns"),
         ("tracked flow", "tracked_flow_warm_mean_ns"),
@@ -678,7 +787,7 @@ fn main() {
         out.join("mesh.json"),
         serde_json::to_vec_pretty(&json!({
             "lab": {"paths": paths, "rows": rows, "rounds": ROUNDS, "wrk_seconds": WRK_SECONDS},
-            "decision": {"single_runs": single, "repeated": warm, "repeat": REPEAT},
+            "decision": {"single_runs": single, "repeated": warm, "repeat": REPEAT, "test_run_floor": floor},
             "programming": programming,
             "targets": targets,
         }))
