@@ -67,6 +67,9 @@ fn classify(ctx: &TcContext) -> (Verdict, i32) {
                             mesh::forward(ctx, &packet, settings, &service),
                         );
                     }
+                    // Parsed already: no reason to read the headers again.
+                    let dport = u16::from_be(packet.dport);
+                    return pass(port_verdict(packet.protocol, dport, settings));
                 }
             }
             let Some(vihl) = load_u8(ctx, l3) else {
@@ -99,14 +102,20 @@ fn classify(ctx: &TcContext) -> (Verdict, i32) {
     let Some(dport) = load_be16(ctx, l4 + 2) else {
         return pass(Verdict::Malformed);
     };
+    pass(port_verdict(proto, dport, settings))
+}
+
+/// A TCP or UDP packet's verdict by its destination port (host byte order).
+#[inline(always)]
+fn port_verdict(proto: u8, dport: u16, settings: &IngressSettings) -> Verdict {
     if proto == IPPROTO_UDP && dport == settings.data_path_port {
-        pass(Verdict::Overlay)
+        Verdict::Overlay
     } else if dport == settings.gossip_port
         || (proto == IPPROTO_TCP && dport == settings.manager_port)
     {
-        pass(Verdict::Control)
+        Verdict::Control
     } else {
-        pass(Verdict::Other)
+        Verdict::Other
     }
 }
 

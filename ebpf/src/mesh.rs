@@ -17,7 +17,9 @@ use aya_ebpf::{
     bindings::{
         BPF_F_MARK_MANGLED_0, BPF_F_MMAPABLE, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT,
     },
-    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect_neigh},
+    helpers::{
+        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_redirect_neigh,
+    },
     macros::{cgroup_sock_addr, classifier, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::{SockAddrContext, TcContext},
@@ -228,17 +230,23 @@ impl Datagram {
     }
 
     /// Replaces the source (`source`) or destination address and port, with checksums.
+    #[inline(always)]
     fn rewrite(&self, ctx: &TcContext, source: bool, ip: u32, port: u16) -> Option<()> {
-        let (old_ip, old_port, ip_at, port_at) = if source {
-            (self.saddr, self.sport, self.l3 + IP_SRC, self.l4)
+        let (old_ip, old_port) = if source {
+            (self.saddr, self.sport)
         } else {
-            (self.daddr, self.dport, self.l3 + IP_DST, self.l4 + 2)
+            (self.daddr, self.dport)
         };
+        if old_ip == ip && old_port == port {
+            return Some(());
+        }
+        if self.write_in_place(ctx, source, ip, port).is_none() {
+            self.write_stored(ctx, source, ip, port)?;
+        }
+        // The transport checksum by the kernel's helper: only it knows whether the packet
+        // carries a full checksum or a partial one the NIC completes (a locally sent packet).
         let csum = self.checksum_offset();
         if old_ip != ip {
-            ctx.store(ip_at, &ip, 0).ok()?;
-            ctx.l3_csum_replace(self.l3 + IP_CSUM, u64::from(old_ip), u64::from(ip), 4)
-                .ok()?;
             ctx.l4_csum_replace(
                 csum,
                 u64::from(old_ip),
@@ -248,7 +256,6 @@ impl Datagram {
             .ok()?;
         }
         if old_port != port {
-            ctx.store(port_at, &port, 0).ok()?;
             ctx.l4_csum_replace(
                 csum,
                 u64::from(old_port),
@@ -258,6 +265,50 @@ impl Datagram {
             .ok()?;
         }
         Some(())
+    }
+
+    /// The address, port and IP checksum written straight into the packet, for headers where
+    /// `parse_direct` found them (constant offsets the verifier bounds). None when they are
+    /// elsewhere: nothing was written.
+    #[inline(always)]
+    fn write_in_place(&self, ctx: &TcContext, source: bool, ip: u32, port: u16) -> Option<()> {
+        const L4: usize = ETH_HLEN + 20;
+        let start = ctx.data();
+        if self.l3 != ETH_HLEN || self.l4 != L4 || start + L4 + 4 > ctx.data_end() {
+            return None;
+        }
+        let (ip_at, port_at) = if source {
+            (ETH_HLEN + IP_SRC, L4)
+        } else {
+            (ETH_HLEN + IP_DST, L4 + 2)
+        };
+        // SAFETY: every offset is below L4 + 4, within [data, data_end) as checked above;
+        // the program only writes packets the kernel made writable for it.
+        unsafe {
+            let check = (start + ETH_HLEN + IP_CSUM) as *mut u16;
+            let old_ip = core::ptr::read_unaligned((start + ip_at) as *const u32);
+            check.write_unaligned(shoal_common::csum_replace4(
+                check.read_unaligned(),
+                old_ip,
+                ip,
+            ));
+            core::ptr::write_unaligned((start + ip_at) as *mut u32, ip);
+            core::ptr::write_unaligned((start + port_at) as *mut u16, port);
+        }
+        Some(())
+    }
+
+    /// `write_in_place` for any header layout, with the kernel's store and checksum helpers.
+    fn write_stored(&self, ctx: &TcContext, source: bool, ip: u32, port: u16) -> Option<()> {
+        let (old_ip, ip_at, port_at) = if source {
+            (self.saddr, self.l3 + IP_SRC, self.l4)
+        } else {
+            (self.daddr, self.l3 + IP_DST, self.l4 + 2)
+        };
+        ctx.store(ip_at, &ip, 0).ok()?;
+        ctx.l3_csum_replace(self.l3 + IP_CSUM, u64::from(old_ip), u64::from(ip), 4)
+            .ok()?;
+        ctx.store(port_at, &port, 0).ok()
     }
 
     fn tcp_state_bits(&self, fin: u32) -> u32 {
@@ -303,8 +354,7 @@ pub(crate) fn forward(
         protocol: packet.protocol,
         _pad: [0; 3],
     };
-    // SAFETY: helper without side effects.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = now_ns();
     // A SYN starts a new connection: it is balanced afresh even if the tuple was seen before.
     let opening = packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let tracked = if opening {
@@ -452,7 +502,7 @@ pub fn shoal_mesh_reply(ctx: TcContext) -> i32 {
     if let Some(flow) = MESH_FLOWS.get_ptr_mut(flow_key) {
         // SAFETY: as in `forward`.
         unsafe {
-            (*flow).last_seen_ns = bpf_ktime_get_ns();
+            (*flow).last_seen_ns = now_ns();
             (*flow).state |= packet.tcp_state_bits(FLOW_FIN_BACKEND);
             index = Some((*flow).service_index);
         }
@@ -575,6 +625,14 @@ pub(crate) fn peek<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
     }
     // SAFETY: within [data, data_end), checked just above (and by the verifier).
     Some(unsafe { core::ptr::read_unaligned((start + offset) as *const T) })
+}
+
+/// The monotonic clock at tick resolution, for flow ages: it is read without asking the
+/// clock source, which in a VM costs more than the rest of a tracked flow's decision.
+#[inline(always)]
+fn now_ns() -> u64 {
+    // SAFETY: helper without side effects.
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// Out of `ifindex` with the MACs of the next hop the kernel's FIB and neighbour table
