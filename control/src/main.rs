@@ -8,6 +8,9 @@ mod commands;
 mod config;
 mod debug;
 mod demo;
+#[cfg(test)]
+mod doc_commands;
+mod examples;
 mod lab;
 mod metrics;
 mod output;
@@ -15,7 +18,7 @@ mod output;
 use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Result;
-use clap::{CommandFactory as _, Parser, Subcommand};
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use shoal_dataplane::DataplaneStatus;
 
 use crate::{
@@ -183,7 +186,8 @@ enum LabCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = examples::with_examples(Cli::command()).get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|err| err.exit());
     if !matches!(cli.command, Command::Agent { .. }) {
         // A client piped into `head` ends quietly, as Unix tools do, instead of panicking.
         // SAFETY: restoring a default signal disposition before any thread starts.

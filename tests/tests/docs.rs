@@ -5,9 +5,14 @@
 //! end-to-end tests; every command, of either kind, is parsed by the CLI's own unit test
 //! (`control`'s docs test). Needs root.
 
-use std::{fs, path::Path};
+use std::path::Path;
 
 use shoal_tests::TestLab;
+
+#[path = "../../control/src/doc_commands.rs"]
+mod doc_commands;
+
+use doc_commands::{command_of, commands_in, documented_commands, fill_task, DocCommand};
 
 /// Subcommands that only read state, and may run as often as the test likes.
 const READ_ONLY: [&[&str]; 21] = [
@@ -37,72 +42,6 @@ const READ_ONLY: [&[&str]; 21] = [
 /// Programs a documented `task exec` may run: they only look.
 const TASK_PROGRAMS: [&str; 4] = ["ip", "ss", "getent", "curl"];
 
-/// A command as the docs write it: the lab node it is shown on (if the docs say), and the
-/// words after `shoal`.
-#[derive(Debug, PartialEq)]
-struct DocCommand {
-    source: String,
-    /// In inline code, where prose may name a command without its arguments.
-    inline: bool,
-    node: Option<String>,
-    words: Vec<String>,
-}
-
-/// Every `shoal` command in a Markdown text: lines of fenced blocks and inline code spans.
-fn commands_in(source: &str, text: &str) -> Vec<DocCommand> {
-    let mut found = Vec::new();
-    let mut fenced = false;
-    for line in text.lines() {
-        if line.trim_start().starts_with("```") {
-            fenced = !fenced;
-            continue;
-        }
-        if fenced {
-            found.extend(command_of(source, line, false));
-        } else {
-            let spans = line.split('`').skip(1).step_by(2);
-            found.extend(spans.filter_map(|span| command_of(source, span, true)));
-        }
-    }
-    found
-}
-
-/// The command on one line or code span, without prompt, lab prefix, comment and optional
-/// `[...]` parts.
-fn command_of(source: &str, line: &str, inline: bool) -> Option<DocCommand> {
-    let line = line.split(" #").next()?.trim();
-    let line = line
-        .strip_prefix("$ ")
-        .or_else(|| line.strip_prefix("sudo "))
-        .unwrap_or(line);
-    let (node, rest) = if let Some(rest) = line.strip_prefix("s1 shoal ") {
-        (Some("node1".to_owned()), rest)
-    } else if let Some(rest) = line
-        .strip_prefix("$shoal lab exec ")
-        .or_else(|| line.strip_prefix("shoal lab exec "))
-    {
-        let (node, command) = rest.split_once(" -- shoal ")?;
-        (Some(node.to_owned()), command)
-    } else {
-        (None, line.strip_prefix("shoal ")?)
-    };
-    let mut words = Vec::new();
-    let mut optional = 0;
-    for word in rest.split_whitespace() {
-        optional += word.matches('[').count();
-        if optional == 0 {
-            words.push(word.to_owned());
-        }
-        optional -= word.matches(']').count();
-    }
-    Some(DocCommand {
-        source: source.to_owned(),
-        inline,
-        node,
-        words,
-    })
-}
-
 fn read_only(command: &DocCommand) -> bool {
     let words: Vec<&str> = command.words.iter().map(String::as_str).collect();
     READ_ONLY.iter().any(|prefix| words.starts_with(prefix))
@@ -112,46 +51,6 @@ fn read_only(command: &DocCommand) -> bool {
                 .position(|w| *w == "--")
                 .and_then(|i| words.get(i + 1))
                 .is_some_and(|program| TASK_PROGRAMS.contains(program)))
-}
-
-/// `line` with every task of `web` the docs name (`web.N.<id>`) replaced by `task`, and
-/// whether there was one.
-fn fill_task(line: &str, task: &str) -> (String, bool) {
-    let mut named = false;
-    let words = line.split(' ').map(|word| {
-        let slot = word
-            .strip_prefix("web.")
-            .and_then(|w| w.strip_suffix(".<id>"));
-        if slot.is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())) {
-            named = true;
-            task
-        } else {
-            word
-        }
-    });
-    let line = words.collect::<Vec<_>>().join(" ");
-    (line, named)
-}
-
-fn documented_commands() -> Vec<DocCommand> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let mut files = vec![root.join("README.md")];
-    for dir in ["docs", "docs/paths"] {
-        for entry in fs::read_dir(root.join(dir)).unwrap() {
-            let path = entry.unwrap().path();
-            if path.extension().is_some_and(|e| e == "md") {
-                files.push(path);
-            }
-        }
-    }
-    files.sort();
-    files
-        .iter()
-        .flat_map(|path| {
-            let name = path.strip_prefix(&root).unwrap().display().to_string();
-            commands_in(&name, &fs::read_to_string(path).unwrap())
-        })
-        .collect()
 }
 
 #[test]
@@ -181,7 +80,8 @@ fn commands_are_found_in_blocks_and_spans_with_their_node() {
 
 #[test]
 fn every_read_only_command_in_the_docs_runs_in_a_lab() {
-    let commands: Vec<DocCommand> = documented_commands()
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let commands: Vec<DocCommand> = documented_commands(&root)
         .into_iter()
         .filter(read_only)
         .collect();

@@ -1,0 +1,324 @@
+//! `--help` examples, one entry per command, kept in one table so a test can check that every
+//! command has some and that every one of them still parses.
+
+use clap::Command;
+
+/// (command path, example lines). Every command that takes no subcommand has an entry.
+const EXAMPLES: &[(&str, &str)] = &[
+    (
+        "agent",
+        "shoal agent --config /etc/shoal/agent.toml\n\
+         shoal agent --advertise-addr 192.168.56.10 --metrics-addr 127.0.0.1:9323",
+    ),
+    ("version", "shoal version\nshoal version --format json"),
+    ("info", "shoal info\nshoal info --format json"),
+    (
+        "swarm init",
+        "shoal swarm init --advertise-addr 192.168.56.10\n\
+         shoal swarm init --default-addr-pool 10.20.0.0/16 --default-addr-pool-mask-length 24\n\
+         shoal swarm init --force-new-cluster",
+    ),
+    (
+        "swarm join",
+        "shoal swarm join --token SWMTKN-1-3pu6hszjas19xyp7ghgosyx9k8atbfcr8p2is99znpy26u2lkl-1awxwuwd3z9j1z3puu7rcgdbx 192.168.56.10:2377",
+    ),
+    (
+        "swarm join-token",
+        "shoal swarm join-token worker\nshoal swarm join-token -q manager\n\
+         shoal swarm join-token --rotate worker",
+    ),
+    ("swarm update", "shoal swarm update --rotate-gossip-key"),
+    ("swarm leave", "shoal swarm leave\nshoal swarm leave --force"),
+    ("node ls", "shoal node ls\nshoal node ls --format json"),
+    (
+        "node inspect",
+        "shoal node inspect self --pretty\nshoal node inspect node2",
+    ),
+    (
+        "node update",
+        "shoal node update --availability drain node2\n\
+         shoal node update --label-add zone=a node3\nshoal node update --role manager node2",
+    ),
+    ("node promote", "shoal node promote node2 node3"),
+    ("node demote", "shoal node demote node3"),
+    ("node rm", "shoal node rm node3\nshoal node rm --force node3"),
+    (
+        "node ps",
+        "shoal node ps\nshoal node ps node2 --format json",
+    ),
+    (
+        "service create",
+        "shoal service create --name web --replicas 3 --network front --publish 8080:80 -- shoal whoami\n\
+         shoal service create --name dns --mode global --publish 53:53/udp -- my-resolver\n\
+         shoal service create --name api --network front --publish published=9090,target=90,source=snat --constraint node.labels.zone==a -- ./api",
+    ),
+    ("service ls", "shoal service ls\nshoal service ls --format json"),
+    (
+        "service ps",
+        "shoal service ps web\nshoal service ps web --format json",
+    ),
+    (
+        "service inspect",
+        "shoal service inspect web\nshoal service inspect web --pretty",
+    ),
+    (
+        "service scale",
+        "shoal service scale web=5\nshoal service scale web=2 api=4 --detach",
+    ),
+    (
+        "service update",
+        "shoal service update --replicas 4 web\n\
+         shoal service update --publish-add 8443:443 --publish-rm 8080 web\n\
+         shoal service update --env-add LOG=debug --network-add back web",
+    ),
+    (
+        "service logs",
+        "shoal service logs web\nshoal service logs web --tail 20",
+    ),
+    ("service rm", "shoal service rm web api"),
+    (
+        "network create",
+        "shoal network create front\n\
+         shoal network create --subnet 10.30.0.0/24 --opt mtu=1400 --internal back",
+    ),
+    ("network ls", "shoal network ls\nshoal network ls --format json"),
+    ("network inspect", "shoal network inspect front"),
+    ("network rm", "shoal network rm back"),
+    (
+        "task exec",
+        "shoal task exec web.1 -- ip addr\nshoal task exec web.1 -- getent hosts tasks.web",
+    ),
+    (
+        "gossip members",
+        "shoal gossip members\nshoal gossip members --format json",
+    ),
+    (
+        "gossip tables",
+        "shoal gossip tables front\nshoal gossip tables ingress --format json",
+    ),
+    ("lb ls", "shoal lb ls\nshoal lb ls web --format json"),
+    (
+        "dns lookup",
+        "shoal dns lookup web --task web.1\nshoal dns lookup tasks.web --task web.1 --format json",
+    ),
+    ("dns stats", "shoal dns stats\nshoal dns stats --format json"),
+    ("ingress ls", "shoal ingress ls\nshoal ingress ls --format json"),
+    (
+        "ingress trace",
+        "shoal ingress trace --dst 192.168.77.11:8080 --src 192.168.77.100:40000\n\
+         shoal ingress trace --proto udp --dst 192.168.77.11:53 --src 192.168.77.100:5353 --format json",
+    ),
+    (
+        "conntrack ls",
+        "shoal conntrack ls\nshoal conntrack ls --format json",
+    ),
+    (
+        "whoami",
+        "shoal whoami --listen 0.0.0.0:8080",
+    ),
+    (
+        "dataplane status",
+        "shoal dataplane status\nshoal dataplane status --format json",
+    ),
+    (
+        "completion",
+        "source <(shoal completion bash)\nshoal completion zsh > \"${fpath[1]}/_shoal\"",
+    ),
+    (
+        "lab up",
+        "shoal lab up\nshoal lab up --nodes 5 --managers 3\nshoal lab --name ci up --nodes 2",
+    ),
+    ("lab down", "shoal lab down\nshoal lab --name ci down"),
+    ("lab status", "shoal lab status\nshoal lab status --format json"),
+    (
+        "lab exec",
+        "shoal lab exec node1 -- shoal node ls\nshoal lab exec client -- curl -s 192.168.77.12:8080",
+    ),
+    ("lab stop", "shoal lab stop node2\nshoal lab stop node2 --kill"),
+    ("lab start", "shoal lab start node2"),
+    ("lab demo", "shoal lab demo\nshoal lab --name tour demo"),
+];
+
+/// `command` with each command's examples as the end of its `--help`.
+pub fn with_examples(command: Command) -> Command {
+    add(command, "")
+}
+
+fn add(mut command: Command, path: &str) -> Command {
+    if let Some((_, lines)) = EXAMPLES.iter().find(|(p, _)| *p == path) {
+        let indented: Vec<String> = lines.lines().map(|l| format!("  {l}")).collect();
+        command = command.after_help(format!("Examples:\n{}", indented.join("\n")));
+    }
+    let names: Vec<String> = command
+        .get_subcommands()
+        .map(|sub| sub.get_name().to_owned())
+        .collect();
+    for name in names {
+        let sub_path = if path.is_empty() {
+            name.clone()
+        } else {
+            format!("{path} {name}")
+        };
+        command = command.mut_subcommand(&name, |sub| add(sub, &sub_path));
+    }
+    command
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory as _;
+
+    /// Paths of every visible command that takes no subcommand.
+    fn leaves(command: &Command, path: &str, out: &mut Vec<String>) {
+        for sub in command.get_subcommands() {
+            if sub.is_hide_set() || sub.get_name() == "help" {
+                continue;
+            }
+            let sub_path = format!("{path} {}", sub.get_name()).trim().to_owned();
+            if sub.has_subcommands() {
+                leaves(sub, &sub_path, out);
+            } else {
+                out.push(sub_path);
+            }
+        }
+    }
+
+    /// Splits like a shell for the examples' needs: words, single and double quotes.
+    fn shell_words(line: &str) -> Vec<String> {
+        let mut words = Vec::new();
+        let mut word = String::new();
+        let mut quote = None;
+        let mut in_word = false;
+        for c in line.chars() {
+            match (quote, c) {
+                (Some(q), c) if c == q => quote = None,
+                (Some(_), c) => word.push(c),
+                (None, '\'' | '"') => {
+                    quote = Some(c);
+                    in_word = true;
+                }
+                (None, c) if c.is_whitespace() => {
+                    if in_word {
+                        words.push(std::mem::take(&mut word));
+                        in_word = false;
+                    }
+                }
+                (None, c) => {
+                    word.push(c);
+                    in_word = true;
+                }
+            }
+        }
+        if in_word {
+            words.push(word);
+        }
+        words
+    }
+
+    /// An example's `shoal` invocation, without what a shell would do around it.
+    fn invocation(line: &str) -> Vec<String> {
+        let line = line
+            .strip_prefix("source <(")
+            .map_or(line, |l| l.trim_end_matches(')'));
+        let line = line.split(" > ").next().unwrap();
+        shell_words(line)
+    }
+
+    #[test]
+    fn every_command_has_examples_and_every_example_parses() {
+        let cli = with_examples(crate::Cli::command());
+        let mut paths = Vec::new();
+        leaves(&cli, "", &mut paths);
+        assert!(paths.len() > 40, "{paths:?}");
+        for path in &paths {
+            assert!(
+                EXAMPLES.iter().any(|(p, _)| p == path),
+                "`shoal {path}` has no examples"
+            );
+        }
+        for (path, lines) in EXAMPLES {
+            assert!(
+                paths.contains(&path.to_string()),
+                "examples of unknown `{path}`"
+            );
+            for line in lines.lines() {
+                let matches = match cli.clone().try_get_matches_from(invocation(line)) {
+                    Ok(matches) => matches,
+                    Err(err) => panic!("example `{line}` does not parse:\n{err}"),
+                };
+                let mut ran = Vec::new();
+                let mut next = matches.subcommand();
+                while let Some((name, sub)) = next {
+                    ran.push(name);
+                    next = sub.subcommand();
+                }
+                assert_eq!(
+                    ran.join(" "),
+                    *path,
+                    "an example of `{path}` runs something else: {line}"
+                );
+            }
+        }
+        let help = cli
+            .find_subcommand("service")
+            .and_then(|s| s.find_subcommand("create"))
+            .unwrap()
+            .get_after_help()
+            .unwrap()
+            .to_string();
+        assert!(
+            help.starts_with("Examples:\n  shoal service create --name web"),
+            "{help}"
+        );
+    }
+
+    #[test]
+    fn a_wrong_flag_in_an_example_is_caught() {
+        let cli = with_examples(crate::Cli::command());
+        let words = invocation("shoal service scale web=5 --detatch");
+        assert!(cli.try_get_matches_from(words).is_err());
+    }
+
+    /// Every `shoal` command in the README and `docs/` parses: a renamed flag or command
+    /// breaks this test, not a reader's copy and paste. (`tests/tests/docs.rs` runs the
+    /// read-only ones in a lab.)
+    #[test]
+    fn every_documented_command_parses() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let cli = with_examples(crate::Cli::command());
+        let commands = crate::doc_commands::documented_commands(&root);
+        assert!(
+            commands.len() > 60,
+            "only {} commands found",
+            commands.len()
+        );
+        let mut broken = Vec::new();
+        for command in commands {
+            let (line, _) = crate::doc_commands::fill_task(&command.words.join(" "), "web.1");
+            let mut words = vec!["shoal".to_owned()];
+            words.extend(shell_words(&line));
+            if let Err(err) = cli.clone().try_get_matches_from(&words) {
+                // Prose may name a command without its arguments.
+                let mention =
+                    command.inline && err.kind() == clap::error::ErrorKind::MissingRequiredArgument;
+                if !mention {
+                    broken.push(format!("{}: shoal {line}: {}", command.source, err.kind()));
+                }
+            }
+        }
+        assert!(
+            broken.is_empty(),
+            "commands in the docs that do not parse:\n{}",
+            broken.join("\n")
+        );
+    }
+
+    #[test]
+    fn shell_words_keep_quoted_text_together() {
+        assert_eq!(
+            shell_words(r#"shoal x "a b" 'c' d"#),
+            ["shoal", "x", "a b", "c", "d"]
+        );
+    }
+}
