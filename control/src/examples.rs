@@ -273,6 +273,42 @@ mod tests {
         );
     }
 
+    /// Every command that shows state offers the same `--format table|json`.
+    #[test]
+    fn every_listing_takes_format_table_or_json() {
+        const SHOWS_STATE: [&str; 10] = [
+            "ls", "ps", "status", "stats", "members", "tables", "trace", "lookup", "version",
+            "info",
+        ];
+        let cli = crate::Cli::command();
+        let mut paths = Vec::new();
+        leaves(&cli, "", &mut paths);
+        let mut checked = 0;
+        for path in paths {
+            let leaf = path.rsplit(' ').next().unwrap();
+            if !SHOWS_STATE.contains(&leaf) {
+                continue;
+            }
+            let command = path
+                .split(' ')
+                .try_fold(&cli, |command, name| command.find_subcommand(name))
+                .unwrap();
+            let format = command
+                .get_arguments()
+                .find(|a| a.get_id() == "format")
+                .unwrap_or_else(|| panic!("`shoal {path}` has no --format"));
+            let values: Vec<String> = format
+                .get_possible_values()
+                .iter()
+                .map(|v| v.get_name().to_owned())
+                .collect();
+            assert_eq!(values, ["table", "json"], "`shoal {path}`");
+            assert_eq!(format.get_long(), Some("format"));
+            checked += 1;
+        }
+        assert!(checked >= 17, "only {checked} listings found");
+    }
+
     #[test]
     fn a_wrong_flag_in_an_example_is_caught() {
         let cli = with_examples(crate::Cli::command());

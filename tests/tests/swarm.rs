@@ -802,7 +802,7 @@ fn networks_are_allocated_attached_and_removed() {
             "--",
             "true",
         ],
-        "network nope not found",
+        "network nope not found: `shoal network ls` lists them",
     );
 
     lab.exec(

@@ -244,7 +244,10 @@ impl Manager {
         } else if secrets_match(&state.worker_secret, &join.secret) {
             Role::Worker
         } else {
-            bail!("invalid join token: it was rotated or belongs to another swarm");
+            bail!(
+                "invalid join token: it was rotated or belongs to another swarm; \
+                 `shoal swarm join-token worker` (or `manager`) on a manager prints the current one"
+            );
         };
         let ca = state
             .ca

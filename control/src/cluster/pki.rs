@@ -204,9 +204,10 @@ impl JoinToken {
             .trim()
             .strip_prefix("SWMTKN-1-")
             .context("invalid join token: it must start with SWMTKN-1-")?;
-        let (digest, secret) = rest
-            .split_once('-')
-            .context("invalid join token: expected SWMTKN-1-<digest>-<secret>")?;
+        let (digest, secret) = rest.split_once('-').context(
+            "invalid join token: expected SWMTKN-1-<digest>-<secret>; copy it whole from \
+                 `shoal swarm join-token worker` (or `manager`) on a manager",
+        )?;
         let base36 = |s: &str| s.bytes().all(|b| BASE36.contains(&b));
         if digest.len() != 50 || secret.len() != 25 || !base36(digest) || !base36(secret) {
             bail!("invalid join token: malformed digest or secret");

@@ -763,7 +763,9 @@ impl ClusterState {
             .collect();
         match matches.as_slice() {
             [node] => Ok(node),
-            [] => bail!("node {key} not found"),
+            [] => {
+                bail!("node {key} not found: `shoal node ls` lists them (by name, ID or ID prefix)")
+            }
             _ => bail!("node {key} is ambiguous ({} matches)", matches.len()),
         }
     }
@@ -780,7 +782,9 @@ impl ClusterState {
             .collect();
         match matches.as_slice() {
             [service] => Ok(service),
-            [] => bail!("service {key} not found"),
+            [] => bail!(
+                "service {key} not found: `shoal service ls` lists them (by name, ID or ID prefix)"
+            ),
             _ => bail!("service {key} is ambiguous ({} matches)", matches.len()),
         }
     }
@@ -797,7 +801,9 @@ impl ClusterState {
             .collect();
         match matches.as_slice() {
             [network] => Ok(network),
-            [] => bail!("network {key} not found"),
+            [] => bail!(
+                "network {key} not found: `shoal network ls` lists them (by name, ID or ID prefix)"
+            ),
             _ => bail!("network {key} is ambiguous ({} matches)", matches.len()),
         }
     }

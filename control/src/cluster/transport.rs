@@ -31,6 +31,9 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use super::pki::{ca_digest, node_id_of, NodeIdentity, CLUSTER_SERVER_NAME};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// What to check when a manager does not answer: the usual causes, in the error itself.
+const UNREACHABLE_HINT: &str =
+    " (is a manager's agent listening there, and is 2377/tcp open between the nodes?)";
 /// How long a connection may wait between requests before the server closes it.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -256,8 +259,8 @@ impl ClusterClient {
             .with_context(|| format!("bad address {addr}"))?;
         let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(socket))
             .await
-            .map_err(|_| anyhow!("connecting to {addr} timed out"))?
-            .with_context(|| format!("connecting to {addr}"))?;
+            .map_err(|_| anyhow!("connecting to {addr} timed out{UNREACHABLE_HINT}"))?
+            .with_context(|| format!("connecting to {addr}{UNREACHABLE_HINT}"))?;
         tcp.set_nodelay(true)?;
         let name = ServerName::try_from(CLUSTER_SERVER_NAME)?;
         let tls = tokio::time::timeout(CONNECT_TIMEOUT, self.connector.connect(name, tcp))

@@ -164,7 +164,10 @@ impl Worker {
             .collect();
         match matches.as_slice() {
             [id] => Ok((*id).clone()),
-            [] => anyhow::bail!("no running task {key} on this node"),
+            [] => anyhow::bail!(
+                "no running task {key} on this node: `shoal node ps` lists this node's tasks, \
+                 `shoal service ps SERVICE` (on a manager) says where a service's tasks run"
+            ),
             _ => anyhow::bail!("task {key} is ambiguous on this node"),
         }
     }
