@@ -15,28 +15,34 @@ pub struct DocCommand {
     pub words: Vec<String>,
 }
 
-/// Every `shoal` command in a Markdown text: lines of fenced blocks and inline code spans.
+/// Every `shoal` command in a Markdown text: lines of fenced blocks and inline code spans
+/// (which may wrap onto the next line).
 pub fn commands_in(source: &str, text: &str) -> Vec<DocCommand> {
     let mut found = Vec::new();
     let mut fenced = false;
     let mut drawing = false;
+    let mut prose = String::new();
+    let mut spans_of = |prose: &mut String, found: &mut Vec<DocCommand>| {
+        let spans = prose.split('`').skip(1).step_by(2);
+        found.extend(spans.filter_map(|span| command_of(source, span, true)));
+        prose.clear();
+    };
     for line in text.lines() {
         if let Some(info) = line.trim_start().strip_prefix("```") {
             // Drawings (`text` blocks) and code in other languages hold no commands.
+            spans_of(&mut prose, &mut found);
             fenced = !fenced;
             drawing = fenced && !info.is_empty() && !matches!(info, "sh" | "bash" | "console");
-            continue;
-        }
-        if drawing {
-            continue;
-        }
-        if fenced {
-            found.extend(command_of(source, line, false));
+        } else if fenced {
+            if !drawing {
+                found.extend(command_of(source, line, false));
+            }
         } else {
-            let spans = line.split('`').skip(1).step_by(2);
-            found.extend(spans.filter_map(|span| command_of(source, span, true)));
+            prose.push_str(line);
+            prose.push(' ');
         }
     }
+    spans_of(&mut prose, &mut found);
     found
 }
 
