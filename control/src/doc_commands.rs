@@ -22,7 +22,7 @@ pub fn commands_in(source: &str, text: &str) -> Vec<DocCommand> {
     let mut fenced = false;
     let mut drawing = false;
     let mut prose = String::new();
-    let mut spans_of = |prose: &mut String, found: &mut Vec<DocCommand>| {
+    let spans_of = |prose: &mut String, found: &mut Vec<DocCommand>| {
         let spans = prose.split('`').skip(1).step_by(2);
         found.extend(spans.filter_map(|span| command_of(source, span, true)));
         prose.clear();
