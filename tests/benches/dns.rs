@@ -310,16 +310,7 @@ fn scale_to_answer(lab: &TestLab, askers: &[RunningTask], replicas: usize) -> f6
 
 fn main() {
     shoal_tests::require_root();
-    for tool in ["dnsperf", "dnsmasq", "unbound", "dig"] {
-        assert!(
-            Command::new("sh")
-                .args(["-c", &format!("command -v {tool}")])
-                .stdout(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success()),
-            "{tool} is missing: run scripts/setup.sh bench"
-        );
-    }
+    shoal_tests::require_tools(&["dnsperf", "dnsmasq", "unbound", "dig"]);
     let _ = fs::remove_dir_all(DIR);
     fs::create_dir_all(DIR).unwrap();
     let mut rows: Vec<Row> = Vec::new();

@@ -616,16 +616,7 @@ fn decision_only() {
 
 fn main() {
     shoal_tests::require_root();
-    for tool in ["wrk", "nginx", "haproxy", "nft", "curl"] {
-        assert!(
-            Command::new("sh")
-                .args(["-c", &format!("command -v {tool}")])
-                .stdout(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success()),
-            "{tool} is missing: run scripts/setup.sh bench"
-        );
-    }
+    shoal_tests::require_tools(&["wrk", "nginx", "haproxy", "nft", "curl"]);
     // SHOAL_BENCH_MESH_NO_LAB=1: parts 2 and 3 only (a quick check of a kernel-side change).
     if std::env::var_os("SHOAL_BENCH_MESH_NO_LAB").is_some() {
         return decision_only();

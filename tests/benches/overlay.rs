@@ -246,16 +246,7 @@ fn median(mut values: Vec<f64>) -> f64 {
 
 fn main() {
     shoal_tests::require_root();
-    for tool in ["wrk", "iperf3", "nginx"] {
-        assert!(
-            Command::new("sh")
-                .args(["-c", &format!("command -v {tool}")])
-                .stdout(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success()),
-            "{tool} is missing: run scripts/setup.sh bench"
-        );
-    }
+    shoal_tests::require_tools(&["wrk", "iperf3", "nginx"]);
     let dir = "/tmp/shoal-bench-overlay";
     let _ = fs::remove_dir_all(dir);
     fs::create_dir_all(dir).unwrap();

@@ -4,7 +4,7 @@
 use std::{
     fs,
     path::{Path, PathBuf},
-    process::{Command, Output},
+    process::{Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
@@ -40,6 +40,20 @@ pub fn require_root() {
         nix::unistd::geteuid().is_root(),
         "this end-to-end test needs root (namespaces, eBPF): run scripts/dev.sh test as root"
     );
+}
+
+/// A benchmark's outside tools must be installed (`scripts/setup.sh bench` does it).
+pub fn require_tools(tools: &[&str]) {
+    for tool in tools {
+        assert!(
+            Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success()),
+            "{tool} is missing: run scripts/setup.sh bench"
+        );
+    }
 }
 
 /// Runs `shoal ARGS` and returns its output, whatever the exit status.
