@@ -5,6 +5,7 @@ use std::{
     collections::BTreeMap,
     io::{Read as _, Write as _},
     net::{Ipv4Addr, TcpListener, TcpStream},
+    os::unix::process::ExitStatusExt as _,
     process::ExitCode,
     time::{Duration, Instant},
 };
@@ -892,9 +893,11 @@ pub async fn task_exec(client: &Client, task: &str, command: &[String]) -> Resul
         &shoal_dataplane::process::cgroup_of(pid)?,
     )?;
     let status = nsenter.status().context("running nsenter (util-linux)")?;
-    Ok(match status.code() {
-        Some(code) => ExitCode::from(code as u8),
-        None => ExitCode::FAILURE,
+    // A command killed by a signal exits 128 + the signal, as in a shell.
+    Ok(match (status.code(), status.signal()) {
+        (Some(code), _) => ExitCode::from(code as u8),
+        (None, Some(signal)) => ExitCode::from(128 + signal as u8),
+        (None, None) => ExitCode::FAILURE,
     })
 }
 

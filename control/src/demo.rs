@@ -38,6 +38,8 @@ const POLL_EVERY: Duration = Duration::from_millis(250);
 /// One run of a command: how it ended and what it printed.
 struct Ran {
     success: bool,
+    /// The exit code (128 + N when a signal N ended the command, as a shell says).
+    code: Option<i32>,
     stdout: String,
     stderr: String,
 }
@@ -460,7 +462,11 @@ impl<'a> Demo<'a> {
             ],
             COMMAND_LIMIT,
         )?;
-        ensure!(ran.success, "pkill found nothing to kill in {victim}");
+        // pkill runs in the task's PID namespace: killing its init may kill pkill too (137).
+        ensure!(
+            ran.success || ran.code == Some(137),
+            "pkill found nothing to kill in {victim}"
+        );
         let victim_id = victim.rsplit('.').next().unwrap_or_default().to_owned();
         let running = self.show_until(
             &["exec", "node1", "--", "shoal", "service", "ps", "web"],
@@ -612,11 +618,15 @@ impl<'a> Demo<'a> {
             let _ = done.send((status, out, err));
         });
         match finished.recv_timeout(limit) {
-            Ok((status, stdout, stderr)) => Ok(Ran {
-                success: status?.success(),
-                stdout,
-                stderr,
-            }),
+            Ok((status, stdout, stderr)) => {
+                let status = status?;
+                Ok(Ran {
+                    success: status.success(),
+                    code: status.code(),
+                    stdout,
+                    stderr,
+                })
+            }
             Err(_) => {
                 let _ = nix::sys::signal::killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
                 bail!("`{}` did not finish within {limit:?}", self.typed(args))
