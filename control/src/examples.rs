@@ -47,7 +47,7 @@ const EXAMPLES: &[(&str, &str)] = &[
     ("node ls", "shoal node ls\nshoal node ls --format json"),
     (
         "node inspect",
-        "shoal node inspect self --pretty\nshoal node inspect node2",
+        "shoal node inspect self --pretty\nshoal node inspect node2 --format table",
     ),
     (
         "node update",
@@ -106,7 +106,7 @@ const EXAMPLES: &[(&str, &str)] = &[
          shoal network create --subnet 10.30.0.0/24 --opt mtu=1400 --internal back",
     ),
     ("network ls", "shoal network ls\nshoal network ls --format json"),
-    ("network inspect", "shoal network inspect front"),
+    ("network inspect", "shoal network inspect front\nshoal network inspect ingress --pretty"),
     ("network rm", "shoal network rm back"),
     (
         "task",
@@ -356,9 +356,9 @@ mod tests {
     /// Every command that shows state offers the same `--format table|json`.
     #[test]
     fn every_listing_takes_format_table_or_json() {
-        const SHOWS_STATE: [&str; 10] = [
-            "ls", "ps", "status", "stats", "members", "tables", "trace", "lookup", "version",
-            "info",
+        const SHOWS_STATE: [&str; 11] = [
+            "ls", "ps", "inspect", "status", "stats", "members", "tables", "trace", "lookup",
+            "version", "info",
         ];
         let cli = crate::Cli::command();
         let mut checked = 0;
@@ -384,7 +384,12 @@ mod tests {
             assert_eq!(format.get_long(), Some("format"));
             checked += 1;
         }
-        assert!(checked >= 17, "only {checked} listings found");
+        assert!(checked >= 20, "only {checked} listings found");
+        // `--pretty` is Docker's `--format table`: asking for both is a usage error.
+        let both = [
+            "shoal", "node", "inspect", "self", "--pretty", "--format", "json",
+        ];
+        assert!(cli.try_get_matches_from(both).is_err());
     }
 
     #[test]
