@@ -19,7 +19,7 @@ use crate::{
     cluster::{
         ipam::Subnet,
         manager::now,
-        node::{InitRequest, InitResponse, JoinArgs, JoinedResponse},
+        node::{InitRequest, InitResponse, JoinArgs, JoinedResponse, NOT_IN_SWARM},
         pki::Role,
         protocol::{
             ControlRequest, ControlResponse, NetworkCreate, NetworkView, NodeView, ServiceView,
@@ -457,10 +457,7 @@ pub async fn swarm(client: &Client, command: SwarmCommand) -> Result<()> {
 
 async fn self_id(client: &Client) -> Result<String> {
     let info: AgentInfo = client.get("/v1/info").await?;
-    Ok(info
-        .swarm
-        .context("this node is not part of a swarm")?
-        .node_id)
+    Ok(info.swarm.context(NOT_IN_SWARM)?.node_id)
 }
 
 async fn resolve_self(client: &Client, node: String) -> Result<String> {
@@ -884,7 +881,8 @@ async fn wait_converged(client: &Client, service: &str) -> Result<()> {
                 })
                 .collect();
             bail!(
-                "service {} did not converge within {LIMIT:?} ({running}/{} running){}",
+                "service {0} did not converge within {LIMIT:?} ({running}/{1} running){2}; \
+                 `shoal service ps {0}` shows where each task stands",
                 view.name,
                 view.desired,
                 if errors.is_empty() {

@@ -144,3 +144,28 @@ fn listings_offer_format_table_or_json() {
         );
     }
 }
+
+/// A bad `--publish` is a usage error (2) caught before any agent is asked, naming the form.
+#[test]
+fn bad_publish_spec_shows_the_form() {
+    for (spec, expected) in [
+        ("8080", "expected PUBLISHED:TARGET[/udp] (e.g. 8080:80)"),
+        ("8080:0", "is not a port (1-65535)"),
+        ("8080:80/sctp", "expected tcp or udp"),
+        ("published=80,taget=8", "unknown field \"taget\""),
+    ] {
+        let out = shoal(&[
+            "service",
+            "create",
+            "--name",
+            "web",
+            "--publish",
+            spec,
+            "--",
+            "x",
+        ]);
+        assert_eq!(out.status.code(), Some(2), "{spec}");
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert!(stderr.contains(expected), "{spec}: {stderr}");
+    }
+}
