@@ -21,7 +21,8 @@ const EXAMPLES: &[(&str, &str)] = &[
     ("info", "shoal info\nshoal info --format json"),
     (
         "swarm",
-        "shoal swarm init --advertise-addr 192.168.56.10\nshoal swarm join-token worker\nshoal swarm leave",
+        "shoal swarm init --advertise-addr 192.168.56.10\n\
+         shoal swarm join-token worker\nshoal swarm leave",
     ),
     (
         "swarm init",
@@ -108,18 +109,13 @@ const EXAMPLES: &[(&str, &str)] = &[
     ("network ls", "shoal network ls\nshoal network ls --format json"),
     ("network inspect", "shoal network inspect front\nshoal network inspect ingress --pretty"),
     ("network rm", "shoal network rm back"),
-    (
-        "task",
-        "shoal task exec web.1 -- ip addr",
-    ),
+    ("task", "shoal task exec web.1.pq8sp0ctahwlmq8ia29o6zl4r -- ip addr"),
     (
         "task exec",
-        "shoal task exec web.1 -- ip addr\nshoal task exec web.1 -- getent hosts tasks.web",
+        "shoal task exec web.1.pq8sp0ctahwlmq8ia29o6zl4r -- ip addr\n\
+         shoal task exec pq8sp0ctahwl -- getent hosts tasks.web",
     ),
-    (
-        "gossip",
-        "shoal gossip members\nshoal gossip tables front",
-    ),
+    ("gossip", "shoal gossip members\nshoal gossip tables front"),
     (
         "gossip members",
         "shoal gossip members\nshoal gossip members --format json",
@@ -128,18 +124,16 @@ const EXAMPLES: &[(&str, &str)] = &[
         "gossip tables",
         "shoal gossip tables front\nshoal gossip tables ingress --format json",
     ),
-    (
-        "lb",
-        "shoal lb ls\nshoal lb ls web",
-    ),
+    ("lb", "shoal lb ls\nshoal lb ls web"),
     ("lb ls", "shoal lb ls\nshoal lb ls web --format json"),
     (
         "dns",
-        "shoal dns lookup web --task web.1\nshoal dns stats",
+        "shoal dns lookup web --task web.1.pq8sp0ctahwlmq8ia29o6zl4r\nshoal dns stats",
     ),
     (
         "dns lookup",
-        "shoal dns lookup web --task web.1\nshoal dns lookup tasks.web --task web.1 --format json",
+        "shoal dns lookup web --task web.1.pq8sp0ctahwlmq8ia29o6zl4r\n\
+         shoal dns lookup tasks.web --task pq8sp0ctahwl --format json",
     ),
     ("dns stats", "shoal dns stats\nshoal dns stats --format json"),
     (

@@ -684,8 +684,8 @@ impl Manager {
                         .retain(|p| !(p.published == port && p.protocol == protocol));
                     if updated.spec.ports.len() == before {
                         bail!(
-                            "service {0} does not publish {key}: `shoal service inspect {0} --pretty` \
-                             lists its ports",
+                            "service {0} does not publish {key}: \
+                             `shoal service inspect {0} --pretty` lists its ports",
                             updated.spec.name
                         );
                     }
