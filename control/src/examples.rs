@@ -416,10 +416,15 @@ mod tests {
             let mut words = vec!["shoal".to_owned()];
             words.extend(shell_words(&line));
             if let Err(err) = cli.clone().try_get_matches_from(&words) {
+                use clap::error::ErrorKind;
+                // `--help` and `--version` parse, and end in what they print.
+                let prints = matches!(
+                    err.kind(),
+                    ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+                );
                 // Prose may name a command without its arguments.
-                let mention =
-                    command.inline && err.kind() == clap::error::ErrorKind::MissingRequiredArgument;
-                if !mention {
+                let mention = command.inline && err.kind() == ErrorKind::MissingRequiredArgument;
+                if !prints && !mention {
                     broken.push(format!("{}: shoal {line}: {}", command.source, err.kind()));
                 }
             }
