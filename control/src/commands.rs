@@ -19,10 +19,11 @@ use crate::{
     cluster::{
         ipam::Subnet,
         manager::now,
-        node::{InitRequest, InitResponse, JoinArgs, JoinedResponse},
+        node::{InitRequest, InitResponse, JoinArgs, JoinedResponse, NOT_IN_SWARM},
         pki::Role,
         protocol::{
-            ControlRequest, ControlResponse, NetworkCreate, NodeView, ServiceView, TaskView,
+            ControlRequest, ControlResponse, NetworkCreate, NetworkView, NodeView, ServiceView,
+            TaskView,
         },
         state::{
             Availability, Constraint, EndpointMode, NodeStatus, PortConfig, ServiceMode,
@@ -31,6 +32,7 @@ use crate::{
     },
     output::{json, table, Format},
 };
+use shoal_dataplane::overlay::NetworkDataplane;
 
 #[derive(Subcommand)]
 pub enum SwarmCommand {
@@ -142,8 +144,8 @@ pub enum NodeCommand {
     /// Details of a node (`self` for this one), as JSON unless --pretty
     Inspect {
         node: String,
-        #[arg(long)]
-        pretty: bool,
+        #[command(flatten)]
+        format: InspectFormat,
     },
     /// Change a node's availability, labels or role
     Update {
@@ -183,6 +185,27 @@ pub enum NodeCommand {
     },
 }
 
+/// `inspect` prints JSON unless asked for a table, as Docker's does; `--pretty` is Docker's
+/// name for the table.
+#[derive(Args)]
+pub struct InspectFormat {
+    #[arg(long, value_enum, default_value_t = Format::Json)]
+    format: Format,
+    /// The same as --format table
+    #[arg(long, conflicts_with = "format")]
+    pretty: bool,
+}
+
+impl InspectFormat {
+    fn get(&self) -> Format {
+        if self.pretty {
+            Format::Table
+        } else {
+            self.format
+        }
+    }
+}
+
 #[derive(Subcommand)]
 pub enum NetworkCommand {
     /// Create an overlay network
@@ -212,8 +235,12 @@ pub enum NetworkCommand {
         #[arg(long, value_enum, default_value_t)]
         format: Format,
     },
-    /// Details of a network, as JSON
-    Inspect { network: String },
+    /// Details of a network and what this node programmed for it, as JSON unless --pretty
+    Inspect {
+        network: String,
+        #[command(flatten)]
+        format: InspectFormat,
+    },
     /// Remove networks (refused while a service uses one)
     Rm {
         #[arg(required = true)]
@@ -239,8 +266,8 @@ pub enum ServiceCommand {
     /// Details of a service, as JSON unless --pretty
     Inspect {
         service: String,
-        #[arg(long)]
-        pretty: bool,
+        #[command(flatten)]
+        format: InspectFormat,
     },
     /// Set replica counts: NAME=N...
     Scale {
@@ -430,10 +457,7 @@ pub async fn swarm(client: &Client, command: SwarmCommand) -> Result<()> {
 
 async fn self_id(client: &Client) -> Result<String> {
     let info: AgentInfo = client.get("/v1/info").await?;
-    Ok(info
-        .swarm
-        .context("this node is not part of a swarm")?
-        .node_id)
+    Ok(info.swarm.context(NOT_IN_SWARM)?.node_id)
 }
 
 async fn resolve_self(client: &Client, node: String) -> Result<String> {
@@ -453,10 +477,10 @@ pub async fn node(client: &Client, command: NodeCommand) -> Result<()> {
                 Format::Table => print!("{}", render_nodes(&nodes, &self_id(client).await?)),
             }
         }
-        NodeCommand::Inspect { node, pretty } => {
+        NodeCommand::Inspect { node, format } => {
             let node = resolve_self(client, node).await?;
             let view = ask!(client, ControlRequest::NodeInspect { node }, Node);
-            if pretty {
+            if format.get() == Format::Table {
                 let labels: Vec<String> = view
                     .labels
                     .iter()
@@ -605,22 +629,30 @@ pub async fn network(client: &Client, command: NetworkCommand) -> Result<()> {
                 }
             }
         }
-        NetworkCommand::Inspect { network } => {
+        NetworkCommand::Inspect { network, format } => {
             // What this node programmed for it: its peers and the FDB and neighbour entries
             // read back from the kernel (null when no local task is on it). A worker only
             // has this part.
-            let local: Option<shoal_dataplane::overlay::NetworkDataplane> = client
+            let local: Option<NetworkDataplane> = client
                 .get(&format!("/v1/networks/{network}/dataplane"))
                 .await?;
-            let mut value = match control(client, ControlRequest::NetworkInspect { network }).await
-            {
-                Ok(ControlResponse::Network(view)) => serde_json::to_value(&view)?,
+            let view = match control(client, ControlRequest::NetworkInspect { network }).await {
+                Ok(ControlResponse::Network(view)) => Some(view),
                 Ok(other) => bail!("unexpected answer from the agent: {other:?}"),
-                Err(_) if local.is_some() => serde_json::json!({}),
+                Err(_) if local.is_some() => None,
                 Err(err) => return Err(err),
             };
-            value["local"] = serde_json::to_value(local)?;
-            print!("{}", json(&value));
+            match format.get() {
+                Format::Json => {
+                    let mut value = match &view {
+                        Some(view) => serde_json::to_value(view)?,
+                        None => serde_json::json!({}),
+                    };
+                    value["local"] = serde_json::to_value(local)?;
+                    print!("{}", json(&value));
+                }
+                Format::Table => print!("{}", render_network(view.as_ref(), local.as_ref())),
+            }
         }
         NetworkCommand::Rm { networks } => {
             for network in networks {
@@ -684,9 +716,9 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
             let tasks = ask!(client, ControlRequest::ServiceTasks { service }, Tasks);
             print_tasks(&tasks, format);
         }
-        ServiceCommand::Inspect { service, pretty } => {
+        ServiceCommand::Inspect { service, format } => {
             let view = ask!(client, ControlRequest::ServiceInspect { service }, Service);
-            if pretty {
+            if format.get() == Format::Table {
                 println!("ID:             {}", view.id);
                 println!("Name:           {}", view.name);
                 println!("Mode:           {}", mode_label(&view.mode));
@@ -849,7 +881,8 @@ async fn wait_converged(client: &Client, service: &str) -> Result<()> {
                 })
                 .collect();
             bail!(
-                "service {} did not converge within {LIMIT:?} ({running}/{} running){}",
+                "service {0} did not converge within {LIMIT:?} ({running}/{1} running){2}; \
+                 `shoal service ps {0}` shows where each task stands",
                 view.name,
                 view.desired,
                 if errors.is_empty() {
@@ -1054,6 +1087,67 @@ fn render_services(services: &[ServiceView]) -> String {
     )
 }
 
+/// `network inspect --pretty`: the managers' view (absent on a worker), then what this node
+/// programmed for the network (absent without a local task on it).
+fn render_network(view: Option<&NetworkView>, local: Option<&NetworkDataplane>) -> String {
+    let mut out = String::new();
+    if let Some(n) = view {
+        let flags = [
+            (n.ingress, "ingress"),
+            (n.attachable, "attachable"),
+            (n.internal, "internal"),
+        ];
+        let mut options: Vec<String> = flags
+            .iter()
+            .filter(|(set, _)| *set)
+            .map(|(_, name)| (*name).to_owned())
+            .collect();
+        options.extend(n.mtu.map(|mtu| format!("mtu={mtu}")));
+        let rows = [
+            ("ID", n.id.clone()),
+            ("Name", n.name.clone()),
+            ("Driver", format!("{} ({})", n.driver, n.scope)),
+            ("Subnet", n.subnet.to_string()),
+            ("Gateway", n.gateway.to_string()),
+            ("VNI", n.vni.to_string()),
+            ("Options", options.join(", ")),
+            ("Services", n.services.join(", ")),
+            ("Created", ago(n.created_at)),
+        ];
+        for (key, value) in rows {
+            out.push_str(&format!("{:<20}{value}\n", format!("{key}:")));
+        }
+    }
+    let Some(local) = local else {
+        out.push_str("On this node:       nothing programmed (no local task on it)\n");
+        return out;
+    };
+    out.push_str(&format!(
+        "On this node:       {} in namespace {}, VNI {}, MTU {}, local VTEP {}:{}\n\n",
+        local.vxlan, local.netns, local.vni, local.mtu, local.local, local.port
+    ));
+    let peers: Vec<[String; 4]> = local
+        .peers
+        .iter()
+        .map(|p| {
+            let (ip, vtep) = (p.ip.to_string(), p.vtep.to_string());
+            [p.endpoint.clone(), ip, p.mac.clone(), vtep]
+        })
+        .collect();
+    let pairs = |entries: &[(String, String)]| -> Vec<[String; 2]> {
+        entries
+            .iter()
+            .map(|(a, b)| [a.clone(), b.clone()])
+            .collect()
+    };
+    out.push_str(&table(["PEER ENDPOINT", "IP", "MAC", "VTEP"], &peers));
+    out.push('\n');
+    out.push_str(&table(["FDB MAC", "VTEP"], &pairs(&local.fdb)));
+    out.push('\n');
+    out.push_str(&table(["NEIGHBOUR IP", "MAC"], &pairs(&local.neighbours)));
+    out
+}
+
 fn print_tasks(tasks: &[TaskView], format: Format) {
     match format {
         Format::Json => print!("{}", json(&tasks)),
@@ -1111,6 +1205,55 @@ fn render_tasks(tasks: &[TaskView]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn network_inspect_table_shows_the_view_and_what_this_node_programmed() {
+        let view = NetworkView {
+            id: "k2x7w0qv3m1s8d4n6p9r5t2yb".into(),
+            name: "front".into(),
+            driver: "overlay".into(),
+            scope: "swarm".into(),
+            subnet: "10.0.1.0/24".parse().unwrap(),
+            gateway: Ipv4Addr::new(10, 0, 1, 1),
+            vni: 4097,
+            attachable: false,
+            internal: true,
+            mtu: Some(1400),
+            ingress: false,
+            services: vec!["web".into()],
+            created_at: now(),
+        };
+        let local = NetworkDataplane {
+            netns: "shoal-net-front".into(),
+            vxlan: "vx-4097".into(),
+            vni: 4097,
+            mtu: 1400,
+            local: "192.168.77.11".into(),
+            port: 4789,
+            peers: vec![shoal_dataplane::overlay::ProgrammedPeer {
+                endpoint: "task1".into(),
+                ip: Ipv4Addr::new(10, 0, 1, 3),
+                mac: "02:42:0a:00:01:03".into(),
+                vtep: "192.168.77.12".parse().unwrap(),
+            }],
+            fdb: vec![("02:42:0a:00:01:03".into(), "192.168.77.12".into())],
+            neighbours: vec![("10.0.1.3".into(), "02:42:0a:00:01:03".into())],
+        };
+        let out = render_network(Some(&view), Some(&local));
+        assert!(
+            out.contains("Options:            internal, mtu=1400\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("VNI 4097, MTU 1400, local VTEP 192.168.77.11:4789"),
+            "{out}"
+        );
+        assert!(out.contains("task1           10.0.1.3"), "{out}");
+        assert!(out.contains("NEIGHBOUR IP   MAC\n10.0.1.3"), "{out}");
+        // A worker has only its own part; a manager without a local task only the view.
+        assert!(render_network(None, Some(&local)).starts_with("On this node:"));
+        assert!(render_network(Some(&view), None).ends_with("(no local task on it)\n"));
+    }
 
     #[test]
     fn durations() {

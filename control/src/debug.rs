@@ -166,8 +166,6 @@ pub enum IngressCommand {
     /// Run a packet through the attached ingress program (BPF_PROG_TEST_RUN against the
     /// live maps) and show what it does: verdict, rewritten packet, backend and its node.
     /// A TCP packet is a SYN (a new connection); a flow the trace creates is removed.
-    ///
-    /// Example: shoal ingress trace --proto tcp --dst 192.168.77.11:8080 --src 192.168.77.100:40000
     Trace {
         #[arg(long, default_value = "tcp")]
         proto: Protocol,

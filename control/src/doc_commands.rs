@@ -54,20 +54,21 @@ pub fn command_of(source: &str, line: &str, inline: bool) -> Option<DocCommand> 
         .iter()
         .fold(line, |line, cut| line.split(cut).next().unwrap_or(line))
         .trim();
-    let line = line
-        .strip_prefix("$ ")
-        .or_else(|| line.strip_prefix("sudo "))
-        .unwrap_or(line);
+    let line = line.strip_prefix("$ ").unwrap_or(line);
+    let line = line.strip_prefix("sudo ").unwrap_or(line);
+    // The README's `$shoal` variable and the built binary are `shoal` too.
+    let line = line.strip_prefix('$').unwrap_or(line);
+    let line = line.strip_prefix("target/release/").unwrap_or(line);
     let (node, rest) = if let Some(rest) = line.strip_prefix("s1 shoal ") {
         (Some("node1".to_owned()), rest)
-    } else if let Some(rest) = line
-        .strip_prefix("$shoal lab exec ")
-        .or_else(|| line.strip_prefix("shoal lab exec "))
-    {
-        let (node, command) = rest.split_once(" -- shoal ")?;
-        (Some(node.to_owned()), command)
     } else {
-        (None, line.strip_prefix("shoal ")?)
+        let rest = line.strip_prefix("shoal ")?;
+        // A command run on a lab node is that command; anything else run there is `lab exec`'s.
+        let on_node = rest.strip_prefix("lab exec ");
+        match on_node.and_then(|exec| exec.split_once(" -- shoal ")) {
+            Some((node, command)) => (Some(node.to_owned()), command),
+            None => (None, rest),
+        }
     };
     let mut words = Vec::new();
     let mut optional = 0;

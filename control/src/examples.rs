@@ -3,8 +3,15 @@
 
 use clap::Command;
 
-/// (command path, example lines). Every command that takes no subcommand has an entry.
+/// (command path, example lines). Every visible command has an entry: `""` is `shoal` itself,
+/// a group's examples show its most common subcommands.
 const EXAMPLES: &[(&str, &str)] = &[
+    (
+        "",
+        "shoal swarm init --advertise-addr 192.168.56.10\n\
+         shoal service create --name web --replicas 3 --publish 8080:80 -- shoal whoami\n\
+         shoal service ps web",
+    ),
     (
         "agent",
         "shoal agent --config /etc/shoal/agent.toml\n\
@@ -12,6 +19,11 @@ const EXAMPLES: &[(&str, &str)] = &[
     ),
     ("version", "shoal version\nshoal version --format json"),
     ("info", "shoal info\nshoal info --format json"),
+    (
+        "swarm",
+        "shoal swarm init --advertise-addr 192.168.56.10\n\
+         shoal swarm join-token worker\nshoal swarm leave",
+    ),
     (
         "swarm init",
         "shoal swarm init --advertise-addr 192.168.56.10\n\
@@ -29,10 +41,14 @@ const EXAMPLES: &[(&str, &str)] = &[
     ),
     ("swarm update", "shoal swarm update --rotate-gossip-key"),
     ("swarm leave", "shoal swarm leave\nshoal swarm leave --force"),
+    (
+        "node",
+        "shoal node ls\nshoal node update --availability drain node2\nshoal node ps node2",
+    ),
     ("node ls", "shoal node ls\nshoal node ls --format json"),
     (
         "node inspect",
-        "shoal node inspect self --pretty\nshoal node inspect node2",
+        "shoal node inspect self --pretty\nshoal node inspect node2 --format table",
     ),
     (
         "node update",
@@ -45,6 +61,11 @@ const EXAMPLES: &[(&str, &str)] = &[
     (
         "node ps",
         "shoal node ps\nshoal node ps node2 --format json",
+    ),
+    (
+        "service",
+        "shoal service create --name web --replicas 3 --network front --publish 8080:80 -- shoal whoami\n\
+         shoal service scale web=5\nshoal service ps web",
     ),
     (
         "service create",
@@ -77,17 +98,24 @@ const EXAMPLES: &[(&str, &str)] = &[
     ),
     ("service rm", "shoal service rm web api"),
     (
+        "network",
+        "shoal network create front\nshoal network ls\nshoal network inspect front",
+    ),
+    (
         "network create",
         "shoal network create front\n\
          shoal network create --subnet 10.30.0.0/24 --opt mtu=1400 --internal back",
     ),
     ("network ls", "shoal network ls\nshoal network ls --format json"),
-    ("network inspect", "shoal network inspect front"),
+    ("network inspect", "shoal network inspect front\nshoal network inspect ingress --pretty"),
     ("network rm", "shoal network rm back"),
+    ("task", "shoal task exec web.1.pq8sp0ctahwlmq8ia29o6zl4r -- ip addr"),
     (
         "task exec",
-        "shoal task exec web.1 -- ip addr\nshoal task exec web.1 -- getent hosts tasks.web",
+        "shoal task exec web.1.pq8sp0ctahwlmq8ia29o6zl4r -- ip addr\n\
+         shoal task exec pq8sp0ctahwl -- getent hosts tasks.web",
     ),
+    ("gossip", "shoal gossip members\nshoal gossip tables front"),
     (
         "gossip members",
         "shoal gossip members\nshoal gossip members --format json",
@@ -96,17 +124,31 @@ const EXAMPLES: &[(&str, &str)] = &[
         "gossip tables",
         "shoal gossip tables front\nshoal gossip tables ingress --format json",
     ),
+    ("lb", "shoal lb ls\nshoal lb ls web"),
     ("lb ls", "shoal lb ls\nshoal lb ls web --format json"),
     (
+        "dns",
+        "shoal dns lookup web --task web.1.pq8sp0ctahwlmq8ia29o6zl4r\nshoal dns stats",
+    ),
+    (
         "dns lookup",
-        "shoal dns lookup web --task web.1\nshoal dns lookup tasks.web --task web.1 --format json",
+        "shoal dns lookup web --task web.1.pq8sp0ctahwlmq8ia29o6zl4r\n\
+         shoal dns lookup tasks.web --task pq8sp0ctahwl --format json",
     ),
     ("dns stats", "shoal dns stats\nshoal dns stats --format json"),
+    (
+        "ingress",
+        "shoal ingress ls\nshoal ingress trace --dst 192.168.77.11:8080 --src 192.168.77.100:40000",
+    ),
     ("ingress ls", "shoal ingress ls\nshoal ingress ls --format json"),
     (
         "ingress trace",
         "shoal ingress trace --dst 192.168.77.11:8080 --src 192.168.77.100:40000\n\
          shoal ingress trace --proto udp --dst 192.168.77.11:53 --src 192.168.77.100:5353 --format json",
+    ),
+    (
+        "conntrack",
+        "shoal conntrack ls\nshoal conntrack ls --format json",
     ),
     (
         "conntrack ls",
@@ -117,12 +159,20 @@ const EXAMPLES: &[(&str, &str)] = &[
         "shoal whoami --listen 0.0.0.0:8080",
     ),
     (
+        "dataplane",
+        "shoal dataplane status",
+    ),
+    (
         "dataplane status",
         "shoal dataplane status\nshoal dataplane status --format json",
     ),
     (
         "completion",
         "source <(shoal completion bash)\nshoal completion zsh > \"${fpath[1]}/_shoal\"",
+    ),
+    (
+        "lab",
+        "shoal lab up --nodes 3\nshoal lab exec node1 -- shoal node ls\nshoal lab down",
     ),
     (
         "lab up",
@@ -169,19 +219,39 @@ mod tests {
     use super::*;
     use clap::CommandFactory as _;
 
-    /// Paths of every visible command that takes no subcommand.
-    fn leaves(command: &Command, path: &str, out: &mut Vec<String>) {
+    /// Every visible command under `command` (groups and `command` itself too), by path.
+    fn commands<'a>(command: &'a Command, path: &str, out: &mut Vec<(String, &'a Command)>) {
+        out.push((path.to_owned(), command));
         for sub in command.get_subcommands() {
             if sub.is_hide_set() || sub.get_name() == "help" {
                 continue;
             }
-            let sub_path = format!("{path} {}", sub.get_name()).trim().to_owned();
-            if sub.has_subcommands() {
-                leaves(sub, &sub_path, out);
-            } else {
-                out.push(sub_path);
-            }
+            let sub_path = format!("{path} {}", sub.get_name());
+            commands(sub, sub_path.trim_start(), out);
         }
+    }
+
+    /// Paths of every visible command that takes no subcommand.
+    fn leaves(cli: &Command) -> Vec<String> {
+        let mut all = Vec::new();
+        commands(cli, "", &mut all);
+        all.into_iter()
+            .filter(|(_, command)| !command.has_subcommands())
+            .map(|(path, _)| path)
+            .collect()
+    }
+
+    /// The `shoal` lines of a command's `--help` examples; `None` without an Examples section.
+    fn examples_in_help(command: &Command) -> Option<Vec<String>> {
+        let help = command.get_after_help()?.to_string();
+        let examples = help.strip_prefix("Examples:\n")?;
+        let lines = examples.lines().map(str::trim);
+        Some(
+            lines
+                .filter(|l| l.contains("shoal "))
+                .map(String::from)
+                .collect(),
+        )
     }
 
     /// Splits like a shell for the examples' needs: words, single and double quotes.
@@ -225,40 +295,44 @@ mod tests {
         shell_words(line)
     }
 
+    /// The command an example line runs, as its path of subcommands.
+    fn runs(cli: &Command, line: &str) -> Result<String, clap::Error> {
+        let matches = cli.clone().try_get_matches_from(invocation(line))?;
+        let mut ran = Vec::new();
+        let mut next = matches.subcommand();
+        while let Some((name, sub)) = next {
+            ran.push(name);
+            next = sub.subcommand();
+        }
+        Ok(ran.join(" "))
+    }
+
     #[test]
     fn every_command_has_examples_and_every_example_parses() {
         let cli = with_examples(crate::Cli::command());
-        let mut paths = Vec::new();
-        leaves(&cli, "", &mut paths);
-        assert!(paths.len() > 40, "{paths:?}");
-        for path in &paths {
-            assert!(
-                EXAMPLES.iter().any(|(p, _)| p == path),
-                "`shoal {path}` has no examples"
-            );
-        }
-        for (path, lines) in EXAMPLES {
-            assert!(
-                paths.contains(&path.to_string()),
-                "examples of unknown `{path}`"
-            );
-            for line in lines.lines() {
-                let matches = match cli.clone().try_get_matches_from(invocation(line)) {
-                    Ok(matches) => matches,
-                    Err(err) => panic!("example `{line}` does not parse:\n{err}"),
-                };
-                let mut ran = Vec::new();
-                let mut next = matches.subcommand();
-                while let Some((name, sub)) = next {
-                    ran.push(name);
-                    next = sub.subcommand();
-                }
-                assert_eq!(
-                    ran.join(" "),
-                    *path,
-                    "an example of `{path}` runs something else: {line}"
+        let mut all = Vec::new();
+        commands(&cli, "", &mut all);
+        assert!(all.len() > 50, "only {} commands", all.len());
+        for (path, command) in &all {
+            let lines = examples_in_help(command)
+                .unwrap_or_else(|| panic!("`shoal {path} --help` has no Examples section"));
+            assert!(!lines.is_empty(), "`shoal {path}` has no example");
+            for line in lines {
+                let ran = runs(&cli, &line)
+                    .unwrap_or_else(|err| panic!("example `{line}` does not parse:\n{err}"));
+                // A group's examples run one of its subcommands.
+                let own = path.is_empty() || ran == *path || ran.starts_with(&format!("{path} "));
+                assert!(
+                    own,
+                    "an example of `shoal {path}` runs `shoal {ran}`: {line}"
                 );
             }
+        }
+        for (path, _) in EXAMPLES {
+            assert!(
+                all.iter().any(|(p, _)| p == path),
+                "examples of unknown `{path}`"
+            );
         }
         let help = cli
             .find_subcommand("service")
@@ -276,15 +350,13 @@ mod tests {
     /// Every command that shows state offers the same `--format table|json`.
     #[test]
     fn every_listing_takes_format_table_or_json() {
-        const SHOWS_STATE: [&str; 10] = [
-            "ls", "ps", "status", "stats", "members", "tables", "trace", "lookup", "version",
-            "info",
+        const SHOWS_STATE: [&str; 11] = [
+            "ls", "ps", "inspect", "status", "stats", "members", "tables", "trace", "lookup",
+            "version", "info",
         ];
         let cli = crate::Cli::command();
-        let mut paths = Vec::new();
-        leaves(&cli, "", &mut paths);
         let mut checked = 0;
-        for path in paths {
+        for path in leaves(&cli) {
             let leaf = path.rsplit(' ').next().unwrap();
             if !SHOWS_STATE.contains(&leaf) {
                 continue;
@@ -306,14 +378,23 @@ mod tests {
             assert_eq!(format.get_long(), Some("format"));
             checked += 1;
         }
-        assert!(checked >= 17, "only {checked} listings found");
+        assert!(checked >= 20, "only {checked} listings found");
+        // `--pretty` is Docker's `--format table`: asking for both is a usage error.
+        let both = [
+            "shoal", "node", "inspect", "self", "--pretty", "--format", "json",
+        ];
+        assert!(cli.try_get_matches_from(both).is_err());
     }
 
     #[test]
-    fn a_wrong_flag_in_an_example_is_caught() {
+    fn a_wrong_flag_or_command_in_an_example_is_caught() {
         let cli = with_examples(crate::Cli::command());
-        let words = invocation("shoal service scale web=5 --detatch");
-        assert!(cli.try_get_matches_from(words).is_err());
+        assert!(runs(&cli, "shoal service scale web=5 --detatch").is_err());
+        assert!(runs(&cli, "shoal service scael web=5").is_err());
+        assert_eq!(
+            runs(&cli, "shoal service scale web=5 -d").unwrap(),
+            "service scale"
+        );
     }
 
     /// Every `shoal` command in the README and `docs/` parses: a renamed flag or command
@@ -335,10 +416,15 @@ mod tests {
             let mut words = vec!["shoal".to_owned()];
             words.extend(shell_words(&line));
             if let Err(err) = cli.clone().try_get_matches_from(&words) {
+                use clap::error::ErrorKind;
+                // `--help` and `--version` parse, and end in what they print.
+                let prints = matches!(
+                    err.kind(),
+                    ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+                );
                 // Prose may name a command without its arguments.
-                let mention =
-                    command.inline && err.kind() == clap::error::ErrorKind::MissingRequiredArgument;
-                if !mention {
+                let mention = command.inline && err.kind() == ErrorKind::MissingRequiredArgument;
+                if !prints && !mention {
                     broken.push(format!("{}: shoal {line}: {}", command.source, err.kind()));
                 }
             }

@@ -113,7 +113,7 @@ enum Command {
     /// Inspect the eBPF dataplane
     #[command(subcommand)]
     Dataplane(DataplaneCommand),
-    /// Print a shell completion script: `source <(shoal completion bash)`
+    /// Print a shell completion script
     Completion { shell: clap_complete::Shell },
     /// A multi-node lab in network namespaces on this machine
     Lab {

@@ -101,3 +101,71 @@ fn completion_scripts_know_the_subcommands() {
         "an unknown shell is a usage error"
     );
 }
+
+/// Every command that lists or shows state offers the same `--format table|json`, as its
+/// help says (no agent needed).
+#[test]
+fn listings_offer_format_table_or_json() {
+    const LISTINGS: [&[&str]; 20] = [
+        &["version"],
+        &["info"],
+        &["node", "ls"],
+        &["node", "inspect"],
+        &["node", "ps"],
+        &["service", "ls"],
+        &["service", "ps"],
+        &["service", "inspect"],
+        &["network", "ls"],
+        &["network", "inspect"],
+        &["gossip", "members"],
+        &["gossip", "tables"],
+        &["lb", "ls"],
+        &["dns", "lookup"],
+        &["dns", "stats"],
+        &["ingress", "ls"],
+        &["ingress", "trace"],
+        &["conntrack", "ls"],
+        &["dataplane", "status"],
+        &["lab", "status"],
+    ];
+    for command in LISTINGS {
+        let help = shoal_tests::shoal_ok(&[command, &["--help"]].concat());
+        // The option's text: one line in short help, a paragraph in long help.
+        let mut lines = help
+            .lines()
+            .map(str::trim)
+            .skip_while(|line| !line.starts_with("--format <FORMAT>"));
+        let first = lines.next().unwrap_or_default();
+        let more = lines.take_while(|line| !line.is_empty() && !line.starts_with('-'));
+        let format = more.fold(first.to_owned(), |text, line| text + " " + line);
+        assert!(
+            format.contains("[possible values: table, json]"),
+            "shoal {command:?} has no --format table|json:\n{help}"
+        );
+    }
+}
+
+/// A bad `--publish` is a usage error (2) caught before any agent is asked, naming the form.
+#[test]
+fn bad_publish_spec_shows_the_form() {
+    for (spec, expected) in [
+        ("8080", "expected PUBLISHED:TARGET[/udp] (e.g. 8080:80)"),
+        ("8080:0", "is not a port (1-65535)"),
+        ("8080:80/sctp", "expected tcp or udp"),
+        ("published=80,taget=8", "unknown field \"taget\""),
+    ] {
+        let out = shoal(&[
+            "service",
+            "create",
+            "--name",
+            "web",
+            "--publish",
+            spec,
+            "--",
+            "x",
+        ]);
+        assert_eq!(out.status.code(), Some(2), "{spec}");
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert!(stderr.contains(expected), "{spec}: {stderr}");
+    }
+}

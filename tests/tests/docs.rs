@@ -76,6 +76,17 @@ fn commands_are_found_in_blocks_and_spans_with_their_node() {
     assert!(exec("shoal task exec web.1.<id> -- ip rule"));
     assert!(!exec("shoal task exec web.1.<id> -- sh"));
     assert!(!exec("shoal service rm web"));
+    // The README's `$shoal` and the built binary are commands too; lab ones are not read-only.
+    for line in [
+        "$shoal lab up --nodes 3   # node1..3",
+        "target/release/shoal lab down",
+        "$ sudo shoal lab exec client -- curl -s 192.168.77.13:8080",
+    ] {
+        let command = command_of("t.md", line, false).unwrap();
+        assert_eq!(command.node, None, "{line}");
+        assert!(command.words.starts_with(&["lab".to_owned()]), "{line}");
+        assert!(!read_only(&command), "{line}");
+    }
 }
 
 #[test]

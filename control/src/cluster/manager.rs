@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use super::{
     ipam,
     orchestrator::{self, Settings},
-    pki::{random_id, secrets_match, Role},
+    pki::{random_id, secrets_match, Role, TOKEN_HINT},
     protocol::{
         AssignedNetwork, Assignment, ClusterRequest, ClusterResponse, ControlRequest,
         ControlResponse, Envelope, HeartbeatResponse, JoinRequest, JoinResponse, LogLine,
@@ -73,6 +73,10 @@ pub struct Manager {
     adding_voter: Arc<Mutex<Option<u64>>>,
 }
 
+/// A worker asked for what only managers hold.
+pub const NOT_A_MANAGER: &str = "this node is not a swarm manager: run the command on a manager \
+                                 (`shoal info` lists them), or promote this node with \
+                                 `shoal node promote NODE` on a manager";
 const NO_LEADER: &str = "the swarm does not have a leader: too few managers are reachable \
                          to form a quorum (see `shoal node ls` on a manager, docs/operations.md)";
 
@@ -226,10 +230,7 @@ impl Manager {
                     caller.ok_or_else(|| anyhow!("control request without a node certificate"))?;
                 match self.read(|s| s.nodes.get(&caller).map(|n| n.role)) {
                     Some(Role::Manager) => {}
-                    Some(Role::Worker) => bail!(
-                        "this node is not a swarm manager: run the command on a manager, or \
-                         promote this node with `shoal node promote` from a manager"
-                    ),
+                    Some(Role::Worker) => bail!(NOT_A_MANAGER),
                     None => bail!("node {caller} is not part of this swarm"),
                 }
                 Ok(ClusterResponse::Control(self.control(control).await?))
@@ -244,10 +245,7 @@ impl Manager {
         } else if secrets_match(&state.worker_secret, &join.secret) {
             Role::Worker
         } else {
-            bail!(
-                "invalid join token: it was rotated or belongs to another swarm; \
-                 `shoal swarm join-token worker` (or `manager`) on a manager prints the current one"
-            );
+            bail!("invalid join token: it was rotated or belongs to another swarm; {TOKEN_HINT}");
         };
         let ca = state
             .ca
@@ -555,7 +553,8 @@ impl Manager {
                 let demoted = role == Some(Role::Worker) && updated.role == Role::Manager;
                 if demoted && state.managers().count() <= 1 {
                     bail!(
-                        "node {} is the last manager of the swarm and cannot be demoted",
+                        "node {} is the last manager of the swarm and cannot be demoted: \
+                         promote another node first (`shoal node promote NODE`)",
                         updated.hostname
                     );
                 }
@@ -684,7 +683,11 @@ impl Manager {
                         .ports
                         .retain(|p| !(p.published == port && p.protocol == protocol));
                     if updated.spec.ports.len() == before {
-                        bail!("service {} does not publish {key}", updated.spec.name);
+                        bail!(
+                            "service {0} does not publish {key}: \
+                             `shoal service inspect {0} --pretty` lists its ports",
+                            updated.spec.name
+                        );
                     }
                 }
                 for port in publish_add {
@@ -1067,11 +1070,11 @@ fn check_ports_free(state: &ClusterState, spec: &ServiceSpec, own: Option<&str>)
         });
         if let Some(holder) = holder {
             bail!(
-                "port {}/{} is already published by service {}: choose another, or `service update --publish-rm {}` there first",
+                "port {0}/{1} is already published by service {2}: choose another, or free it \
+                 with `shoal service update --publish-rm {0}/{1} {2}`",
                 port.published,
                 port.protocol.name(),
                 holder.spec.name,
-                port.published
             );
         }
     }

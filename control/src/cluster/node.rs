@@ -25,10 +25,13 @@ use tokio::{sync::watch, task::JoinHandle};
 
 use super::{
     ipam::{allocate_subnet, Subnet},
-    manager::{now, Manager},
+    manager::{now, Manager, NOT_A_MANAGER},
     networking::{DnsLookup, NodeNetworks},
     orchestrator::Settings,
-    pki::{ca_digest, new_key_and_csr, pem_der, random_id, JoinToken, NodeIdentity, Role, RootCa},
+    pki::{
+        ca_digest, new_key_and_csr, pem_der, random_id, JoinToken, NodeIdentity, Role, RootCa,
+        CA_MISMATCH, TOKEN_HINT,
+    },
     protocol::{
         ClusterRequest, ClusterResponse, ControlRequest, ControlResponse, Envelope, JoinRequest,
         LogsRequest, TaskLog,
@@ -150,7 +153,7 @@ pub struct ClusterRuntime {
     running: tokio::sync::RwLock<Option<Running>>,
 }
 
-const NOT_IN_SWARM: &str =
+pub const NOT_IN_SWARM: &str =
     "this node is not part of a swarm: run `shoal swarm init` or `shoal swarm join` first";
 
 impl ClusterRuntime {
@@ -432,12 +435,19 @@ impl ClusterRuntime {
                 Duration::from_secs(15),
             )
             .await
-            .with_context(|| format!("joining the swarm through {remote}"))?;
+            .map_err(|err| {
+                // The TLS layer wraps the pinned CA's refusal in words of its own.
+                if format!("{err:#}").contains(CA_MISMATCH) {
+                    anyhow!("{CA_MISMATCH} ({remote}); {TOKEN_HINT}")
+                } else {
+                    err.context(format!("joining the swarm through {remote}"))
+                }
+            })?;
         let ClusterResponse::Joined(joined) = answer else {
             bail!("{remote} answered the join oddly");
         };
         if ca_digest(&pem_der(&joined.ca_pem)?) != token.ca_digest {
-            bail!("the manager's CA does not match the join token");
+            bail!("{CA_MISMATCH} ({remote}); {TOKEN_HINT}");
         }
         let membership = Membership {
             cluster_id: joined.cluster_id,
@@ -682,11 +692,7 @@ impl ClusterRuntime {
         let running = self.running.read().await;
         let running = running.as_ref().ok_or_else(|| anyhow!(NOT_IN_SWARM))?;
         let Some(manager) = running.manager() else {
-            bail!(
-                "this node is not a swarm manager: worker nodes can't be used to view or modify \
-                 cluster state. Run this command on a manager, or promote this node with \
-                 `shoal node promote` from a manager"
-            );
+            bail!(NOT_A_MANAGER);
         };
         manager.local(request).await
     }

@@ -23,6 +23,12 @@ pub const CLUSTER_SERVER_NAME: &str = "shoal-cluster";
 const CERT_VALIDITY_DAYS: i64 = 3 * 365;
 const CA_VALIDITY_DAYS: i64 = 20 * 365;
 const BASE36: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+/// A token's CA digest that is not the manager's: the token is another swarm's.
+pub const CA_MISMATCH: &str =
+    "the manager's CA does not match the join token: the token is from another swarm";
+/// Where a good token comes from, for every error about a bad one.
+pub const TOKEN_HINT: &str =
+    "copy the current one whole from `shoal swarm join-token worker` (or `manager`) on a manager";
 
 /// `len` random characters of [0-9a-z], the alphabet of Swarm's IDs and tokens.
 pub fn random_id(len: usize) -> String {
@@ -200,17 +206,15 @@ pub struct JoinToken {
 
 impl JoinToken {
     pub fn parse(text: &str) -> Result<Self> {
-        let rest = text
-            .trim()
-            .strip_prefix("SWMTKN-1-")
-            .context("invalid join token: it must start with SWMTKN-1-")?;
-        let (digest, secret) = rest.split_once('-').context(
-            "invalid join token: expected SWMTKN-1-<digest>-<secret>; copy it whole from \
-                 `shoal swarm join-token worker` (or `manager`) on a manager",
-        )?;
+        let rest = text.trim().strip_prefix("SWMTKN-1-").with_context(|| {
+            format!("invalid join token: it must start with SWMTKN-1-; {TOKEN_HINT}")
+        })?;
+        let (digest, secret) = rest.split_once('-').with_context(|| {
+            format!("invalid join token: expected SWMTKN-1-<digest>-<secret>; {TOKEN_HINT}")
+        })?;
         let base36 = |s: &str| s.bytes().all(|b| BASE36.contains(&b));
         if digest.len() != 50 || secret.len() != 25 || !base36(digest) || !base36(secret) {
-            bail!("invalid join token: malformed digest or secret");
+            bail!("invalid join token: malformed digest or secret; {TOKEN_HINT}");
         }
         Ok(Self {
             ca_digest: digest.to_owned(),
@@ -257,7 +261,8 @@ mod tests {
             &text.replace("SWMTKN-1-", "SWMTKN-1-Z"),
             &format!("{text}x"),
         ] {
-            assert!(JoinToken::parse(bad).is_err(), "{bad:?}");
+            let err = JoinToken::parse(bad).unwrap_err().to_string();
+            assert!(err.ends_with(TOKEN_HINT), "{bad:?}: {err}");
         }
         assert!(secrets_match(&token.secret, &token.secret.clone()));
         assert!(!secrets_match(&token.secret, &random_id(25)));

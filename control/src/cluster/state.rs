@@ -301,7 +301,7 @@ impl PortConfig {
             };
             port.protocol = protocol;
             let Some((published, target)) = ports.split_once(':') else {
-                bail!("--publish {text:?}: expected PUBLISHED:TARGET[/udp] or published=P,target=T,...");
+                bail!("--publish {text:?}: expected PUBLISHED:TARGET[/udp] (e.g. 8080:80) or published=P,target=T,...");
             };
             port.published = number("published", published)?;
             port.target = number("target", target)?;
@@ -635,7 +635,8 @@ impl ClusterState {
                     .find(|s| s.spec.name == service.spec.name && s.id != service.id)
                 {
                     bail!(
-                        "a service named {} already exists ({})",
+                        "a service named {0} already exists ({1}): choose another --name, or \
+                         change it with `shoal service update {0}`",
                         service.spec.name,
                         other.id
                     );
@@ -662,7 +663,11 @@ impl ClusterState {
             Command::PutNetwork(network) => {
                 for other in self.networks.values().filter(|n| n.id != network.id) {
                     if other.name == network.name {
-                        bail!("a network named {} already exists", network.name);
+                        bail!(
+                            "a network named {0} already exists: choose another name, or use it \
+                             (`shoal network inspect {0}`)",
+                            network.name
+                        );
                     }
                     if other.vni == network.vni {
                         bail!(
@@ -673,7 +678,8 @@ impl ClusterState {
                     }
                     if other.subnet.overlaps(network.subnet) {
                         bail!(
-                            "subnet {} overlaps {} of network {}",
+                            "subnet {} overlaps {} of network {}: choose another --subnet \
+                             (`shoal network ls` shows those in use), or leave it out",
                             network.subnet,
                             other.subnet,
                             other.name
@@ -688,7 +694,13 @@ impl ClusterState {
                     .values()
                     .find(|s| s.spec.networks.contains(&id))
                 {
-                    bail!("network is in use by service {}", service.spec.name);
+                    let network = self.networks.get(&id).map_or(id.as_str(), |n| &n.name);
+                    bail!(
+                        "network {network} is in use by service {0}: remove the service \
+                         (`shoal service rm {0}`) or detach it (`shoal service update \
+                         --network-rm {network} {0}`) first",
+                        service.spec.name
+                    );
                 }
                 self.networks.remove(&id);
             }
@@ -766,7 +778,10 @@ impl ClusterState {
             [] => {
                 bail!("node {key} not found: `shoal node ls` lists them (by name, ID or ID prefix)")
             }
-            _ => bail!("node {key} is ambiguous ({} matches)", matches.len()),
+            _ => bail!(
+                "node {key} is ambiguous ({} matches): give its name or more of its ID",
+                matches.len()
+            ),
         }
     }
 
@@ -785,7 +800,10 @@ impl ClusterState {
             [] => bail!(
                 "service {key} not found: `shoal service ls` lists them (by name, ID or ID prefix)"
             ),
-            _ => bail!("service {key} is ambiguous ({} matches)", matches.len()),
+            _ => bail!(
+                "service {key} is ambiguous ({} matches): give its name or more of its ID",
+                matches.len()
+            ),
         }
     }
 
@@ -804,7 +822,10 @@ impl ClusterState {
             [] => bail!(
                 "network {key} not found: `shoal network ls` lists them (by name, ID or ID prefix)"
             ),
-            _ => bail!("network {key} is ambiguous ({} matches)", matches.len()),
+            _ => bail!(
+                "network {key} is ambiguous ({} matches): give its name or more of its ID",
+                matches.len()
+            ),
         }
     }
 
@@ -868,13 +889,18 @@ mod tests {
             ..network("a", "10.0.2.0/24", 4098)
         };
         let err = state.apply(Command::PutNetwork(twin)).unwrap_err();
-        assert_eq!(err.to_string(), "a network named a already exists");
+        assert_eq!(
+            err.to_string(),
+            "a network named a already exists: choose another name, or use it \
+             (`shoal network inspect a`)"
+        );
         let err = state
             .apply(Command::PutNetwork(network("b", "10.0.1.128/25", 4098)))
             .unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "subnet 10.0.1.128/25 overlaps 10.0.1.0/24 of network a"
+        assert!(
+            err.to_string()
+                .starts_with("subnet 10.0.1.128/25 overlaps 10.0.1.0/24 of network a: choose"),
+            "{err}"
         );
         let err = state
             .apply(Command::PutNetwork(network("b", "10.0.2.0/24", 4097)))
@@ -915,7 +941,11 @@ mod tests {
         let err = state
             .apply(Command::RemoveNetwork { id: "id-a".into() })
             .unwrap_err();
-        assert_eq!(err.to_string(), "network is in use by service web");
+        assert_eq!(
+            err.to_string(),
+            "network a is in use by service web: remove the service (`shoal service rm web`) \
+             or detach it (`shoal service update --network-rm a web`) first"
+        );
         state
             .apply(Command::RemoveNetwork { id: "id-b".into() })
             .unwrap();

@@ -28,7 +28,7 @@ use serde::{de::DeserializeOwned, Serialize};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-use super::pki::{ca_digest, node_id_of, NodeIdentity, CLUSTER_SERVER_NAME};
+use super::pki::{ca_digest, node_id_of, NodeIdentity, CA_MISMATCH, CLUSTER_SERVER_NAME};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// What to check when a manager does not answer: the usual causes, in the error itself.
@@ -130,11 +130,7 @@ impl ServerCertVerifier for PinnedCaVerifier {
         let ca = intermediates
             .iter()
             .find(|c| ca_digest(c) == self.digest)
-            .ok_or_else(|| {
-                rustls::Error::General(
-                    "the manager's CA does not match the join token's digest".into(),
-                )
-            })?;
+            .ok_or_else(|| rustls::Error::General(CA_MISMATCH.into()))?;
         let mut roots = RootCertStore::empty();
         roots
             .add(ca.clone().into_owned())
