@@ -689,6 +689,13 @@ impl ClusterState {
                 self.networks.insert(network.id.clone(), network);
             }
             Command::RemoveNetwork { id } => {
+                // Made by `swarm init` and used by every published port, named or not.
+                if self.networks.get(&id).is_some_and(|n| n.ingress) {
+                    bail!(
+                        "the ingress network carries the routing mesh and cannot be removed; \
+                         to stop publishing a port: `shoal service update --publish-rm PORT SERVICE`"
+                    );
+                }
                 if let Some(service) = self
                     .services
                     .values()
@@ -950,6 +957,17 @@ mod tests {
             .apply(Command::RemoveNetwork { id: "id-b".into() })
             .unwrap();
         assert!(state.find_network("b").is_err());
+        let mut ingress = network("ingress", "10.0.9.0/24", FIRST_VNI + 9);
+        ingress.ingress = true;
+        let ingress_id = ingress.id.clone();
+        state.apply(Command::PutNetwork(ingress)).unwrap();
+        let err = state
+            .apply(Command::RemoveNetwork { id: ingress_id })
+            .unwrap_err();
+        assert!(err
+            .to_string()
+            .starts_with("the ingress network carries the routing mesh"));
+        assert!(state.find_network("ingress").is_ok());
     }
 
     fn task(id: &str, node: &str, state: TaskState) -> Task {

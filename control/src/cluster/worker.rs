@@ -34,6 +34,8 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 const STOP_DRAIN: Duration = Duration::from_secs(1);
 
 struct LocalTask {
+    /// `web.1.<id>`, as `service ps` shows it.
+    name: String,
     state: TaskState,
     error: String,
     /// Present while the task runs: a message stops it.
@@ -72,8 +74,9 @@ impl Worker {
         for id in runtime.remove_leftovers()? {
             tracing::info!(task = %id, "ended a task left by a previous agent");
             tasks.insert(
-                id,
+                id.clone(),
                 LocalTask {
+                    name: id,
                     state: TaskState::Failed,
                     error: "agent restarted".into(),
                     stop: None,
@@ -151,15 +154,13 @@ impl Worker {
         Ok(logs)
     }
 
-    /// A running local task by ID, ID prefix, or name (`web.1.<id>`).
+    /// A running local task by ID, ID prefix, name (`web.1.<id>`) or name without its ID
+    /// (`web.1`: one slot runs one task at a time).
     pub fn resolve_local(&self, key: &str) -> Result<String> {
-        let id_part = key.rsplit('.').next().unwrap_or(key);
         let tasks = self.tasks.lock().expect("tasks");
         let matches: Vec<&String> = tasks
             .iter()
-            .filter(|(id, task)| {
-                task.stop.is_some() && !id_part.is_empty() && id.starts_with(id_part)
-            })
+            .filter(|(id, task)| task.stop.is_some() && names_task(key, id, &task.name))
             .map(|(id, _)| id)
             .collect();
         match matches.as_slice() {
@@ -331,6 +332,7 @@ impl Worker {
                     tasks.insert(
                         assignment.task_id.clone(),
                         LocalTask {
+                            name: assignment.name.clone(),
                             state: TaskState::Shutdown,
                             error: String::new(),
                             stop: None,
@@ -364,6 +366,7 @@ impl Worker {
                 let (stop, stopped) = oneshot::channel();
                 tokio::spawn(Arc::clone(self).supervise(assignment.clone(), handle, stopped));
                 LocalTask {
+                    name: launch.name,
                     state: TaskState::Starting,
                     error: String::new(),
                     stop: Some(stop),
@@ -372,6 +375,7 @@ impl Worker {
             Err(err) => {
                 tracing::warn!(task = %launch.name, error = %format!("{err:#}"), "task rejected");
                 LocalTask {
+                    name: launch.name,
                     state: TaskState::Rejected,
                     error: format!("{err:#}"),
                     stop: None,
@@ -470,5 +474,39 @@ fn describe_exit(status: std::process::ExitStatus) -> String {
         (Some(code), _) => format!("task: non-zero exit ({code})"),
         (None, Some(signal)) => format!("task: killed by signal {signal}"),
         _ => "task: ended abnormally".into(),
+    }
+}
+
+/// Whether `key` (ID, ID prefix, `web.1.<id>` or `web.1`) names the task `id` called `name`.
+fn names_task(key: &str, id: &str, name: &str) -> bool {
+    !key.is_empty()
+        && (id.starts_with(key)
+            || name == key
+            || name
+                .strip_prefix(key)
+                .is_some_and(|rest| rest == format!(".{id}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tasks_are_named_by_id_prefix_full_name_or_slot() {
+        let (id, name) = ("pq8sp0ctah", "web.1.pq8sp0ctah");
+        for key in ["pq8sp0ctah", "pq8", "web.1.pq8sp0ctah", "web.1"] {
+            assert!(names_task(key, id, name), "{key}");
+        }
+        for key in [
+            "",
+            "1",
+            "web",
+            "web.2",
+            "api.1.pq8sp0ctah",
+            "web.1.pq8",
+            "web.1.zzz",
+        ] {
+            assert!(!names_task(key, id, name), "{key}");
+        }
     }
 }
