@@ -97,7 +97,6 @@ impl Dataplane {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(config.maps_dir())
             .map_max_entries(names::MESH_MAGLEV, config.mesh.slots())
-            .map_max_entries(names::MESH_PORTS, config.mesh.max_services)
             .map_max_entries(names::MESH_COUNTERS, config.mesh.max_services)
             .load(EBPF_OBJECT)
             .context("loading shoal's eBPF object")?;

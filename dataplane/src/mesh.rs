@@ -5,8 +5,13 @@
 //!
 //! Maglev rows live in one mmap-able array (`MESH_MAGLEV`, `max_services × table_size` slots
 //! of backend addresses; the kernel lays array elements out 8 bytes apart): a change writes
-//! only the slots that move, straight into the kernel's memory, with no system call per slot. A slot always holds a valid backend, so a
-//! packet racing a change sees the old or the new owner of its slot, never a hole.
+//! only the slots that move, straight into the kernel's memory, with no system call per
+//! slot. A slot always holds a valid backend, so a packet racing a change sees the old or the
+//! new owner of its slot, never a hole. The published ports (`MESH_PORTS`, a slot per TCP and
+//! per UDP port) are written the same way, word by word.
+//!
+//! The programs read flow ages off `MESH_CLOCK`, which the agent ticks every second
+//! (`MeshTable::tick`): no clock helper call per packet.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -25,8 +30,8 @@ use aya::{
 };
 use serde::{Deserialize, Serialize};
 use shoal_common::{
-    names, FlowKey, IngressSettings, MeshCounters, MeshFlow, MeshPortKey, MeshService, ReplyKey,
-    FLOW_FIN_BACKEND, FLOW_FIN_CLIENT, FLOW_RST, MESH_SNAT,
+    names, FlowKey, IngressSettings, MeshCounters, MeshFlow, MeshService, ReplyKey,
+    FLOW_FIN_BACKEND, FLOW_FIN_CLIENT, FLOW_RST, MESH_PORT_SLOTS, MESH_PUBLISHED, MESH_SNAT,
 };
 
 use crate::maglev;
@@ -278,12 +283,16 @@ struct Row {
 
 /// The pinned mesh maps of one agent.
 pub struct MeshTable {
-    ports: HashMap<MapData, MeshPortKey, MeshService>,
+    ports: MappedArray,
     settings: Array<MapData, IngressSettings>,
+    clock: Array<MapData, u64>,
+    /// When this table was opened: flows are never older than that for expiry, since the
+    /// clock stood still while no agent ticked it.
+    opened_ns: u64,
     flows: HashMap<MapData, FlowKey, MeshFlow>,
     replies: HashMap<MapData, ReplyKey, FlowKey>,
     counters: PerCpuArray<MapData, MeshCounters>,
-    slots: MaglevSlots,
+    slots: MappedArray,
     limits: MeshLimits,
     rows: BTreeMap<(Protocol, u16), Row>,
 }
@@ -299,25 +308,41 @@ impl MeshTable {
             Ok(Map::from_map_data(data)?)
         };
         let mut table = Self {
-            ports: HashMap::try_from(open(names::MESH_PORTS)?)?,
+            ports: MappedArray::map(&maps_dir.join(names::MESH_PORTS), MESH_PORT_SLOTS, 2)?,
             settings: Array::try_from(open(names::INGRESS_SETTINGS)?)?,
+            clock: Array::try_from(open(names::MESH_CLOCK)?)?,
+            opened_ns: monotonic_ns()?,
             flows: HashMap::try_from(open(names::MESH_FLOWS)?)?,
             replies: HashMap::try_from(open(names::MESH_REPLIES)?)?,
             counters: PerCpuArray::try_from(open(names::MESH_COUNTERS)?)?,
-            slots: MaglevSlots::map(&maps_dir.join(names::MESH_MAGLEV), limits.slots())?,
+            slots: MappedArray::map(&maps_dir.join(names::MESH_MAGLEV), limits.slots(), 1)?,
             limits,
             rows: BTreeMap::new(),
         };
+        table.tick()?;
         table.recover()?;
         Ok(table)
     }
 
+    /// Writes the time into `MESH_CLOCK`, where the programs read flow ages; the agent
+    /// calls it every second.
+    pub fn tick(&mut self) -> Result<()> {
+        self.clock
+            .set(0, monotonic_ns()?, 0)
+            .context("writing the mesh clock")
+    }
+
     fn recover(&mut self) -> Result<()> {
-        for item in self.ports.iter() {
-            let (key, entry) = item?;
-            let Some(protocol) = Protocol::from_number(key.protocol) else {
+        for slot in 0..MESH_PORT_SLOTS {
+            let entry = MeshService::from_words(self.ports.entry(slot));
+            if entry.flags & MESH_PUBLISHED == 0 {
                 continue;
-            };
+            }
+            if entry.index >= self.limits.max_services {
+                // A row this table does not have (maps from other limits): unpublish.
+                self.ports.set_entry(slot, [0, 0]);
+                continue;
+            }
             let backends: BTreeSet<Ipv4Addr> = self
                 .slots
                 .row(entry.index, self.limits.table_size)
@@ -326,7 +351,7 @@ impl MeshTable {
                 .map(|ip| from_key(*ip as u32))
                 .collect();
             self.rows.insert(
-                (protocol, u16::from_be(key.port)),
+                slot_port(slot),
                 Row {
                     index: entry.index,
                     service: PublishedService {
@@ -372,7 +397,11 @@ impl MeshTable {
             .copied()
             .collect();
         for key in gone {
-            self.ports.remove(&port_key(key))?;
+            // Only the word that says the slot is published: a packet that read it before
+            // still finds its port word intact.
+            let mut words = self.ports.entry(port_slot(key));
+            words[0] = 0;
+            self.ports.set_entry(port_slot(key), words);
             self.counters_reset(self.rows[&key].index)?;
             self.rows.remove(&key);
         }
@@ -394,17 +423,25 @@ impl MeshTable {
             self.write_row(index, &service.backends).with_context(|| {
                 format!("building the Maglev row of {}/{}", key.1, key.0.name())
             })?;
+            let backends = u16::try_from(service.backends.len()).with_context(|| {
+                format!(
+                    "{}/{} has {} backends; the mesh balances at most 65,535",
+                    key.1,
+                    key.0.name(),
+                    service.backends.len()
+                )
+            })?;
             let entry = MeshService {
                 index,
-                backends: service.backends.len() as u32,
+                backends,
+                flags: MESH_PUBLISHED | if service.snat { MESH_SNAT } else { 0 },
                 target_port: service.target.to_be(),
-                flags: if service.snat { MESH_SNAT } else { 0 },
-                _pad: 0,
+                _pad: [0; 3],
             };
             if !self.rows.contains_key(&key) {
                 self.counters_reset(index)?;
             }
-            self.ports.insert(port_key(key), entry, 0)?;
+            self.ports.set_entry(port_slot(key), entry.to_words());
             self.rows.insert(key, Row { index, service });
         }
         Ok(())
@@ -503,7 +540,8 @@ impl MeshTable {
             client_port: request.source.port().to_be(),
             published_port: request.destination.port().to_be(),
             protocol: request.protocol.number(),
-            _pad: [0; 3],
+            _pad: 0,
+            _pad2: 0,
         };
         let before = self.flows.get(&key, 0).ok();
         let frame = trace_packet(request);
@@ -555,11 +593,18 @@ impl MeshTable {
             backend_port: flow.backend_port,
             peer_port: flow.source_port,
             protocol: key.protocol,
-            _pad: [0; 3],
+            _pad: 0,
+            _pad2: 0,
         };
         // Either may be gone already (LRU): that is the state we want.
         let _ = self.flows.remove(key);
         let _ = self.replies.remove(&reply);
+    }
+
+    /// A flow's last packet for ageing: never before this table opened, as the clock the
+    /// programs stamp flows with stood still while no agent ticked it.
+    fn last_seen(&self, flow: &MeshFlow) -> u64 {
+        flow.last_seen_ns.max(self.opened_ns)
     }
 
     /// The flows this node translated, newest activity first.
@@ -578,7 +623,7 @@ impl MeshTable {
                 backend: socket(flow.backend_ip, flow.backend_port),
                 source: socket(flow.source_ip, flow.source_port),
                 state: flow_state(protocol, flow.state).to_owned(),
-                idle_secs: now.saturating_sub(flow.last_seen_ns) / 1_000_000_000,
+                idle_secs: now.saturating_sub(self.last_seen(&flow)) / 1_000_000_000,
             });
         }
         out.sort_by_key(|f| f.idle_secs);
@@ -603,7 +648,7 @@ impl MeshTable {
             } else {
                 timeouts.established_secs
             };
-            if now.saturating_sub(flow.last_seen_ns) > limit * 1_000_000_000 {
+            if now.saturating_sub(self.last_seen(&flow)) > limit * 1_000_000_000 {
                 expired.push((key, flow));
             }
         }
@@ -631,30 +676,32 @@ fn flow_state(protocol: Protocol, state: u32) -> &'static str {
     }
 }
 
-/// `MESH_MAGLEV` mapped into the agent's memory. Array elements sit 8 bytes apart (the
-/// kernel rounds value sizes up to 8); a slot's address is the element's low half, as
-/// little-endian u64 (x86, arm64 and BPF are all little-endian here).
-struct MaglevSlots {
+/// A BPF_F_MMAPABLE array map (`MESH_MAGLEV`, `MESH_PORTS`) mapped into the agent's memory
+/// as 8-byte words: the kernel lays elements out at multiples of 8 bytes, `words` per
+/// entry, each read as a little-endian u64 (x86, arm64 and BPF are all little-endian here).
+/// Aligned 8-byte stores are atomic for the programs reading them.
+struct MappedArray {
     base: NonNull<u64>,
     len: usize,
+    words: usize,
 }
 
 // SAFETY: the mapping is owned by this value and only accessed through `&self`/`&mut self`.
-unsafe impl Send for MaglevSlots {}
-unsafe impl Sync for MaglevSlots {}
+unsafe impl Send for MappedArray {}
+unsafe impl Sync for MappedArray {}
 
-impl MaglevSlots {
-    fn map(pin: &Path, slots: u32) -> Result<Self> {
+impl MappedArray {
+    fn map(pin: &Path, entries: u32, words: usize) -> Result<Self> {
         let data = MapData::from_pin(pin)
             .with_context(|| format!("opening pinned map {}", pin.display()))?;
         let max = data.info()?.max_entries();
-        if max != slots {
+        if max != entries {
             bail!(
-                "{} holds {max} slots, the agent's settings want {slots}: run `shoal dataplane cleanup` after changing mesh limits",
+                "{} holds {max} entries, the agent's settings want {entries}: run `shoal dataplane cleanup` after changing mesh limits",
                 pin.display()
             );
         }
-        let len = slots as usize;
+        let len = entries as usize * words;
         let bytes = (len * 8).next_multiple_of(page_size());
         // SAFETY: mapping a BPF_F_MMAPABLE array by its fd, shared, for its whole size.
         let base = unsafe {
@@ -674,29 +721,60 @@ impl MaglevSlots {
         Ok(Self {
             base: NonNull::new(base.cast()).context("mmap returned null")?,
             len,
+            words,
         })
     }
 
+    fn all(&self) -> &[u64] {
+        // SAFETY: the mapping holds `len` words and lives as long as `self`.
+        unsafe { std::slice::from_raw_parts(self.base.as_ptr(), self.len) }
+    }
+
+    fn all_mut(&mut self) -> &mut [u64] {
+        // SAFETY: as above.
+        unsafe { std::slice::from_raw_parts_mut(self.base.as_ptr(), self.len) }
+    }
+
+    /// `size` consecutive one-word entries from `index × size` (a Maglev row).
     fn row(&self, index: u32, size: u32) -> &[u64] {
         let start = index as usize * size as usize;
-        // SAFETY: in bounds (index < max_services checked by the callers' allocation) and
-        // the mapping lives as long as `self`.
-        unsafe {
-            &std::slice::from_raw_parts(self.base.as_ptr(), self.len)[start..start + size as usize]
-        }
+        &self.all()[start..start + size as usize]
     }
 
     fn row_mut(&mut self, index: u32, size: u32) -> &mut [u64] {
         let start = index as usize * size as usize;
-        // SAFETY: as above; aligned 8-byte stores are atomic for the kernel's readers.
+        &mut self.all_mut()[start..start + size as usize]
+    }
+
+    /// A two-word entry, read in order (the first word says whether it is in use).
+    fn entry(&self, index: u32) -> [u64; 2] {
+        let at = &self.all()[index as usize * self.words..][..2];
+        // SAFETY: references into the mapping; volatile so that the reads happen in order
+        // and are not merged with others while the kernel writes alongside.
         unsafe {
-            &mut std::slice::from_raw_parts_mut(self.base.as_ptr(), self.len)
-                [start..start + size as usize]
+            [
+                std::ptr::read_volatile(&at[0]),
+                std::ptr::read_volatile(&at[1]),
+            ]
+        }
+    }
+
+    /// Writes a two-word entry: the second word first, so that a program that sees the
+    /// first word's new value also sees the second's.
+    fn set_entry(&mut self, index: u32, value: [u64; 2]) {
+        let words = self.words;
+        let at = &mut self.all_mut()[index as usize * words..][..2];
+        // SAFETY: references into the mapping; volatile stores stay in program order, and
+        // x86 and arm64 (with the release fence) make them visible in that order.
+        unsafe {
+            std::ptr::write_volatile(&mut at[1], value[1]);
+            std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+            std::ptr::write_volatile(&mut at[0], value[0]);
         }
     }
 }
 
-impl Drop for MaglevSlots {
+impl Drop for MappedArray {
     fn drop(&mut self) {
         // SAFETY: unmapping exactly what `map` mapped.
         unsafe {
@@ -781,11 +859,20 @@ impl MeshPrograms {
     }
 }
 
-fn port_key((protocol, port): (Protocol, u16)) -> MeshPortKey {
-    MeshPortKey {
-        port: port.to_be(),
-        protocol: protocol.number(),
-        _pad: 0,
+/// A published port's `MESH_PORTS` slot.
+fn port_slot((protocol, port): (Protocol, u16)) -> u32 {
+    match protocol {
+        Protocol::Tcp => u32::from(port),
+        Protocol::Udp => 65_536 + u32::from(port),
+    }
+}
+
+/// The port of a `MESH_PORTS` slot (the inverse of `port_slot`).
+fn slot_port(slot: u32) -> (Protocol, u16) {
+    if slot < 65_536 {
+        (Protocol::Tcp, slot as u16)
+    } else {
+        (Protocol::Udp, (slot - 65_536) as u16)
     }
 }
 

@@ -82,6 +82,7 @@ pub(crate) fn read(dataplane: &Dataplane) -> Result<DataplaneStatus> {
         names::VERDICT_COUNTERS,
         names::INGRESS_SETTINGS,
         names::MESH_PORTS,
+        names::MESH_CLOCK,
         names::MESH_MAGLEV,
         names::MESH_FLOWS,
         names::MESH_REPLIES,

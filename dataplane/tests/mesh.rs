@@ -452,3 +452,101 @@ fn random_packets_are_never_half_rewritten() {
             .unwrap();
     });
 }
+
+fn tcp_rst(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(ORIGIN_MAC, [2, 0, 0, 0, 0, 2])
+        .ipv4(src, dst, 64)
+        .tcp(sport, dport, 1000, 0)
+        .rst()
+        .write(&mut out, &[])
+        .unwrap();
+    out
+}
+
+#[test]
+fn flows_age_on_the_agents_clock_and_expire_by_state() {
+    use shoal_dataplane::mesh::FlowTimeouts;
+    in_private_netns("mesh-clock", |pins| {
+        let mut mesh = Mesh::start(pins);
+        mesh.publish(&[((Protocol::Tcp, 8080), service(80, false, &[B1]))]);
+        let idle = |table: &MeshTable, port: u16| {
+            table
+                .flows()
+                .unwrap()
+                .into_iter()
+                .find(|f| f.client.port() == port)
+                .map(|f| (f.idle_secs, f.state))
+        };
+        mesh.table.tick().unwrap();
+        mesh.ingress(&tcp(CLIENT, 40_000, NODE, 8080, true));
+        mesh.ingress(&tcp(CLIENT, 40_001, NODE, 8080, true));
+        assert_eq!(idle(&mesh.table, 40_000), Some((0, "established".into())));
+
+        // Packets are stamped with the clock the agent last wrote, not the packet's time:
+        // without a tick, a packet a second later leaves the flow a second idle.
+        std::thread::sleep(std::time::Duration::from_millis(1_100));
+        mesh.ingress(&tcp(CLIENT, 40_000, NODE, 8080, false));
+        assert_eq!(idle(&mesh.table, 40_000).unwrap().0, 1);
+        mesh.table.tick().unwrap();
+        mesh.ingress(&tcp(CLIENT, 40_000, NODE, 8080, false));
+        assert_eq!(idle(&mesh.table, 40_000).unwrap().0, 0);
+
+        // A reset flow goes after the closed timeout; established ones stay for theirs.
+        mesh.ingress(&tcp_rst(CLIENT, 40_001, NODE, 8080));
+        assert_eq!(idle(&mesh.table, 40_001).unwrap().1, "reset");
+        let timeouts = FlowTimeouts {
+            closed_secs: 0,
+            ..FlowTimeouts::default()
+        };
+        assert_eq!(mesh.table.expire(&timeouts).unwrap(), 1);
+        assert_eq!(idle(&mesh.table, 40_001), None);
+        assert!(idle(&mesh.table, 40_000).is_some());
+
+        // After an agent restart the clock has stood still: a flow is never older than the
+        // table that looks at it, so a restarted agent does not expire live flows for the
+        // time no agent ran. The table opened before the pause does.
+        let stale = FlowTimeouts {
+            established_secs: 1,
+            ..FlowTimeouts::default()
+        };
+        std::thread::sleep(std::time::Duration::from_millis(1_100));
+        let maps = mesh.dataplane.config().maps_dir();
+        let mut restarted = MeshTable::open(&maps, MeshLimits::default()).unwrap();
+        assert_eq!(restarted.expire(&stale).unwrap(), 0);
+        assert_eq!(mesh.table.expire(&stale).unwrap(), 1);
+    });
+}
+
+#[test]
+fn published_ports_are_recovered_by_a_new_table_and_unpublished_at_once() {
+    in_private_netns("mesh-ports", |pins| {
+        let mut mesh = Mesh::start(pins);
+        let published = [
+            ((Protocol::Tcp, 8080), service(80, false, &[B1, B2])),
+            ((Protocol::Udp, 8080), service(53, true, &[B2])),
+            ((Protocol::Tcp, 65_535), service(1, false, &[B1])),
+        ];
+        mesh.publish(&published);
+        let maps = mesh.dataplane.config().maps_dir();
+        let reopened = MeshTable::open(&maps, MeshLimits::default()).unwrap();
+        assert_eq!(
+            reopened.programmed(),
+            published.iter().cloned().collect::<BTreeMap<_, _>>(),
+            "a restarted agent finds every port, its target, mode and backends"
+        );
+        drop(reopened);
+
+        mesh.publish(&published[1..]);
+        let (code, out) = mesh.ingress(&tcp(CLIENT, 40_000, NODE, 8080, true));
+        assert_eq!(code, TC_ACT_OK);
+        assert_eq!(out, tcp(CLIENT, 40_000, NODE, 8080, true), "untouched");
+        let (code, _) = mesh.ingress(&udp(CLIENT, 40_000, NODE, 8080));
+        assert_eq!(
+            code, TC_ACT_REDIRECT,
+            "the same port over UDP is still published"
+        );
+        let (code, _) = mesh.ingress(&tcp(CLIENT, 40_000, NODE, 65_535, true));
+        assert_eq!(code, TC_ACT_REDIRECT);
+    });
+}

@@ -17,25 +17,30 @@ use aya_ebpf::{
     bindings::{
         BPF_F_MARK_MANGLED_0, BPF_F_MMAPABLE, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT,
     },
-    helpers::{
-        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_redirect_neigh,
-    },
+    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_redirect_neigh},
     macros::{cgroup_sock_addr, classifier, map},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, LruHashMap, PerCpuArray},
     programs::{SockAddrContext, TcContext},
     EbpfContext as _,
 };
 use shoal_common::{
-    FlowKey, IngressSettings, MeshCounters, MeshFlow, MeshPortKey, MeshService, Origin, ReplyKey,
+    FlowKey, IngressSettings, MeshCounters, MeshFlow, MeshService, Origin, ReplyKey,
     FLOW_FIN_BACKEND, FLOW_FIN_CLIENT, FLOW_RST, MESH_DEFAULT_TABLE_SIZE, MESH_MAX_FLOWS,
-    MESH_MAX_SERVICES, MESH_SNAT,
+    MESH_MAX_SERVICES, MESH_PORT_SLOTS, MESH_PUBLISHED, MESH_SNAT,
 };
 
 use crate::headers::{ETH_HLEN, ETH_P_IP, IPPROTO_TCP, IPPROTO_UDP};
 
+/// The service published on each port (`shoal_common::mesh_port_slot`), written in place
+/// by the agent through a memory mapping.
 #[map(name = "MESH_PORTS")]
-pub(crate) static MESH_PORTS: HashMap<MeshPortKey, MeshService> =
-    HashMap::pinned(MESH_MAX_SERVICES, 0);
+static MESH_PORTS: Array<MeshService> = Array::pinned(MESH_PORT_SLOTS, BPF_F_MMAPABLE);
+
+/// CLOCK_MONOTONIC in ns as the agent last wrote it (every second): flow ages without a
+/// helper call per packet (a call costs about as much as the rest of a tracked flow's
+/// decision on this project's VMs).
+#[map(name = "MESH_CLOCK")]
+static MESH_CLOCK: Array<u64> = Array::pinned(1, 0);
 
 /// One row of `table size` backend addresses per service; the agent sizes it at load time
 /// and writes it through a memory mapping.
@@ -208,7 +213,8 @@ impl Datagram {
             backend_port,
             peer_port,
             protocol: self.protocol,
-            _pad: [0; 3],
+            _pad: 0,
+            _pad2: 0,
         }
     }
 
@@ -329,13 +335,24 @@ pub(crate) fn published(packet: &Datagram, settings: &IngressSettings) -> Option
     if settings.ingress_ifindex == 0 || packet.daddr != settings.advertise_ip {
         return None;
     }
-    let key = MeshPortKey {
-        port: packet.dport,
-        protocol: packet.protocol,
-        _pad: 0,
-    };
-    // SAFETY: a plain lookup; the value is copied out at once.
-    unsafe { MESH_PORTS.get(key) }.copied()
+    port_service(packet.protocol, u16::from_be(packet.dport))
+}
+
+/// The service published on `port` (host byte order), read word by word in the order the
+/// agent writes them: the word that says the slot is published first.
+#[inline(always)]
+fn port_service(protocol: u8, port: u16) -> Option<MeshService> {
+    let slot = shoal_common::mesh_port_slot(protocol, port)?;
+    let entry = MESH_PORTS.get_ptr(slot)?.cast::<u64>();
+    // SAFETY: an array value of two aligned words, valid while the program runs; volatile
+    // keeps the two reads in this order.
+    let head = unsafe { core::ptr::read_volatile(entry) };
+    if (head >> 48) as u16 & MESH_PUBLISHED == 0 {
+        return None;
+    }
+    // SAFETY: as above.
+    let tail = unsafe { core::ptr::read_volatile(entry.add(1)) };
+    Some(MeshService::from_words([head, tail]))
 }
 
 /// Sends a packet for a published port to its flow's backend (choosing one for a new flow).
@@ -352,7 +369,8 @@ pub(crate) fn forward(
         client_port: packet.sport,
         published_port: packet.dport,
         protocol: packet.protocol,
-        _pad: [0; 3],
+        _pad: 0,
+        _pad2: 0,
     };
     let now = now_ns();
     // A SYN starts a new connection: it is balanced afresh even if the tuple was seen before.
@@ -445,7 +463,8 @@ fn new_flow(
         backend_port: service.target_port,
         peer_port: packet.sport,
         protocol: packet.protocol,
-        _pad: [0; 3],
+        _pad: 0,
+        _pad2: 0,
     };
     if service.flags & MESH_SNAT != 0 {
         flow.source_ip = settings.ingress_ip;
@@ -584,17 +603,13 @@ pub fn shoal_mesh_node_connect4(ctx: SockAddrContext) -> i32 {
     {
         return ALLOW;
     }
-    let key = MeshPortKey {
-        port: addr.user_port as u16,
-        protocol: if addr.type_ == SOCK_STREAM {
-            IPPROTO_TCP
-        } else {
-            IPPROTO_UDP
-        },
-        _pad: 0,
+    let protocol = if addr.type_ == SOCK_STREAM {
+        IPPROTO_TCP
+    } else {
+        IPPROTO_UDP
     };
-    // SAFETY: a plain lookup; the value is copied out at once.
-    let Some(service) = (unsafe { MESH_PORTS.get(key) }).copied() else {
+    // `user_port` holds the port in network byte order in its low half.
+    let Some(service) = port_service(protocol, u16::from_be(addr.user_port as u16)) else {
         return ALLOW;
     };
     // SAFETY: helper without side effects.
@@ -627,12 +642,11 @@ pub(crate) fn peek<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
     Some(unsafe { core::ptr::read_unaligned((start + offset) as *const T) })
 }
 
-/// The monotonic clock at tick resolution, for flow ages: it is read without asking the
-/// clock source, which in a VM costs more than the rest of a tracked flow's decision.
+/// The time for flow ages: the agent's clock in `MESH_CLOCK`, read inline (a second's
+/// resolution is plenty for timeouts counted in seconds).
 #[inline(always)]
 fn now_ns() -> u64 {
-    // SAFETY: helper without side effects.
-    unsafe { bpf_ktime_get_coarse_ns() }
+    MESH_CLOCK.get(0).copied().unwrap_or(0)
 }
 
 /// Out of `ifindex` with the MACs of the next hop the kernel's FIB and neighbour table

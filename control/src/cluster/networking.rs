@@ -70,6 +70,8 @@ const MESH_RESTART_GRACE: std::time::Duration = std::time::Duration::from_secs(5
 
 /// How often idle flows are looked for.
 const FLOW_EXPIRY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+/// How often the mesh's flow clock (`MESH_CLOCK`) is written: flow ages have this resolution.
+const MESH_CLOCK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The node's endpoint on the ingress network.
 #[derive(Clone, Debug, PartialEq)]
@@ -406,6 +408,7 @@ impl NodeNetworks {
     async fn follow(self: Arc<Self>, gossip: GossipHandle, mut shutdown: watch::Receiver<bool>) {
         let mut changes = gossip.subscribe();
         let mut expiry = tokio::time::interval(FLOW_EXPIRY_INTERVAL);
+        let mut clock = tokio::time::interval(MESH_CLOCK_INTERVAL);
         let grace_over = tokio::time::sleep_until(self.mesh_grace_until);
         tokio::pin!(grace_over);
         let mut grace_pending = true;
@@ -415,6 +418,11 @@ impl NodeNetworks {
                     grace_pending = false;
                     if let Some(net) = self.ingress_network() {
                         self.reprogram(&gossip, &net).await;
+                    }
+                }
+                _ = clock.tick() => {
+                    if let Err(err) = self.mesh.lock().expect("mesh").tick() {
+                        tracing::warn!(error = %format!("{err:#}"), "ticking the mesh clock");
                     }
                 }
                 _ = expiry.tick() => {
