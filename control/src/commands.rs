@@ -26,8 +26,8 @@ use crate::{
             TaskView,
         },
         state::{
-            Availability, Constraint, EndpointMode, NodeStatus, PortConfig, ServiceMode,
-            ServiceSpec, TaskState,
+            Availability, Constraint, EndpointMode, NodeStatus, PortConfig, PublishMode,
+            ServiceMode, ServiceSpec, SourceMode, TaskState,
         },
     },
     output::{json, table, Format},
@@ -1077,7 +1077,7 @@ fn render_services(services: &[ServiceView]) -> String {
                 mode_label(&s.mode).into(),
                 format!("{}/{}", s.running, s.desired),
                 s.command.join(" "),
-                String::new(),
+                ports_column(&s.ports),
             ]
         })
         .collect();
@@ -1085,6 +1085,25 @@ fn render_services(services: &[ServiceView]) -> String {
         ["ID", "NAME", "MODE", "REPLICAS", "COMMAND", "PORTS"],
         &rows,
     )
+}
+
+/// The PORTS column, as Docker writes it (`*:8080->80/tcp`), with the mode when it is not
+/// the routing mesh's default.
+fn ports_column(ports: &[PortConfig]) -> String {
+    ports
+        .iter()
+        .map(|p| {
+            let mut text = format!("*:{}->{}/{}", p.published, p.target, p.protocol.name());
+            if p.mode == PublishMode::Host {
+                text.push_str(" (host)");
+            }
+            if p.source == SourceMode::Snat {
+                text.push_str(" (snat)");
+            }
+            text
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `network inspect --pretty`: the managers' view (absent on a worker), then what this node
@@ -1184,7 +1203,7 @@ fn render_tasks(tasks: &[TaskView]) -> String {
                 } else {
                     t.error.clone()
                 },
-                String::new(),
+                ports_column(&t.host_ports),
             ]
         })
         .collect();
@@ -1205,6 +1224,23 @@ fn render_tasks(tasks: &[TaskView]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ports_column_reads_as_dockers_with_non_default_modes_named() {
+        let ports: Vec<PortConfig> = [
+            "8080:80",
+            "published=5353,target=53,protocol=udp,mode=host",
+            "published=9090,target=90,source=snat",
+        ]
+        .iter()
+        .map(|p| PortConfig::parse(p).unwrap())
+        .collect();
+        assert_eq!(
+            ports_column(&ports),
+            "*:8080->80/tcp, *:5353->53/udp (host), *:9090->90/tcp (snat)"
+        );
+        assert_eq!(ports_column(&[]), "");
+    }
 
     #[test]
     fn network_inspect_table_shows_the_view_and_what_this_node_programmed() {

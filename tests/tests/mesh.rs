@@ -127,6 +127,18 @@ fn published_ports_reach_every_replica_from_every_node_and_keep_flows() {
         );
     }
 
+    // `service ls` shows the published ports as Docker does.
+    let listing = lab.exec("node1", &["shoal", "service", "ls"]);
+    let row = |name: &str| {
+        listing
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(name))
+            .unwrap_or_else(|| panic!("no {name} in {listing}"))
+            .to_owned()
+    };
+    assert!(row("web").ends_with("*:8080->80/tcp"), "{listing}");
+    assert!(row("natted").ends_with("*:9090->80/tcp (snat)"), "{listing}");
+
     // Per-service counters, as Prometheus metrics: node3 balanced flows of web.
     let metrics = lab.exec("node3", &["curl", "-s", "http://127.0.0.1:9323/metrics"]);
     let flows: f64 = metrics

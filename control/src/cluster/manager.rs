@@ -22,8 +22,8 @@ use super::{
     },
     raft::{Member, Raft, StateMachine},
     state::{
-        Availability, ClusterState, Command, Network, Node, NodeStatus, Service, ServiceMode,
-        ServiceSpec, Task, TaskState,
+        Availability, ClusterState, Command, Network, Node, NodeStatus, PublishMode, Service,
+        ServiceMode, ServiceSpec, Task, TaskState,
     },
     transport::{ClusterClient, Peer},
 };
@@ -1038,6 +1038,18 @@ fn task_views(state: &ClusterState, keep: impl Fn(&Task) -> bool) -> Vec<TaskVie
                 .iter()
                 .map(|a| (network_name(state, &a.network_id), a.address))
                 .collect(),
+            host_ports: state
+                .services
+                .get(&t.service_id)
+                .map(|s| {
+                    s.spec
+                        .ports
+                        .iter()
+                        .filter(|p| p.mode == PublishMode::Host)
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default(),
         })
         .collect();
     // By slot, newest first within a slot: the running task, then its history.
