@@ -48,7 +48,8 @@
 //!   full mesh decision on a packet to a published port: a SYN is balanced afresh (Maglev slot,
 //!   both LRU tables written), an ACK hits the flow table; the port and its checksum are
 //!   rewritten, the address stays (it is the node's), so this omits one 4-byte address rewrite
-//!   (a store and two checksum helpers). Warm caches: a lower bound next to the single runs.
+//!   (an in-place store and one checksum helper call). Warm caches: a lower bound next to the
+//!   single runs.
 //!
 //! **3. Programming** 1,000 published ports x 10 backends: `MeshTable::sync` against one
 //! `nft -f` of the equivalent table (`mesh_decision.rs`).

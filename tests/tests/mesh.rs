@@ -137,7 +137,10 @@ fn published_ports_reach_every_replica_from_every_node_and_keep_flows() {
             .to_owned()
     };
     assert!(row("web").ends_with("*:8080->80/tcp"), "{listing}");
-    assert!(row("natted").ends_with("*:9090->80/tcp (snat)"), "{listing}");
+    assert!(
+        row("natted").ends_with("*:9090->80/tcp (snat)"),
+        "{listing}"
+    );
 
     // Per-service counters, as Prometheus metrics: node3 balanced flows of web.
     let metrics = lab.exec("node3", &["curl", "-s", "http://127.0.0.1:9323/metrics"]);
