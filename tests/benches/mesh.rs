@@ -519,8 +519,10 @@ fn warm_decision(services: u16) -> Value {
 /// The floor under every figure of part 2 on this machine: one BPF_PROG_TEST_RUN iteration
 /// of an empty TC program (`r0 = 0; exit`), and of one with a single call of a helper that
 /// does next to nothing (`bpf_get_prandom_u32`): the price of a call and its return, which
-/// return thunks (SRSO "Safe RET" on this VM's AMD CPUs) make high. Repeated 1,000,000
-/// times, the kernel's mean. Loaded from raw instructions (bpf(2)), closed at once.
+/// return thunks (SRSO "Safe RET" on this VM's AMD CPUs) make high; of one with three such
+/// calls (the fewest a TC rewrite makes: two checksum helpers and the redirect), and of an
+/// empty XDP program. Repeated 1,000,000 times, the kernel's mean. Loaded from raw
+/// instructions (bpf(2)), closed at once.
 fn calibration() -> Value {
     #[repr(C)]
     struct Load {
@@ -547,12 +549,25 @@ fn calibration() -> Value {
     let license = c"GPL";
     let frame = decision::packet(1, 9, false);
     let mut out = serde_json::Map::new();
-    for (name, insns) in [
-        ("empty_program_ns", vec![r0_zero, exit]),
-        ("one_helper_call_program_ns", vec![prandom, r0_zero, exit]),
+    const XDP: u32 = 6;
+    for (name, prog_type, insns) in [
+        ("empty_program_ns", SCHED_CLS, vec![r0_zero, exit]),
+        (
+            "one_helper_call_program_ns",
+            SCHED_CLS,
+            vec![prandom, r0_zero, exit],
+        ),
+        // What any TC rewrite of a tracked flow must call at least: two checksum helpers
+        // and the redirect.
+        (
+            "three_helper_calls_program_ns",
+            SCHED_CLS,
+            vec![prandom, prandom, prandom, r0_zero, exit],
+        ),
+        ("empty_xdp_program_ns", XDP, vec![r0_zero, exit]),
     ] {
         let load = Load {
-            prog_type: SCHED_CLS,
+            prog_type,
             insn_cnt: insns.len() as u32,
             insns: insns.as_ptr() as u64,
             license: license.as_ptr() as u64,
@@ -736,9 +751,11 @@ fn main() {
         );
     }
     println!(
-        "(floor here: an empty program {:.0} ns per test run, one with one helper call {:.0} ns)",
+        "(floor here, per test run: an empty TC program {:.0} ns, with one helper call {:.0} ns, with three {:.0} ns (the fewest a TC rewrite can make); an empty XDP program {:.0} ns)",
         floor["empty_program_ns"].as_f64().unwrap(),
-        floor["one_helper_call_program_ns"].as_f64().unwrap()
+        floor["one_helper_call_program_ns"].as_f64().unwrap(),
+        floor["three_helper_calls_program_ns"].as_f64().unwrap(),
+        floor["empty_xdp_program_ns"].as_f64().unwrap()
     );
     for (label, key) in [
         ("new flow", "new_flow_warm_mean_ns"),
