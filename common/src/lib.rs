@@ -82,6 +82,8 @@ pub const MESH_MAX_FLOWS: u32 = 131_072;
 pub const MESH_SNAT: u16 = 1;
 /// `MeshService::flags`: the slot's port is published (an empty slot is all zeroes).
 pub const MESH_PUBLISHED: u16 = 2;
+/// `MeshService::flags`: its Maglev row holds backends (else the kernel answers: refused).
+pub const MESH_HAS_BACKENDS: u16 = 4;
 /// `MeshFlow::state` bits, from the TCP flags seen both ways.
 pub const FLOW_FIN_CLIENT: u32 = 1;
 pub const FLOW_FIN_BACKEND: u32 = 2;
@@ -139,33 +141,26 @@ pub fn mesh_port_slot(protocol: u8, port: u16) -> Option<u32> {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MeshService {
     pub index: u32,
-    pub backends: u16,
-    /// `MESH_PUBLISHED` (else the slot is empty), `MESH_SNAT`.
+    /// `MESH_PUBLISHED` (else the slot is empty), `MESH_HAS_BACKENDS`, `MESH_SNAT`.
     pub flags: u16,
     pub target_port: u16,
-    pub _pad: [u16; 3],
 }
 
 impl MeshService {
-    /// The entry as the two 8-byte words it is stored as (little-endian, like every target
-    /// here). The agent writes them in place while programs read: each word is written
-    /// atomically, the port word before the word that says the slot is published.
+    /// The entry as the one 8-byte word it is stored as (little-endian, like every target
+    /// here): the agent stores it and the programs load it whole, so a packet never sees
+    /// half of an old entry and half of a new one.
     #[inline(always)]
-    pub fn to_words(&self) -> [u64; 2] {
-        [
-            u64::from(self.index) | u64::from(self.backends) << 32 | u64::from(self.flags) << 48,
-            u64::from(self.target_port),
-        ]
+    pub fn to_word(&self) -> u64 {
+        u64::from(self.index) | u64::from(self.flags) << 32 | u64::from(self.target_port) << 48
     }
 
     #[inline(always)]
-    pub fn from_words(words: [u64; 2]) -> Self {
+    pub fn from_word(word: u64) -> Self {
         Self {
-            index: words[0] as u32,
-            backends: (words[0] >> 32) as u16,
-            flags: (words[0] >> 48) as u16,
-            target_port: words[1] as u16,
-            _pad: [0; 3],
+            index: word as u32,
+            flags: (word >> 32) as u16,
+            target_port: (word >> 48) as u16,
         }
     }
 }
@@ -376,26 +371,21 @@ mod tests {
     }
 
     #[test]
-    fn mesh_service_words_round_trip_and_match_the_memory_layout() {
+    fn a_mesh_service_is_one_word_laid_out_as_its_struct() {
         let service = MeshService {
             index: 0x0102_0304,
-            backends: 0x0506,
-            flags: MESH_PUBLISHED | MESH_SNAT,
+            flags: MESH_PUBLISHED | MESH_HAS_BACKENDS | MESH_SNAT,
             target_port: 8080u16.to_be(),
-            _pad: [0; 3],
         };
-        let words = service.to_words();
-        assert_eq!(MeshService::from_words(words), service);
-        // The words are what a reader of the map's memory sees (the programs read them so).
-        let mut bytes = [0u8; 16];
-        bytes[..8].copy_from_slice(&words[0].to_le_bytes());
-        bytes[8..].copy_from_slice(&words[1].to_le_bytes());
-        // SAFETY: MeshService is repr(C), 16 bytes of integers.
-        let read: MeshService = unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        let word = service.to_word();
+        assert_eq!(MeshService::from_word(word), service);
+        // The word is what a reader of the map's memory sees (the programs read it so).
+        // SAFETY: MeshService is repr(C), 8 bytes of integers.
+        let read: MeshService = unsafe { core::mem::transmute(word.to_le_bytes()) };
         assert_eq!(read, service);
-        assert_eq!(core::mem::size_of::<MeshService>(), 16);
+        assert_eq!(core::mem::size_of::<MeshService>(), 8);
         // An empty slot reads as not published.
-        assert_eq!(MeshService::from_words([0, 0]).flags & MESH_PUBLISHED, 0);
+        assert_eq!(MeshService::from_word(0).flags & MESH_PUBLISHED, 0);
     }
 
     #[test]

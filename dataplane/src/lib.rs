@@ -138,6 +138,7 @@ impl Dataplane {
             &config.links_dir(),
         )?;
         remove_stale_links(&config)?;
+        remove_old_map_versions(&config.bpffs_root)?;
         Ok(Dataplane {
             config,
             ebpf,
@@ -288,6 +289,28 @@ fn remove_stale_links(config: &DataplaneConfig) -> Result<()> {
         if !keep.contains(&path) {
             tracing::info!(pin = %path.display(), "detaching stale link");
             fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Unpins the maps of earlier map layouts (`maps-v<N>` other than this one's): once the
+/// programs that used them are replaced they only hold memory (the old Maglev rows alone are
+/// megabytes). Flows tracked in them are balanced afresh by the new maps.
+fn remove_old_map_versions(bpffs_root: &Path) -> Result<()> {
+    let current = maps_dir(bpffs_root);
+    for entry in fs::read_dir(bpffs_root)? {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        let versioned = name
+            .strip_prefix("maps-v")
+            .is_some_and(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()));
+        if versioned && path != current {
+            tracing::info!(dir = %path.display(), "removing the maps of an older layout");
+            fs::remove_dir_all(&path).with_context(|| format!("removing {}", path.display()))?;
         }
     }
     Ok(())

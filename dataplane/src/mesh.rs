@@ -8,10 +8,10 @@
 //! only the slots that move, straight into the kernel's memory, with no system call per
 //! slot. A slot always holds a valid backend, so a packet racing a change sees the old or the
 //! new owner of its slot, never a hole. The published ports (`MESH_PORTS`, a slot per TCP and
-//! per UDP port) are written the same way, word by word.
+//! per UDP port, one word each) are stored the same way.
 //!
 //! The programs read flow ages off `MESH_CLOCK`, which the agent ticks every second
-//! (`MeshTable::tick`): no clock helper call per packet.
+//! (`MeshClock`): no clock helper call per packet.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -20,6 +20,7 @@ use std::{
     os::fd::{AsFd as _, AsRawFd as _},
     path::Path,
     ptr::NonNull,
+    sync::atomic::{AtomicU64, Ordering},
 };
 
 use anyhow::{bail, Context as _, Result};
@@ -31,7 +32,8 @@ use aya::{
 use serde::{Deserialize, Serialize};
 use shoal_common::{
     names, FlowKey, IngressSettings, MeshCounters, MeshFlow, MeshService, ReplyKey,
-    FLOW_FIN_BACKEND, FLOW_FIN_CLIENT, FLOW_RST, MESH_PORT_SLOTS, MESH_PUBLISHED, MESH_SNAT,
+    FLOW_FIN_BACKEND, FLOW_FIN_CLIENT, FLOW_RST, MESH_HAS_BACKENDS, MESH_PORT_SLOTS,
+    MESH_PUBLISHED, MESH_SNAT,
 };
 
 use crate::maglev;
@@ -285,7 +287,7 @@ struct Row {
 pub struct MeshTable {
     ports: MappedArray,
     settings: Array<MapData, IngressSettings>,
-    clock: Array<MapData, u64>,
+    clock: MappedArray,
     /// When this table was opened: flows are never older than that for expiry, since the
     /// clock stood still while no agent ticked it.
     opened_ns: u64,
@@ -308,14 +310,14 @@ impl MeshTable {
             Ok(Map::from_map_data(data)?)
         };
         let mut table = Self {
-            ports: MappedArray::map(&maps_dir.join(names::MESH_PORTS), MESH_PORT_SLOTS, 2)?,
+            ports: MappedArray::map(&maps_dir.join(names::MESH_PORTS), MESH_PORT_SLOTS)?,
             settings: Array::try_from(open(names::INGRESS_SETTINGS)?)?,
-            clock: Array::try_from(open(names::MESH_CLOCK)?)?,
+            clock: MappedArray::map(&maps_dir.join(names::MESH_CLOCK), 1)?,
             opened_ns: monotonic_ns()?,
             flows: HashMap::try_from(open(names::MESH_FLOWS)?)?,
             replies: HashMap::try_from(open(names::MESH_REPLIES)?)?,
             counters: PerCpuArray::try_from(open(names::MESH_COUNTERS)?)?,
-            slots: MappedArray::map(&maps_dir.join(names::MESH_MAGLEV), limits.slots(), 1)?,
+            slots: MappedArray::map(&maps_dir.join(names::MESH_MAGLEV), limits.slots())?,
             limits,
             rows: BTreeMap::new(),
         };
@@ -324,31 +326,31 @@ impl MeshTable {
         Ok(table)
     }
 
-    /// Writes the time into `MESH_CLOCK`, where the programs read flow ages; the agent
-    /// calls it every second.
-    pub fn tick(&mut self) -> Result<()> {
-        self.clock
-            .set(0, monotonic_ns()?, 0)
-            .context("writing the mesh clock")
+    /// Writes the time into `MESH_CLOCK`, where the programs read flow ages (`MeshClock`
+    /// does it every second).
+    pub fn tick(&self) -> Result<()> {
+        self.clock.set(0, monotonic_ns()?);
+        Ok(())
     }
 
     fn recover(&mut self) -> Result<()> {
         for slot in 0..MESH_PORT_SLOTS {
-            let entry = MeshService::from_words(self.ports.entry(slot));
+            let entry = MeshService::from_word(self.ports.get(slot));
             if entry.flags & MESH_PUBLISHED == 0 {
                 continue;
             }
             if entry.index >= self.limits.max_services {
                 // A row this table does not have (maps from other limits): unpublish.
-                self.ports.set_entry(slot, [0, 0]);
+                self.ports.set(slot, 0);
                 continue;
             }
             let backends: BTreeSet<Ipv4Addr> = self
                 .slots
                 .row(entry.index, self.limits.table_size)
                 .iter()
-                .filter(|ip| **ip != 0)
-                .map(|ip| from_key(*ip as u32))
+                .map(|ip| ip.load(Ordering::Relaxed))
+                .filter(|ip| *ip != 0)
+                .map(|ip| from_key(ip as u32))
                 .collect();
             self.rows.insert(
                 slot_port(slot),
@@ -397,11 +399,7 @@ impl MeshTable {
             .copied()
             .collect();
         for key in gone {
-            // Only the word that says the slot is published: a packet that read it before
-            // still finds its port word intact.
-            let mut words = self.ports.entry(port_slot(key));
-            words[0] = 0;
-            self.ports.set_entry(port_slot(key), words);
+            self.ports.set(port_slot(key), 0);
             self.counters_reset(self.rows[&key].index)?;
             self.rows.remove(&key);
         }
@@ -423,25 +421,22 @@ impl MeshTable {
             self.write_row(index, &service.backends).with_context(|| {
                 format!("building the Maglev row of {}/{}", key.1, key.0.name())
             })?;
-            let backends = u16::try_from(service.backends.len()).with_context(|| {
-                format!(
-                    "{}/{} has {} backends; the mesh balances at most 65,535",
-                    key.1,
-                    key.0.name(),
-                    service.backends.len()
-                )
-            })?;
+            let mut flags = MESH_PUBLISHED;
+            if !service.backends.is_empty() {
+                flags |= MESH_HAS_BACKENDS;
+            }
+            if service.snat {
+                flags |= MESH_SNAT;
+            }
             let entry = MeshService {
                 index,
-                backends,
-                flags: MESH_PUBLISHED | if service.snat { MESH_SNAT } else { 0 },
+                flags,
                 target_port: service.target.to_be(),
-                _pad: [0; 3],
             };
             if !self.rows.contains_key(&key) {
                 self.counters_reset(index)?;
             }
-            self.ports.set_entry(port_slot(key), entry.to_words());
+            self.ports.set(port_slot(key), entry.to_word());
             self.rows.insert(key, Row { index, service });
         }
         Ok(())
@@ -472,15 +467,15 @@ impl MeshTable {
         let keys: Vec<[u8; 4]> = backends.iter().map(|ip| ip.octets()).collect();
         let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
         let table = maglev::build_table(&refs, size)?;
-        let row = self.slots.row_mut(index, size);
+        let row = self.slots.row(index, size);
         if backends.is_empty() {
-            row.fill(0);
+            row.iter().for_each(|slot| slot.store(0, Ordering::Relaxed));
             return Ok(());
         }
-        for (slot, owner) in row.iter_mut().zip(table) {
+        for (slot, owner) in row.iter().zip(table) {
             let ip = u64::from(to_key(backends[usize::from(owner)]));
-            if *slot != ip {
-                *slot = ip;
+            if slot.load(Ordering::Relaxed) != ip {
+                slot.store(ip, Ordering::Relaxed);
             }
         }
         Ok(())
@@ -499,8 +494,9 @@ impl MeshTable {
         for (&(protocol, published), row) in &self.rows {
             let mut owners: BTreeMap<Ipv4Addr, u32> = BTreeMap::new();
             for ip in self.slots.row(row.index, self.limits.table_size) {
-                if *ip != 0 {
-                    *owners.entry(from_key(*ip as u32)).or_default() += 1;
+                let ip = ip.load(Ordering::Relaxed);
+                if ip != 0 {
+                    *owners.entry(from_key(ip as u32)).or_default() += 1;
                 }
             }
             let per_cpu = self.counters.get(&row.index, 0)?;
@@ -676,22 +672,61 @@ fn flow_state(protocol: Protocol, state: u32) -> &'static str {
     }
 }
 
-/// A BPF_F_MMAPABLE array map (`MESH_MAGLEV`, `MESH_PORTS`) mapped into the agent's memory
-/// as 8-byte words: the kernel lays elements out at multiples of 8 bytes, `words` per
-/// entry, each read as a little-endian u64 (x86, arm64 and BPF are all little-endian here).
-/// Aligned 8-byte stores are atomic for the programs reading them.
-struct MappedArray {
-    base: NonNull<u64>,
-    len: usize,
-    words: usize,
+/// Writes `MESH_CLOCK` every `interval` on a thread of its own, from `start` until dropped,
+/// whatever else the agent is busy with (flows are stamped with it).
+pub struct MeshClock {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
-// SAFETY: the mapping is owned by this value and only accessed through `&self`/`&mut self`.
+impl MeshClock {
+    pub fn start(maps_dir: &Path, interval: std::time::Duration) -> Result<Self> {
+        let clock = MappedArray::map(&maps_dir.join(names::MESH_CLOCK), 1)?;
+        clock.set(0, monotonic_ns()?);
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("mesh-clock".into())
+            .spawn(move || {
+                while stopped.recv_timeout(interval)
+                    == Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                {
+                    if let Ok(now) = monotonic_ns() {
+                        clock.set(0, now);
+                    }
+                }
+            })
+            .context("starting the mesh clock thread")?;
+        Ok(Self {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for MeshClock {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A BPF_F_MMAPABLE array map of 8-byte values (`MESH_MAGLEV`, `MESH_PORTS`, `MESH_CLOCK`;
+/// the kernel lays elements out 8 bytes apart) mapped into the agent's memory, each value
+/// as a little-endian word (x86, arm64 and BPF are all little-endian here). Aligned 8-byte
+/// stores and loads are single-copy atomic, for the agent and for the programs alike.
+struct MappedArray {
+    base: NonNull<AtomicU64>,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by this value; its words are atomics.
 unsafe impl Send for MappedArray {}
 unsafe impl Sync for MappedArray {}
 
 impl MappedArray {
-    fn map(pin: &Path, entries: u32, words: usize) -> Result<Self> {
+    fn map(pin: &Path, entries: u32) -> Result<Self> {
         let data = MapData::from_pin(pin)
             .with_context(|| format!("opening pinned map {}", pin.display()))?;
         let max = data.info()?.max_entries();
@@ -701,7 +736,7 @@ impl MappedArray {
                 pin.display()
             );
         }
-        let len = entries as usize * words;
+        let len = entries as usize;
         let bytes = (len * 8).next_multiple_of(page_size());
         // SAFETY: mapping a BPF_F_MMAPABLE array by its fd, shared, for its whole size.
         let base = unsafe {
@@ -721,56 +756,26 @@ impl MappedArray {
         Ok(Self {
             base: NonNull::new(base.cast()).context("mmap returned null")?,
             len,
-            words,
         })
     }
 
-    fn all(&self) -> &[u64] {
-        // SAFETY: the mapping holds `len` words and lives as long as `self`.
+    fn words(&self) -> &[AtomicU64] {
+        // SAFETY: the mapping holds `len` aligned words and lives as long as `self`.
         unsafe { std::slice::from_raw_parts(self.base.as_ptr(), self.len) }
     }
 
-    fn all_mut(&mut self) -> &mut [u64] {
-        // SAFETY: as above.
-        unsafe { std::slice::from_raw_parts_mut(self.base.as_ptr(), self.len) }
-    }
-
-    /// `size` consecutive one-word entries from `index × size` (a Maglev row).
-    fn row(&self, index: u32, size: u32) -> &[u64] {
+    /// `size` consecutive entries from `index × size` (a Maglev row).
+    fn row(&self, index: u32, size: u32) -> &[AtomicU64] {
         let start = index as usize * size as usize;
-        &self.all()[start..start + size as usize]
+        &self.words()[start..start + size as usize]
     }
 
-    fn row_mut(&mut self, index: u32, size: u32) -> &mut [u64] {
-        let start = index as usize * size as usize;
-        &mut self.all_mut()[start..start + size as usize]
+    fn get(&self, index: u32) -> u64 {
+        self.words()[index as usize].load(Ordering::Acquire)
     }
 
-    /// A two-word entry, read in order (the first word says whether it is in use).
-    fn entry(&self, index: u32) -> [u64; 2] {
-        let at = &self.all()[index as usize * self.words..][..2];
-        // SAFETY: references into the mapping; volatile so that the reads happen in order
-        // and are not merged with others while the kernel writes alongside.
-        unsafe {
-            [
-                std::ptr::read_volatile(&at[0]),
-                std::ptr::read_volatile(&at[1]),
-            ]
-        }
-    }
-
-    /// Writes a two-word entry: the second word first, so that a program that sees the
-    /// first word's new value also sees the second's.
-    fn set_entry(&mut self, index: u32, value: [u64; 2]) {
-        let words = self.words;
-        let at = &mut self.all_mut()[index as usize * words..][..2];
-        // SAFETY: references into the mapping; volatile stores stay in program order, and
-        // x86 and arm64 (with the release fence) make them visible in that order.
-        unsafe {
-            std::ptr::write_volatile(&mut at[1], value[1]);
-            std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
-            std::ptr::write_volatile(&mut at[0], value[0]);
-        }
+    fn set(&self, index: u32, value: u64) {
+        self.words()[index as usize].store(value, Ordering::Release);
     }
 }
 
@@ -861,10 +866,8 @@ impl MeshPrograms {
 
 /// A published port's `MESH_PORTS` slot.
 fn port_slot((protocol, port): (Protocol, u16)) -> u32 {
-    match protocol {
-        Protocol::Tcp => u32::from(port),
-        Protocol::Udp => 65_536 + u32::from(port),
-    }
+    // Every `Protocol` has a slot.
+    shoal_common::mesh_port_slot(protocol.number(), port).unwrap_or_default()
 }
 
 /// The port of a `MESH_PORTS` slot (the inverse of `port_slot`).
@@ -889,7 +892,7 @@ fn socket(ip: u32, port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(from_key(ip), u16::from_be(port))
 }
 
-/// The clock `bpf_ktime_get_ns` reads.
+/// CLOCK_MONOTONIC, the clock the agent writes into `MESH_CLOCK`.
 fn monotonic_ns() -> Result<u64> {
     let mut now = libc::timespec {
         tv_sec: 0,

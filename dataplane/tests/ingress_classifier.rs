@@ -136,7 +136,12 @@ fn restart_reuses_pinned_maps_and_replaces_the_program_in_place() {
         assert!(before.programs[0].attached, "{before:?}");
         drop(first);
 
-        let second = Dataplane::start(config(pins)).unwrap();
+        // Maps of an older layout, as an upgrade finds them, go; other names stay.
+        std::fs::create_dir_all(pins.join("maps-v1/inner")).unwrap();
+        std::fs::create_dir_all(pins.join("maps-vnext")).unwrap();
+        let second = Dataplane::start(config(pins.clone())).unwrap();
+        assert!(!pins.join("maps-v1").exists(), "old maps unpinned");
+        assert!(pins.join("maps-vnext").exists() && second.config().maps_dir().exists());
         assert!(second.replaced_link());
         let after = second.status().unwrap();
         assert_eq!(

@@ -25,22 +25,22 @@ use aya_ebpf::{
 };
 use shoal_common::{
     FlowKey, IngressSettings, MeshCounters, MeshFlow, MeshService, Origin, ReplyKey,
-    FLOW_FIN_BACKEND, FLOW_FIN_CLIENT, FLOW_RST, MESH_DEFAULT_TABLE_SIZE, MESH_MAX_FLOWS,
-    MESH_MAX_SERVICES, MESH_PORT_SLOTS, MESH_PUBLISHED, MESH_SNAT,
+    FLOW_FIN_BACKEND, FLOW_FIN_CLIENT, FLOW_RST, MESH_DEFAULT_TABLE_SIZE, MESH_HAS_BACKENDS,
+    MESH_MAX_FLOWS, MESH_MAX_SERVICES, MESH_PORT_SLOTS, MESH_PUBLISHED, MESH_SNAT,
 };
 
 use crate::headers::{ETH_HLEN, ETH_P_IP, IPPROTO_TCP, IPPROTO_UDP};
 
-/// The service published on each port (`shoal_common::mesh_port_slot`), written in place
-/// by the agent through a memory mapping.
+/// The service published on each port (`shoal_common::mesh_port_slot`), one word each,
+/// stored in place by the agent through a memory mapping.
 #[map(name = "MESH_PORTS")]
 static MESH_PORTS: Array<MeshService> = Array::pinned(MESH_PORT_SLOTS, BPF_F_MMAPABLE);
 
-/// CLOCK_MONOTONIC in ns as the agent last wrote it (every second): flow ages without a
-/// helper call per packet (a call costs about as much as the rest of a tracked flow's
-/// decision on this project's VMs).
+/// CLOCK_MONOTONIC in ns as the agent last wrote it (every second, through a memory
+/// mapping): flow ages without a helper call per packet (a call costs about as much as the
+/// rest of a tracked flow's decision on this project's VMs).
 #[map(name = "MESH_CLOCK")]
-static MESH_CLOCK: Array<u64> = Array::pinned(1, 0);
+static MESH_CLOCK: Array<u64> = Array::pinned(1, BPF_F_MMAPABLE);
 
 /// One row of `table size` backend addresses per service; the agent sizes it at load time
 /// and writes it through a memory mapping.
@@ -338,21 +338,16 @@ pub(crate) fn published(packet: &Datagram, settings: &IngressSettings) -> Option
     port_service(packet.protocol, u16::from_be(packet.dport))
 }
 
-/// The service published on `port` (host byte order), read word by word in the order the
-/// agent writes them: the word that says the slot is published first.
+/// The service published on `port` (host byte order), read as the one word the agent
+/// stores.
 #[inline(always)]
 fn port_service(protocol: u8, port: u16) -> Option<MeshService> {
     let slot = shoal_common::mesh_port_slot(protocol, port)?;
     let entry = MESH_PORTS.get_ptr(slot)?.cast::<u64>();
-    // SAFETY: an array value of two aligned words, valid while the program runs; volatile
-    // keeps the two reads in this order.
-    let head = unsafe { core::ptr::read_volatile(entry) };
-    if (head >> 48) as u16 & MESH_PUBLISHED == 0 {
-        return None;
-    }
-    // SAFETY: as above.
-    let tail = unsafe { core::ptr::read_volatile(entry.add(1)) };
-    Some(MeshService::from_words([head, tail]))
+    // SAFETY: an array value of one aligned word, valid while the program runs; a single
+    // 8-byte load, never split.
+    let service = MeshService::from_word(unsafe { core::ptr::read_volatile(entry) });
+    (service.flags & MESH_PUBLISHED != 0).then_some(service)
 }
 
 /// Sends a packet for a published port to its flow's backend (choosing one for a new flow).
@@ -435,7 +430,7 @@ fn new_flow(
     service: &MeshService,
     now: u64,
 ) -> Option<MeshFlow> {
-    if service.backends == 0 || settings.table_size == 0 {
+    if service.flags & MESH_HAS_BACKENDS == 0 || settings.table_size == 0 {
         return None;
     }
     let hash = shoal_common::flow_hash(packet.saddr, packet.sport, packet.dport, packet.protocol);
@@ -619,7 +614,7 @@ pub fn shoal_mesh_node_connect4(ctx: SockAddrContext) -> i32 {
         .wrapping_mul(settings.table_size)
         .wrapping_add(pick);
     match MESH_MAGLEV.get(slot) {
-        Some(backend) if service.backends != 0 && *backend != 0 => {
+        Some(backend) if service.flags & MESH_HAS_BACKENDS != 0 && *backend != 0 => {
             addr.user_ip4 = *backend;
             addr.user_port = u32::from(service.target_port);
         }

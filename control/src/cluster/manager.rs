@@ -1038,9 +1038,11 @@ fn task_views(state: &ClusterState, keep: impl Fn(&Task) -> bool) -> Vec<TaskVie
                 .iter()
                 .map(|a| (network_name(state, &a.network_id), a.address))
                 .collect(),
+            // Open only while the task runs, as in `docker service ps`.
             host_ports: state
                 .services
                 .get(&t.service_id)
+                .filter(|_| t.state == TaskState::Running)
                 .map(|s| {
                     s.spec
                         .ports

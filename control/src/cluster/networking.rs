@@ -13,7 +13,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use shoal_dataplane::{
     mesh::{
-        FlowTimeouts, MeshLimits, MeshPortStatus, MeshPrograms, MeshTable, Protocol,
+        FlowTimeouts, MeshClock, MeshLimits, MeshPortStatus, MeshPrograms, MeshTable, Protocol,
         PublishedService, TraceRequest, TraceResult, TrackedFlow,
     },
     overlay::{NetworkDataplane, Overlay, OverlayConfig, INGRESS_ENDPOINT},
@@ -141,6 +141,8 @@ pub struct NodeNetworks {
     /// The routing mesh: published ports and flows in the kernel, its per-packet programs,
     /// and this node's endpoint on the ingress network (with its reply program's link).
     mesh: Mutex<MeshTable>,
+    /// Stamps the time flows are aged by, every second, for as long as the agent runs.
+    _mesh_clock: MeshClock,
     mesh_programs: Mutex<MeshPrograms>,
     ingress: Mutex<Option<(IngressEndpoint, shoal_dataplane::vip_echo::EchoLink)>>,
     /// Until then the mesh keeps what a previous agent programmed (see `MESH_RESTART_GRACE`).
@@ -193,6 +195,7 @@ impl NodeNetworks {
             users: Mutex::default(),
             announced: Mutex::default(),
             mesh: Mutex::new(mesh),
+            _mesh_clock: MeshClock::start(maps_dir, MESH_CLOCK_INTERVAL)?,
             mesh_programs: Mutex::new(MeshPrograms::load(maps_dir)?),
             ingress: Mutex::default(),
             mesh_grace_until: tokio::time::Instant::now() + MESH_RESTART_GRACE,
@@ -408,7 +411,6 @@ impl NodeNetworks {
     async fn follow(self: Arc<Self>, gossip: GossipHandle, mut shutdown: watch::Receiver<bool>) {
         let mut changes = gossip.subscribe();
         let mut expiry = tokio::time::interval(FLOW_EXPIRY_INTERVAL);
-        let mut clock = tokio::time::interval(MESH_CLOCK_INTERVAL);
         let grace_over = tokio::time::sleep_until(self.mesh_grace_until);
         tokio::pin!(grace_over);
         let mut grace_pending = true;
@@ -418,11 +420,6 @@ impl NodeNetworks {
                     grace_pending = false;
                     if let Some(net) = self.ingress_network() {
                         self.reprogram(&gossip, &net).await;
-                    }
-                }
-                _ = clock.tick() => {
-                    if let Err(err) = self.mesh.lock().expect("mesh").tick() {
-                        tracing::warn!(error = %format!("{err:#}"), "ticking the mesh clock");
                     }
                 }
                 _ = expiry.tick() => {

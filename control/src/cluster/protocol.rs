@@ -301,8 +301,8 @@ pub struct TaskView {
     pub created_at: Timestamp,
     /// `network name`, `address` pairs.
     pub addresses: Vec<(String, Ipv4Addr)>,
-    /// Ports its service publishes in host mode, open on this task's node (ingress-mode
-    /// ports belong to the service: `service ls` shows them).
+    /// While it runs, the ports its service publishes in host mode, open on its node
+    /// (ingress-mode ports belong to the service: `service ls` shows them).
     #[serde(default)]
     pub host_ports: Vec<super::state::PortConfig>,
 }
