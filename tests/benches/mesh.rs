@@ -520,8 +520,9 @@ fn warm_decision(services: u16) -> Value {
 /// of an empty TC program (`r0 = 0; exit`), and of one with a single call of a helper that
 /// does next to nothing (`bpf_get_prandom_u32`): the price of a call and its return, which
 /// return thunks (SRSO "Safe RET" on this VM's AMD CPUs) make high; of one with three such
-/// calls (the fewest a TC rewrite makes: two checksum helpers and the redirect), and of an
-/// empty XDP program. Repeated 1,000,000 times, the kernel's mean. Loaded from raw
+/// calls (the fewest a TC rewrite makes: two checksum helpers and the redirect), of an
+/// empty XDP program, and of one that only writes one entry into an LRU map shaped like
+/// `MESH_FLOWS` (a new flow writes two). Repeated 1,000,000 times, the kernel's mean. Loaded from raw
 /// instructions (bpf(2)), closed at once.
 fn calibration() -> Value {
     #[repr(C)]
@@ -550,6 +551,60 @@ fn calibration() -> Value {
     let frame = decision::packet(1, 9, false);
     let mut out = serde_json::Map::new();
     const XDP: u32 = 6;
+    // An LRU hash map shaped like MESH_FLOWS (16-byte keys, 32-byte values), for the price
+    // of the one insert every new flow needs (the mesh makes two).
+    #[repr(C)]
+    struct MapCreate {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        rest: [u8; 112],
+    }
+    let create = MapCreate {
+        map_type: 9, // BPF_MAP_TYPE_LRU_HASH
+        key_size: 16,
+        value_size: 32,
+        max_entries: shoal_common::MESH_MAX_FLOWS,
+        rest: [0; 112],
+    };
+    // SAFETY: bpf(BPF_MAP_CREATE) reads the attribute.
+    let map = unsafe {
+        nix::libc::syscall(
+            nix::libc::SYS_bpf,
+            0,
+            &create as *const MapCreate,
+            size_of::<MapCreate>(),
+        )
+    };
+    assert!(
+        map >= 0,
+        "creating the calibration map: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a new descriptor, owned here and closed when dropped.
+    let map = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(map as i32) };
+    // Instructions as (opcode, dst, src, offset, immediate).
+    let insn = |code: u8, dst: u8, src: u8, off: i16, imm: i32| {
+        u64::from(code)
+            | u64::from(dst | src << 4) << 8
+            | u64::from(off as u16) << 16
+            | u64::from(imm as u32) << 32
+    };
+    let map_fd = std::os::fd::AsRawFd::as_raw_fd(&map);
+    let mut lru_insert: Vec<u64> = (1..=6).map(|i| insn(0x7a, 10, 0, -8 * i, 0)).collect();
+    lru_insert.extend([
+        insn(0x18, 1, 1, 0, map_fd), // r1 = the map (two slots)
+        0,
+        insn(0xbf, 2, 10, 0, 0), // r2 = key: fp - 16
+        insn(0x07, 2, 0, 0, -16),
+        insn(0xbf, 3, 10, 0, 0), // r3 = value: fp - 48
+        insn(0x07, 3, 0, 0, -48),
+        insn(0xb7, 4, 0, 0, 0), // r4 = BPF_ANY
+        insn(0x85, 0, 0, 0, 2), // bpf_map_update_elem
+        r0_zero,
+        exit,
+    ]);
     for (name, prog_type, insns) in [
         ("empty_program_ns", SCHED_CLS, vec![r0_zero, exit]),
         (
@@ -565,6 +620,7 @@ fn calibration() -> Value {
             vec![prandom, prandom, prandom, r0_zero, exit],
         ),
         ("empty_xdp_program_ns", XDP, vec![r0_zero, exit]),
+        ("lru_insert_program_ns", SCHED_CLS, lru_insert),
     ] {
         let load = Load {
             prog_type,
@@ -751,11 +807,12 @@ fn main() {
         );
     }
     println!(
-        "(floor here, per test run: an empty TC program {:.0} ns, with one helper call {:.0} ns, with three {:.0} ns (the fewest a TC rewrite can make); an empty XDP program {:.0} ns)",
+        "(floor here, per test run: an empty TC program {:.0} ns, with one helper call {:.0} ns, with three {:.0} ns (the fewest a TC rewrite can make); an empty XDP program {:.0} ns; a TC program that only inserts one flow into an LRU map like MESH_FLOWS {:.0} ns)",
         floor["empty_program_ns"].as_f64().unwrap(),
         floor["one_helper_call_program_ns"].as_f64().unwrap(),
         floor["three_helper_calls_program_ns"].as_f64().unwrap(),
-        floor["empty_xdp_program_ns"].as_f64().unwrap()
+        floor["empty_xdp_program_ns"].as_f64().unwrap(),
+        floor["lru_insert_program_ns"].as_f64().unwrap()
     );
     for (label, key) in [
         ("new flow", "new_flow_warm_mean_ns"),
