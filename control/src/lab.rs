@@ -21,6 +21,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use nix::{sys::signal::Signal, unistd::Pid};
 use serde::{Deserialize, Serialize};
+use shoal_dataplane::process::cgroup_gone;
 
 use crate::{
     api::AgentInfo,
@@ -604,12 +605,12 @@ fn is_zombie(pid: u32) -> bool {
 }
 
 /// Every pid in a cgroup subtree. Cgroups may vanish while we walk (an agent removing a
-/// finished task's): those are skipped.
+/// finished task's): those are skipped, also while they are half gone (ENODEV).
 fn cgroup_pids(dir: &Path) -> Result<Vec<i32>> {
     let mut pids = Vec::new();
     let procs = match fs::read_to_string(dir.join("cgroup.procs")) {
         Ok(procs) => procs,
-        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(pids),
+        Err(err) if cgroup_gone(&err) => return Ok(pids),
         Err(err) => return Err(err).with_context(|| format!("reading {}", dir.display())),
     };
     pids.extend(procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
@@ -624,8 +625,20 @@ fn cgroup_pids(dir: &Path) -> Result<Vec<i32>> {
 /// Directory entries, or none if the directory is already gone.
 fn read_dir_if_present(dir: &Path) -> Result<Vec<fs::DirEntry>> {
     match fs::read_dir(dir) {
-        Ok(entries) => Ok(entries.collect::<io::Result<_>>()?),
-        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Ok(entries) => {
+            let mut present = Vec::new();
+            for entry in entries {
+                match entry {
+                    Ok(entry) => present.push(entry),
+                    Err(err) if cgroup_gone(&err) => break,
+                    Err(err) => {
+                        return Err(err).with_context(|| format!("listing {}", dir.display()))
+                    }
+                }
+            }
+            Ok(present)
+        }
+        Err(err) if cgroup_gone(&err) => Ok(Vec::new()),
         Err(err) => Err(err).with_context(|| format!("listing {}", dir.display())),
     }
 }
@@ -693,7 +706,7 @@ fn remove_cgroup_tree(dir: &Path) -> Result<()> {
     }
     match fs::remove_dir(dir) {
         Ok(()) => Ok(()),
-        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(err) if cgroup_gone(&err) => Ok(()),
         Err(err) => Err(err).with_context(|| format!("removing cgroup {}", dir.display())),
     }
 }

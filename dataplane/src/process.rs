@@ -102,3 +102,22 @@ pub fn pass_fd(command: &mut Command, fd: std::os::fd::OwnedFd, target: i32) {
         });
     }
 }
+
+/// Whether a cgroup file operation failed because the cgroup is gone: removed (ENOENT), or
+/// being removed, when its files still open but answer ENODEV.
+pub fn cgroup_gone(err: &std::io::Error) -> bool {
+    err.kind() == std::io::ErrorKind::NotFound || err.raw_os_error() == Some(libc::ENODEV)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cgroup_removed_or_being_removed_is_gone() {
+        assert!(cgroup_gone(&io::Error::from(io::ErrorKind::NotFound)));
+        assert!(cgroup_gone(&io::Error::from_raw_os_error(libc::ENODEV)));
+        assert!(!cgroup_gone(&io::Error::from_raw_os_error(libc::EBUSY)));
+        assert!(!cgroup_gone(&io::Error::from(io::ErrorKind::PermissionDenied)));
+    }
+}

@@ -246,7 +246,7 @@ fn remove_cgroup_dir(cgroup: &Path) -> Result<()> {
     for _ in 0..100 {
         match fs::remove_dir(cgroup) {
             Ok(()) => return Ok(()),
-            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(err) if crate::process::cgroup_gone(&err) => return Ok(()),
             // Busy until the last process is reaped.
             Err(_) => std::thread::sleep(Duration::from_millis(20)),
         }
@@ -267,7 +267,7 @@ fn parent_of(pid: u32) -> Option<u32> {
 fn signal_cgroup(cgroup: &Path, signal: i32) -> Result<()> {
     let procs = match fs::read_to_string(cgroup.join("cgroup.procs")) {
         Ok(procs) => procs,
-        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(err) if crate::process::cgroup_gone(&err) => return Ok(()),
         Err(err) => return Err(err.into()),
     };
     for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
