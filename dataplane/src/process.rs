@@ -118,6 +118,8 @@ mod tests {
         assert!(cgroup_gone(&io::Error::from(io::ErrorKind::NotFound)));
         assert!(cgroup_gone(&io::Error::from_raw_os_error(libc::ENODEV)));
         assert!(!cgroup_gone(&io::Error::from_raw_os_error(libc::EBUSY)));
-        assert!(!cgroup_gone(&io::Error::from(io::ErrorKind::PermissionDenied)));
+        assert!(!cgroup_gone(&io::Error::from(
+            io::ErrorKind::PermissionDenied
+        )));
     }
 }
