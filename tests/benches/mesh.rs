@@ -516,6 +516,23 @@ fn warm_decision(services: u16) -> Value {
     })
 }
 
+/// bpf(2) `command` with `attr` (whose buffers it may read), for a command that returns a
+/// new descriptor, owned by the caller and closed when dropped.
+fn bpf_new_fd<T>(command: i64, attr: &T, what: &str) -> std::os::fd::OwnedFd {
+    // SAFETY: `attr` is a whole bpf_attr prefix of its own size, valid for the call.
+    let fd = unsafe {
+        nix::libc::syscall(
+            nix::libc::SYS_bpf,
+            command,
+            attr as *const T,
+            size_of::<T>(),
+        )
+    };
+    assert!(fd >= 0, "{what}: {}", std::io::Error::last_os_error());
+    // SAFETY: a new descriptor nobody else owns.
+    unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) }
+}
+
 /// The floor under every figure of part 2 on this machine: one BPF_PROG_TEST_RUN iteration
 /// of an empty TC program (`r0 = 0; exit`), and of one with a single call of a helper that
 /// does next to nothing (`bpf_get_prandom_u32`): the price of a call and its return, which
@@ -568,22 +585,9 @@ fn calibration() -> Value {
         max_entries: shoal_common::MESH_MAX_FLOWS,
         rest: [0; 112],
     };
-    // SAFETY: bpf(BPF_MAP_CREATE) reads the attribute.
-    let map = unsafe {
-        nix::libc::syscall(
-            nix::libc::SYS_bpf,
-            0,
-            &create as *const MapCreate,
-            size_of::<MapCreate>(),
-        )
-    };
-    assert!(
-        map >= 0,
-        "creating the calibration map: {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: a new descriptor, owned here and closed when dropped.
-    let map = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(map as i32) };
+    const BPF_MAP_CREATE: i64 = 0;
+    const BPF_PROG_LOAD: i64 = 5;
+    let map = bpf_new_fd(BPF_MAP_CREATE, &create, "creating the calibration map");
     // Instructions as (opcode, dst, src, offset, immediate).
     let insn = |code: u8, dst: u8, src: u8, off: i16, imm: i32| {
         u64::from(code)
@@ -629,23 +633,7 @@ fn calibration() -> Value {
             license: license.as_ptr() as u64,
             rest: [0; 104],
         };
-        // SAFETY: bpf(BPF_PROG_LOAD) reads the attribute and the buffers it points to.
-        let fd = unsafe {
-            nix::libc::syscall(
-                nix::libc::SYS_bpf,
-                5,
-                &load as *const Load,
-                size_of::<Load>(),
-            )
-        };
-        assert!(
-            fd >= 0,
-            "loading the calibration program: {}",
-            std::io::Error::last_os_error()
-        );
-        // SAFETY: a new descriptor, owned here and closed when dropped.
-        let fd =
-            unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+        let fd = bpf_new_fd(BPF_PROG_LOAD, &load, "loading the calibration program");
         let runs: Vec<f64> = (0..3)
             .map(|_| {
                 let mut run = TestRun {
