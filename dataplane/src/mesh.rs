@@ -287,7 +287,6 @@ struct Row {
 pub struct MeshTable {
     ports: MappedArray,
     settings: Array<MapData, IngressSettings>,
-    clock: MappedArray,
     /// When this table was opened: flows are never older than that for expiry, since the
     /// clock stood still while no agent ticked it.
     opened_ns: u64,
@@ -312,7 +311,6 @@ impl MeshTable {
         let mut table = Self {
             ports: MappedArray::map(&maps_dir.join(names::MESH_PORTS), MESH_PORT_SLOTS)?,
             settings: Array::try_from(open(names::INGRESS_SETTINGS)?)?,
-            clock: MappedArray::map(&maps_dir.join(names::MESH_CLOCK), 1)?,
             opened_ns: monotonic_ns()?,
             flows: HashMap::try_from(open(names::MESH_FLOWS)?)?,
             replies: HashMap::try_from(open(names::MESH_REPLIES)?)?,
@@ -321,16 +319,8 @@ impl MeshTable {
             limits,
             rows: BTreeMap::new(),
         };
-        table.tick()?;
         table.recover()?;
         Ok(table)
-    }
-
-    /// Writes the time into `MESH_CLOCK`, where the programs read flow ages (`MeshClock`
-    /// does it every second).
-    pub fn tick(&self) -> Result<()> {
-        self.clock.set(0, monotonic_ns()?);
-        Ok(())
     }
 
     fn recover(&mut self) -> Result<()> {
@@ -675,14 +665,16 @@ fn flow_state(protocol: Protocol, state: u32) -> &'static str {
 /// Writes `MESH_CLOCK` every `interval` on a thread of its own, from `start` until dropped,
 /// whatever else the agent is busy with (flows are stamped with it).
 pub struct MeshClock {
+    clock: std::sync::Arc<MappedArray>,
     stop: Option<std::sync::mpsc::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl MeshClock {
     pub fn start(maps_dir: &Path, interval: std::time::Duration) -> Result<Self> {
-        let clock = MappedArray::map(&maps_dir.join(names::MESH_CLOCK), 1)?;
+        let clock = std::sync::Arc::new(MappedArray::map(&maps_dir.join(names::MESH_CLOCK), 1)?);
         clock.set(0, monotonic_ns()?);
+        let ticking = std::sync::Arc::clone(&clock);
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("mesh-clock".into())
@@ -691,15 +683,22 @@ impl MeshClock {
                     == Err(std::sync::mpsc::RecvTimeoutError::Timeout)
                 {
                     if let Ok(now) = monotonic_ns() {
-                        clock.set(0, now);
+                        ticking.set(0, now);
                     }
                 }
             })
             .context("starting the mesh clock thread")?;
         Ok(Self {
+            clock,
             stop: Some(stop),
             thread: Some(thread),
         })
+    }
+
+    /// Writes the time now, between two ticks.
+    pub fn tick(&self) -> Result<()> {
+        self.clock.set(0, monotonic_ns()?);
+        Ok(())
     }
 }
 

@@ -478,7 +478,11 @@ fn flows_age_on_the_agents_clock_and_expire_by_state() {
                 .find(|f| f.client.port() == port)
                 .map(|f| (f.idle_secs, f.state))
         };
-        mesh.table.tick().unwrap();
+        // A clock that only moves when told to (its thread would tick in an hour).
+        let maps = mesh.dataplane.config().maps_dir();
+        let clock =
+            shoal_dataplane::mesh::MeshClock::start(&maps, std::time::Duration::from_secs(3_600))
+                .unwrap();
         mesh.ingress(&tcp(CLIENT, 40_000, NODE, 8080, true));
         mesh.ingress(&tcp(CLIENT, 40_001, NODE, 8080, true));
         assert_eq!(idle(&mesh.table, 40_000), Some((0, "established".into())));
@@ -488,7 +492,7 @@ fn flows_age_on_the_agents_clock_and_expire_by_state() {
         std::thread::sleep(std::time::Duration::from_millis(1_100));
         mesh.ingress(&tcp(CLIENT, 40_000, NODE, 8080, false));
         assert!((1..=2).contains(&idle(&mesh.table, 40_000).unwrap().0));
-        mesh.table.tick().unwrap();
+        clock.tick().unwrap();
         mesh.ingress(&tcp(CLIENT, 40_000, NODE, 8080, false));
         assert_eq!(idle(&mesh.table, 40_000).unwrap().0, 0);
 
@@ -511,12 +515,12 @@ fn flows_age_on_the_agents_clock_and_expire_by_state() {
             ..FlowTimeouts::default()
         };
         std::thread::sleep(std::time::Duration::from_millis(1_100));
-        let maps = mesh.dataplane.config().maps_dir();
         let mut restarted = MeshTable::open(&maps, MeshLimits::default()).unwrap();
         assert_eq!(restarted.expire(&stale).unwrap(), 0);
         assert_eq!(mesh.table.expire(&stale).unwrap(), 1);
 
         // The agent's ticking thread keeps the clock current on its own.
+        drop(clock);
         let clock =
             shoal_dataplane::mesh::MeshClock::start(&maps, std::time::Duration::from_millis(20))
                 .unwrap();
