@@ -43,6 +43,9 @@ echo "installed shoal to ${dest}/usr/local/bin, unit shoal.service, config $conf
 if [ -z "$dest" ] && [ "$start" = 1 ]; then
   mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
   systemctl daemon-reload
-  systemctl enable --now shoal.service
+  systemctl enable shoal.service
+  # An upgrade restarts the agent on the new binary: tasks, flows and DNS carry on (live
+  # restore, docs/operations.md "Upgrades and restarts").
+  systemctl restart shoal.service
   systemctl --no-pager --lines=0 status shoal.service
 fi

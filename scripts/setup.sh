@@ -6,7 +6,7 @@ set -euo pipefail
 BPF_TOOLS=${BPF_TOOLS:-/opt/bpf-tools}
 BPF_LINKER_VERSION=0.13.0
 # Debian packages the build, the lab and the tests use.
-PACKAGES=(iproute2 iputils-ping procps psmisc util-linux curl ca-certificates bpftool systemd nftables
+PACKAGES=(iproute2 iputils-ping procps psmisc util-linux curl ca-certificates bpftool systemd nftables python3
   bind9-dnsutils)
 
 # Load generators and servers the benchmarks compare with (`setup.sh bench`).

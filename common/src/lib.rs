@@ -5,7 +5,7 @@
 
 /// Bumped whenever the layout of a pinned map changes. Pinned maps live under a directory
 /// named after it, so a new agent never reuses a map whose layout it does not understand.
-pub const MAPS_ABI_VERSION: u32 = 3;
+pub const MAPS_ABI_VERSION: u32 = 4;
 
 /// Program and map names, as the kernel and bpffs see them.
 pub mod names {
@@ -30,6 +30,25 @@ pub mod names {
     pub const MESH_REPLIES: &str = "MESH_REPLIES";
     pub const MESH_ORIGINS: &str = "MESH_ORIGINS";
     pub const MESH_COUNTERS: &str = "MESH_COUNTERS";
+    pub const VXLAN_PEERS: &str = "VXLAN_PEERS";
+    pub const OVERLAY_ENDPOINTS: &str = "OVERLAY_ENDPOINTS";
+}
+
+/// Remote endpoints whose ARP the VIP echo program answers, over all of a node's overlay
+/// networks. Key: the endpoint's IPv4 (network byte order; subnets never overlap, so it is
+/// unique); value: its network's VNI.
+pub const OVERLAY_MAX_ENDPOINTS: u32 = 65_536;
+
+/// VTEPs accepted on the data-path port, over all VNIs: one per node and network.
+pub const VXLAN_MAX_PEERS: u32 = 65_536;
+
+/// Key of `VXLAN_PEERS`: a node (its VTEP address, network byte order) that may send on a
+/// VNI (host byte order). VXLAN from any other source is dropped by the ingress classifier.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VxlanPeer {
+    pub vni: u32,
+    pub vtep: u32,
 }
 
 /// Capacity of the service maps: VIPs, and backend slots over all of them.
@@ -237,18 +256,23 @@ pub struct MeshCounters {
     pub bytes_out: u64,
     /// Packets to a published port with no backend: left to the kernel, which refuses them.
     pub no_backend: u64,
-    /// Packets that could not be rewritten or sent (checksum helpers, redirect).
-    pub errors: u64,
+    /// New SNAT flows that found no free source port: left to the kernel.
+    pub snat_exhausted: u64,
+    /// New flows the flow tables refused: left to the kernel.
+    pub flow_table_full: u64,
+    /// Packets that could not be rewritten or sent (checksum helpers, redirect): dropped.
+    pub rewrite_failed: u64,
 }
 
-/// What the ingress classifier decided for one packet: which part of shoal it belongs to.
-/// Only `Mesh` packets are rewritten; every other verdict passes the packet on unchanged.
+/// What the ingress classifier decided for one packet: which part of shoal it belongs to, or
+/// why it was refused or left alone. Only `Mesh` packets are rewritten; the `dropped()` ones
+/// are dropped; every other verdict passes the packet on unchanged.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
     /// Not shoal's traffic: handed to the kernel untouched.
     Other = 0,
-    /// VXLAN to the data-path port.
+    /// VXLAN to the data-path port from a member of its VNI.
     Overlay = 1,
     /// Gossip or manager traffic to shoal's control ports.
     Control = 2,
@@ -256,16 +280,38 @@ pub enum Verdict {
     Malformed = 3,
     /// To a published port: balanced by the routing mesh.
     Mesh = 4,
+    /// VXLAN to the data-path port from an address that is no node of that VNI: dropped.
+    OverlayNotMember = 5,
+    /// A later IPv4 fragment (no transport header to match), or a fragment to a published
+    /// port (the mesh only rewrites whole datagrams): passed on.
+    Fragment = 6,
+    /// A published-port entry names one of shoal's own ports: never translated, passed on.
+    ReservedPort = 7,
+    /// To a published port without a backend: passed on (the kernel refuses it).
+    NoBackend = 8,
+    /// A new SNAT flow found no free source port: passed on (the kernel refuses it).
+    SnatExhausted = 9,
+    /// The flow tables refused a new flow: passed on (the kernel refuses it).
+    FlowTableFull = 10,
+    /// The rewrite or redirect of a mesh packet failed: dropped.
+    RewriteFailed = 11,
 }
 
 impl Verdict {
-    pub const COUNT: u32 = 5;
+    pub const COUNT: u32 = 12;
     pub const ALL: [Verdict; Verdict::COUNT as usize] = [
         Verdict::Other,
         Verdict::Overlay,
         Verdict::Control,
         Verdict::Malformed,
         Verdict::Mesh,
+        Verdict::OverlayNotMember,
+        Verdict::Fragment,
+        Verdict::ReservedPort,
+        Verdict::NoBackend,
+        Verdict::SnatExhausted,
+        Verdict::FlowTableFull,
+        Verdict::RewriteFailed,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -275,7 +321,31 @@ impl Verdict {
             Verdict::Control => "control",
             Verdict::Malformed => "malformed",
             Verdict::Mesh => "mesh",
+            Verdict::OverlayNotMember => "vxlan_not_member",
+            Verdict::Fragment => "fragment",
+            Verdict::ReservedPort => "reserved_port",
+            Verdict::NoBackend => "no_backend",
+            Verdict::SnatExhausted => "snat_exhausted",
+            Verdict::FlowTableFull => "flow_table_full",
+            Verdict::RewriteFailed => "rewrite_failed",
         }
+    }
+
+    /// The verdict counted in slot `index` of `VERDICTS` (the classifier also leaves it in
+    /// the packet's `cb[0]`, where `ingress trace` reads it).
+    pub fn from_index(index: u32) -> Option<Verdict> {
+        Verdict::ALL.get(index as usize).copied()
+    }
+
+    /// Whether the classifier drops packets with this verdict.
+    pub const fn dropped(self) -> bool {
+        matches!(self, Verdict::OverlayNotMember | Verdict::RewriteFailed)
+    }
+
+    /// Whether this verdict is a packet shoal refused or could not handle (counted as a
+    /// drop reason by `dataplane status` and `/metrics`), as opposed to traffic it sorted.
+    pub const fn is_refusal(self) -> bool {
+        (self as u32) >= Verdict::OverlayNotMember as u32
     }
 }
 
@@ -294,7 +364,8 @@ pub struct IngressSettings {
     pub data_path_port: u16,
     pub gossip_port: u16,
     pub manager_port: u16,
-    pub _pad: u16,
+    /// The agent's metrics port when it listens beyond loopback (else 0).
+    pub metrics_port: u16,
     /// The mesh answers on this address (network byte order); 0 until the agent has one.
     pub advertise_ip: u32,
     /// Replies leave through this interface (the advertise interface).
@@ -325,11 +396,59 @@ mod user {
     unsafe impl aya::Pod for super::ReplyKey {}
     unsafe impl aya::Pod for super::Origin {}
     unsafe impl aya::Pod for super::MeshCounters {}
+    unsafe impl aya::Pod for super::VxlanPeer {}
+}
+
+impl IngressSettings {
+    /// Whether `port` (host byte order) of `protocol` is one of shoal's own on this node:
+    /// the mesh never translates a packet to it, whatever the published-port map says.
+    #[inline(always)]
+    pub fn is_reserved(&self, protocol: u8, port: u16) -> bool {
+        match protocol {
+            6 => {
+                port == self.gossip_port
+                    || port == self.manager_port
+                    || (self.metrics_port != 0 && port == self.metrics_port)
+            }
+            17 => port == self.gossip_port || port == self.data_path_port,
+            _ => false,
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shoals_own_ports_are_reserved_by_protocol() {
+        let settings = IngressSettings {
+            data_path_port: 4789,
+            gossip_port: 7946,
+            manager_port: 2377,
+            metrics_port: 0,
+            ..Default::default()
+        };
+        assert!(settings.is_reserved(6, 2377));
+        assert!(settings.is_reserved(6, 7946));
+        assert!(settings.is_reserved(17, 7946));
+        assert!(settings.is_reserved(17, 4789));
+        assert!(!settings.is_reserved(6, 4789), "VXLAN is UDP only");
+        assert!(
+            !settings.is_reserved(17, 2377),
+            "the manager API is TCP only"
+        );
+        assert!(
+            !settings.is_reserved(6, 9323),
+            "metrics on loopback are not reachable"
+        );
+        let exposed = IngressSettings {
+            metrics_port: 9323,
+            ..settings
+        };
+        assert!(exposed.is_reserved(6, 9323));
+        assert!(!settings.is_reserved(6, 0) && !settings.is_reserved(1, 7946));
+    }
 
     /// The checksum of `words` computed from scratch.
     fn checksum(words: &[u16]) -> u16 {

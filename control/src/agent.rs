@@ -20,6 +20,7 @@ use crate::{
     cluster::{node::ClusterRuntime, orchestrator::Settings},
     config::{AgentConfig, AgentSettings, SystemHost, DEFAULT_CONFIG},
     metrics,
+    neighbours::{self, NeighbourWatch},
 };
 
 pub fn run(config_file: Option<PathBuf>, flags: AgentSettings) -> Result<()> {
@@ -48,6 +49,11 @@ pub fn run(config_file: Option<PathBuf>, flags: AgentSettings) -> Result<()> {
             data_path_port: config.data_path_port,
             gossip_port: config.gossip_port,
             manager_port: config.manager_port,
+            // Reachable from the node network only when not on loopback.
+            metrics_port: config
+                .metrics_addr
+                .filter(|addr| !addr.ip().is_loopback())
+                .map_or(0, |addr| addr.port()),
             advertise_ip: match config.advertise_addr {
                 std::net::IpAddr::V4(ip) => u32::from_ne_bytes(ip.octets()),
                 std::net::IpAddr::V6(_) => 0,
@@ -66,6 +72,15 @@ pub fn run(config_file: Option<PathBuf>, flags: AgentSettings) -> Result<()> {
         replaced_running_program = dataplane.replaced_link(),
         "ingress classifier attached"
     );
+    if !dataplane.old_map_layouts().is_empty() {
+        tracing::warn!(
+            removed = ?dataplane.old_map_layouts(),
+            now = shoal_common::MAPS_ABI_VERSION,
+            "the eBPF maps changed layout with this upgrade: flows the routing mesh tracked \
+             are balanced afresh (established connections through this node may reset), VXLAN \
+             peers and published ports are rebuilt from gossip (docs/operations.md, Upgrades)"
+        );
+    }
 
     let state = Arc::new(AgentState {
         kernel: nix::sys::utsname::uname()?
@@ -80,6 +95,7 @@ pub fn run(config_file: Option<PathBuf>, flags: AgentSettings) -> Result<()> {
             .map(ToString::to_string)
             .collect(),
         dataplane: Mutex::new(dataplane),
+        neighbours: NeighbourWatch::open(config.neighbour_table),
         cluster: Arc::new(ClusterRuntime::new(
             config.clone(),
             Settings {
@@ -99,6 +115,8 @@ async fn serve(state: Arc<AgentState>) -> Result<()> {
     let socket = state.config.socket.clone();
     let listener = bind_api_socket(&socket)?;
     let _metrics = metrics::start(&state).await?;
+    // Runs until the runtime ends with the agent.
+    tokio::spawn(neighbours::watch(state.clone()));
     state.cluster.resume().await?;
     tracing::info!(
         socket = %socket.display(),

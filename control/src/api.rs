@@ -25,6 +25,7 @@ use crate::{
         protocol::{ControlRequest, ControlResponse},
     },
     config::AgentConfig,
+    neighbours::{NeighbourTableStatus, NeighbourWatch},
 };
 
 pub const API_VERSION: &str = "v1";
@@ -77,6 +78,8 @@ pub struct AgentState {
     pub dns_upstreams: Vec<String>,
     pub dataplane: Mutex<Dataplane>,
     pub cluster: Arc<ClusterRuntime>,
+    /// The kernel's neighbour table, watched (and sized) by this agent.
+    pub neighbours: NeighbourWatch,
 }
 
 pub fn router(state: Arc<AgentState>) -> Router {
@@ -139,12 +142,29 @@ async fn info(State(state): State<Arc<AgentState>>) -> Json<AgentInfo> {
     })
 }
 
-async fn dataplane(State(state): State<Arc<AgentState>>) -> Result<Json<DataplaneStatus>, Failure> {
-    let dataplane = state
+/// `dataplane status`: the eBPF programs and maps, and the kernel's neighbour table.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DataplaneReport {
+    #[serde(flatten)]
+    pub dataplane: DataplaneStatus,
+    /// None where the agent cannot reach the table (see its log).
+    pub neighbour_table: Option<NeighbourTableStatus>,
+}
+
+async fn dataplane(State(state): State<Arc<AgentState>>) -> Result<Json<DataplaneReport>, Failure> {
+    let mut status = state
         .dataplane
         .lock()
-        .map_err(|_| anyhow::anyhow!("dataplane state poisoned"))?;
-    Ok(Json(dataplane.status()?))
+        .map_err(|_| anyhow::anyhow!("dataplane state poisoned"))?
+        .status()?;
+    // The gateway bridge exists once the node is in a swarm.
+    if let Ok(networks) = state.cluster.networks().await {
+        status.counters.push(networks.gateway_refusals()?);
+    }
+    Ok(Json(DataplaneReport {
+        dataplane: status,
+        neighbour_table: state.neighbours.status()?,
+    }))
 }
 
 async fn swarm_init(

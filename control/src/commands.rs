@@ -45,9 +45,10 @@ pub enum SwarmCommand {
         /// with this manager's state
         #[arg(long)]
         force_new_cluster: bool,
-        /// Address pool overlay subnets come from
-        #[arg(long, default_value = "10.0.0.0/8")]
-        default_addr_pool: Subnet,
+        /// Address pool overlay subnets come from; it must not overlap this node's networks
+        /// [default: 10.0.0.0/8, its subnets taken around the node's addresses and routes]
+        #[arg(long)]
+        default_addr_pool: Option<Subnet>,
         /// Prefix length of the subnets taken from the pool
         #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u8).range(8..=30))]
         default_addr_pool_mask_length: u8,
@@ -377,7 +378,7 @@ pub async fn swarm(client: &Client, command: SwarmCommand) -> Result<()> {
             let request = InitRequest {
                 advertise_addr,
                 force_new_cluster,
-                default_addr_pool: Some(default_addr_pool),
+                default_addr_pool,
                 default_addr_pool_mask_length: Some(default_addr_pool_mask_length),
                 data_path_port,
                 data_path_addr,
@@ -934,10 +935,17 @@ pub async fn task_exec(client: &Client, task: &str, command: &[String]) -> Resul
     })
 }
 
-/// `shoal whoami`: answers HTTP requests with who it is and who asked; echoes other TCP.
+/// `shoal whoami`: answers HTTP requests with who it is and who asked; echoes other TCP, and
+/// UDP on the same port (logging each datagram, so tests can see what reached a task).
 pub fn whoami(listen: &str) -> Result<()> {
     let listener = TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
-    eprintln!("whoami listening on {}", listener.local_addr()?);
+    let udp = std::net::UdpSocket::bind(listener.local_addr()?)
+        .with_context(|| format!("listening on {listen}/udp"))?;
+    std::thread::spawn(move || whoami_udp(&udp));
+    eprintln!(
+        "whoami listening on {} (tcp and udp)",
+        listener.local_addr()?
+    );
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
         std::thread::spawn(move || {
@@ -945,6 +953,18 @@ pub fn whoami(listen: &str) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// Echoes every datagram to its sender, after logging where it came from and what it said.
+fn whoami_udp(socket: &std::net::UdpSocket) {
+    let mut buf = vec![0u8; 65_536];
+    while let Ok((n, peer)) = socket.recv_from(&mut buf) {
+        eprintln!(
+            "udp from {peer}: {}",
+            String::from_utf8_lossy(&buf[..n]).trim_end()
+        );
+        let _ = socket.send_to(&buf[..n], peer);
+    }
 }
 
 fn whoami_connection(mut stream: TcpStream) -> Result<()> {

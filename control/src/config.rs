@@ -81,6 +81,20 @@ pub struct AgentSettings {
     /// [default: 127.0.0.1:9323]
     #[arg(long)]
     pub metrics_addr: Option<String>,
+    /// `auto`: raise the kernel's neighbour table limits (net.ipv4.neigh.default.gc_thresh*)
+    /// to what this node's overlays need, never lowering them; `off`: leave them alone
+    /// [default: auto]
+    #[arg(long)]
+    pub neighbour_table: Option<NeighbourTableSizing>,
+}
+
+/// Whether the agent sizes the kernel's neighbour (ARP) table.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum NeighbourTableSizing {
+    #[default]
+    Auto,
+    Off,
 }
 
 impl AgentSettings {
@@ -118,6 +132,7 @@ impl AgentSettings {
             mesh_max_services: self.mesh_max_services.or(base.mesh_max_services),
             dns_upstreams: self.dns_upstreams.or(base.dns_upstreams),
             metrics_addr: self.metrics_addr.or(base.metrics_addr),
+            neighbour_table: self.neighbour_table.or(base.neighbour_table),
         }
     }
 }
@@ -146,6 +161,7 @@ pub struct AgentConfig {
     pub dns_upstreams: Option<Vec<SocketAddr>>,
     /// None when turned off.
     pub metrics_addr: Option<SocketAddr>,
+    pub neighbour_table: NeighbourTableSizing,
 }
 
 impl AgentConfig {
@@ -156,6 +172,14 @@ impl AgentConfig {
             let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
             shoal_dns::parse_resolv_conf(&text).servers
         })
+    }
+
+    /// The metrics listener's port when the node network can reach it (not on loopback):
+    /// then no service may publish it.
+    pub fn exposed_metrics_port(&self) -> Option<u16> {
+        self.metrics_addr
+            .filter(|addr| !addr.ip().is_loopback())
+            .map(|addr| addr.port())
     }
 
     pub fn mesh_limits(&self) -> shoal_dataplane::mesh::MeshLimits {
@@ -252,6 +276,7 @@ impl AgentConfig {
                 .unwrap_or(shoal_common::MESH_MAX_SERVICES),
             dns_upstreams: settings.dns_upstreams,
             metrics_addr,
+            neighbour_table: settings.neighbour_table.unwrap_or_default(),
         })
     }
 }
@@ -425,6 +450,21 @@ mod tests {
             err.to_string(),
             "metrics port 7946 is also the gossip port; each needs its own"
         );
+    }
+
+    #[test]
+    fn neighbour_table_sizing_is_on_unless_turned_off() {
+        assert_eq!(
+            resolve("").unwrap().neighbour_table,
+            NeighbourTableSizing::Auto
+        );
+        assert_eq!(
+            resolve(r#"neighbour_table = "off""#)
+                .unwrap()
+                .neighbour_table,
+            NeighbourTableSizing::Off
+        );
+        assert!(resolve(r#"neighbour_table = "big""#).is_err());
     }
 
     #[test]

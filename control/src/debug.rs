@@ -194,11 +194,12 @@ pub async fn ingress(client: &Client, command: IngressCommand) -> Result<()> {
     match format {
         Format::Json => print!("{}", json(&ports)),
         Format::Table => {
-            let rows: Vec<[String; 6]> = ports
+            let rows: Vec<[String; 7]> = ports
                 .iter()
                 .map(|p| {
                     let s = &p.status;
                     let mode = if s.snat { "snat" } else { "client" };
+                    let c = &s.counters;
                     [
                         p.service.clone(),
                         format!("{}/{}", s.published, s.protocol.name()),
@@ -208,8 +209,9 @@ pub async fn ingress(client: &Client, command: IngressCommand) -> Result<()> {
                             .map(|(ip, slots)| format!("{ip}={slots}"))
                             .collect::<Vec<_>>()
                             .join(","),
-                        s.counters.flows.to_string(),
-                        format!("{}/{}", s.counters.packets_in, s.counters.packets_out),
+                        c.flows.to_string(),
+                        format!("{}/{}", c.packets_in, c.packets_out),
+                        refusals(c),
                     ]
                 })
                 .collect();
@@ -222,7 +224,8 @@ pub async fn ingress(client: &Client, command: IngressCommand) -> Result<()> {
                         "TARGET (SOURCE)",
                         "BACKENDS=SLOTS",
                         "FLOWS",
-                        "PACKETS IN/OUT"
+                        "PACKETS IN/OUT",
+                        "REFUSED"
                     ],
                     &rows
                 )
@@ -230,6 +233,26 @@ pub async fn ingress(client: &Client, command: IngressCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A published port's refused packets by reason, the ones that happened: `-` for none.
+fn refusals(c: &shoal_dataplane::mesh::MeshServiceCounters) -> String {
+    let reasons = [
+        ("no_backend", c.no_backend),
+        ("snat_exhausted", c.snat_exhausted),
+        ("flow_table_full", c.flow_table_full),
+        ("rewrite_failed", c.rewrite_failed),
+    ];
+    let seen: Vec<String> = reasons
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(reason, n)| format!("{reason}={n}"))
+        .collect();
+    if seen.is_empty() {
+        "-".to_owned()
+    } else {
+        seen.join(",")
+    }
 }
 
 async fn ingress_trace(
@@ -251,7 +274,10 @@ async fn ingress_trace(
     }
     let r = &trace.result;
     println!("packet in:   {}", r.packet_in);
-    println!("verdict:     {} (return code {})", r.verdict, r.return_code);
+    println!(
+        "verdict:     {} (return code {}): {}",
+        r.verdict, r.return_code, r.reason
+    );
     println!("packet out:  {}", r.packet_out);
     match r.slot {
         Some(slot) if r.tracked => println!("decided by:  the flow table (slot {slot} not used)"),

@@ -26,6 +26,7 @@ use shoal_dataplane::process::cgroup_gone;
 use crate::{
     api::AgentInfo,
     client::Client,
+    cluster::protocol::NodeView,
     config::{cgroup2_from_mountinfo, AgentSettings},
 };
 
@@ -36,6 +37,10 @@ const CLIENT: &str = "client";
 pub const MAX_NODES: u8 = 50;
 const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(30);
 const AGENT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Workers joining the swarm at once in `lab up`.
+const PARALLEL_JOINS: usize = 8;
+/// How long `lab up` waits for its managers to show Reachable after they joined.
+const MANAGERS_REACHABLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One lab, by name; every path and name derives from it.
 pub struct Lab {
@@ -54,6 +59,28 @@ pub struct Member {
     pub agent_up: bool,
     /// manager or worker, once the node is in the swarm.
     pub role: Option<String>,
+}
+
+/// How `lab stop` takes a node down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// SIGTERM to the agent.
+    Agent,
+    /// SIGKILL to the agent, as in a crash.
+    KillAgent,
+    /// The whole node, as a power-off: its underlay link down (its kernel answers nothing any
+    /// more), then SIGKILL to every process of it, tasks included.
+    PowerOff,
+}
+
+/// Settings `lab up` gives every agent.
+#[derive(Debug, Default)]
+pub struct AgentOptions {
+    /// Replace the host's resolvers, when given.
+    pub dns_upstreams: Vec<std::net::SocketAddr>,
+    /// Seconds a node may be Down before the managers move its tasks (the agent's default
+    /// when unset).
+    pub reschedule_grace: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -193,13 +220,8 @@ impl Lab {
         Ok(())
     }
 
-    /// Builds the lab; `dns_upstreams`, when given, replace the host's resolvers in every agent.
-    pub fn up(
-        &self,
-        nodes: u8,
-        managers: u8,
-        dns_upstreams: &[std::net::SocketAddr],
-    ) -> Result<Vec<Member>> {
+    /// Builds the lab, every agent set up with `agents`.
+    pub fn up(&self, nodes: u8, managers: u8, agents: &AgentOptions) -> Result<Vec<Member>> {
         if !(1..=MAX_NODES).contains(&nodes) {
             bail!("--nodes must be between 1 and {MAX_NODES}");
         }
@@ -219,7 +241,7 @@ impl Lab {
             serde_json::to_string(&LabRecord { nodes })?,
         )?;
         if let Err(err) = self
-            .build(nodes, dns_upstreams)
+            .build(nodes, agents)
             .and_then(|()| self.form_swarm(nodes, managers))
         {
             eprintln!("lab up failed; removing what it made");
@@ -231,7 +253,7 @@ impl Lab {
         self.status()
     }
 
-    fn build(&self, nodes: u8, dns_upstreams: &[std::net::SocketAddr]) -> Result<()> {
+    fn build(&self, nodes: u8, options: &AgentOptions) -> Result<()> {
         let underlay = self.netns(UNDERLAY);
         ip(&["netns", "add", &underlay])?;
         ip(&["-n", &underlay, "link", "set", "lo", "up"])?;
@@ -259,7 +281,9 @@ impl Lab {
                 bpffs_root: Some(self.bpffs_dir().join(node)),
                 cgroup_root: Some(cgroup.join(node).join("tasks")),
                 netns_prefix: Some(format!("{}.", self.netns(node))),
-                dns_upstreams: (!dns_upstreams.is_empty()).then(|| dns_upstreams.to_vec()),
+                dns_upstreams: (!options.dns_upstreams.is_empty())
+                    .then(|| options.dns_upstreams.clone()),
+                reschedule_grace: options.reschedule_grace,
                 ..Default::default()
             };
             fs::write(dir.join("agent.toml"), toml::to_string(&settings)?)?;
@@ -283,18 +307,68 @@ impl Lab {
         };
         let (manager_token, worker_token) = (token("manager")?, token("worker")?);
         let remote = format!("{}:2377", underlay_address("node1")?);
-        for index in 2..=nodes {
-            let token = if index <= managers {
-                &manager_token
-            } else {
-                &worker_token
-            };
+        let join = |index: u8, token: &str| {
             self.shoal_on(
                 &node_name(index),
                 &["swarm", "join", "--token", token, &remote],
-            )?;
+            )
+            .map(drop)
+        };
+        // Managers one at a time (each changes the Raft membership); workers a batch at a
+        // time, which the leader's log takes together.
+        for index in 2..=managers {
+            join(index, &manager_token)?;
         }
-        Ok(())
+        let workers: Vec<u8> = (managers.max(1) + 1..=nodes).collect();
+        for batch in workers.chunks(PARALLEL_JOINS) {
+            thread::scope(|scope| {
+                let joins: Vec<_> = batch
+                    .iter()
+                    .map(|index| scope.spawn(|| join(*index, &worker_token)))
+                    .collect();
+                joins
+                    .into_iter()
+                    .try_for_each(|j| j.join().expect("a join thread panicked"))
+            })?;
+        }
+        self.wait_managers_reachable(managers)
+    }
+
+    /// Waits until `node ls` shows each of the first `managers` nodes as Leader or Reachable:
+    /// only then does the swarm survive losing any one of them.
+    fn wait_managers_reachable(&self, managers: u8) -> Result<()> {
+        let deadline = Instant::now() + MANAGERS_REACHABLE_TIMEOUT;
+        loop {
+            let missing = match self.managers_not_reachable(managers) {
+                Ok(missing) if missing.is_empty() => return Ok(()),
+                Ok(missing) => missing.join(", "),
+                Err(err) => format!("`node ls` failed: {err:#}"),
+            };
+            if Instant::now() >= deadline {
+                bail!(
+                    "managers not Reachable in `node ls` after {} s: {missing}; their agents \
+                     log why in {}",
+                    MANAGERS_REACHABLE_TIMEOUT.as_secs(),
+                    self.node_dir("NODE").join("agent.log").display()
+                );
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Which of node1..node`managers` `node ls` on node1 does not show as a voting manager.
+    fn managers_not_reachable(&self, managers: u8) -> Result<Vec<String>> {
+        let listing = self.shoal_on("node1", &["node", "ls", "--format", "json"])?;
+        let nodes: Vec<NodeView> = serde_json::from_str(&listing)?;
+        let voting = |name: &str| {
+            nodes.iter().any(|n| {
+                n.hostname == name && matches!(n.manager_status.as_str(), "Leader" | "Reachable")
+            })
+        };
+        Ok((1..=managers)
+            .map(node_name)
+            .filter(|name| !voting(name))
+            .collect())
     }
 
     /// Runs this `shoal` binary as a client of a node's agent; its stdout.
@@ -482,17 +556,20 @@ impl Lab {
             .with_context(|| format!("running {program} in {member}"))
     }
 
-    /// Stops a node's agent (SIGTERM, or SIGKILL to simulate a crash) and waits for it to go.
-    pub fn stop(&self, node: &str, kill: bool) -> Result<()> {
+    /// Takes a node's agent, or the whole node, down and waits for it to go.
+    pub fn stop(&self, node: &str, how: Stop) -> Result<()> {
         self.check_node(node)?;
+        match how {
+            Stop::Agent => self.stop_agent(node, Signal::SIGTERM),
+            Stop::KillAgent => self.stop_agent(node, Signal::SIGKILL),
+            Stop::PowerOff => self.power_off(node),
+        }
+    }
+
+    fn stop_agent(&self, node: &str, signal: Signal) -> Result<()> {
         let pid = self
             .agent_pid(node)
             .with_context(|| format!("the agent of {node} is not running"))?;
-        let signal = if kill {
-            Signal::SIGKILL
-        } else {
-            Signal::SIGTERM
-        };
         nix::sys::signal::kill(Pid::from_raw(pid as i32), signal)?;
         let deadline = Instant::now() + AGENT_STOP_TIMEOUT;
         while Path::new(&format!("/proc/{pid}")).exists() && !is_zombie(pid) {
@@ -504,11 +581,29 @@ impl Lab {
         Ok(())
     }
 
+    /// Unplugs the node from the underlay first, so that nothing it does while dying is
+    /// seen, then kills everything it runs: its cgroup (agent and tasks) and anything else in
+    /// its namespaces (`lab exec`).
+    fn power_off(&self, node: &str) -> Result<()> {
+        ip(&["-n", &self.netns(UNDERLAY), "link", "set", node, "down"])?;
+        kill_cgroup(&self.cgroup_dir()?.join(node))?;
+        let own = self.netns(node);
+        let namespaces: Vec<String> = self
+            .namespaces()?
+            .into_iter()
+            .filter(|ns| ns == &own || ns.starts_with(&format!("{own}.")))
+            .collect();
+        kill_processes_in(&namespaces)?;
+        Ok(())
+    }
+
+    /// Starts a node's agent again; after a power-off, plugs the node back in first.
     pub fn start(&self, node: &str) -> Result<()> {
         self.check_node(node)?;
         if let Some(pid) = self.agent_pid(node) {
             bail!("the agent of {node} is already running (pid {pid})");
         }
+        ip(&["-n", &self.netns(UNDERLAY), "link", "set", node, "up"])?;
         let mut child = self.spawn_agent(node)?;
         self.wait_ready(node, &mut child)
     }
@@ -654,17 +749,27 @@ fn stop_cgroup(dir: &Path) -> Result<usize> {
     while !cgroup_pids(dir)?.is_empty() && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(50));
     }
-    for pid in cgroup_pids(dir)? {
-        let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
-    }
+    kill_cgroup(dir)?;
+    Ok(pids.len())
+}
+
+/// SIGKILL to every process in the subtree until none is left (a process may fork while it
+/// is being killed).
+fn kill_cgroup(dir: &Path) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !cgroup_pids(dir)?.is_empty() {
+    loop {
+        let pids = cgroup_pids(dir)?;
+        if pids.is_empty() {
+            return Ok(());
+        }
         if Instant::now() > deadline {
             bail!("processes in {} survived SIGKILL", dir.display());
         }
+        for pid in pids {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
         thread::sleep(Duration::from_millis(20));
     }
-    Ok(pids.len())
 }
 
 /// SIGKILLs processes (outside the lab's cgroup) whose network namespace is one of the lab's.

@@ -13,6 +13,7 @@ mod doc_commands;
 mod examples;
 mod lab;
 mod metrics;
+mod neighbours;
 mod output;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -22,7 +23,7 @@ use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use shoal_dataplane::DataplaneStatus;
 
 use crate::{
-    api::{AgentInfo, Version},
+    api::{AgentInfo, DataplaneReport, Version},
     client::Client,
     config::{AgentSettings, DEFAULT_SOCKET},
     output::{json, table, Format},
@@ -92,7 +93,7 @@ enum Command {
     /// Flows the routing mesh tracks on this node
     #[command(subcommand)]
     Conntrack(debug::ConntrackCommand),
-    /// A tiny HTTP (and TCP echo) server that says who it is and who asked
+    /// A tiny HTTP (and TCP and UDP echo) server that says who it is and who asked
     Whoami {
         #[arg(long, default_value = "0.0.0.0:80")]
         listen: String,
@@ -107,6 +108,9 @@ enum Command {
         hostname: String,
         #[arg(long)]
         resolv_conf: PathBuf,
+        /// Where the command's exit status is written when it ends
+        #[arg(long)]
+        exit_file: PathBuf,
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
@@ -150,13 +154,18 @@ enum LabCommand {
     Up {
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=lab::MAX_NODES as i64))]
         nodes: u8,
-        /// How many of the nodes are managers (node1 first); they form the swarm
+        /// How many of the nodes are managers (node1 first); they form the swarm, and this
+        /// returns once `node ls` shows each of them Reachable
         #[arg(long, default_value_t = 1)]
         managers: u8,
         /// Resolver (IP:PORT) the agents forward names outside the cluster to, instead of the
         /// host's resolv.conf; repeatable (tests point it at a stub in the client)
         #[arg(long = "dns-upstream")]
         dns_upstreams: Vec<std::net::SocketAddr>,
+        /// Seconds a node may be Down before the managers move its tasks (the agent setting
+        /// `reschedule_grace`)
+        #[arg(long)]
+        reschedule_grace: Option<u64>,
     },
     /// Remove everything the lab made (works after crashes too)
     Down,
@@ -172,13 +181,18 @@ enum LabCommand {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
-    /// Stop a node's agent (SIGTERM; --kill for SIGKILL, as in a crash)
+    /// Stop a node's agent (SIGTERM; --kill for SIGKILL, as in a crash), or the whole node
+    /// (--power-off)
     Stop {
         node: String,
         #[arg(long)]
         kill: bool,
+        /// Take the whole node down as a power-off would: its underlay link down, then every
+        /// process of it (agent, tasks) killed; `lab start` plugs it back in
+        #[arg(long, conflicts_with = "kill")]
+        power_off: bool,
     },
-    /// Start a node's agent again
+    /// Start a node's agent again (after --power-off, with its underlay link back up)
     Start { node: String },
     /// Play the Swarm walkthrough on a fresh lab (replacing one of this name), narrated and
     /// checked step by step; the lab stays up
@@ -234,10 +248,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Dataplane(DataplaneCommand::Status { format }) => {
-            let status: DataplaneStatus = block_on(client.get("/v1/dataplane"))?;
+            let report: DataplaneReport = block_on(client.get("/v1/dataplane"))?;
             match format {
-                Format::Json => print!("{}", json(&status)),
-                Format::Table => print!("{}", render_dataplane(&status)),
+                Format::Json => print!("{}", json(&report)),
+                Format::Table => print!(
+                    "{}\n{}",
+                    render_dataplane(&report.dataplane),
+                    neighbours::render(report.neighbour_table.as_ref())
+                ),
             }
         }
         Command::Lab { name, command } => return run_lab(&lab::Lab::new(&name)?, command),
@@ -261,12 +279,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             gate_fd,
             hostname,
             resolv_conf,
+            exit_file,
             command,
         } => {
             return Err(shoal_dataplane::task::exec_init(
                 gate_fd,
-                &hostname,
-                &resolv_conf,
+                (&hostname, &resolv_conf),
+                &exit_file,
                 &command,
             ))
         }
@@ -280,8 +299,13 @@ fn run_lab(lab: &lab::Lab, command: LabCommand) -> Result<ExitCode> {
             nodes,
             managers,
             dns_upstreams,
+            reschedule_grace,
         } => {
-            let members = lab.up(nodes, managers, &dns_upstreams)?;
+            let agents = lab::AgentOptions {
+                dns_upstreams,
+                reschedule_grace,
+            };
+            let members = lab.up(nodes, managers, &agents)?;
             print!("{}", render_lab(&members));
             println!("\nTry: shoal lab exec node1 -- shoal dataplane status");
         }
@@ -307,7 +331,18 @@ fn run_lab(lab: &lab::Lab, command: LabCommand) -> Result<ExitCode> {
                 None => ExitCode::FAILURE,
             });
         }
-        LabCommand::Stop { node, kill } => lab.stop(&node, kill)?,
+        LabCommand::Stop {
+            node,
+            kill,
+            power_off,
+        } => {
+            let how = match (power_off, kill) {
+                (true, _) => lab::Stop::PowerOff,
+                (false, true) => lab::Stop::KillAgent,
+                (false, false) => lab::Stop::Agent,
+            };
+            lab.stop(&node, how)?
+        }
         LabCommand::Start { node } => lab.start(&node)?,
         LabCommand::Demo => demo::Demo::new(lab)?.run()?,
     }
@@ -403,18 +438,27 @@ fn render_dataplane(status: &DataplaneStatus) -> String {
             [
                 m.name.clone(),
                 m.map_type.clone(),
-                format!("{}/{}", m.entries, m.max_entries),
+                match m.entries {
+                    Some(entries) => format!("{entries}/{}", m.max_entries),
+                    None => format!("array of {}", m.max_entries),
+                },
                 m.map_id.to_string(),
                 m.pin.display().to_string(),
             ]
         })
         .collect();
-    let counters: Vec<[String; 3]> = status
+    let counters: Vec<[String; 4]> = status
         .counters
         .iter()
         .map(|c| {
+            let kind = match (c.refusal, c.dropped) {
+                (false, _) => "sorted",
+                (true, true) => "refused: dropped",
+                (true, false) => "refused: left to the kernel",
+            };
             [
                 c.verdict.clone(),
+                kind.to_owned(),
                 c.packets.to_string(),
                 c.bytes.to_string(),
             ]
@@ -434,7 +478,7 @@ fn render_dataplane(status: &DataplaneStatus) -> String {
             &programs
         ),
         table(["MAP", "TYPE", "FILL", "MAP ID", "PIN"], &maps),
-        table(["VERDICT", "PACKETS", "BYTES"], &counters),
+        table(["VERDICT", "KIND", "PACKETS", "BYTES"], &counters),
     )
 }
 

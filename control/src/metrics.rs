@@ -154,6 +154,9 @@ async fn health(state: &AgentState, ready: bool) -> Result<&'static str, String>
     if !attached {
         return Err("not ready: an ingress program is not attached".into());
     }
+    if let Some(reason) = state.neighbours.overflow_reason() {
+        return Err(reason);
+    }
     Ok("ready")
 }
 
@@ -162,8 +165,13 @@ pub async fn render(state: &AgentState) -> String {
     let mut out = Exposition::default();
     let mut success = BTreeMap::new();
     agent(&mut out, state);
-    success.insert("dataplane", out.keep(dataplane(state)));
     let parts = tokio::time::timeout(MEMBERSHIP_WAIT, state.cluster.parts()).await;
+    let gateway = match &parts {
+        Ok(Some(parts)) => Some(parts.worker.networks().gateway_refusals()),
+        _ => None,
+    };
+    success.insert("dataplane", out.keep(dataplane(state, gateway)));
+    success.insert("neighbours", out.keep(neighbours(state)));
     match &parts {
         Ok(Some(parts)) => {
             node(&mut out, parts);
@@ -213,13 +221,38 @@ fn agent(out: &mut Exposition, state: &AgentState) {
     );
 }
 
-fn dataplane(state: &AgentState) -> Result<Exposition> {
-    let status = state
+/// The dataplane's programs, maps and counters, with the gateway bridge's refusals once the
+/// node is in a swarm.
+fn dataplane(
+    state: &AgentState,
+    gateway: Option<Result<shoal_dataplane::CounterStatus>>,
+) -> Result<Exposition> {
+    let mut status = state
         .dataplane
         .lock()
         .map_err(|_| anyhow!("dataplane state poisoned"))?
         .status()?;
+    if let Some(gateway) = gateway {
+        status.counters.push(gateway?);
+    }
+    let old_layouts = state
+        .dataplane
+        .lock()
+        .map_err(|_| anyhow!("dataplane state poisoned"))?
+        .old_map_layouts()
+        .len();
     let mut out = Exposition::default();
+    out.gauge(
+        "shoal_dataplane_maps_abi_version",
+        "Layout version of the pinned eBPF maps this agent uses",
+        shoal_common::MAPS_ABI_VERSION,
+    );
+    out.gauge(
+        "shoal_dataplane_old_map_layouts_removed",
+        "Map directories of another layout removed when this agent started (an upgrade that \
+         changed the maps ABI: flows tracked before it were lost)",
+        old_layouts,
+    );
     out.family(
         "shoal_dataplane_ingress_packets_total",
         Kind::Counter,
@@ -237,6 +270,20 @@ fn dataplane(state: &AgentState) -> Result<Exposition> {
     .by(
         "verdict",
         status.counters.iter().map(|c| (&c.verdict, c.bytes)),
+    );
+    out.family(
+        "shoal_dataplane_refused_packets_total",
+        Kind::Counter,
+        "Packets the ingress classifier refused or could not handle, by reason (the \
+         dropped ones and those left to the kernel)",
+    )
+    .by(
+        "reason",
+        status
+            .counters
+            .iter()
+            .filter(|c| c.refusal)
+            .map(|c| (&c.verdict, c.packets)),
     );
     let mut attached = out.family(
         "shoal_dataplane_program_attached",
@@ -256,15 +303,69 @@ fn dataplane(state: &AgentState) -> Result<Exposition> {
     out.family(
         "shoal_dataplane_map_entries",
         Kind::Gauge,
-        "Entries in a pinned eBPF map",
+        "Keys in a pinned eBPF hash map now (arrays, whose slots all exist, have none)",
     )
-    .by("map", status.maps.iter().map(|m| (&m.name, m.entries)));
+    .by(
+        "map",
+        status
+            .maps
+            .iter()
+            .filter_map(|m| Some((&m.name, m.entries?))),
+    );
     out.family(
         "shoal_dataplane_map_max_entries",
         Kind::Gauge,
         "Capacity of a pinned eBPF map",
     )
     .by("map", status.maps.iter().map(|m| (&m.name, m.max_entries)));
+    Ok(out)
+}
+
+/// The kernel's neighbour (ARP) table: one for the machine, whatever namespace asks.
+fn neighbours(state: &AgentState) -> Result<Exposition> {
+    let table = state
+        .neighbours
+        .status()?
+        .context("the kernel's neighbour table is not readable by this agent")?;
+    let mut out = Exposition::default();
+    out.gauge(
+        "shoal_neighbour_table_entries",
+        "IPv4 neighbour (ARP) entries in the kernel's table, every namespace's, permanent ones included",
+        table.stats.entries,
+    );
+    out.counter(
+        "shoal_neighbour_table_fulls_total",
+        "Neighbour entries the kernel refused because its table was full (since boot)",
+        table.stats.table_fulls,
+    );
+    out.gauge(
+        "shoal_neighbour_table_overflowing",
+        "Whether table_fulls grew lately, so new neighbour entries fail (1) or not (0)",
+        table.overflowing,
+    );
+    let t = table.thresholds;
+    out.family(
+        "shoal_neighbour_table_threshold",
+        Kind::Gauge,
+        "The table's limits, net.ipv4.neigh.default.gc_thresh1/2/3",
+    )
+    .by(
+        "threshold",
+        [
+            ("gc_thresh1", t.gc_thresh1),
+            ("gc_thresh2", t.gc_thresh2),
+            ("gc_thresh3", t.gc_thresh3),
+        ],
+    );
+    let mut demand = out.family(
+        "shoal_neighbour_table_demand_entries",
+        Kind::Gauge,
+        "Neighbour entries this node may need, and every agent on this kernel together (when sizing)",
+    );
+    demand.sample(&[("scope", "node")], table.demand);
+    if let Some(total) = table.all_agents_demand {
+        demand.sample(&[("scope", "all_agents")], total);
+    }
     Ok(out)
 }
 
@@ -386,7 +487,7 @@ async fn mesh(parts: &NodeParts) -> Result<Exposition> {
     let networks = parts.worker.networks();
     let ports = networks.ingress_ports().await?;
     let mut out = Exposition::default();
-    let counters: [MeshCounterFamily; 7] = [
+    let counters: [MeshCounterFamily; 9] = [
         (
             "shoal_mesh_flows_total",
             "Flows given a backend by Maglev",
@@ -416,9 +517,19 @@ async fn mesh(parts: &NodeParts) -> Result<Exposition> {
             |c| c.no_backend,
         ),
         (
-            "shoal_mesh_errors_total",
-            "Packets that could not be rewritten or sent",
-            |c| c.errors,
+            "shoal_mesh_snat_exhausted_packets_total",
+            "New SNAT flows that found no free source port (refused)",
+            |c| c.snat_exhausted,
+        ),
+        (
+            "shoal_mesh_flow_table_full_packets_total",
+            "New flows the flow tables could not hold (refused)",
+            |c| c.flow_table_full,
+        ),
+        (
+            "shoal_mesh_rewrite_failed_packets_total",
+            "Packets dropped because their rewrite or redirect failed",
+            |c| c.rewrite_failed,
         ),
     ];
     for (name, help, value) in counters {

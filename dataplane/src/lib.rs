@@ -9,13 +9,16 @@
 pub mod iproute;
 pub mod maglev;
 pub mod mesh;
+pub mod neighbours;
 pub mod overlay;
+pub mod overlay_endpoints;
 pub mod peerdb;
 pub mod process;
 pub mod socket_lb;
 mod status;
 pub mod task;
 pub mod vip_echo;
+pub mod vxlan_peers;
 
 use std::{
     fs, io,
@@ -33,7 +36,7 @@ use aya::{
     sys::SyscallError,
     Ebpf, EbpfLoader,
 };
-use shoal_common::{names, IngressSettings, MAPS_ABI_VERSION};
+use shoal_common::{names, IngressSettings, Verdict, MAPS_ABI_VERSION};
 
 pub use status::{AttachStatus, CounterStatus, DataplaneStatus, MapStatus};
 
@@ -82,6 +85,9 @@ pub struct Dataplane {
     ebpf: Ebpf,
     /// True when this start replaced the program of a link a previous agent left pinned.
     replaced_link: bool,
+    /// Map directories of other layouts (`maps-v<N>`) this start found and removed: an
+    /// upgrade across a maps ABI change, whose tracked flows are lost.
+    old_map_layouts: Vec<String>,
 }
 
 impl Dataplane {
@@ -128,7 +134,12 @@ impl Dataplane {
         program
             .load()
             .context("loading the ingress classifier into the kernel (verifier)")?;
-        let replaced_link = attach_pinned(program, &config.interface, &config.ingress_link_pin())?;
+        let replaced_link = attach_pinned(
+            program,
+            None,
+            (&config.interface, TcAttachType::Ingress),
+            &config.ingress_link_pin(),
+        )?;
         fs::create_dir_all(&config.task_cgroup)
             .with_context(|| format!("creating {}", config.task_cgroup.display()))?;
         socket_lb::attach(
@@ -138,11 +149,12 @@ impl Dataplane {
             &config.links_dir(),
         )?;
         remove_stale_links(&config)?;
-        remove_old_map_versions(&config.bpffs_root)?;
+        let old_map_layouts = remove_old_map_versions(&config.bpffs_root)?;
         Ok(Dataplane {
             config,
             ebpf,
             replaced_link,
+            old_map_layouts,
         })
     }
 
@@ -155,15 +167,26 @@ impl Dataplane {
         self.replaced_link
     }
 
+    /// The maps of other layouts this start removed (empty unless the maps ABI changed).
+    pub fn old_map_layouts(&self) -> &[String] {
+        &self.old_map_layouts
+    }
+
     /// Programs, attach points, maps and counters, read from the kernel now.
     pub fn status(&self) -> Result<DataplaneStatus> {
         status::read(self)
     }
 
     /// Runs the loaded ingress classifier on one packet with BPF_PROG_TEST_RUN against the
-    /// live maps; returns the program's return code and the packet as it left the program.
-    pub fn test_run_ingress(&self, packet: &[u8]) -> Result<(u32, Vec<u8>)> {
-        test_run(&self.ebpf, names::INGRESS_PROGRAM, packet)
+    /// live maps: its return code, the packet as it left the program, and its verdict.
+    pub fn test_run_ingress(&self, packet: &[u8]) -> Result<IngressRun> {
+        let run = test_run(&self.ebpf, names::INGRESS_PROGRAM, packet)?;
+        Ok(IngressRun {
+            code: run.code,
+            frame: run.frame,
+            verdict: Verdict::from_index(run.cb0)
+                .context("the ingress classifier left no verdict")?,
+        })
     }
 }
 
@@ -189,30 +212,64 @@ impl Dataplane {
     }
 }
 
+/// What one run of the ingress classifier did to a packet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IngressRun {
+    /// The TC action (0 pass, 2 drop, 7 redirect).
+    pub code: u32,
+    /// The packet as it left the program.
+    pub frame: Vec<u8>,
+    pub verdict: Verdict,
+}
+
+/// What a test run of any classifier returned.
+pub(crate) struct TestRunOutput {
+    pub code: u32,
+    pub frame: Vec<u8>,
+    /// `cb[0]` of the packet's context afterwards.
+    pub cb0: u32,
+}
+
 /// Runs the loaded classifier `name` of `ebpf` on one frame with BPF_PROG_TEST_RUN against
-/// the live maps: its return code and the frame as it left the program.
-pub(crate) fn test_run(ebpf: &Ebpf, name: &str, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+/// the live maps: its return code, the frame as it left the program, and `cb[0]`.
+pub(crate) fn test_run(ebpf: &Ebpf, name: &str, frame: &[u8]) -> Result<TestRunOutput> {
     use aya::programs::{TestRun as _, TestRunOptions};
+    /// `cb[0]` in `struct __sk_buff`, which is 192 bytes on the kernels shoal runs on.
+    const SKB_CB0: usize = 48;
     let program: &SchedClassifier = ebpf
         .program(name)
         .with_context(|| format!("{name} missing"))?
         .try_into()?;
     let mut out = vec![0u8; frame.len() + 64];
+    let mut context = [0u8; 256];
     let result = program
         .test_run(TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut out),
+            ctx_out: Some(&mut context),
             ..Default::default()
         })
         .with_context(|| format!("BPF_PROG_TEST_RUN on {name}"))?;
     out.truncate(result.data_size_out as usize);
-    Ok((result.return_value, out))
+    let cb0: [u8; 4] = context[SKB_CB0..SKB_CB0 + 4]
+        .try_into()
+        .expect("four bytes");
+    Ok(TestRunOutput {
+        code: result.return_value,
+        frame: out,
+        cb0: u32::from_ne_bytes(cb0),
+    })
 }
 
 /// Attaches `program` to `interface` through the link pinned at `pin`: an existing pinned link
-/// gets the new program atomically (bpf_link_update); otherwise a new TCX link is made and
-/// pinned. Returns whether an existing link was reused.
-fn attach_pinned(program: &mut SchedClassifier, interface: &str, pin: &Path) -> Result<bool> {
+/// gets the new program atomically (bpf_link_update); otherwise a new TCX link is made (in
+/// the namespace `netns` when given) and pinned. Returns whether an existing link was reused.
+fn attach_pinned(
+    program: &mut SchedClassifier,
+    netns: Option<&fs::File>,
+    (interface, direction): (&str, TcAttachType),
+    pin: &Path,
+) -> Result<bool> {
     match PinnedLink::from_pin(pin) {
         Ok(old) => {
             let link: SchedClassifierLink = FdLink::from(old).try_into()?;
@@ -231,33 +288,97 @@ fn attach_pinned(program: &mut SchedClassifier, interface: &str, pin: &Path) -> 
             return Err(err).with_context(|| format!("opening pinned link {}", pin.display()))
         }
     }
-    let id = program
-        .attach_with_options(
-            interface,
-            TcAttachType::Ingress,
-            TcAttachOptions::TcxOrder(LinkOrder::default()),
-        )
-        .with_context(|| format!("attaching the ingress classifier to {interface} (TCX)"))?;
-    let link: FdLink = program.take_link(id)?.try_into()?;
+    let link = attach_in(program, netns, interface, direction)?;
     link.pin(pin)
-        .with_context(|| format!("pinning the ingress link at {}", pin.display()))?;
+        .with_context(|| format!("pinning the link of {interface} at {}", pin.display()))?;
     Ok(false)
 }
 
-/// Attaches a loaded classifier of `ebpf` to `interface` through a new TCX link, inside the
-/// namespace `netns` when given (interface names resolve in the caller's namespace, so the
-/// attach runs on a thread that entered it). The link detaches when dropped.
-pub(crate) fn attach_tcx(
-    ebpf: &mut Ebpf,
-    name: &str,
+/// A TC program's link pinned in bpffs, so the program keeps running on its interface while
+/// no agent does, and the next agent takes it over in place. Dropping it keeps the pin;
+/// `release` removes it, which detaches the program.
+#[derive(Debug)]
+pub struct PinnedTcLink {
+    pin: PathBuf,
+}
+
+impl PinnedTcLink {
+    /// Attaches the loaded classifier `name` of `ebpf` through the link pinned at `pin`.
+    pub(crate) fn attach(
+        ebpf: &mut Ebpf,
+        name: &str,
+        netns: Option<&fs::File>,
+        hook: (&str, TcAttachType),
+        pin: PathBuf,
+    ) -> Result<Self> {
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .with_context(|| format!("{name} missing from the eBPF object"))?
+            .try_into()?;
+        attach_pinned(program, netns, hook, &pin)?;
+        Ok(Self { pin })
+    }
+
+    pub fn pin(&self) -> &Path {
+        &self.pin
+    }
+
+    /// Unpins the link, detaching its program (an interface that is gone took it already).
+    pub fn release(self) -> Result<()> {
+        unpin(&self.pin)
+    }
+}
+
+fn unpin(pin: &Path) -> Result<()> {
+    match fs::remove_file(pin) {
+        Ok(()) => Ok(()),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(err) => Err(err).with_context(|| format!("removing {}", pin.display())),
+    }
+}
+
+/// Where an agent with pins under `bpffs_root` pins the links of its tasks' interfaces and
+/// of its ingress endpoint, which must outlive it like the ingress link.
+pub fn task_links_dir(bpffs_root: &Path) -> PathBuf {
+    bpffs_root.join("task-links")
+}
+
+/// Unpins the task links (pinned as `<task id>@<what>`: bpffs refuses dots in names) of
+/// tasks `keep` does not keep,
+/// detaching what is left of them: the links of tasks that ended while no agent ran. Other
+/// pins (the ingress endpoint's `mesh-reply-<interface>`) are kept.
+pub fn release_task_links(links_dir: &Path, keep: &dyn Fn(&str) -> bool) -> Result<usize> {
+    let entries = match fs::read_dir(links_dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(err) => return Err(err).with_context(|| format!("listing {}", links_dir.display())),
+    };
+    let mut released = 0;
+    for entry in entries {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if let Some((task, _)) = name.split_once('@') {
+            if !keep(task) {
+                unpin(&path)?;
+                released += 1;
+            }
+        }
+    }
+    Ok(released)
+}
+
+/// Attaches a loaded classifier to `interface` through a new TCX link, inside the namespace
+/// `netns` when given (interface names resolve in the caller's namespace, so the attach runs
+/// on a thread that entered it). The link detaches when dropped unless pinned.
+fn attach_in(
+    program: &mut SchedClassifier,
     netns: Option<&fs::File>,
     interface: &str,
     direction: TcAttachType,
 ) -> Result<FdLink> {
-    let program: &mut SchedClassifier = ebpf
-        .program_mut(name)
-        .with_context(|| format!("{name} missing from the eBPF object"))?
-        .try_into()?;
     std::thread::scope(|scope| {
         scope
             .spawn(|| -> Result<FdLink> {
@@ -271,7 +392,7 @@ pub(crate) fn attach_tcx(
                         direction,
                         TcAttachOptions::TcxOrder(LinkOrder::default()),
                     )
-                    .with_context(|| format!("attaching {name} to {interface}"))?;
+                    .with_context(|| format!("attaching to {interface} ({direction:?})"))?;
                 Ok(program.take_link(id)?.try_into()?)
             })
             .join()
@@ -296,9 +417,11 @@ fn remove_stale_links(config: &DataplaneConfig) -> Result<()> {
 
 /// Unpins the maps of earlier map layouts (`maps-v<N>` other than this one's): once the
 /// programs that used them are replaced they only hold memory (the old Maglev rows alone are
-/// megabytes). Flows tracked in them are balanced afresh by the new maps.
-fn remove_old_map_versions(bpffs_root: &Path) -> Result<()> {
+/// megabytes). Flows tracked in them are balanced afresh by the new maps. Returns the
+/// directories removed.
+fn remove_old_map_versions(bpffs_root: &Path) -> Result<Vec<String>> {
     let current = maps_dir(bpffs_root);
+    let mut removed = Vec::new();
     for entry in fs::read_dir(bpffs_root)? {
         let path = entry?.path();
         let name = path
@@ -309,11 +432,11 @@ fn remove_old_map_versions(bpffs_root: &Path) -> Result<()> {
             .strip_prefix("maps-v")
             .is_some_and(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()));
         if versioned && path != current {
-            tracing::info!(dir = %path.display(), "removing the maps of an older layout");
             fs::remove_dir_all(&path).with_context(|| format!("removing {}", path.display()))?;
+            removed.push(name.to_owned());
         }
     }
-    Ok(())
+    Ok(removed)
 }
 
 /// The cookie of the calling thread's network namespace (SO_NETNS_COOKIE, Linux 5.14+).

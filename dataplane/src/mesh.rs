@@ -26,7 +26,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use aya::{
     maps::{Array, HashMap, Map, MapData, PerCpuArray},
-    programs::{links::FdLink, SchedClassifier, TcAttachType},
+    programs::{SchedClassifier, TcAttachType},
     Ebpf, EbpfLoader,
 };
 use serde::{Deserialize, Serialize};
@@ -36,7 +36,7 @@ use shoal_common::{
     MESH_PUBLISHED, MESH_SNAT,
 };
 
-use crate::maglev;
+use crate::{maglev, PinnedTcLink};
 
 /// Transport protocols the mesh publishes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -157,8 +157,12 @@ pub struct MeshServiceCounters {
     pub bytes_in: u64,
     pub packets_out: u64,
     pub bytes_out: u64,
+    /// Packets left to the kernel: no backend, no free SNAT port, flow tables full.
     pub no_backend: u64,
-    pub errors: u64,
+    pub snat_exhausted: u64,
+    pub flow_table_full: u64,
+    /// Packets dropped because their rewrite or redirect failed.
+    pub rewrite_failed: u64,
 }
 
 /// One tracked flow, for `conntrack ls`.
@@ -197,6 +201,9 @@ pub struct TraceResult {
     pub source_seen: Option<SocketAddrV4>,
     /// Whether the flow was already tracked (then the table decided, not Maglev).
     pub tracked: bool,
+    /// The classifier's verdict: `mesh`, or why it refused or left the packet (a drop
+    /// reason, as `dataplane status` counts them).
+    pub reason: String,
     /// The Maglev slot of the flow's hash (when the port is published).
     pub slot: Option<u32>,
 }
@@ -505,7 +512,9 @@ impl MeshTable {
                     packets_out: sum(|c| c.packets_out),
                     bytes_out: sum(|c| c.bytes_out),
                     no_backend: sum(|c| c.no_backend),
-                    errors: sum(|c| c.errors),
+                    snat_exhausted: sum(|c| c.snat_exhausted),
+                    flow_table_full: sum(|c| c.flow_table_full),
+                    rewrite_failed: sum(|c| c.rewrite_failed),
                 },
             });
         }
@@ -518,7 +527,7 @@ impl MeshTable {
     pub fn trace(
         &mut self,
         request: &TraceRequest,
-        run: impl FnOnce(&[u8]) -> Result<(u32, Vec<u8>)>,
+        run: impl FnOnce(&[u8]) -> Result<crate::IngressRun>,
     ) -> Result<TraceResult> {
         let key = FlowKey {
             client_ip: to_key(*request.source.ip()),
@@ -531,7 +540,11 @@ impl MeshTable {
         };
         let before = self.flows.get(&key, 0).ok();
         let frame = trace_packet(request);
-        let (code, out) = run(&frame)?;
+        let crate::IngressRun {
+            code,
+            frame: out,
+            verdict,
+        } = run(&frame)?;
         let after = self.flows.get(&key, 0).ok();
         if before.is_none() {
             if let Some(flow) = after {
@@ -568,6 +581,7 @@ impl MeshTable {
                 .filter(|_| redirected)
                 .map(|f| socket(f.source_ip, f.source_port)),
             tracked: before.is_some(),
+            reason: verdict.name().to_owned(),
             slot,
         })
     }
@@ -826,40 +840,45 @@ impl MeshPrograms {
     /// Runs one of the mesh programs (`names::MESH_*`) on a frame with BPF_PROG_TEST_RUN
     /// against the live maps: its return code and the frame it left.
     pub fn test_run(&self, program: &str, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
-        crate::test_run(&self.ebpf, program, frame)
+        crate::test_run(&self.ebpf, program, frame).map(|run| (run.code, run.frame))
     }
 
-    /// The reply program on the node's ingress endpoint (in the agent's namespace).
-    pub fn attach_reply(&mut self, interface: &str) -> Result<FdLink> {
-        crate::attach_tcx(
+    /// The reply program on the node's ingress endpoint (in the agent's namespace), through
+    /// a link pinned in `links_dir` (see `PinnedTcLink`): replies of flows this node
+    /// translated keep being translated back while the agent restarts.
+    pub fn attach_reply(&mut self, interface: &str, links_dir: &Path) -> Result<PinnedTcLink> {
+        PinnedTcLink::attach(
             &mut self.ebpf,
             names::MESH_REPLY,
             None,
-            interface,
-            TcAttachType::Ingress,
+            (interface, TcAttachType::Ingress),
+            links_dir.join(format!("mesh-reply-{interface}")),
         )
     }
 
-    /// The origin-tracking pair on a task's ingress-network veth, inside the network's
-    /// namespace at `netns`.
-    pub fn attach_task(&mut self, netns: &Path, interface: &str) -> Result<Vec<FdLink>> {
+    /// The origin-tracking pair on task `task_id`'s ingress-network veth, inside the
+    /// network's namespace at `netns`, through links pinned in `links_dir`.
+    pub fn attach_task(
+        &mut self,
+        netns: &Path,
+        interface: &str,
+        (task_id, links_dir): (&str, &Path),
+    ) -> Result<Vec<PinnedTcLink>> {
         let netns = File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
-        Ok(vec![
-            crate::attach_tcx(
+        let mut links = Vec::new();
+        for (name, direction, what) in [
+            (names::MESH_TO_TASK, TcAttachType::Egress, "mesh-to"),
+            (names::MESH_FROM_TASK, TcAttachType::Ingress, "mesh-from"),
+        ] {
+            links.push(PinnedTcLink::attach(
                 &mut self.ebpf,
-                names::MESH_TO_TASK,
+                name,
                 Some(&netns),
-                interface,
-                TcAttachType::Egress,
-            )?,
-            crate::attach_tcx(
-                &mut self.ebpf,
-                names::MESH_FROM_TASK,
-                Some(&netns),
-                interface,
-                TcAttachType::Ingress,
-            )?,
-        ])
+                (interface, direction),
+                links_dir.join(format!("{task_id}@{what}-{interface}")),
+            )?);
+        }
+        Ok(links)
     }
 }
 

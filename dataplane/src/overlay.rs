@@ -1,15 +1,20 @@
 //! Overlay networks in the kernel. Each network gets its own namespace (`<prefix>ov-<id>`)
 //! holding a bridge `br0` and a VXLAN device: the VXLAN device is created in the node's
 //! namespace (so its UDP socket, bound to the data-path address, lives there) and then moved
-//! into the network's namespace. Learning is off and the device answers ARP itself from its
-//! static neighbour table (`proxy`), so nothing is flooded: remote endpoints exist only as
-//! the FDB and neighbour entries the peer database programs from gossip.
+//! into the network's namespace. Learning is off, and nothing is flooded: remote endpoints
+//! exist only as the FDB entries the peer database programs from gossip, and as entries of
+//! `OVERLAY_ENDPOINTS`, from which the VIP echo program answers the tasks' ARP for them (no
+//! permanent neighbour entries: the kernel has one neighbour table for all namespaces). The
+//! device has `proxy` on without a neighbour entry, so no ARP leaves the node either.
 //!
 //! A task gets one veth per network (`eth0`, `eth1`, ... in its namespace, the other end on
 //! that network's bridge) and, unless all its networks are internal, one more to the node's
 //! gateway bridge `shoal_gw`, which is its default route out (masqueraded). Ports on the
 //! gateway bridge are isolated from each other, and forwarding from it into any overlay
 //! subnet is dropped, so the only way between tasks is their shared overlay networks.
+//! Nothing opens a connection into a task through the gateway bridge either: forwarded
+//! packets reach it only as part of connections the task opened (counted when refused);
+//! tasks are reached from outside through the routing mesh or a host-mode port.
 //!
 //! ```text
 //!  task netns              network netns (<prefix>ov-<id>)        node netns
@@ -18,7 +23,7 @@
 //! ```
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, Ipv4Addr},
     sync::Mutex,
 };
@@ -28,6 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     iproute::{self, Netns},
+    overlay_endpoints::OverlayEndpoints,
     peerdb::{format_mac, mac_for, Peer, PeerDb, PeerOp},
 };
 
@@ -37,11 +43,14 @@ pub const GATEWAY_BRIDGE: &str = "shoal_gw";
 /// The node's own endpoint on the ingress network (routing mesh), and its peer on the
 /// network's bridge.
 pub const INGRESS_ENDPOINT: &str = "shoal_ing";
-const INGRESS_ENDPOINT_PEER: &str = "ving0";
+pub const INGRESS_ENDPOINT_PEER: &str = "ving0";
 /// Routing table in a task for what its ingress address sends: replies to mesh clients go
 /// back through the node's ingress endpoint, not out of the task's default route.
 const INGRESS_ROUTE_TABLE: u32 = 2000;
 const NFT_TABLE: &str = "shoal_overlay";
+/// Counts connections from outside refused at the gateway bridge (tasks are reached only
+/// through the mesh or a host-mode port).
+const GATEWAY_INBOUND_COUNTER: &str = "gateway_inbound";
 
 #[derive(Clone, Debug)]
 pub struct OverlayConfig {
@@ -98,7 +107,7 @@ pub struct NetworkDataplane {
     pub peers: Vec<ProgrammedPeer>,
     /// Static FDB entries on the VXLAN device: (MAC, remote VTEP).
     pub fdb: Vec<(String, String)>,
-    /// Permanent neighbour entries on the VXLAN device: (IP, MAC).
+    /// Remote endpoints whose ARP the node answers (from `OVERLAY_ENDPOINTS`): (IP, MAC).
     pub neighbours: Vec<(String, String)>,
 }
 
@@ -115,6 +124,9 @@ struct NetworkSandbox {
     netns: String,
     mtu: u32,
     peers: PeerDb,
+    /// Built by a previous agent: the kernel may hold entries of peers gone since, removed
+    /// by `prune_stale_peers` once gossip has been heard.
+    adopted: bool,
 }
 
 #[derive(Default)]
@@ -130,19 +142,23 @@ pub struct Overlay {
     config: OverlayConfig,
     underlay_mtu: u32,
     state: Mutex<State>,
+    /// The remote endpoints whose ARP is answered, of every network here.
+    endpoints: Mutex<OverlayEndpoints>,
 }
 
 impl Overlay {
-    /// Removes what a previous agent left (network namespaces, the gateway bridge) and sets
-    /// up the gateway bridge and its rules.
-    pub fn start(config: OverlayConfig) -> Result<Self> {
+    /// Sets up the gateway bridge and its rules, keeping what a previous agent built: its
+    /// networks' namespaces keep forwarding for the tasks that outlived it, and are adopted
+    /// as the new agent meets them again (`ensure_network`, `adopt`); the rest goes with
+    /// `remove_unused`.
+    pub fn start(config: OverlayConfig, endpoints: OverlayEndpoints) -> Result<Self> {
         let underlay_mtu = mtu_of_address(&config.node_netns, config.data_addr)?;
         let overlay = Self {
             config,
             underlay_mtu,
             state: Mutex::default(),
+            endpoints: Mutex::new(endpoints),
         };
-        overlay.remove_all()?;
         overlay.setup_gateway()?;
         Ok(overlay)
     }
@@ -164,40 +180,90 @@ impl Overlay {
     fn setup_gateway(&self) -> Result<()> {
         let node = &self.config.node_netns;
         let (base, prefix) = self.config.gateway_subnet;
+        if !link_exists(node, GATEWAY_BRIDGE)? {
+            iproute::batch(
+                node,
+                "ip",
+                &[format!("link add {GATEWAY_BRIDGE} type bridge")],
+            )?;
+        }
         iproute::batch(
             node,
             "ip",
             &[
-                format!("link add {GATEWAY_BRIDGE} type bridge"),
-                format!("addr add {}/{prefix} dev {GATEWAY_BRIDGE}", self.gateway()),
+                format!(
+                    "addr replace {}/{prefix} dev {GATEWAY_BRIDGE}",
+                    self.gateway()
+                ),
                 format!("link set {GATEWAY_BRIDGE} up"),
             ],
         )?;
         iproute::sysctl(node, "net.ipv4.ip_forward", "1")?;
-        // Flushed and rebuilt whole: `add table` then `delete table` makes the delete safe
-        // when the table does not exist yet.
+        // One transaction: the chains are replaced whole (a new agent's rules take effect),
+        // the set of overlay subnets and the counter are kept (adopted networks stay in it).
         iproute::nft(
             node,
             &format!(
-                "add table ip {NFT_TABLE}\ndelete table ip {NFT_TABLE}\n\
-                 table ip {NFT_TABLE} {{\n\
-                   set overlay_subnets {{ type ipv4_addr; flags interval; }}\n\
-                   chain forward {{ type filter hook forward priority filter; policy accept;\n\
-                     iifname \"{GATEWAY_BRIDGE}\" ip daddr @overlay_subnets drop\n\
-                     iifname \"{INGRESS_ENDPOINT}\" drop\n\
-                     oifname \"{INGRESS_ENDPOINT}\" drop\n\
-                   }}\n\
-                   chain postrouting {{ type nat hook postrouting priority srcnat; policy accept;\n\
-                     ip saddr {base}/{prefix} oifname != \"{GATEWAY_BRIDGE}\" masquerade\n\
-                   }}\n\
-                 }}\n"
+                "add table ip {NFT_TABLE}\n\
+                 add set ip {NFT_TABLE} overlay_subnets {{ type ipv4_addr; flags interval; }}\n\
+                 add counter ip {NFT_TABLE} {GATEWAY_INBOUND_COUNTER}\n\
+                 add chain ip {NFT_TABLE} forward {{ type filter hook forward priority filter; policy accept; }}\n\
+                 flush chain ip {NFT_TABLE} forward\n\
+                 add rule ip {NFT_TABLE} forward oifname \"{GATEWAY_BRIDGE}\" ct state != {{ established, related }} counter name {GATEWAY_INBOUND_COUNTER} drop\n\
+                 add rule ip {NFT_TABLE} forward iifname \"{GATEWAY_BRIDGE}\" ip daddr @overlay_subnets drop\n\
+                 add rule ip {NFT_TABLE} forward iifname \"{INGRESS_ENDPOINT}\" drop\n\
+                 add rule ip {NFT_TABLE} forward oifname \"{INGRESS_ENDPOINT}\" drop\n\
+                 add chain ip {NFT_TABLE} postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}\n\
+                 flush chain ip {NFT_TABLE} postrouting\n\
+                 add rule ip {NFT_TABLE} postrouting ip saddr {base}/{prefix} oifname != \"{GATEWAY_BRIDGE}\" masquerade\n"
             ),
         )
         .context("installing the gateway rules (is nftables installed?)")
     }
 
+    /// Packets of new connections from outside refused at the gateway bridge so far, as a
+    /// verdict of its own beside the ingress classifier's.
+    pub fn gateway_refusals(&self) -> Result<crate::CounterStatus> {
+        let out = iproute::output(
+            &self.config.node_netns,
+            "nft",
+            &[
+                "-j",
+                "list",
+                "counter",
+                "ip",
+                NFT_TABLE,
+                GATEWAY_INBOUND_COUNTER,
+            ],
+        )?;
+        let listing: serde_json::Value =
+            serde_json::from_str(&out).context("reading nft's JSON counter listing")?;
+        let counter = listing["nftables"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|item| item["counter"].is_object())
+            .map(|item| &item["counter"])
+            .context("nft listed no gateway counter")?;
+        Ok(crate::CounterStatus {
+            verdict: "gateway_inbound".to_owned(),
+            packets: counter["packets"].as_u64().unwrap_or_default(),
+            bytes: counter["bytes"].as_u64().unwrap_or_default(),
+            refusal: true,
+            dropped: true,
+        })
+    }
+
     /// Deletes every network namespace of this agent, the gateway bridge and its rules.
     pub fn remove_all(&self) -> Result<()> {
+        // The node's links first: deleting a namespace removes the peer of `shoal_ing`, and
+        // the kernel then deletes `shoal_ing` itself asynchronously, racing a check-then-delete.
+        let node = &self.config.node_netns;
+        for link in [GATEWAY_BRIDGE, INGRESS_ENDPOINT] {
+            if link_exists(node, link)? {
+                iproute::batch(node, "ip", &[format!("link del {link}")])?;
+            }
+        }
         let prefix = format!("{}ov-", self.config.netns_prefix);
         for name in named_namespaces()? {
             if name.starts_with(&prefix) {
@@ -209,19 +275,19 @@ impl Overlay {
             state.networks.clear();
             state.ingress_endpoint = None;
         }
-        let node = &self.config.node_netns;
-        for link in [GATEWAY_BRIDGE, INGRESS_ENDPOINT] {
-            if link_exists(node, link)? {
-                iproute::batch(node, "ip", &[format!("link del {link}")])?;
-            }
-        }
+        self.endpoints
+            .lock()
+            .expect("overlay endpoints")
+            .retain(|_, _| false)?;
         iproute::nft(
             node,
             &format!("add table ip {NFT_TABLE}\ndelete table ip {NFT_TABLE}\n"),
         )
     }
 
-    /// Makes the network's namespace, bridge and VXLAN device unless they exist.
+    /// Makes the network's namespace, bridge and VXLAN device unless they exist; a network a
+    /// previous agent built (its namespace holds the VNI's device) is adopted as it is, its
+    /// tasks' traffic never interrupted.
     pub fn ensure_network(&self, spec: &NetworkSpec) -> Result<()> {
         let mut state = self.state.lock().expect("overlay state");
         if let Some(existing) = state.networks.get(&spec.id) {
@@ -234,8 +300,13 @@ impl Overlay {
         let mtu = spec
             .mtu
             .unwrap_or(self.underlay_mtu.saturating_sub(VXLAN_OVERHEAD));
-        self.build_network(spec, &netns, mtu)
-            .with_context(|| format!("setting up network {}", spec.name))?;
+        let adopted = self.left_by_previous_agent(spec, &netns)?;
+        if adopted {
+            tracing::info!(network = %spec.name, "adopted the network a previous agent built");
+        } else {
+            self.build_network(spec, &netns, mtu)
+                .with_context(|| format!("setting up network {}", spec.name))?;
+        }
         let (base, prefix) = spec.subnet;
         iproute::nft(
             &self.config.node_netns,
@@ -248,9 +319,102 @@ impl Overlay {
                 netns,
                 mtu,
                 peers: PeerDb::default(),
+                adopted,
             },
         );
         Ok(())
+    }
+
+    /// Whether a previous agent left this network's namespace with its VXLAN device (a
+    /// namespace without it is half-built: rebuilt).
+    fn left_by_previous_agent(&self, spec: &NetworkSpec, netns: &str) -> Result<bool> {
+        if !named_namespaces()?.iter().any(|n| n == netns) {
+            return Ok(false);
+        }
+        link_exists(&Netns::Named(netns.to_owned()), &vxlan_name(spec.vni))
+    }
+
+    /// Deletes the kernel's FDB entries and ARP answers of an adopted network that gossip no
+    /// longer lists (peers that left while no agent ran), and such neighbour entries as an
+    /// older agent programmed; a no-op for networks built here.
+    pub fn prune_stale_peers(&self, network_id: &str) -> Result<usize> {
+        let mut state = self.state.lock().expect("overlay state");
+        let Some(sandbox) = state.networks.get_mut(network_id) else {
+            return Ok(0);
+        };
+        if !std::mem::take(&mut sandbox.adopted) {
+            return Ok(0);
+        }
+        let macs: HashSet<String> = sandbox
+            .peers
+            .peers()
+            .map(|(_, peer)| format_mac(&peer.mac))
+            .collect();
+        let ips: HashSet<Ipv4Addr> = sandbox.peers.peers().map(|(_, peer)| peer.ip).collect();
+        let inside = Netns::Named(sandbox.netns.clone());
+        let vxlan = vxlan_name(sandbox.spec.vni);
+        let fdb: Vec<String> = read_json(&inside, "bridge", &["-j", "fdb", "show", "dev", &vxlan])?
+            .iter()
+            .filter(|e| e["dst"].is_string() && !macs.contains(&text(&e["mac"])))
+            .map(|e| {
+                format!(
+                    "fdb del {} dev {vxlan} dst {} self",
+                    text(&e["mac"]),
+                    text(&e["dst"])
+                )
+            })
+            .collect();
+        let neigh: Vec<String> = read_json(&inside, "ip", &["-j", "neigh", "show", "dev", &vxlan])?
+            .iter()
+            .filter(|e| {
+                text(&e["dst"])
+                    .parse::<Ipv4Addr>()
+                    .is_ok_and(|ip| !ips.contains(&ip))
+            })
+            .map(|e| format!("neigh del {} dev {vxlan}", text(&e["dst"])))
+            .collect();
+        iproute::batch(&inside, "bridge", &fdb)?;
+        iproute::batch(&inside, "ip", &neigh)?;
+        let vni = sandbox.spec.vni;
+        let answers = self
+            .endpoints
+            .lock()
+            .expect("overlay endpoints")
+            .retain(|ip, of| of != vni || ips.contains(&ip))?;
+        Ok(fdb.len() + neigh.len() + answers)
+    }
+
+    /// Removes the networks a previous agent left that no task here uses (not adopted by
+    /// now), and their subnets from the gateway rules.
+    pub fn remove_unused(&self) -> Result<Vec<String>> {
+        let (ours, subnets, vnis): (HashSet<String>, Vec<(Ipv4Addr, u8)>, HashSet<u32>) = {
+            let state = self.state.lock().expect("overlay state");
+            (
+                state.networks.values().map(|n| n.netns.clone()).collect(),
+                state.networks.values().map(|n| n.spec.subnet).collect(),
+                state.networks.values().map(|n| n.spec.vni).collect(),
+            )
+        };
+        let prefix = format!("{}ov-", self.config.netns_prefix);
+        let mut removed = Vec::new();
+        for name in named_namespaces()? {
+            if name.starts_with(&prefix) && !ours.contains(&name) {
+                delete_netns(&name)?;
+                removed.push(name);
+            }
+        }
+        self.endpoints
+            .lock()
+            .expect("overlay endpoints")
+            .retain(|_, vni| vnis.contains(&vni))?;
+        let mut rules = format!("flush set ip {NFT_TABLE} overlay_subnets\n");
+        for (base, prefix) in subnets {
+            rules.push_str(&format!(
+                "add element ip {NFT_TABLE} overlay_subnets {{ {base}/{prefix} }}\n"
+            ));
+        }
+        iproute::nft(&self.config.node_netns, &rules)?;
+        Ok(removed)
     }
 
     fn build_network(&self, spec: &NetworkSpec, netns: &str, mtu: u32) -> Result<()> {
@@ -306,6 +470,11 @@ impl Overlay {
             .get(network_id)
             .with_context(|| format!("network {network_id} is not set up here"))?;
         let node = &self.config.node_netns;
+        if let Some(index) = self.ingress_endpoint_with(ip)? {
+            // A previous agent's, still carrying flows: kept as it is.
+            state.ingress_endpoint = Some(ip);
+            return Ok(index);
+        }
         if link_exists(node, INGRESS_ENDPOINT)? {
             iproute::batch(node, "ip", &[format!("link del {INGRESS_ENDPOINT}")])?;
         }
@@ -339,6 +508,70 @@ impl Overlay {
         Ok(index as u32)
     }
 
+    /// The interface index of the node's ingress endpoint if it exists with address `ip`.
+    fn ingress_endpoint_with(&self, ip: Ipv4Addr) -> Result<Option<u32>> {
+        let wanted = ip.to_string();
+        let links = read_json(
+            &self.config.node_netns,
+            "ip",
+            &["-j", "-4", "addr", "show", "dev", INGRESS_ENDPOINT],
+        )
+        .unwrap_or_default();
+        Ok(links
+            .iter()
+            .find(|link| {
+                link["addr_info"]
+                    .as_array()
+                    .is_some_and(|infos| infos.iter().any(|i| i["local"] == wanted.as_str()))
+            })
+            .and_then(|link| link["ifindex"].as_u64())
+            .map(|index| index as u32))
+    }
+
+    /// Takes over a task a previous agent connected (its process `pid` still runs): its
+    /// interfaces are there already, named as `attach` names them; its gateway-bridge
+    /// address is leased again so no new task gets it. The networks must be ensured.
+    pub fn adopt(
+        &self,
+        task_id: &str,
+        pid: u32,
+        networks: &[(String, Ipv4Addr)],
+    ) -> Result<Vec<TaskInterface>> {
+        let task_ns = Netns::Process(pid);
+        let short: String = task_id.chars().take(10).collect();
+        let addresses = read_json(&task_ns, "ip", &["-j", "-4", "addr", "show"])?;
+        let address_of = |ifname: &str| -> Option<Ipv4Addr> {
+            addresses.iter().find(|link| link["ifname"] == ifname)?["addr_info"]
+                .as_array()?
+                .iter()
+                .find_map(|info| info["local"].as_str()?.parse().ok())
+        };
+        let mut interfaces = Vec::new();
+        let mut state = self.state.lock().expect("overlay state");
+        for (index, (network_id, ip)) in networks.iter().enumerate() {
+            let sandbox = state
+                .networks
+                .get(network_id)
+                .with_context(|| format!("network {network_id} is not set up here"))?;
+            let ifname = format!("eth{index}");
+            if address_of(&ifname) != Some(*ip) {
+                bail!("task {task_id} has no {ifname} with {ip}: it cannot be adopted");
+            }
+            interfaces.push(TaskInterface {
+                ifname,
+                host_side: format!("v{index}{short}"),
+                netns: sandbox.netns.clone(),
+                network_id: network_id.clone(),
+                ip: *ip,
+                mac: mac_for(*ip),
+            });
+        }
+        if let Some(gateway) = address_of(&format!("eth{}", networks.len())) {
+            state.gateway_leases.insert(task_id.to_owned(), gateway);
+        }
+        Ok(interfaces)
+    }
+
     /// Removes a network this node no longer has tasks on.
     pub fn remove_network(&self, network_id: &str) -> Result<()> {
         let mut state = self.state.lock().expect("overlay state");
@@ -347,6 +580,10 @@ impl Overlay {
         };
         let (base, prefix) = sandbox.spec.subnet;
         delete_netns(&sandbox.netns)?;
+        self.endpoints
+            .lock()
+            .expect("overlay endpoints")
+            .retain(|_, vni| vni != sandbox.spec.vni)?;
         iproute::nft(
             &self.config.node_netns,
             &format!("delete element ip {NFT_TABLE} overlay_subnets {{ {base}/{prefix} }}\n"),
@@ -503,7 +740,7 @@ impl Overlay {
         let ops = sandbox.peers.sync(desired);
         let vxlan = vxlan_name(sandbox.spec.vni);
         let mut fdb = Vec::new();
-        let mut neigh = Vec::new();
+        let mut arp = Vec::new();
         for op in ops {
             match op {
                 PeerOp::SetFdb { mac, vtep } => fdb.push(format!(
@@ -514,16 +751,36 @@ impl Overlay {
                     "fdb del {} dev {vxlan} dst {vtep} self",
                     format_mac(&mac)
                 )),
-                PeerOp::SetNeigh { ip, mac } => neigh.push(format!(
-                    "neigh replace {ip} lladdr {} dev {vxlan} nud permanent",
-                    format_mac(&mac)
-                )),
-                PeerOp::DelNeigh { ip, .. } => neigh.push(format!("neigh del {ip} dev {vxlan}")),
+                PeerOp::SetNeigh { ip, .. } => arp.push((ip, true)),
+                PeerOp::DelNeigh { ip, .. } => arp.push((ip, false)),
             }
         }
         let inside = Netns::Named(sandbox.netns.clone());
         iproute::batch(&inside, "bridge", &fdb)?;
-        iproute::batch(&inside, "ip", &neigh)
+        // After the FDB: an endpoint is answered for once frames to it can leave.
+        let mut endpoints = self.endpoints.lock().expect("overlay endpoints");
+        for (ip, answered) in arp {
+            if answered {
+                endpoints.set(ip, sandbox.spec.vni)?;
+            } else {
+                endpoints.remove(ip)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Where a network's namespace is (whether or not it is built here).
+    pub fn netns_path(&self, network_id: &str) -> std::path::PathBuf {
+        std::path::Path::new(NETNS_DIR).join(self.netns_name(network_id))
+    }
+
+    /// How many remote endpoints of a network are programmed here.
+    pub fn remote_endpoints(&self, network_id: &str) -> usize {
+        let state = self.state.lock().expect("overlay state");
+        state
+            .networks
+            .get(network_id)
+            .map_or(0, |sandbox| sandbox.peers.peers().count())
     }
 
     /// The network as programmed in the kernel now.
@@ -539,9 +796,13 @@ impl Overlay {
             .filter(|e| e["dst"].is_string())
             .map(|e| (text(&e["mac"]), text(&e["dst"])))
             .collect();
-        let neighbours = read_json(&inside, "ip", &["-j", "neigh", "show", "dev", &vxlan])?
-            .iter()
-            .map(|e| (text(&e["dst"]), text(&e["lladdr"])))
+        let neighbours = self
+            .endpoints
+            .lock()
+            .expect("overlay endpoints")
+            .of_network(sandbox.spec.vni)?
+            .into_iter()
+            .map(|ip| (ip.to_string(), format_mac(&mac_for(ip))))
             .collect();
         Ok(Some(NetworkDataplane {
             netns: sandbox.netns.clone(),

@@ -1,5 +1,6 @@
 //! Which remote endpoints one overlay network's VXLAN device knows: the single owner of the
-//! static FDB (MAC -> remote VTEP) and neighbour (IP -> MAC) entries. Like moby's peerdb,
+//! static FDB (MAC -> remote VTEP) entries and of the neighbours (IP -> MAC) whose ARP the
+//! node answers (in eBPF, from `OVERLAY_ENDPOINTS`). Like moby's peerdb,
 //! entries are reference-counted: while an address moves between tasks (an old endpoint's
 //! withdrawal arriving after the new one's announcement) several endpoints may claim one
 //! IP or MAC; the first claim is programmed, and when it goes the next one takes over, so

@@ -1,10 +1,13 @@
 //! `shoal dataplane status`: what the kernel says is loaded, attached and counted.
 
-use std::path::PathBuf;
+use std::{
+    os::fd::{AsFd as _, AsRawFd as _},
+    path::PathBuf,
+};
 
 use anyhow::{Context as _, Result};
 use aya::{
-    maps::{MapInfo, PerCpuArray},
+    maps::{MapInfo, MapType, PerCpuArray},
     programs::{
         links::{FdLink, PinnedLink},
         SchedClassifier, TcAttachType,
@@ -43,7 +46,8 @@ pub struct MapStatus {
     pub name: String,
     pub map_type: String,
     pub map_id: u32,
-    pub entries: u32,
+    /// Keys present now, counted, for hash maps; None for arrays, whose every slot exists.
+    pub entries: Option<u32>,
     pub max_entries: u32,
     pub pin: PathBuf,
 }
@@ -54,6 +58,10 @@ pub struct CounterStatus {
     pub verdict: String,
     pub packets: u64,
     pub bytes: u64,
+    /// A packet shoal refused or could not handle (a drop reason), not traffic it sorted.
+    pub refusal: bool,
+    /// Packets with this verdict are dropped (the others are passed on).
+    pub dropped: bool,
 }
 
 pub(crate) fn read(dataplane: &Dataplane) -> Result<DataplaneStatus> {
@@ -91,19 +99,25 @@ pub(crate) fn read(dataplane: &Dataplane) -> Result<DataplaneStatus> {
         names::LB_SERVICES,
         names::LB_BACKENDS,
         names::LB_REVERSE,
+        names::VXLAN_PEERS,
+        names::OVERLAY_ENDPOINTS,
     ] {
         let pin = config.maps_dir().join(name);
         let info =
             MapInfo::from_pin(&pin).with_context(|| format!("reading map {}", pin.display()))?;
+        let map_type = info.map_type().ok();
+        let entries = match map_type {
+            Some(MapType::Hash | MapType::LruHash) => Some(
+                count_keys(&info)
+                    .with_context(|| format!("counting the entries of {}", pin.display()))?,
+            ),
+            _ => None,
+        };
         maps.push(MapStatus {
             name: name.to_owned(),
-            map_type: info
-                .map_type()
-                .map(|t| format!("{t:?}"))
-                .unwrap_or_else(|_| "unknown".to_owned()),
+            map_type: map_type.map_or_else(|| "unknown".to_owned(), |t| format!("{t:?}")),
             map_id: info.id(),
-            // Capacity only: counting a hash map's keys would walk it.
-            entries: info.max_entries(),
+            entries,
             max_entries: info.max_entries(),
             pin,
         });
@@ -122,6 +136,8 @@ pub(crate) fn read(dataplane: &Dataplane) -> Result<DataplaneStatus> {
             verdict: verdict.name().to_owned(),
             packets: per_cpu.iter().map(|c| c.packets).sum(),
             bytes: per_cpu.iter().map(|c| c.bytes).sum(),
+            refusal: verdict.is_refusal(),
+            dropped: verdict.dropped(),
         });
     }
 
@@ -131,4 +147,51 @@ pub(crate) fn read(dataplane: &Dataplane) -> Result<DataplaneStatus> {
         maps,
         counters,
     })
+}
+
+/// The keys a hash map holds now, walked with BPF_MAP_GET_NEXT_KEY (one call per key; aya
+/// only walks maps whose key type it is given). Never more than the map's capacity, should
+/// the walk restart because a key it stood on was deleted meanwhile (LRU eviction).
+fn count_keys(info: &MapInfo) -> Result<u32> {
+    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+    /// The part of `union bpf_attr` BPF_MAP_GET_NEXT_KEY reads.
+    #[repr(C)]
+    struct NextKeyAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        next_key: u64,
+    }
+    let fd = info.fd()?;
+    let size = info.key_size() as usize;
+    let (mut key, mut next) = (vec![0u8; size], vec![0u8; size]);
+    let mut count = 0;
+    while count < info.max_entries() {
+        let attr = NextKeyAttr {
+            map_fd: fd.as_fd().as_raw_fd() as u32,
+            _pad: 0,
+            // No key: the first one.
+            key: if count == 0 { 0 } else { key.as_ptr() as u64 },
+            next_key: next.as_mut_ptr() as u64,
+        };
+        // SAFETY: `attr` points at buffers of the map's key size that outlive the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_GET_NEXT_KEY,
+                &attr as *const NextKeyAttr,
+                std::mem::size_of::<NextKeyAttr>(),
+            )
+        };
+        if rc != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ENOENT) {
+                break;
+            }
+            return Err(err).context("bpf(BPF_MAP_GET_NEXT_KEY)");
+        }
+        count += 1;
+        std::mem::swap(&mut key, &mut next);
+    }
+    Ok(count)
 }

@@ -8,6 +8,13 @@
 //! fd 3) until the agent has connected the task's namespace to its networks, so the command
 //! never runs without them; if the agent closes the gate without opening it, the task ends.
 //! Stop: SIGTERM to the cgroup, then `cgroup.kill`.
+//!
+//! Tasks outlive the agent (live restore): `unshare` runs in a session of its own, so a
+//! stopped or killed agent leaves it running; task-init writes the command's exit status to
+//! `<id>.exit` in the tasks directory, so a task that ends while no agent runs is reported
+//! with its real status; and task-init holds the task's DNS sockets (127.0.0.11:53, at
+//! `DNS_UDP_FD` / `DNS_TCP_FD`), which the agent takes copies of (`pidfd_getfd`), so queries
+//! sent while the agent restarts wait in the socket instead of being refused.
 
 use std::{
     ffi::CString,
@@ -44,14 +51,38 @@ pub struct TaskRuntime {
 
 /// The file descriptor task-init reads its start gate from.
 pub const GATE_FD: i32 = 3;
+/// Where task-init keeps the task's DNS sockets (127.0.0.11:53) for the agents it sees.
+pub const DNS_UDP_FD: i32 = 4;
+pub const DNS_TCP_FD: i32 = 5;
 
-/// A started task: the `unshare` process the agent waits on, and the task's cgroup.
+/// A task the agent supervises: the `unshare` process it started (or, for a task adopted
+/// from a previous agent, the task's PID 1 it watches through a pidfd), and the cgroup.
 pub struct TaskHandle {
     pub id: String,
-    child: tokio::process::Child,
+    process: TaskProcess,
     cgroup: PathBuf,
     /// Write end of the start gate while the task waits at it.
     gate: Option<File>,
+}
+
+enum TaskProcess {
+    /// Started by this agent: its child, waited on directly.
+    Child(tokio::process::Child),
+    /// Started by a previous agent: `unshare` (in the task's network namespace), and the
+    /// task's PID 1, whose end the pidfd reports; its status is in the exit file.
+    Adopted {
+        unshare_pid: u32,
+        init: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
+        exit_file: PathBuf,
+    },
+}
+
+/// A task a previous agent left on this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Leftover {
+    pub id: String,
+    /// Still running (its PID 1 lives), or ended while no agent ran.
+    pub running: bool,
 }
 
 impl TaskRuntime {
@@ -101,6 +132,7 @@ impl TaskRuntime {
         let cgroup = self.cgroup(&launch.id);
         fs::create_dir_all(&cgroup)
             .with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+        let _ = fs::remove_file(self.exit_path(&launch.id));
         let log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -118,6 +150,8 @@ impl TaskRuntime {
             .args(["--propagation", "private", "--"])
             .arg(&self.init_exe)
             .args(["task-init", "--gate-fd", &GATE_FD.to_string()])
+            .arg("--exit-file")
+            .arg(self.exit_path(&launch.id))
             .args(["--hostname", &launch.name, "--resolv-conf"])
             .arg(self.dir.join("resolv.conf"))
             .arg("--")
@@ -144,49 +178,173 @@ impl TaskRuntime {
             .with_context(|| format!("starting task {} (is util-linux installed?)", launch.id))?;
         Ok(TaskHandle {
             id: launch.id.clone(),
-            child,
+            process: TaskProcess::Child(child),
             cgroup,
             gate: Some(File::from(gate_write)),
         })
     }
 
-    /// Kills what a previous agent left in the cgroup root (its tasks are reported lost and
-    /// replaced by the orchestrator). Returns the task IDs found.
-    pub fn remove_leftovers(&self) -> Result<Vec<String>> {
+    fn exit_path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.exit"))
+    }
+
+    /// The tasks a previous agent left: one cgroup each under the cgroup root.
+    pub fn leftovers(&self) -> Result<Vec<Leftover>> {
         let mut found = Vec::new();
         for entry in fs::read_dir(&self.cgroup_root)? {
             let entry = entry?;
             if entry.file_type()?.is_dir() {
-                kill_cgroup(&entry.path())?;
-                remove_cgroup_dir(&entry.path())?;
-                found.push(entry.file_name().to_string_lossy().into_owned());
+                let id = entry.file_name().to_string_lossy().into_owned();
+                let running = task_processes(&entry.path()).is_some();
+                found.push(Leftover { id, running });
             }
         }
+        found.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(found)
+    }
+
+    /// Supervises a task a previous agent started, which still runs.
+    pub fn adopt(&self, id: &str) -> Result<TaskHandle> {
+        let cgroup = self.cgroup(id);
+        let (unshare_pid, init_pid) =
+            task_processes(&cgroup).with_context(|| format!("task {id} is not running"))?;
+        let pidfd = pidfd_open(init_pid)
+            .with_context(|| format!("watching process {init_pid} of task {id}"))?;
+        Ok(TaskHandle {
+            id: id.to_owned(),
+            process: TaskProcess::Adopted {
+                unshare_pid,
+                // SAFETY: the pidfd is ours alone and registered once, here.
+                init: unsafe {
+                    tokio::io::unix::AsyncFd::register_with_interest(
+                        pidfd,
+                        tokio::io::Interest::READABLE,
+                    )
+                }
+                .map_err(io::Error::from)?,
+                exit_file: self.exit_path(id),
+            },
+            cgroup,
+            gate: None,
+        })
+    }
+
+    /// How a task that ended while no agent ran exited, from the status its PID 1 wrote.
+    pub fn exit_status(&self, id: &str) -> Option<ExitStatus> {
+        read_exit_file(&self.exit_path(id))
+    }
+
+    /// Ends what is left of a task (processes, cgroup, exit status) without a grace period:
+    /// a task the managers no longer want, or one that ended while no agent ran.
+    pub fn discard(&self, id: &str) -> Result<()> {
+        let cgroup = self.cgroup(id);
+        kill_cgroup(&cgroup)?;
+        remove_cgroup_dir(&cgroup)?;
+        match fs::remove_file(self.exit_path(id)) {
+            Ok(()) => Ok(()),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(err) => Err(err.into()),
+        }
     }
 
     /// PID (as the host sees it) of the task's own PID 1, for entering its namespaces.
     pub fn init_pid(&self, id: &str) -> Result<u32> {
-        let procs = fs::read_to_string(self.cgroup(id).join("cgroup.procs"))
-            .with_context(|| format!("task {id} is not running on this node"))?;
-        // The unshare process is the only one whose parent is outside the cgroup; its child
-        // is the task's PID 1.
-        let pids: Vec<u32> = procs
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect();
-        pids.iter()
-            .copied()
-            .find(|pid| parent_of(*pid).is_some_and(|parent| pids.contains(&parent)))
-            .with_context(|| format!("task {id} has no running process"))
+        task_processes(&self.cgroup(id))
+            .map(|(_, init)| init)
+            .with_context(|| format!("task {id} is not running on this node"))
     }
+}
+
+/// The `unshare` process of a task (the only one whose parent is outside its cgroup) and its
+/// child, the task's PID 1; None when the task no longer runs.
+fn task_processes(cgroup: &Path) -> Option<(u32, u32)> {
+    let procs = fs::read_to_string(cgroup.join("cgroup.procs")).ok()?;
+    let pids: Vec<u32> = procs
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    let unshare = pids
+        .iter()
+        .copied()
+        .find(|pid| parent_of(*pid).is_some_and(|parent| !pids.contains(&parent)))?;
+    let init = pids
+        .iter()
+        .copied()
+        .find(|pid| parent_of(*pid) == Some(unshare))?;
+    Some((unshare, init))
+}
+
+/// Copies of the DNS sockets task-init holds for the task whose `unshare` process is
+/// `unshare_pid` (what `TaskHandle::netns_pid` gives), waiting (5 s at most) for task-init to
+/// have started and opened them.
+pub async fn take_dns_sockets(
+    unshare_pid: u32,
+) -> Result<(std::net::UdpSocket, std::net::TcpListener)> {
+    for _ in 0..500 {
+        let init = fs::read_to_string(format!("/proc/{unshare_pid}/task/{unshare_pid}/children"))
+            .ok()
+            .and_then(|children| children.split_whitespace().next()?.parse::<u32>().ok());
+        let Some(pidfd) = init.and_then(|pid| pidfd_open(pid).ok()) else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        match (
+            pidfd_getfd(&pidfd, DNS_UDP_FD),
+            pidfd_getfd(&pidfd, DNS_TCP_FD),
+        ) {
+            (Ok(udp), Ok(tcp)) => {
+                let udp = std::net::UdpSocket::from(udp);
+                let tcp = std::net::TcpListener::from(tcp);
+                udp.set_nonblocking(true)?;
+                tcp.set_nonblocking(true)?;
+                return Ok((udp, tcp));
+            }
+            // Not open yet (EBADF).
+            _ => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+    bail!("task-init (under pid {unshare_pid}) did not open the task's DNS sockets within 5 s")
+}
+
+fn pidfd_open(pid: u32) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: pidfd_open(2) takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// A copy of descriptor `target` of the process behind `pidfd` (Linux 5.6+, CAP_SYS_PTRACE).
+fn pidfd_getfd(pidfd: &std::os::fd::OwnedFd, target: i32) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _};
+    // SAFETY: pidfd_getfd(2) returns a new close-on-exec descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// The status task-init wrote when the command ended (`exit_status` of a task that ended
+/// while no agent ran).
+fn read_exit_file(path: &Path) -> Option<ExitStatus> {
+    use std::os::unix::process::ExitStatusExt as _;
+    let code: i32 = fs::read_to_string(path).ok()?.trim().parse().ok()?;
+    Some(ExitStatus::from_raw((code & 0xff) << 8))
 }
 
 impl TaskHandle {
     /// The PID of a process inside the task's network namespace, once there is one: the
     /// `unshare` process itself moves into the namespaces it makes.
     pub async fn netns_pid(&self) -> Result<u32> {
-        let pid = self.child.id().context("the task already ended")?;
+        let pid = match &self.process {
+            TaskProcess::Child(child) => child.id().context("the task already ended")?,
+            TaskProcess::Adopted { unshare_pid, .. } => return Ok(*unshare_pid),
+        };
         let ours = fs::read_link("/proc/self/ns/net")?;
         for _ in 0..500 {
             match fs::read_link(format!("/proc/{pid}/ns/net")) {
@@ -215,29 +373,46 @@ impl TaskHandle {
     }
 
     pub async fn wait(&mut self) -> io::Result<ExitStatus> {
-        self.child.wait().await
+        match &mut self.process {
+            TaskProcess::Child(child) => child.wait().await,
+            TaskProcess::Adopted {
+                init, exit_file, ..
+            } => {
+                // A pidfd turns readable when its process ends.
+                let _ = init.readable().await?;
+                // task-init writes the status just before it exits.
+                read_exit_file(exit_file).ok_or_else(|| {
+                    io::Error::other("the task's PID 1 ended without writing its exit status")
+                })
+            }
+        }
     }
 
     /// SIGTERM to every process of the task, SIGKILL (cgroup.kill) after `grace`, then waits
     /// for the task to end and removes its cgroup.
     pub async fn stop(&mut self, grace: Duration) -> Result<ExitStatus> {
         signal_cgroup(&self.cgroup, libc::SIGTERM)?;
-        let status = match tokio::time::timeout(grace, self.child.wait()).await {
+        let status = match tokio::time::timeout(grace, self.wait()).await {
             Ok(status) => status?,
             Err(_) => {
                 kill_cgroup(&self.cgroup)?;
-                self.child.wait().await?
+                self.wait().await?
             }
         };
         self.remove_cgroup().await?;
         Ok(status)
     }
 
-    /// After the task ended on its own: kills stragglers and removes the cgroup.
+    /// After the task ended on its own: kills stragglers and removes the cgroup (and the
+    /// exit status its PID 1 left).
     pub async fn remove_cgroup(&self) -> Result<()> {
         kill_cgroup(&self.cgroup)?;
         let cgroup = self.cgroup.clone();
-        tokio::task::spawn_blocking(move || remove_cgroup_dir(&cgroup)).await?
+        tokio::task::spawn_blocking(move || remove_cgroup_dir(&cgroup)).await??;
+        if let TaskProcess::Adopted { exit_file, .. } = &self.process {
+            let _ = fs::remove_file(exit_file);
+        }
+        Ok(())
     }
 }
 
@@ -293,14 +468,85 @@ fn kill_cgroup(cgroup: &Path) -> Result<()> {
 /// was killed). Returns only on a set-up error.
 pub fn exec_init(
     gate_fd: i32,
-    hostname: &str,
-    resolv_conf: &Path,
+    (hostname, resolv_conf): (&str, &Path),
+    exit_file: &Path,
     command: &[String],
 ) -> anyhow::Error {
-    match run_init(gate_fd, hostname, resolv_conf, command) {
+    match run_init(gate_fd, (hostname, resolv_conf), exit_file, command) {
         Ok(never) => match never {},
         Err(err) => err,
     }
+}
+
+/// Records the command's status for an agent that did not see the task end, then exits
+/// with it.
+fn exit_with(exit_file: &Path, code: i32) -> ! {
+    let staged = exit_file.with_extension("exit.new");
+    if fs::write(&staged, code.to_string()).is_ok() {
+        let _ = fs::rename(&staged, exit_file);
+    }
+    std::process::exit(code)
+}
+
+/// Opens the task's DNS sockets (UDP and TCP on 127.0.0.11:53) at `DNS_UDP_FD` and
+/// `DNS_TCP_FD`, close-on-exec so the command does not inherit them. task-init holds them
+/// for as long as the task runs, the agent serves them. `lo` comes up first: a socket bound
+/// to 127.0.0.11 while it is down would answer from another address.
+fn open_dns_sockets() -> Result<()> {
+    use nix::sys::socket::{
+        bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
+        SockaddrIn,
+    };
+    use std::os::fd::{AsRawFd as _, IntoRawFd as _};
+    bring_loopback_up().context("bringing lo up")?;
+    let address = SockaddrIn::new(127, 0, 0, 11, 53);
+    for (kind, target) in [
+        (SockType::Datagram, DNS_UDP_FD),
+        (SockType::Stream, DNS_TCP_FD),
+    ] {
+        let socket = socket(AddressFamily::Inet, kind, SockFlag::SOCK_CLOEXEC, None)?;
+        setsockopt(&socket, sockopt::ReuseAddr, &true)?;
+        bind(socket.as_raw_fd(), &address)?;
+        if kind == SockType::Stream {
+            listen(&socket, Backlog::new(128)?)?;
+        }
+        if socket.as_raw_fd() != target {
+            // SAFETY: dup3 onto a descriptor task-init does not otherwise use.
+            if unsafe { libc::dup3(socket.as_raw_fd(), target, libc::O_CLOEXEC) } < 0 {
+                return Err(io::Error::last_os_error().into());
+            }
+        } else {
+            // Already where it belongs: keep it open past this scope.
+            let _ = socket.into_raw_fd();
+        }
+    }
+    Ok(())
+}
+
+/// Sets `lo` up in the calling thread's network namespace (SIOCSIFFLAGS).
+fn bring_loopback_up() -> Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let socket = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    // SAFETY: an all-zero ifreq is valid; the ioctls read and write only that struct.
+    unsafe {
+        let mut request: libc::ifreq = std::mem::zeroed();
+        for (slot, byte) in request.ifr_name.iter_mut().zip(b"lo") {
+            *slot = *byte as libc::c_char;
+        }
+        if libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut request) < 0 {
+            return Err(io::Error::last_os_error().into());
+        }
+        request.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        if libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &request) < 0 {
+            return Err(io::Error::last_os_error().into());
+        }
+    }
+    Ok(())
 }
 
 /// Blocks until the agent opens the start gate; the command must not inherit it.
@@ -318,8 +564,8 @@ fn wait_at_gate(gate_fd: i32) -> Result<()> {
 
 fn run_init(
     gate_fd: i32,
-    hostname: &str,
-    resolv_conf: &Path,
+    (hostname, resolv_conf): (&str, &Path),
+    exit_file: &Path,
     command: &[String],
 ) -> Result<std::convert::Infallible> {
     use nix::{
@@ -345,6 +591,7 @@ fn run_init(
         .map(|a| CString::new(a.as_bytes()))
         .collect::<Result<_, _>>()?;
     let program = argv.first().context("no command")?.clone();
+    open_dns_sockets().context("opening the task's DNS sockets at 127.0.0.11:53")?;
     wait_at_gate(gate_fd)?;
 
     let forwarded = [
@@ -380,9 +627,9 @@ fn run_init(
         }
         loop {
             match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::Exited(pid, code)) if pid == child => std::process::exit(code),
+                Ok(WaitStatus::Exited(pid, code)) if pid == child => exit_with(exit_file, code),
                 Ok(WaitStatus::Signaled(pid, signal, _)) if pid == child => {
-                    std::process::exit(128 + signal as i32)
+                    exit_with(exit_file, 128 + signal as i32)
                 }
                 Ok(WaitStatus::StillAlive) | Err(_) => break,
                 // An orphan reaped, or a stop/continue: keep going.

@@ -1,18 +1,18 @@
-//! User side of the VIP echo responder (`ebpf/src/vip_echo.rs`): one TCX link per task
-//! overlay interface, on its network-side veth inside the network's namespace. The links
-//! are held by the agent and vanish with the interface when the task ends.
+//! User side of the VIP echo responder (`ebpf/src/vip_echo.rs`), which also answers ARP for
+//! VIPs and remote endpoints: one TCX link per task overlay interface, on its network-side
+//! veth inside the network's namespace, and one on the node's ingress endpoint. The links
+//! are pinned, so they outlive an agent restart; the agent unpins a task's when it ends.
 
 use std::{fs::File, path::Path};
 
 use anyhow::{Context as _, Result};
 use aya::{
-    programs::{links::FdLink, SchedClassifier, TcAttachType},
+    programs::{SchedClassifier, TcAttachType},
     Ebpf, EbpfLoader,
 };
 use shoal_common::names;
 
-/// An attachment to one interface; dropping it detaches the program.
-pub type EchoLink = FdLink;
+use crate::PinnedTcLink;
 
 /// The echo program loaded once; it reads the pinned VIP map.
 pub struct VipEcho {
@@ -38,18 +38,47 @@ impl VipEcho {
     /// Runs the program on one frame with BPF_PROG_TEST_RUN against the live maps; returns
     /// its return code and the frame as it left the program.
     pub fn test_run(&self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
-        crate::test_run(&self.ebpf, names::VIP_ECHO, frame)
+        crate::test_run(&self.ebpf, names::VIP_ECHO, frame).map(|run| (run.code, run.frame))
     }
 
-    /// Attaches to `interface` (ingress: what the task sends) in the namespace at `netns`.
-    pub fn attach(&mut self, netns: &Path, interface: &str) -> Result<EchoLink> {
+    /// Attaches to task `task_id`'s `interface` (ingress: what the task sends) in the
+    /// namespace at `netns`, through a link pinned in `links_dir`.
+    pub fn attach(
+        &mut self,
+        netns: &Path,
+        interface: &str,
+        (task_id, links_dir): (&str, &Path),
+    ) -> Result<PinnedTcLink> {
+        let pin = links_dir.join(format!("{task_id}@echo-{interface}"));
+        self.attach_pinned(netns, interface, pin)
+    }
+
+    /// Attaches to the bridge side of the node's ingress endpoint, `interface` in the
+    /// ingress network's namespace at `netns`: the node asks there for the backends the
+    /// mesh sends to. Pinned as the node's, not a task's.
+    pub fn attach_node_endpoint(
+        &mut self,
+        netns: &Path,
+        interface: &str,
+        links_dir: &Path,
+    ) -> Result<PinnedTcLink> {
+        let pin = links_dir.join(format!("echo-{interface}"));
+        self.attach_pinned(netns, interface, pin)
+    }
+
+    fn attach_pinned(
+        &mut self,
+        netns: &Path,
+        interface: &str,
+        pin: std::path::PathBuf,
+    ) -> Result<PinnedTcLink> {
         let netns = File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
-        crate::attach_tcx(
+        PinnedTcLink::attach(
             &mut self.ebpf,
             names::VIP_ECHO,
             Some(&netns),
-            interface,
-            TcAttachType::Ingress,
+            (interface, TcAttachType::Ingress),
+            pin,
         )
     }
 }

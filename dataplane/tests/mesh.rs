@@ -112,7 +112,8 @@ impl Mesh {
     }
 
     fn ingress(&self, frame: &[u8]) -> (u32, Vec<u8>) {
-        self.dataplane.test_run_ingress(frame).unwrap()
+        let run = self.dataplane.test_run_ingress(frame).unwrap();
+        (run.code, run.frame)
     }
 
     fn run(&self, program: &str, frame: &[u8]) -> (u32, Vec<u8>) {
@@ -193,7 +194,10 @@ fn a_trace_runs_the_attached_program_and_leaves_no_flow_behind() {
         let traced = table
             .trace(&request, |frame| dataplane.test_run_ingress(frame))
             .unwrap();
-        assert_eq!(traced.verdict, "redirect");
+        assert_eq!(
+            (traced.verdict.as_str(), traced.reason.as_str()),
+            ("redirect", "mesh")
+        );
         let backend = traced.backend.expect("a backend");
         assert!([B1, B2].contains(&backend.ip().octets()) && backend.port() == 80);
         assert_eq!(traced.source_seen, Some(request.source));
@@ -212,6 +216,63 @@ fn a_trace_runs_the_attached_program_and_leaves_no_flow_behind() {
             .trace(&closed, |frame| dataplane.test_run_ingress(frame))
             .unwrap();
         assert_eq!((traced.verdict.as_str(), traced.backend), ("pass", None));
+        assert_eq!(traced.reason, "other");
+
+        // A published port without a running task says so.
+        table
+            .sync(&[((Protocol::Tcp, 8081), service(80, false, &[]))].into())
+            .unwrap();
+        let traced = table
+            .trace(&closed, |frame| dataplane.test_run_ingress(frame))
+            .unwrap();
+        assert_eq!(
+            (traced.verdict.as_str(), traced.reason.as_str()),
+            ("pass", "no_backend")
+        );
+    });
+}
+
+/// shoal's own ports are never translated, even with entries the control plane would never
+/// write (it refuses to publish them): gossip, the manager API and VXLAN keep reaching the
+/// node, and VXLAN is still checked for membership.
+#[test]
+fn shoals_own_ports_are_never_translated_whatever_the_map_says() {
+    in_private_netns("mesh-reserved", |pins| {
+        let mut mesh = Mesh::start(pins);
+        let crafted = [
+            ((Protocol::Tcp, 2377), service(80, false, &[B1])),
+            ((Protocol::Tcp, 7946), service(80, false, &[B1])),
+            ((Protocol::Udp, 7946), service(80, false, &[B1])),
+            ((Protocol::Udp, 4789), service(80, true, &[B1])),
+        ];
+        mesh.publish(&crafted);
+        for frame in [
+            tcp(CLIENT, 1, NODE, 2377, true),
+            tcp(CLIENT, 1, NODE, 7946, true),
+            udp(CLIENT, 1, NODE, 7946),
+        ] {
+            let run = mesh.dataplane.test_run_ingress(&frame).unwrap();
+            assert_eq!(run.code, TC_ACT_OK);
+            assert_eq!(run.frame, frame, "untouched");
+            assert_eq!(run.verdict.name(), "reserved_port");
+        }
+        // A datagram to the data-path port from a non-member is dropped, not translated.
+        let run = mesh
+            .dataplane
+            .test_run_ingress(&udp(CLIENT, 1, NODE, 4789))
+            .unwrap();
+        assert_eq!(
+            (run.code, run.verdict.name()),
+            (TC_ACT_SHOT, "vxlan_not_member")
+        );
+        assert!(mesh.table.flows().unwrap().is_empty(), "no flow was made");
+        // The same ports as any other are balanced.
+        mesh.publish(&[((Protocol::Tcp, 2378), service(80, false, &[B1]))]);
+        let run = mesh
+            .dataplane
+            .test_run_ingress(&tcp(CLIENT, 1, NODE, 2378, true))
+            .unwrap();
+        assert_eq!((run.code, run.verdict.name()), (TC_ACT_REDIRECT, "mesh"));
     });
 }
 

@@ -1,18 +1,23 @@
 //! The overlay in the kernel: two "nodes" (network namespaces joined by an underlay veth),
 //! each with its own `Overlay`, and "tasks" (processes in their own network namespaces)
-//! attached to networks. Peers are given the way the agent gives them from gossip. Needs
-//! root and iproute2 + nftables.
+//! attached to networks, their ARP answered by the VIP echo program as the agent attaches
+//! it. Peers are given the way the agent gives them from gossip. Needs root, a bpffs mount
+//! and iproute2 + nftables.
 
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
     process::{Child, Command, Stdio},
 };
 
 use shoal_dataplane::{
     iproute::{self, Netns},
-    overlay::{NetworkSpec, Overlay, OverlayConfig},
+    overlay::{NetworkSpec, Overlay, OverlayConfig, TaskInterface},
+    overlay_endpoints::OverlayEndpoints,
     peerdb::{mac_for, Peer},
+    vip_echo::VipEcho,
+    PinnedTcLink,
 };
 
 /// Two node namespaces on a private underlay; everything is removed on drop.
@@ -21,6 +26,10 @@ struct Rig {
     nodes: Vec<String>,
     tasks: Vec<Child>,
     overlays: Vec<Overlay>,
+    /// Each node's pinned maps and links live under `pins/n<N>`.
+    pins: PathBuf,
+    echoes: Vec<VipEcho>,
+    links: Vec<PinnedTcLink>,
 }
 
 impl Rig {
@@ -33,6 +42,9 @@ impl Rig {
             nodes: nodes.clone(),
             tasks: vec![],
             overlays: vec![],
+            pins: PathBuf::from(format!("/sys/fs/bpf/{tag}")),
+            echoes: vec![],
+            links: vec![],
         };
         for node in &nodes {
             run("ip", &["netns", "add", node]);
@@ -56,16 +68,50 @@ impl Rig {
                 ],
             )
             .expect("underlay");
-            let overlay = Overlay::start(OverlayConfig {
-                netns_prefix: format!("{tag}-n{}.", i + 1),
-                node_netns: ns,
-                data_addr: Ipv4Addr::new(192, 168, 99, i as u8 + 1),
-                gateway_subnet: (Ipv4Addr::new(172, 18, 0, 0), 16),
-            })
+            let maps = rig.node_pins(i).join("maps");
+            std::fs::create_dir_all(&maps).expect("pin dir");
+            rig.echoes.push(VipEcho::load(&maps).expect("echo program"));
+            let overlay = Overlay::start(
+                OverlayConfig {
+                    netns_prefix: format!("{tag}-n{}.", i + 1),
+                    node_netns: ns,
+                    data_addr: Ipv4Addr::new(192, 168, 99, i as u8 + 1),
+                    gateway_subnet: (Ipv4Addr::new(172, 18, 0, 0), 16),
+                },
+                OverlayEndpoints::open(&maps).expect("endpoints map"),
+            )
             .expect("overlay start");
             rig.overlays.push(overlay);
         }
         rig
+    }
+
+    fn node_pins(&self, node: usize) -> PathBuf {
+        self.pins.join(format!("n{}", node + 1))
+    }
+
+    /// Connects a task to networks on `node` as the agent does: its interfaces, and the
+    /// program that answers its ARP on each.
+    fn attach(
+        &mut self,
+        node: usize,
+        task: &str,
+        pid: u32,
+        networks: &[(String, Ipv4Addr)],
+    ) -> Vec<TaskInterface> {
+        let interfaces = self.overlays[node]
+            .attach(task, pid, networks)
+            .expect("attach");
+        let links_dir = self.node_pins(node).join("links");
+        std::fs::create_dir_all(&links_dir).expect("links dir");
+        for interface in &interfaces {
+            let netns = PathBuf::from("/run/netns").join(&interface.netns);
+            let link = self.echoes[node]
+                .attach(&netns, &interface.host_side, (task, &links_dir))
+                .expect("ARP answers");
+            self.links.push(link);
+        }
+        interfaces
     }
 
     /// A process in its own network namespace, like a task's PID 1.
@@ -98,6 +144,7 @@ impl Drop for Rig {
         for overlay in &self.overlays {
             overlay.remove_all().expect("overlay cleanup");
         }
+        let _ = shoal_dataplane::remove_pins(&self.pins);
         for node in &self.nodes {
             let _ = Command::new("ip").args(["netns", "del", node]).status();
         }
@@ -178,16 +225,10 @@ fn tasks_on_two_nodes_reach_each_other_only_over_their_network() {
         Ipv4Addr::new(10, 0, 2, 2),
     );
     let (a, b, c) = (rig.task(), rig.task(), rig.task());
-    let a_if = rig.overlays[0]
-        .attach("taska", a, &[(red.id.clone(), a_ip)])
-        .expect("attach a");
+    let a_if = rig.attach(0, "taska", a, &[(red.id.clone(), a_ip)]);
     assert_eq!(a_if[0].ifname, "eth0");
-    rig.overlays[1]
-        .attach("taskb", b, &[(red.id.clone(), b_ip)])
-        .expect("attach b");
-    rig.overlays[1]
-        .attach("taskc", c, &[(blue.id.clone(), c_ip)])
-        .expect("attach c");
+    rig.attach(1, "taskb", b, &[(red.id.clone(), b_ip)]);
+    rig.attach(1, "taskc", c, &[(blue.id.clone(), c_ip)]);
 
     // Nothing is learned or flooded: before peers are programmed, nothing gets through.
     assert!(!ping(a, b_ip), "reached a peer that was never programmed");
@@ -222,7 +263,19 @@ fn tasks_on_two_nodes_reach_each_other_only_over_their_network() {
     );
     assert_eq!(
         inspect.neighbours,
-        [("10.0.1.3".to_string(), "02:42:0a:00:01:03".to_string())]
+        [("10.0.1.3".to_string(), "02:42:0a:00:01:03".to_string())],
+        "the remote endpoint is answered for"
+    );
+    let permanent = iproute::output(
+        &Netns::Named(inspect.netns.clone()),
+        "ip",
+        &["-4", "neigh", "show", "nud", "permanent"],
+    )
+    .expect("ip neigh");
+    assert_eq!(
+        permanent.trim(),
+        "",
+        "no permanent neighbour entry stands for it"
     );
 
     // The node itself has no way into a network.
@@ -250,24 +303,24 @@ fn only_tasks_off_internal_networks_get_a_way_out() {
     overlay.ensure_network(&open).unwrap();
     overlay.ensure_network(&internal).unwrap();
     let (out, closed, other) = (rig.task(), rig.task(), rig.task());
-    let overlay = &rig.overlays[0];
-    overlay
-        .attach("out", out, &[(open.id.clone(), Ipv4Addr::new(10, 0, 5, 2))])
-        .unwrap();
-    overlay
-        .attach(
-            "closed",
-            closed,
-            &[(internal.id.clone(), Ipv4Addr::new(10, 0, 6, 2))],
-        )
-        .unwrap();
-    overlay
-        .attach(
-            "other",
-            other,
-            &[(open.id.clone(), Ipv4Addr::new(10, 0, 5, 3))],
-        )
-        .unwrap();
+    rig.attach(
+        0,
+        "out",
+        out,
+        &[(open.id.clone(), Ipv4Addr::new(10, 0, 5, 2))],
+    );
+    rig.attach(
+        0,
+        "closed",
+        closed,
+        &[(internal.id.clone(), Ipv4Addr::new(10, 0, 6, 2))],
+    );
+    rig.attach(
+        0,
+        "other",
+        other,
+        &[(open.id.clone(), Ipv4Addr::new(10, 0, 5, 3))],
+    );
     // The way out: node1's underlay address, through the gateway bridge and masquerade.
     let underlay = Ipv4Addr::new(192, 168, 99, 2);
     assert!(ping(out, underlay), "a task with a gateway reaches out");

@@ -24,7 +24,7 @@ use aya_ebpf::{
     EbpfContext as _,
 };
 use shoal_common::{
-    FlowKey, IngressSettings, MeshCounters, MeshFlow, MeshService, Origin, ReplyKey,
+    FlowKey, IngressSettings, MeshCounters, MeshFlow, MeshService, Origin, ReplyKey, Verdict,
     FLOW_FIN_BACKEND, FLOW_FIN_CLIENT, FLOW_RST, MESH_DEFAULT_TABLE_SIZE, MESH_HAS_BACKENDS,
     MESH_MAX_FLOWS, MESH_MAX_SERVICES, MESH_PORT_SLOTS, MESH_PUBLISHED, MESH_SNAT,
 };
@@ -350,13 +350,20 @@ fn port_service(protocol: u8, port: u16) -> Option<MeshService> {
     (service.flags & MESH_PUBLISHED != 0).then_some(service)
 }
 
+/// Whether `port` (host byte order) is published, whatever the address.
+#[inline(always)]
+pub(crate) fn is_published(protocol: u8, port: u16) -> bool {
+    port_service(protocol, port).is_some()
+}
+
 /// Sends a packet for a published port to its flow's backend (choosing one for a new flow).
+/// A packet the mesh cannot place is left to the kernel, with the reason as its verdict.
 pub(crate) fn forward(
     ctx: &TcContext,
     packet: &Datagram,
     settings: &IngressSettings,
     service: &MeshService,
-) -> i32 {
+) -> (Verdict, i32) {
     let counters = MESH_COUNTERS.get_ptr_mut(service.index);
     let key = FlowKey {
         client_ip: packet.saddr,
@@ -386,19 +393,25 @@ pub(crate) fn forward(
             }
         }
         None => match new_flow(packet, &key, settings, service, now) {
-            Some(flow) => {
+            Ok(flow) => {
                 if let Some(c) = counters {
                     // SAFETY: per-CPU slot.
                     unsafe { (*c).flows += 1 };
                 }
                 flow
             }
-            None => {
+            Err(reason) => {
                 if let Some(c) = counters {
                     // SAFETY: per-CPU slot.
-                    unsafe { (*c).no_backend += 1 };
+                    unsafe {
+                        match reason {
+                            Verdict::SnatExhausted => (*c).snat_exhausted += 1,
+                            Verdict::FlowTableFull => (*c).flow_table_full += 1,
+                            _ => (*c).no_backend += 1,
+                        }
+                    }
                 }
-                return TC_ACT_OK;
+                return (reason, TC_ACT_OK);
             }
         },
     };
@@ -412,36 +425,37 @@ pub(crate) fn forward(
                 (*c).packets_in += 1;
                 (*c).bytes_in += u64::from(ctx.len());
             } else {
-                (*c).errors += 1;
+                (*c).rewrite_failed += 1;
             }
         }
     }
     match translated {
-        Some(()) => redirect(settings.ingress_ifindex),
-        None => TC_ACT_SHOT,
+        Some(()) => (Verdict::Mesh, redirect(settings.ingress_ifindex)),
+        None => (Verdict::RewriteFailed, TC_ACT_SHOT),
     }
 }
 
-/// Picks the flow's backend from the service's Maglev row and records the flow both ways.
+/// Picks the flow's backend from the service's Maglev row and records the flow both ways;
+/// the reason (as a verdict) when it cannot.
 fn new_flow(
     packet: &Datagram,
     key: &FlowKey,
     settings: &IngressSettings,
     service: &MeshService,
     now: u64,
-) -> Option<MeshFlow> {
+) -> Result<MeshFlow, Verdict> {
     if service.flags & MESH_HAS_BACKENDS == 0 || settings.table_size == 0 {
-        return None;
+        return Err(Verdict::NoBackend);
     }
     let hash = shoal_common::flow_hash(packet.saddr, packet.sport, packet.dport, packet.protocol);
     let slot = service
         .index
         .wrapping_mul(settings.table_size)
         .wrapping_add(hash % settings.table_size);
-    let backend_ip = *MESH_MAGLEV.get(slot)?;
-    if backend_ip == 0 {
-        return None;
-    }
+    let backend_ip = match MESH_MAGLEV.get(slot) {
+        Some(ip) if *ip != 0 => *ip,
+        _ => return Err(Verdict::NoBackend),
+    };
     let mut flow = MeshFlow {
         backend_ip,
         source_ip: packet.saddr,
@@ -464,13 +478,17 @@ fn new_flow(
     if service.flags & MESH_SNAT != 0 {
         flow.source_ip = settings.ingress_ip;
         reply.peer_ip = settings.ingress_ip;
-        flow.source_port = snat_port(&mut reply, key, hash)?;
+        flow.source_port = snat_port(&mut reply, key, hash).ok_or(Verdict::SnatExhausted)?;
     } else {
         // A full LRU drops its oldest entry to make room.
-        MESH_REPLIES.insert(reply, *key, 0).ok()?;
+        MESH_REPLIES
+            .insert(reply, *key, 0)
+            .map_err(|_| Verdict::FlowTableFull)?;
     }
-    MESH_FLOWS.insert(key, flow, 0).ok()?;
-    Some(flow)
+    MESH_FLOWS
+        .insert(key, flow, 0)
+        .map_err(|_| Verdict::FlowTableFull)?;
+    Ok(flow)
 }
 
 /// Claims a source port on the node's ingress address for a SNAT flow: derived from the
@@ -528,7 +546,7 @@ pub fn shoal_mesh_reply(ctx: TcContext) -> i32 {
     if translated.is_none() {
         if let Some(c) = counters {
             // SAFETY: per-CPU slot.
-            unsafe { (*c).errors += 1 };
+            unsafe { (*c).rewrite_failed += 1 };
         }
         return TC_ACT_SHOT;
     }
@@ -604,7 +622,11 @@ pub fn shoal_mesh_node_connect4(ctx: SockAddrContext) -> i32 {
         IPPROTO_UDP
     };
     // `user_port` holds the port in network byte order in its low half.
-    let Some(service) = port_service(protocol, u16::from_be(addr.user_port as u16)) else {
+    let port = u16::from_be(addr.user_port as u16);
+    if settings.is_reserved(protocol, port) {
+        return ALLOW;
+    }
+    let Some(service) = port_service(protocol, port) else {
         return ALLOW;
     };
     // SAFETY: helper without side effects.

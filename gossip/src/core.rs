@@ -55,6 +55,13 @@ pub struct GossipConfig {
     /// they have been so for this long.
     pub reap_after_ms: u64,
     pub reap_interval_ms: u64,
+    /// How often the hosts of Suspect and Down members are probed (`Output::ProbeHost`).
+    pub host_probe_interval_ms: u64,
+    /// A host probe unanswered by then says the host is gone.
+    pub host_probe_timeout_ms: u64,
+    /// How long a Down member's entries stay visible while its host still answers (its agent
+    /// is silent but its dataplane forwards); then they are withdrawn anyway.
+    pub silent_agent_grace_ms: u64,
     /// Foca's timings scale with the cluster size; this is the starting guess.
     pub expected_cluster_size: u32,
     pub swim: SwimConfig,
@@ -118,7 +125,9 @@ impl GossipConfig {
             seed,
             gossip_interval_ms: 200,
             fanout: 3,
-            retransmit_mult: 4,
+            // memberlist's 4 left about one (node, write) pair of a 96-task burst on 32 nodes
+            // unreached (e^-8 per pair) until the next sync, 30 s on; 6 makes it e^-12.
+            retransmit_mult: 6,
             max_datagram: 1_400,
             sync_interval_ms: 30_000,
             sync_regossip_max: 64,
@@ -126,6 +135,9 @@ impl GossipConfig {
             max_packet_age_ms: 60_000,
             reap_after_ms: 30 * 60_000,
             reap_interval_ms: 60_000,
+            host_probe_interval_ms: 500,
+            host_probe_timeout_ms: 500,
+            silent_agent_grace_ms: 60_000,
             expected_cluster_size: 16,
             swim: SwimConfig::fast_lossy_lan(),
         }
@@ -161,6 +173,14 @@ pub enum Output {
         net: String,
     },
     MembersChanged,
+    /// Probe the host of a Suspect or Down member with something its kernel answers without
+    /// the agent (a TCP connect to `to`), and hand the answer to `host_answered`: accepted or
+    /// refused within `timeout_ms` means the host is there.
+    ProbeHost {
+        node: String,
+        to: SocketAddr,
+        timeout_ms: u64,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -211,8 +231,25 @@ struct DirectProbe {
 
 struct Peer {
     identity: NodeIdentity,
-    /// Alive or Suspect; a known-Down node's entries leave every view.
+    /// Alive or Suspect; a Down node's entries leave every view unless its host answers.
     up: bool,
+}
+
+/// The host probes of a Suspect or Down member: an agent that is silent on gossip is not a
+/// node that is gone while its host still answers.
+#[derive(Default)]
+struct HostWatch {
+    /// What the latest probe said; None until one answered.
+    answering: Option<bool>,
+    /// Set when the member goes Down: its entries stay visible until then while its host
+    /// answers.
+    keep_until: Option<u64>,
+}
+
+impl HostWatch {
+    fn keeps_entries(&self) -> bool {
+        self.keep_until.is_some() && self.answering == Some(true)
+    }
 }
 
 /// Where foca's effects land until the node turns them into outputs.
@@ -292,6 +329,9 @@ pub struct Gossip {
     next_reap: u64,
     /// Since when each entry has been reapable (tombstone, owner Down or off the network).
     dead_since: BTreeMap<(Scope, String), u64>,
+    /// Members whose host is being probed: Suspect ones, and Down ones within the grace.
+    hosts: BTreeMap<String, HostWatch>,
+    next_host_probe: u64,
     stats: GossipStats,
 }
 
@@ -373,6 +413,8 @@ impl Gossip {
             next_rejoin: None,
             next_reap: now_ms + config.reap_interval_ms,
             dead_since: BTreeMap::new(),
+            hosts: BTreeMap::new(),
+            next_host_probe: now_ms + config.host_probe_interval_ms,
             stats: GossipStats::default(),
             config,
         })
@@ -655,6 +697,10 @@ impl Gossip {
             self.next_reap = now_ms + self.config.reap_interval_ms;
             self.reap(now_ms);
         }
+        if now_ms >= self.next_host_probe {
+            self.next_host_probe = now_ms + self.config.host_probe_interval_ms;
+            self.probe_hosts(now_ms);
+        }
         self.drain_effects(now_ms);
     }
 
@@ -667,6 +713,7 @@ impl Gossip {
             self.next_sync,
             self.next_rejoin,
             Some(self.next_reap),
+            Some(self.next_host_probe),
         ]
         .into_iter()
         .flatten()
@@ -1036,6 +1083,7 @@ impl Gossip {
             Note::Up(id) => {
                 let node = id.node_id.clone();
                 let was_down = self.peers.get(&node).is_some_and(|p| !p.up);
+                self.hosts.remove(&node);
                 self.set_peer(id, true);
                 let shares_a_network = self
                     .networks_of(&node)
@@ -1057,12 +1105,15 @@ impl Gossip {
                 let current = self.peers.get(&id.node_id).map(|p| p.identity.bump);
                 if current.is_none_or(|bump| bump <= id.bump) {
                     self.stats.downs_observed += 1;
+                    self.watch_down_host(&id, now_ms);
                     self.set_peer(id, false);
                 }
             }
             Note::Renamed(old, new) => {
                 if old.node_id != new.node_id {
-                    // Another node took this address: the old one is gone.
+                    // Another node took this address: the old one is gone, whatever answers
+                    // there.
+                    self.hosts.remove(&old.node_id);
                     self.set_peer(old, false);
                 }
                 if let Some(peer) = self.peers.get_mut(&new.node_id) {
@@ -1087,12 +1138,19 @@ impl Gossip {
         self.members_changed = true;
         self.set_live(Scope::Cluster, &node, up);
         for net in self.networks_of(&node) {
-            self.set_live(Scope::Network(net.clone()), &node, up);
+            self.set_live(Scope::Network(net), &node, up);
+        }
+        self.views_changed_by(&node);
+        self.resize_foca();
+    }
+
+    /// Marks the networks of ours that `node` is on as changed: its entries' visibility did.
+    fn views_changed_by(&mut self, node: &str) {
+        for net in self.networks_of(node) {
             if self.my_networks.contains(&net) {
                 self.changed.insert(net);
             }
         }
-        self.resize_foca();
     }
 
     /// Foca's suspicion timeout and retransmissions scale with the cluster: retune when the
@@ -1108,8 +1166,109 @@ impl Gossip {
         }
     }
 
-    fn owner_is_down(&self, owner: &str) -> bool {
-        self.peers.get(owner).is_some_and(|p| !p.up)
+    /// Whether an owner's entries are out of the views: it is Down and its host does not
+    /// answer (or has answered past the grace).
+    fn owner_is_withdrawn(&self, owner: &str) -> bool {
+        let down = self.peers.get(owner).is_some_and(|p| !p.up);
+        down && !self.hosts.get(owner).is_some_and(HostWatch::keeps_entries)
+    }
+
+    /// A member went Down: its entries stay while its host answers, for the grace at most.
+    /// Without an answer yet it is withdrawn as before and probed at once.
+    fn watch_down_host(&mut self, id: &NodeIdentity, now_ms: u64) {
+        let grace = self.config.silent_agent_grace_ms;
+        let watch = self.hosts.entry(id.node_id.clone()).or_default();
+        watch.keep_until = Some(now_ms + grace);
+        match watch.answering {
+            Some(true) => tracing::info!(
+                node = %id.node_id,
+                grace_s = grace / 1_000,
+                "member Down but its host answers: keeping its entries"
+            ),
+            Some(false) => {}
+            None => self.probe_host(&id.node_id, id.addr),
+        }
+    }
+
+    /// The answer to `Output::ProbeHost`: whether the node's host answered in time.
+    pub fn host_answered(&mut self, node: &str, answering: bool) {
+        let Some(watch) = self.hosts.get_mut(node) else {
+            return;
+        };
+        let kept_before = watch.keeps_entries();
+        watch.answering = Some(answering);
+        // Only a Down member's watch can keep entries: its visibility changes with the answer.
+        let kept = watch.keeps_entries();
+        if kept == kept_before {
+            return;
+        }
+        if kept {
+            tracing::info!(
+                node = %node,
+                "the host of a Down member answers: keeping its entries"
+            );
+        } else {
+            tracing::info!(
+                node = %node,
+                "the host of a Down member stopped answering: withdrawing its entries"
+            );
+        }
+        self.views_changed_by(node);
+    }
+
+    /// Probes the hosts of Suspect members (so that the answer is in before they go Down) and
+    /// of Down members within the grace; stops watching the others.
+    fn probe_hosts(&mut self, now_ms: u64) {
+        let suspects: BTreeSet<String> = self
+            .foca
+            .iter_membership_state()
+            .filter(|m| m.state() == State::Suspect)
+            .map(|m| m.id().node_id.clone())
+            .collect();
+        for node in &suspects {
+            self.hosts.entry(node.clone()).or_default();
+        }
+        let ended: Vec<String> = self
+            .hosts
+            .iter()
+            .filter(|(node, w)| {
+                !suspects.contains(*node) && w.keep_until.is_none_or(|t| now_ms >= t)
+            })
+            .map(|(node, _)| node.clone())
+            .collect();
+        for node in ended {
+            self.stop_watching_host(&node);
+        }
+        let targets: Vec<(String, SocketAddr)> = self
+            .hosts
+            .keys()
+            .filter_map(|node| Some((node.clone(), self.peers.get(node)?.identity.addr)))
+            .collect();
+        for (node, addr) in targets {
+            self.probe_host(&node, addr);
+        }
+    }
+
+    fn stop_watching_host(&mut self, node: &str) {
+        let Some(watch) = self.hosts.remove(node) else {
+            return;
+        };
+        if watch.keeps_entries() {
+            tracing::warn!(
+                node = %node,
+                grace_s = self.config.silent_agent_grace_ms / 1_000,
+                "member Down past the grace while its host answers: withdrawing its entries"
+            );
+            self.views_changed_by(node);
+        }
+    }
+
+    fn probe_host(&mut self, node: &str, to: SocketAddr) {
+        self.outputs.push_back(Output::ProbeHost {
+            node: node.to_owned(),
+            to,
+            timeout_ms: self.config.host_probe_timeout_ms,
+        });
     }
 
     /// Forgets tombstones and entries of Down or departed owners once they have been so for
@@ -1117,7 +1276,7 @@ impl Gossip {
     fn reap(&mut self, now_ms: u64) {
         let mut dead: Vec<(Scope, String)> = Vec::new();
         for (key, entry) in self.membership.entries() {
-            if entry.value.is_none() || self.owner_is_down(&entry.version.node) {
+            if entry.value.is_none() || self.owner_is_withdrawn(&entry.version.node) {
                 dead.push((Scope::Cluster, key.to_owned()));
             }
         }
@@ -1126,7 +1285,7 @@ impl Gossip {
             for (key, entry) in table.entries() {
                 let owner = &entry.version.node;
                 let departed = members.is_none_or(|m| !m.contains(owner));
-                if entry.value.is_none() || self.owner_is_down(owner) || departed {
+                if entry.value.is_none() || self.owner_is_withdrawn(owner) || departed {
                     dead.push((Scope::Network(net.clone()), key.to_owned()));
                 }
             }
@@ -1188,7 +1347,8 @@ impl Gossip {
         self.my_networks.iter().cloned().collect()
     }
 
-    /// The live endpoints of a network whose owner is on the network and not Down.
+    /// The live endpoints of a network whose owner is on the network and not withdrawn (Down
+    /// with a host that does not answer, or past the grace).
     pub fn view(&self, net: &str) -> Vec<(String, EndpointRecord)> {
         let Some(table) = self.tables.get(net) else {
             return Vec::new();
@@ -1213,7 +1373,7 @@ impl Gossip {
     fn visible(&self, net: &str, entry: &Entry<EndpointRecord>) -> bool {
         let owner = &entry.version.node;
         let on_net = self.net_members.get(net).is_some_and(|m| m.contains(owner));
-        on_net && !self.owner_is_down(owner)
+        on_net && !self.owner_is_withdrawn(owner)
     }
 
     /// Every entry of a network's table, tombstones and versions included (debugging).

@@ -1,6 +1,7 @@
 //! A discrete-event simulator: many `Gossip` nodes (the real code) over a simulated network
-//! with per-packet loss, latency plus jitter, partitions, and node kills and restarts, in
-//! simulated milliseconds. Sync requests travel reliably (TCP) unless partitioned.
+//! with per-packet loss, latency plus jitter, partitions, and node kills (of the whole node or
+//! of its agent only) and restarts, in simulated milliseconds. Sync requests and host probes
+//! travel reliably (TCP) unless partitioned.
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap};
@@ -50,6 +51,7 @@ enum Event {
     Datagram { from: usize, bytes: Vec<u8> },
     SyncRequest { from: usize, bytes: Vec<u8> },
     SyncResponse { from: usize, bytes: Vec<u8> },
+    HostAnswer { node: String, answering: bool },
     Join,
 }
 
@@ -85,6 +87,8 @@ struct SimNode {
     keyring: Keyring,
     wake_at: Option<u64>,
     restarts: u64,
+    /// Its host answers probes (true unless the whole node is killed).
+    host_up: bool,
 }
 
 /// Records, per node, when a watched endpoint first reached the wanted state.
@@ -147,6 +151,7 @@ impl Sim {
                 keyring: keyring.clone(),
                 wake_at: None,
                 restarts: 0,
+                host_up: true,
             });
             sim.start_node(i);
             let delay = if sim.config.join_spread_ms == 0 {
@@ -204,15 +209,23 @@ impl Sim {
         self.with_node(i, |g, _| g.set_keyring(keyring));
     }
 
-    /// Stops a node: it processes nothing from now on.
+    /// Stops a whole node (a power-off): it processes nothing and its host answers nothing
+    /// from now on.
     pub fn kill(&mut self, i: usize) {
+        self.kill_agent(i);
+        self.nodes[i].host_up = false;
+    }
+
+    /// Stops a node's agent only: it processes nothing, but its host answers probes.
+    pub fn kill_agent(&mut self, i: usize) {
         self.nodes[i].gossip = None;
         self.nodes[i].wake_at = None;
     }
 
-    /// Starts a killed node again with empty tables and joins it through the seeds.
+    /// Starts a killed node (or agent) again with empty tables and joins it through the seeds.
     pub fn restart(&mut self, i: usize) {
         self.nodes[i].restarts += 1;
+        self.nodes[i].host_up = true;
         self.start_node(i);
         self.join(i);
     }
@@ -354,6 +367,11 @@ impl Sim {
                     let _ = g.handle_sync_response(from_addr(from), &bytes, now);
                 }
             }
+            Event::HostAnswer { node, answering } => {
+                if let Some(g) = self.nodes[i].gossip.as_mut() {
+                    g.host_answered(&node, answering);
+                }
+            }
         }
         self.after(i);
     }
@@ -366,6 +384,11 @@ impl Sim {
                 Output::SyncRequest { to, bytes } => self.send(i, to, bytes, true),
                 Output::Changed { net } => self.observe(i, &net),
                 Output::MembersChanged => self.observe_members(i),
+                Output::ProbeHost {
+                    node,
+                    to,
+                    timeout_ms,
+                } => self.probe_host(i, node, to, timeout_ms),
             }
         }
         let Some(deadline) = self.nodes[i]
@@ -400,6 +423,21 @@ impl Sim {
             return;
         }
         self.schedule(at, to, Event::Datagram { from, bytes });
+    }
+
+    /// Answers a host probe after a round trip if the host is up and reachable, else at the
+    /// timeout.
+    fn probe_host(&mut self, from: usize, node: String, to: SocketAddr, timeout_ms: u64) {
+        let Some(&to) = self.by_addr.get(&to) else {
+            return;
+        };
+        let answering = self.nodes[to].host_up && self.sides[from] == self.sides[to];
+        let at = if answering {
+            self.now + 2 * self.latency()
+        } else {
+            self.now + timeout_ms
+        };
+        self.schedule(at, from, Event::HostAnswer { node, answering });
     }
 
     fn observe(&mut self, i: usize, net: &str) {

@@ -130,3 +130,31 @@ async fn three_services_share_an_endpoint_and_ignore_forgeries() {
         node.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_service_s_entries_stay_while_its_host_refuses_connections() {
+    let nodes = [start("a", 4).await, start("b", 5).await];
+    let seeds: Vec<SocketAddr> = nodes.iter().map(|n| n.local_addr()).collect();
+    for node in &nodes {
+        node.join(seeds.clone()).await.unwrap();
+        node.join_network("net1").await.unwrap();
+    }
+    nodes[0].publish("net1", "t1", record("a")).await.unwrap();
+    eventually("the endpoint on b", || async {
+        nodes[1].view("net1").await.unwrap().len() == 1
+    })
+    .await;
+
+    // Nothing listens on a's port any more: the kernel refuses, so its host is there.
+    nodes[0].shutdown().await;
+    eventually("a Down on b", || async {
+        nodes[1].stats().await.unwrap().members_down == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        nodes[1].view("net1").await.unwrap(),
+        [("t1".to_owned(), record("a"))]
+    );
+    nodes[1].shutdown().await;
+}

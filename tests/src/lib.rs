@@ -10,6 +10,8 @@ use std::{
 
 use serde_json::Value;
 
+pub mod scale;
+
 /// The `shoal` binary under test: `SHOAL_BIN`, else the workspace's release build.
 pub fn shoal_bin() -> PathBuf {
     if let Some(bin) = std::env::var_os("SHOAL_BIN") {
@@ -184,9 +186,19 @@ impl TestLab {
 
     /// The running tasks of a service once there are `replicas` of them (30 s at most).
     pub fn running_tasks(&self, service: &str, replicas: usize) -> Vec<RunningTask> {
+        self.running_tasks_within(service, replicas, Duration::from_secs(30))
+    }
+
+    /// As `running_tasks`, waiting at most `limit`.
+    pub fn running_tasks_within(
+        &self,
+        service: &str,
+        replicas: usize,
+        limit: Duration,
+    ) -> Vec<RunningTask> {
         wait_for(
             &format!("{replicas} running tasks of {service}"),
-            Duration::from_secs(30),
+            limit,
             || {
                 let tasks = self.try_json("node1", &["service", "ps", service])?;
                 let running: Vec<RunningTask> = tasks
@@ -207,6 +219,24 @@ impl TestLab {
         args.push("--");
         args.extend_from_slice(command);
         self.exec("node1", &args);
+    }
+
+    /// `curl -s --max-time SECONDS URL` from the client namespace: the body, if it answered.
+    pub fn client_get(&self, url: &str, seconds: u32) -> Option<String> {
+        let seconds = seconds.to_string();
+        let out = self.run(&[
+            "exec",
+            "client",
+            "--",
+            "curl",
+            "-s",
+            "--max-time",
+            &seconds,
+            url,
+        ]);
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Runs a command inside a task, through `shoal task exec` on the task's node.

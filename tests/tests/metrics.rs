@@ -297,6 +297,31 @@ fn nodes_export_real_metrics_and_health() {
         for collector in m.find("shoal_scrape_collector_success", &[]) {
             assert_eq!(collector.value, 1.0, "{node}: {collector:?}");
         }
+        // The kernel's neighbour table, read in the initial namespace from the node's.
+        let kernel = std::fs::read_to_string("/proc/net/stat/arp_cache").unwrap();
+        let kernel = shoal_dataplane::neighbours::parse_arp_cache(&kernel).unwrap();
+        assert!(
+            m.value("shoal_neighbour_table_entries", &[]) > 0.0,
+            "{node}"
+        );
+        let fulls = m.value("shoal_neighbour_table_fulls_total", &[]);
+        assert!(fulls <= kernel.table_fulls as f64, "{node}: {fulls}");
+        let demand = m.value("shoal_neighbour_table_demand_entries", &[("scope", "node")]);
+        assert!(demand >= 16.0, "{node}: {demand}");
+        let hard = m.value(
+            "shoal_neighbour_table_threshold",
+            &[("threshold", "gc_thresh3")],
+        );
+        assert!(
+            hard >= 2.0 * demand,
+            "{node}: gc_thresh3 {hard} for {demand}"
+        );
+        let status = lab.node_json(node, &["dataplane", "status"]);
+        assert_eq!(status["neighbour_table"]["overflowing"], false, "{node}");
+        assert!(
+            status["neighbour_table"]["entries"].as_u64() > Some(0),
+            "{status}"
+        );
     }
     // Raft: node1 is the only manager, and it leads; the worker has no Raft at all.
     let leaders: f64 = scrapes

@@ -206,8 +206,9 @@ fn a_dead_node_is_withdrawn_and_forged_gossip_is_dropped() {
     };
     assert_eq!(alive(&after), 3, "{after}");
 
-    // Kill node3's agent: its endpoint leaves every other node's view and kernel.
-    lab.ok(&["stop", "node3", "--kill"]);
+    // Power node3 off (an agent that is merely silent keeps its entries while its host
+    // answers: tests/tests/restart.rs): its endpoint leaves every other node's view and kernel.
+    lab.ok(&["stop", "node3", "--power-off"]);
     for node in ["node1", "node2"] {
         wait_for(
             "node3's endpoint withdrawn",
@@ -221,7 +222,7 @@ fn a_dead_node_is_withdrawn_and_forged_gossip_is_dropped() {
         );
     }
 
-    // node3 comes back (its old tasks are ended and replaced): every node with a task ends
+    // node3 comes back (its tasks died with it and are replaced): every node with a task ends
     // with exactly the endpoints of the running tasks, none stale, none missing.
     lab.ok(&["start", "node3"]);
     wait_for(

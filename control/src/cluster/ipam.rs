@@ -1,11 +1,17 @@
 //! Address management for overlay networks: subnets carved from the swarm's default pool,
 //! and addresses within a subnet. Pure functions over the replicated state's allocations, so
-//! every manager computes the same answer.
+//! every manager computes the same answer. Also what a node's kernel already addresses or
+//! routes (`host_claims`), which overlay subnets must stay clear of.
 
 use std::{collections::BTreeSet, fmt, net::Ipv4Addr, str::FromStr};
 
 use anyhow::{bail, Context as _, Result};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use shoal_dataplane::{
+    iproute::{self, Netns},
+    overlay::INGRESS_ENDPOINT,
+};
 
 /// An IPv4 network, `10.0.1.0/24`. Always stored with the host bits cleared.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -134,6 +140,108 @@ pub fn allocate_address(
         .with_context(|| format!("no free address left in {subnet}"))
 }
 
+/// A subnet the node's kernel already uses. An overlay subnet overlapping it would cut the
+/// overlay's tasks off from those addresses (their own route to the subnet wins).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostClaim {
+    pub subnet: Subnet,
+    /// An interface's own network or a link route, not a destination through a gateway.
+    pub connected: bool,
+    /// Where the kernel has it, for errors: `address 192.168.77.11/24 on eth0`.
+    pub source: String,
+}
+
+impl fmt::Display for HostClaim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.subnet, self.source)
+    }
+}
+
+/// The IPv4 addresses and routes of the agent's network namespace, which is the node's.
+/// Default routes never count; nor does shoal's own endpoint on the ingress network, which
+/// sits in the ingress subnet by design.
+pub fn host_claims() -> Result<Vec<HostClaim>> {
+    let addresses = ip_json(&["-j", "-4", "addr", "show"])?;
+    let routes = ip_json(&["-j", "-4", "route", "show"])?;
+    let mut claims = address_claims(&addresses);
+    claims.extend(route_claims(&routes));
+    Ok(claims)
+}
+
+/// The first of `claims` that `subnet` overlaps.
+pub fn first_overlap(subnet: Subnet, claims: &[HostClaim]) -> Option<&HostClaim> {
+    claims.iter().find(|claim| claim.subnet.overlaps(subnet))
+}
+
+fn ip_json(args: &[&str]) -> Result<Value> {
+    let out = iproute::output(&Netns::Current, "ip", args)?;
+    if out.trim().is_empty() {
+        return Ok(Value::Array(vec![]));
+    }
+    serde_json::from_str(&out).with_context(|| format!("reading ip {}", args.join(" ")))
+}
+
+/// Each address's network (`ip -j -4 addr show`).
+fn address_claims(links: &Value) -> Vec<HostClaim> {
+    let mut claims = Vec::new();
+    for link in links.as_array().into_iter().flatten() {
+        let device = link["ifname"].as_str().unwrap_or_default();
+        if device == INGRESS_ENDPOINT {
+            continue;
+        }
+        for info in link["addr_info"].as_array().into_iter().flatten() {
+            let address = info["local"].as_str().and_then(|a| a.parse().ok());
+            let prefix = info["prefixlen"]
+                .as_u64()
+                .and_then(|p| u8::try_from(p).ok());
+            if let (Some(address), Some(prefix)) = (address, prefix) {
+                if let Ok(subnet) = Subnet::new(address, prefix) {
+                    claims.push(HostClaim {
+                        subnet,
+                        connected: true,
+                        source: format!("address {address}/{prefix} on {device}"),
+                    });
+                }
+            }
+        }
+    }
+    claims
+}
+
+/// Each unicast route but the default (`ip -j -4 route show`).
+fn route_claims(routes: &Value) -> Vec<HostClaim> {
+    let mut claims = Vec::new();
+    for route in routes.as_array().into_iter().flatten() {
+        let device = route["dev"].as_str().unwrap_or_default();
+        // Blackhole, unreachable and the like reach nothing.
+        let unicast = route.get("type").is_none_or(|t| t == "unicast");
+        let Some(subnet) = route["dst"].as_str().and_then(route_destination) else {
+            continue;
+        };
+        if !unicast || device == INGRESS_ENDPOINT || subnet.prefix == 0 {
+            continue;
+        }
+        let gateway = route["gateway"].as_str();
+        claims.push(HostClaim {
+            subnet,
+            connected: gateway.is_none(),
+            source: match gateway {
+                Some(gateway) => format!("route via {gateway} dev {device}"),
+                None => format!("route on {device}"),
+            },
+        });
+    }
+    claims
+}
+
+/// `10.0.0.0/8`, or `10.0.0.5` for a host route; `default` is none.
+fn route_destination(dst: &str) -> Option<Subnet> {
+    match dst.parse::<Ipv4Addr>() {
+        Ok(host) => Subnet::new(host, 32).ok(),
+        Err(_) => dst.parse().ok(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,6 +298,60 @@ mod tests {
         assert!(
             allocate_subnet(tiny, 24, &[]).is_err(),
             "larger than the pool"
+        );
+    }
+
+    #[test]
+    fn host_claims_are_addresses_and_routes_but_not_defaults_or_the_ingress_endpoint() {
+        let links: Value = serde_json::from_str(
+            r#"[{"ifname":"lo","addr_info":[{"family":"inet","local":"127.0.0.1","prefixlen":8}]},
+                {"ifname":"eth0","addr_info":[{"family":"inet","local":"192.168.77.11","prefixlen":24}]},
+                {"ifname":"shoal_ing","addr_info":[{"family":"inet","local":"10.0.0.3","prefixlen":24}]}]"#,
+        )
+        .unwrap();
+        let routes: Value = serde_json::from_str(
+            r#"[{"dst":"default","gateway":"192.168.77.1","dev":"eth0"},
+                {"dst":"10.97.0.5","dev":"eth0","scope":"link"},
+                {"type":"blackhole","dst":"10.98.0.0/16"},
+                {"dst":"10.99.0.0/16","gateway":"192.168.77.100","dev":"eth0"},
+                {"dst":"10.0.0.0/24","dev":"shoal_ing","protocol":"kernel","scope":"link"},
+                {"dst":"192.168.77.0/24","dev":"eth0","protocol":"kernel","scope":"link"}]"#,
+        )
+        .unwrap();
+        let shown: Vec<(String, bool)> = address_claims(&links)
+            .into_iter()
+            .chain(route_claims(&routes))
+            .map(|c| (c.to_string(), c.connected))
+            .collect();
+        let expected = [
+            ("127.0.0.0/8 (address 127.0.0.1/8 on lo)", true),
+            ("192.168.77.0/24 (address 192.168.77.11/24 on eth0)", true),
+            ("10.97.0.5/32 (route on eth0)", true),
+            ("10.99.0.0/16 (route via 192.168.77.100 dev eth0)", false),
+            ("192.168.77.0/24 (route on eth0)", true),
+        ];
+        assert_eq!(
+            shown,
+            expected.map(|(text, connected)| (text.to_owned(), connected))
+        );
+        let claims = route_claims(&routes);
+        assert_eq!(
+            first_overlap(net("10.99.4.0/24"), &claims).map(|c| c.subnet),
+            Some(net("10.99.0.0/16"))
+        );
+        assert_eq!(first_overlap(net("10.0.0.0/24"), &claims), None);
+        // The pool's subnets are carved around what the host uses.
+        let used: Vec<Subnet> = claims.iter().map(|c| c.subnet).collect();
+        assert_eq!(
+            allocate_subnet(net("10.98.0.0/15"), 24, &used).unwrap(),
+            net("10.98.0.0/24"),
+            "a blackhole route reaches nothing"
+        );
+        assert_eq!(
+            allocate_subnet(net("10.99.0.0/16"), 24, &used)
+                .unwrap_err()
+                .to_string(),
+            "the address pool 10.99.0.0/16 has no free /24 left: give --subnet or a larger pool"
         );
     }
 

@@ -4,6 +4,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -20,10 +21,10 @@ use super::{
         ControlResponse, Envelope, HeartbeatResponse, JoinRequest, JoinResponse, LogLine,
         LogsRequest, NetworkCreate, NetworkView, NodeView, ServiceView, TaskLog, TaskView,
     },
-    raft::{Member, Raft, StateMachine},
+    raft::{self, Member, Raft, StateMachine},
     state::{
         Availability, ClusterState, Command, Network, Node, NodeStatus, PublishMode, Service,
-        ServiceMode, ServiceSpec, Task, TaskState,
+        ServiceMode, Task, TaskState,
     },
     transport::{ClusterClient, Peer},
 };
@@ -225,6 +226,11 @@ impl Manager {
                     self.heartbeat(&caller, reports).await?,
                 ))
             }
+            ClusterRequest::Leave => {
+                let caller = caller.ok_or_else(|| anyhow!("leave without a node certificate"))?;
+                self.leave(&caller).await?;
+                Ok(ClusterResponse::Left)
+            }
             ClusterRequest::Control(control) => {
                 let caller =
                     caller.ok_or_else(|| anyhow!("control request without a node certificate"))?;
@@ -267,6 +273,9 @@ impl Manager {
             created_at: at,
             status_since: at,
             ingress_address: None,
+            gossip_port: join.gossip_port,
+            exposed_metrics_port: join.exposed_metrics_port,
+            left: false,
         };
         self.write(Command::AddNode(node)).await?;
         let added = self
@@ -291,6 +300,27 @@ impl Manager {
             ca_pem: ca.cert_pem.clone(),
             managers: self.read(|s| self.manager_endpoints(s)),
         })
+    }
+
+    /// A node says it leaves: from now on it is Down and gets no task, and the orchestrator
+    /// replaces its tasks elsewhere at once (the node stops them itself).
+    async fn leave(&self, node_id: &str) -> Result<()> {
+        let hostname = self.read(|s| s.nodes.get(node_id).map(|n| n.hostname.clone()));
+        let hostname = hostname.ok_or_else(|| {
+            anyhow!("node {node_id} is not part of this swarm (it was removed already)")
+        })?;
+        self.write(Command::NodeLeaving {
+            id: node_id.to_owned(),
+            at: now(),
+        })
+        .await?;
+        tracing::info!(node = %hostname, "node is leaving the swarm");
+        Ok(())
+    }
+
+    /// Waits until this manager is a voter the quorum counts on (see `raft::wait_until_voter`).
+    pub async fn wait_until_voter(&self, limit: Duration) -> Result<()> {
+        raft::wait_until_voter(&self.raft, self.raft_id, limit).await
     }
 
     /// Makes Raft's voters follow the managers of the state: one missing manager at a time
@@ -481,11 +511,14 @@ impl Manager {
                 .values()
                 .filter_map(|node| {
                     // The leader's own agent heartbeats too, but it is alive by definition.
-                    let alive = node.id == self.node_id
-                        || in_grace
-                        || heartbeats
-                            .get(&node.id)
-                            .is_some_and(|t| t.elapsed() < NODE_DOWN_AFTER);
+                    // A leaving node is Down from the moment it said so, even while its
+                    // last heartbeats report its tasks stopping.
+                    let alive = !node.left
+                        && (node.id == self.node_id
+                            || in_grace
+                            || heartbeats
+                                .get(&node.id)
+                                .is_some_and(|t| t.elapsed() < NODE_DOWN_AFTER));
                     let status = if alive {
                         NodeStatus::Ready
                     } else {
@@ -613,7 +646,6 @@ impl Manager {
             ControlRequest::ServiceCreate(mut spec) => {
                 spec.networks = resolve_networks(&state, &spec.networks)?;
                 spec.validate()?;
-                check_ports_free(&state, &spec, None)?;
                 let at = now();
                 let service = Service {
                     id: random_id(25),
@@ -623,6 +655,7 @@ impl Manager {
                     updated_at: at,
                     vips: vec![],
                 };
+                state.check_published_ports(&service)?;
                 self.write(Command::PutService(service.clone())).await?;
                 ControlResponse::Service(service_view(&self.state(), &service))
             }
@@ -721,7 +754,7 @@ impl Manager {
                     updated.spec.env.push(entry);
                 }
                 updated.spec.validate()?;
-                check_ports_free(&state, &updated.spec, Some(&updated.id))?;
+                state.check_published_ports(&updated)?;
                 if restart {
                     updated.version += 1;
                 }
@@ -730,7 +763,14 @@ impl Manager {
                 ControlResponse::Service(service_view(&self.state(), &updated))
             }
             ControlRequest::NetworkCreate(request) => {
-                let network = new_network(&state, request)?;
+                let claims = tokio::task::spawn_blocking(ipam::host_claims)
+                    .await?
+                    .context("reading this manager's addresses and routes")?;
+                let leader = state
+                    .nodes
+                    .get(&self.node_id)
+                    .map_or(self.node_id.as_str(), |n| &n.hostname);
+                let network = new_network(&state, request, &claims, leader)?;
                 self.write(Command::PutNetwork(network.clone())).await?;
                 ControlResponse::Network(network_view(&self.state(), &network))
             }
@@ -904,7 +944,15 @@ fn resolve_networks(state: &ClusterState, keys: &[String]) -> Result<Vec<String>
     Ok(ids)
 }
 
-fn new_network(state: &ClusterState, request: NetworkCreate) -> Result<Network> {
+/// A network as `request` asks, its subnet clear of the networks, the nodes' addresses and
+/// what the leader's kernel addresses or routes (`claims`; other nodes check theirs when a
+/// task comes).
+fn new_network(
+    state: &ClusterState,
+    request: NetworkCreate,
+    claims: &[ipam::HostClaim],
+    leader: &str,
+) -> Result<Network> {
     let name_ok = !request.name.is_empty()
         && request.name.len() <= 63
         && request
@@ -922,10 +970,27 @@ fn new_network(state: &ClusterState, request: NetworkCreate) -> Result<Network> 
             if subnet.prefix > 30 {
                 bail!("subnet {subnet} is too small (at most /30)");
             }
+            if let Some(claim) = ipam::first_overlap(subnet, claims) {
+                bail!(
+                    "subnet {subnet} overlaps {claim} on node {leader}, the leader: the \
+                     network's tasks could not reach those addresses; choose another --subnet, \
+                     or leave it out"
+                );
+            }
             subnet
         }
         None => {
-            let used: Vec<_> = state.networks.values().map(|n| n.subnet).collect();
+            let node_addresses = state.nodes.values().filter_map(|n| match n.addr {
+                IpAddr::V4(addr) => ipam::Subnet::new(addr, 32).ok(),
+                IpAddr::V6(_) => None,
+            });
+            let used: Vec<_> = state
+                .networks
+                .values()
+                .map(|n| n.subnet)
+                .chain(claims.iter().map(|c| c.subnet))
+                .chain(node_addresses)
+                .collect();
             ipam::allocate_subnet(
                 state.settings.default_pool,
                 state.settings.pool_prefix,
@@ -1070,29 +1135,6 @@ fn task_views(state: &ClusterState, keep: impl Fn(&Task) -> bool) -> Vec<TaskVie
             ))
     });
     views
-}
-
-/// A published port belongs to one service in the whole swarm: every node answers on it.
-fn check_ports_free(state: &ClusterState, spec: &ServiceSpec, own: Option<&str>) -> Result<()> {
-    for port in &spec.ports {
-        let holder = state.services.values().find(|s| {
-            Some(s.id.as_str()) != own
-                && s.spec
-                    .ports
-                    .iter()
-                    .any(|p| p.published == port.published && p.protocol == port.protocol)
-        });
-        if let Some(holder) = holder {
-            bail!(
-                "port {0}/{1} is already published by service {2}: choose another, or free it \
-                 with `shoal service update --publish-rm {0}/{1} {2}`",
-                port.published,
-                port.protocol.name(),
-                holder.spec.name,
-            );
-        }
-    }
-    Ok(())
 }
 
 fn service_view(state: &ClusterState, service: &Service) -> ServiceView {

@@ -6,7 +6,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    path::Path,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
 
@@ -16,20 +16,25 @@ use shoal_dataplane::{
         FlowTimeouts, MeshClock, MeshLimits, MeshPortStatus, MeshPrograms, MeshTable, Protocol,
         PublishedService, TraceRequest, TraceResult, TrackedFlow,
     },
-    overlay::{NetworkDataplane, Overlay, OverlayConfig, INGRESS_ENDPOINT},
+    overlay::{NetworkDataplane, Overlay, OverlayConfig, INGRESS_ENDPOINT, INGRESS_ENDPOINT_PEER},
+    overlay_endpoints::OverlayEndpoints,
     peerdb::{mac_for, Peer},
     socket_lb::{VipEntry, VipTable},
-    vip_echo::{EchoLink, VipEcho},
+    vip_echo::VipEcho,
+    vxlan_peers::VxlanPeers,
+    PinnedTcLink,
 };
 use shoal_dns::{
-    bind_in_netns, DnsServer, DnsStats, Forwarder, ForwarderConfig, QueryKind, Records, Resolution,
-    ServeHandle, SharedRecords, TaskEndpoint, TaskScope,
+    DnsServer, DnsStats, Forwarder, ForwarderConfig, QueryKind, Records, Resolution, ServeHandle,
+    SharedRecords, TaskEndpoint, TaskScope,
 };
 use shoal_gossip::{
     net::{now_ms, Change, GossipHandle, GossipService},
     EndpointRecord, Gossip, GossipConfig, Keyring, PublishedPort,
 };
 use tokio::sync::watch;
+
+mod neighbour_demand;
 
 use super::{
     protocol::{AssignedNetwork, Assignment},
@@ -118,9 +123,13 @@ pub struct NodeNetworks {
     node_id: String,
     /// Service VIP -> backends, read by the socket load balancer.
     vips: Mutex<VipTable>,
-    /// Answers pings to VIPs on every task interface; its links live as long as the task.
+    /// Answers pings to VIPs, and ARP for VIPs and remote endpoints, on every task interface
+    /// and the node's ingress endpoint.
     vip_echo: Mutex<VipEcho>,
-    echo_links: Mutex<HashMap<String, Vec<EchoLink>>>,
+    /// Per local task, the pinned links of its interfaces' programs (VIP echo, mesh origin).
+    task_links: Mutex<HashMap<String, Vec<PinnedTcLink>>>,
+    /// Where those links and the ingress endpoint's are pinned: they outlive the agent.
+    links_dir: PathBuf,
     /// The embedded DNS: one node-wide server answering in every task's namespace.
     dns: DnsServer,
     dns_records: SharedRecords,
@@ -144,8 +153,12 @@ pub struct NodeNetworks {
     /// Stamps the time flows are aged by, every second, for as long as the agent runs.
     _mesh_clock: MeshClock,
     mesh_programs: Mutex<MeshPrograms>,
-    ingress: Mutex<Option<(IngressEndpoint, shoal_dataplane::vip_echo::EchoLink)>>,
-    /// Until then the mesh keeps what a previous agent programmed (see `MESH_RESTART_GRACE`).
+    /// With the links of the mesh's reply program and of the ARP answers on its bridge side.
+    ingress: Mutex<Option<(IngressEndpoint, Vec<PinnedTcLink>)>>,
+    /// The nodes each network accepts VXLAN from (the ingress classifier drops the rest).
+    vxlan_peers: Mutex<VxlanPeers>,
+    /// Until then the mesh and the VXLAN peers keep what a previous agent programmed (see
+    /// `MESH_RESTART_GRACE`).
     mesh_grace_until: tokio::time::Instant,
 }
 
@@ -155,7 +168,7 @@ impl NodeNetworks {
         node_id: &str,
         config: OverlayConfig,
         gossip_addr: SocketAddr,
-        maps_dir: &Path,
+        bpffs_root: &Path,
         (advertise_interface, mesh_limits): (&str, MeshLimits),
         dns_upstreams: Vec<SocketAddr>,
     ) -> Result<Self> {
@@ -163,13 +176,18 @@ impl NodeNetworks {
         let IpAddr::V4(advertise_ip) = gossip_addr.ip() else {
             anyhow::bail!("the routing mesh needs an IPv4 advertise address");
         };
+        let maps_dir = &shoal_dataplane::maps_dir(bpffs_root);
+        let links_dir = shoal_dataplane::task_links_dir(bpffs_root);
+        std::fs::create_dir_all(&links_dir)
+            .with_context(|| format!("creating {}", links_dir.display()))?;
         let mut mesh = MeshTable::open(maps_dir, mesh_limits)?;
         mesh.set_advertise(
             advertise_ip,
             nix::net::if_::if_nametoindex(advertise_interface)
                 .with_context(|| format!("no interface {advertise_interface}"))?,
         )?;
-        let overlay = Overlay::start(config).context("setting up overlay networking")?;
+        let overlay = Overlay::start(config, OverlayEndpoints::open(maps_dir)?)
+            .context("setting up overlay networking")?;
         if dns_upstreams.is_empty() {
             tracing::warn!("no upstream resolvers: tasks resolve cluster names only");
         }
@@ -182,7 +200,8 @@ impl NodeNetworks {
             node_id: node_id.to_owned(),
             vips: Mutex::new(VipTable::open(maps_dir)?),
             vip_echo: Mutex::new(VipEcho::load(maps_dir)?),
-            echo_links: Mutex::default(),
+            task_links: Mutex::default(),
+            links_dir,
             dns: DnsServer::new(dns_records.clone(), forwarder)
                 .context("starting the embedded DNS thread")?,
             dns_records,
@@ -198,6 +217,7 @@ impl NodeNetworks {
             _mesh_clock: MeshClock::start(maps_dir, MESH_CLOCK_INTERVAL)?,
             mesh_programs: Mutex::new(MeshPrograms::load(maps_dir)?),
             ingress: Mutex::default(),
+            vxlan_peers: Mutex::new(VxlanPeers::open(maps_dir)?),
             mesh_grace_until: tokio::time::Instant::now() + MESH_RESTART_GRACE,
         })
     }
@@ -237,11 +257,20 @@ impl NodeNetworks {
             overlay.attach_node(&spec.id, address)
         })
         .await??;
-        let link = self
+        let reply = self
             .mesh_programs
             .lock()
             .expect("mesh programs")
-            .attach_reply(INGRESS_ENDPOINT)?;
+            .attach_reply(INGRESS_ENDPOINT, &self.links_dir)?;
+        let arp = self
+            .vip_echo
+            .lock()
+            .expect("vip echo")
+            .attach_node_endpoint(
+                &self.overlay.netns_path(&wanted.network_id),
+                INGRESS_ENDPOINT_PEER,
+                &self.links_dir,
+            )?;
         self.mesh
             .lock()
             .expect("mesh")
@@ -270,7 +299,7 @@ impl NodeNetworks {
             .publish(&wanted.network_id, &record.task_id, record.clone())
             .await?;
         let network_id = wanted.network_id.clone();
-        *self.ingress.lock().expect("ingress") = Some((wanted, link));
+        *self.ingress.lock().expect("ingress") = Some((wanted, vec![reply, arp]));
         self.reprogram(&gossip, &network_id).await;
         tracing::info!(address = %address, "routing mesh endpoint up");
         Ok(())
@@ -341,7 +370,7 @@ impl NodeNetworks {
     pub fn trace(
         &self,
         request: &TraceRequest,
-        run: impl FnOnce(&[u8]) -> Result<(u32, Vec<u8>)>,
+        run: impl FnOnce(&[u8]) -> Result<shoal_dataplane::IngressRun>,
     ) -> Result<TraceResult> {
         self.mesh.lock().expect("mesh").trace(request, run)
     }
@@ -367,6 +396,11 @@ impl NodeNetworks {
             result,
             backend_task,
         })
+    }
+
+    /// New connections from outside refused at the gateway bridge (nftables counts them).
+    pub fn gateway_refusals(&self) -> Result<shoal_dataplane::CounterStatus> {
+        self.overlay.gateway_refusals()
     }
 
     /// The mesh flows this node translated.
@@ -418,9 +452,7 @@ impl NodeNetworks {
             tokio::select! {
                 () = &mut grace_over, if grace_pending => {
                     grace_pending = false;
-                    if let Some(net) = self.ingress_network() {
-                        self.reprogram(&gossip, &net).await;
-                    }
+                    self.end_restart_grace(&gossip).await;
                 }
                 _ = expiry.tick() => {
                     match self.mesh.lock().expect("mesh").expire(&FlowTimeouts::default()) {
@@ -450,6 +482,34 @@ impl NodeNetworks {
                 }
             }
         }
+    }
+
+    /// Once gossip has had time to catch up after a start: what a previous agent left and
+    /// nobody uses or lists any more goes (networks without adopted tasks, peers gone
+    /// meanwhile, VXLAN peers of other networks).
+    async fn end_restart_grace(&self, gossip: &GossipHandle) {
+        for net in self.overlay.networks() {
+            self.reprogram(gossip, &net).await;
+            match self.overlay.prune_stale_peers(&net) {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(network = %net, entries = n, "removed peers that left while the agent was away")
+                }
+                Err(err) => {
+                    tracing::warn!(network = %net, error = %format!("{err:#}"), "pruning stale peers")
+                }
+            }
+        }
+        let overlay = Arc::clone(&self.overlay);
+        match tokio::task::spawn_blocking(move || overlay.remove_unused()).await {
+            Ok(Ok(removed)) if !removed.is_empty() => {
+                tracing::info!(namespaces = ?removed, "removed networks no task uses any more")
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => tracing::warn!(error = %format!("{err:#}"), "removing unused networks"),
+            Err(err) => tracing::warn!(error = %err, "removing unused networks"),
+        }
+        self.forget_vxlan_peers_of_other_networks();
     }
 
     /// Rebuilds the DNS records from the views of every network on this node.
@@ -544,12 +604,67 @@ impl NodeNetworks {
                 )
             })
             .collect();
+        // Accepted before the FDB points at them: a peer's first frames are not dropped.
+        self.accept_vxlan_from(net, &desired);
         let overlay = Arc::clone(&self.overlay);
         let net_id = net.to_owned();
         let result =
             tokio::task::spawn_blocking(move || overlay.program_peers(&net_id, &desired)).await;
         if let Err(err) = result.map_err(anyhow::Error::from).and_then(|r| r) {
             tracing::warn!(network = %net, error = %format!("{err:#}"), "programming peers failed");
+        }
+    }
+
+    /// Makes the network's VNI accept VXLAN from exactly the nodes of `peers` (only more of
+    /// them during the restart grace).
+    fn accept_vxlan_from(&self, net: &str, peers: &BTreeMap<String, Peer>) {
+        let Some(spec) = self.overlay.find(net) else {
+            return;
+        };
+        let vteps: BTreeSet<Ipv4Addr> = peers
+            .values()
+            .filter_map(|peer| match peer.vtep {
+                IpAddr::V4(vtep) => Some(vtep),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        let only_add = tokio::time::Instant::now() < self.mesh_grace_until;
+        let result = self
+            .vxlan_peers
+            .lock()
+            .expect("vxlan peers")
+            .sync(spec.vni, &vteps, only_add);
+        match result {
+            Ok((0, 0)) => {}
+            Ok((added, removed)) => {
+                tracing::debug!(network = %net, vni = spec.vni, added, removed, "VXLAN peers")
+            }
+            Err(err) => {
+                tracing::warn!(network = %net, error = %format!("{err:#}"), "programming VXLAN peers")
+            }
+        }
+    }
+
+    /// Refuses VXLAN on every VNI this node has no network for (left by a previous agent, or
+    /// a network just removed here).
+    fn forget_vxlan_peers_of_other_networks(&self) {
+        let ours: BTreeSet<u32> = self
+            .overlay
+            .networks()
+            .iter()
+            .filter_map(|net| self.overlay.find(net).map(|spec| spec.vni))
+            .collect();
+        let mut peers = self.vxlan_peers.lock().expect("vxlan peers");
+        let stale: Vec<u32> = peers
+            .programmed()
+            .keys()
+            .filter(|vni| !ours.contains(vni))
+            .copied()
+            .collect();
+        for vni in stale {
+            if let Err(err) = peers.sync(vni, &BTreeSet::new(), false) {
+                tracing::warn!(vni, error = %format!("{err:#}"), "removing VXLAN peers");
+            }
         }
     }
 
@@ -639,6 +754,17 @@ impl NodeNetworks {
     /// Builds the task's networks (when it is the first here), connects the task's
     /// namespace (`pid`) to them and announces its endpoints.
     pub async fn connect(self: &Arc<Self>, task: &Assignment, pid: u32) -> Result<()> {
+        self.join(task, pid, false).await
+    }
+
+    /// Takes over a task a previous agent connected, whose interfaces are still there:
+    /// its networks are adopted (or built), its programs' pinned links taken over in place,
+    /// its endpoints announced again and its DNS served again.
+    pub async fn readopt(self: &Arc<Self>, task: &Assignment, pid: u32) -> Result<()> {
+        self.join(task, pid, true).await
+    }
+
+    async fn join(self: &Arc<Self>, task: &Assignment, pid: u32, adopt: bool) -> Result<()> {
         if task.networks.is_empty() {
             return Ok(());
         }
@@ -664,32 +790,41 @@ impl NodeNetworks {
             .iter()
             .map(|n| (n.spec.id.clone(), n.address))
             .collect();
-        let interfaces =
-            tokio::task::spawn_blocking(move || overlay.attach(&task_id, pid, &wanted)).await??;
+        let interfaces = tokio::task::spawn_blocking(move || {
+            if adopt {
+                overlay.adopt(&task_id, pid, &wanted)
+            } else {
+                overlay.attach(&task_id, pid, &wanted)
+            }
+        })
+        .await??;
         let mut links = Vec::new();
         let mut ready_ports = Vec::new();
         let ingress = self.ingress_network();
         for interface in &interfaces {
             let netns = Path::new("/run/netns").join(&interface.netns);
+            // First on the hook: ARP answers, then (ingress) the mesh's origin tracking.
+            links.push(self.vip_echo.lock().expect("vip echo").attach(
+                &netns,
+                &interface.host_side,
+                (&task.task_id, &self.links_dir),
+            )?);
             if ingress.as_deref() == Some(interface.network_id.as_str()) {
                 links.extend(
                     self.mesh_programs
                         .lock()
                         .expect("mesh programs")
-                        .attach_task(&netns, &interface.host_side)?,
-                );
-            } else {
-                links.push(
-                    self.vip_echo
-                        .lock()
-                        .expect("vip echo")
-                        .attach(&netns, &interface.host_side)?,
+                        .attach_task(
+                            &netns,
+                            &interface.host_side,
+                            (&task.task_id, &self.links_dir),
+                        )?,
                 );
             }
         }
-        self.echo_links
+        self.task_links
             .lock()
-            .expect("echo links")
+            .expect("task links")
             .insert(task.task_id.clone(), links);
         for interface in &interfaces {
             let vip = task
@@ -788,10 +923,10 @@ impl NodeNetworks {
     /// Opens 127.0.0.11:53 (UDP and TCP) in the task's namespace and answers there for the
     /// task's networks.
     async fn serve_dns(&self, task: &Assignment, pid: u32) -> Result<()> {
-        let netns = std::path::PathBuf::from(format!("/proc/{pid}/ns/net"));
-        let (udp, tcp) = tokio::task::spawn_blocking(move || bind_in_netns(&netns))
-            .await?
-            .context("opening the task's DNS sockets at 127.0.0.11:53")?;
+        // task-init holds them, so they outlive this agent: queries wait for the next one.
+        let (udp, tcp) = shoal_dataplane::task::take_dns_sockets(pid)
+            .await
+            .context("taking the task's DNS sockets at 127.0.0.11:53")?;
         let scope = TaskScope {
             networks: task
                 .networks
@@ -806,6 +941,14 @@ impl NodeNetworks {
             .expect("dns tasks")
             .insert(task.task_id.clone(), (handle, scope));
         Ok(())
+    }
+
+    /// Unpins the links a previous agent pinned for a task that is not adopted (it ended, or
+    /// the managers no longer want it).
+    pub fn forget_task_links(&self, task_id: &str) {
+        if let Err(err) = shoal_dataplane::release_task_links(&self.links_dir, &|t| t != task_id) {
+            tracing::warn!(task = %task_id, error = %format!("{err:#}"), "unpinning a task's links");
+        }
     }
 
     /// Withdraws a task's endpoints (VIPs stop choosing it, here at once and elsewhere as
@@ -831,7 +974,17 @@ impl NodeNetworks {
     pub async fn disconnect(&self, task_id: &str) {
         let gossip = self.gossip();
         self.withdraw(task_id).await;
-        self.echo_links.lock().expect("echo links").remove(task_id);
+        let links = self
+            .task_links
+            .lock()
+            .expect("task links")
+            .remove(task_id)
+            .unwrap_or_default();
+        for link in links {
+            if let Err(err) = link.release() {
+                tracing::warn!(task = %task_id, error = %format!("{err:#}"), "unpinning a task's link");
+            }
+        }
         self.dns_tasks.lock().expect("dns tasks").remove(task_id);
         self.overlay.detach(task_id);
         let unused: Vec<String> = {
@@ -859,6 +1012,7 @@ impl NodeNetworks {
             if let Err(err) = removed.map_err(anyhow::Error::from).and_then(|r| r) {
                 tracing::warn!(network = %net, error = %format!("{err:#}"), "removing a network");
             }
+            self.forget_vxlan_peers_of_other_networks();
         }
     }
 
@@ -882,7 +1036,17 @@ impl NodeNetworks {
             gossip.shutdown().await;
         }
         let overlay = Arc::clone(&self.overlay);
-        tokio::task::spawn_blocking(move || overlay.remove_all()).await?
+        tokio::task::spawn_blocking(move || overlay.remove_all()).await??;
+        self.forget_vxlan_peers_of_other_networks();
+        // Every pinned link goes with what it was attached to.
+        self.task_links.lock().expect("task links").clear();
+        if let Some((_, links)) = self.ingress.lock().expect("ingress").take() {
+            for link in links {
+                link.release()?;
+            }
+        }
+        shoal_dataplane::release_task_links(&self.links_dir, &|_| false)?;
+        Ok(())
     }
 }
 

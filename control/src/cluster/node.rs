@@ -24,7 +24,7 @@ use shoal_dns::DnsStats;
 use tokio::{sync::watch, task::JoinHandle};
 
 use super::{
-    ipam::{allocate_subnet, Subnet},
+    ipam::{allocate_subnet, host_claims, HostClaim, Subnet},
     manager::{now, Manager, NOT_A_MANAGER},
     networking::{DnsLookup, NodeNetworks},
     orchestrator::Settings,
@@ -153,6 +153,12 @@ pub struct ClusterRuntime {
     running: tokio::sync::RwLock<Option<Running>>,
 }
 
+/// How long a manager's `swarm join` waits for it to become a Raft voter (the leader adds
+/// it in the background, catch-up included).
+const JOIN_VOTER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long `swarm leave` tries to tell the managers before it leaves anyway.
+const LEAVE_NOTICE_TIMEOUT: Duration = Duration::from_secs(10);
+
 pub const NOT_IN_SWARM: &str =
     "this node is not part of a swarm: run `shoal swarm init` or `shoal swarm join` first";
 
@@ -223,8 +229,16 @@ impl ClusterRuntime {
         if settings.data_path_port == 0 {
             bail!("--data-path-port must not be 0");
         }
-        // The routing-mesh network takes the pool's first subnet, as Swarm's ingress does.
-        let ingress_subnet = allocate_subnet(settings.default_pool, settings.pool_prefix, &[])?;
+        let claims = tokio::task::spawn_blocking(host_claims)
+            .await?
+            .context("reading this node's addresses and routes")?;
+        if let Some(pool) = request.default_addr_pool {
+            check_pool_clear(pool, &claims)?;
+        }
+        // The routing-mesh network takes the pool's first subnet clear of this node's
+        // addresses and routes, as Swarm's ingress takes the first.
+        let used: Vec<Subnet> = claims.iter().map(|c| c.subnet).collect();
+        let ingress_subnet = allocate_subnet(settings.default_pool, settings.pool_prefix, &used)?;
         let ingress = Network {
             id: random_id(25),
             name: "ingress".to_owned(),
@@ -289,6 +303,9 @@ impl ClusterRuntime {
                         created_at: at,
                         status_since: at,
                         ingress_address: None,
+                        gossip_port: self.config.gossip_port,
+                        exposed_metrics_port: self.config.exposed_metrics_port(),
+                        left: false,
                     },
                     settings,
                     ingress,
@@ -425,6 +442,8 @@ impl ClusterRuntime {
                 hostname: self.config.hostname.clone(),
                 addr: advertise.ip(),
                 port: advertise.port(),
+                gossip_port: self.config.gossip_port,
+                exposed_metrics_port: self.config.exposed_metrics_port(),
             }),
         };
         let answer = client
@@ -464,16 +483,35 @@ impl ClusterRuntime {
             data_path_addr: args.data_path_addr,
         };
         self.save(&membership)?;
-        *running = Some(self.launch(membership).await?);
+        let started = self.launch(membership).await?;
+        let manager = started.manager();
+        *running = Some(started);
+        // Raft and heartbeats run without this lock; other calls of the CLI need it.
+        drop(running);
         tracing::info!(node = %joined.node_id, role = %joined.role, "joined the swarm");
+        if let Some(manager) = manager {
+            // As in Swarm, a manager's join returns once it is a member the quorum counts.
+            manager
+                .wait_until_voter(JOIN_VOTER_TIMEOUT)
+                .await
+                .map_err(|err| {
+                    anyhow!(
+                        "joined the swarm as manager {}, but {err:#}. It stays in the swarm and \
+                         the leader keeps adding it: `shoal node ls` on a manager shows it \
+                         Reachable once it votes; until then see the leader's agent log",
+                        joined.node_id
+                    )
+                })?;
+            tracing::info!("this manager is a Raft voter");
+        }
         Ok(JoinedResponse {
             node_id: joined.node_id,
             role: joined.role,
         })
     }
 
-    /// Leaves the swarm: stops the cluster loops and forgets the membership. Tasks of this
-    /// node are stopped. A manager needs `force` (it may cost the swarm its quorum).
+    /// Leaves the swarm: tells the managers, stops this node's tasks and the cluster loops,
+    /// and forgets the membership. A manager needs `force` (it may cost the swarm its quorum).
     pub async fn leave(&self, force: bool) -> Result<()> {
         let mut running = self.running.write().await;
         let Some(current) = running.as_ref() else {
@@ -485,6 +523,8 @@ impl ClusterRuntime {
                  (`shoal node demote`), or use --force to leave anyway"
             );
         }
+        // Said before the tasks stop, so that their replacements go to other nodes.
+        announce_leave(current).await;
         let current = running.take().expect("checked");
         current.worker.stop_all().await;
         let networks = current.worker.networks().clone();
@@ -529,7 +569,7 @@ impl ClusterRuntime {
                 gateway_subnet: self.config.gateway_subnet,
             },
             SocketAddr::new(membership.advertise.ip(), self.config.gossip_port),
-            &shoal_dataplane::maps_dir(&self.config.bpffs_root),
+            &self.config.bpffs_root,
             (
                 self.config.advertise_interface.as_str(),
                 self.config.mesh_limits(),
@@ -733,6 +773,48 @@ impl ClusterRuntime {
     }
 }
 
+/// Tells the managers this node is leaving: they place nothing on it any more and replace
+/// its tasks elsewhere at once. Best effort: a node that cannot tell them leaves anyway and
+/// is marked Down once its heartbeats stop, as after a crash.
+async fn announce_leave(current: &Running) {
+    let managers = match current.manager() {
+        Some(manager) => manager.state().managers().map(|n| n.endpoint()).collect(),
+        // The heartbeats' latest list: the one saved at join may be long gone.
+        None => current.worker.managers(),
+    };
+    let notice = tell_managers_leaving(&current.client, &managers);
+    let failure = match tokio::time::timeout(LEAVE_NOTICE_TIMEOUT, notice).await {
+        Ok(Ok(())) => return,
+        Ok(Err(err)) => format!("{err:#}"),
+        Err(_) => format!("no answer within {} s", LEAVE_NOTICE_TIMEOUT.as_secs()),
+    };
+    tracing::warn!(
+        error = %failure,
+        "could not tell the managers this node leaves: they mark it Down when its heartbeats \
+         stop and move its tasks after their reschedule grace"
+    );
+}
+
+async fn tell_managers_leaving(client: &ClusterClient, managers: &[String]) -> Result<()> {
+    let envelope = Envelope {
+        forwarded: false,
+        origin: None,
+        request: ClusterRequest::Leave,
+    };
+    let mut last_error = anyhow!("no managers known");
+    for manager in managers {
+        match client
+            .post::<_, ClusterResponse>(manager, "/cluster", &envelope, Duration::from_secs(5))
+            .await
+        {
+            Ok(ClusterResponse::Left) => return Ok(()),
+            Ok(_) => last_error = anyhow!("{manager} answered the leave oddly"),
+            Err(err) => last_error = err.context(format!("manager {manager}")),
+        }
+    }
+    Err(last_error)
+}
+
 async fn stop(running: Running) {
     let _ = running.shutdown.send(true);
     *running.shared.manager.write().expect("manager slot") = None;
@@ -752,6 +834,22 @@ async fn stop_manager(part: ManagerPart) {
     for handle in part.loops {
         handle.abort();
     }
+}
+
+/// An explicit `--default-addr-pool` must not take this node's own networks (its addresses
+/// and connected routes); the default pool is only allocated around them instead.
+fn check_pool_clear(pool: Subnet, claims: &[HostClaim]) -> Result<()> {
+    if let Some(claim) = claims
+        .iter()
+        .find(|c| c.connected && c.subnet.overlaps(pool))
+    {
+        bail!(
+            "--default-addr-pool {pool} overlaps {claim} of this node: overlay tasks could not \
+             reach those addresses; choose a pool clear of the node's networks (`ip -4 addr`, \
+             `ip -4 route` list them)"
+        );
+    }
+    Ok(())
 }
 
 /// Raft RPCs over the cluster transport.
@@ -856,4 +954,29 @@ async fn logs_call(
         .task_logs(caller, &request)
         .map(Json)
         .map_err(|err| failure(StatusCode::FORBIDDEN, err))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_explicit_pool_must_not_take_the_nodes_own_networks() {
+        let claim = |subnet: &str, connected| HostClaim {
+            subnet: subnet.parse().unwrap(),
+            connected,
+            source: "address 192.168.77.11/24 on eth0".into(),
+        };
+        let claims = [claim("192.168.77.0/24", true), claim("10.5.0.0/16", false)];
+        let err = check_pool_clear("192.168.0.0/16".parse().unwrap(), &claims).unwrap_err();
+        assert!(
+            err.to_string().starts_with(
+                "--default-addr-pool 192.168.0.0/16 overlaps 192.168.77.0/24 (address \
+                 192.168.77.11/24 on eth0) of this node: "
+            ),
+            "{err}"
+        );
+        // A network behind a gateway is allocated around, not refused.
+        check_pool_clear("10.0.0.0/8".parse().unwrap(), &claims).unwrap();
+    }
 }

@@ -255,15 +255,24 @@ impl Plan<'_> {
         Ok(attachments)
     }
 
-    /// A task still meant to run and not known to have stopped.
+    /// A task still meant to run, not known to have stopped, on a node that keeps it.
     fn is_live(&self, task: &Task) -> bool {
         task.desired == TaskState::Running
             && !task.state.is_terminal()
-            && task
-                .node_id
-                .as_ref()
-                .and_then(|id| self.state.nodes.get(id))
-                .is_none_or(|n| n.availability != Availability::Drain)
+            && self.eviction(task).is_none()
+    }
+
+    /// Why a task must move off its node now, if it must: the node is drained, or it is
+    /// leaving the swarm (it stops its tasks itself; their replacements go elsewhere at once).
+    fn eviction(&self, task: &Task) -> Option<&'static str> {
+        let node = self.state.nodes.get(task.node_id.as_ref()?)?;
+        if node.left {
+            Some("node left")
+        } else if node.availability == Availability::Drain {
+            Some("node drained")
+        } else {
+            None
+        }
     }
 
     /// Whether the newest task of a slot failed less than the restart delay ago.
@@ -308,18 +317,16 @@ impl Plan<'_> {
     fn replicated(&mut self, service: &Service, replicas: u64) {
         let tasks = self.service_tasks(&service.id);
         for task in &tasks {
-            let on_drained = task
-                .node_id
-                .as_ref()
-                .and_then(|id| self.state.nodes.get(id))
-                .is_some_and(|n| n.availability == Availability::Drain);
-            if task.desired == TaskState::Running && task.slot > replicas {
+            if task.desired != TaskState::Running {
+                continue;
+            }
+            if task.slot > replicas {
                 self.shut_down(task.clone(), "scaled down");
-            } else if task.desired == TaskState::Running && task.state.is_terminal() {
+            } else if task.state.is_terminal() {
                 // Exited: keep it as history; its slot gets a new task below.
                 self.shut_down(task.clone(), "replaced");
-            } else if task.desired == TaskState::Running && on_drained {
-                self.shut_down(task.clone(), "node drained");
+            } else if let Some(why) = self.eviction(task) {
+                self.shut_down(task.clone(), why);
             }
         }
         for slot in 1..=replicas {
@@ -523,6 +530,7 @@ impl Plan<'_> {
 
 fn eligible(node: &Node, service: &Service) -> bool {
     node.status == NodeStatus::Ready
+        && !node.left
         && node.availability == Availability::Active
         && service.spec.constraints.iter().all(|c| c.matches(node))
 }
@@ -560,6 +568,9 @@ mod tests {
                     created_at: 0,
                     status_since: 0,
                     ingress_address: None,
+                    gossip_port: 7946,
+                    exposed_metrics_port: None,
+                    left: false,
                 },
             );
         }
@@ -781,6 +792,79 @@ mod tests {
             "paused node keeps its tasks: {per:?}"
         );
         assert_eq!(per.get("n1"), Some(&4));
+    }
+
+    #[test]
+    fn a_leaving_node_gets_no_task_and_its_tasks_move_at_once() {
+        let mut state = cluster(3);
+        let web = service(&mut state, "web", ServiceMode::Replicated { replicas: 3 });
+        let agent = service(&mut state, "agent", ServiceMode::Global);
+        converge(&mut state, 1);
+        assert_eq!(running_per_node(&state, &web).get("n3"), Some(&1));
+        state
+            .apply(Command::NodeLeaving {
+                id: "n3".into(),
+                at: 2,
+            })
+            .unwrap();
+        // Well within the grace of a Down node: a leaving one does not wait for it.
+        converge(&mut state, 3);
+        let expected = BTreeMap::from([("n1".into(), 1), ("n2".into(), 1)]);
+        assert_eq!(running_per_node(&state, &agent), expected);
+        let web_per_node = running_per_node(&state, &web);
+        assert_eq!(web_per_node.get("n3"), None, "{web_per_node:?}");
+        assert_eq!(web_per_node.values().sum::<usize>(), 3);
+        assert!(
+            state
+                .tasks
+                .values()
+                .filter(|t| t.node_id.as_deref() == Some("n3"))
+                .all(|t| t.created_at == 1 && t.desired == TaskState::Shutdown),
+            "nothing new is placed on the leaving node"
+        );
+    }
+
+    #[test]
+    fn a_leaving_node_is_never_eligible_even_while_it_still_heartbeats() {
+        let mut state = cluster(2);
+        let web = service(&mut state, "web", ServiceMode::Replicated { replicas: 2 });
+        converge(&mut state, 1);
+        state
+            .apply(Command::NodeLeaving {
+                id: "n2".into(),
+                at: 2,
+            })
+            .unwrap();
+        // Its last heartbeats could have it seen alive, and it reports its task stopping.
+        state
+            .apply(Command::SetNodeStatus {
+                id: "n2".into(),
+                status: NodeStatus::Ready,
+                since: 2,
+            })
+            .unwrap();
+        let stopped: Vec<TaskReport> = state
+            .tasks
+            .values()
+            .filter(|t| t.node_id.as_deref() == Some("n2"))
+            .map(|t| TaskReport {
+                task_id: t.id.clone(),
+                state: TaskState::Shutdown,
+                error: String::new(),
+            })
+            .collect();
+        state
+            .apply(Command::ReportTasks {
+                node_id: "n2".into(),
+                reports: stopped,
+                at: 2,
+            })
+            .unwrap();
+        converge(&mut state, 2 + RESTART_DELAY_SECS);
+        assert_eq!(
+            running_per_node(&state, &web),
+            BTreeMap::from([("n1".into(), 2)])
+        );
     }
 
     #[test]

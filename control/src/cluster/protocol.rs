@@ -31,7 +31,11 @@ pub struct Envelope {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum ClusterRequest {
     Join(JoinRequest),
-    Heartbeat { reports: Vec<TaskReport> },
+    Heartbeat {
+        reports: Vec<TaskReport>,
+    },
+    /// The calling node is leaving the swarm (`swarm leave`), before it stops its tasks.
+    Leave,
     Control(ControlRequest),
 }
 
@@ -39,6 +43,7 @@ pub enum ClusterRequest {
 pub enum ClusterResponse {
     Joined(JoinResponse),
     Heartbeat(HeartbeatResponse),
+    Left,
     Control(ControlResponse),
 }
 
@@ -49,6 +54,16 @@ pub struct JoinRequest {
     pub hostname: String,
     pub addr: IpAddr,
     pub port: u16,
+    /// The joining agent's gossip port (agents that predate it use the default).
+    #[serde(default = "default_gossip_port")]
+    pub gossip_port: u16,
+    /// Its metrics listener's port when that listens beyond loopback.
+    #[serde(default)]
+    pub exposed_metrics_port: Option<u16>,
+}
+
+fn default_gossip_port() -> u16 {
+    super::state::DEFAULT_GOSSIP_PORT
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

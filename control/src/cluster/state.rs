@@ -143,7 +143,43 @@ pub struct Node {
     /// from and receives replies; set by the orchestrator (`SetNodeIngress`).
     #[serde(default)]
     pub ingress_address: Option<Ipv4Addr>,
+    /// Gossip port of this node, TCP and UDP (7946 unless configured); recorded at join.
+    #[serde(default = "default_gossip_port")]
+    pub gossip_port: u16,
+    /// Port of the agent's metrics listener when it listens beyond loopback (then the node
+    /// network can reach it); recorded at join.
+    #[serde(default)]
+    pub exposed_metrics_port: Option<u16>,
+    /// Set when the node said it leaves (`swarm leave`): from then on it is Down and gets no
+    /// task, whatever its last heartbeats say.
+    #[serde(default)]
+    pub left: bool,
 }
+
+/// Manager API port of a node unless configured (TCP; every node serves it).
+pub const DEFAULT_MANAGER_PORT: u16 = 2377;
+/// Gossip port of a node unless configured (TCP and UDP).
+pub const DEFAULT_GOSSIP_PORT: u16 = 7946;
+
+fn default_gossip_port() -> u16 {
+    DEFAULT_GOSSIP_PORT
+}
+
+/// A port shoal itself listens on (`ClusterState::reserved_ports`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReservedPort {
+    pub protocol: shoal_dataplane::mesh::Protocol,
+    pub port: u16,
+    /// What listens there, as a refusal names it.
+    pub listener: &'static str,
+    /// `every node`, or `node NAME` for one node's own setting.
+    pub on: String,
+}
+
+const MANAGER_LISTENER: &str = "shoal's manager API (joins, heartbeats, Raft)";
+const GOSSIP_LISTENER: &str = "shoal's gossip (membership and overlay state)";
+const DATA_PATH_LISTENER: &str = "the swarm's VXLAN data path";
+const METRICS_LISTENER: &str = "the agent's metrics and health endpoint";
 
 impl Node {
     pub fn endpoint(&self) -> String {
@@ -504,6 +540,11 @@ pub enum Command {
     RemoveNode {
         id: String,
     },
+    /// The node is leaving the swarm (`NodeStatus::Down` and `Node::left` from `at` on).
+    NodeLeaving {
+        id: String,
+        at: Timestamp,
+    },
     RotateToken {
         role: Role,
         secret: String,
@@ -563,6 +604,98 @@ impl ClusterState {
         networks
     }
 
+    /// Every port shoal listens on from the node network, which no service may publish:
+    /// the mesh would hand the cluster's own traffic to its tasks. The defaults and the
+    /// swarm's data-path port are reserved on every node, and each node's own manager,
+    /// gossip and (when not on loopback) metrics ports besides.
+    pub fn reserved_ports(&self) -> Vec<ReservedPort> {
+        use shoal_dataplane::mesh::Protocol::{Tcp, Udp};
+        let mut reserved = Vec::new();
+        let mut reserve = |protocol, port, listener, on: &str| {
+            if !reserved
+                .iter()
+                .any(|r: &ReservedPort| r.protocol == protocol && r.port == port)
+            {
+                reserved.push(ReservedPort {
+                    protocol,
+                    port,
+                    listener,
+                    on: on.to_owned(),
+                });
+            }
+        };
+        let every = "every node";
+        reserve(Tcp, DEFAULT_MANAGER_PORT, MANAGER_LISTENER, every);
+        reserve(Tcp, DEFAULT_GOSSIP_PORT, GOSSIP_LISTENER, every);
+        reserve(Udp, DEFAULT_GOSSIP_PORT, GOSSIP_LISTENER, every);
+        reserve(Udp, self.settings.data_path_port, DATA_PATH_LISTENER, every);
+        for node in self.nodes.values() {
+            let on = format!("node {}", node.hostname);
+            reserve(Tcp, node.port, MANAGER_LISTENER, &on);
+            reserve(Tcp, node.gossip_port, GOSSIP_LISTENER, &on);
+            reserve(Udp, node.gossip_port, GOSSIP_LISTENER, &on);
+            if let Some(port) = node.exposed_metrics_port {
+                reserve(Tcp, port, METRICS_LISTENER, &on);
+            }
+        }
+        reserved
+    }
+
+    /// Refuses a service publishing a reserved port, or one another service publishes:
+    /// every node answers on a published port, so it has one owner in the whole swarm.
+    /// `apply` decides (in log order); the manager also asks up front for a quick answer.
+    pub fn check_published_ports(&self, service: &Service) -> Result<()> {
+        let reserved = self.reserved_ports();
+        for port in &service.spec.ports {
+            let (number, protocol) = (port.published, port.protocol.name());
+            if let Some(taken) = reserved
+                .iter()
+                .find(|r| r.port == number && r.protocol == port.protocol)
+            {
+                bail!(
+                    "port {number}/{protocol} is reserved: {} listens there on {}; \
+                     publish another port",
+                    taken.listener,
+                    taken.on
+                );
+            }
+            let holder = self.services.values().find(|s| {
+                s.id != service.id
+                    && s.spec
+                        .ports
+                        .iter()
+                        .any(|p| p.published == number && p.protocol == port.protocol)
+            });
+            if let Some(holder) = holder {
+                bail!(
+                    "port {number}/{protocol} is already published by service {0}: choose \
+                     another, or free it with `shoal service update --publish-rm \
+                     {number}/{protocol} {0}`",
+                    holder.spec.name,
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses an overlay subnet holding a node's address: the network's tasks would look
+    /// for that node on the overlay.
+    pub fn check_clear_of_nodes(&self, subnet: Subnet) -> Result<()> {
+        for node in self.nodes.values() {
+            if let IpAddr::V4(addr) = node.addr {
+                if subnet.contains(addr) {
+                    bail!(
+                        "subnet {subnet} holds the address {addr} of node {}: the network's \
+                         tasks could not reach that node; choose another --subnet, or leave it \
+                         out",
+                        node.hostname
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn apply(&mut self, command: Command) -> Result<()> {
         match command {
             Command::Init {
@@ -618,6 +751,17 @@ impl ClusterState {
             Command::RemoveNode { id } => {
                 self.nodes.remove(&id);
             }
+            Command::NodeLeaving { id, at } => {
+                let node = self
+                    .nodes
+                    .get_mut(&id)
+                    .ok_or_else(|| anyhow::anyhow!("node {id} not found"))?;
+                node.left = true;
+                if node.status != NodeStatus::Down {
+                    node.status = NodeStatus::Down;
+                    node.status_since = at;
+                }
+            }
             Command::AddGossipKey { key, at } => {
                 self.gossip_keys.push(key);
                 let extra = self.gossip_keys.len().saturating_sub(GOSSIP_KEYS);
@@ -641,6 +785,7 @@ impl ClusterState {
                         other.id
                     );
                 }
+                self.check_published_ports(&service)?;
                 let mut service = service;
                 if let Some(existing) = self.services.get(&service.id) {
                     service.vips = existing.vips.clone();
@@ -661,6 +806,7 @@ impl ClusterState {
                 self.services.remove(&id);
             }
             Command::PutNetwork(network) => {
+                self.check_clear_of_nodes(network.subnet)?;
                 for other in self.networks.values().filter(|n| n.id != network.id) {
                     if other.name == network.name {
                         bail!(
@@ -866,6 +1012,9 @@ mod tests {
             created_at: 0,
             status_since: 0,
             ingress_address: None,
+            gossip_port: DEFAULT_GOSSIP_PORT,
+            exposed_metrics_port: None,
+            left: false,
         }
     }
 
@@ -968,6 +1117,178 @@ mod tests {
             .to_string()
             .starts_with("the ingress network carries the routing mesh"));
         assert!(state.find_network("ingress").is_ok());
+    }
+
+    /// A replicated service `name` (ID `id-NAME`) publishing `ports`.
+    fn publishing(name: &str, ports: &[&str]) -> Service {
+        Service {
+            id: format!("id-{name}"),
+            spec: ServiceSpec {
+                name: name.into(),
+                mode: ServiceMode::Replicated { replicas: 1 },
+                command: vec!["true".into()],
+                env: vec![],
+                constraints: vec![],
+                update_parallelism: 1,
+                update_delay_secs: 0,
+                networks: vec![],
+                endpoint_mode: EndpointMode::Vip,
+                ports: ports
+                    .iter()
+                    .map(|p| PortConfig::parse(p).unwrap())
+                    .collect(),
+            },
+            version: 1,
+            created_at: 0,
+            updated_at: 0,
+            vips: vec![],
+        }
+    }
+
+    /// A swarm on data-path port 4790 whose node `b` moved its manager and gossip ports and
+    /// opened its metrics listener beyond loopback.
+    fn swarm_with_custom_ports() -> ClusterState {
+        let mut state = ClusterState::default();
+        state.settings.data_path_port = 4790;
+        state
+            .apply(Command::AddNode(node("a", 1, Role::Manager)))
+            .unwrap();
+        let mut b = node("b", 2, Role::Worker);
+        b.port = 2378;
+        b.gossip_port = 7947;
+        b.exposed_metrics_port = Some(9100);
+        state.apply(Command::AddNode(b)).unwrap();
+        state
+    }
+
+    #[test]
+    fn reserved_ports_are_refused_on_create_and_update() {
+        let mut state = swarm_with_custom_ports();
+        for (publish, port, listener, on) in [
+            ("2377:80", "2377/tcp", "manager API", "every node"),
+            ("2378:80", "2378/tcp", "manager API", "node b"),
+            ("7946:80", "7946/tcp", "gossip", "every node"),
+            ("7946:80/udp", "7946/udp", "gossip", "every node"),
+            ("7947:80", "7947/tcp", "gossip", "node b"),
+            ("7947:80/udp", "7947/udp", "gossip", "node b"),
+            ("4790:80/udp", "4790/udp", "VXLAN data path", "every node"),
+            ("9100:80", "9100/tcp", "metrics", "node b"),
+            (
+                "published=7946,target=80,protocol=udp,mode=host",
+                "7946/udp",
+                "gossip",
+                "every node",
+            ),
+        ] {
+            let err = state
+                .apply(Command::PutService(publishing("web", &[publish])))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with(&format!("port {port} is reserved: "))
+                    && err.contains(listener)
+                    && err.ends_with(&format!("listens there on {on}; publish another port")),
+                "{publish}: {err}"
+            );
+        }
+        assert!(state.services.is_empty());
+        // The same numbers where nothing of shoal listens are anyone's.
+        for free in [
+            "2377:80/udp",
+            "4789:80/udp",
+            "4790:80",
+            "9323:80",
+            "9100:80/udp",
+        ] {
+            state
+                .apply(Command::PutService(publishing("free", &[free])))
+                .unwrap();
+            state.services.clear();
+        }
+
+        // An update adding a reserved port is refused and changes nothing.
+        state
+            .apply(Command::PutService(publishing("web", &["8080:80"])))
+            .unwrap();
+        let err = state
+            .apply(Command::PutService(publishing(
+                "web",
+                &["8080:80", "7946:80/udp"],
+            )))
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "port 7946/udp is reserved: shoal's gossip (membership and overlay state) listens \
+             there on every node; publish another port"
+        );
+        assert_eq!(state.services["id-web"].spec.ports.len(), 1);
+    }
+
+    #[test]
+    fn published_port_conflicts_are_decided_in_apply() {
+        let mut state = ClusterState::default();
+        state
+            .apply(Command::PutService(publishing("a", &["8080:80"])))
+            .unwrap();
+        let err = state
+            .apply(Command::PutService(publishing("b", &["8080:81"])))
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "port 8080/tcp is already published by service a: choose another, or free it with \
+             `shoal service update --publish-rm 8080/tcp a`"
+        );
+        assert!(!state.services.contains_key("id-b"));
+        // Another protocol is another port; a service keeps its own port across updates.
+        state
+            .apply(Command::PutService(publishing("b", &["8080:80/udp"])))
+            .unwrap();
+        state
+            .apply(Command::PutService(publishing(
+                "a",
+                &["8080:80", "9090:90"],
+            )))
+            .unwrap();
+        let err = state
+            .apply(Command::PutService(publishing(
+                "b",
+                &["8080:80/udp", "9090:90"],
+            )))
+            .unwrap_err();
+        assert!(err
+            .to_string()
+            .starts_with("port 9090/tcp is already published by service a"));
+    }
+
+    #[test]
+    fn overlay_subnets_keep_clear_of_node_addresses() {
+        let mut state = ClusterState::default();
+        let mut node1 = node("n1", 1, Role::Manager);
+        node1.hostname = "node1".into();
+        node1.addr = "192.168.77.11".parse().unwrap();
+        state.apply(Command::AddNode(node1)).unwrap();
+        let err = state
+            .apply(Command::PutNetwork(network("x", "192.168.77.0/24", 4097)))
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "subnet 192.168.77.0/24 holds the address 192.168.77.11 of node node1: the \
+             network's tasks could not reach that node; choose another --subnet, or leave it out"
+        );
+        assert!(state.networks.is_empty());
+        state
+            .apply(Command::PutNetwork(network("x", "192.168.78.0/24", 4097)))
+            .unwrap();
+    }
+
+    #[test]
+    fn nodes_recorded_before_their_ports_were_get_the_defaults() {
+        let mut json = serde_json::to_value(node("a", 1, Role::Worker)).unwrap();
+        let fields = json.as_object_mut().unwrap();
+        fields.remove("gossip_port");
+        fields.remove("exposed_metrics_port");
+        let old: Node = serde_json::from_value(json).unwrap();
+        assert_eq!((old.gossip_port, old.exposed_metrics_port), (7946, None));
     }
 
     fn task(id: &str, node: &str, state: TaskState) -> Task {

@@ -9,16 +9,17 @@ use std::{
     time::Duration,
 };
 
-use anyhow::Result;
-use shoal_dataplane::task::{TaskHandle, TaskLaunch, TaskRuntime};
+use anyhow::{Context as _, Result};
+use shoal_dataplane::task::{Leftover, TaskHandle, TaskLaunch, TaskRuntime};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use super::{
+    ipam::{self, Subnet},
     networking::NodeNetworks,
     pki::Role,
     protocol::{
-        Assignment, ClusterRequest, ClusterResponse, Envelope, HeartbeatResponse, LogsRequest,
-        TaskLog,
+        AssignedNetwork, Assignment, ClusterRequest, ClusterResponse, Envelope, HeartbeatResponse,
+        LogsRequest, TaskLog,
     },
     state::{TaskReport, TaskState},
     transport::ClusterClient,
@@ -32,6 +33,12 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 /// carry the withdrawal to every node (a few hundred milliseconds), so no node still sends
 /// new connections to a task that is going away.
 const STOP_DRAIN: Duration = Duration::from_secs(1);
+
+/// A task to supervise: started by this agent, or adopted from a previous one.
+enum Launched {
+    Started(TaskHandle),
+    Adopted(TaskHandle),
+}
 
 struct LocalTask {
     /// `web.1.<id>`, as `service ps` shows it.
@@ -54,6 +61,8 @@ pub struct Worker {
     role_changes: mpsc::UnboundedSender<Role>,
     manager_ids: Mutex<Vec<String>>,
     tasks: Mutex<HashMap<String, LocalTask>>,
+    /// Tasks a previous agent left, until the first assignments settle them.
+    leftovers: Mutex<Vec<Leftover>>,
     wake: Notify,
     /// When a manager last answered a heartbeat (health checks).
     last_heartbeat: Mutex<Option<tokio::time::Instant>>,
@@ -68,20 +77,11 @@ impl Worker {
         role: Role,
         role_changes: mpsc::UnboundedSender<Role>,
     ) -> Result<Self> {
-        let mut tasks = HashMap::new();
-        // Tasks of a previous agent on this node are not supervised by anyone: end them and
-        // report them failed, so the orchestrator replaces them.
-        for id in runtime.remove_leftovers()? {
-            tracing::info!(task = %id, "ended a task left by a previous agent");
-            tasks.insert(
-                id.clone(),
-                LocalTask {
-                    name: id,
-                    state: TaskState::Failed,
-                    error: "agent restarted".into(),
-                    stop: None,
-                },
-            );
+        // Tasks a previous agent started are settled with the managers' first answer:
+        // adopted while the managers still want them, stopped otherwise.
+        let leftovers = runtime.leftovers()?;
+        if !leftovers.is_empty() {
+            tracing::info!(tasks = leftovers.len(), "found tasks of a previous agent");
         }
         Ok(Self {
             runtime,
@@ -92,7 +92,8 @@ impl Worker {
             role: Mutex::new(role),
             role_changes,
             manager_ids: Mutex::default(),
-            tasks: Mutex::new(tasks),
+            tasks: Mutex::default(),
+            leftovers: Mutex::new(leftovers),
             wake: Notify::new(),
             last_heartbeat: Mutex::default(),
         })
@@ -104,6 +105,11 @@ impl Worker {
 
     pub fn networks(&self) -> &Arc<NodeNetworks> {
         &self.networks
+    }
+
+    /// The managers' API endpoints as the last heartbeat listed them.
+    pub fn managers(&self) -> Vec<String> {
+        self.managers.lock().expect("managers").clone()
     }
 
     /// The state of each task this node knows (metrics).
@@ -313,8 +319,106 @@ impl Worker {
         Err(last_error)
     }
 
+    /// Settles the tasks a previous agent left against the managers' assignments: a task
+    /// they still want running is adopted (same process, addresses and cgroup); one that
+    /// ended meanwhile is reported with its real exit status; one they replaced while this
+    /// node was away is stopped, as Swarm does with orphaned tasks.
+    fn settle_leftovers(
+        self: &Arc<Self>,
+        assignments: &[Assignment],
+        tasks: &mut HashMap<String, LocalTask>,
+    ) {
+        for leftover in std::mem::take(&mut *self.leftovers.lock().expect("leftovers")) {
+            let id = leftover.id;
+            let wanted = assignments
+                .iter()
+                .find(|a| a.task_id == id && a.desired == TaskState::Running);
+            match (wanted, leftover.running) {
+                (Some(assignment), true) => match self.runtime.adopt(&id) {
+                    Ok(handle) => {
+                        tracing::info!(task = %assignment.name, "adopted a task of the previous agent");
+                        let (stop, stopped) = oneshot::channel();
+                        tokio::spawn(Arc::clone(self).supervise(
+                            assignment.clone(),
+                            Launched::Adopted(handle),
+                            stopped,
+                        ));
+                        tasks.insert(
+                            id,
+                            LocalTask {
+                                name: assignment.name.clone(),
+                                state: TaskState::Running,
+                                error: String::new(),
+                                stop: Some(stop),
+                            },
+                        );
+                    }
+                    Err(err) => {
+                        tracing::warn!(task = %assignment.name, error = %format!("{err:#}"), "could not adopt a task");
+                        self.end_leftover(&id, assignment, tasks, "could not be adopted");
+                    }
+                },
+                (Some(assignment), false) => {
+                    let (state, error) = match self.runtime.exit_status(&id) {
+                        Some(status) if status.success() => (TaskState::Complete, String::new()),
+                        Some(status) => (TaskState::Failed, describe_exit(status)),
+                        None => (
+                            TaskState::Failed,
+                            "task: ended while the agent was away".into(),
+                        ),
+                    };
+                    tracing::info!(task = %assignment.name, state = ?state, error = %error, "a task ended while the agent was away");
+                    if let Err(err) = self.runtime.discard(&id) {
+                        tracing::warn!(task = %id, error = %format!("{err:#}"), "cleaning up an ended task");
+                    }
+                    self.networks.forget_task_links(&id);
+                    tasks.insert(
+                        id,
+                        LocalTask {
+                            name: assignment.name.clone(),
+                            state,
+                            error,
+                            stop: None,
+                        },
+                    );
+                }
+                (None, _) => {
+                    tracing::info!(task = %id, "stopped a task the managers no longer want (orphaned while the agent was away)");
+                    if let Err(err) = self.runtime.discard(&id) {
+                        tracing::warn!(task = %id, error = %format!("{err:#}"), "stopping an orphaned task");
+                    }
+                    self.networks.forget_task_links(&id);
+                }
+            }
+        }
+    }
+
+    /// Stops a leftover task that cannot go on, reporting it failed.
+    fn end_leftover(
+        &self,
+        id: &str,
+        assignment: &Assignment,
+        tasks: &mut HashMap<String, LocalTask>,
+        why: &str,
+    ) {
+        if let Err(err) = self.runtime.discard(id) {
+            tracing::warn!(task = %id, error = %format!("{err:#}"), "stopping a leftover task");
+        }
+        self.networks.forget_task_links(id);
+        tasks.insert(
+            id.to_owned(),
+            LocalTask {
+                name: assignment.name.clone(),
+                state: TaskState::Failed,
+                error: format!("task: {why} after an agent restart"),
+                stop: None,
+            },
+        );
+    }
+
     fn apply(self: &Arc<Self>, assignments: Vec<Assignment>) {
         let mut tasks = self.tasks.lock().expect("tasks");
+        self.settle_leftovers(&assignments, &mut tasks);
         let assigned: HashSet<&str> = assignments.iter().map(|a| a.task_id.as_str()).collect();
         for assignment in &assignments {
             match (assignment.desired, tasks.get_mut(&assignment.task_id)) {
@@ -364,7 +468,11 @@ impl Worker {
         match self.runtime.start(&launch) {
             Ok(handle) => {
                 let (stop, stopped) = oneshot::channel();
-                tokio::spawn(Arc::clone(self).supervise(assignment.clone(), handle, stopped));
+                tokio::spawn(Arc::clone(self).supervise(
+                    assignment.clone(),
+                    Launched::Started(handle),
+                    stopped,
+                ));
                 LocalTask {
                     name: launch.name,
                     state: TaskState::Starting,
@@ -384,25 +492,36 @@ impl Worker {
         }
     }
 
-    /// Connects a started task to its networks, then lets its command run.
-    async fn connect(&self, task: &Assignment, handle: &mut TaskHandle) -> Result<()> {
-        let pid = handle.netns_pid().await?;
-        self.networks.connect(task, pid).await?;
-        handle.open_gate()
+    /// Connects a started task to its networks, then lets its command run; an adopted one
+    /// is connected already: its networks and programs are taken over.
+    async fn connect(&self, task: &Assignment, launched: &mut Launched) -> Result<()> {
+        match launched {
+            Launched::Started(handle) => {
+                check_networks_clear(&task.networks).await?;
+                let pid = handle.netns_pid().await?;
+                self.networks.connect(task, pid).await?;
+                handle.open_gate()
+            }
+            Launched::Adopted(handle) => {
+                let pid = handle.netns_pid().await?;
+                self.networks.readopt(task, pid).await
+            }
+        }
     }
 
     async fn supervise(
         self: Arc<Self>,
         task: Assignment,
-        mut handle: TaskHandle,
+        mut launched: Launched,
         mut stopped: oneshot::Receiver<()>,
     ) {
         let id = task.task_id.clone();
         // None: told to stop while starting.
         let connected = tokio::select! {
-            connected = self.connect(&task, &mut handle) => Some(connected),
+            connected = self.connect(&task, &mut launched) => Some(connected),
             _ = &mut stopped => None,
         };
+        let (Launched::Started(mut handle) | Launched::Adopted(mut handle)) = launched;
         let (state, error) = match connected {
             Some(Ok(())) => {
                 tracing::info!(task = %task.name, "task started");
@@ -466,6 +585,31 @@ impl Worker {
             }
         }
     }
+}
+
+/// Refuses networks whose subnet overlaps this node's addresses or routes, which the
+/// managers cannot see: the task could not reach those addresses (its route to the overlay
+/// wins), so it is Rejected with the reason instead of running cut off.
+async fn check_networks_clear(networks: &[AssignedNetwork]) -> Result<()> {
+    if networks.is_empty() {
+        return Ok(());
+    }
+    let claims = tokio::task::spawn_blocking(ipam::host_claims)
+        .await?
+        .context("reading this node's addresses and routes")?;
+    for network in networks {
+        let (base, prefix) = network.spec.subnet;
+        let subnet = Subnet::new(base, prefix)?;
+        if let Some(claim) = ipam::first_overlap(subnet, &claims) {
+            anyhow::bail!(
+                "network {}: its subnet {subnet} overlaps {claim} on this node, so its tasks \
+                 could not reach those addresses; give the network another subnet, or the node \
+                 other addresses",
+                network.spec.name
+            );
+        }
+    }
+    Ok(())
 }
 
 fn describe_exit(status: std::process::ExitStatus) -> String {

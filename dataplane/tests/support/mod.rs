@@ -12,7 +12,7 @@ pub const SETTINGS: IngressSettings = IngressSettings {
     data_path_port: 4789,
     gossip_port: 7946,
     manager_port: 2377,
-    _pad: 0,
+    metrics_port: 0,
     advertise_ip: 0,
     advertise_ifindex: 0,
     ingress_ip: 0,

@@ -10,7 +10,7 @@ mod state_machine;
 #[cfg(test)]
 mod tests;
 
-use std::{io::Cursor, path::Path, sync::Arc};
+use std::{io::Cursor, path::Path, sync::Arc, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
@@ -78,4 +78,31 @@ pub async fn start<T: Transport>(
     )
     .await?;
     Ok((raft, sm))
+}
+
+/// Waits (at most `limit`) until this node's Raft has applied a single (not joint)
+/// configuration that makes `id` a voter. Applied means committed: from then on the quorum
+/// counts `id`, so a swarm of three survives losing any one manager. A learner, or a voter of
+/// a joint configuration only, is not enough.
+pub async fn wait_until_voter(raft: &Raft, id: NodeId, limit: Duration) -> anyhow::Result<()> {
+    raft.wait(Some(limit))
+        .metrics(move |m| is_committed_voter(m, id), "a voter")
+        .await
+        .map(drop)
+        .map_err(|err| match err {
+            openraft::metrics::WaitError::Timeout(..) => {
+                anyhow::anyhow!("Raft member {id} is not a voter after {limit:?}")
+            }
+            openraft::metrics::WaitError::ShuttingDown => {
+                anyhow::anyhow!("Raft member {id} shut down before it became a voter")
+            }
+        })
+}
+
+fn is_committed_voter(metrics: &openraft::RaftMetrics<NodeId, Member>, id: NodeId) -> bool {
+    let stored = &metrics.membership_config;
+    let membership = stored.membership();
+    membership.get_joint_config().len() == 1
+        && membership.voter_ids().any(|voter| voter == id)
+        && metrics.last_applied >= *stored.log_id()
 }

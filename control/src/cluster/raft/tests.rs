@@ -1,7 +1,7 @@
 //! Raft fault tests: three in-process managers on real redb files in a tempdir, RPCs routed
 //! through serde_json and `handle_rpc` by an in-memory `Transport` that can isolate a node.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -13,8 +13,8 @@ use tempfile::TempDir;
 
 use super::log_store::{io_err, RedbLogStore};
 use super::{
-    handle_rpc, start, Applied, Member, NodeId, Raft, StateMachine, StorageError, Transport,
-    TypeConfig,
+    handle_rpc, start, wait_until_voter, Applied, Member, NodeId, Raft, StateMachine, StorageError,
+    Transport, TypeConfig,
 };
 use crate::cluster::pki::Role;
 use crate::cluster::state::Command;
@@ -102,6 +102,14 @@ struct Cluster {
 impl Cluster {
     /// Starts managers 1..=3 and initializes them as one voting cluster.
     async fn new() -> Self {
+        let c = Self::unformed().await;
+        let members: BTreeMap<_, _> = IDS.into_iter().map(|id| (id, member(id))).collect();
+        c.nodes[&1].raft.initialize(members).await.unwrap();
+        c
+    }
+
+    /// Starts managers 1..=3, members of nothing yet.
+    async fn unformed() -> Self {
         let mut c = Cluster {
             router: Router::default(),
             dir: TempDir::new().unwrap(),
@@ -110,8 +118,6 @@ impl Cluster {
         for id in IDS {
             c.start(id).await;
         }
-        let members: BTreeMap<_, _> = IDS.into_iter().map(|id| (id, member(id))).collect();
-        c.nodes[&1].raft.initialize(members).await.unwrap();
         c
     }
 
@@ -342,6 +348,36 @@ async fn restarted_follower_recovers_and_catches_up() {
 
     c.isolate(f, false);
     c.wait_applied(&[f], "while_down").await;
+
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_manager_is_a_voter_only_once_its_membership_is_committed() {
+    let _serial = SERIAL.lock().await;
+    let c = Cluster::unformed().await;
+    let first = &c.nodes[&1].raft;
+    first
+        .initialize(BTreeMap::from([(1, member(1))]))
+        .await
+        .unwrap();
+    c.wait_leader(&[1], SECS_5).await;
+    let joining = &c.nodes[&2].raft;
+    let short = Duration::from_millis(300);
+
+    let err = wait_until_voter(joining, 2, short).await.unwrap_err();
+    assert!(err.to_string().contains("is not a voter"), "{err}");
+    first.add_learner(2, member(2), true).await.unwrap();
+    wait_until_voter(joining, 2, short)
+        .await
+        .expect_err("a learner is not a voter");
+
+    first
+        .change_membership(BTreeSet::from([1, 2]), false)
+        .await
+        .unwrap();
+    wait_until_voter(joining, 2, SECS_5).await.unwrap();
+    wait_until_voter(first, 2, SECS_5).await.unwrap();
 
     c.shutdown().await;
 }
