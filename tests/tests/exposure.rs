@@ -59,6 +59,22 @@ fn publishers(lab: &TestLab, port: &str) -> Vec<String> {
         .collect()
 }
 
+/// `service create` of a service `bad` publishing `publish`.
+fn create_publishing(publish: &str) -> [&str; 10] {
+    [
+        "service",
+        "create",
+        "--detach",
+        "--name",
+        "bad",
+        "--publish",
+        publish,
+        "--",
+        "sleep",
+        "600",
+    ]
+}
+
 #[test]
 fn shoal_ports_cannot_be_published() {
     let lab = TestLab::up("exp-ports", 1);
@@ -85,18 +101,7 @@ fn shoal_ports_cannot_be_published() {
             listener,
             "publish another port",
         ];
-        let create = [
-            "service",
-            "create",
-            "--detach",
-            "--name",
-            "bad",
-            "--publish",
-            publish,
-            "--",
-            "sleep",
-            "600",
-        ];
+        let create = create_publishing(publish);
         refused(&lab, &create, &words);
         let update = [
             "service",
@@ -128,18 +133,7 @@ fn shoal_ports_cannot_be_published() {
         ("4790:80/udp", "4790/udp", "VXLAN data path", "every node"),
         ("9100:80", "9100/tcp", "metrics", "node node1"),
     ] {
-        let create = [
-            "service",
-            "create",
-            "--detach",
-            "--name",
-            "bad",
-            "--publish",
-            publish,
-            "--",
-            "sleep",
-            "600",
-        ];
+        let create = create_publishing(publish);
         let words = [
             &format!("port {port} is reserved: ") as &str,
             listener,
