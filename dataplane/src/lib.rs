@@ -123,9 +123,12 @@ impl Dataplane {
             netns_cookie: netns_cookie()?,
             ..config.settings
         };
-        settings
-            .set(0, written, 0)
-            .context("writing ingress settings")?;
+        // Rewritten only when changed: a packet on another CPU could read a half-written entry.
+        if written != previous {
+            settings
+                .set(0, written, 0)
+                .context("writing ingress settings")?;
+        }
 
         let program: &mut SchedClassifier = ebpf
             .program_mut(names::INGRESS_PROGRAM)

@@ -366,22 +366,34 @@ impl MeshTable {
 
     /// Where the mesh answers and replies leave: the advertise address and interface.
     pub fn set_advertise(&mut self, ip: Ipv4Addr, ifindex: u32) -> Result<()> {
-        let mut settings = self.settings.get(&0, 0)?;
-        settings.advertise_ip = to_key(ip);
-        settings.advertise_ifindex = ifindex;
-        settings.table_size = self.limits.table_size;
-        self.settings.set(0, settings, 0)?;
-        Ok(())
+        let table_size = self.limits.table_size;
+        self.update_settings(|settings| {
+            settings.advertise_ip = to_key(ip);
+            settings.advertise_ifindex = ifindex;
+            settings.table_size = table_size;
+        })
     }
 
     /// The node's endpoint on the ingress network: its address (the SNAT source) and the
     /// interface new flows are sent into. Until it is set, published ports are left to the
     /// kernel; a restarted agent keeps the previous one until it sets its own.
     pub fn set_ingress(&mut self, ip: Ipv4Addr, ifindex: u32) -> Result<()> {
-        let mut settings = self.settings.get(&0, 0)?;
-        settings.ingress_ip = to_key(ip);
-        settings.ingress_ifindex = ifindex;
-        self.settings.set(0, settings, 0)?;
+        self.update_settings(|settings| {
+            settings.ingress_ip = to_key(ip);
+            settings.ingress_ifindex = ifindex;
+        })
+    }
+
+    /// Changes the settings entry, writing it only when it changes: a map update is a copy
+    /// a packet on another CPU may read half-done, so an agent that restarts with the same
+    /// settings must not rewrite them under live traffic.
+    fn update_settings(&mut self, change: impl FnOnce(&mut IngressSettings)) -> Result<()> {
+        let current = self.settings.get(&0, 0)?;
+        let mut updated = current;
+        change(&mut updated);
+        if updated != current {
+            self.settings.set(0, updated, 0)?;
+        }
         Ok(())
     }
 

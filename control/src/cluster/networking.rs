@@ -832,7 +832,7 @@ impl NodeNetworks {
                 .iter()
                 .find(|n| n.spec.id == interface.network_id)
                 .and_then(|n| n.vip);
-            let record = EndpointRecord {
+            let mut record = EndpointRecord {
                 task_id: task.task_id.clone(),
                 task_name: task.name.clone(),
                 service_id: task.service_id.clone(),
@@ -859,7 +859,11 @@ impl NodeNetworks {
                 } else {
                     vec![]
                 };
-            if !published.is_empty() {
+            if adopt {
+                // Serving already: announced with its ports at once, so no node takes it out
+                // of its Maglev rows (moving new flows) while the new agent probes it again.
+                record.ports = published;
+            } else if !published.is_empty() {
                 ready_ports.push((interface.network_id.clone(), record.clone(), published));
             }
             gossip
