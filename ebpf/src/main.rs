@@ -81,14 +81,15 @@ fn classify(ctx: &TcContext) -> (Verdict, i32) {
                         }
                         // Never translated, whatever the map says: VXLAN is still checked
                         // for membership, the rest counted as the misconfiguration it is.
-                        let l4 = (l3, packet.l4);
-                        return match port_verdict(ctx, packet.protocol, l4, dport, settings) {
+                        let at = (packet.l4, || Some(packet.saddr));
+                        return match port_verdict(ctx, packet.protocol, at, dport, settings) {
                             overlay @ (Verdict::Overlay | Verdict::OverlayNotMember, _) => overlay,
                             _ => pass(Verdict::ReservedPort),
                         };
                     }
                     // Parsed already: no reason to read the headers again.
-                    return port_verdict(ctx, packet.protocol, (l3, packet.l4), dport, settings);
+                    let at = (packet.l4, || Some(packet.saddr));
+                    return port_verdict(ctx, packet.protocol, at, dport, settings);
                 }
             }
             let Some(vihl) = load_u8(ctx, l3) else {
@@ -127,7 +128,8 @@ fn classify(ctx: &TcContext) -> (Verdict, i32) {
         // The data path is IPv4 only: no VXLAN socket takes IPv6.
         return pass(control_verdict(proto, dport, settings));
     }
-    let (verdict, action) = port_verdict(ctx, proto, (l3, l4), dport, settings);
+    let source = || ctx.load::<u32>(l3 + IPV4_SRC).ok();
+    let (verdict, action) = port_verdict(ctx, proto, (l4, source), dport, settings);
     if fragment && verdict == Verdict::Other && l3 == ETH_HLEN && mesh::is_published(proto, dport) {
         return pass(Verdict::Fragment);
     }
@@ -135,17 +137,18 @@ fn classify(ctx: &TcContext) -> (Verdict, i32) {
 }
 
 /// An IPv4 TCP or UDP packet's verdict by its destination port (host byte order): VXLAN is
-/// checked against the VNI's members, the rest only sorted.
+/// checked against the VNI's members, the rest only sorted. `source` gives the sender's
+/// address (network byte order), read only for VXLAN.
 #[inline(always)]
 fn port_verdict(
     ctx: &TcContext,
     proto: u8,
-    (l3, l4): (usize, usize),
+    (l4, source): (usize, impl FnOnce() -> Option<u32>),
     dport: u16,
     settings: &IngressSettings,
 ) -> (Verdict, i32) {
     if proto == IPPROTO_UDP && dport == settings.data_path_port {
-        return overlay_verdict(ctx, l3, l4);
+        return overlay_verdict(ctx, l4, source());
     }
     (control_verdict(proto, dport, settings), TC_ACT_OK)
 }
@@ -162,12 +165,16 @@ fn control_verdict(proto: u8, dport: u16, settings: &IngressSettings) -> Verdict
 /// VXLAN passes only from a node the agent knows is on the VNI; anything else, including a
 /// datagram too short to name a VNI, is dropped before the kernel's VXLAN device sees it.
 #[inline(always)]
-fn overlay_verdict(ctx: &TcContext, l3: usize, l4: usize) -> (Verdict, i32) {
+fn overlay_verdict(ctx: &TcContext, l4: usize, source: Option<u32>) -> (Verdict, i32) {
+    /// Where the VNI sits behind an IPv4 header without options: read in place.
+    const PLAIN_VNI: usize = ETH_HLEN + 20 + UDP_HLEN + VXLAN_VNI;
     let refused = (Verdict::OverlayNotMember, TC_ACT_SHOT);
-    let Some(vni) = ctx.load::<u32>(l4 + UDP_HLEN + VXLAN_VNI).ok() else {
-        return refused;
+    let vni = if l4 + UDP_HLEN + VXLAN_VNI == PLAIN_VNI {
+        mesh::peek::<u32>(ctx, PLAIN_VNI)
+    } else {
+        ctx.load::<u32>(l4 + UDP_HLEN + VXLAN_VNI).ok()
     };
-    let Some(vtep) = ctx.load::<u32>(l3 + IPV4_SRC).ok() else {
+    let (Some(vni), Some(vtep)) = (vni, source) else {
         return refused;
     };
     let peer = VxlanPeer {
