@@ -89,6 +89,15 @@ pub fn output(netns: &Netns, program: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Runs an iproute2 listing with `-j` in `netns` and parses it (no output: no entries).
+pub fn read_json(netns: &Netns, tool: &str, args: &[&str]) -> Result<Vec<serde_json::Value>> {
+    let out = output(netns, tool, args)?;
+    if out.trim().is_empty() {
+        return Ok(vec![]);
+    }
+    serde_json::from_str(&out).with_context(|| format!("reading {tool} {}", args.join(" ")))
+}
+
 /// Writes a sysctl inside `netns` (`/proc/sys` shows the namespace of the reader).
 pub fn sysctl(netns: &Netns, key: &str, value: &str) -> Result<()> {
     output(netns, "sysctl", &["-qw", &format!("{key}={value}")]).map(drop)

@@ -353,26 +353,28 @@ impl Overlay {
         let ips: HashSet<Ipv4Addr> = sandbox.peers.peers().map(|(_, peer)| peer.ip).collect();
         let inside = Netns::Named(sandbox.netns.clone());
         let vxlan = vxlan_name(sandbox.spec.vni);
-        let fdb: Vec<String> = read_json(&inside, "bridge", &["-j", "fdb", "show", "dev", &vxlan])?
-            .iter()
-            .filter(|e| e["dst"].is_string() && !macs.contains(&text(&e["mac"])))
-            .map(|e| {
-                format!(
-                    "fdb del {} dev {vxlan} dst {} self",
-                    text(&e["mac"]),
+        let fdb: Vec<String> =
+            iproute::read_json(&inside, "bridge", &["-j", "fdb", "show", "dev", &vxlan])?
+                .iter()
+                .filter(|e| e["dst"].is_string() && !macs.contains(&text(&e["mac"])))
+                .map(|e| {
+                    format!(
+                        "fdb del {} dev {vxlan} dst {} self",
+                        text(&e["mac"]),
+                        text(&e["dst"])
+                    )
+                })
+                .collect();
+        let neigh: Vec<String> =
+            iproute::read_json(&inside, "ip", &["-j", "neigh", "show", "dev", &vxlan])?
+                .iter()
+                .filter(|e| {
                     text(&e["dst"])
-                )
-            })
-            .collect();
-        let neigh: Vec<String> = read_json(&inside, "ip", &["-j", "neigh", "show", "dev", &vxlan])?
-            .iter()
-            .filter(|e| {
-                text(&e["dst"])
-                    .parse::<Ipv4Addr>()
-                    .is_ok_and(|ip| !ips.contains(&ip))
-            })
-            .map(|e| format!("neigh del {} dev {vxlan}", text(&e["dst"])))
-            .collect();
+                        .parse::<Ipv4Addr>()
+                        .is_ok_and(|ip| !ips.contains(&ip))
+                })
+                .map(|e| format!("neigh del {} dev {vxlan}", text(&e["dst"])))
+                .collect();
         iproute::batch(&inside, "bridge", &fdb)?;
         iproute::batch(&inside, "ip", &neigh)?;
         let vni = sandbox.spec.vni;
@@ -501,7 +503,7 @@ impl Overlay {
             &[format!("link set {INGRESS_ENDPOINT_PEER} master br0 up")],
         )?;
         state.ingress_endpoint = Some(ip);
-        let index = read_json(node, "ip", &["-j", "link", "show", INGRESS_ENDPOINT])?
+        let index = iproute::read_json(node, "ip", &["-j", "link", "show", INGRESS_ENDPOINT])?
             .first()
             .and_then(|link| link["ifindex"].as_u64())
             .context("reading the ingress endpoint's interface index")?;
@@ -511,7 +513,7 @@ impl Overlay {
     /// The interface index of the node's ingress endpoint if it exists with address `ip`.
     fn ingress_endpoint_with(&self, ip: Ipv4Addr) -> Result<Option<u32>> {
         let wanted = ip.to_string();
-        let links = read_json(
+        let links = iproute::read_json(
             &self.config.node_netns,
             "ip",
             &["-j", "-4", "addr", "show", "dev", INGRESS_ENDPOINT],
@@ -539,7 +541,7 @@ impl Overlay {
     ) -> Result<Vec<TaskInterface>> {
         let task_ns = Netns::Process(pid);
         let short: String = task_id.chars().take(10).collect();
-        let addresses = read_json(&task_ns, "ip", &["-j", "-4", "addr", "show"])?;
+        let addresses = iproute::read_json(&task_ns, "ip", &["-j", "-4", "addr", "show"])?;
         let address_of = |ifname: &str| -> Option<Ipv4Addr> {
             addresses.iter().find(|link| link["ifname"] == ifname)?["addr_info"]
                 .as_array()?
@@ -791,7 +793,7 @@ impl Overlay {
         };
         let inside = Netns::Named(sandbox.netns.clone());
         let vxlan = vxlan_name(sandbox.spec.vni);
-        let fdb = read_json(&inside, "bridge", &["-j", "fdb", "show", "dev", &vxlan])?
+        let fdb = iproute::read_json(&inside, "bridge", &["-j", "fdb", "show", "dev", &vxlan])?
             .iter()
             .filter(|e| e["dst"].is_string())
             .map(|e| (text(&e["mac"]), text(&e["dst"])))
@@ -835,16 +837,8 @@ fn text(value: &serde_json::Value) -> String {
     value.as_str().unwrap_or_default().to_owned()
 }
 
-fn read_json(netns: &Netns, tool: &str, args: &[&str]) -> Result<Vec<serde_json::Value>> {
-    let out = iproute::output(netns, tool, args)?;
-    if out.trim().is_empty() {
-        return Ok(vec![]);
-    }
-    serde_json::from_str(&out).with_context(|| format!("reading {tool} {}", args.join(" ")))
-}
-
 fn link_exists(netns: &Netns, name: &str) -> Result<bool> {
-    Ok(read_json(netns, "ip", &["-j", "link", "show"])?
+    Ok(iproute::read_json(netns, "ip", &["-j", "link", "show"])?
         .iter()
         .any(|l| l["ifname"] == name))
 }
@@ -852,7 +846,7 @@ fn link_exists(netns: &Netns, name: &str) -> Result<bool> {
 /// The MTU of the interface holding `addr` in `netns`.
 fn mtu_of_address(netns: &Netns, addr: Ipv4Addr) -> Result<u32> {
     let wanted = addr.to_string();
-    read_json(netns, "ip", &["-j", "-4", "addr", "show"])?
+    iproute::read_json(netns, "ip", &["-j", "-4", "addr", "show"])?
         .iter()
         .find(|link| {
             link["addr_info"]

@@ -161,8 +161,8 @@ impl fmt::Display for HostClaim {
 /// Default routes never count; nor does shoal's own endpoint on the ingress network, which
 /// sits in the ingress subnet by design.
 pub fn host_claims() -> Result<Vec<HostClaim>> {
-    let addresses = ip_json(&["-j", "-4", "addr", "show"])?;
-    let routes = ip_json(&["-j", "-4", "route", "show"])?;
+    let list = |what| iproute::read_json(&Netns::Current, "ip", &["-j", "-4", what, "show"]);
+    let (addresses, routes) = (Value::Array(list("addr")?), Value::Array(list("route")?));
     let mut claims = address_claims(&addresses);
     claims.extend(route_claims(&routes));
     Ok(claims)
@@ -171,14 +171,6 @@ pub fn host_claims() -> Result<Vec<HostClaim>> {
 /// The first of `claims` that `subnet` overlaps.
 pub fn first_overlap(subnet: Subnet, claims: &[HostClaim]) -> Option<&HostClaim> {
     claims.iter().find(|claim| claim.subnet.overlaps(subnet))
-}
-
-fn ip_json(args: &[&str]) -> Result<Value> {
-    let out = iproute::output(&Netns::Current, "ip", args)?;
-    if out.trim().is_empty() {
-        return Ok(Value::Array(vec![]));
-    }
-    serde_json::from_str(&out).with_context(|| format!("reading ip {}", args.join(" ")))
 }
 
 /// Each address's network (`ip -j -4 addr show`).
