@@ -146,11 +146,8 @@ async fn health(state: &AgentState, ready: bool) -> Result<&'static str, String>
         .dataplane
         .lock()
         .map_err(|_| "not ready: dataplane state poisoned".to_owned())?
-        .status()
-        .map_err(|err| format!("not ready: reading the dataplane: {err:#}"))?
-        .programs
-        .iter()
-        .all(|p| p.attached);
+        .ingress_attached()
+        .map_err(|err| format!("not ready: reading the dataplane: {err:#}"))?;
     if !attached {
         return Err("not ready: an ingress program is not attached".into());
     }

@@ -180,6 +180,11 @@ impl Dataplane {
         status::read(self)
     }
 
+    /// Whether the kernel runs the ingress classifier on its interface (cheap: no map walk).
+    pub fn ingress_attached(&self) -> Result<bool> {
+        Ok(status::ingress_attach(self)?.attached)
+    }
+
     /// Runs the loaded ingress classifier on one packet with BPF_PROG_TEST_RUN against the
     /// live maps: its return code, the packet as it left the program, and its verdict.
     pub fn test_run_ingress(&self, packet: &[u8]) -> Result<IngressRun> {
@@ -320,10 +325,6 @@ impl PinnedTcLink {
             .try_into()?;
         attach_pinned(program, netns, hook, &pin)?;
         Ok(Self { pin })
-    }
-
-    pub fn pin(&self) -> &Path {
-        &self.pin
     }
 
     /// Unpins the link, detaching its program (an interface that is gone took it already).

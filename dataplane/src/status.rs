@@ -64,7 +64,9 @@ pub struct CounterStatus {
     pub dropped: bool,
 }
 
-pub(crate) fn read(dataplane: &Dataplane) -> Result<DataplaneStatus> {
+/// The ingress classifier's link and whether the kernel runs it on the interface's hook: all
+/// a readiness check needs (the rest of the status walks every hash map).
+pub(crate) fn ingress_attach(dataplane: &Dataplane) -> Result<AttachStatus> {
     let config = &dataplane.config;
     let link_pin = config.ingress_link_pin();
     let link = FdLink::from(
@@ -74,7 +76,7 @@ pub(crate) fn read(dataplane: &Dataplane) -> Result<DataplaneStatus> {
     .info()?;
     let (_, on_hook) = SchedClassifier::query_tcx(&config.interface, TcAttachType::Ingress)
         .with_context(|| format!("querying TCX ingress programs on {}", config.interface))?;
-    let ingress = AttachStatus {
+    Ok(AttachStatus {
         program: names::INGRESS_PROGRAM.to_owned(),
         program_type: "sched_cls".to_owned(),
         program_id: link.program_id(),
@@ -83,7 +85,12 @@ pub(crate) fn read(dataplane: &Dataplane) -> Result<DataplaneStatus> {
         link_id: link.id(),
         link_pin,
         attached: on_hook.iter().any(|p| p.id() == link.program_id()),
-    };
+    })
+}
+
+pub(crate) fn read(dataplane: &Dataplane) -> Result<DataplaneStatus> {
+    let config = &dataplane.config;
+    let ingress = ingress_attach(dataplane)?;
 
     let mut maps = Vec::new();
     for name in [
