@@ -246,7 +246,7 @@ impl Overlay {
             .map(|item| &item["counter"])
             .context("nft listed no gateway counter")?;
         Ok(crate::CounterStatus {
-            verdict: "gateway_inbound".to_owned(),
+            verdict: GATEWAY_INBOUND_COUNTER.to_owned(),
             packets: counter["packets"].as_u64().unwrap_or_default(),
             bytes: counter["bytes"].as_u64().unwrap_or_default(),
             refusal: true,

@@ -61,6 +61,8 @@ pub struct TaskHandle {
     pub id: String,
     process: TaskProcess,
     cgroup: PathBuf,
+    /// Where task-init writes the command's exit status; removed with the cgroup.
+    exit_file: PathBuf,
     /// Write end of the start gate while the task waits at it.
     gate: Option<File>,
 }
@@ -73,16 +75,7 @@ enum TaskProcess {
     Adopted {
         unshare_pid: u32,
         init: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
-        exit_file: PathBuf,
     },
-}
-
-/// A task a previous agent left on this node.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Leftover {
-    pub id: String,
-    /// Still running (its PID 1 lives), or ended while no agent ran.
-    pub running: bool,
 }
 
 impl TaskRuntime {
@@ -180,6 +173,7 @@ impl TaskRuntime {
             id: launch.id.clone(),
             process: TaskProcess::Child(child),
             cgroup,
+            exit_file: self.exit_path(&launch.id),
             gate: Some(File::from(gate_write)),
         })
     }
@@ -188,18 +182,17 @@ impl TaskRuntime {
         self.dir.join(format!("{id}.exit"))
     }
 
-    /// The tasks a previous agent left: one cgroup each under the cgroup root.
-    pub fn leftovers(&self) -> Result<Vec<Leftover>> {
+    /// The tasks a previous agent left (IDs): one cgroup each under the cgroup root, running
+    /// or ended since.
+    pub fn leftovers(&self) -> Result<Vec<String>> {
         let mut found = Vec::new();
         for entry in fs::read_dir(&self.cgroup_root)? {
             let entry = entry?;
             if entry.file_type()?.is_dir() {
-                let id = entry.file_name().to_string_lossy().into_owned();
-                let running = task_processes(&entry.path()).is_some();
-                found.push(Leftover { id, running });
+                found.push(entry.file_name().to_string_lossy().into_owned());
             }
         }
-        found.sort_by(|a, b| a.id.cmp(&b.id));
+        found.sort();
         Ok(found)
     }
 
@@ -222,9 +215,9 @@ impl TaskRuntime {
                     )
                 }
                 .map_err(io::Error::from)?,
-                exit_file: self.exit_path(id),
             },
             cgroup,
+            exit_file: self.exit_path(id),
             gate: None,
         })
     }
@@ -375,13 +368,11 @@ impl TaskHandle {
     pub async fn wait(&mut self) -> io::Result<ExitStatus> {
         match &mut self.process {
             TaskProcess::Child(child) => child.wait().await,
-            TaskProcess::Adopted {
-                init, exit_file, ..
-            } => {
+            TaskProcess::Adopted { init, .. } => {
                 // A pidfd turns readable when its process ends.
                 let _ = init.readable().await?;
                 // task-init writes the status just before it exits.
-                read_exit_file(exit_file).ok_or_else(|| {
+                read_exit_file(&self.exit_file).ok_or_else(|| {
                     io::Error::other("the task's PID 1 ended without writing its exit status")
                 })
             }
@@ -409,9 +400,7 @@ impl TaskHandle {
         kill_cgroup(&self.cgroup)?;
         let cgroup = self.cgroup.clone();
         tokio::task::spawn_blocking(move || remove_cgroup_dir(&cgroup)).await??;
-        if let TaskProcess::Adopted { exit_file, .. } = &self.process {
-            let _ = fs::remove_file(exit_file);
-        }
+        let _ = fs::remove_file(&self.exit_file);
         Ok(())
     }
 }

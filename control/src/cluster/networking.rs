@@ -947,11 +947,12 @@ impl NodeNetworks {
         Ok(())
     }
 
-    /// Unpins the links a previous agent pinned for a task that is not adopted (it ended, or
-    /// the managers no longer want it).
-    pub fn forget_task_links(&self, task_id: &str) {
-        if let Err(err) = shoal_dataplane::release_task_links(&self.links_dir, &|t| t != task_id) {
-            tracing::warn!(task = %task_id, error = %format!("{err:#}"), "unpinning a task's links");
+    /// Unpins the links a previous agent pinned for tasks not in `adopted` (they ended, or
+    /// the managers no longer want them): one pass over the pins.
+    pub fn release_task_links_except(&self, adopted: &HashSet<String>) {
+        let keep = |task: &str| adopted.contains(task);
+        if let Err(err) = shoal_dataplane::release_task_links(&self.links_dir, &keep) {
+            tracing::warn!(error = %format!("{err:#}"), "unpinning the links of ended tasks");
         }
     }
 
@@ -1004,6 +1005,7 @@ impl NodeNetworks {
             users.retain(|_, tasks| !tasks.is_empty());
             unused
         };
+        let removed_any = !unused.is_empty();
         for net in unused {
             if let Some(gossip) = &gossip {
                 let _ = gossip.leave_network(&net).await;
@@ -1016,6 +1018,8 @@ impl NodeNetworks {
             if let Err(err) = removed.map_err(anyhow::Error::from).and_then(|r| r) {
                 tracing::warn!(network = %net, error = %format!("{err:#}"), "removing a network");
             }
+        }
+        if removed_any {
             self.forget_vxlan_peers_of_other_networks();
         }
     }

@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use shoal_dataplane::task::{Leftover, TaskHandle, TaskLaunch, TaskRuntime};
+use shoal_dataplane::task::{TaskHandle, TaskLaunch, TaskRuntime};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use super::{
@@ -62,7 +62,7 @@ pub struct Worker {
     manager_ids: Mutex<Vec<String>>,
     tasks: Mutex<HashMap<String, LocalTask>>,
     /// Tasks a previous agent left, until the first assignments settle them.
-    leftovers: Mutex<Vec<Leftover>>,
+    leftovers: Mutex<Option<Vec<String>>>,
     wake: Notify,
     /// When a manager last answered a heartbeat (health checks).
     last_heartbeat: Mutex<Option<tokio::time::Instant>>,
@@ -93,7 +93,7 @@ impl Worker {
             role_changes,
             manager_ids: Mutex::default(),
             tasks: Mutex::default(),
-            leftovers: Mutex::new(leftovers),
+            leftovers: Mutex::new(Some(leftovers)),
             wake: Notify::new(),
             last_heartbeat: Mutex::default(),
         })
@@ -328,92 +328,66 @@ impl Worker {
         assignments: &[Assignment],
         tasks: &mut HashMap<String, LocalTask>,
     ) {
-        for leftover in std::mem::take(&mut *self.leftovers.lock().expect("leftovers")) {
-            let id = leftover.id;
+        // Once, with the first assignments.
+        let Some(leftovers) = self.leftovers.lock().expect("leftovers").take() else {
+            return;
+        };
+        let mut adopted = HashSet::new();
+        for id in leftovers {
             let wanted = assignments
                 .iter()
                 .find(|a| a.task_id == id && a.desired == TaskState::Running);
-            match (wanted, leftover.running) {
-                (Some(assignment), true) => match self.runtime.adopt(&id) {
-                    Ok(handle) => {
-                        tracing::info!(task = %assignment.name, "adopted a task of the previous agent");
-                        let (stop, stopped) = oneshot::channel();
-                        tokio::spawn(Arc::clone(self).supervise(
-                            assignment.clone(),
-                            Launched::Adopted(handle),
-                            stopped,
-                        ));
-                        tasks.insert(
-                            id,
-                            LocalTask {
-                                name: assignment.name.clone(),
-                                state: TaskState::Running,
-                                error: String::new(),
-                                stop: Some(stop),
-                            },
-                        );
-                    }
-                    Err(err) => {
-                        tracing::warn!(task = %assignment.name, error = %format!("{err:#}"), "could not adopt a task");
-                        self.end_leftover(&id, assignment, tasks, "could not be adopted");
-                    }
-                },
-                (Some(assignment), false) => {
+            let Some(assignment) = wanted else {
+                tracing::info!(task = %id, "stopped a task the managers no longer want (orphaned while the agent was away)");
+                self.discard_leftover(&id);
+                continue;
+            };
+            let (state, error, stop) = match self.runtime.adopt(&id) {
+                Ok(handle) => {
+                    tracing::info!(task = %assignment.name, "adopted a task of the previous agent");
+                    let (stop, stopped) = oneshot::channel();
+                    tokio::spawn(Arc::clone(self).supervise(
+                        assignment.clone(),
+                        Launched::Adopted(handle),
+                        stopped,
+                    ));
+                    adopted.insert(id.clone());
+                    (TaskState::Running, String::new(), Some(stop))
+                }
+                // It ended while no agent ran: reported with the status its PID 1 left.
+                Err(err) => {
                     let (state, error) = match self.runtime.exit_status(&id) {
                         Some(status) if status.success() => (TaskState::Complete, String::new()),
                         Some(status) => (TaskState::Failed, describe_exit(status)),
                         None => (
                             TaskState::Failed,
-                            "task: ended while the agent was away".into(),
+                            format!("task: could not be adopted after an agent restart: {err:#}"),
                         ),
                     };
                     tracing::info!(task = %assignment.name, state = ?state, error = %error, "a task ended while the agent was away");
-                    if let Err(err) = self.runtime.discard(&id) {
-                        tracing::warn!(task = %id, error = %format!("{err:#}"), "cleaning up an ended task");
-                    }
-                    self.networks.forget_task_links(&id);
-                    tasks.insert(
-                        id,
-                        LocalTask {
-                            name: assignment.name.clone(),
-                            state,
-                            error,
-                            stop: None,
-                        },
-                    );
+                    self.discard_leftover(&id);
+                    (state, error, None)
                 }
-                (None, _) => {
-                    tracing::info!(task = %id, "stopped a task the managers no longer want (orphaned while the agent was away)");
-                    if let Err(err) = self.runtime.discard(&id) {
-                        tracing::warn!(task = %id, error = %format!("{err:#}"), "stopping an orphaned task");
-                    }
-                    self.networks.forget_task_links(&id);
-                }
-            }
+            };
+            let name = assignment.name.clone();
+            tasks.insert(
+                id,
+                LocalTask {
+                    name,
+                    state,
+                    error,
+                    stop,
+                },
+            );
         }
+        self.networks.release_task_links_except(&adopted);
     }
 
-    /// Stops a leftover task that cannot go on, reporting it failed.
-    fn end_leftover(
-        &self,
-        id: &str,
-        assignment: &Assignment,
-        tasks: &mut HashMap<String, LocalTask>,
-        why: &str,
-    ) {
+    /// Ends what is left of a previous agent's task that is not adopted.
+    fn discard_leftover(&self, id: &str) {
         if let Err(err) = self.runtime.discard(id) {
-            tracing::warn!(task = %id, error = %format!("{err:#}"), "stopping a leftover task");
+            tracing::warn!(task = %id, error = %format!("{err:#}"), "cleaning up a leftover task");
         }
-        self.networks.forget_task_links(id);
-        tasks.insert(
-            id.to_owned(),
-            LocalTask {
-                name: assignment.name.clone(),
-                state: TaskState::Failed,
-                error: format!("task: {why} after an agent restart"),
-                stop: None,
-            },
-        );
     }
 
     fn apply(self: &Arc<Self>, assignments: Vec<Assignment>) {
@@ -497,7 +471,7 @@ impl Worker {
     async fn connect(&self, task: &Assignment, launched: &mut Launched) -> Result<()> {
         match launched {
             Launched::Started(handle) => {
-                check_networks_clear(&task.networks).await?;
+                check_networks_clear(&self.networks, &task.networks).await?;
                 let pid = handle.netns_pid().await?;
                 self.networks.connect(task, pid).await?;
                 handle.open_gate()
@@ -589,15 +563,20 @@ impl Worker {
 
 /// Refuses networks whose subnet overlaps this node's addresses or routes, which the
 /// managers cannot see: the task could not reach those addresses (its route to the overlay
-/// wins), so it is Rejected with the reason instead of running cut off.
-async fn check_networks_clear(networks: &[AssignedNetwork]) -> Result<()> {
-    if networks.is_empty() {
+/// wins), so it is Rejected with the reason instead of running cut off. Only networks not
+/// built here yet are checked: the host is read once per network, not once per task.
+async fn check_networks_clear(built: &NodeNetworks, networks: &[AssignedNetwork]) -> Result<()> {
+    let new: Vec<&AssignedNetwork> = networks
+        .iter()
+        .filter(|n| built.local_id(&n.spec.id).is_none())
+        .collect();
+    if new.is_empty() {
         return Ok(());
     }
     let claims = tokio::task::spawn_blocking(ipam::host_claims)
         .await?
         .context("reading this node's addresses and routes")?;
-    for network in networks {
+    for network in new {
         let (base, prefix) = network.spec.subnet;
         let subnet = Subnet::new(base, prefix)?;
         if let Some(claim) = ipam::first_overlap(subnet, &claims) {
