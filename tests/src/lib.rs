@@ -137,10 +137,12 @@ impl TestLab {
         PathBuf::from(format!("/run/netns/shoal-{}-{member}", self.name))
     }
 
-    /// A handle on a lab without bringing it up.
+    /// A handle on a lab without bringing it up. `SHOAL_LAB_PREFIX` (a few characters) is put
+    /// in front of the name, so two checkouts can run their suites on one machine at once.
     pub fn named(name: &str) -> Self {
+        let prefix = std::env::var("SHOAL_LAB_PREFIX").unwrap_or_default();
         Self {
-            name: name.to_owned(),
+            name: format!("{prefix}{name}"),
         }
     }
 

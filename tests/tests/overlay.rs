@@ -134,7 +134,7 @@ fn tasks_on_three_nodes_talk_over_their_overlay_and_nothing_else() {
             .unwrap()
             .filter_map(|e| e.ok())
             .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with("shoal-ovl-") && n.contains(".ov-"))
+            .filter(|n| n.starts_with(&format!("shoal-{}-", lab.name)) && n.contains(".ov-"))
             .collect::<Vec<_>>()
     };
     wait_for(
