@@ -1,27 +1,20 @@
-//! East-west load balancing at the socket: a task's `connect()` or `sendmsg()` to a service
-//! VIP is rewritten to one of the service's running tasks before any packet exists, so there
-//! is no per-packet NAT and no conntrack. Attached to the cgroup that holds every task.
-//! UDP replies are rewritten back to the VIP on `recvmsg()`.
+//! Task to VIP, east-west load balancing at the socket: a task's `connect()` or `sendmsg()`
+//! to a service VIP is rewritten to one of the service's running tasks before any packet
+//! exists, so there is no per-packet NAT and no conntrack. Attached to the cgroup that holds
+//! every task. UDP replies are rewritten back to the VIP on `recvmsg()`.
 
 use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, map},
-    maps::{HashMap, LruHashMap},
+    macros::cgroup_sock_addr,
     programs::SockAddrContext,
     EbpfContext as _,
 };
-use shoal_common::{
-    BackendSlot, ReverseKey, VipService, LB_MAX_BACKEND_SLOTS, LB_MAX_REVERSE, LB_MAX_VIPS,
+use shoal_common::ReverseKey;
+
+use crate::lib::{
+    lb::{self, VipChoice},
+    maps::LB_REVERSE,
 };
-
-#[map(name = "LB_SERVICES")]
-pub(crate) static LB_SERVICES: HashMap<u32, VipService> = HashMap::pinned(LB_MAX_VIPS, 0);
-
-#[map(name = "LB_BACKENDS")]
-static LB_BACKENDS: HashMap<BackendSlot, u32> = HashMap::pinned(LB_MAX_BACKEND_SLOTS, 0);
-
-#[map(name = "LB_REVERSE")]
-static LB_REVERSE: LruHashMap<ReverseKey, u32> = LruHashMap::pinned(LB_MAX_REVERSE, 0);
 
 /// Return values of sock_addr programs: carry on, or fail the call with EPERM.
 const ALLOW: i32 = 1;
@@ -57,26 +50,17 @@ pub fn shoal_recvmsg4(ctx: SockAddrContext) -> i32 {
 
 /// Rewrites a destination VIP to a random backend of its current generation. A VIP with no
 /// running task refuses the call rather than sending into the void.
+#[inline(always)]
 fn pick_backend(ctx: &SockAddrContext) -> i32 {
     // SAFETY: as above.
     let addr = unsafe { &mut *ctx.sock_addr };
     let vip = addr.user_ip4;
-    // SAFETY: a plain lookup; the value is copied out at once.
-    let Some(service) = (unsafe { LB_SERVICES.get(vip) }).copied() else {
-        return ALLOW;
-    };
-    if service.count == 0 {
-        return REFUSE;
-    }
-    let slot = BackendSlot {
-        service: service.id,
-        generation: service.generation,
-        // SAFETY: helper without side effects.
-        slot: unsafe { bpf_get_prandom_u32() } % service.count,
-    };
-    // SAFETY: as above.
-    let Some(backend) = (unsafe { LB_BACKENDS.get(slot) }).copied() else {
-        return ALLOW;
+    // SAFETY: helper without side effects.
+    let random = || unsafe { bpf_get_prandom_u32() };
+    let backend = match lb::vip_backend(vip, random) {
+        Some(VipChoice::Backend(backend)) => backend,
+        Some(VipChoice::NoBackend) => return REFUSE,
+        None => return ALLOW,
     };
     addr.user_ip4 = backend;
     if addr.type_ == SOCK_DGRAM {
