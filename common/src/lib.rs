@@ -382,6 +382,42 @@ pub struct IngressSettings {
     pub netns_cookie: u64,
 }
 
+/// The size and alignment of every type the kernel and user halves share, checked at
+/// compile time on both targets (`bpfel-unknown-none` and the host): the two halves cannot
+/// disagree on a layout, and a layout that changes fails the build here until the change is
+/// deliberate (then `MAPS_ABI_VERSION` moves with it). Each size is the sum of the fields, so
+/// no key hides a padding hole the kernel would hash.
+macro_rules! assert_layouts {
+    ($($ty:ty: $size:literal bytes, align $align:literal;)*) => {
+        $(const _: () = assert!(
+            core::mem::size_of::<$ty>() == $size && core::mem::align_of::<$ty>() == $align,
+            concat!("the layout of ", stringify!($ty), " changed: see MAPS_ABI_VERSION"),
+        );)*
+    };
+}
+
+assert_layouts! {
+    VxlanPeer: 8 bytes, align 4;
+    VipService: 16 bytes, align 4;
+    BackendSlot: 12 bytes, align 4;
+    ReverseKey: 16 bytes, align 8;
+    MeshService: 8 bytes, align 4;
+    FlowKey: 16 bytes, align 4;
+    MeshFlow: 32 bytes, align 8;
+    ReplyKey: 16 bytes, align 4;
+    Origin: 8 bytes, align 1;
+    MeshCounters: 72 bytes, align 8;
+    Verdict: 4 bytes, align 4;
+    Counter: 16 bytes, align 8;
+    IngressSettings: 40 bytes, align 8;
+}
+
+// `MeshService` is also read and written as one word (`to_word`, `from_word`).
+const _: () = assert!(
+    core::mem::offset_of!(MeshService, flags) == 4
+        && core::mem::offset_of!(MeshService, target_port) == 6
+);
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: both are repr(C) structs of integers with no padding holes left uninitialised.
