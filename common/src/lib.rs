@@ -34,6 +34,24 @@ pub mod names {
     pub const OVERLAY_ENDPOINTS: &str = "OVERLAY_ENDPOINTS";
 }
 
+/// Checks a type the kernel and user halves share for its size and alignment at compile
+/// time, on both targets (`bpfel-unknown-none` and the host): the two halves cannot disagree
+/// on a layout, and a layout that changes fails the build until the change is deliberate
+/// (then `MAPS_ABI_VERSION` moves with it). Each size is the sum of the fields, so no key
+/// hides a padding hole the kernel would hash.
+macro_rules! assert_layout {
+    ($ty:ty: $size:literal bytes, align $align:literal) => {
+        const _: () = assert!(
+            core::mem::size_of::<$ty>() == $size && core::mem::align_of::<$ty>() == $align,
+            concat!(
+                "the layout of ",
+                stringify!($ty),
+                " changed: see MAPS_ABI_VERSION"
+            ),
+        );
+    };
+}
+
 /// Remote endpoints whose ARP the VIP echo program answers, over all of a node's overlay
 /// networks. Key: the endpoint's IPv4 (network byte order; subnets never overlap, so it is
 /// unique); value: its network's VNI.
@@ -50,6 +68,7 @@ pub struct VxlanPeer {
     pub vni: u32,
     pub vtep: u32,
 }
+assert_layout!(VxlanPeer: 8 bytes, align 4);
 
 /// Capacity of the service maps: VIPs, and backend slots over all of them.
 pub const LB_MAX_VIPS: u32 = 16_384;
@@ -68,6 +87,7 @@ pub struct VipService {
     pub generation: u32,
     pub _pad: u32,
 }
+assert_layout!(VipService: 16 bytes, align 4);
 
 /// Key of one backend slot of one generation of a VIP's backend list.
 #[repr(C)]
@@ -77,6 +97,7 @@ pub struct BackendSlot {
     pub generation: u32,
     pub slot: u32,
 }
+assert_layout!(BackendSlot: 12 bytes, align 4);
 
 /// A UDP socket's view of a backend, so replies read as coming from the VIP (network byte
 /// order address and port).
@@ -87,6 +108,7 @@ pub struct ReverseKey {
     pub ip: u32,
     pub port: u32,
 }
+assert_layout!(ReverseKey: 16 bytes, align 8);
 
 /// Published ports the mesh serves at once (one Maglev row each); the agent may lower or
 /// raise it at load time (`MESH_MAGLEV` holds `services × table size` slots of 8 bytes:
@@ -164,6 +186,12 @@ pub struct MeshService {
     pub flags: u16,
     pub target_port: u16,
 }
+assert_layout!(MeshService: 8 bytes, align 4);
+// `MeshService` is also read and written as one word (`to_word`, `from_word`).
+const _: () = assert!(
+    core::mem::offset_of!(MeshService, flags) == 4
+        && core::mem::offset_of!(MeshService, target_port) == 6
+);
 
 impl MeshService {
     /// The entry as the one 8-byte word it is stored as (little-endian, like every target
@@ -199,6 +227,7 @@ pub struct FlowKey {
     pub _pad: u8,
     pub _pad2: u16,
 }
+assert_layout!(FlowKey: 16 bytes, align 4);
 
 /// Where a tracked flow goes: the backend, the source it is given (the client's own, or
 /// the node's ingress address and a port in SNAT mode), its service's row, and its age.
@@ -217,6 +246,7 @@ pub struct MeshFlow {
     /// way.
     pub last_seen_ns: u64,
 }
+assert_layout!(MeshFlow: 32 bytes, align 8);
 
 /// A reply as it comes back from the backend (key of `MESH_REPLIES` on the node the client
 /// reached, and of `MESH_ORIGINS` on the backend's node): the backend's address and port,
@@ -233,6 +263,7 @@ pub struct ReplyKey {
     pub _pad: u8,
     pub _pad2: u16,
 }
+assert_layout!(ReplyKey: 16 bytes, align 4);
 
 /// The overlay MAC of the node a flow came in through, so the backend's replies go back
 /// through it (where the flow's translation lives).
@@ -242,6 +273,7 @@ pub struct Origin {
     pub mac: [u8; 6],
     pub _pad: [u8; 2],
 }
+assert_layout!(Origin: 8 bytes, align 1);
 
 /// Per service (by row), summed over CPUs by user space.
 #[repr(C)]
@@ -263,6 +295,7 @@ pub struct MeshCounters {
     /// Packets that could not be rewritten or sent (checksum helpers, redirect): dropped.
     pub rewrite_failed: u64,
 }
+assert_layout!(MeshCounters: 72 bytes, align 8);
 
 /// What the ingress classifier decided for one packet: which part of shoal it belongs to, or
 /// why it was refused or left alone. Only `Mesh` packets are rewritten; the `dropped()` ones
@@ -296,6 +329,7 @@ pub enum Verdict {
     /// The rewrite or redirect of a mesh packet failed: dropped.
     RewriteFailed = 11,
 }
+assert_layout!(Verdict: 4 bytes, align 4);
 
 impl Verdict {
     pub const COUNT: u32 = 12;
@@ -356,6 +390,7 @@ pub struct Counter {
     pub packets: u64,
     pub bytes: u64,
 }
+assert_layout!(Counter: 16 bytes, align 8);
 
 /// The agent's ports, written by user space before the program is attached. Host byte order.
 #[repr(C)]
@@ -381,42 +416,7 @@ pub struct IngressSettings {
     /// published ports through the mesh; everyone else's connects are left alone.
     pub netns_cookie: u64,
 }
-
-/// The size and alignment of every type the kernel and user halves share, checked at
-/// compile time on both targets (`bpfel-unknown-none` and the host): the two halves cannot
-/// disagree on a layout, and a layout that changes fails the build here until the change is
-/// deliberate (then `MAPS_ABI_VERSION` moves with it). Each size is the sum of the fields, so
-/// no key hides a padding hole the kernel would hash.
-macro_rules! assert_layouts {
-    ($($ty:ty: $size:literal bytes, align $align:literal;)*) => {
-        $(const _: () = assert!(
-            core::mem::size_of::<$ty>() == $size && core::mem::align_of::<$ty>() == $align,
-            concat!("the layout of ", stringify!($ty), " changed: see MAPS_ABI_VERSION"),
-        );)*
-    };
-}
-
-assert_layouts! {
-    VxlanPeer: 8 bytes, align 4;
-    VipService: 16 bytes, align 4;
-    BackendSlot: 12 bytes, align 4;
-    ReverseKey: 16 bytes, align 8;
-    MeshService: 8 bytes, align 4;
-    FlowKey: 16 bytes, align 4;
-    MeshFlow: 32 bytes, align 8;
-    ReplyKey: 16 bytes, align 4;
-    Origin: 8 bytes, align 1;
-    MeshCounters: 72 bytes, align 8;
-    Verdict: 4 bytes, align 4;
-    Counter: 16 bytes, align 8;
-    IngressSettings: 40 bytes, align 8;
-}
-
-// `MeshService` is also read and written as one word (`to_word`, `from_word`).
-const _: () = assert!(
-    core::mem::offset_of!(MeshService, flags) == 4
-        && core::mem::offset_of!(MeshService, target_port) == 6
-);
+assert_layout!(IngressSettings: 40 bytes, align 8);
 
 #[cfg(feature = "user")]
 mod user {

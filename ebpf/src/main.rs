@@ -12,6 +12,8 @@
 
 /// What the programs share.
 mod lib {
+    /// The agent's settings.
+    pub mod config;
     /// Connection tracking: the mesh's flows, reply translations and origins, the clock.
     pub mod conntrack;
     /// One helper that bumps per-CPU counters.
@@ -20,8 +22,6 @@ mod lib {
     pub mod csum;
     /// Load-balancer selection: published ports, Maglev rows, service VIPs.
     pub mod lb;
-    /// Every map, pinned by the agent: the kernel half of the map ABI.
-    pub mod maps;
     /// Address translation: rewrites, SNAT ports, the redirect after a rewrite.
     pub mod nat;
     /// Header offsets, the IPv4 parser and its fragment predicates, TCP/UDP datagrams.

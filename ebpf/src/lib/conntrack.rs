@@ -10,13 +10,14 @@
 
 use core::ptr::{read_volatile, write_volatile};
 
-use aya_ebpf::bindings::BPF_NOEXIST;
-use shoal_common::{FlowKey, MeshFlow, Origin, ReplyKey, Verdict, FLOW_RST};
-
-use crate::lib::{
-    maps::{MESH_CLOCK, MESH_FLOWS, MESH_ORIGINS, MESH_REPLIES},
-    parse::{Datagram, TCP_FIN, TCP_RST},
+use aya_ebpf::{
+    bindings::{BPF_F_MMAPABLE, BPF_NOEXIST},
+    macros::map,
+    maps::{Array, LruHashMap},
 };
+use shoal_common::{FlowKey, MeshFlow, Origin, ReplyKey, Verdict, FLOW_RST, MESH_MAX_FLOWS};
+
+use crate::lib::parse::{Datagram, TCP_FIN, TCP_RST};
 
 /// The key of `MESH_FLOWS` for a packet to a published port, as it reaches the node.
 #[inline(always)]
@@ -52,6 +53,12 @@ pub fn reply_key(packet: &Datagram, from_backend: bool) -> ReplyKey {
     }
 }
 
+/// CLOCK_MONOTONIC in ns as the agent last wrote it (every second, through a memory
+/// mapping): flow ages without a helper call per packet (a call costs about as much as the
+/// rest of a tracked flow's decision on this project's VMs).
+#[map(name = "MESH_CLOCK")]
+static MESH_CLOCK: Array<u64> = Array::pinned(1, BPF_F_MMAPABLE);
+
 /// The time for flow ages: the agent's clock in `MESH_CLOCK`, read inline (a second's
 /// resolution is plenty for timeouts counted in seconds). One load: the agent rewrites it
 /// every second through its mapping.
@@ -64,10 +71,17 @@ pub fn now_ns() -> u64 {
     }
 }
 
-/// The tracked flow of `key`, if any. The pointer stays valid for the program's run (RCU).
+/// Tracked flows on the node the client reached: where each goes.
+#[map(name = "MESH_FLOWS")]
+static MESH_FLOWS: LruHashMap<FlowKey, MeshFlow> = LruHashMap::pinned(MESH_MAX_FLOWS, 0);
+
+/// A live entry of `MESH_FLOWS`: valid for the program's run (RCU), made only by `lookup`.
+pub struct Tracked(*mut MeshFlow);
+
+/// The tracked flow of `key`, if any.
 #[inline(always)]
-pub fn lookup(key: &FlowKey) -> Option<*mut MeshFlow> {
-    MESH_FLOWS.get_ptr_mut(key)
+pub fn lookup(key: &FlowKey) -> Option<Tracked> {
+    MESH_FLOWS.get_ptr_mut(key).map(Tracked)
 }
 
 /// Stamps a tracked flow with a packet seen at `now`: its age, and its FIN (as the `fin`
@@ -80,10 +94,10 @@ pub fn lookup(key: &FlowKey) -> Option<*mut MeshFlow> {
 /// expires by a longer timeout (never sooner) unless a retransmitted FIN or RST sets it
 /// again. A live flow is never cut by it.
 #[inline(always)]
-pub fn touch(flow: *mut MeshFlow, packet: &Datagram, fin: u32, now: u64) -> MeshFlow {
+pub fn touch(Tracked(flow): Tracked, packet: &Datagram, fin: u32, now: u64) -> MeshFlow {
     let bits = state_bits(packet, fin);
-    // SAFETY: `flow` is a live entry of MESH_FLOWS (see `lookup`); the racing writers are
-    // the ones described above.
+    // SAFETY: `flow` is a live entry of MESH_FLOWS (`Tracked`); the racing writers are the
+    // ones described above.
     unsafe {
         let seen = &raw mut (*flow).last_seen_ns;
         // Written only when it moves (once a second at most): a flow's entry is not dirtied
@@ -120,6 +134,10 @@ pub fn record_flow(key: &FlowKey, flow: &MeshFlow) -> Result<(), Verdict> {
         .map_err(|_| Verdict::FlowTableFull)
 }
 
+/// The same flows seen from the backend's replies, to undo the translation.
+#[map(name = "MESH_REPLIES")]
+static MESH_REPLIES: LruHashMap<ReplyKey, FlowKey> = LruHashMap::pinned(MESH_MAX_FLOWS, 0);
+
 /// Records how a new flow's replies are translated back.
 #[inline(always)]
 pub fn record_reply(reply: &ReplyKey, key: &FlowKey) -> Result<(), Verdict> {
@@ -146,6 +164,10 @@ pub fn reply_flow(reply: &ReplyKey) -> Option<FlowKey> {
     // SAFETY: a plain lookup; the value is copied out at once.
     unsafe { MESH_REPLIES.get(reply) }.copied()
 }
+
+/// On the backend's node: the overlay MAC of the node each flow came through.
+#[map(name = "MESH_ORIGINS")]
+static MESH_ORIGINS: LruHashMap<ReplyKey, Origin> = LruHashMap::pinned(MESH_MAX_FLOWS, 0);
 
 /// On the backend's node: remembers the overlay MAC a flow to a task came from.
 #[inline(always)]

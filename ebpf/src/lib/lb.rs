@@ -9,12 +9,23 @@
 
 use core::ptr::read_volatile;
 
-use shoal_common::{BackendSlot, IngressSettings, MeshService, MESH_HAS_BACKENDS, MESH_PUBLISHED};
-
-use crate::lib::{
-    maps::{LB_BACKENDS, LB_SERVICES, MESH_MAGLEV, MESH_PORTS},
-    parse::Datagram,
+use aya_ebpf::{
+    bindings::BPF_F_MMAPABLE,
+    macros::map,
+    maps::{Array, HashMap, LruHashMap},
 };
+use shoal_common::{
+    BackendSlot, IngressSettings, MeshService, ReverseKey, VipService, LB_MAX_BACKEND_SLOTS,
+    LB_MAX_REVERSE, LB_MAX_VIPS, MESH_DEFAULT_TABLE_SIZE, MESH_HAS_BACKENDS, MESH_MAX_SERVICES,
+    MESH_PORT_SLOTS, MESH_PUBLISHED,
+};
+
+use crate::lib::parse::Datagram;
+
+/// The service published on each port (`shoal_common::mesh_port_slot`), one word each,
+/// stored in place by the agent through a memory mapping.
+#[map(name = "MESH_PORTS")]
+static MESH_PORTS: Array<MeshService> = Array::pinned(MESH_PORT_SLOTS, BPF_F_MMAPABLE);
 
 /// The published port's service, if `packet` is addressed to one on this node.
 #[inline(always)]
@@ -42,6 +53,12 @@ pub fn port_service(protocol: u8, port: u16) -> Option<MeshService> {
     let service = MeshService::from_word(unsafe { read_volatile(entry) });
     (service.flags & MESH_PUBLISHED != 0).then_some(service)
 }
+
+/// One row of `table size` backend addresses per service; the agent sizes it at load time
+/// and writes it through a memory mapping.
+#[map(name = "MESH_MAGLEV")]
+static MESH_MAGLEV: Array<u32> =
+    Array::pinned(MESH_MAX_SERVICES * MESH_DEFAULT_TABLE_SIZE, BPF_F_MMAPABLE);
 
 /// The backend in slot `pick` (below the table size) of the service's Maglev row; None when
 /// the row holds none.
@@ -72,6 +89,14 @@ pub fn maglev_flow_backend(
     }
     maglev_backend(service, settings, hash % settings.table_size)
 }
+
+/// Service VIPs (network byte order) and their current backend generation.
+#[map(name = "LB_SERVICES")]
+static LB_SERVICES: HashMap<u32, VipService> = HashMap::pinned(LB_MAX_VIPS, 0);
+
+/// The backends of each VIP's generations, slot by slot.
+#[map(name = "LB_BACKENDS")]
+static LB_BACKENDS: HashMap<BackendSlot, u32> = HashMap::pinned(LB_MAX_BACKEND_SLOTS, 0);
 
 /// A backend of the VIP (network byte order) for a task's socket: the VIP's service if it
 /// is one, and a backend of its current generation picked by `random` (None when the slot
@@ -114,4 +139,23 @@ pub fn is_live_vip(ip: u32) -> bool {
 pub fn is_vip(ip: u32) -> bool {
     // SAFETY: a plain lookup; only its presence is used.
     unsafe { LB_SERVICES.get(ip) }.is_some()
+}
+
+/// The VIP a UDP socket sent to, by the backend it was given, so replies read as coming from
+/// the VIP.
+#[map(name = "LB_REVERSE")]
+static LB_REVERSE: LruHashMap<ReverseKey, u32> = LruHashMap::pinned(LB_MAX_REVERSE, 0);
+
+/// Remembers that the socket of `key` was given `key.ip` for `vip` (a full LRU evicts the
+/// oldest entry; failure only costs the reply's VIP source).
+#[inline(always)]
+pub fn remember_vip(key: &ReverseKey, vip: u32) {
+    let _ = LB_REVERSE.insert(key, vip, 0);
+}
+
+/// The VIP a reply from `key.ip` to the socket of `key` answers for, if it was one.
+#[inline(always)]
+pub fn vip_of(key: &ReverseKey) -> Option<u32> {
+    // SAFETY: a plain lookup; the value is copied out at once.
+    unsafe { LB_REVERSE.get(key) }.copied()
 }

@@ -19,34 +19,37 @@ use network_types::{
     vxlan::VxlanHdr,
 };
 
+/// Field offsets from the start of a header: `pub const NAME: usize` for each
+/// `NAME = field` of the `#[repr(C)]` header type.
+macro_rules! offsets {
+    ($header:ty { $($name:ident = $field:ident),+ $(,)? }) => {
+        $(pub const $name: usize = offset_of!($header, $field);)+
+    };
+}
+
 // Ethernet, and one 802.1Q tag.
 pub const ETH_HLEN: usize = EthHdr::LEN;
-pub const ETH_DST: usize = offset_of!(EthHdr, dst_addr);
-pub const ETH_SRC: usize = offset_of!(EthHdr, src_addr);
-pub const ETH_PROTO: usize = offset_of!(EthHdr, ether_type);
+offsets!(EthHdr { ETH_DST = dst_addr, ETH_SRC = src_addr, ETH_PROTO = ether_type });
 pub const VLAN_HLEN: usize = VlanHdr::LEN;
 /// The EtherType inside an 802.1Q tag that follows the Ethernet header.
 pub const VLAN_INNER_PROTO: usize = ETH_HLEN + offset_of!(VlanHdr, ether_type);
-pub const ETH_P_IP: u16 = u16::from_be(EtherType::Ipv4 as u16);
-pub const ETH_P_ARP: u16 = u16::from_be(EtherType::Arp as u16);
-pub const ETH_P_IPV6: u16 = u16::from_be(EtherType::Ipv6 as u16);
-pub const ETH_P_8021Q: u16 = u16::from_be(EtherType::Ieee8021q as u16);
+/// EtherTypes, host byte order (`network-types` has them in network byte order).
+const fn ethertype(value: EtherType) -> u16 {
+    u16::from_be(value as u16)
+}
+pub const ETH_P_IP: u16 = ethertype(EtherType::Ipv4);
+pub const ETH_P_ARP: u16 = ethertype(EtherType::Arp);
+pub const ETH_P_IPV6: u16 = ethertype(EtherType::Ipv6);
+pub const ETH_P_8021Q: u16 = ethertype(EtherType::Ieee8021q);
 
-// ARP (Ethernet/IPv4), from the start of the ARP header.
-pub const ARP_HTYPE: usize = offset_of!(ArpHdr, htype);
-pub const ARP_OPER: usize = offset_of!(ArpHdr, oper);
-pub const ARP_SHA: usize = offset_of!(ArpHdr, sha);
-pub const ARP_SPA: usize = offset_of!(ArpHdr, spa);
-pub const ARP_THA: usize = offset_of!(ArpHdr, tha);
-pub const ARP_TPA: usize = offset_of!(ArpHdr, tpa);
+// ARP (Ethernet/IPv4).
+offsets!(ArpHdr { ARP_HTYPE = htype, ARP_OPER = oper });
+offsets!(ArpHdr { ARP_SHA = sha, ARP_SPA = spa, ARP_THA = tha, ARP_TPA = tpa });
 
-// IPv4 and IPv6, from the start of the IP header.
+// IPv4 and IPv6.
 pub const IPV4_HLEN: usize = Ipv4Hdr::LEN;
-pub const IPV4_FRAG: usize = offset_of!(Ipv4Hdr, frags);
-pub const IPV4_PROTO: usize = offset_of!(Ipv4Hdr, proto);
-pub const IPV4_CSUM: usize = offset_of!(Ipv4Hdr, check);
-pub const IPV4_SRC: usize = offset_of!(Ipv4Hdr, src_addr);
-pub const IPV4_DST: usize = offset_of!(Ipv4Hdr, dst_addr);
+offsets!(Ipv4Hdr { IPV4_FRAG = frags, IPV4_PROTO = proto, IPV4_CSUM = check });
+offsets!(Ipv4Hdr { IPV4_SRC = src_addr, IPV4_DST = dst_addr });
 pub const IPV6_HLEN: usize = Ipv6Hdr::LEN;
 pub const IPV6_NEXT: usize = offset_of!(Ipv6Hdr, next_hdr);
 pub const IPPROTO_ICMP: u8 = IpProto::Icmp as u8;
@@ -57,14 +60,12 @@ pub const IPPROTO_UDP: u8 = IpProto::Udp as u8;
 const IP_MF: u16 = 0x2000;
 const IP_OFFSET: u16 = 0x1fff;
 
-// TCP and UDP, from the start of the transport header: the ports sit alike in both.
-pub const L4_SPORT: usize = offset_of!(TcpHdr, source);
-pub const L4_DPORT: usize = offset_of!(TcpHdr, dest);
+// TCP and UDP: the ports sit alike in both.
+offsets!(TcpHdr { L4_SPORT = source, L4_DPORT = dest, TCP_CSUM = check });
 const _: () = assert!(L4_SPORT == offset_of!(UdpHdr, src) && L4_DPORT == offset_of!(UdpHdr, dst));
 pub const TCP_HLEN: usize = TcpHdr::LEN;
 /// The flags byte: the second of the data-offset word (data offset, reserved bits, flags).
 pub const TCP_FLAGS: usize = offset_of!(TcpHdr, _bitfield_1) + 1;
-pub const TCP_CSUM: usize = offset_of!(TcpHdr, check);
 pub const UDP_HLEN: usize = UdpHdr::LEN;
 pub const UDP_CSUM: usize = offset_of!(UdpHdr, check);
 pub const TCP_FIN: u8 = 0x01;
@@ -72,7 +73,7 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
-// ICMP and VXLAN, from the start of their headers.
+// ICMP and VXLAN.
 pub const ICMP_HLEN: usize = Icmpv4Hdr::LEN;
 pub const ICMP_CSUM: usize = offset_of!(Icmpv4Hdr, check);
 /// The VNI's three bytes, read as the word they start (the low byte is reserved).

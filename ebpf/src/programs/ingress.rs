@@ -5,15 +5,15 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    macros::classifier,
+    macros::{classifier, map},
+    maps::HashMap,
     programs::TcContext,
 };
-use shoal_common::{IngressSettings, Verdict, VxlanPeer};
+use shoal_common::{IngressSettings, Verdict, VxlanPeer, VXLAN_MAX_PEERS};
 
 use crate::{
     lib::{
-        counters, lb,
-        maps::{SETTINGS, VERDICTS, VXLAN_PEERS},
+        config, counters, lb,
         parse::{
             load_be16, load_u8, peek, Datagram, Ipv4, ETH_HLEN, ETH_PROTO, ETH_P_8021Q, ETH_P_IP,
             ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, IPV4_SRC, IPV6_HLEN, IPV6_NEXT, L4_DPORT,
@@ -23,6 +23,10 @@ use crate::{
     programs::mesh_forward,
 };
 
+/// The nodes each VNI accepts VXLAN from, kept by the agent from gossip.
+#[map(name = "VXLAN_PEERS")]
+static VXLAN_PEERS: HashMap<VxlanPeer, u32> = HashMap::pinned(VXLAN_MAX_PEERS, 0);
+
 #[classifier]
 pub fn shoal_ingress(mut ctx: TcContext) -> i32 {
     let (verdict, action) = classify(&ctx);
@@ -30,7 +34,7 @@ pub fn shoal_ingress(mut ctx: TcContext) -> i32 {
     // test run (`ingress trace`) reads why the packet went as it did.
     ctx.cb_mut()[0] = verdict as u32;
     let bytes = u64::from(ctx.len());
-    counters::bump(VERDICTS.get_ptr_mut(verdict as u32), |counter| {
+    counters::bump(counters::verdict(verdict), |counter| {
         counter.packets += 1;
         counter.bytes += bytes;
     });
@@ -51,7 +55,7 @@ fn classify(ctx: &TcContext) -> (Verdict, i32) {
         ethertype = inner;
         l3 += VLAN_HLEN;
     }
-    let Some(settings) = SETTINGS.get(0) else {
+    let Some(settings) = config::settings() else {
         return pass(Verdict::Other);
     };
     let (proto, l4, fragment) = match ethertype {

@@ -12,8 +12,7 @@ use aya_ebpf::{
 };
 
 use crate::lib::{
-    lb,
-    maps::SETTINGS,
+    config, lb,
     parse::{IPPROTO_TCP, IPPROTO_UDP},
 };
 
@@ -22,7 +21,7 @@ pub fn shoal_mesh_node_connect4(ctx: SockAddrContext) -> i32 {
     const ALLOW: i32 = 1;
     const SOCK_STREAM: u32 = 1;
     const LOCALHOST: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
-    let Some(settings) = SETTINGS.get(0) else {
+    let Some(settings) = config::settings() else {
         return ALLOW;
     };
     // SAFETY: the kernel hands a valid bpf_sock_addr for the program's lifetime.

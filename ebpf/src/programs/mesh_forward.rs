@@ -20,7 +20,6 @@ use shoal_common::{
 
 use crate::lib::{
     conntrack, counters, lb,
-    maps::MESH_COUNTERS,
     nat::{self, End},
     parse::Datagram,
 };
@@ -34,7 +33,7 @@ pub fn forward(
     settings: &IngressSettings,
     service: &MeshService,
 ) -> (Verdict, i32) {
-    let counters = MESH_COUNTERS.get_ptr_mut(service.index);
+    let counters = counters::mesh_service(service.index);
     let key = conntrack::flow_key(packet);
     let now = conntrack::now_ns();
     // A SYN starts a new connection: it is balanced afresh even if the tuple was seen before.

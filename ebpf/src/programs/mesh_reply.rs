@@ -10,8 +10,7 @@ use aya_ebpf::{
 use shoal_common::FLOW_FIN_BACKEND;
 
 use crate::lib::{
-    conntrack, counters,
-    maps::{MESH_COUNTERS, SETTINGS},
+    config, conntrack, counters,
     nat::{self, End},
     parse::Datagram,
 };
@@ -24,13 +23,13 @@ pub fn shoal_mesh_reply(ctx: TcContext) -> i32 {
     let Some(flow_key) = conntrack::reply_flow(&conntrack::reply_key(&packet, true)) else {
         return TC_ACT_OK;
     };
-    let Some(settings) = SETTINGS.get(0) else {
+    let Some(settings) = config::settings() else {
         return TC_ACT_OK;
     };
     let index = conntrack::lookup(&flow_key).map(|flow| {
         conntrack::touch(flow, &packet, FLOW_FIN_BACKEND, conntrack::now_ns()).service_index
     });
-    let counters = index.and_then(|i| MESH_COUNTERS.get_ptr_mut(i));
+    let counters = index.and_then(counters::mesh_service);
     let translated = nat::rewrite(
         &ctx,
         &packet,

@@ -11,10 +11,7 @@ use aya_ebpf::{
 };
 use shoal_common::ReverseKey;
 
-use crate::lib::{
-    lb::{self, VipChoice},
-    maps::LB_REVERSE,
-};
+use crate::lib::lb::{self, VipChoice};
 
 /// Return values of sock_addr programs: carry on, or fail the call with EPERM.
 const ALLOW: i32 = 1;
@@ -41,9 +38,8 @@ pub fn shoal_recvmsg4(ctx: SockAddrContext) -> i32 {
         ip: addr.user_ip4,
         port: addr.user_port,
     };
-    // SAFETY: a plain lookup; the value is copied out at once.
-    if let Some(vip) = unsafe { LB_REVERSE.get(key) } {
-        addr.user_ip4 = *vip;
+    if let Some(vip) = lb::vip_of(&key) {
+        addr.user_ip4 = vip;
     }
     ALLOW
 }
@@ -70,8 +66,7 @@ fn pick_backend(ctx: &SockAddrContext) -> i32 {
             ip: backend,
             port: addr.user_port,
         };
-        // A full LRU evicts the oldest entry; failure only costs the reply's VIP source.
-        let _ = LB_REVERSE.insert(key, vip, 0);
+        lb::remember_vip(&key, vip);
     }
     ALLOW
 }

@@ -11,18 +11,26 @@
 //! (`TC_ACT_UNSPEC`).
 
 use aya_ebpf::{
-    bindings::TC_ACT_UNSPEC, helpers::bpf_redirect, macros::classifier, programs::TcContext,
+    bindings::TC_ACT_UNSPEC,
+    helpers::bpf_redirect,
+    macros::{classifier, map},
+    maps::HashMap,
+    programs::TcContext,
 };
+use shoal_common::OVERLAY_MAX_ENDPOINTS;
 
 use crate::lib::{
     csum, lb,
-    maps::OVERLAY_ENDPOINTS,
     parse::{
         Ipv4, ARP_HTYPE, ARP_OPER, ARP_SHA, ARP_SPA, ARP_THA, ARP_TPA, ETH_DST, ETH_HLEN,
         ETH_PROTO, ETH_P_ARP, ETH_P_IP, ETH_SRC, ICMP_CSUM, ICMP_HLEN, IPPROTO_ICMP, IPV4_DST,
         IPV4_SRC,
     },
 };
+
+/// Endpoints of this node's networks that live on other nodes: IPv4 -> VNI.
+#[map(name = "OVERLAY_ENDPOINTS")]
+static OVERLAY_ENDPOINTS: HashMap<u32, u32> = HashMap::pinned(OVERLAY_MAX_ENDPOINTS, 0);
 
 const ARP_REQUEST: u16 = 1;
 const ARP_REPLY: u16 = 2;
