@@ -1,7 +1,6 @@
-//! User side of the routing mesh (`ebpf/src/mesh.rs`): the published-port table with each
-//! service's Maglev row, the node's ingress endpoint in the settings, the programs on the
-//! ingress endpoint and on tasks' ingress interfaces, and the flow table (`conntrack ls`,
-//! expiry).
+//! User side of the routing mesh (`ebpf/src/programs/mesh_*.rs`): the published-port table with
+//! each service's Maglev row, the node's ingress endpoint in the settings, the programs on the
+//! ingress endpoint and on tasks' ingress interfaces, and the flow table (`conntrack ls`, expiry).
 //!
 //! Maglev rows live in one mmap-able array (`MESH_MAGLEV`, `max_services × table_size` slots
 //! of backend addresses; the kernel lays array elements out 8 bytes apart): a change writes

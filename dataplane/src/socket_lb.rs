@@ -1,4 +1,4 @@
-//! User side of the socket load balancer (`ebpf/src/socket_lb.rs`): attaching its programs
+//! User side of the socket load balancer (`ebpf/src/programs/socket_lb.rs`): attaching its programs
 //! to the tasks' cgroup, and the VIP -> backends table they read.
 //!
 //! The programs are attached through pinned links (`links/lb-*`), so they keep balancing

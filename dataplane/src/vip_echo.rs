@@ -1,7 +1,7 @@
-//! User side of the VIP echo responder (`ebpf/src/vip_echo.rs`), which also answers ARP for
-//! VIPs and remote endpoints: one TCX link per task overlay interface, on its network-side
-//! veth inside the network's namespace, and one on the node's ingress endpoint. The links
-//! are pinned, so they outlive an agent restart; the agent unpins a task's when it ends.
+//! User side of the VIP echo responder (`ebpf/src/programs/vip_echo.rs`), which also answers ARP
+//! for VIPs and remote endpoints: one TCX link per task overlay interface, on its network-side veth
+//! inside the network's namespace, and one on the node's ingress endpoint. The links are pinned, so
+//! they outlive an agent restart; the agent unpins a task's when it ends.
 
 use std::{fs::File, path::Path};
 
