@@ -34,6 +34,7 @@ pub const VLAN_HLEN: usize = VlanHdr::LEN;
 /// The EtherType inside an 802.1Q tag that follows the Ethernet header.
 pub const VLAN_INNER_PROTO: usize = ETH_HLEN + offset_of!(VlanHdr, ether_type);
 /// EtherTypes, host byte order (`network-types` has them in network byte order).
+#[inline(always)]
 const fn ethertype(value: EtherType) -> u16 {
     u16::from_be(value as u16)
 }
