@@ -4,6 +4,8 @@
 //! it is computed in place (`shoal_common::csum_replace4`, RFC 1624) where the header is in
 //! the linear part, else with `bpf_l3_csum_replace`.
 
+use core::mem::size_of;
+
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
@@ -21,6 +23,10 @@ fn l4_offset(packet: &Datagram) -> usize {
     }
 }
 
+/// The size of the field that changed, as the checksum helpers take it in their flags.
+const WORD: u64 = size_of::<u16>() as u64;
+const DWORD: u64 = size_of::<u32>() as u64;
+
 /// Flags every transport update of this datagram takes.
 #[inline(always)]
 fn l4_flags(packet: &Datagram) -> u64 {
@@ -36,7 +42,7 @@ fn l4_flags(packet: &Datagram) -> u64 {
 /// to `to` (network byte order).
 #[inline(always)]
 pub fn l4_replace_addr(ctx: &TcContext, packet: &Datagram, from: u32, to: u32) -> Option<()> {
-    let flags = u64::from(BPF_F_PSEUDO_HDR) | l4_flags(packet) | 4;
+    let flags = u64::from(BPF_F_PSEUDO_HDR) | l4_flags(packet) | DWORD;
     ctx.l4_csum_replace(l4_offset(packet), u64::from(from), u64::from(to), flags)
         .ok()
 }
@@ -45,7 +51,7 @@ pub fn l4_replace_addr(ctx: &TcContext, packet: &Datagram, from: u32, to: u32) -
 /// order).
 #[inline(always)]
 pub fn l4_replace_port(ctx: &TcContext, packet: &Datagram, from: u16, to: u16) -> Option<()> {
-    let flags = l4_flags(packet) | 2;
+    let flags = l4_flags(packet) | WORD;
     ctx.l4_csum_replace(l4_offset(packet), u64::from(from), u64::from(to), flags)
         .ok()
 }
@@ -72,7 +78,7 @@ pub unsafe fn ipv4_replace_in_place(header: usize, from: u32, to: u32) {
 /// `ipv4_replace_in_place` for a header at any offset (`l3`), with the kernel's helper.
 #[inline(always)]
 pub fn ipv4_replace(ctx: &TcContext, l3: usize, from: u32, to: u32) -> Option<()> {
-    ctx.l3_csum_replace(l3 + IPV4_CSUM, u64::from(from), u64::from(to), 4)
+    ctx.l3_csum_replace(l3 + IPV4_CSUM, u64::from(from), u64::from(to), DWORD)
         .ok()
 }
 
@@ -81,6 +87,6 @@ pub fn ipv4_replace(ctx: &TcContext, l3: usize, from: u32, to: u32) -> Option<()
 /// becomes a reply's.
 #[inline(always)]
 pub fn replace_word(ctx: &TcContext, at: usize, from: u16, to: u16) -> Option<()> {
-    ctx.l4_csum_replace(at, u64::from(from), u64::from(to), 2)
+    ctx.l4_csum_replace(at, u64::from(from), u64::from(to), WORD)
         .ok()
 }

@@ -4,6 +4,8 @@
 //! A packet is either rewritten completely or not at all: every rewrite is checked before the
 //! packet is sent, and a failed one drops it.
 
+use core::mem::size_of;
+
 use aya_ebpf::{bindings::TC_ACT_SHOT, helpers::bpf_redirect_neigh, programs::TcContext};
 use shoal_common::{FlowKey, ReplyKey};
 
@@ -66,12 +68,14 @@ fn offsets(end: End) -> (usize, usize) {
 /// they are elsewhere: nothing was written.
 #[inline(always)]
 fn write_in_place(ctx: &TcContext, packet: &Datagram, end: End, ip: u32, port: u16) -> Option<()> {
+    /// The end of the two ports: the last byte written.
+    const PORTS_END: usize = PLAIN_L4 + L4_DPORT + size_of::<u16>();
     let start = ctx.data();
-    if packet.l3 != ETH_HLEN || packet.l4 != PLAIN_L4 || start + PLAIN_L4 + 4 > ctx.data_end() {
+    if packet.l3 != ETH_HLEN || packet.l4 != PLAIN_L4 || start + PORTS_END > ctx.data_end() {
         return None;
     }
     let (ip_at, port_at) = offsets(end);
-    // SAFETY: every offset is below PLAIN_L4 + 4, within [data, data_end) as checked above;
+    // SAFETY: every offset is below PORTS_END, within [data, data_end) as checked above;
     // the program only writes packets the kernel made writable for it.
     unsafe {
         let ip_at = (start + ETH_HLEN + ip_at) as *mut u32;
