@@ -13,24 +13,25 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use clap::{Args, Subcommand, ValueEnum};
 
-use crate::{
-    api::{AgentInfo, LeaveRequest},
-    client::Client,
-    cluster::{
-        ipam::Subnet,
-        manager::now,
-        node::{InitRequest, InitResponse, JoinArgs, JoinedResponse, NOT_IN_SWARM},
-        pki::Role,
-        protocol::{
-            ControlRequest, ControlResponse, NetworkCreate, NetworkView, NodeView, ServiceView,
-            TaskView,
-        },
-        state::{
-            Availability, Constraint, EndpointMode, NodeStatus, PortConfig, PublishMode,
-            ServiceMode, ServiceSpec, SourceMode, TaskState,
-        },
+use shoal_api::{
+    now, InitRequest, InitResponse, JoinArgs, JoinedResponse, LeaveRequest, Role, Subnet,
+    NOT_IN_SWARM,
+};
+use shoal_cluster::{
+    protocol::{
+        ControlRequest, ControlResponse, NetworkCreate, NetworkView, NodeView, ServiceView,
+        TaskView,
     },
+    state::{
+        Availability, Constraint, EndpointMode, NodeStatus, PortConfig, PublishMode, ServiceMode,
+        ServiceSpec, SourceMode, TaskState,
+    },
+};
+
+use crate::{
+    client::Client,
     output::{json, table, Format},
+    server::AgentInfo,
 };
 use shoal_dataplane::overlay::NetworkDataplane;
 

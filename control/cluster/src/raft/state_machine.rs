@@ -38,7 +38,7 @@ use super::Member;
 use super::NodeId;
 use super::StorageError;
 use super::TypeConfig;
-use crate::cluster::state::ClusterState;
+use crate::state::ClusterState;
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("sm_meta");
 

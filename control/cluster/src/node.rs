@@ -25,7 +25,7 @@ use tokio::{sync::watch, task::JoinHandle};
 
 use super::{
     ipam::{allocate_subnet, host_claims, HostClaim, Subnet},
-    manager::{now, Manager, NOT_A_MANAGER},
+    manager::Manager,
     networking::{DnsLookup, NodeNetworks},
     orchestrator::Settings,
     pki::{
@@ -41,7 +41,12 @@ use super::{
     transport::{self, ClusterClient, Peer},
     worker::Worker,
 };
-use crate::config::AgentConfig;
+use shoal_api::{
+    now, InitRequest, InitResponse, JoinArgs, JoinedResponse, SwarmInfo, NOT_A_MANAGER,
+    NOT_IN_SWARM,
+};
+
+use crate::config::NodeConfig;
 
 /// What a node keeps about its membership (in `<state_dir>/cluster/node.json`, mode 0600).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -56,55 +61,6 @@ struct Membership {
     /// `--data-path-addr` of init or join; the agent's setting otherwise.
     #[serde(default)]
     data_path_addr: Option<Ipv4Addr>,
-}
-
-/// `shoal info`'s view of the swarm.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct SwarmInfo {
-    pub node_id: String,
-    pub cluster_id: String,
-    pub manager: bool,
-    pub advertise: SocketAddr,
-    pub managers: Vec<String>,
-    /// For managers: whether this one leads.
-    pub leader: Option<bool>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct InitRequest {
-    pub advertise_addr: Option<String>,
-    /// Rebuild a single-manager swarm from this manager's state (after losing the quorum).
-    pub force_new_cluster: bool,
-    /// Address pool for overlay subnets [default: 10.0.0.0/8].
-    pub default_addr_pool: Option<Subnet>,
-    /// Prefix length of subnets from the pool [default: 24].
-    pub default_addr_pool_mask_length: Option<u8>,
-    /// VXLAN UDP port of the swarm [default: this agent's data-path port].
-    pub data_path_port: Option<u16>,
-    #[serde(default)]
-    pub data_path_addr: Option<Ipv4Addr>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct InitResponse {
-    pub node_id: String,
-    pub worker_token: String,
-    pub advertise: SocketAddr,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct JoinArgs {
-    pub token: String,
-    pub remote: String,
-    pub advertise_addr: Option<String>,
-    #[serde(default)]
-    pub data_path_addr: Option<Ipv4Addr>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct JoinedResponse {
-    pub node_id: String,
-    pub role: Role,
 }
 
 /// See `ClusterRuntime::parts`.
@@ -147,7 +103,7 @@ impl Running {
 }
 
 pub struct ClusterRuntime {
-    config: AgentConfig,
+    config: NodeConfig,
     dir: PathBuf,
     settings: Settings,
     running: tokio::sync::RwLock<Option<Running>>,
@@ -159,11 +115,8 @@ const JOIN_VOTER_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long `swarm leave` tries to tell the managers before it leaves anyway.
 const LEAVE_NOTICE_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub const NOT_IN_SWARM: &str =
-    "this node is not part of a swarm: run `shoal swarm init` or `shoal swarm join` first";
-
 impl ClusterRuntime {
-    pub fn new(config: AgentConfig, settings: Settings) -> Self {
+    pub fn new(config: NodeConfig, settings: Settings) -> Self {
         let dir = config.state_dir.join("cluster");
         Self {
             config,
@@ -304,7 +257,7 @@ impl ClusterRuntime {
                         status_since: at,
                         ingress_address: None,
                         gossip_port: self.config.gossip_port,
-                        exposed_metrics_port: self.config.exposed_metrics_port(),
+                        exposed_metrics_port: self.config.exposed_metrics_port,
                         left: false,
                     },
                     settings,
@@ -443,7 +396,7 @@ impl ClusterRuntime {
                 addr: advertise.ip(),
                 port: advertise.port(),
                 gossip_port: self.config.gossip_port,
-                exposed_metrics_port: self.config.exposed_metrics_port(),
+                exposed_metrics_port: self.config.exposed_metrics_port,
             }),
         };
         let answer = client
@@ -572,7 +525,7 @@ impl ClusterRuntime {
             &self.config.bpffs_root,
             (
                 self.config.advertise_interface.as_str(),
-                self.config.mesh_limits(),
+                self.config.mesh_limits,
             ),
             self.config.dns_resolvers(),
         )?);
@@ -879,12 +832,12 @@ fn node_router(shared: Arc<NodeShared>) -> Router {
 /// Largest Raft message accepted (a snapshot chunk or a batch of entries, as JSON).
 const RAFT_BODY_LIMIT: usize = 64 << 20;
 
-type Failure = (StatusCode, Json<crate::api::ApiError>);
+type Failure = (StatusCode, Json<shoal_api::ApiError>);
 
 fn failure(status: StatusCode, err: anyhow::Error) -> Failure {
     (
         status,
-        Json(crate::api::ApiError {
+        Json(shoal_api::ApiError {
             error: format!("{err:#}"),
         }),
     )

@@ -321,7 +321,7 @@ impl ClusterClient {
             .await
             .map_err(|_| anyhow!("{addr} did not answer {path} within {timeout:?}"))??;
         if !status.is_success() {
-            let message = serde_json::from_slice::<crate::api::ApiError>(&bytes)
+            let message = serde_json::from_slice::<shoal_api::ApiError>(&bytes)
                 .map(|e| e.error)
                 .unwrap_or_else(|_| format!("{addr} answered {status}"));
             bail!("{message}");

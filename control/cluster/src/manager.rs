@@ -6,10 +6,11 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
     sync::{Arc, Mutex},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use anyhow::{anyhow, bail, Context as _, Result};
+use shoal_api::{now, NOT_A_MANAGER, NO_LEADER};
 use tokio::sync::watch;
 
 use super::{
@@ -52,13 +53,6 @@ fn new_gossip_key() -> Command {
     }
 }
 
-pub fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs()
-}
-
 pub struct Manager {
     pub raft: Raft,
     sm: StateMachine,
@@ -73,13 +67,6 @@ pub struct Manager {
     /// The Raft ID being added as a voter, if any.
     adding_voter: Arc<Mutex<Option<u64>>>,
 }
-
-/// A worker asked for what only managers hold.
-pub const NOT_A_MANAGER: &str = "this node is not a swarm manager: run the command on a manager \
-                                 (`shoal info` lists them), or promote this node with \
-                                 `shoal node promote NODE` on a manager";
-const NO_LEADER: &str = "the swarm does not have a leader: too few managers are reachable \
-                         to form a quorum (see `shoal node ls` on a manager, docs/operations.md)";
 
 impl Manager {
     pub fn new(

@@ -1,5 +1,6 @@
-//! The agent's local API: HTTP/JSON on a Unix socket. Types here are shared by the server
-//! (the agent) and its clients (every other `shoal` subcommand).
+//! The agent's local API server: HTTP/JSON on a Unix socket. The requests, answers and error
+//! body are `shoal-api`'s; the reports defined here embed the agent's own config and the
+//! dataplane's and gossip's views.
 
 use std::{
     sync::{Arc, Mutex},
@@ -18,32 +19,20 @@ use shoal_dataplane::{overlay::NetworkDataplane, Dataplane, DataplaneStatus};
 use shoal_dns::DnsStats;
 use shoal_gossip::{net::GossipHandle, EndpointRecord, GossipStats, MemberInfo};
 
+use shoal_api::{
+    ApiError, DnsLookupQuery, InitRequest, InitResponse, JoinArgs, JoinedResponse, LeaveRequest,
+    SwarmInfo, Version,
+};
+use shoal_cluster::{
+    networking::{DnsLookup, IngressPort, IngressTrace, LoadBalancer},
+    node::ClusterRuntime,
+    protocol::{ControlRequest, ControlResponse},
+};
+
 use crate::{
-    cluster::{
-        networking::{DnsLookup, IngressPort, IngressTrace, LoadBalancer},
-        node::{ClusterRuntime, InitRequest, InitResponse, JoinArgs, JoinedResponse, SwarmInfo},
-        protocol::{ControlRequest, ControlResponse},
-    },
     config::AgentConfig,
     neighbours::{NeighbourTableStatus, NeighbourWatch},
 };
-
-pub const API_VERSION: &str = "v1";
-
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct Version {
-    pub version: String,
-    pub api_version: String,
-}
-
-impl Version {
-    pub fn current() -> Self {
-        Self {
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            api_version: API_VERSION.to_owned(),
-        }
-    }
-}
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct AgentInfo {
@@ -57,16 +46,6 @@ pub struct AgentInfo {
     pub dns_upstreams: Vec<String>,
     /// Unset until the node inits or joins a swarm.
     pub swarm: Option<SwarmInfo>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct LeaveRequest {
-    pub force: bool,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct ApiError {
-    pub error: String,
 }
 
 /// What the handlers share.
@@ -213,12 +192,6 @@ async fn network_dataplane(
             .await
             .map_err(anyhow::Error::from)??,
     ))
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct DnsLookupQuery {
-    pub task: String,
-    pub name: String,
 }
 
 async fn dns_lookup(
