@@ -9,8 +9,6 @@ use std::{
 
 use axum::{
     extract::{Path, State},
-    http::StatusCode,
-    response::{IntoResponse, Response},
     routing::{get, post},
     Json, Router,
 };
@@ -24,6 +22,7 @@ use shoal_api::{
     SwarmInfo, Version,
 };
 use shoal_cluster::{
+    failure::Failure,
     networking::{DnsLookup, IngressPort, IngressTrace, LoadBalancer},
     node::ClusterRuntime,
     protocol::{ControlRequest, ControlResponse},
@@ -82,21 +81,6 @@ pub fn router(state: Arc<AgentState>) -> Router {
         .route("/v1/gossip/tables/{network}", get(gossip_table))
         .fallback(not_found)
         .with_state(state)
-}
-
-/// An error answer: a status and one line saying what went wrong.
-struct Failure(StatusCode, String);
-
-impl IntoResponse for Failure {
-    fn into_response(self) -> Response {
-        (self.0, Json(ApiError { error: self.1 })).into_response()
-    }
-}
-
-impl From<anyhow::Error> for Failure {
-    fn from(err: anyhow::Error) -> Self {
-        Failure(StatusCode::BAD_REQUEST, format!("{err:#}"))
-    }
 }
 
 async fn version() -> Json<Version> {
@@ -277,7 +261,9 @@ async fn gossip_table(
 ) -> Result<Json<Vec<GossipTableRow>>, Failure> {
     let networks = state.cluster.networks().await?;
     let id = networks.local_id(&network).ok_or_else(|| {
-        anyhow::anyhow!("no task of this node is on network {network}: its table is not here")
+        ApiError::not_found(format!(
+            "no task of this node is on network {network}: its table is not here"
+        ))
     })?;
     let gossip = gossip_of(&state).await?;
     let live: std::collections::HashSet<String> = gossip
@@ -306,13 +292,10 @@ async fn gossip_table(
 
 async fn gossip_of(state: &AgentState) -> Result<GossipHandle, Failure> {
     state.cluster.networks().await?.gossip().ok_or_else(|| {
-        anyhow::anyhow!("gossip has not started yet: no keyring from the managers").into()
+        ApiError::unavailable("gossip has not started yet: no keyring from the managers").into()
     })
 }
 
 async fn not_found(uri: axum::http::Uri) -> Failure {
-    Failure(
-        StatusCode::NOT_FOUND,
-        format!("no such API endpoint: {}", uri.path()),
-    )
+    ApiError::not_found(format!("no such API endpoint: {}", uri.path())).into()
 }

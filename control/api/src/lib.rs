@@ -13,6 +13,10 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use serde::{Deserialize, Serialize};
 
+mod error;
+
+pub use error::{ApiError, ErrorKind, Kind};
+
 pub const API_VERSION: &str = "v1";
 
 /// Seconds since the Unix epoch: the clock every timestamp of the API is on.
@@ -36,12 +40,6 @@ impl Version {
             api_version: API_VERSION.to_owned(),
         }
     }
-}
-
-/// The body of every error answer.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct ApiError {
-    pub error: String,
 }
 
 /// A node outside any swarm was asked for what only swarm members hold.

@@ -4,14 +4,17 @@
 //! local API come from `shoal-api`.
 
 pub mod config;
+pub mod failure;
 pub mod ipam;
 pub mod manager;
 pub mod networking;
 pub mod node;
 pub mod orchestrator;
 pub mod pki;
+pub mod plan;
 pub mod protocol;
 pub mod raft;
 pub mod state;
 pub mod transport;
+pub mod views;
 pub mod worker;

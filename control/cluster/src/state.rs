@@ -9,6 +9,7 @@ use std::{
 
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
+use shoal_api::ApiError;
 
 use super::{
     ipam::Subnet,
@@ -652,12 +653,11 @@ impl ClusterState {
                 .iter()
                 .find(|r| r.port == number && r.protocol == port.protocol)
             {
-                bail!(
+                bail!(ApiError::conflict(format!(
                     "port {number}/{protocol} is reserved: {} listens there on {}; \
                      publish another port",
-                    taken.listener,
-                    taken.on
-                );
+                    taken.listener, taken.on
+                )));
             }
             let holder = self.services.values().find(|s| {
                 s.id != service.id
@@ -667,12 +667,12 @@ impl ClusterState {
                         .any(|p| p.published == number && p.protocol == port.protocol)
             });
             if let Some(holder) = holder {
-                bail!(
+                bail!(ApiError::conflict(format!(
                     "port {number}/{protocol} is already published by service {0}: choose \
                      another, or free it with `shoal service update --publish-rm \
                      {number}/{protocol} {0}`",
                     holder.spec.name,
-                );
+                )));
             }
         }
         Ok(())
@@ -684,12 +684,12 @@ impl ClusterState {
         for node in self.nodes.values() {
             if let IpAddr::V4(addr) = node.addr {
                 if subnet.contains(addr) {
-                    bail!(
+                    bail!(ApiError::conflict(format!(
                         "subnet {subnet} holds the address {addr} of node {}: the network's \
                          tasks could not reach that node; choose another --subnet, or leave it \
                          out",
                         node.hostname
-                    );
+                    )));
                 }
             }
         }
@@ -708,7 +708,7 @@ impl ClusterState {
                 ingress,
             } => {
                 if !self.cluster_id.is_empty() {
-                    bail!("cluster already initialized");
+                    bail!(ApiError::conflict("cluster already initialized"));
                 }
                 self.settings = settings;
                 self.networks.insert(ingress.id.clone(), ingress);
@@ -721,13 +721,16 @@ impl ClusterState {
             }
             Command::Restore(state) => {
                 if !self.cluster_id.is_empty() {
-                    bail!("cluster already initialized");
+                    bail!(ApiError::conflict("cluster already initialized"));
                 }
                 *self = *state;
             }
             Command::AddNode(mut node) => {
                 if self.nodes.contains_key(&node.id) {
-                    bail!("node {} already exists", node.id);
+                    bail!(ApiError::conflict(format!(
+                        "node {} already exists",
+                        node.id
+                    )));
                 }
                 // Assigned here, in log order, so concurrent joins never share an ID.
                 node.raft_id = self.next_raft_id;
@@ -738,13 +741,13 @@ impl ClusterState {
                 let node = self
                     .nodes
                     .get_mut(&id)
-                    .ok_or_else(|| anyhow::anyhow!("node {id} not found"))?;
+                    .ok_or_else(|| ApiError::not_found(format!("node {id} not found")))?;
                 node.status = status;
                 node.status_since = since;
             }
             Command::UpdateNode(node) => {
                 if !self.nodes.contains_key(&node.id) {
-                    bail!("node {} not found", node.id);
+                    bail!(ApiError::not_found(format!("node {} not found", node.id)));
                 }
                 self.nodes.insert(node.id.clone(), node);
             }
@@ -755,7 +758,7 @@ impl ClusterState {
                 let node = self
                     .nodes
                     .get_mut(&id)
-                    .ok_or_else(|| anyhow::anyhow!("node {id} not found"))?;
+                    .ok_or_else(|| ApiError::not_found(format!("node {id} not found")))?;
                 node.left = true;
                 if node.status != NodeStatus::Down {
                     node.status = NodeStatus::Down;
@@ -778,12 +781,11 @@ impl ClusterState {
                     .values()
                     .find(|s| s.spec.name == service.spec.name && s.id != service.id)
                 {
-                    bail!(
+                    bail!(ApiError::conflict(format!(
                         "a service named {0} already exists ({1}): choose another --name, or \
                          change it with `shoal service update {0}`",
-                        service.spec.name,
-                        other.id
-                    );
+                        service.spec.name, other.id
+                    )));
                 }
                 self.check_published_ports(&service)?;
                 let mut service = service;
@@ -809,27 +811,24 @@ impl ClusterState {
                 self.check_clear_of_nodes(network.subnet)?;
                 for other in self.networks.values().filter(|n| n.id != network.id) {
                     if other.name == network.name {
-                        bail!(
+                        bail!(ApiError::conflict(format!(
                             "a network named {0} already exists: choose another name, or use it \
                              (`shoal network inspect {0}`)",
                             network.name
-                        );
+                        )));
                     }
                     if other.vni == network.vni {
-                        bail!(
+                        bail!(ApiError::conflict(format!(
                             "VNI {} is already used by network {}",
-                            network.vni,
-                            other.name
-                        );
+                            network.vni, other.name
+                        )));
                     }
                     if other.subnet.overlaps(network.subnet) {
-                        bail!(
+                        bail!(ApiError::conflict(format!(
                             "subnet {} overlaps {} of network {}: choose another --subnet \
                              (`shoal network ls` shows those in use), or leave it out",
-                            network.subnet,
-                            other.subnet,
-                            other.name
-                        );
+                            network.subnet, other.subnet, other.name
+                        )));
                     }
                 }
                 self.networks.insert(network.id.clone(), network);
@@ -837,10 +836,10 @@ impl ClusterState {
             Command::RemoveNetwork { id } => {
                 // Made by `swarm init` and used by every published port, named or not.
                 if self.networks.get(&id).is_some_and(|n| n.ingress) {
-                    bail!(
+                    bail!(ApiError::invalid(
                         "the ingress network carries the routing mesh and cannot be removed; \
                          to stop publishing a port: `shoal service update --publish-rm PORT SERVICE`"
-                    );
+                    ));
                 }
                 if let Some(service) = self
                     .services
@@ -848,12 +847,12 @@ impl ClusterState {
                     .find(|s| s.spec.networks.contains(&id))
                 {
                     let network = self.networks.get(&id).map_or(id.as_str(), |n| &n.name);
-                    bail!(
+                    bail!(ApiError::conflict(format!(
                         "network {network} is in use by service {0}: remove the service \
                          (`shoal service rm {0}`) or detach it (`shoal service update \
                          --network-rm {network} {0}`) first",
                         service.spec.name
-                    );
+                    )));
                 }
                 self.networks.remove(&id);
             }
@@ -929,12 +928,14 @@ impl ClusterState {
         match matches.as_slice() {
             [node] => Ok(node),
             [] => {
-                bail!("node {key} not found: `shoal node ls` lists them (by name, ID or ID prefix)")
+                bail!(ApiError::not_found(format!(
+                    "node {key} not found: `shoal node ls` lists them (by name, ID or ID prefix)"
+                )))
             }
-            _ => bail!(
+            _ => bail!(ApiError::invalid(format!(
                 "node {key} is ambiguous ({} matches): give its name or more of its ID",
                 matches.len()
-            ),
+            ))),
         }
     }
 
@@ -950,13 +951,13 @@ impl ClusterState {
             .collect();
         match matches.as_slice() {
             [service] => Ok(service),
-            [] => bail!(
+            [] => bail!(ApiError::not_found(format!(
                 "service {key} not found: `shoal service ls` lists them (by name, ID or ID prefix)"
-            ),
-            _ => bail!(
+            ))),
+            _ => bail!(ApiError::invalid(format!(
                 "service {key} is ambiguous ({} matches): give its name or more of its ID",
                 matches.len()
-            ),
+            ))),
         }
     }
 
@@ -972,13 +973,13 @@ impl ClusterState {
             .collect();
         match matches.as_slice() {
             [network] => Ok(network),
-            [] => bail!(
+            [] => bail!(ApiError::not_found(format!(
                 "network {key} not found: `shoal network ls` lists them (by name, ID or ID prefix)"
-            ),
-            _ => bail!(
+            ))),
+            _ => bail!(ApiError::invalid(format!(
                 "network {key} is ambiguous ({} matches): give its name or more of its ID",
                 matches.len()
-            ),
+            ))),
         }
     }
 
@@ -995,7 +996,7 @@ impl ClusterState {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn node(id: &str, raft_id: u64, role: Role) -> Node {
@@ -1018,7 +1019,7 @@ mod tests {
         }
     }
 
-    fn network(name: &str, subnet: &str, vni: u32) -> Network {
+    pub(crate) fn network(name: &str, subnet: &str, vni: u32) -> Network {
         let subnet: Subnet = subnet.parse().unwrap();
         Network {
             id: format!("id-{name}"),
@@ -1120,7 +1121,7 @@ mod tests {
     }
 
     /// A replicated service `name` (ID `id-NAME`) publishing `ports`.
-    fn publishing(name: &str, ports: &[&str]) -> Service {
+    pub(crate) fn publishing(name: &str, ports: &[&str]) -> Service {
         Service {
             id: format!("id-{name}"),
             spec: ServiceSpec {
@@ -1291,7 +1292,7 @@ mod tests {
         assert_eq!((old.gossip_port, old.exposed_metrics_port), (7946, None));
     }
 
-    fn task(id: &str, node: &str, state: TaskState) -> Task {
+    pub(crate) fn task(id: &str, node: &str, state: TaskState) -> Task {
         Task {
             id: id.into(),
             service_id: "s".into(),

@@ -213,7 +213,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             state = next;
                             responses.push(Applied(Ok(())));
                         }
-                        Err(err) => responses.push(Applied(Err(format!("{err:#}")))),
+                        Err(err) => responses.push(Applied(Err(shoal_api::ApiError::of(&err)))),
                     }
                 }
                 EntryPayload::Membership(m) => {
