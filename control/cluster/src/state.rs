@@ -775,25 +775,7 @@ impl ClusterState {
                 Role::Worker => self.worker_secret = secret,
                 Role::Manager => self.manager_secret = secret,
             },
-            Command::PutService(service) => {
-                if let Some(other) = self
-                    .services
-                    .values()
-                    .find(|s| s.spec.name == service.spec.name && s.id != service.id)
-                {
-                    bail!(ApiError::conflict(format!(
-                        "a service named {0} already exists ({1}): choose another --name, or \
-                         change it with `shoal service update {0}`",
-                        service.spec.name, other.id
-                    )));
-                }
-                self.check_published_ports(&service)?;
-                let mut service = service;
-                if let Some(existing) = self.services.get(&service.id) {
-                    service.vips = existing.vips.clone();
-                }
-                self.services.insert(service.id.clone(), service);
-            }
+            Command::PutService(service) => self.put_service(service)?,
             Command::SetNodeIngress { id, address } => {
                 if let Some(node) = self.nodes.get_mut(&id) {
                     node.ingress_address = address;
@@ -807,91 +789,14 @@ impl ClusterState {
             Command::RemoveService { id } => {
                 self.services.remove(&id);
             }
-            Command::PutNetwork(network) => {
-                self.check_clear_of_nodes(network.subnet)?;
-                for other in self.networks.values().filter(|n| n.id != network.id) {
-                    if other.name == network.name {
-                        bail!(ApiError::conflict(format!(
-                            "a network named {0} already exists: choose another name, or use it \
-                             (`shoal network inspect {0}`)",
-                            network.name
-                        )));
-                    }
-                    if other.vni == network.vni {
-                        bail!(ApiError::conflict(format!(
-                            "VNI {} is already used by network {}",
-                            network.vni, other.name
-                        )));
-                    }
-                    if other.subnet.overlaps(network.subnet) {
-                        bail!(ApiError::conflict(format!(
-                            "subnet {} overlaps {} of network {}: choose another --subnet \
-                             (`shoal network ls` shows those in use), or leave it out",
-                            network.subnet, other.subnet, other.name
-                        )));
-                    }
-                }
-                self.networks.insert(network.id.clone(), network);
-            }
-            Command::RemoveNetwork { id } => {
-                // Made by `swarm init` and used by every published port, named or not.
-                if self.networks.get(&id).is_some_and(|n| n.ingress) {
-                    bail!(ApiError::invalid(
-                        "the ingress network carries the routing mesh and cannot be removed; \
-                         to stop publishing a port: `shoal service update --publish-rm PORT SERVICE`"
-                    ));
-                }
-                if let Some(service) = self
-                    .services
-                    .values()
-                    .find(|s| s.spec.networks.contains(&id))
-                {
-                    let network = self.networks.get(&id).map_or(id.as_str(), |n| &n.name);
-                    bail!(ApiError::conflict(format!(
-                        "network {network} is in use by service {0}: remove the service \
-                         (`shoal service rm {0}`) or detach it (`shoal service update \
-                         --network-rm {network} {0}`) first",
-                        service.spec.name
-                    )));
-                }
-                self.networks.remove(&id);
-            }
-            Command::PutTasks(tasks) => {
-                for mut task in tasks {
-                    // The orchestrator's copy may predate a worker's report: states only move
-                    // forward, so the further one wins.
-                    if let Some(current) = self.tasks.get(&task.id) {
-                        if current.state > task.state {
-                            task.state = current.state;
-                            task.state_since = current.state_since;
-                            task.error = current.error.clone();
-                        }
-                    }
-                    self.tasks.insert(task.id.clone(), task);
-                }
-            }
+            Command::PutNetwork(network) => self.put_network(network)?,
+            Command::RemoveNetwork { id } => self.remove_network(&id)?,
+            Command::PutTasks(tasks) => self.put_tasks(tasks),
             Command::ReportTasks {
                 node_id,
                 reports,
                 at,
-            } => {
-                for report in reports {
-                    let Some(task) = self.tasks.get_mut(&report.task_id) else {
-                        continue;
-                    };
-                    // Only the node a task was given to reports on it, and only forward.
-                    if task.node_id.as_deref() != Some(node_id.as_str())
-                        || report.state <= task.state
-                    {
-                        continue;
-                    }
-                    task.state = report.state;
-                    task.state_since = at;
-                    if !report.error.is_empty() {
-                        task.error = report.error;
-                    }
-                }
-            }
+            } => self.report_tasks(&node_id, reports, at),
             Command::DeleteTasks(ids) => {
                 for id in ids {
                     self.tasks.remove(&id);
@@ -899,6 +804,120 @@ impl ClusterState {
             }
         }
         Ok(())
+    }
+
+    /// A new or changed service: its name unique, its ports free, its VIPs kept.
+    fn put_service(&mut self, service: Service) -> Result<()> {
+        if let Some(other) = self
+            .services
+            .values()
+            .find(|s| s.spec.name == service.spec.name && s.id != service.id)
+        {
+            bail!(ApiError::conflict(format!(
+                "a service named {0} already exists ({1}): choose another --name, or \
+                 change it with `shoal service update {0}`",
+                service.spec.name, other.id
+            )));
+        }
+        self.check_published_ports(&service)?;
+        let mut service = service;
+        if let Some(existing) = self.services.get(&service.id) {
+            service.vips = existing.vips.clone();
+        }
+        self.services.insert(service.id.clone(), service);
+
+        Ok(())
+    }
+
+    /// A new network: its name, VNI and subnet its own, clear of the nodes' addresses.
+    fn put_network(&mut self, network: Network) -> Result<()> {
+        self.check_clear_of_nodes(network.subnet)?;
+        for other in self.networks.values().filter(|n| n.id != network.id) {
+            if other.name == network.name {
+                bail!(ApiError::conflict(format!(
+                    "a network named {0} already exists: choose another name, or use it \
+                     (`shoal network inspect {0}`)",
+                    network.name
+                )));
+            }
+            if other.vni == network.vni {
+                bail!(ApiError::conflict(format!(
+                    "VNI {} is already used by network {}",
+                    network.vni, other.name
+                )));
+            }
+            if other.subnet.overlaps(network.subnet) {
+                bail!(ApiError::conflict(format!(
+                    "subnet {} overlaps {} of network {}: choose another --subnet \
+                     (`shoal network ls` shows those in use), or leave it out",
+                    network.subnet, other.subnet, other.name
+                )));
+            }
+        }
+        self.networks.insert(network.id.clone(), network);
+
+        Ok(())
+    }
+
+    /// A network no service uses, never the ingress network.
+    fn remove_network(&mut self, id: &str) -> Result<()> {
+        // Made by `swarm init` and used by every published port, named or not.
+        if self.networks.get(id).is_some_and(|n| n.ingress) {
+            bail!(ApiError::invalid(
+                "the ingress network carries the routing mesh and cannot be removed; \
+                 to stop publishing a port: `shoal service update --publish-rm PORT SERVICE`"
+            ));
+        }
+        if let Some(service) = self
+            .services
+            .values()
+            .find(|s| s.spec.networks.iter().any(|n| n == id))
+        {
+            let network = self.networks.get(id).map_or(id, |n| &n.name);
+            bail!(ApiError::conflict(format!(
+                "network {network} is in use by service {0}: remove the service \
+                 (`shoal service rm {0}`) or detach it (`shoal service update \
+                 --network-rm {network} {0}`) first",
+                service.spec.name
+            )));
+        }
+        self.networks.remove(id);
+
+        Ok(())
+    }
+
+    /// The orchestrator's tasks, their states never moved back.
+    fn put_tasks(&mut self, tasks: Vec<Task>) {
+        for mut task in tasks {
+            // The orchestrator's copy may predate a worker's report: states only move
+            // forward, so the further one wins.
+            if let Some(current) = self.tasks.get(&task.id) {
+                if current.state > task.state {
+                    task.state = current.state;
+                    task.state_since = current.state_since;
+                    task.error = current.error.clone();
+                }
+            }
+            self.tasks.insert(task.id.clone(), task);
+        }
+    }
+
+    /// What a node says of its tasks: only of its own, only forward.
+    fn report_tasks(&mut self, node_id: &str, reports: Vec<TaskReport>, at: Timestamp) {
+        for report in reports {
+            let Some(task) = self.tasks.get_mut(&report.task_id) else {
+                continue;
+            };
+            // Only the node a task was given to reports on it, and only forward.
+            if task.node_id.as_deref() != Some(node_id) || report.state <= task.state {
+                continue;
+            }
+            task.state = report.state;
+            task.state_since = at;
+            if !report.error.is_empty() {
+                task.error = report.error;
+            }
+        }
     }
 
     pub fn token(&self, role: Role) -> Result<JoinToken> {
