@@ -863,43 +863,41 @@ mod tests {
         assert!(service.spec.networks.is_empty());
         assert_eq!(service.spec.ports[0].published, 8081);
 
-        let refused = |changes: ServiceChanges| refusal(&state, update_request("web", changes)).0;
-        assert_eq!(
-            refused(ServiceChanges {
-                publish_rm: vec!["9999".into()],
-                ..no_changes()
-            }),
-            ErrorKind::NotFound
-        );
-        assert_eq!(
-            refused(ServiceChanges {
-                publish_rm: vec!["80/sctp".into()],
-                ..no_changes()
-            }),
-            ErrorKind::Invalid
-        );
-        assert_eq!(
-            refused(ServiceChanges {
-                publish_rm: vec!["port".into()],
-                ..no_changes()
-            }),
-            ErrorKind::Invalid
-        );
-        assert_eq!(
-            refused(ServiceChanges {
-                network_rm: vec!["ingress".into()],
-                ..no_changes()
-            }),
-            ErrorKind::NotFound
-        );
-        assert_eq!(
-            refused(ServiceChanges {
-                network_add: vec!["back".into()],
-                ..no_changes()
-            }),
-            ErrorKind::Invalid,
-            "attached twice"
-        );
+        let publish_rm = |key: &str| ServiceChanges {
+            publish_rm: vec![key.into()],
+            ..no_changes()
+        };
+        let networks = |add: &str, rm: &str| ServiceChanges {
+            network_add: [add]
+                .iter()
+                .filter(|n| !n.is_empty())
+                .map(|n| n.to_string())
+                .collect(),
+            network_rm: [rm]
+                .iter()
+                .filter(|n| !n.is_empty())
+                .map(|n| n.to_string())
+                .collect(),
+            ..no_changes()
+        };
+        for (changes, kind, why) in [
+            (
+                publish_rm("9999"),
+                ErrorKind::NotFound,
+                "a port it does not publish",
+            ),
+            (
+                publish_rm("80/sctp"),
+                ErrorKind::Invalid,
+                "no such protocol",
+            ),
+            (publish_rm("port"), ErrorKind::Invalid, "not a port"),
+            (networks("", "ingress"), ErrorKind::NotFound, "not attached"),
+            (networks("back", ""), ErrorKind::Invalid, "attached twice"),
+        ] {
+            let refused = refusal(&state, update_request("web", changes)).0;
+            assert_eq!(refused, kind, "{why}");
+        }
         assert_eq!(
             refusal(&state, update_request("nope", no_changes())).0,
             ErrorKind::NotFound
