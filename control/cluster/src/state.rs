@@ -939,23 +939,11 @@ impl ClusterState {
         if let Some(node) = self.nodes.get(key) {
             return Ok(node);
         }
-        let matches: Vec<&Node> = self
+        let matches = self
             .nodes
             .values()
-            .filter(|n| n.hostname == key || n.id.starts_with(key))
-            .collect();
-        match matches.as_slice() {
-            [node] => Ok(node),
-            [] => {
-                bail!(ApiError::not_found(format!(
-                    "node {key} not found: `shoal node ls` lists them (by name, ID or ID prefix)"
-                )))
-            }
-            _ => bail!(ApiError::invalid(format!(
-                "node {key} is ambiguous ({} matches): give its name or more of its ID",
-                matches.len()
-            ))),
-        }
+            .filter(|n| n.hostname == key || n.id.starts_with(key));
+        the_one("node", key, matches.collect())
     }
 
     /// A service by ID, ID prefix or name.
@@ -963,21 +951,8 @@ impl ClusterState {
         if let Some(service) = self.services.values().find(|s| s.spec.name == key) {
             return Ok(service);
         }
-        let matches: Vec<&Service> = self
-            .services
-            .values()
-            .filter(|s| s.id.starts_with(key))
-            .collect();
-        match matches.as_slice() {
-            [service] => Ok(service),
-            [] => bail!(ApiError::not_found(format!(
-                "service {key} not found: `shoal service ls` lists them (by name, ID or ID prefix)"
-            ))),
-            _ => bail!(ApiError::invalid(format!(
-                "service {key} is ambiguous ({} matches): give its name or more of its ID",
-                matches.len()
-            ))),
-        }
+        let matches = self.services.values().filter(|s| s.id.starts_with(key));
+        the_one("service", key, matches.collect())
     }
 
     /// A network by ID, ID prefix or name.
@@ -985,21 +960,8 @@ impl ClusterState {
         if let Some(network) = self.networks.values().find(|n| n.name == key) {
             return Ok(network);
         }
-        let matches: Vec<&Network> = self
-            .networks
-            .values()
-            .filter(|n| n.id.starts_with(key))
-            .collect();
-        match matches.as_slice() {
-            [network] => Ok(network),
-            [] => bail!(ApiError::not_found(format!(
-                "network {key} not found: `shoal network ls` lists them (by name, ID or ID prefix)"
-            ))),
-            _ => bail!(ApiError::invalid(format!(
-                "network {key} is ambiguous ({} matches): give its name or more of its ID",
-                matches.len()
-            ))),
-        }
+        let matches = self.networks.values().filter(|n| n.id.starts_with(key));
+        the_one("network", key, matches.collect())
     }
 
     /// The lowest VNI no network uses.
@@ -1011,6 +973,20 @@ impl ClusterState {
 
     pub fn managers(&self) -> impl Iterator<Item = &Node> {
         self.nodes.values().filter(|n| n.role == Role::Manager)
+    }
+}
+
+/// The one `what` (node, service, network) that `key` matched, or why not.
+fn the_one<'a, T>(what: &str, key: &str, matches: Vec<&'a T>) -> Result<&'a T> {
+    match matches.as_slice() {
+        [one] => Ok(one),
+        [] => bail!(ApiError::not_found(format!(
+            "{what} {key} not found: `shoal {what} ls` lists them (by name, ID or ID prefix)"
+        ))),
+        _ => bail!(ApiError::invalid(format!(
+            "{what} {key} is ambiguous ({} matches): give its name or more of its ID",
+            matches.len()
+        ))),
     }
 }
 
