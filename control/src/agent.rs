@@ -15,12 +15,13 @@ use shoal_common::IngressSettings;
 use shoal_dataplane::{Dataplane, DataplaneConfig};
 use tokio::net::UnixListener;
 
+use shoal_cluster::{node::ClusterRuntime, orchestrator::Settings};
+
 use crate::{
-    api::{self, AgentState},
-    cluster::{node::ClusterRuntime, orchestrator::Settings},
     config::{AgentConfig, AgentSettings, SystemHost, DEFAULT_CONFIG},
     metrics,
     neighbours::{self, NeighbourWatch},
+    server::{self, AgentState},
 };
 
 pub fn run(config_file: Option<PathBuf>, flags: AgentSettings) -> Result<()> {
@@ -97,7 +98,7 @@ pub fn run(config_file: Option<PathBuf>, flags: AgentSettings) -> Result<()> {
         dataplane: Mutex::new(dataplane),
         neighbours: NeighbourWatch::open(config.neighbour_table),
         cluster: Arc::new(ClusterRuntime::new(
-            config.clone(),
+            config.node_config(),
             Settings {
                 down_grace_secs: config.reschedule_grace,
             },
@@ -125,7 +126,7 @@ async fn serve(state: Arc<AgentState>) -> Result<()> {
         "agent ready"
     );
     notify(&[sd_notify::NotifyState::Ready]);
-    let result = axum::serve(listener, api::router(state.clone()))
+    let result = axum::serve(listener, server::router(state.clone()))
         .with_graceful_shutdown(shutdown_signal())
         .await;
     notify(&[sd_notify::NotifyState::Stopping]);

@@ -9,7 +9,7 @@ use hyper_util::rt::TokioIo;
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::net::UnixStream;
 
-use crate::api::ApiError;
+use shoal_api::ApiError;
 
 pub struct Client {
     socket: PathBuf,

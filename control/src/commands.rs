@@ -13,24 +13,25 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use clap::{Args, Subcommand, ValueEnum};
 
-use crate::{
-    api::{AgentInfo, LeaveRequest},
-    client::Client,
-    cluster::{
-        ipam::Subnet,
-        manager::now,
-        node::{InitRequest, InitResponse, JoinArgs, JoinedResponse, NOT_IN_SWARM},
-        pki::Role,
-        protocol::{
-            ControlRequest, ControlResponse, NetworkCreate, NetworkView, NodeView, ServiceView,
-            TaskView,
-        },
-        state::{
-            Availability, Constraint, EndpointMode, NodeStatus, PortConfig, PublishMode,
-            ServiceMode, ServiceSpec, SourceMode, TaskState,
-        },
+use shoal_api::{
+    now, InitRequest, InitResponse, JoinArgs, JoinedResponse, LeaveRequest, Role, Subnet,
+    NOT_IN_SWARM,
+};
+use shoal_cluster::{
+    protocol::{
+        ControlRequest, ControlResponse, NetworkCreate, NetworkView, NodeView, ServiceView,
+        TaskView,
     },
+    state::{
+        Availability, Constraint, EndpointMode, NodeStatus, PortConfig, PublishMode, ServiceMode,
+        ServiceSpec, SourceMode, TaskState,
+    },
+};
+
+use crate::{
+    client::Client,
     output::{json, table, Format},
+    server::AgentInfo,
 };
 use shoal_dataplane::overlay::NetworkDataplane;
 
@@ -674,35 +675,12 @@ pub async fn network(client: &Client, command: NetworkCommand) -> Result<()> {
 pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
     match command {
         ServiceCommand::Create(args) => {
-            let mode = match (args.mode.as_deref(), args.replicas) {
-                (Some("global"), _) => ServiceMode::Global,
-                (_, replicas) => ServiceMode::Replicated {
-                    replicas: replicas.unwrap_or(1),
-                },
-            };
-            let spec = ServiceSpec {
-                name: args.name,
-                mode,
-                command: args.command,
-                env: args.env,
-                constraints: args
-                    .constraints
-                    .iter()
-                    .map(|c| Constraint::parse(c))
-                    .collect::<Result<_>>()?,
-                update_parallelism: args.update_parallelism,
-                update_delay_secs: parse_duration_secs(&args.update_delay)?,
-                networks: args.networks,
-                endpoint_mode: match args.endpoint_mode {
-                    EndpointModeArg::Vip => EndpointMode::Vip,
-                    EndpointModeArg::Dnsrr => EndpointMode::Dnsrr,
-                },
-                ports: args.ports,
-            };
+            let detach = args.detach;
+            let spec = service_spec(args)?;
             spec.validate()?;
             let view = ask!(client, ControlRequest::ServiceCreate(spec), Service);
             println!("{}", view.id);
-            if !args.detach {
+            if !detach {
                 wait_converged(client, &view.id).await?;
             }
         }
@@ -720,36 +698,13 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
         ServiceCommand::Inspect { service, format } => {
             let view = ask!(client, ControlRequest::ServiceInspect { service }, Service);
             if format.get() == Format::Table {
-                println!("ID:             {}", view.id);
-                println!("Name:           {}", view.name);
-                println!("Mode:           {}", mode_label(&view.mode));
-                println!("Replicas:       {}/{}", view.running, view.desired);
-                println!("Command:        {}", view.command.join(" "));
-                println!("Env:            {}", view.env.join(" "));
-                println!("Constraints:    {}", view.constraints.join(", "));
-                println!("Networks:       {}", view.networks.join(", "));
-                let ports: Vec<String> = view.ports.iter().map(ToString::to_string).collect();
-                println!("Ports:          {}", ports.join(", "));
-                println!(
-                    "Update:         parallelism {}, delay {}s",
-                    view.update_parallelism, view.update_delay_secs
-                );
-                println!("Version:        {}", view.version);
+                print!("{}", render_service(&view));
             } else {
                 print!("{}", json(&view));
             }
         }
         ServiceCommand::Scale { scales, detach } => {
-            let mut parsed = Vec::new();
-            for scale in &scales {
-                let (name, n) = scale
-                    .split_once('=')
-                    .with_context(|| format!("{scale:?}: expected SERVICE=REPLICAS"))?;
-                let replicas: u64 = n
-                    .parse()
-                    .with_context(|| format!("{scale:?}: replicas must be a number"))?;
-                parsed.push((name.to_owned(), replicas));
-            }
+            let parsed = parse_scales(&scales)?;
             for (name, replicas) in parsed {
                 let view = ask!(
                     client,
@@ -822,6 +777,75 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The spec `service create` asks for.
+fn service_spec(args: CreateArgs) -> Result<ServiceSpec> {
+    let mode = match (args.mode.as_deref(), args.replicas) {
+        (Some("global"), _) => ServiceMode::Global,
+        (_, replicas) => ServiceMode::Replicated {
+            replicas: replicas.unwrap_or(1),
+        },
+    };
+    Ok(ServiceSpec {
+        name: args.name,
+        mode,
+        command: args.command,
+        env: args.env,
+        constraints: args
+            .constraints
+            .iter()
+            .map(|c| Constraint::parse(c))
+            .collect::<Result<_>>()?,
+        update_parallelism: args.update_parallelism,
+        update_delay_secs: parse_duration_secs(&args.update_delay)?,
+        networks: args.networks,
+        endpoint_mode: match args.endpoint_mode {
+            EndpointModeArg::Vip => EndpointMode::Vip,
+            EndpointModeArg::Dnsrr => EndpointMode::Dnsrr,
+        },
+        ports: args.ports,
+    })
+}
+
+/// `service inspect --pretty`.
+fn render_service(view: &ServiceView) -> String {
+    let ports: Vec<String> = view.ports.iter().map(ToString::to_string).collect();
+    [
+        format!("ID:             {}", view.id),
+        format!("Name:           {}", view.name),
+        format!("Mode:           {}", mode_label(&view.mode)),
+        format!("Replicas:       {}/{}", view.running, view.desired),
+        format!("Command:        {}", view.command.join(" ")),
+        format!("Env:            {}", view.env.join(" ")),
+        format!("Constraints:    {}", view.constraints.join(", ")),
+        format!("Networks:       {}", view.networks.join(", ")),
+        format!("Ports:          {}", ports.join(", ")),
+        format!(
+            "Update:         parallelism {}, delay {}s",
+            view.update_parallelism, view.update_delay_secs
+        ),
+        format!("Version:        {}", view.version),
+    ]
+    .iter()
+    .map(|line| format!("{line}\n"))
+    .collect()
+}
+
+/// `service scale NAME=N...`, all checked before any is asked.
+fn parse_scales(scales: &[String]) -> Result<Vec<(String, u64)>> {
+    scales
+        .iter()
+        .map(|scale| {
+            let (name, n) = scale
+                .split_once('=')
+                .with_context(|| format!("{scale:?}: expected SERVICE=REPLICAS"))?;
+            let replicas: u64 = n
+                .parse()
+                .with_context(|| format!("{scale:?}: replicas must be a number"))?;
+            Ok((name.to_owned(), replicas))
+        })
+        .collect()
 }
 
 /// Docker-like progress until every task of the current spec runs.

@@ -8,6 +8,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use clap::Args;
 use serde::{Deserialize, Serialize};
+use shoal_cluster::config::NodeConfig;
 
 pub const DEFAULT_CONFIG: &str = "/etc/shoal/agent.toml";
 pub const DEFAULT_SOCKET: &str = "/run/shoal/shoal.sock";
@@ -168,10 +169,28 @@ impl AgentConfig {
     /// Where the embedded DNS forwards names outside the cluster: the configured resolvers, else
     /// the nameservers of /etc/resolv.conf (loopback ones skipped: tasks cannot reach them).
     pub fn dns_resolvers(&self) -> Vec<SocketAddr> {
-        self.dns_upstreams.clone().unwrap_or_else(|| {
-            let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-            shoal_dns::parse_resolv_conf(&text).servers
-        })
+        shoal_cluster::config::dns_resolvers(self.dns_upstreams.as_deref())
+    }
+
+    /// What the cluster takes of this config.
+    pub fn node_config(&self) -> NodeConfig {
+        NodeConfig {
+            hostname: self.hostname.clone(),
+            state_dir: self.state_dir.clone(),
+            advertise_addr: self.advertise_addr,
+            manager_port: self.manager_port,
+            advertise_interface: self.advertise_interface.clone(),
+            gossip_port: self.gossip_port,
+            data_path_port: self.data_path_port,
+            data_path_addr: self.data_path_addr,
+            bpffs_root: self.bpffs_root.clone(),
+            cgroup_root: self.cgroup_root.clone(),
+            netns_prefix: self.netns_prefix.clone(),
+            gateway_subnet: self.gateway_subnet,
+            mesh_limits: self.mesh_limits(),
+            dns_upstreams: self.dns_upstreams.clone(),
+            exposed_metrics_port: self.exposed_metrics_port(),
+        }
     }
 
     /// The metrics listener's port when the node network can reach it (not on loopback):

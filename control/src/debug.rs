@@ -8,11 +8,12 @@ use std::net::SocketAddrV4;
 use shoal_dataplane::mesh::{Protocol, TrackedFlow};
 use shoal_dns::DnsStats;
 
+use shoal_cluster::networking::{DnsAnswer, DnsLookup, IngressPort, IngressTrace, LoadBalancer};
+
 use crate::{
-    api::{GossipMembers, GossipTableRow},
     client::Client,
-    cluster::networking::{DnsAnswer, DnsLookup, IngressPort, IngressTrace, LoadBalancer},
     output::{json, table, Format},
+    server::{GossipMembers, GossipTableRow},
 };
 
 #[derive(Subcommand)]

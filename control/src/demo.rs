@@ -19,13 +19,12 @@ use anyhow::{bail, ensure, Context as _, Result};
 use nix::{sys::signal::Signal, unistd::Pid};
 use serde::de::DeserializeOwned;
 
-use crate::{
-    cluster::{
-        protocol::{NetworkView, NodeView, ServiceView, TaskView},
-        state::{Availability, NodeStatus, TaskState},
-    },
-    lab::{node_name, Lab},
+use shoal_cluster::{
+    protocol::{NetworkView, NodeView, ServiceView, TaskView},
+    state::{Availability, NodeStatus, TaskState},
 };
+
+use crate::lab::{node_name, Lab};
 
 const NODES: u8 = 3;
 const CLIENT_IP: &str = "192.168.77.100";

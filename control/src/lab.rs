@@ -23,11 +23,12 @@ use nix::{sys::signal::Signal, unistd::Pid};
 use serde::{Deserialize, Serialize};
 use shoal_dataplane::process::cgroup_gone;
 
+use shoal_cluster::protocol::NodeView;
+
 use crate::{
-    api::AgentInfo,
     client::Client,
-    cluster::protocol::NodeView,
     config::{cgroup2_from_mountinfo, AgentSettings},
+    server::AgentInfo,
 };
 
 const NETNS_DIR: &str = "/run/netns";

@@ -1,9 +1,7 @@
 //! `shoal`: the agent daemon and its command-line clients.
 
 mod agent;
-mod api;
 mod client;
-mod cluster;
 mod commands;
 mod config;
 mod debug;
@@ -15,6 +13,7 @@ mod lab;
 mod metrics;
 mod neighbours;
 mod output;
+mod server;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -22,11 +21,13 @@ use anyhow::Result;
 use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use shoal_dataplane::DataplaneStatus;
 
+use shoal_api::Version;
+
 use crate::{
-    api::{AgentInfo, DataplaneReport, Version},
     client::Client,
     config::{AgentSettings, DEFAULT_SOCKET},
     output::{json, table, Format},
+    server::{AgentInfo, DataplaneReport},
 };
 
 #[derive(Parser)]

@@ -29,10 +29,10 @@ use axum::{
 use shoal_gossip::MemberState;
 use tokio::{net::TcpListener, task::JoinHandle};
 
-use crate::{
-    api::{AgentState, Version},
-    cluster::{node::NodeParts, state::TaskState},
-};
+use shoal_api::Version;
+use shoal_cluster::{node::NodeParts, state::TaskState};
+
+use crate::server::AgentState;
 
 /// The content type of the text format this module writes.
 const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";

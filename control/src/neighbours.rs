@@ -16,7 +16,7 @@ use shoal_dataplane::neighbours::{
     DEFAULT_LEDGER_DIR, HARD_LIMIT_SETTING,
 };
 
-use crate::{api::AgentState, config::NeighbourTableSizing};
+use crate::{config::NeighbourTableSizing, server::AgentState};
 
 /// How often the table is sampled and the demand recomputed.
 const WATCH_INTERVAL: Duration = Duration::from_secs(2);

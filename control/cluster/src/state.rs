@@ -9,6 +9,7 @@ use std::{
 
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
+use shoal_api::ApiError;
 
 use super::{
     ipam::Subnet,
@@ -652,12 +653,11 @@ impl ClusterState {
                 .iter()
                 .find(|r| r.port == number && r.protocol == port.protocol)
             {
-                bail!(
+                bail!(ApiError::conflict(format!(
                     "port {number}/{protocol} is reserved: {} listens there on {}; \
                      publish another port",
-                    taken.listener,
-                    taken.on
-                );
+                    taken.listener, taken.on
+                )));
             }
             let holder = self.services.values().find(|s| {
                 s.id != service.id
@@ -667,12 +667,12 @@ impl ClusterState {
                         .any(|p| p.published == number && p.protocol == port.protocol)
             });
             if let Some(holder) = holder {
-                bail!(
+                bail!(ApiError::conflict(format!(
                     "port {number}/{protocol} is already published by service {0}: choose \
                      another, or free it with `shoal service update --publish-rm \
                      {number}/{protocol} {0}`",
                     holder.spec.name,
-                );
+                )));
             }
         }
         Ok(())
@@ -684,12 +684,12 @@ impl ClusterState {
         for node in self.nodes.values() {
             if let IpAddr::V4(addr) = node.addr {
                 if subnet.contains(addr) {
-                    bail!(
+                    bail!(ApiError::conflict(format!(
                         "subnet {subnet} holds the address {addr} of node {}: the network's \
                          tasks could not reach that node; choose another --subnet, or leave it \
                          out",
                         node.hostname
-                    );
+                    )));
                 }
             }
         }
@@ -708,7 +708,7 @@ impl ClusterState {
                 ingress,
             } => {
                 if !self.cluster_id.is_empty() {
-                    bail!("cluster already initialized");
+                    bail!(ApiError::conflict("cluster already initialized"));
                 }
                 self.settings = settings;
                 self.networks.insert(ingress.id.clone(), ingress);
@@ -721,13 +721,16 @@ impl ClusterState {
             }
             Command::Restore(state) => {
                 if !self.cluster_id.is_empty() {
-                    bail!("cluster already initialized");
+                    bail!(ApiError::conflict("cluster already initialized"));
                 }
                 *self = *state;
             }
             Command::AddNode(mut node) => {
                 if self.nodes.contains_key(&node.id) {
-                    bail!("node {} already exists", node.id);
+                    bail!(ApiError::conflict(format!(
+                        "node {} already exists",
+                        node.id
+                    )));
                 }
                 // Assigned here, in log order, so concurrent joins never share an ID.
                 node.raft_id = self.next_raft_id;
@@ -738,13 +741,13 @@ impl ClusterState {
                 let node = self
                     .nodes
                     .get_mut(&id)
-                    .ok_or_else(|| anyhow::anyhow!("node {id} not found"))?;
+                    .ok_or_else(|| ApiError::not_found(format!("node {id} not found")))?;
                 node.status = status;
                 node.status_since = since;
             }
             Command::UpdateNode(node) => {
                 if !self.nodes.contains_key(&node.id) {
-                    bail!("node {} not found", node.id);
+                    bail!(ApiError::not_found(format!("node {} not found", node.id)));
                 }
                 self.nodes.insert(node.id.clone(), node);
             }
@@ -755,7 +758,7 @@ impl ClusterState {
                 let node = self
                     .nodes
                     .get_mut(&id)
-                    .ok_or_else(|| anyhow::anyhow!("node {id} not found"))?;
+                    .ok_or_else(|| ApiError::not_found(format!("node {id} not found")))?;
                 node.left = true;
                 if node.status != NodeStatus::Down {
                     node.status = NodeStatus::Down;
@@ -772,26 +775,7 @@ impl ClusterState {
                 Role::Worker => self.worker_secret = secret,
                 Role::Manager => self.manager_secret = secret,
             },
-            Command::PutService(service) => {
-                if let Some(other) = self
-                    .services
-                    .values()
-                    .find(|s| s.spec.name == service.spec.name && s.id != service.id)
-                {
-                    bail!(
-                        "a service named {0} already exists ({1}): choose another --name, or \
-                         change it with `shoal service update {0}`",
-                        service.spec.name,
-                        other.id
-                    );
-                }
-                self.check_published_ports(&service)?;
-                let mut service = service;
-                if let Some(existing) = self.services.get(&service.id) {
-                    service.vips = existing.vips.clone();
-                }
-                self.services.insert(service.id.clone(), service);
-            }
+            Command::PutService(service) => self.put_service(service)?,
             Command::SetNodeIngress { id, address } => {
                 if let Some(node) = self.nodes.get_mut(&id) {
                     node.ingress_address = address;
@@ -805,94 +789,14 @@ impl ClusterState {
             Command::RemoveService { id } => {
                 self.services.remove(&id);
             }
-            Command::PutNetwork(network) => {
-                self.check_clear_of_nodes(network.subnet)?;
-                for other in self.networks.values().filter(|n| n.id != network.id) {
-                    if other.name == network.name {
-                        bail!(
-                            "a network named {0} already exists: choose another name, or use it \
-                             (`shoal network inspect {0}`)",
-                            network.name
-                        );
-                    }
-                    if other.vni == network.vni {
-                        bail!(
-                            "VNI {} is already used by network {}",
-                            network.vni,
-                            other.name
-                        );
-                    }
-                    if other.subnet.overlaps(network.subnet) {
-                        bail!(
-                            "subnet {} overlaps {} of network {}: choose another --subnet \
-                             (`shoal network ls` shows those in use), or leave it out",
-                            network.subnet,
-                            other.subnet,
-                            other.name
-                        );
-                    }
-                }
-                self.networks.insert(network.id.clone(), network);
-            }
-            Command::RemoveNetwork { id } => {
-                // Made by `swarm init` and used by every published port, named or not.
-                if self.networks.get(&id).is_some_and(|n| n.ingress) {
-                    bail!(
-                        "the ingress network carries the routing mesh and cannot be removed; \
-                         to stop publishing a port: `shoal service update --publish-rm PORT SERVICE`"
-                    );
-                }
-                if let Some(service) = self
-                    .services
-                    .values()
-                    .find(|s| s.spec.networks.contains(&id))
-                {
-                    let network = self.networks.get(&id).map_or(id.as_str(), |n| &n.name);
-                    bail!(
-                        "network {network} is in use by service {0}: remove the service \
-                         (`shoal service rm {0}`) or detach it (`shoal service update \
-                         --network-rm {network} {0}`) first",
-                        service.spec.name
-                    );
-                }
-                self.networks.remove(&id);
-            }
-            Command::PutTasks(tasks) => {
-                for mut task in tasks {
-                    // The orchestrator's copy may predate a worker's report: states only move
-                    // forward, so the further one wins.
-                    if let Some(current) = self.tasks.get(&task.id) {
-                        if current.state > task.state {
-                            task.state = current.state;
-                            task.state_since = current.state_since;
-                            task.error = current.error.clone();
-                        }
-                    }
-                    self.tasks.insert(task.id.clone(), task);
-                }
-            }
+            Command::PutNetwork(network) => self.put_network(network)?,
+            Command::RemoveNetwork { id } => self.remove_network(&id)?,
+            Command::PutTasks(tasks) => self.put_tasks(tasks),
             Command::ReportTasks {
                 node_id,
                 reports,
                 at,
-            } => {
-                for report in reports {
-                    let Some(task) = self.tasks.get_mut(&report.task_id) else {
-                        continue;
-                    };
-                    // Only the node a task was given to reports on it, and only forward.
-                    if task.node_id.as_deref() != Some(node_id.as_str())
-                        || report.state <= task.state
-                    {
-                        continue;
-                    }
-                    task.state = report.state;
-                    task.state_since = at;
-                    if !report.error.is_empty() {
-                        task.error = report.error;
-                    }
-                }
-            }
+            } => self.report_tasks(&node_id, reports, at),
             Command::DeleteTasks(ids) => {
                 for id in ids {
                     self.tasks.remove(&id);
@@ -900,6 +804,120 @@ impl ClusterState {
             }
         }
         Ok(())
+    }
+
+    /// A new or changed service: its name unique, its ports free, its VIPs kept.
+    fn put_service(&mut self, service: Service) -> Result<()> {
+        if let Some(other) = self
+            .services
+            .values()
+            .find(|s| s.spec.name == service.spec.name && s.id != service.id)
+        {
+            bail!(ApiError::conflict(format!(
+                "a service named {0} already exists ({1}): choose another --name, or \
+                 change it with `shoal service update {0}`",
+                service.spec.name, other.id
+            )));
+        }
+        self.check_published_ports(&service)?;
+        let mut service = service;
+        if let Some(existing) = self.services.get(&service.id) {
+            service.vips = existing.vips.clone();
+        }
+        self.services.insert(service.id.clone(), service);
+
+        Ok(())
+    }
+
+    /// A new network: its name, VNI and subnet its own, clear of the nodes' addresses.
+    fn put_network(&mut self, network: Network) -> Result<()> {
+        self.check_clear_of_nodes(network.subnet)?;
+        for other in self.networks.values().filter(|n| n.id != network.id) {
+            if other.name == network.name {
+                bail!(ApiError::conflict(format!(
+                    "a network named {0} already exists: choose another name, or use it \
+                     (`shoal network inspect {0}`)",
+                    network.name
+                )));
+            }
+            if other.vni == network.vni {
+                bail!(ApiError::conflict(format!(
+                    "VNI {} is already used by network {}",
+                    network.vni, other.name
+                )));
+            }
+            if other.subnet.overlaps(network.subnet) {
+                bail!(ApiError::conflict(format!(
+                    "subnet {} overlaps {} of network {}: choose another --subnet \
+                     (`shoal network ls` shows those in use), or leave it out",
+                    network.subnet, other.subnet, other.name
+                )));
+            }
+        }
+        self.networks.insert(network.id.clone(), network);
+
+        Ok(())
+    }
+
+    /// A network no service uses, never the ingress network.
+    fn remove_network(&mut self, id: &str) -> Result<()> {
+        // Made by `swarm init` and used by every published port, named or not.
+        if self.networks.get(id).is_some_and(|n| n.ingress) {
+            bail!(ApiError::invalid(
+                "the ingress network carries the routing mesh and cannot be removed; \
+                 to stop publishing a port: `shoal service update --publish-rm PORT SERVICE`"
+            ));
+        }
+        if let Some(service) = self
+            .services
+            .values()
+            .find(|s| s.spec.networks.iter().any(|n| n == id))
+        {
+            let network = self.networks.get(id).map_or(id, |n| &n.name);
+            bail!(ApiError::conflict(format!(
+                "network {network} is in use by service {0}: remove the service \
+                 (`shoal service rm {0}`) or detach it (`shoal service update \
+                 --network-rm {network} {0}`) first",
+                service.spec.name
+            )));
+        }
+        self.networks.remove(id);
+
+        Ok(())
+    }
+
+    /// The orchestrator's tasks, their states never moved back.
+    fn put_tasks(&mut self, tasks: Vec<Task>) {
+        for mut task in tasks {
+            // The orchestrator's copy may predate a worker's report: states only move
+            // forward, so the further one wins.
+            if let Some(current) = self.tasks.get(&task.id) {
+                if current.state > task.state {
+                    task.state = current.state;
+                    task.state_since = current.state_since;
+                    task.error = current.error.clone();
+                }
+            }
+            self.tasks.insert(task.id.clone(), task);
+        }
+    }
+
+    /// What a node says of its tasks: only of its own, only forward.
+    fn report_tasks(&mut self, node_id: &str, reports: Vec<TaskReport>, at: Timestamp) {
+        for report in reports {
+            let Some(task) = self.tasks.get_mut(&report.task_id) else {
+                continue;
+            };
+            // Only the node a task was given to reports on it, and only forward.
+            if task.node_id.as_deref() != Some(node_id) || report.state <= task.state {
+                continue;
+            }
+            task.state = report.state;
+            task.state_since = at;
+            if !report.error.is_empty() {
+                task.error = report.error;
+            }
+        }
     }
 
     pub fn token(&self, role: Role) -> Result<JoinToken> {
@@ -921,21 +939,11 @@ impl ClusterState {
         if let Some(node) = self.nodes.get(key) {
             return Ok(node);
         }
-        let matches: Vec<&Node> = self
+        let matches = self
             .nodes
             .values()
-            .filter(|n| n.hostname == key || n.id.starts_with(key))
-            .collect();
-        match matches.as_slice() {
-            [node] => Ok(node),
-            [] => {
-                bail!("node {key} not found: `shoal node ls` lists them (by name, ID or ID prefix)")
-            }
-            _ => bail!(
-                "node {key} is ambiguous ({} matches): give its name or more of its ID",
-                matches.len()
-            ),
-        }
+            .filter(|n| n.hostname == key || n.id.starts_with(key));
+        the_one("node", key, matches.collect())
     }
 
     /// A service by ID, ID prefix or name.
@@ -943,21 +951,8 @@ impl ClusterState {
         if let Some(service) = self.services.values().find(|s| s.spec.name == key) {
             return Ok(service);
         }
-        let matches: Vec<&Service> = self
-            .services
-            .values()
-            .filter(|s| s.id.starts_with(key))
-            .collect();
-        match matches.as_slice() {
-            [service] => Ok(service),
-            [] => bail!(
-                "service {key} not found: `shoal service ls` lists them (by name, ID or ID prefix)"
-            ),
-            _ => bail!(
-                "service {key} is ambiguous ({} matches): give its name or more of its ID",
-                matches.len()
-            ),
-        }
+        let matches = self.services.values().filter(|s| s.id.starts_with(key));
+        the_one("service", key, matches.collect())
     }
 
     /// A network by ID, ID prefix or name.
@@ -965,21 +960,8 @@ impl ClusterState {
         if let Some(network) = self.networks.values().find(|n| n.name == key) {
             return Ok(network);
         }
-        let matches: Vec<&Network> = self
-            .networks
-            .values()
-            .filter(|n| n.id.starts_with(key))
-            .collect();
-        match matches.as_slice() {
-            [network] => Ok(network),
-            [] => bail!(
-                "network {key} not found: `shoal network ls` lists them (by name, ID or ID prefix)"
-            ),
-            _ => bail!(
-                "network {key} is ambiguous ({} matches): give its name or more of its ID",
-                matches.len()
-            ),
-        }
+        let matches = self.networks.values().filter(|n| n.id.starts_with(key));
+        the_one("network", key, matches.collect())
     }
 
     /// The lowest VNI no network uses.
@@ -994,8 +976,22 @@ impl ClusterState {
     }
 }
 
+/// The one `what` (node, service, network) that `key` matched, or why not.
+fn the_one<'a, T>(what: &str, key: &str, matches: Vec<&'a T>) -> Result<&'a T> {
+    match matches.as_slice() {
+        [one] => Ok(one),
+        [] => bail!(ApiError::not_found(format!(
+            "{what} {key} not found: `shoal {what} ls` lists them (by name, ID or ID prefix)"
+        ))),
+        _ => bail!(ApiError::invalid(format!(
+            "{what} {key} is ambiguous ({} matches): give its name or more of its ID",
+            matches.len()
+        ))),
+    }
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn node(id: &str, raft_id: u64, role: Role) -> Node {
@@ -1018,7 +1014,7 @@ mod tests {
         }
     }
 
-    fn network(name: &str, subnet: &str, vni: u32) -> Network {
+    pub(crate) fn network(name: &str, subnet: &str, vni: u32) -> Network {
         let subnet: Subnet = subnet.parse().unwrap();
         Network {
             id: format!("id-{name}"),
@@ -1120,7 +1116,7 @@ mod tests {
     }
 
     /// A replicated service `name` (ID `id-NAME`) publishing `ports`.
-    fn publishing(name: &str, ports: &[&str]) -> Service {
+    pub(crate) fn publishing(name: &str, ports: &[&str]) -> Service {
         Service {
             id: format!("id-{name}"),
             spec: ServiceSpec {
@@ -1291,7 +1287,7 @@ mod tests {
         assert_eq!((old.gossip_port, old.exposed_metrics_port), (7946, None));
     }
 
-    fn task(id: &str, node: &str, state: TaskState) -> Task {
+    pub(crate) fn task(id: &str, node: &str, state: TaskState) -> Task {
         Task {
             id: id.into(),
             service_id: "s".into(),

@@ -24,7 +24,8 @@ use rustls::{
     server::WebPkiClientVerifier,
     ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme,
 };
-use serde::{de::DeserializeOwned, Serialize};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use shoal_api::{ApiError, ErrorKind, Kind as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
@@ -43,9 +44,9 @@ pub struct Peer(pub Option<String>);
 
 impl Peer {
     pub fn require(&self) -> Result<&str> {
-        self.0
-            .as_deref()
-            .ok_or_else(|| anyhow!("this endpoint needs a cluster member's certificate"))
+        self.0.as_deref().ok_or_else(|| {
+            ApiError::forbidden("this endpoint needs a cluster member's certificate").into()
+        })
     }
 }
 
@@ -241,6 +242,13 @@ pub struct ClusterClient {
     idle: Arc<Mutex<Pool>>,
 }
 
+/// An error answer as any version of the agent writes it (older ones without a kind).
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: String,
+    kind: Option<ErrorKind>,
+}
+
 impl ClusterClient {
     pub fn new(config: Arc<ClientConfig>) -> Self {
         Self {
@@ -317,14 +325,24 @@ impl ClusterClient {
                 .push(sender);
             Ok::<_, anyhow::Error>((status, bytes))
         };
+        // A node that cannot be reached cannot answer now; what it answers keeps its kind.
         let (status, bytes) = tokio::time::timeout(timeout, call)
             .await
-            .map_err(|_| anyhow!("{addr} did not answer {path} within {timeout:?}"))??;
+            .map_err(|_| {
+                ApiError::unavailable(format!("{addr} did not answer {path} within {timeout:?}"))
+            })?
+            .kind(ErrorKind::Unavailable)?;
         if !status.is_success() {
-            let message = serde_json::from_slice::<crate::api::ApiError>(&bytes)
-                .map(|e| e.error)
+            let answer = serde_json::from_slice::<ErrorBody>(&bytes);
+            let kind = answer
+                .as_ref()
+                .ok()
+                .and_then(|body| body.kind)
+                .unwrap_or_else(|| ErrorKind::from_status(status.as_u16()));
+            let message = answer
+                .map(|body| body.error)
                 .unwrap_or_else(|_| format!("{addr} answered {status}"));
-            bail!("{message}");
+            bail!(ApiError::new(kind, message));
         }
         Ok(bytes.to_vec())
     }

@@ -31,7 +31,7 @@ pub struct Member {
 /// The outcome of applying one command: commands can be refused by the state (a duplicate
 /// service name, say) after they are ordered, and the proposer needs to know.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Applied(pub Result<(), String>);
+pub struct Applied(pub Result<(), shoal_api::ApiError>);
 
 // The macro's default snapshot type is written unqualified: `Cursor` must be in scope.
 openraft::declare_raft_types!(

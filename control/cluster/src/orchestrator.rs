@@ -540,7 +540,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::cluster::{
+    use crate::{
         pki::Role,
         state::{Constraint, ServiceSpec, TaskReport},
     };
@@ -678,7 +678,7 @@ mod tests {
     }
 
     fn add_network(state: &mut ClusterState, id: &str, subnet: &str) {
-        use crate::cluster::{
+        use crate::{
             ipam::Subnet,
             state::{Network, FIRST_VNI},
         };
@@ -1031,7 +1031,7 @@ mod tests {
         let web = service(&mut state, "web", ServiceMode::Replicated { replicas: 3 });
         let spec = &mut state.services.get_mut(&web).unwrap().spec;
         spec.networks = vec!["front".into()];
-        spec.ports = vec![crate::cluster::state::PortConfig::parse("8080:80").unwrap()];
+        spec.ports = vec![crate::state::PortConfig::parse("8080:80").unwrap()];
         converge(&mut state, 1);
         let nodes: BTreeSet<Ipv4Addr> = state
             .nodes

@@ -3,104 +3,16 @@
 //! every manager computes the same answer. Also what a node's kernel already addresses or
 //! routes (`host_claims`), which overlay subnets must stay clear of.
 
-use std::{collections::BTreeSet, fmt, net::Ipv4Addr, str::FromStr};
+use std::{collections::BTreeSet, fmt, net::Ipv4Addr};
 
 use anyhow::{bail, Context as _, Result};
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use shoal_dataplane::{
     iproute::{self, Netns},
     overlay::INGRESS_ENDPOINT,
 };
 
-/// An IPv4 network, `10.0.1.0/24`. Always stored with the host bits cleared.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct Subnet {
-    pub base: Ipv4Addr,
-    pub prefix: u8,
-}
-
-impl Subnet {
-    pub fn new(addr: Ipv4Addr, prefix: u8) -> Result<Self> {
-        if prefix > 32 {
-            bail!("prefix length /{prefix} is longer than 32");
-        }
-        let base = Ipv4Addr::from(u32::from(addr) & mask(prefix));
-        Ok(Self { base, prefix })
-    }
-
-    fn start(self) -> u32 {
-        u32::from(self.base)
-    }
-
-    fn end(self) -> u32 {
-        self.start() | !mask(self.prefix)
-    }
-
-    pub fn contains(self, addr: Ipv4Addr) -> bool {
-        (self.start()..=self.end()).contains(&u32::from(addr))
-    }
-
-    pub fn overlaps(self, other: Subnet) -> bool {
-        self.start() <= other.end() && other.start() <= self.end()
-    }
-
-    /// The first usable address, which shoal gives the network's gateway by default.
-    pub fn first_host(self) -> Ipv4Addr {
-        Ipv4Addr::from(self.start() + 1)
-    }
-
-    /// Usable host addresses (network and broadcast addresses excluded).
-    pub fn hosts(self) -> impl Iterator<Item = Ipv4Addr> {
-        (self.start() + 1..self.end()).map(Ipv4Addr::from)
-    }
-}
-
-fn mask(prefix: u8) -> u32 {
-    if prefix == 0 {
-        0
-    } else {
-        u32::MAX << (32 - u32::from(prefix))
-    }
-}
-
-impl FromStr for Subnet {
-    type Err = anyhow::Error;
-
-    fn from_str(text: &str) -> Result<Self> {
-        let (addr, prefix) = text
-            .split_once('/')
-            .with_context(|| format!("{text:?} is not a CIDR (e.g. 10.0.1.0/24)"))?;
-        let addr: Ipv4Addr = addr
-            .parse()
-            .with_context(|| format!("{text:?}: {addr:?} is not an IPv4 address"))?;
-        let prefix: u8 = prefix
-            .parse()
-            .with_context(|| format!("{text:?}: bad prefix length"))?;
-        Subnet::new(addr, prefix)
-    }
-}
-
-impl TryFrom<String> for Subnet {
-    type Error = anyhow::Error;
-
-    fn try_from(text: String) -> Result<Self> {
-        text.parse()
-    }
-}
-
-impl From<Subnet> for String {
-    fn from(subnet: Subnet) -> Self {
-        subnet.to_string()
-    }
-}
-
-impl fmt::Display for Subnet {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.base, self.prefix)
-    }
-}
+pub use shoal_api::Subnet;
 
 /// The first `prefix`-sized subnet of `pool` that overlaps none of `used`.
 pub fn allocate_subnet(pool: Subnet, prefix: u8, used: &[Subnet]) -> Result<Subnet> {

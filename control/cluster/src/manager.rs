@@ -4,29 +4,28 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::IpAddr,
     sync::{Arc, Mutex},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use anyhow::{anyhow, bail, Context as _, Result};
+use shoal_api::{now, ApiError, NOT_A_MANAGER, NO_LEADER};
 use tokio::sync::watch;
 
 use super::{
     ipam,
     orchestrator::{self, Settings},
     pki::{random_id, secrets_match, Role, TOKEN_HINT},
+    plan::{self, Answer, Inputs},
     protocol::{
         AssignedNetwork, Assignment, ClusterRequest, ClusterResponse, ControlRequest,
         ControlResponse, Envelope, HeartbeatResponse, JoinRequest, JoinResponse, LogLine,
-        LogsRequest, NetworkCreate, NetworkView, NodeView, ServiceView, TaskLog, TaskView,
+        LogsRequest, NodeView, TaskLog,
     },
     raft::{self, Member, Raft, StateMachine},
-    state::{
-        Availability, ClusterState, Command, Network, Node, NodeStatus, PublishMode, Service,
-        ServiceMode, Task, TaskState,
-    },
+    state::{Availability, ClusterState, Command, Node, NodeStatus, Task, TaskState},
     transport::{ClusterClient, Peer},
+    views::{network_view, service_view, task_name},
 };
 
 /// A node silent this long is marked Down.
@@ -43,20 +42,18 @@ const FORWARD_PATIENCE: Duration = Duration::from_secs(4);
 pub const GOSSIP_KEY_ROTATION: Duration = Duration::from_secs(12 * 3600);
 
 fn new_gossip_key() -> Command {
-    use rand::RngCore as _;
-    let mut key = [0u8; 32];
-    rand::rng().fill_bytes(&mut key);
     Command::AddGossipKey {
-        key: key.iter().map(|b| format!("{b:02x}")).collect(),
+        key: new_gossip_key_hex(),
         at: now(),
     }
 }
 
-pub fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs()
+/// A fresh AES-256 gossip key, in hex.
+fn new_gossip_key_hex() -> String {
+    use rand::RngCore as _;
+    let mut key = [0u8; 32];
+    rand::rng().fill_bytes(&mut key);
+    key.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 pub struct Manager {
@@ -73,13 +70,6 @@ pub struct Manager {
     /// The Raft ID being added as a voter, if any.
     adding_voter: Arc<Mutex<Option<u64>>>,
 }
-
-/// A worker asked for what only managers hold.
-pub const NOT_A_MANAGER: &str = "this node is not a swarm manager: run the command on a manager \
-                                 (`shoal info` lists them), or promote this node with \
-                                 `shoal node promote NODE` on a manager";
-const NO_LEADER: &str = "the swarm does not have a leader: too few managers are reachable \
-                         to form a quorum (see `shoal node ls` on a manager, docs/operations.md)";
 
 impl Manager {
     pub fn new(
@@ -125,9 +115,9 @@ impl Manager {
     pub async fn write(&self, command: Command) -> Result<()> {
         let result = tokio::time::timeout(WRITE_TIMEOUT, self.raft.client_write(command))
             .await
-            .map_err(|_| anyhow!("{NO_LEADER} (write timed out)"))?
-            .map_err(|err| anyhow!("write refused: {err}"))?;
-        result.data.0.map_err(|message| anyhow!(message))
+            .map_err(|_| ApiError::unavailable(format!("{NO_LEADER} (write timed out)")))?
+            .map_err(|err| ApiError::unavailable(format!("write refused: {err}")))?;
+        Ok(result.data.0?)
     }
 
     /// Answers a request from `peer` (maybe forwarded on behalf of `envelope.origin`).
@@ -141,18 +131,20 @@ impl Manager {
                     .is_some_and(|n| n.role == Role::Manager)
             });
             if !is_manager {
-                bail!("only managers may forward requests");
+                bail!(ApiError::forbidden("only managers may forward requests"));
             }
             envelope.origin.clone()
         } else {
             if envelope.origin.is_some() {
-                bail!("only managers may forward requests");
+                bail!(ApiError::forbidden("only managers may forward requests"));
             }
             peer.0.clone()
         };
         // Without a certificate a caller can only ask to join.
         if caller.is_none() && !matches!(envelope.request, ClusterRequest::Join(_)) {
-            bail!("this request needs a cluster member's certificate");
+            bail!(ApiError::forbidden(
+                "this request needs a cluster member's certificate"
+            ));
         }
         // Elections and membership changes leave short windows without a reachable leader:
         // retry for a few seconds before giving up.
@@ -178,7 +170,7 @@ impl Manager {
                         .await
                         .context("forwarding to the leader")
                 }
-                None => Err(anyhow!(NO_LEADER)),
+                None => Err(ApiError::unavailable(NO_LEADER).into()),
             };
             match attempt {
                 Ok(answer) => return Ok(answer),
@@ -220,24 +212,28 @@ impl Manager {
         match request {
             ClusterRequest::Join(join) => Ok(ClusterResponse::Joined(self.join(join).await?)),
             ClusterRequest::Heartbeat { reports } => {
-                let caller =
-                    caller.ok_or_else(|| anyhow!("heartbeat without a node certificate"))?;
+                let caller = caller
+                    .ok_or_else(|| ApiError::forbidden("heartbeat without a node certificate"))?;
                 Ok(ClusterResponse::Heartbeat(
                     self.heartbeat(&caller, reports).await?,
                 ))
             }
             ClusterRequest::Leave => {
-                let caller = caller.ok_or_else(|| anyhow!("leave without a node certificate"))?;
+                let caller = caller
+                    .ok_or_else(|| ApiError::forbidden("leave without a node certificate"))?;
                 self.leave(&caller).await?;
                 Ok(ClusterResponse::Left)
             }
             ClusterRequest::Control(control) => {
-                let caller =
-                    caller.ok_or_else(|| anyhow!("control request without a node certificate"))?;
+                let caller = caller.ok_or_else(|| {
+                    ApiError::forbidden("control request without a node certificate")
+                })?;
                 match self.read(|s| s.nodes.get(&caller).map(|n| n.role)) {
                     Some(Role::Manager) => {}
-                    Some(Role::Worker) => bail!(NOT_A_MANAGER),
-                    None => bail!("node {caller} is not part of this swarm"),
+                    Some(Role::Worker) => bail!(ApiError::unavailable(NOT_A_MANAGER)),
+                    None => bail!(ApiError::forbidden(format!(
+                        "node {caller} is not part of this swarm"
+                    ))),
                 }
                 Ok(ClusterResponse::Control(self.control(control).await?))
             }
@@ -251,7 +247,9 @@ impl Manager {
         } else if secrets_match(&state.worker_secret, &join.secret) {
             Role::Worker
         } else {
-            bail!("invalid join token: it was rotated or belongs to another swarm; {TOKEN_HINT}");
+            bail!(ApiError::forbidden(format!(
+                "invalid join token: it was rotated or belongs to another swarm; {TOKEN_HINT}"
+            )));
         };
         let ca = state
             .ca
@@ -307,7 +305,9 @@ impl Manager {
     async fn leave(&self, node_id: &str) -> Result<()> {
         let hostname = self.read(|s| s.nodes.get(node_id).map(|n| n.hostname.clone()));
         let hostname = hostname.ok_or_else(|| {
-            anyhow!("node {node_id} is not part of this swarm (it was removed already)")
+            ApiError::not_found(format!(
+                "node {node_id} is not part of this swarm (it was removed already)"
+            ))
         })?;
         self.write(Command::NodeLeaving {
             id: node_id.to_owned(),
@@ -401,7 +401,9 @@ impl Manager {
             Some((role, moves))
         });
         let Some((role, moves)) = known else {
-            bail!("node {caller} is not part of this swarm (it was removed); join again");
+            bail!(ApiError::forbidden(format!(
+                "node {caller} is not part of this swarm (it was removed); join again"
+            )));
         };
         self.heartbeats
             .lock()
@@ -551,258 +553,51 @@ impl Manager {
         Ok(())
     }
 
+    /// A control request: planned on the state (`plan::plan`), written, then answered.
     async fn control(&self, request: ControlRequest) -> Result<ControlResponse> {
-        let state = self.state();
-        Ok(match request {
-            ControlRequest::NodeList => {
-                ControlResponse::Nodes(state.nodes.values().map(|n| self.node_view(n)).collect())
-            }
-            ControlRequest::NodeInspect { node } => {
-                ControlResponse::Node(self.node_view(state.find_node(&node)?))
-            }
-            ControlRequest::NodeUpdate {
-                node,
-                availability,
-                label_add,
-                label_rm,
-                role,
-            } => {
-                let mut updated = state.find_node(&node)?.clone();
-                if let Some(availability) = availability {
-                    updated.availability = availability;
-                }
-                for label in label_add {
-                    let (key, value) = label.split_once('=').unwrap_or((&label, ""));
-                    if key.is_empty() {
-                        bail!("label {label:?}: empty key");
-                    }
-                    updated.labels.insert(key.to_owned(), value.to_owned());
-                }
-                for key in label_rm {
-                    if updated.labels.remove(&key).is_none() {
-                        bail!("node {} has no label {key}", updated.hostname);
-                    }
-                }
-                let demoted = role == Some(Role::Worker) && updated.role == Role::Manager;
-                if demoted && state.managers().count() <= 1 {
-                    bail!(
-                        "node {} is the last manager of the swarm and cannot be demoted: \
-                         promote another node first (`shoal node promote NODE`)",
-                        updated.hostname
-                    );
-                }
-                if let Some(role) = role {
-                    updated.role = role;
-                }
-                // The role is written first: the leader loop then adds a promoted node to Raft,
-                // and never re-adds a demoted one while its voter is removed below.
-                self.write(Command::UpdateNode(updated.clone())).await?;
-                if demoted {
-                    self.remove_voter(&updated).await?;
-                }
-                ControlResponse::Node(self.node_view(&updated))
-            }
-            ControlRequest::NodeRemove { node, force } => {
-                let node = state.find_node(&node)?;
-                if node.role == Role::Manager {
-                    bail!(
-                        "node {} is a manager: demote it first (`shoal node demote {}`)",
-                        node.hostname,
-                        node.hostname
-                    );
-                }
-                if node.status == NodeStatus::Ready && !force {
-                    bail!(
-                        "node {} is not down and can't be removed: stop its agent (or `shoal swarm leave` on it) first, or use --force",
-                        node.hostname
-                    );
-                }
-                self.write(Command::RemoveNode {
-                    id: node.id.clone(),
-                })
-                .await?;
-                ControlResponse::Done
-            }
-            ControlRequest::NodeTasks { node } => {
-                let node = state.find_node(&node)?;
-                ControlResponse::Tasks(task_views(&state, |t| {
-                    t.node_id.as_deref() == Some(&node.id)
-                }))
-            }
-            ControlRequest::RotateGossipKey => {
-                self.write(new_gossip_key()).await?;
-                ControlResponse::Done
-            }
-            ControlRequest::JoinToken { role, rotate } => {
-                if rotate {
-                    self.write(Command::RotateToken {
-                        role,
-                        secret: random_id(25),
-                    })
-                    .await?;
-                }
-                ControlResponse::Token(self.state().token(role)?.to_string())
-            }
-            ControlRequest::ServiceCreate(mut spec) => {
-                spec.networks = resolve_networks(&state, &spec.networks)?;
-                spec.validate()?;
-                let at = now();
-                let service = Service {
-                    id: random_id(25),
-                    spec,
-                    version: 1,
-                    created_at: at,
-                    updated_at: at,
-                    vips: vec![],
-                };
-                state.check_published_ports(&service)?;
-                self.write(Command::PutService(service.clone())).await?;
-                ControlResponse::Service(service_view(&self.state(), &service))
-            }
-            ControlRequest::ServiceList => ControlResponse::Services(
-                state
-                    .services
-                    .values()
-                    .map(|s| service_view(&state, s))
-                    .collect(),
-            ),
-            ControlRequest::ServiceInspect { service } => {
-                ControlResponse::Service(service_view(&state, state.find_service(&service)?))
-            }
-            ControlRequest::ServiceTasks { service } => {
-                let service = state.find_service(&service)?;
-                ControlResponse::Tasks(task_views(&state, |t| t.service_id == service.id))
-            }
-            ControlRequest::ServiceUpdate {
-                service,
-                replicas,
-                env_add,
-                network_add,
-                network_rm,
-                publish_add,
-                publish_rm,
-                force,
-            } => {
-                let mut updated = state.find_service(&service)?.clone();
-                if let Some(replicas) = replicas {
-                    match &mut updated.spec.mode {
-                        ServiceMode::Replicated { replicas: r } => *r = replicas,
-                        ServiceMode::Global => {
-                            bail!(
-                                "service {} is global: it cannot be scaled",
-                                updated.spec.name
-                            )
-                        }
-                    }
-                }
-                // Anything but the replica count restarts tasks (a rolling update).
-                let restart = force
-                    || !env_add.is_empty()
-                    || !network_add.is_empty()
-                    || !network_rm.is_empty()
-                    || !publish_add.is_empty()
-                    || !publish_rm.is_empty();
-                for key in publish_rm {
-                    let (port, protocol) = match key.split_once('/') {
-                        Some((port, protocol)) => (port, protocol.parse()?),
-                        None => (key.as_str(), shoal_dataplane::mesh::Protocol::Tcp),
-                    };
-                    let port: u16 = port
-                        .parse()
-                        .map_err(|_| anyhow!("--publish-rm {key:?}: expected PORT or PORT/udp"))?;
-                    let before = updated.spec.ports.len();
-                    updated
-                        .spec
-                        .ports
-                        .retain(|p| !(p.published == port && p.protocol == protocol));
-                    if updated.spec.ports.len() == before {
-                        bail!(
-                            "service {0} does not publish {key}: \
-                             `shoal service inspect {0} --pretty` lists its ports",
-                            updated.spec.name
-                        );
-                    }
-                }
-                for port in publish_add {
-                    updated.spec.ports.retain(|p| {
-                        !(p.published == port.published && p.protocol == port.protocol)
-                    });
-                    updated.spec.ports.push(port);
-                }
-                for key in network_rm {
-                    let id = state.find_network(&key)?.id.clone();
-                    if !updated.spec.networks.contains(&id) {
-                        bail!(
-                            "service {} is not attached to network {key}",
-                            updated.spec.name
-                        );
-                    }
-                    updated.spec.networks.retain(|n| *n != id);
-                }
-                let mut networks = updated.spec.networks.clone();
-                networks.extend(network_add);
-                updated.spec.networks = resolve_networks(&state, &networks)?;
-                for entry in env_add {
-                    let key = entry
-                        .split_once('=')
-                        .map(|(k, _)| k.to_owned())
-                        .unwrap_or_default();
-                    updated
-                        .spec
-                        .env
-                        .retain(|e| !e.starts_with(&format!("{key}=")));
-                    updated.spec.env.push(entry);
-                }
-                updated.spec.validate()?;
-                state.check_published_ports(&updated)?;
-                if restart {
-                    updated.version += 1;
-                }
-                updated.updated_at = now();
-                self.write(Command::PutService(updated.clone())).await?;
-                ControlResponse::Service(service_view(&self.state(), &updated))
-            }
-            ControlRequest::NetworkCreate(request) => {
-                let claims = tokio::task::spawn_blocking(ipam::host_claims)
-                    .await?
-                    .context("reading this manager's addresses and routes")?;
-                let leader = state
-                    .nodes
+        let host_claims = if matches!(request, ControlRequest::NetworkCreate(_)) {
+            tokio::task::spawn_blocking(ipam::host_claims)
+                .await?
+                .context("reading this manager's addresses and routes")?
+        } else {
+            Vec::new()
+        };
+        let inputs = Inputs {
+            at: now(),
+            fresh_id: random_id(25),
+            gossip_key: new_gossip_key_hex(),
+            host_claims,
+            leader: self.read(|s| {
+                s.nodes
                     .get(&self.node_id)
-                    .map_or(self.node_id.as_str(), |n| &n.hostname);
-                let network = new_network(&state, request, &claims, leader)?;
-                self.write(Command::PutNetwork(network.clone())).await?;
-                ControlResponse::Network(network_view(&self.state(), &network))
+                    .map_or_else(|| self.node_id.clone(), |n| n.hostname.clone())
+            }),
+        };
+        let plan = self.read(|state| plan::plan(state, request, &inputs))?;
+        for command in plan.commands {
+            self.write(command).await?;
+        }
+        if let Some(node) = &plan.remove_voter {
+            self.remove_voter(node).await?;
+        }
+        Ok(match plan.answer {
+            Answer::Ready(response) => response,
+            Answer::Nodes(nodes) => {
+                ControlResponse::Nodes(nodes.iter().map(|n| self.node_view(n)).collect())
             }
-            ControlRequest::NetworkList => ControlResponse::Networks(
-                state
-                    .networks
-                    .values()
-                    .map(|n| network_view(&state, n))
-                    .collect(),
-            ),
-            ControlRequest::NetworkInspect { network } => {
-                ControlResponse::Network(network_view(&state, state.find_network(&network)?))
+            Answer::Node(node) => ControlResponse::Node(self.node_view(&node)),
+            Answer::Service(service) => {
+                ControlResponse::Service(self.read(|s| service_view(s, &service)))
             }
-            ControlRequest::NetworkRemove { network } => {
-                let network = state.find_network(&network)?;
-                self.write(Command::RemoveNetwork {
-                    id: network.id.clone(),
-                })
-                .await?;
-                ControlResponse::Done
+            Answer::Network(network) => {
+                ControlResponse::Network(self.read(|s| network_view(s, &network)))
             }
-            ControlRequest::ServiceLogs { service, tail } => {
-                let service = state.find_service(&service)?;
-                ControlResponse::Logs(self.service_logs(&state, &service.id, tail).await?)
+            Answer::Token(role) => {
+                ControlResponse::Token(self.read(|s| s.token(role))?.to_string())
             }
-            ControlRequest::ServiceRemove { service } => {
-                let service = state.find_service(&service)?;
-                self.write(Command::RemoveService {
-                    id: service.id.clone(),
-                })
-                .await?;
-                ControlResponse::Done
+            Answer::Logs { service_id, tail } => {
+                let state = self.state();
+                ControlResponse::Logs(self.service_logs(&state, &service_id, tail).await?)
             }
         })
     }
@@ -874,7 +669,9 @@ impl Manager {
             .collect();
         tokio::time::timeout(WRITE_TIMEOUT, self.raft.change_membership(remaining, false))
             .await
-            .map_err(|_| anyhow!("{NO_LEADER} (membership change timed out)"))?
+            .map_err(|_| {
+                ApiError::unavailable(format!("{NO_LEADER} (membership change timed out)"))
+            })?
             .map_err(|err| anyhow!("demoting {}: {err}", node.hostname))?;
         Ok(())
     }
@@ -926,260 +723,4 @@ async fn add_voter(raft: &Raft, raft_id: u64, member: Member) -> Result<()> {
         .map_err(|err| anyhow!("making it a voter: {err}"))?;
     tracing::info!(raft_id, "manager added to Raft");
     Ok(())
-}
-
-/// Network names (or IDs) of a service spec, as IDs; the ingress network is the mesh's own.
-fn resolve_networks(state: &ClusterState, keys: &[String]) -> Result<Vec<String>> {
-    let mut ids = Vec::new();
-    for key in keys {
-        let network = state.find_network(key)?;
-        if network.ingress {
-            bail!("the ingress network cannot be attached explicitly: publish a port instead");
-        }
-        if ids.contains(&network.id) {
-            bail!("network {} is given twice", network.name);
-        }
-        ids.push(network.id.clone());
-    }
-    Ok(ids)
-}
-
-/// A network as `request` asks, its subnet clear of the networks, the nodes' addresses and
-/// what the leader's kernel addresses or routes (`claims`; other nodes check theirs when a
-/// task comes).
-fn new_network(
-    state: &ClusterState,
-    request: NetworkCreate,
-    claims: &[ipam::HostClaim],
-    leader: &str,
-) -> Result<Network> {
-    let name_ok = !request.name.is_empty()
-        && request.name.len() <= 63
-        && request
-            .name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
-    if !name_ok {
-        bail!(
-            "invalid network name {:?}: 1-63 characters of letters, digits, -, _ and .",
-            request.name
-        );
-    }
-    let subnet = match request.subnet {
-        Some(subnet) => {
-            if subnet.prefix > 30 {
-                bail!("subnet {subnet} is too small (at most /30)");
-            }
-            if let Some(claim) = ipam::first_overlap(subnet, claims) {
-                bail!(
-                    "subnet {subnet} overlaps {claim} on node {leader}, the leader: the \
-                     network's tasks could not reach those addresses; choose another --subnet, \
-                     or leave it out"
-                );
-            }
-            subnet
-        }
-        None => {
-            let node_addresses = state.nodes.values().filter_map(|n| match n.addr {
-                IpAddr::V4(addr) => ipam::Subnet::new(addr, 32).ok(),
-                IpAddr::V6(_) => None,
-            });
-            let used: Vec<_> = state
-                .networks
-                .values()
-                .map(|n| n.subnet)
-                .chain(claims.iter().map(|c| c.subnet))
-                .chain(node_addresses)
-                .collect();
-            ipam::allocate_subnet(
-                state.settings.default_pool,
-                state.settings.pool_prefix,
-                &used,
-            )?
-        }
-    };
-    let gateway = request.gateway.unwrap_or_else(|| subnet.first_host());
-    if !subnet.hosts().any(|host| host == gateway) {
-        bail!("gateway {gateway} is not a host address of {subnet}");
-    }
-    if let Some(mtu) = request.mtu {
-        if !(576..=9000).contains(&mtu) {
-            bail!("mtu {mtu} is out of range (576-9000)");
-        }
-    }
-    Ok(Network {
-        id: random_id(25),
-        name: request.name,
-        subnet,
-        gateway,
-        vni: state.free_vni(),
-        attachable: request.attachable,
-        internal: request.internal,
-        mtu: request.mtu,
-        ingress: false,
-        created_at: now(),
-    })
-}
-
-fn network_view(state: &ClusterState, network: &Network) -> NetworkView {
-    NetworkView {
-        id: network.id.clone(),
-        name: network.name.clone(),
-        driver: "overlay".into(),
-        scope: "swarm".into(),
-        subnet: network.subnet,
-        gateway: network.gateway,
-        vni: network.vni,
-        attachable: network.attachable,
-        internal: network.internal,
-        mtu: network.mtu,
-        ingress: network.ingress,
-        services: state
-            .services
-            .values()
-            .filter(|s| s.spec.networks.contains(&network.id))
-            .map(|s| s.spec.name.clone())
-            .collect(),
-        created_at: network.created_at,
-    }
-}
-
-fn network_name(state: &ClusterState, id: &str) -> String {
-    state
-        .networks
-        .get(id)
-        .map(|n| n.name.clone())
-        .unwrap_or_else(|| id.to_owned())
-}
-
-/// `web.1.<id>` (or `web.<node id>.<id>` for global services), the task's hostname.
-pub fn task_name(state: &ClusterState, task: &Task) -> String {
-    format!("{}.{}", short_task_name(state, task), task.id)
-}
-
-fn short_task_name(state: &ClusterState, task: &Task) -> String {
-    let service = state
-        .services
-        .get(&task.service_id)
-        .map(|s| s.spec.name.as_str())
-        .unwrap_or("(removed)");
-    if task.slot > 0 {
-        format!("{service}.{}", task.slot)
-    } else {
-        format!("{service}.{}", task.node_id.as_deref().unwrap_or(""))
-    }
-}
-
-fn task_views(state: &ClusterState, keep: impl Fn(&Task) -> bool) -> Vec<TaskView> {
-    let mut views: Vec<TaskView> = state
-        .tasks
-        .values()
-        .filter(|t| keep(t))
-        .map(|t| TaskView {
-            id: t.id.clone(),
-            name: short_task_name(state, t),
-            service: state
-                .services
-                .get(&t.service_id)
-                .map(|s| s.spec.name.clone())
-                .unwrap_or_default(),
-            slot: t.slot,
-            service_version: t.service_version,
-            node_id: t.node_id.clone(),
-            node: t
-                .node_id
-                .as_ref()
-                .and_then(|id| state.nodes.get(id))
-                .map(|n| n.hostname.clone())
-                .unwrap_or_default(),
-            desired: t.desired,
-            state: t.state,
-            state_since: t.state_since,
-            message: t.message.clone(),
-            error: t.error.clone(),
-            created_at: t.created_at,
-            addresses: t
-                .attachments
-                .iter()
-                .map(|a| (network_name(state, &a.network_id), a.address))
-                .collect(),
-            // Open only while the task runs, as in `docker service ps`.
-            host_ports: state
-                .services
-                .get(&t.service_id)
-                .filter(|_| t.state == TaskState::Running)
-                .map(|s| {
-                    s.spec
-                        .ports
-                        .iter()
-                        .filter(|p| p.mode == PublishMode::Host)
-                        .cloned()
-                        .collect()
-                })
-                .unwrap_or_default(),
-        })
-        .collect();
-    // By slot, newest first within a slot: the running task, then its history.
-    views.sort_by(|a, b| {
-        (
-            a.service.as_str(),
-            a.slot,
-            &a.node_id,
-            std::cmp::Reverse(a.created_at),
-        )
-            .cmp(&(
-                b.service.as_str(),
-                b.slot,
-                &b.node_id,
-                std::cmp::Reverse(b.created_at),
-            ))
-    });
-    views
-}
-
-fn service_view(state: &ClusterState, service: &Service) -> ServiceView {
-    let live = |t: &&Task| t.service_id == service.id && t.desired == TaskState::Running;
-    let running = state
-        .tasks
-        .values()
-        .filter(live)
-        .filter(|t| t.state == TaskState::Running)
-        .count() as u64;
-    let desired = match service.spec.mode {
-        ServiceMode::Replicated { replicas } => replicas,
-        ServiceMode::Global => state.tasks.values().filter(live).count() as u64,
-    };
-    ServiceView {
-        id: service.id.clone(),
-        name: service.spec.name.clone(),
-        mode: service.spec.mode.clone(),
-        running,
-        desired,
-        command: service.spec.command.clone(),
-        env: service.spec.env.clone(),
-        constraints: service
-            .spec
-            .constraints
-            .iter()
-            .map(ToString::to_string)
-            .collect(),
-        version: service.version,
-        update_parallelism: service.spec.update_parallelism,
-        update_delay_secs: service.spec.update_delay_secs,
-        networks: service
-            .spec
-            .networks
-            .iter()
-            .map(|id| network_name(state, id))
-            .collect(),
-        endpoint_mode: service.spec.endpoint_mode,
-        ports: service.spec.ports.clone(),
-        vips: service
-            .vips
-            .iter()
-            .map(|v| (network_name(state, &v.network_id), v.address))
-            .collect(),
-        created_at: service.created_at,
-        updated_at: service.updated_at,
-    }
 }

@@ -16,8 +16,8 @@ use super::{
     handle_rpc, start, wait_until_voter, Applied, Member, NodeId, Raft, StateMachine, StorageError,
     Transport, TypeConfig,
 };
-use crate::cluster::pki::Role;
-use crate::cluster::state::Command;
+use crate::pki::Role;
+use crate::state::Command;
 
 const IDS: [NodeId; 3] = [1, 2, 3];
 const SECS_5: Duration = Duration::from_secs(5);

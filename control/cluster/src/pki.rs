@@ -180,22 +180,7 @@ pub fn node_id_of(cert_der: &[u8]) -> Result<String> {
     Ok(cn.as_str().context("common name is not text")?.to_owned())
 }
 
-/// Which tokens a manager accepts; the secrets are replicated with the cluster state.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    Worker,
-    Manager,
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Role::Worker => "worker",
-            Role::Manager => "manager",
-        })
-    }
-}
+pub use shoal_api::Role;
 
 /// `SWMTKN-1-<CA digest>-<secret>`.
 #[derive(Clone, Debug, PartialEq, Eq)]

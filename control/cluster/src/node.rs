@@ -14,7 +14,6 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use axum::{
     body::Bytes,
     extract::{Path as UrlPath, State},
-    http::StatusCode,
     routing::post,
     Extension, Json, Router,
 };
@@ -25,7 +24,7 @@ use tokio::{sync::watch, task::JoinHandle};
 
 use super::{
     ipam::{allocate_subnet, host_claims, HostClaim, Subnet},
-    manager::{now, Manager, NOT_A_MANAGER},
+    manager::Manager,
     networking::{DnsLookup, NodeNetworks},
     orchestrator::Settings,
     pki::{
@@ -41,7 +40,12 @@ use super::{
     transport::{self, ClusterClient, Peer},
     worker::Worker,
 };
-use crate::config::AgentConfig;
+use shoal_api::{
+    now, ApiError, ErrorKind, InitRequest, InitResponse, JoinArgs, JoinedResponse, Kind as _,
+    SwarmInfo, NOT_A_MANAGER, NOT_IN_SWARM,
+};
+
+use crate::{config::NodeConfig, failure::Failure};
 
 /// What a node keeps about its membership (in `<state_dir>/cluster/node.json`, mode 0600).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -56,55 +60,6 @@ struct Membership {
     /// `--data-path-addr` of init or join; the agent's setting otherwise.
     #[serde(default)]
     data_path_addr: Option<Ipv4Addr>,
-}
-
-/// `shoal info`'s view of the swarm.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct SwarmInfo {
-    pub node_id: String,
-    pub cluster_id: String,
-    pub manager: bool,
-    pub advertise: SocketAddr,
-    pub managers: Vec<String>,
-    /// For managers: whether this one leads.
-    pub leader: Option<bool>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct InitRequest {
-    pub advertise_addr: Option<String>,
-    /// Rebuild a single-manager swarm from this manager's state (after losing the quorum).
-    pub force_new_cluster: bool,
-    /// Address pool for overlay subnets [default: 10.0.0.0/8].
-    pub default_addr_pool: Option<Subnet>,
-    /// Prefix length of subnets from the pool [default: 24].
-    pub default_addr_pool_mask_length: Option<u8>,
-    /// VXLAN UDP port of the swarm [default: this agent's data-path port].
-    pub data_path_port: Option<u16>,
-    #[serde(default)]
-    pub data_path_addr: Option<Ipv4Addr>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct InitResponse {
-    pub node_id: String,
-    pub worker_token: String,
-    pub advertise: SocketAddr,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct JoinArgs {
-    pub token: String,
-    pub remote: String,
-    pub advertise_addr: Option<String>,
-    #[serde(default)]
-    pub data_path_addr: Option<Ipv4Addr>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct JoinedResponse {
-    pub node_id: String,
-    pub role: Role,
 }
 
 /// See `ClusterRuntime::parts`.
@@ -147,7 +102,7 @@ impl Running {
 }
 
 pub struct ClusterRuntime {
-    config: AgentConfig,
+    config: NodeConfig,
     dir: PathBuf,
     settings: Settings,
     running: tokio::sync::RwLock<Option<Running>>,
@@ -159,11 +114,8 @@ const JOIN_VOTER_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long `swarm leave` tries to tell the managers before it leaves anyway.
 const LEAVE_NOTICE_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub const NOT_IN_SWARM: &str =
-    "this node is not part of a swarm: run `shoal swarm init` or `shoal swarm join` first";
-
 impl ClusterRuntime {
-    pub fn new(config: AgentConfig, settings: Settings) -> Self {
+    pub fn new(config: NodeConfig, settings: Settings) -> Self {
         let dir = config.state_dir.join("cluster");
         Self {
             config,
@@ -203,7 +155,8 @@ impl ClusterRuntime {
         }
         let ip: IpAddr = text
             .parse()
-            .with_context(|| format!("--advertise-addr {text:?}: expected IP or IP:PORT"))?;
+            .with_context(|| format!("--advertise-addr {text:?}: expected IP or IP:PORT"))
+            .kind(ErrorKind::Invalid)?;
         Ok(SocketAddr::new(ip, self.config.manager_port))
     }
 
@@ -213,9 +166,9 @@ impl ClusterRuntime {
         }
         let mut running = self.running.write().await;
         if running.is_some() {
-            bail!(
+            bail!(ApiError::conflict(
                 "this node is already part of a swarm: use `shoal swarm leave` to leave it first"
-            );
+            ));
         }
         let advertise = self.advertise(request.advertise_addr.as_deref())?;
         let defaults = ClusterSettings::default();
@@ -227,7 +180,7 @@ impl ClusterRuntime {
             data_path_port: request.data_path_port.unwrap_or(self.config.data_path_port),
         };
         if settings.data_path_port == 0 {
-            bail!("--data-path-port must not be 0");
+            bail!(ApiError::invalid("--data-path-port must not be 0"));
         }
         let claims = tokio::task::spawn_blocking(host_claims)
             .await?
@@ -304,7 +257,7 @@ impl ClusterRuntime {
                         status_since: at,
                         ingress_address: None,
                         gossip_port: self.config.gossip_port,
-                        exposed_metrics_port: self.config.exposed_metrics_port(),
+                        exposed_metrics_port: self.config.exposed_metrics_port,
                         left: false,
                     },
                     settings,
@@ -339,9 +292,13 @@ impl ClusterRuntime {
     /// demoted/removed or leave and join again.
     async fn force_new_cluster(&self) -> Result<InitResponse> {
         let mut running = self.running.write().await;
-        let current = running.as_mut().ok_or_else(|| anyhow!(NOT_IN_SWARM))?;
+        let current = running
+            .as_mut()
+            .ok_or_else(|| ApiError::unavailable(NOT_IN_SWARM))?;
         let Some(part) = current.manager.take() else {
-            bail!("--force-new-cluster needs a manager's state: this node is a worker");
+            bail!(ApiError::conflict(
+                "--force-new-cluster needs a manager's state: this node is a worker"
+            ));
         };
         let state = part.manager.state();
         *current.shared.manager.write().expect("manager slot") = None;
@@ -416,11 +373,11 @@ impl ClusterRuntime {
     pub async fn join(self: &Arc<Self>, args: JoinArgs) -> Result<JoinedResponse> {
         let mut running = self.running.write().await;
         if running.is_some() {
-            bail!(
+            bail!(ApiError::conflict(
                 "this node is already part of a swarm: use `shoal swarm leave` to leave it first"
-            );
+            ));
         }
-        let token = JoinToken::parse(&args.token)?;
+        let token = JoinToken::parse(&args.token).kind(ErrorKind::Invalid)?;
         let remote: SocketAddr = args
             .remote
             .parse()
@@ -429,7 +386,8 @@ impl ClusterRuntime {
                     .parse::<IpAddr>()
                     .map(|ip| SocketAddr::new(ip, 2377))
             })
-            .with_context(|| format!("manager address {:?}: expected IP[:PORT]", args.remote))?;
+            .with_context(|| format!("manager address {:?}: expected IP[:PORT]", args.remote))
+            .kind(ErrorKind::Invalid)?;
         let advertise = self.advertise(args.advertise_addr.as_deref())?;
         let (key_pem, csr_pem) = new_key_and_csr()?;
         let client = ClusterClient::new(transport::joining_client_config(&token.ca_digest)?);
@@ -443,7 +401,7 @@ impl ClusterRuntime {
                 addr: advertise.ip(),
                 port: advertise.port(),
                 gossip_port: self.config.gossip_port,
-                exposed_metrics_port: self.config.exposed_metrics_port(),
+                exposed_metrics_port: self.config.exposed_metrics_port,
             }),
         };
         let answer = client
@@ -457,7 +415,7 @@ impl ClusterRuntime {
             .map_err(|err| {
                 // The TLS layer wraps the pinned CA's refusal in words of its own.
                 if format!("{err:#}").contains(CA_MISMATCH) {
-                    anyhow!("{CA_MISMATCH} ({remote}); {TOKEN_HINT}")
+                    ApiError::forbidden(format!("{CA_MISMATCH} ({remote}); {TOKEN_HINT}")).into()
                 } else {
                     err.context(format!("joining the swarm through {remote}"))
                 }
@@ -466,7 +424,9 @@ impl ClusterRuntime {
             bail!("{remote} answered the join oddly");
         };
         if ca_digest(&pem_der(&joined.ca_pem)?) != token.ca_digest {
-            bail!("{CA_MISMATCH} ({remote}); {TOKEN_HINT}");
+            bail!(ApiError::forbidden(format!(
+                "{CA_MISMATCH} ({remote}); {TOKEN_HINT}"
+            )));
         }
         let membership = Membership {
             cluster_id: joined.cluster_id,
@@ -515,13 +475,13 @@ impl ClusterRuntime {
     pub async fn leave(&self, force: bool) -> Result<()> {
         let mut running = self.running.write().await;
         let Some(current) = running.as_ref() else {
-            bail!(NOT_IN_SWARM)
+            bail!(ApiError::unavailable(NOT_IN_SWARM))
         };
         if current.membership.manager && !force {
-            bail!(
+            bail!(ApiError::conflict(
                 "this node is a manager: leaving may cost the swarm its quorum. Demote it first \
                  (`shoal node demote`), or use --force to leave anyway"
-            );
+            ));
         }
         // Said before the tasks stop, so that their replacements go to other nodes.
         announce_leave(current).await;
@@ -572,7 +532,7 @@ impl ClusterRuntime {
             &self.config.bpffs_root,
             (
                 self.config.advertise_interface.as_str(),
-                self.config.mesh_limits(),
+                self.config.mesh_limits,
             ),
             self.config.dns_resolvers(),
         )?);
@@ -730,9 +690,11 @@ impl ClusterRuntime {
     /// A control request from this node's CLI.
     pub async fn control(&self, request: ControlRequest) -> Result<ControlResponse> {
         let running = self.running.read().await;
-        let running = running.as_ref().ok_or_else(|| anyhow!(NOT_IN_SWARM))?;
+        let running = running
+            .as_ref()
+            .ok_or_else(|| ApiError::unavailable(NOT_IN_SWARM))?;
         let Some(manager) = running.manager() else {
-            bail!(NOT_A_MANAGER);
+            bail!(ApiError::unavailable(NOT_A_MANAGER));
         };
         manager.local(request).await
     }
@@ -740,7 +702,9 @@ impl ClusterRuntime {
     /// The host PID of a local task's PID 1, by task ID or unique ID prefix.
     pub async fn task_pid(&self, task: &str) -> Result<u32> {
         let running = self.running.read().await;
-        let running = running.as_ref().ok_or_else(|| anyhow!(NOT_IN_SWARM))?;
+        let running = running
+            .as_ref()
+            .ok_or_else(|| ApiError::unavailable(NOT_IN_SWARM))?;
         let id = running.worker.resolve_local(task)?;
         running.worker.runtime().init_pid(&id)
     }
@@ -748,7 +712,9 @@ impl ClusterRuntime {
     /// `shoal dns lookup`: what a local task (ID, prefix or name) would get for `name`.
     pub async fn dns_lookup(&self, task: &str, name: &str) -> Result<DnsLookup> {
         let running = self.running.read().await;
-        let running = running.as_ref().ok_or_else(|| anyhow!(NOT_IN_SWARM))?;
+        let running = running
+            .as_ref()
+            .ok_or_else(|| ApiError::unavailable(NOT_IN_SWARM))?;
         let id = running.worker.resolve_local(task)?;
         running.worker.networks().dns_lookup(&id, name)
     }
@@ -761,7 +727,9 @@ impl ClusterRuntime {
     /// This node's overlay networking, while it is in a swarm.
     pub async fn networks(&self) -> Result<Arc<NodeNetworks>> {
         let running = self.running.read().await;
-        let running = running.as_ref().ok_or_else(|| anyhow!(NOT_IN_SWARM))?;
+        let running = running
+            .as_ref()
+            .ok_or_else(|| ApiError::unavailable(NOT_IN_SWARM))?;
         Ok(running.worker.networks().clone())
     }
 
@@ -843,11 +811,11 @@ fn check_pool_clear(pool: Subnet, claims: &[HostClaim]) -> Result<()> {
         .iter()
         .find(|c| c.connected && c.subnet.overlaps(pool))
     {
-        bail!(
+        bail!(ApiError::conflict(format!(
             "--default-addr-pool {pool} overlaps {claim} of this node: overlay tasks could not \
              reach those addresses; choose a pool clear of the node's networks (`ip -4 addr`, \
              `ip -4 route` list them)"
-        );
+        )));
     }
     Ok(())
 }
@@ -879,24 +847,13 @@ fn node_router(shared: Arc<NodeShared>) -> Router {
 /// Largest Raft message accepted (a snapshot chunk or a batch of entries, as JSON).
 const RAFT_BODY_LIMIT: usize = 64 << 20;
 
-type Failure = (StatusCode, Json<crate::api::ApiError>);
-
-fn failure(status: StatusCode, err: anyhow::Error) -> Failure {
-    (
-        status,
-        Json(crate::api::ApiError {
-            error: format!("{err:#}"),
-        }),
-    )
-}
-
 fn manager_of(shared: &NodeShared) -> Result<Arc<Manager>, Failure> {
     shared
         .manager
         .read()
         .expect("manager slot")
         .clone()
-        .ok_or_else(|| failure(StatusCode::NOT_FOUND, anyhow!("this node is not a manager")))
+        .ok_or_else(|| ApiError::unavailable("this node is not a manager").into())
 }
 
 async fn cluster_call(
@@ -904,11 +861,7 @@ async fn cluster_call(
     Extension(peer): Extension<Peer>,
     Json(envelope): Json<Envelope>,
 ) -> Result<Json<ClusterResponse>, Failure> {
-    manager_of(&shared)?
-        .dispatch(&peer, envelope)
-        .await
-        .map(Json)
-        .map_err(|err| failure(StatusCode::BAD_REQUEST, err))
+    Ok(Json(manager_of(&shared)?.dispatch(&peer, envelope).await?))
 }
 
 async fn raft_call(
@@ -918,9 +871,7 @@ async fn raft_call(
     body: Bytes,
 ) -> Result<Vec<u8>, Failure> {
     let manager = manager_of(&shared)?;
-    let caller = peer
-        .require()
-        .map_err(|err| failure(StatusCode::FORBIDDEN, err))?;
+    let caller = peer.require()?;
     // Only Raft members may talk Raft; a manager not yet given a membership listens to the
     // managers its own heartbeats named.
     let membership = manager.raft.metrics().borrow().membership_config.clone();
@@ -931,14 +882,11 @@ async fn raft_call(
     let fresh = membership.membership().nodes().next().is_none();
     let allowed = known || (fresh && shared.worker.is_manager(caller));
     if !allowed {
-        return Err(failure(
-            StatusCode::FORBIDDEN,
-            anyhow!("node {caller} is not a Raft member"),
-        ));
+        return Err(ApiError::forbidden(format!("node {caller} is not a Raft member")).into());
     }
     raft::handle_rpc(&manager.raft, &format!("/raft/{rpc}"), &body)
         .await
-        .map_err(|err| failure(StatusCode::BAD_REQUEST, anyhow!(err)))
+        .map_err(|err| ApiError::invalid(err).into())
 }
 
 async fn logs_call(
@@ -946,14 +894,12 @@ async fn logs_call(
     Extension(peer): Extension<Peer>,
     Json(request): Json<LogsRequest>,
 ) -> Result<Json<Vec<TaskLog>>, Failure> {
-    let caller = peer
-        .require()
-        .map_err(|err| failure(StatusCode::FORBIDDEN, err))?;
+    let caller = peer.require()?;
     shared
         .worker
         .task_logs(caller, &request)
         .map(Json)
-        .map_err(|err| failure(StatusCode::FORBIDDEN, err))
+        .map_err(|err| ApiError::forbidden(format!("{err:#}")).into())
 }
 
 #[cfg(test)]

@@ -171,11 +171,13 @@ impl Worker {
             .collect();
         match matches.as_slice() {
             [id] => Ok((*id).clone()),
-            [] => anyhow::bail!(
+            [] => anyhow::bail!(shoal_api::ApiError::not_found(format!(
                 "no running task {key} on this node: `shoal node ps` lists this node's tasks, \
                  `shoal service ps SERVICE` (on a manager) says where a service's tasks run"
-            ),
-            _ => anyhow::bail!("task {key} is ambiguous on this node"),
+            ))),
+            _ => anyhow::bail!(shoal_api::ApiError::invalid(format!(
+                "task {key} is ambiguous on this node"
+            ))),
         }
     }
 

@@ -38,7 +38,7 @@ use super::Member;
 use super::NodeId;
 use super::StorageError;
 use super::TypeConfig;
-use crate::cluster::state::ClusterState;
+use crate::state::ClusterState;
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("sm_meta");
 
@@ -213,7 +213,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             state = next;
                             responses.push(Applied(Ok(())));
                         }
-                        Err(err) => responses.push(Applied(Err(format!("{err:#}")))),
+                        Err(err) => responses.push(Applied(Err(shoal_api::ApiError::of(&err)))),
                     }
                 }
                 EntryPayload::Membership(m) => {

@@ -1,5 +1,6 @@
-//! The agent's local API: HTTP/JSON on a Unix socket. Types here are shared by the server
-//! (the agent) and its clients (every other `shoal` subcommand).
+//! The agent's local API server: HTTP/JSON on a Unix socket. The requests, answers and error
+//! body are `shoal-api`'s; the reports defined here embed the agent's own config and the
+//! dataplane's and gossip's views.
 
 use std::{
     sync::{Arc, Mutex},
@@ -8,8 +9,6 @@ use std::{
 
 use axum::{
     extract::{Path, State},
-    http::StatusCode,
-    response::{IntoResponse, Response},
     routing::{get, post},
     Json, Router,
 };
@@ -18,32 +17,21 @@ use shoal_dataplane::{overlay::NetworkDataplane, Dataplane, DataplaneStatus};
 use shoal_dns::DnsStats;
 use shoal_gossip::{net::GossipHandle, EndpointRecord, GossipStats, MemberInfo};
 
+use shoal_api::{
+    ApiError, DnsLookupQuery, InitRequest, InitResponse, JoinArgs, JoinedResponse, LeaveRequest,
+    SwarmInfo, Version,
+};
+use shoal_cluster::{
+    failure::Failure,
+    networking::{DnsLookup, IngressPort, IngressTrace, LoadBalancer},
+    node::ClusterRuntime,
+    protocol::{ControlRequest, ControlResponse},
+};
+
 use crate::{
-    cluster::{
-        networking::{DnsLookup, IngressPort, IngressTrace, LoadBalancer},
-        node::{ClusterRuntime, InitRequest, InitResponse, JoinArgs, JoinedResponse, SwarmInfo},
-        protocol::{ControlRequest, ControlResponse},
-    },
     config::AgentConfig,
     neighbours::{NeighbourTableStatus, NeighbourWatch},
 };
-
-pub const API_VERSION: &str = "v1";
-
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct Version {
-    pub version: String,
-    pub api_version: String,
-}
-
-impl Version {
-    pub fn current() -> Self {
-        Self {
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            api_version: API_VERSION.to_owned(),
-        }
-    }
-}
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct AgentInfo {
@@ -57,16 +45,6 @@ pub struct AgentInfo {
     pub dns_upstreams: Vec<String>,
     /// Unset until the node inits or joins a swarm.
     pub swarm: Option<SwarmInfo>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct LeaveRequest {
-    pub force: bool,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct ApiError {
-    pub error: String,
 }
 
 /// What the handlers share.
@@ -103,21 +81,6 @@ pub fn router(state: Arc<AgentState>) -> Router {
         .route("/v1/gossip/tables/{network}", get(gossip_table))
         .fallback(not_found)
         .with_state(state)
-}
-
-/// An error answer: a status and one line saying what went wrong.
-struct Failure(StatusCode, String);
-
-impl IntoResponse for Failure {
-    fn into_response(self) -> Response {
-        (self.0, Json(ApiError { error: self.1 })).into_response()
-    }
-}
-
-impl From<anyhow::Error> for Failure {
-    fn from(err: anyhow::Error) -> Self {
-        Failure(StatusCode::BAD_REQUEST, format!("{err:#}"))
-    }
 }
 
 async fn version() -> Json<Version> {
@@ -215,12 +178,6 @@ async fn network_dataplane(
     ))
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct DnsLookupQuery {
-    pub task: String,
-    pub name: String,
-}
-
 async fn dns_lookup(
     State(state): State<Arc<AgentState>>,
     axum::extract::Query(query): axum::extract::Query<DnsLookupQuery>,
@@ -304,7 +261,9 @@ async fn gossip_table(
 ) -> Result<Json<Vec<GossipTableRow>>, Failure> {
     let networks = state.cluster.networks().await?;
     let id = networks.local_id(&network).ok_or_else(|| {
-        anyhow::anyhow!("no task of this node is on network {network}: its table is not here")
+        ApiError::not_found(format!(
+            "no task of this node is on network {network}: its table is not here"
+        ))
     })?;
     let gossip = gossip_of(&state).await?;
     let live: std::collections::HashSet<String> = gossip
@@ -333,13 +292,10 @@ async fn gossip_table(
 
 async fn gossip_of(state: &AgentState) -> Result<GossipHandle, Failure> {
     state.cluster.networks().await?.gossip().ok_or_else(|| {
-        anyhow::anyhow!("gossip has not started yet: no keyring from the managers").into()
+        ApiError::unavailable("gossip has not started yet: no keyring from the managers").into()
     })
 }
 
 async fn not_found(uri: axum::http::Uri) -> Failure {
-    Failure(
-        StatusCode::NOT_FOUND,
-        format!("no such API endpoint: {}", uri.path()),
-    )
+    ApiError::not_found(format!("no such API endpoint: {}", uri.path())).into()
 }

@@ -244,7 +244,7 @@ pub struct NetworkView {
     pub created_at: Timestamp,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum ControlResponse {
     Nodes(Vec<NodeView>),
     Node(NodeView),
