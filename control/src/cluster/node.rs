@@ -19,7 +19,7 @@ use axum::{
     Extension, Json, Router,
 };
 use serde::{Deserialize, Serialize};
-use shoal_dataplane::{iproute::Netns, overlay::OverlayConfig, task::TaskRuntime};
+use shoal_dataplane::{netns::Netns, overlay::OverlayConfig, task::TaskRuntime};
 use shoal_dns::DnsStats;
 use tokio::{sync::watch, task::JoinHandle};
 
