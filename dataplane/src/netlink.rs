@@ -279,6 +279,10 @@ impl Netlink {
                 let ours = received.header.sequence_number == self.sequence;
                 match received.payload {
                     _ if !ours => {}
+                    // A dump that failed at its start ends with the errno in its Done.
+                    NetlinkPayload::Done(done) if done.code < 0 => {
+                        return Err(NetlinkError::from_errno(op(), Errno::from_raw(-done.code)))
+                    }
                     NetlinkPayload::Done(_) => return Ok(answer),
                     NetlinkPayload::Error(err) => {
                         return match err.code {
@@ -808,7 +812,8 @@ impl Netlink {
     pub fn neighbours(&mut self, index: u32) -> NetlinkResult<Vec<Neighbour>> {
         let mut message = NeighbourMessage::default();
         message.header.family = AddressFamily::Inet;
-        message.header.ifindex = index;
+        // A strict neighbour dump takes the device as an attribute (the header's is refused).
+        message.attributes.push(NeighbourAttribute::IfIndex(index));
         let answer = self.request(
             || format!("listing the neighbours of link {index}"),
             RouteNetlinkMessage::GetNeighbour(message),
