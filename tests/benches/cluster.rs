@@ -3,19 +3,30 @@
 //! target/bench/cluster.json.
 //!
 //! - convergence: `service create --replicas 50` until 50/50 run (3 nodes), then scale to 200;
+//!   then the same on an overlay network with a published port;
+//! - network attach per task: from the task's namespace existing to (local) its interfaces
+//!   and embedded DNS ready, and (every node) its name resolving and its VIP answering from a
+//!   task on each node (3 nodes, 12 tasks one after the other, medians);
 //! - manager write latency (p50/p99) with 1 and 3 managers: node label updates sent straight
 //!   to the local API socket, so no CLI process start is counted;
 //! - agent memory (RSS): idle, and with 100 tasks on the node.
+//!
+//! `SHOAL_BASELINE_BIN=/path/to/older/shoal` runs convergence and attach against that binary
+//! too, alternately with the current one, and prints the ratios. Arguments after `--` pick
+//! sections (`convergence`, `attach`, `writes`, `memory`); none: all.
 
 use std::{
+    collections::BTreeSet,
     io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
     os::unix::net::UnixStream,
-    path::Path,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use serde_json::{json, Value};
-use shoal_tests::TestLab;
+use shoal_dataplane::netns::{self, Netns};
+use shoal_tests::{cgroup2_mount, TestLab};
 
 /// One request to an agent's API socket (HTTP/1.1, Connection: close).
 fn api(socket: &Path, method: &str, path: &str, body: &Value) -> Value {
@@ -107,26 +118,269 @@ fn agent_rss_kib(lab: &TestLab, node: &str) -> u64 {
         .unwrap()
 }
 
-fn main() {
-    shoal_tests::require_root();
-    let mut results = serde_json::Map::new();
-
-    // Convergence on 3 nodes.
-    let lab = TestLab::up("bench-conv", 3);
+/// Convergence of 50 replicas, then 200, with or without an overlay network and a published
+/// port: (seconds to 50 running, seconds from 50 to 200 running).
+fn convergence(lab_name: &str, networked: bool) -> (f64, f64) {
+    let lab = TestLab::up(lab_name, 3);
+    if networked {
+        lab.exec("node1", &["shoal", "network", "create", "front"]);
+    }
     let create_start = Instant::now();
-    create(&lab, "fifty", 50);
-    wait_running(&lab, "fifty", 50, Duration::from_secs(120));
+    if networked {
+        lab.create_service(
+            "fifty",
+            &[
+                "--replicas",
+                "50",
+                "--network",
+                "front",
+                "--publish",
+                "8080:80",
+            ],
+            &["shoal", "whoami", "--listen", "0.0.0.0:80"],
+        );
+    } else {
+        create(&lab, "fifty", 50);
+    }
+    wait_running(&lab, "fifty", 50, Duration::from_secs(180));
     let to_50 = create_start.elapsed();
     let scale_start = Instant::now();
     scale(&lab, "fifty", 200);
-    wait_running(&lab, "fifty", 200, Duration::from_secs(300));
+    wait_running(&lab, "fifty", 200, Duration::from_secs(400));
     let to_200 = scale_start.elapsed();
-    results.insert("create_50_to_running_s".into(), json!(to_50.as_secs_f64()));
-    results.insert("scale_50_to_200_s".into(), json!(to_200.as_secs_f64()));
     lab.down_clean();
+    (to_50.as_secs_f64(), to_200.as_secs_f64())
+}
+
+/// Every process in a node's task cgroups.
+fn task_pids(lab: &TestLab, node: &str) -> BTreeSet<u32> {
+    fn walk(dir: &Path, pids: &mut BTreeSet<u32>) {
+        if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+            pids.extend(procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+        }
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                walk(&entry.path(), pids);
+            }
+        }
+    }
+    let dir: PathBuf = cgroup2_mount()
+        .join(format!("shoal-{}", lab.name))
+        .join(node)
+        .join("tasks");
+    let mut pids = BTreeSet::new();
+    walk(&dir, &mut pids);
+    pids
+}
+
+/// Whether a process's namespace has 127.0.0.11:53 bound (UDP): the embedded DNS, the last
+/// step of connecting a task.
+fn dns_bound(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/net/udp"))
+        .is_ok_and(|table| table.contains(" 0B00007F:0035 "))
+}
+
+/// A UDP socket and the namespace of a task to probe from.
+struct Prober {
+    netns: Netns,
+    udp: UdpSocket,
+}
+
+impl Prober {
+    fn new(pid: u32) -> Self {
+        let netns = Netns::Process(pid);
+        let udp = netns::run_in(&netns, || Ok(UdpSocket::bind("127.0.0.1:0")?)).unwrap();
+        udp.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        Self { netns, udp }
+    }
+
+    /// The A record of `name` from the embedded DNS, if it has one.
+    fn resolve(&self, name: &str) -> Option<Ipv4Addr> {
+        let mut query = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+        for label in name.split('.') {
+            query.push(label.len() as u8);
+            query.extend_from_slice(label.as_bytes());
+        }
+        query.extend_from_slice(&[0, 0, 1, 0, 1]);
+        self.udp.send_to(&query, "127.0.0.11:53").ok()?;
+        let mut answer = [0u8; 512];
+        let n = self.udp.recv(&mut answer).ok()?;
+        let answer = &answer[..n];
+        let answers = u16::from_be_bytes([answer[6], answer[7]]);
+        if answer[3] & 0x0f != 0 || answers == 0 {
+            return None;
+        }
+        // The answer's name (a pointer or labels), type, class, TTL, length, then the address.
+        let mut at = query.len();
+        if answer[at] & 0xc0 == 0xc0 {
+            at += 2;
+        } else {
+            while answer[at] != 0 {
+                at += answer[at] as usize + 1;
+            }
+            at += 1;
+        }
+        at += 10;
+        let bytes: [u8; 4] = answer.get(at..at + 4)?.try_into().ok()?;
+        Some(Ipv4Addr::from(bytes))
+    }
+
+    /// Whether a TCP connection to `addr` opens from the task's namespace.
+    fn connects(&self, addr: Ipv4Addr, port: u16) -> bool {
+        netns::run_in(&self.netns, || {
+            Ok(TcpStream::connect_timeout(
+                &SocketAddr::from((addr, port)),
+                Duration::from_millis(100),
+            )
+            .is_ok())
+        })
+        .unwrap_or(false)
+    }
+}
+
+/// Network attach per task, medians in milliseconds: (namespace -> interfaces and DNS ready
+/// on its node, namespace -> resolving and answering on its VIP from every node).
+fn attach_times(lab_name: &str, tasks: usize) -> (f64, f64) {
+    let lab = TestLab::up(lab_name, 3);
+    let nodes = ["node1", "node2", "node3"];
+    lab.exec("node1", &["shoal", "network", "create", "front"]);
+    lab.create_service(
+        "probe",
+        &["--mode", "global", "--network", "front"],
+        &["sleep", "100000"],
+    );
+    lab.running_tasks_within("probe", 3, Duration::from_secs(60));
+    let probers: Vec<Prober> = nodes
+        .iter()
+        .map(|node| Prober::new(*task_pids(&lab, node).iter().next().expect("a probe task")))
+        .collect();
+    let (mut local, mut everywhere) = (Vec::new(), Vec::new());
+    for i in 0..tasks {
+        let before: Vec<BTreeSet<u32>> = nodes.iter().map(|n| task_pids(&lab, n)).collect();
+        let name = format!("t{i}");
+        lab.create_service(
+            &name,
+            &["--network", "front"],
+            &["shoal", "whoami", "--listen", "0.0.0.0:80"],
+        );
+        // The task's PID 1 appears with its namespace made (unshare), before any interface.
+        let (pid, start) = loop {
+            let found = nodes.iter().zip(&before).find_map(|(node, before)| {
+                task_pids(&lab, node).difference(before).next().copied()
+            });
+            if let Some(pid) = found {
+                break (pid, Instant::now());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        while !dns_bound(pid) {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{name} never got its DNS"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        local.push(start.elapsed().as_secs_f64() * 1e3);
+        let mut pending: Vec<&Prober> = probers.iter().collect();
+        while !pending.is_empty() {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{name} never reachable"
+            );
+            pending.retain(|p| !p.resolve(&name).is_some_and(|vip| p.connects(vip, 80)));
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        everywhere.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    drop(probers);
+    lab.down_clean();
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    (median(local), median(everywhere))
+}
+
+/// Runs `body` with `shoal` meaning `bin` for the lab helpers.
+fn with_bin<T>(bin: &Path, body: impl FnOnce() -> T) -> T {
+    std::env::set_var("SHOAL_BIN", bin);
+    body()
+}
+
+fn main() {
+    shoal_tests::require_root();
+    let mut results = serde_json::Map::new();
+    let sections: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let wants = |section: &str| sections.is_empty() || sections.iter().any(|s| s == section);
+    let current = shoal_tests::shoal_bin();
+    let baseline = std::env::var_os("SHOAL_BASELINE_BIN").map(PathBuf::from);
+    // The baseline first in each pair, so neither gets a warmer machine every time.
+    let mut binaries: Vec<(&str, PathBuf)> = Vec::new();
+    if let Some(baseline) = &baseline {
+        binaries.push(("baseline", baseline.clone()));
+    }
+    binaries.push(("current", current.clone()));
+
+    // Convergence on 3 nodes, without and with an overlay network and a published port.
+    if wants("convergence") {
+        for (case, networked) in [("plain", false), ("ovl", true)] {
+            for (which, bin) in &binaries {
+                let (to_50, to_200) =
+                    with_bin(bin, || convergence(&format!("bc-{case}"), networked));
+                eprintln!(
+                    "convergence {case} {which}: 50 in {to_50:.2} s, 50->200 in {to_200:.2} s"
+                );
+                let suffix = if *which == "current" {
+                    String::new()
+                } else {
+                    format!("_{which}")
+                };
+                let prefix = if networked { "overlay_published_" } else { "" };
+                results.insert(
+                    format!("{prefix}create_50_to_running_s{suffix}"),
+                    json!(to_50),
+                );
+                results.insert(format!("{prefix}scale_50_to_200_s{suffix}"), json!(to_200));
+            }
+        }
+    }
+
+    // Network attach per task.
+    if wants("attach") {
+        for (which, bin) in &binaries {
+            let (local, everywhere) = with_bin(bin, || attach_times("b-attach", 12));
+            eprintln!("attach {which}: local {local:.1} ms, every node {everywhere:.1} ms");
+            let suffix = if *which == "current" {
+                String::new()
+            } else {
+                format!("_{which}")
+            };
+            results.insert(format!("attach_local_ms{suffix}"), json!(local));
+            results.insert(format!("attach_every_node_ms{suffix}"), json!(everywhere));
+        }
+    }
+    if baseline.is_some() {
+        let ratios: serde_json::Map<String, Value> = results
+            .iter()
+            .filter_map(|(key, before)| {
+                let key = key.strip_suffix("_baseline")?;
+                let after = results.get(key)?.as_f64()?;
+                Some((
+                    format!("{key}_before_over_after"),
+                    json!(before.as_f64()? / after),
+                ))
+            })
+            .collect();
+        results.extend(ratios);
+    }
+    with_bin(&current, || ());
 
     // Write latency with 1 and 3 managers.
-    for managers in [1u8, 3] {
+    for managers in [1u8, 3].into_iter().filter(|_| wants("writes")) {
         let lab = TestLab::named(&format!("bench-w{managers}"));
         lab.run(&["down"]);
         lab.ok(&["up", "--nodes", "3", "--managers", &managers.to_string()]);
@@ -141,6 +395,23 @@ fn main() {
     }
 
     // Agent memory, idle and with 100 tasks on its node.
+    if wants("memory") {
+        memory(&mut results);
+    }
+
+    let results = Value::Object(results);
+
+    println!("{}", serde_json::to_string_pretty(&results).unwrap());
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(
+        out.join("cluster.json"),
+        serde_json::to_string_pretty(&results).unwrap(),
+    )
+    .unwrap();
+}
+
+fn memory(results: &mut serde_json::Map<String, Value>) {
     let lab = TestLab::up("bench-mem", 1);
     std::thread::sleep(Duration::from_secs(2));
     let idle = agent_rss_kib(&lab, "node1");
@@ -154,14 +425,4 @@ fn main() {
         json!(busy as f64 / 1024.0),
     );
     lab.down_clean();
-
-    let results = Value::Object(results);
-    println!("{}", serde_json::to_string_pretty(&results).unwrap());
-    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-    std::fs::create_dir_all(&out).unwrap();
-    std::fs::write(
-        out.join("cluster.json"),
-        serde_json::to_string_pretty(&results).unwrap(),
-    )
-    .unwrap();
 }

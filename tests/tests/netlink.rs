@@ -62,7 +62,11 @@ impl Tracer {
         // Successful execs only: a PATH search fails on every directory before the right one.
         let mut pending: BTreeMap<String, String> = BTreeMap::new();
         for line in fs::read_to_string(&self.output).unwrap().lines() {
-            let pid = line.split_whitespace().next().unwrap_or_default().to_owned();
+            let pid = line
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_owned();
             let succeeded = line.trim_end().ends_with("= 0");
             let program = if let Some(rest) = line.split("execve(\"").nth(1) {
                 let path = rest.split('"').next().unwrap_or_default();
