@@ -25,7 +25,6 @@ use std::{
 };
 
 use serde_json::{json, Value};
-use shoal_dataplane::netns::{self, Netns};
 use shoal_tests::{cgroup2_mount, TestLab};
 
 /// One request to an agent's API socket (HTTP/1.1, Connection: close).
@@ -180,63 +179,100 @@ fn dns_bound(pid: u32) -> bool {
         .is_ok_and(|table| table.contains(" 0B00007F:0035 "))
 }
 
-/// A UDP socket and the namespace of a task to probe from.
+/// A helper process inside a task (its network namespace and cgroup, so the socket load
+/// balancer turns its connections to a VIP into connections to a backend, as for the task),
+/// asked line by line whether a service name resolves and its VIP answers.
 struct Prober {
-    netns: Netns,
-    udp: UdpSocket,
+    child: std::process::Child,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
 }
+
+/// The environment variable that makes this bench a prober inside the task with that PID.
+const PROBER_ENV: &str = "SHOAL_BENCH_PROBER_IN";
 
 impl Prober {
     fn new(pid: u32) -> Self {
-        let netns = Netns::Process(pid);
-        let udp = netns::run_in(&netns, || Ok(UdpSocket::bind("127.0.0.1:0")?)).unwrap();
-        udp.set_read_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
-        Self { netns, udp }
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .env(PROBER_ENV, pid.to_string())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("prober");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+        assert_eq!(lines.next().unwrap().unwrap(), "ready");
+        Self { child, lines }
     }
 
-    /// The A record of `name` from the embedded DNS, if it has one.
-    fn resolve(&self, name: &str) -> Option<Ipv4Addr> {
-        let mut query = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
-        for label in name.split('.') {
-            query.push(label.len() as u8);
-            query.extend_from_slice(label.as_bytes());
-        }
-        query.extend_from_slice(&[0, 0, 1, 0, 1]);
-        self.udp.send_to(&query, "127.0.0.11:53").ok()?;
-        let mut answer = [0u8; 512];
-        let n = self.udp.recv(&mut answer).ok()?;
-        let answer = &answer[..n];
-        let answers = u16::from_be_bytes([answer[6], answer[7]]);
-        if answer[3] & 0x0f != 0 || answers == 0 {
-            return None;
-        }
-        // The answer's name (a pointer or labels), type, class, TTL, length, then the address.
-        let mut at = query.len();
-        if answer[at] & 0xc0 == 0xc0 {
-            at += 2;
-        } else {
-            while answer[at] != 0 {
-                at += answer[at] as usize + 1;
-            }
-            at += 1;
-        }
-        at += 10;
-        let bytes: [u8; 4] = answer.get(at..at + 4)?.try_into().ok()?;
-        Some(Ipv4Addr::from(bytes))
+    fn reachable(&mut self, service: &str) -> bool {
+        let stdin = self.child.stdin.as_mut().unwrap();
+        writeln!(stdin, "{service}").unwrap();
+        self.lines.next().unwrap().unwrap() == "yes"
     }
+}
 
-    /// Whether a TCP connection to `addr` opens from the task's namespace.
-    fn connects(&self, addr: Ipv4Addr, port: u16) -> bool {
-        netns::run_in(&self.netns, || {
-            Ok(TcpStream::connect_timeout(
-                &SocketAddr::from((addr, port)),
-                Duration::from_millis(100),
-            )
-            .is_ok())
-        })
-        .unwrap_or(false)
+impl Drop for Prober {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
+}
+
+/// The prober's side: enter the task, then answer each service name on stdin with whether it
+/// resolves (embedded DNS) and its VIP opens a connection on port 80.
+fn run_prober(pid: u32) {
+    let netns = std::fs::File::open(format!("/proc/{pid}/ns/net")).unwrap();
+    nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let relative = cgroup.trim().strip_prefix("0::/").unwrap();
+    std::fs::write(
+        cgroup2_mount().join(relative).join("cgroup.procs"),
+        std::process::id().to_string(),
+    )
+    .unwrap();
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    println!("ready");
+    for name in std::io::stdin().lines() {
+        let name = name.unwrap();
+        let yes = resolve(&udp, &name).is_some_and(|vip| {
+            TcpStream::connect_timeout(&SocketAddr::from((vip, 80)), Duration::from_millis(100))
+                .is_ok()
+        });
+        println!("{}", if yes { "yes" } else { "no" });
+    }
+}
+
+/// The A record of `name` from the embedded DNS (127.0.0.11), if it has one.
+fn resolve(udp: &UdpSocket, name: &str) -> Option<Ipv4Addr> {
+    let mut query = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.split('.') {
+        query.push(label.len() as u8);
+        query.extend_from_slice(label.as_bytes());
+    }
+    query.extend_from_slice(&[0, 0, 1, 0, 1]);
+    udp.send_to(&query, "127.0.0.11:53").ok()?;
+    let mut answer = [0u8; 512];
+    let n = udp.recv(&mut answer).ok()?;
+    let answer = &answer[..n];
+    let answers = u16::from_be_bytes([*answer.get(6)?, *answer.get(7)?]);
+    if answer[3] & 0x0f != 0 || answers == 0 {
+        return None;
+    }
+    // The answer's name (a pointer or labels), type, class, TTL, length, then the address.
+    let mut at = query.len();
+    if answer.get(at)? & 0xc0 == 0xc0 {
+        at += 2;
+    } else {
+        while *answer.get(at)? != 0 {
+            at += answer[at] as usize + 1;
+        }
+        at += 1;
+    }
+    at += 10;
+    let bytes: [u8; 4] = answer.get(at..at + 4)?.try_into().ok()?;
+    Some(Ipv4Addr::from(bytes))
 }
 
 /// Network attach per task, medians in milliseconds: (namespace -> interfaces and DNS ready
@@ -251,7 +287,7 @@ fn attach_times(lab_name: &str, tasks: usize) -> (f64, f64) {
         &["sleep", "100000"],
     );
     lab.running_tasks_within("probe", 3, Duration::from_secs(60));
-    let probers: Vec<Prober> = nodes
+    let mut probers: Vec<Prober> = nodes
         .iter()
         .map(|node| Prober::new(*task_pids(&lab, node).iter().next().expect("a probe task")))
         .collect();
@@ -282,13 +318,13 @@ fn attach_times(lab_name: &str, tasks: usize) -> (f64, f64) {
             std::thread::sleep(Duration::from_millis(1));
         }
         local.push(start.elapsed().as_secs_f64() * 1e3);
-        let mut pending: Vec<&Prober> = probers.iter().collect();
+        let mut pending: Vec<&mut Prober> = probers.iter_mut().collect();
         while !pending.is_empty() {
             assert!(
                 start.elapsed() < Duration::from_secs(30),
                 "{name} never reachable"
             );
-            pending.retain(|p| !p.resolve(&name).is_some_and(|vip| p.connects(vip, 80)));
+            pending.retain_mut(|p| !p.reachable(&name));
             std::thread::sleep(Duration::from_millis(2));
         }
         everywhere.push(start.elapsed().as_secs_f64() * 1e3);
@@ -309,6 +345,9 @@ fn with_bin<T>(bin: &Path, body: impl FnOnce() -> T) -> T {
 }
 
 fn main() {
+    if let Some(pid) = std::env::var_os(PROBER_ENV) {
+        return run_prober(pid.to_str().unwrap().parse().unwrap());
+    }
     shoal_tests::require_root();
     let mut results = serde_json::Map::new();
     let sections: Vec<String> = std::env::args()

@@ -574,7 +574,11 @@ impl ClusterRuntime {
                 self.config.advertise_interface.as_str(),
                 self.config.mesh_limits(),
             ),
-            self.config.dns_resolvers(),
+            // Configured resolvers are fixed; the node's own are followed as they change.
+            (
+                self.config.dns_resolvers(),
+                self.config.dns_upstreams.is_none(),
+            ),
         )?);
         let worker = Arc::new(Worker::new(
             runtime,
