@@ -172,11 +172,21 @@ fn task_pids(lab: &TestLab, node: &str) -> BTreeSet<u32> {
     pids
 }
 
-/// Whether a process's namespace has 127.0.0.11:53 bound (UDP): the embedded DNS, the last
-/// step of connecting a task.
-fn dns_bound(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/net/udp"))
-        .is_ok_and(|table| table.contains(" 0B00007F:0035 "))
+/// Whether a task is connected in its namespace: its default route (the last step of an
+/// attach, through the gateway bridge) and its embedded DNS (127.0.0.11:53, UDP) are there.
+fn connected(pid: u32) -> bool {
+    let read = |table: &str| std::fs::read_to_string(format!("/proc/{pid}/net/{table}"));
+    read("route").is_ok_and(|routes| {
+        routes
+            .lines()
+            .any(|l| l.split('\t').nth(1) == Some("00000000"))
+    }) && read("udp").is_ok_and(|sockets| sockets.contains(" 0B00007F:0035 "))
+}
+
+/// The inode of a network namespace file: which namespace it is.
+fn netns_inode(path: &str) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path).ok().map(|m| m.ino())
 }
 
 /// A helper process inside a task (its network namespace and cgroup, so the socket load
@@ -224,7 +234,10 @@ fn run_prober(pid: u32) {
     let netns = std::fs::File::open(format!("/proc/{pid}/ns/net")).unwrap();
     nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
     let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-    let relative = cgroup.trim().strip_prefix("0::/").unwrap();
+    let relative = cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::/"))
+        .expect("the task's cgroup v2 path");
     std::fs::write(
         cgroup2_mount().join(relative).join("cgroup.procs"),
         std::process::id().to_string(),
@@ -300,20 +313,26 @@ fn attach_times(lab_name: &str, tasks: usize) -> (f64, f64) {
             &["--network", "front"],
             &["shoal", "whoami", "--listen", "0.0.0.0:80"],
         );
-        // The task's PID 1 appears with its namespace made (unshare), before any interface.
-        let (pid, start) = loop {
+        // The task's first process appears (in its cgroup before exec), then its namespace
+        // (unshare): the start, before any interface.
+        let (pid, node) = loop {
             let found = nodes.iter().zip(&before).find_map(|(node, before)| {
-                task_pids(&lab, node).difference(before).next().copied()
+                Some((*task_pids(&lab, node).difference(before).next()?, *node))
             });
-            if let Some(pid) = found {
-                break (pid, Instant::now());
+            if let Some(found) = found {
+                break found;
             }
             std::thread::sleep(Duration::from_millis(1));
         };
-        while !dns_bound(pid) {
+        let node_netns = netns_inode(&lab.netns_path(node).to_string_lossy());
+        while netns_inode(&format!("/proc/{pid}/ns/net")) == node_netns {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let start = Instant::now();
+        while !connected(pid) {
             assert!(
                 start.elapsed() < Duration::from_secs(30),
-                "{name} never got its DNS"
+                "{name} never got connected"
             );
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -336,6 +355,159 @@ fn attach_times(lab_name: &str, tasks: usize) -> (f64, f64) {
         v[v.len() / 2]
     };
     (median(local), median(everywhere))
+}
+
+/// Feeds `lines` to a program's standard input (`ip -batch -` and the like); it must succeed.
+fn feed(program: &str, args: &[&str], lines: &[String]) {
+    let mut child = std::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect(program);
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(lines.join("\n").as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "{program} {args:?}");
+}
+
+/// The kernel programming of one task's network attach (one overlay network and the gateway
+/// bridge), `tasks` times, in a private namespace standing for a node: medians in ms of the
+/// in-process path (`Overlay::attach`: netlink) and of the process-based path it replaced,
+/// as commit cc98641 ran it (the same four iproute2 batches: five processes).
+fn attach_kernel(tasks: usize) -> (f64, f64) {
+    use shoal_dataplane::{
+        netns::Netns,
+        overlay::{NetworkSpec, Overlay, OverlayConfig},
+        overlay_endpoints::OverlayEndpoints,
+        vip_echo::VipEcho,
+    };
+    std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let data = Ipv4Addr::new(192, 0, 2, 1);
+        feed(
+            "ip",
+            &["-batch", "-"],
+            &[
+                "link set lo up".into(),
+                format!("addr add {data}/32 dev lo"),
+            ],
+        );
+        let tag = format!("bka{}", std::process::id());
+        let pins = PathBuf::from(format!("/sys/fs/bpf/{tag}"));
+        let maps = pins.join("maps");
+        std::fs::create_dir_all(&maps).unwrap();
+        let echo = VipEcho::load(&maps).unwrap();
+        let overlay = Overlay::start(
+            OverlayConfig {
+                netns_prefix: format!("{tag}."),
+                node_netns: Netns::Current,
+                data_addr: data,
+                gateway_subnet: (Ipv4Addr::new(172, 18, 0, 0), 16),
+            },
+            OverlayEndpoints::open(&maps).unwrap(),
+        )
+        .unwrap();
+        let spec = NetworkSpec {
+            id: "benchattach0000".into(),
+            name: "bench".into(),
+            vni: 4096,
+            port: 4789,
+            subnet: (Ipv4Addr::new(10, 0, 0, 0), 16),
+            mtu: None,
+            internal: false,
+            ingress: false,
+        };
+        overlay.ensure_network(&spec).unwrap();
+        let netns = overlay
+            .netns_path(&spec.id)
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let mut sleepers = Vec::new();
+        let mut sleeper = || {
+            let child = std::process::Command::new("unshare")
+                .args(["--net", "sleep", "600"])
+                .spawn()
+                .unwrap();
+            let pid = child.id();
+            let ours = std::fs::read_link("/proc/thread-self/ns/net").unwrap();
+            while std::fs::read_link(format!("/proc/{pid}/ns/net")).ok() == Some(ours.clone()) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            sleepers.push(child);
+            pid
+        };
+        let (mut current, mut before) = (Vec::new(), Vec::new());
+        for i in 0..tasks {
+            // Alternately, so both paths see the same machine.
+            let pid = sleeper();
+            let ip = Ipv4Addr::new(10, 0, 1, i as u8 + 2);
+            let start = Instant::now();
+            overlay
+                .attach(&format!("cur{i:07}"), pid, &[(spec.id.clone(), ip)])
+                .unwrap();
+            current.push(start.elapsed().as_secs_f64() * 1e3);
+
+            let pid = sleeper();
+            let ip = Ipv4Addr::new(10, 0, 2, i as u8 + 2);
+            let mac = format!("02:42:0a:00:02:{:02x}", i + 2);
+            let mtu = overlay.underlay_mtu() - 50;
+            let (host, gw) = (format!("v0old{i:05}"), format!("gold{i:06}"));
+            let start = Instant::now();
+            feed(
+                "ip",
+                &["-n", &netns, "-batch", "-"],
+                &[
+                    format!("link add {host} mtu {mtu} type veth peer name eth0 netns {pid}"),
+                    format!("link set {host} master br0 up"),
+                ],
+            );
+            feed(
+                "ip",
+                &["-batch", "-"],
+                &[
+                    format!("link add {gw} type veth peer name eth1 netns {pid}"),
+                    format!("link set {gw} master shoal_gw up"),
+                ],
+            );
+            feed(
+                "bridge",
+                &["-batch", "-"],
+                &[format!("link set dev {gw} isolated on")],
+            );
+            feed(
+                "nsenter",
+                &[&format!("--net=/proc/{pid}/ns/net"), "ip", "-batch", "-"],
+                &[
+                    "link set lo up".into(),
+                    format!("link set eth0 address {mac} mtu {mtu} up"),
+                    format!("addr add {ip}/16 dev eth0"),
+                    "link set eth1 up".into(),
+                    format!("addr add 172.18.200.{}/16 dev eth1", i + 2),
+                    "route add default via 172.18.0.1".into(),
+                ],
+            );
+            before.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+        for mut child in sleepers {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        overlay.remove_all().unwrap();
+        drop(echo);
+        shoal_dataplane::remove_pins(&pins).unwrap();
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        (median(current), median(before))
+    })
+    .join()
+    .unwrap()
 }
 
 /// Runs `body` with `shoal` meaning `bin` for the lab helpers.
@@ -402,7 +574,16 @@ fn main() {
             results.insert(format!("attach_every_node_ms{suffix}"), json!(everywhere));
         }
     }
-    if baseline.is_some() {
+    // The kernel programming of an attach alone, both paths in one namespace.
+    if wants("attach") {
+        let (current, before) = attach_kernel(40);
+        eprintln!(
+            "attach (kernel programming) process-based {before:.2} ms, netlink {current:.2} ms"
+        );
+        results.insert("attach_kernel_ms".into(), json!(current));
+        results.insert("attach_kernel_ms_baseline".into(), json!(before));
+    }
+    if baseline.is_some() || wants("attach") {
         let ratios: serde_json::Map<String, Value> = results
             .iter()
             .filter_map(|(key, before)| {
