@@ -117,9 +117,8 @@ pub fn create_named(name: &str) -> Result<()> {
         scope
             .spawn(|| -> Result<()> {
                 unshare(CloneFlags::CLONE_NEWNET).context("unshare(CLONE_NEWNET)")?;
-                let own = format!("/proc/thread-self/ns/net");
                 mount(
-                    Some(own.as_str()),
+                    Some("/proc/thread-self/ns/net"),
                     &target,
                     None::<&str>,
                     MsFlags::MS_BIND,

@@ -32,16 +32,18 @@ struct Sleeper(Child);
 
 impl Sleeper {
     fn new() -> Self {
-        let child = Command::new("unshare")
-            .args(["--net", "sleep", "60"])
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("unshare");
-        let pid = child.id();
+        let sleeper = Self(
+            Command::new("unshare")
+                .args(["--net", "sleep", "60"])
+                .stdin(Stdio::null())
+                .spawn()
+                .expect("unshare"),
+        );
+        let pid = sleeper.pid();
         let ours = std::fs::read_link("/proc/self/ns/net").expect("own netns");
         for _ in 0..400 {
             if std::fs::read_link(format!("/proc/{pid}/ns/net")).ok() != Some(ours.clone()) {
-                return Self(child);
+                return sleeper;
             }
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
