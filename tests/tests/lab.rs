@@ -87,8 +87,10 @@ fn three_node_lab_answers_and_counts_client_traffic() {
     let status = lab.run(&["exec", "node9", "--", "true"]);
     assert!(!status.status.success());
     assert!(
-        String::from_utf8_lossy(&status.stderr)
-            .contains("lab \"e2e-three\" has no node \"node9\" (node1..node3)"),
+        String::from_utf8_lossy(&status.stderr).contains(&format!(
+            "lab \"{}\" has no node \"node9\" (node1..node3)",
+            lab.name
+        )),
         "{status:?}"
     );
     let again = lab.run(&["up", "--nodes", "1"]);
