@@ -17,8 +17,8 @@ use netlink_packet_core::{
 use netlink_packet_route::{
     address::{AddressAttribute, AddressMessage},
     link::{
-        InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoVeth, LinkAttribute, LinkFlags,
-        LinkInfo, LinkMessage,
+        InfoBridgePort, InfoData, InfoPortData, InfoVeth, LinkAttribute, LinkFlags, LinkInfo,
+        LinkMessage,
     },
     neighbour::{
         NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
@@ -105,7 +105,6 @@ pub struct Link {
     /// The bridge it is a port of.
     pub controller: Option<u32>,
     pub up: bool,
-    pub kind: Option<InfoKind>,
 }
 
 /// Where the far end of a new veth goes.
@@ -883,7 +882,6 @@ fn link_of(message: LinkMessage) -> Link {
         mac: None,
         controller: None,
         up: message.header.flags.contains(LinkFlags::Up),
-        kind: None,
     };
     for attribute in message.attributes {
         match attribute {
@@ -891,13 +889,6 @@ fn link_of(message: LinkMessage) -> Link {
             LinkAttribute::Mtu(mtu) => link.mtu = mtu,
             LinkAttribute::Address(bytes) => link.mac = <[u8; 6]>::try_from(bytes.as_slice()).ok(),
             LinkAttribute::Controller(index) if index != 0 => link.controller = Some(index),
-            LinkAttribute::LinkInfo(infos) => {
-                for info in infos {
-                    if let LinkInfo::Kind(kind) = info {
-                        link.kind = Some(kind);
-                    }
-                }
-            }
             _ => {}
         }
     }

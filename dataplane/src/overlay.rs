@@ -196,7 +196,7 @@ impl Overlay {
     /// to itself the kernel gives a bridge the lowest MAC of its ports, which changes as
     /// tasks' veths come and go, and the tasks' ARP caches then point at an address the bridge
     /// no longer has until they expire (up to a minute and more of lost traffic out).
-    pub fn gateway_mac(&self) -> [u8; 6] {
+    fn gateway_mac(&self) -> [u8; 6] {
         let [a, b, c, d] = self.gateway().octets();
         [0x02, 0x53, a, b, c, d]
     }
