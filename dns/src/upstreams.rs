@@ -83,7 +83,9 @@ pub async fn follow_resolv_conf(forwarder: Forwarder, path: PathBuf, every: Dura
         let meta = std::fs::metadata(path).ok()?;
         Some((meta.modified().ok()?, meta.len(), meta.ino()))
     };
-    let mut seen = stamp(&path);
+    // Nothing seen yet: the first look compares the file with the upstreams in use, which
+    // may have been read from an older version of it.
+    let mut seen = None;
     let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
