@@ -780,12 +780,28 @@ impl Netlink {
         message
     }
 
-    /// A permanent ARP entry (`ip neigh replace IP lladdr MAC dev DEV nud permanent`).
+    /// A permanent ARP entry (`ip neigh add IP lladdr MAC dev DEV nud permanent`); one for
+    /// `ip` there already is an error.
+    pub fn neighbour_add(&mut self, index: u32, ip: Ipv4Addr, mac: [u8; 6]) -> NetlinkResult<()> {
+        self.neighbour_set(index, ip, mac, NLM_F_EXCL)
+    }
+
+    /// A permanent ARP entry, replacing any for `ip` (`ip neigh replace ...`).
     pub fn neighbour_replace(
         &mut self,
         index: u32,
         ip: Ipv4Addr,
         mac: [u8; 6],
+    ) -> NetlinkResult<()> {
+        self.neighbour_set(index, ip, mac, NLM_F_REPLACE)
+    }
+
+    fn neighbour_set(
+        &mut self,
+        index: u32,
+        ip: Ipv4Addr,
+        mac: [u8; 6],
+        mode: u16,
     ) -> NetlinkResult<()> {
         let mut message = Self::neighbour_message(index, ip);
         message.header.state = NeighbourState::Permanent;
@@ -795,7 +811,7 @@ impl Netlink {
         self.change(
             || format!("setting the neighbour {ip} at {}", format_mac(&mac)),
             RouteNetlinkMessage::NewNeighbour(message),
-            NLM_F_CREATE | NLM_F_REPLACE,
+            NLM_F_CREATE | mode,
         )
     }
 

@@ -384,12 +384,13 @@ fn fdb_entries_are_replaced_on_the_device_permanent_and_deleted() {
 }
 
 #[test]
-fn neighbours_are_replaced_listed_and_deleted() {
+fn neighbours_are_added_replaced_listed_and_deleted() {
     in_netns(|nl| {
         let vx = vxlan_here(nl);
         nl.set_link(vx, &up()).unwrap();
         let ip = Ipv4Addr::new(10, 0, 1, 3);
-        nl.neighbour_replace(vx, ip, MAC).unwrap();
+        nl.neighbour_add(vx, ip, MAC).unwrap();
+        assert!(nl.neighbour_add(vx, ip, MAC2).unwrap_err().is_exists());
         nl.neighbour_replace(vx, ip, MAC2).unwrap();
         let listed = nl.neighbours(vx).unwrap();
         assert_eq!(listed.len(), 1, "{listed:?}");
