@@ -5,9 +5,10 @@ set -euo pipefail
 
 BPF_TOOLS=${BPF_TOOLS:-/opt/bpf-tools}
 BPF_LINKER_VERSION=0.13.0
-# Debian packages the build, the lab and the tests use.
+# Debian packages the build, the lab and the tests use (strace: the netlink test counts what
+# the agent spawns).
 PACKAGES=(iproute2 iputils-ping procps psmisc util-linux curl ca-certificates bpftool systemd nftables python3
-  bind9-dnsutils)
+  bind9-dnsutils strace)
 
 # Load generators and servers the benchmarks compare with (`setup.sh bench`).
 # dnsmasq-base is the binary without the system service; unbound's service is kept from

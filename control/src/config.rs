@@ -347,7 +347,7 @@ fn resolve_advertise(
     }
 }
 
-/// The real host, through getifaddrs, /proc and mountinfo.
+/// The real host, through getifaddrs, netlink (the default route) and mountinfo.
 pub struct SystemHost;
 
 impl Host for SystemHost {
@@ -372,23 +372,21 @@ impl Host for SystemHost {
     }
 
     fn default_route_interface(&self) -> Result<Option<String>> {
-        let routes = std::fs::read_to_string("/proc/net/route")?;
-        Ok(default_route_from_proc(&routes))
+        let mut netlink = shoal_dataplane::netlink::Netlink::open()?;
+        let Some(oif) = netlink.default_route()?.and_then(|route| route.oif) else {
+            return Ok(None);
+        };
+        Ok(netlink
+            .links()?
+            .into_iter()
+            .find(|link| link.index == oif)
+            .map(|link| link.name))
     }
 
     fn cgroup2_mount(&self) -> Result<PathBuf> {
         let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
         cgroup2_from_mountinfo(&mountinfo).context("no cgroup v2 hierarchy is mounted")
     }
-}
-
-/// The interface of the first IPv4 default route in /proc/net/route.
-fn default_route_from_proc(routes: &str) -> Option<String> {
-    routes.lines().skip(1).find_map(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        (fields.len() > 7 && fields[1] == "00000000" && fields[7] == "00000000")
-            .then(|| fields[0].to_owned())
-    })
 }
 
 pub use shoal_dataplane::process::cgroup2_from_mountinfo;
@@ -547,10 +545,6 @@ mod tests {
 
     #[test]
     fn reads_proc_files() {
-        let routes = "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\n\
-                      eth1\t004DA8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\n\
-                      eth0\t00000000\t0100010A\t0003\t0\t0\t0\t00000000\n";
-        assert_eq!(default_route_from_proc(routes).as_deref(), Some("eth0"));
         let mountinfo = "24 1 0:21 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n\
                          30 24 0:26 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
         assert_eq!(

@@ -6,10 +6,12 @@
 //! and a pinned link is updated in place to the newly loaded program, so the interface is never
 //! without a program while the agent restarts.
 
-pub mod iproute;
 pub mod maglev;
 pub mod mesh;
 pub mod neighbours;
+pub mod netlink;
+pub mod netns;
+pub mod nft;
 pub mod overlay;
 pub mod overlay_endpoints;
 pub mod peerdb;
@@ -383,25 +385,20 @@ fn attach_in(
     interface: &str,
     direction: TcAttachType,
 ) -> Result<FdLink> {
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| -> Result<FdLink> {
-                if let Some(netns) = netns {
-                    nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET)
-                        .context("entering the network's namespace")?;
-                }
-                let id = program
-                    .attach_with_options(
-                        interface,
-                        direction,
-                        TcAttachOptions::TcxOrder(LinkOrder::default()),
-                    )
-                    .with_context(|| format!("attaching to {interface} ({direction:?})"))?;
-                Ok(program.take_link(id)?.try_into()?)
-            })
-            .join()
-            .map_err(|_| anyhow::anyhow!("the attaching thread panicked"))?
-    })
+    let mut attach = || -> Result<FdLink> {
+        let id = program
+            .attach_with_options(
+                interface,
+                direction,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .with_context(|| format!("attaching to {interface} ({direction:?})"))?;
+        Ok(program.take_link(id)?.try_into()?)
+    };
+    match netns {
+        Some(netns) => netns::run_in_file(netns, attach),
+        None => attach(),
+    }
 }
 
 /// Unpins links for interfaces this agent no longer watches (a changed advertise interface),

@@ -243,18 +243,11 @@ impl KernelNeighbourTable {
 
 fn open_in_netns(netns: &Path) -> Result<KernelNeighbourTable> {
     let netns = File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)
-                    .context("entering it")?;
-                if !Path::new(THRESHOLD_DIR).exists() {
-                    bail!("not the initial namespace (no {THRESHOLD_DIR})");
-                }
-                KernelNeighbourTable::open_here()
-            })
-            .join()
-            .map_err(|_| anyhow::anyhow!("the thread entering the namespace panicked"))?
+    crate::netns::run_in_file(&netns, || {
+        if !Path::new(THRESHOLD_DIR).exists() {
+            bail!("not the initial namespace (no {THRESHOLD_DIR})");
+        }
+        KernelNeighbourTable::open_here()
     })
 }
 

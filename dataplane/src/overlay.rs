@@ -32,7 +32,9 @@ use anyhow::{bail, Context as _, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    iproute::{self, Netns},
+    netlink::{LinkChange, Netlink, PeerNs, Route, Rule, Veth, Vxlan, MAIN_TABLE},
+    netns::{self, Netns, NETNS_DIR},
+    nft,
     overlay_endpoints::OverlayEndpoints,
     peerdb::{format_mac, mac_for, Peer, PeerDb, PeerOp},
 };
@@ -124,6 +126,10 @@ struct NetworkSandbox {
     netns: String,
     mtu: u32,
     peers: PeerDb,
+    /// A socket in the network's namespace, kept for its life.
+    netlink: Netlink,
+    bridge_index: u32,
+    vxlan_index: u32,
     /// Built by a previous agent: the kernel may hold entries of peers gone since, removed
     /// by `prune_stale_peers` once gossip has been heard.
     adopted: bool,
@@ -141,6 +147,8 @@ struct State {
 pub struct Overlay {
     config: OverlayConfig,
     underlay_mtu: u32,
+    /// A socket in the node's namespace.
+    node: Mutex<Netlink>,
     state: Mutex<State>,
     /// The remote endpoints whose ARP is answered, of every network here.
     endpoints: Mutex<OverlayEndpoints>,
@@ -152,10 +160,13 @@ impl Overlay {
     /// as the new agent meets them again (`ensure_network`, `adopt`); the rest goes with
     /// `remove_unused`.
     pub fn start(config: OverlayConfig, endpoints: OverlayEndpoints) -> Result<Self> {
-        let underlay_mtu = mtu_of_address(&config.node_netns, config.data_addr)?;
+        let mut node = Netlink::open_in(&config.node_netns)
+            .with_context(|| format!("opening a netlink socket in {}", config.node_netns))?;
+        let underlay_mtu = mtu_of_address(&mut node, config.data_addr)?;
         let overlay = Self {
             config,
             underlay_mtu,
+            node: Mutex::new(node),
             state: Mutex::default(),
             endpoints: Mutex::new(endpoints),
         };
@@ -177,31 +188,57 @@ impl Overlay {
         Ipv4Addr::from(u32::from(base) + 1)
     }
 
+    fn node(&self) -> std::sync::MutexGuard<'_, Netlink> {
+        self.node.lock().expect("node netlink socket")
+    }
+
+    /// The gateway bridge's MAC: fixed, locally administered, derived from its address. Left
+    /// to itself the kernel gives a bridge the lowest MAC of its ports, which changes as
+    /// tasks' veths come and go, and the tasks' ARP caches then point at an address the bridge
+    /// no longer has until they expire (up to a minute and more of lost traffic out).
+    fn gateway_mac(&self) -> [u8; 6] {
+        let [a, b, c, d] = self.gateway().octets();
+        [0x02, 0x53, a, b, c, d]
+    }
+
     fn setup_gateway(&self) -> Result<()> {
         let node = &self.config.node_netns;
         let (base, prefix) = self.config.gateway_subnet;
-        if !link_exists(node, GATEWAY_BRIDGE)? {
-            iproute::batch(
-                node,
-                "ip",
-                &[format!("link add {GATEWAY_BRIDGE} type bridge")],
+        let mac = self.gateway_mac();
+        {
+            let mut netlink = self.node();
+            let index = match netlink.link(GATEWAY_BRIDGE)? {
+                Some(link) => {
+                    // A previous agent's bridge may have the kernel's changing MAC.
+                    if link.mac != Some(mac) {
+                        netlink.set_link(
+                            link.index,
+                            &LinkChange {
+                                mac: Some(mac),
+                                ..LinkChange::default()
+                            },
+                        )?;
+                    }
+                    link.index
+                }
+                None => {
+                    netlink.add_bridge(GATEWAY_BRIDGE, None, Some(mac))?;
+                    netlink.index_of(GATEWAY_BRIDGE)?
+                }
+            };
+            netlink.replace_address(index, self.gateway(), prefix)?;
+            netlink.set_link(
+                index,
+                &LinkChange {
+                    up: Some(true),
+                    ..LinkChange::default()
+                },
             )?;
         }
-        iproute::batch(
-            node,
-            "ip",
-            &[
-                format!(
-                    "addr replace {}/{prefix} dev {GATEWAY_BRIDGE}",
-                    self.gateway()
-                ),
-                format!("link set {GATEWAY_BRIDGE} up"),
-            ],
-        )?;
-        iproute::sysctl(node, "net.ipv4.ip_forward", "1")?;
+        netns::sysctl(node, "net/ipv4/ip_forward", "1")?;
         // One transaction: the chains are replaced whole (a new agent's rules take effect),
         // the set of overlay subnets and the counter are kept (adopted networks stay in it).
-        iproute::nft(
+        nft::apply(
             node,
             &format!(
                 "add table ip {NFT_TABLE}\n\
@@ -224,9 +261,8 @@ impl Overlay {
     /// Packets of new connections from outside refused at the gateway bridge so far, as a
     /// verdict of its own beside the ingress classifier's.
     pub fn gateway_refusals(&self) -> Result<crate::CounterStatus> {
-        let out = iproute::output(
+        let out = nft::output(
             &self.config.node_netns,
-            "nft",
             &[
                 "-j",
                 "list",
@@ -254,35 +290,50 @@ impl Overlay {
         })
     }
 
-    /// Deletes every network namespace of this agent, the gateway bridge and its rules.
+    /// Deletes every network namespace of this agent, the gateway bridge and its rules,
+    /// carrying on past a failure and reporting them all.
     pub fn remove_all(&self) -> Result<()> {
+        let mut errors = ErrorList::default();
         // The node's links first: deleting a namespace removes the peer of `shoal_ing`, and
         // the kernel then deletes `shoal_ing` itself asynchronously, racing a check-then-delete.
-        let node = &self.config.node_netns;
-        for link in [GATEWAY_BRIDGE, INGRESS_ENDPOINT] {
-            if link_exists(node, link)? {
-                iproute::batch(node, "ip", &[format!("link del {link}")])?;
+        {
+            let mut netlink = self.node();
+            for link in [GATEWAY_BRIDGE, INGRESS_ENDPOINT] {
+                match netlink.link(link) {
+                    Ok(Some(found)) => match netlink.del_link(found.index) {
+                        Err(err) if !err.is_not_found() => errors.push(err.into()),
+                        _ => {}
+                    },
+                    Ok(None) => {}
+                    Err(err) => errors.push(err.into()),
+                }
             }
         }
         let prefix = format!("{}ov-", self.config.netns_prefix);
-        for name in named_namespaces()? {
-            if name.starts_with(&prefix) {
-                delete_netns(&name)?;
+        match netns::named() {
+            Ok(names) => {
+                for name in names.iter().filter(|n| n.starts_with(&prefix)) {
+                    errors.note(netns::delete_named(name));
+                }
             }
+            Err(err) => errors.push(err),
         }
         {
             let mut state = self.state.lock().expect("overlay state");
             state.networks.clear();
             state.ingress_endpoint = None;
         }
-        self.endpoints
-            .lock()
-            .expect("overlay endpoints")
-            .retain(|_, _| false)?;
-        iproute::nft(
-            node,
+        errors.note(
+            self.endpoints
+                .lock()
+                .expect("overlay endpoints")
+                .retain(|_, _| false),
+        );
+        errors.note(nft::apply(
+            &self.config.node_netns,
             &format!("add table ip {NFT_TABLE}\ndelete table ip {NFT_TABLE}\n"),
-        )
+        ));
+        errors.into_result("removing the overlay")
     }
 
     /// Makes the network's namespace, bridge and VXLAN device unless they exist; a network a
@@ -307,8 +358,11 @@ impl Overlay {
             self.build_network(spec, &netns, mtu)
                 .with_context(|| format!("setting up network {}", spec.name))?;
         }
+        let mut netlink = Netlink::open_in(&Netns::Named(netns.clone()))?;
+        let bridge_index = netlink.index_of("br0")?;
+        let vxlan_index = netlink.index_of(&vxlan_name(spec.vni))?;
         let (base, prefix) = spec.subnet;
-        iproute::nft(
+        nft::apply(
             &self.config.node_netns,
             &format!("add element ip {NFT_TABLE} overlay_subnets {{ {base}/{prefix} }}\n"),
         )?;
@@ -319,6 +373,9 @@ impl Overlay {
                 netns,
                 mtu,
                 peers: PeerDb::default(),
+                netlink,
+                bridge_index,
+                vxlan_index,
                 adopted,
             },
         );
@@ -328,10 +385,12 @@ impl Overlay {
     /// Whether a previous agent left this network's namespace with its VXLAN device (a
     /// namespace without it is half-built: rebuilt).
     fn left_by_previous_agent(&self, spec: &NetworkSpec, netns: &str) -> Result<bool> {
-        if !named_namespaces()?.iter().any(|n| n == netns) {
+        if !netns::named()?.iter().any(|n| n == netns) {
             return Ok(false);
         }
-        link_exists(&Netns::Named(netns.to_owned()), &vxlan_name(spec.vni))
+        Ok(Netlink::open_in(&Netns::Named(netns.to_owned()))?
+            .link(&vxlan_name(spec.vni))?
+            .is_some())
     }
 
     /// Deletes the kernel's FDB entries and ARP answers of an adopted network that gossip no
@@ -345,45 +404,37 @@ impl Overlay {
         if !std::mem::take(&mut sandbox.adopted) {
             return Ok(0);
         }
-        let macs: HashSet<String> = sandbox
-            .peers
-            .peers()
-            .map(|(_, peer)| format_mac(&peer.mac))
-            .collect();
+        let macs: HashSet<[u8; 6]> = sandbox.peers.peers().map(|(_, peer)| peer.mac).collect();
         let ips: HashSet<Ipv4Addr> = sandbox.peers.peers().map(|(_, peer)| peer.ip).collect();
-        let inside = Netns::Named(sandbox.netns.clone());
-        let vxlan = vxlan_name(sandbox.spec.vni);
-        let fdb: Vec<String> =
-            iproute::read_json(&inside, "bridge", &["-j", "fdb", "show", "dev", &vxlan])?
-                .iter()
-                .filter(|e| e["dst"].is_string() && !macs.contains(&text(&e["mac"])))
-                .map(|e| {
-                    format!(
-                        "fdb del {} dev {vxlan} dst {} self",
-                        text(&e["mac"]),
-                        text(&e["dst"])
-                    )
-                })
-                .collect();
-        let neigh: Vec<String> =
-            iproute::read_json(&inside, "ip", &["-j", "neigh", "show", "dev", &vxlan])?
-                .iter()
-                .filter(|e| {
-                    text(&e["dst"])
-                        .parse::<Ipv4Addr>()
-                        .is_ok_and(|ip| !ips.contains(&ip))
-                })
-                .map(|e| format!("neigh del {} dev {vxlan}", text(&e["dst"])))
-                .collect();
-        iproute::batch(&inside, "bridge", &fdb)?;
-        iproute::batch(&inside, "ip", &neigh)?;
+        let vxlan = sandbox.vxlan_index;
+        let mut errors = ErrorList::default();
+        let mut removed = 0;
+        for entry in sandbox.netlink.fdb(vxlan)? {
+            let Some(dst) = entry.dst.filter(|_| !macs.contains(&entry.mac)) else {
+                continue;
+            };
+            match sandbox.netlink.fdb_del(vxlan, entry.mac, dst) {
+                Ok(()) => removed += 1,
+                Err(err) => errors.push(err.into()),
+            }
+        }
+        for entry in sandbox.netlink.neighbours(vxlan)? {
+            if ips.contains(&entry.ip) {
+                continue;
+            }
+            match sandbox.netlink.neighbour_del(vxlan, entry.ip) {
+                Ok(()) => removed += 1,
+                Err(err) => errors.push(err.into()),
+            }
+        }
+        errors.into_result("pruning stale peers")?;
         let vni = sandbox.spec.vni;
         let answers = self
             .endpoints
             .lock()
             .expect("overlay endpoints")
             .retain(|ip, of| of != vni || ips.contains(&ip))?;
-        Ok(fdb.len() + neigh.len() + answers)
+        Ok(removed + answers)
     }
 
     /// Removes the networks a previous agent left that no task here uses (not adopted by
@@ -399,135 +450,135 @@ impl Overlay {
         };
         let prefix = format!("{}ov-", self.config.netns_prefix);
         let mut removed = Vec::new();
-        for name in named_namespaces()? {
+        let mut errors = ErrorList::default();
+        for name in netns::named()? {
             if name.starts_with(&prefix) && !ours.contains(&name) {
-                delete_netns(&name)?;
-                removed.push(name);
+                match netns::delete_named(&name) {
+                    Ok(()) => removed.push(name),
+                    Err(err) => errors.push(err),
+                }
             }
         }
-        self.endpoints
-            .lock()
-            .expect("overlay endpoints")
-            .retain(|_, vni| vnis.contains(&vni))?;
+        errors.note(
+            self.endpoints
+                .lock()
+                .expect("overlay endpoints")
+                .retain(|_, vni| vnis.contains(&vni)),
+        );
         let mut rules = format!("flush set ip {NFT_TABLE} overlay_subnets\n");
         for (base, prefix) in subnets {
             rules.push_str(&format!(
                 "add element ip {NFT_TABLE} overlay_subnets {{ {base}/{prefix} }}\n"
             ));
         }
-        iproute::nft(&self.config.node_netns, &rules)?;
+        errors.note(nft::apply(&self.config.node_netns, &rules));
+        errors.into_result("removing unused networks")?;
         Ok(removed)
     }
 
     fn build_network(&self, spec: &NetworkSpec, netns: &str, mtu: u32) -> Result<()> {
-        if named_namespaces()?.iter().any(|n| n == netns) {
-            delete_netns(netns)?;
+        if netns::named()?.iter().any(|n| n == netns) {
+            netns::delete_named(netns)?;
         }
-        let status = std::process::Command::new("ip")
-            .args(["netns", "add", netns])
-            .status()?;
-        if !status.success() {
-            bail!("ip netns add {netns} failed");
-        }
+        netns::create_named(netns)?;
         let inside = Netns::Named(netns.to_owned());
         // Bridged overlay traffic need not walk the host's netfilter hooks (10-20% faster).
-        if let Err(err) = iproute::sysctl(&inside, "net.bridge.bridge-nf-call-iptables", "0") {
+        if let Err(err) = netns::sysctl(&inside, "net/bridge/bridge-nf-call-iptables", "0") {
             tracing::debug!(error = %format!("{err:#}"), "bridge-nf-call-iptables stays on");
         }
         let vxlan = vxlan_name(spec.vni);
-        let node = &self.config.node_netns;
-        if link_exists(node, &vxlan)? {
-            iproute::batch(node, "ip", &[format!("link del {vxlan}")])?;
+        let netns_file = open_named(netns)?;
+        {
+            // Made in the node's namespace, so its UDP socket is there; then moved.
+            let mut node = self.node();
+            if let Some(stale) = node.link(&vxlan)? {
+                node.del_link(stale.index)?;
+            }
+            node.add_vxlan(&Vxlan {
+                name: &vxlan,
+                vni: spec.vni,
+                local: self.config.data_addr,
+                port: spec.port,
+                mtu,
+            })?;
+            let index = node.index_of(&vxlan)?;
+            node.set_link(
+                index,
+                &LinkChange {
+                    netns: Some(&netns_file),
+                    ..LinkChange::default()
+                },
+            )?;
         }
-        iproute::batch(
-            node,
-            "ip",
-            &[
-                format!(
-                    "link add {vxlan} mtu {mtu} type vxlan id {} local {} dstport {} nolearning proxy",
-                    spec.vni, self.config.data_addr, spec.port
-                ),
-                format!("link set {vxlan} netns {netns}"),
-            ],
+        let mut netlink = Netlink::open_in(&inside)?;
+        let lo = netlink.index_of("lo")?;
+        netlink.set_link(
+            lo,
+            &LinkChange {
+                up: Some(true),
+                ..LinkChange::default()
+            },
         )?;
-        iproute::batch(
-            &inside,
-            "ip",
-            &[
-                "link set lo up".into(),
-                format!("link add br0 mtu {mtu} type bridge"),
-                format!("link set {vxlan} master br0"),
-                format!("link set {vxlan} up"),
-                "link set br0 up".into(),
-            ],
-        )
+        netlink.add_bridge("br0", Some(mtu), None)?;
+        let bridge = netlink.index_of("br0")?;
+        let index = netlink.index_of(&vxlan)?;
+        netlink.set_link(
+            index,
+            &LinkChange {
+                up: Some(true),
+                controller: Some(bridge),
+                ..LinkChange::default()
+            },
+        )?;
+        Ok(())
     }
 
-    /// Connects the node itself to the ingress network (built already) with `ip`: a veth
-    /// `shoal_ing` in the node's namespace. Returns its interface index.
+    /// Connects the node itself to the ingress network (built already): a veth `shoal_ing`
+    /// in the node's namespace. Returns its interface index.
     pub fn attach_node(&self, network_id: &str, ip: Ipv4Addr) -> Result<u32> {
         let mut state = self.state.lock().expect("overlay state");
         let sandbox = state
             .networks
-            .get(network_id)
+            .get_mut(network_id)
             .with_context(|| format!("network {network_id} is not set up here"))?;
-        let node = &self.config.node_netns;
-        if let Some(index) = self.ingress_endpoint_with(ip)? {
-            // A previous agent's, still carrying flows: kept as it is.
-            state.ingress_endpoint = Some(ip);
-            return Ok(index);
+        let mut node = self.node();
+        if let Some(existing) = node.link(INGRESS_ENDPOINT)? {
+            let holds = node
+                .addresses()?
+                .iter()
+                .any(|a| a.index == existing.index && a.ip == ip);
+            if holds {
+                // A previous agent's, still carrying flows: kept as it is.
+                state.ingress_endpoint = Some(ip);
+                return Ok(existing.index);
+            }
+            node.del_link(existing.index)?;
         }
-        if link_exists(node, INGRESS_ENDPOINT)? {
-            iproute::batch(node, "ip", &[format!("link del {INGRESS_ENDPOINT}")])?;
-        }
-        let mtu = sandbox.mtu;
-        iproute::batch(
-            node,
-            "ip",
-            &[
-                format!(
-                    "link add {INGRESS_ENDPOINT} mtu {mtu} type veth peer name {INGRESS_ENDPOINT_PEER} netns {}",
-                    sandbox.netns
-                ),
-                format!(
-                    "link set {INGRESS_ENDPOINT} address {}",
-                    format_mac(&mac_for(ip))
-                ),
-                format!("addr add {ip}/{} dev {INGRESS_ENDPOINT}", sandbox.spec.subnet.1),
-                format!("link set {INGRESS_ENDPOINT} up"),
-            ],
-        )?;
-        iproute::batch(
-            &Netns::Named(sandbox.netns.clone()),
-            "ip",
-            &[format!("link set {INGRESS_ENDPOINT_PEER} master br0 up")],
+        let netns_file = open_named(&sandbox.netns)?;
+        node.add_veth(&Veth {
+            name: INGRESS_ENDPOINT,
+            mtu: Some(sandbox.mtu),
+            mac: Some(mac_for(ip)),
+            controller: None,
+            peer: INGRESS_ENDPOINT_PEER,
+            peer_ns: PeerNs::Fd(&netns_file),
+            peer_mac: None,
+            up: true,
+        })?;
+        let index = node.index_of(INGRESS_ENDPOINT)?;
+        node.add_address(index, ip, sandbox.spec.subnet.1)?;
+        let peer = sandbox.netlink.index_of(INGRESS_ENDPOINT_PEER)?;
+        let bridge = sandbox.bridge_index;
+        sandbox.netlink.set_link(
+            peer,
+            &LinkChange {
+                up: Some(true),
+                controller: Some(bridge),
+                ..LinkChange::default()
+            },
         )?;
         state.ingress_endpoint = Some(ip);
-        let index = iproute::read_json(node, "ip", &["-j", "link", "show", INGRESS_ENDPOINT])?
-            .first()
-            .and_then(|link| link["ifindex"].as_u64())
-            .context("reading the ingress endpoint's interface index")?;
-        Ok(index as u32)
-    }
-
-    /// The interface index of the node's ingress endpoint if it exists with address `ip`.
-    fn ingress_endpoint_with(&self, ip: Ipv4Addr) -> Result<Option<u32>> {
-        let wanted = ip.to_string();
-        let links = iproute::read_json(
-            &self.config.node_netns,
-            "ip",
-            &["-j", "-4", "addr", "show", "dev", INGRESS_ENDPOINT],
-        )
-        .unwrap_or_default();
-        Ok(links
-            .iter()
-            .find(|link| {
-                link["addr_info"]
-                    .as_array()
-                    .is_some_and(|infos| infos.iter().any(|i| i["local"] == wanted.as_str()))
-            })
-            .and_then(|link| link["ifindex"].as_u64())
-            .map(|index| index as u32))
+        Ok(index)
     }
 
     /// Takes over a task a previous agent connected (its process `pid` still runs): its
@@ -539,14 +590,13 @@ impl Overlay {
         pid: u32,
         networks: &[(String, Ipv4Addr)],
     ) -> Result<Vec<TaskInterface>> {
-        let task_ns = Netns::Process(pid);
         let short: String = task_id.chars().take(10).collect();
-        let addresses = iproute::read_json(&task_ns, "ip", &["-j", "-4", "addr", "show"])?;
+        let mut task = Netlink::open_in(&Netns::Process(pid))?;
+        let links = task.links()?;
+        let addresses = task.addresses()?;
         let address_of = |ifname: &str| -> Option<Ipv4Addr> {
-            addresses.iter().find(|link| link["ifname"] == ifname)?["addr_info"]
-                .as_array()?
-                .iter()
-                .find_map(|info| info["local"].as_str()?.parse().ok())
+            let link = links.iter().find(|link| link.name == ifname)?;
+            Some(addresses.iter().find(|a| a.index == link.index)?.ip)
         };
         let mut interfaces = Vec::new();
         let mut state = self.state.lock().expect("overlay state");
@@ -581,15 +631,19 @@ impl Overlay {
             return Ok(());
         };
         let (base, prefix) = sandbox.spec.subnet;
-        delete_netns(&sandbox.netns)?;
-        self.endpoints
-            .lock()
-            .expect("overlay endpoints")
-            .retain(|_, vni| vni != sandbox.spec.vni)?;
-        iproute::nft(
+        let mut errors = ErrorList::default();
+        errors.note(netns::delete_named(&sandbox.netns));
+        errors.note(
+            self.endpoints
+                .lock()
+                .expect("overlay endpoints")
+                .retain(|_, vni| vni != sandbox.spec.vni),
+        );
+        errors.note(nft::apply(
             &self.config.node_netns,
             &format!("delete element ip {NFT_TABLE} overlay_subnets {{ {base}/{prefix} }}\n"),
-        )
+        ));
+        errors.into_result(&format!("removing network {}", sandbox.spec.name))
     }
 
     /// A network built here, by ID, unique ID prefix or name.
@@ -623,51 +677,69 @@ impl Overlay {
         pid: u32,
         networks: &[(String, Ipv4Addr)],
     ) -> Result<Vec<TaskInterface>> {
-        let task_ns = Netns::Process(pid);
         let short: String = task_id.chars().take(10).collect();
         let mut interfaces = Vec::new();
-        let mut inside = vec!["link set lo up".to_owned()];
+        // One socket inside the task's namespace; the veths are made from the other side,
+        // their task ends created there already named, addressed and up.
+        let mut task = Netlink::open_in(&Netns::Process(pid))
+            .with_context(|| format!("entering the namespace of task {task_id}"))?;
+        let up = LinkChange {
+            up: Some(true),
+            ..LinkChange::default()
+        };
+        let lo = task.index_of("lo")?;
+        task.set_link(lo, &up)?;
         let mut wants_gateway = false;
         {
-            let state = self.state.lock().expect("overlay state");
+            let mut state = self.state.lock().expect("overlay state");
+            let ingress_endpoint = state.ingress_endpoint;
             for (index, (network_id, ip)) in networks.iter().enumerate() {
                 let sandbox = state
                     .networks
-                    .get(network_id)
+                    .get_mut(network_id)
                     .with_context(|| format!("network {network_id} is not set up here"))?;
                 wants_gateway |= !sandbox.spec.internal;
                 let ifname = format!("eth{index}");
                 let host_side = format!("v{index}{short}");
                 let mac = mac_for(*ip);
-                let mtu = sandbox.mtu;
-                iproute::batch(
-                    &Netns::Named(sandbox.netns.clone()),
-                    "ip",
-                    &[
-                        format!(
-                            "link add {host_side} mtu {mtu} type veth peer name {ifname} netns {pid}"
-                        ),
-                        format!("link set {host_side} master br0 up"),
-                    ],
-                )?;
-                inside.extend([
-                    format!(
-                        "link set {ifname} address {} mtu {mtu} up",
-                        format_mac(&mac)
-                    ),
-                    format!("addr add {ip}/{} dev {ifname}", sandbox.spec.subnet.1),
-                ]);
+                let bridge = sandbox.bridge_index;
+                sandbox.netlink.add_veth(&Veth {
+                    name: &host_side,
+                    mtu: Some(sandbox.mtu),
+                    mac: None,
+                    controller: Some(bridge),
+                    peer: &ifname,
+                    peer_ns: PeerNs::Pid(pid),
+                    peer_mac: Some(mac),
+                    up: true,
+                })?;
+                let eth = task.index_of(&ifname)?;
+                task.set_link(eth, &up)?;
+                task.add_address(eth, *ip, sandbox.spec.subnet.1)?;
                 if sandbox.spec.ingress {
-                    let via = state
-                        .ingress_endpoint
-                        .context("this node has no ingress endpoint yet")?;
+                    let via = ingress_endpoint.context("this node has no ingress endpoint yet")?;
                     let (base, prefix) = sandbox.spec.subnet;
                     let table = INGRESS_ROUTE_TABLE;
-                    inside.extend([
-                        format!("rule add from {ip} lookup {table} pref {table}"),
-                        format!("route add {base}/{prefix} dev {ifname} table {table}"),
-                        format!("route add default via {via} dev {ifname} table {table}"),
-                    ]);
+                    task.add_rule(&Rule {
+                        from: *ip,
+                        prefix: 32,
+                        table,
+                        priority: table,
+                    })?;
+                    task.add_route(&Route {
+                        destination: base,
+                        prefix,
+                        gateway: None,
+                        oif: Some(eth),
+                        table,
+                    })?;
+                    task.add_route(&Route {
+                        destination: Ipv4Addr::UNSPECIFIED,
+                        prefix: 0,
+                        gateway: Some(via),
+                        oif: Some(eth),
+                        table,
+                    })?;
                 }
                 interfaces.push(TaskInterface {
                     ifname,
@@ -683,32 +755,34 @@ impl Overlay {
             let ifname = format!("eth{}", networks.len());
             let host_side = format!("g{short}");
             let address = self.lease_gateway_address(task_id)?;
-            let node = &self.config.node_netns;
-            iproute::batch(
-                node,
-                "ip",
-                &[
-                    format!("link add {host_side} type veth peer name {ifname} netns {pid}"),
-                    format!("link set {host_side} master {GATEWAY_BRIDGE} up"),
-                ],
-            )?;
-            // Tasks on the gateway bridge never talk to each other through it.
-            iproute::batch(
-                node,
-                "bridge",
-                &[format!("link set dev {host_side} isolated on")],
-            )?;
-            inside.extend([
-                format!("link set {ifname} up"),
-                format!(
-                    "addr add {address}/{} dev {ifname}",
-                    self.config.gateway_subnet.1
-                ),
-                format!("route add default via {}", self.gateway()),
-            ]);
+            {
+                let mut node = self.node();
+                let bridge = node.index_of(GATEWAY_BRIDGE)?;
+                node.add_veth(&Veth {
+                    name: &host_side,
+                    mtu: None,
+                    mac: None,
+                    controller: Some(bridge),
+                    peer: &ifname,
+                    peer_ns: PeerNs::Pid(pid),
+                    peer_mac: None,
+                    up: true,
+                })?;
+                // Tasks on the gateway bridge never talk to each other through it.
+                let port = node.index_of(&host_side)?;
+                node.set_port_isolated(port, true)?;
+            }
+            let eth = task.index_of(&ifname)?;
+            task.set_link(eth, &up)?;
+            task.add_address(eth, address, self.config.gateway_subnet.1)?;
+            task.add_route(&Route {
+                destination: Ipv4Addr::UNSPECIFIED,
+                prefix: 0,
+                gateway: Some(self.gateway()),
+                oif: None,
+                table: MAIN_TABLE,
+            })?;
         }
-        iproute::batch(&task_ns, "ip", &inside)
-            .with_context(|| format!("configuring the interfaces of task {task_id}"))?;
         Ok(interfaces)
     }
 
@@ -740,25 +814,19 @@ impl Overlay {
             return Ok(());
         };
         let ops = sandbox.peers.sync(desired);
-        let vxlan = vxlan_name(sandbox.spec.vni);
-        let mut fdb = Vec::new();
+        let vxlan = sandbox.vxlan_index;
         let mut arp = Vec::new();
         for op in ops {
             match op {
-                PeerOp::SetFdb { mac, vtep } => fdb.push(format!(
-                    "fdb replace {} dev {vxlan} dst {vtep} self permanent",
-                    format_mac(&mac)
-                )),
-                PeerOp::DelFdb { mac, vtep } => fdb.push(format!(
-                    "fdb del {} dev {vxlan} dst {vtep} self",
-                    format_mac(&mac)
-                )),
+                PeerOp::SetFdb { mac, vtep } => sandbox.netlink.fdb_replace(vxlan, mac, vtep)?,
+                PeerOp::DelFdb { mac, vtep } => match sandbox.netlink.fdb_del(vxlan, mac, vtep) {
+                    Err(err) if !err.is_not_found() => return Err(err.into()),
+                    _ => {}
+                },
                 PeerOp::SetNeigh { ip, .. } => arp.push((ip, true)),
                 PeerOp::DelNeigh { ip, .. } => arp.push((ip, false)),
             }
         }
-        let inside = Netns::Named(sandbox.netns.clone());
-        iproute::batch(&inside, "bridge", &fdb)?;
         // After the FDB: an endpoint is answered for once frames to it can leave.
         let mut endpoints = self.endpoints.lock().expect("overlay endpoints");
         for (ip, answered) in arp {
@@ -787,16 +855,16 @@ impl Overlay {
 
     /// The network as programmed in the kernel now.
     pub fn inspect(&self, network_id: &str) -> Result<Option<NetworkDataplane>> {
-        let state = self.state.lock().expect("overlay state");
-        let Some(sandbox) = state.networks.get(network_id) else {
+        let mut state = self.state.lock().expect("overlay state");
+        let Some(sandbox) = state.networks.get_mut(network_id) else {
             return Ok(None);
         };
-        let inside = Netns::Named(sandbox.netns.clone());
         let vxlan = vxlan_name(sandbox.spec.vni);
-        let fdb = iproute::read_json(&inside, "bridge", &["-j", "fdb", "show", "dev", &vxlan])?
-            .iter()
-            .filter(|e| e["dst"].is_string())
-            .map(|e| (text(&e["mac"]), text(&e["dst"])))
+        let fdb = sandbox
+            .netlink
+            .fdb(sandbox.vxlan_index)?
+            .into_iter()
+            .filter_map(|e| Some((format_mac(&e.mac), e.dst?.to_string())))
             .collect();
         let neighbours = self
             .endpoints
@@ -833,53 +901,50 @@ fn vxlan_name(vni: u32) -> String {
     format!("vx{vni}")
 }
 
-fn text(value: &serde_json::Value) -> String {
-    value.as_str().unwrap_or_default().to_owned()
+/// The MTU of the interface holding `addr`.
+fn mtu_of_address(netlink: &mut Netlink, addr: Ipv4Addr) -> Result<u32> {
+    let index = netlink
+        .addresses()?
+        .into_iter()
+        .find(|a| a.ip == addr)
+        .map(|a| a.index)
+        .with_context(|| format!("no interface holds the data-path address {addr}"))?;
+    netlink
+        .links()?
+        .into_iter()
+        .find(|link| link.index == index)
+        .map(|link| link.mtu)
+        .with_context(|| format!("reading the MTU of the interface holding {addr}"))
 }
 
-fn link_exists(netns: &Netns, name: &str) -> Result<bool> {
-    Ok(iproute::read_json(netns, "ip", &["-j", "link", "show"])?
-        .iter()
-        .any(|l| l["ifname"] == name))
+fn open_named(name: &str) -> Result<std::fs::File> {
+    let path = std::path::Path::new(NETNS_DIR).join(name);
+    std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))
 }
 
-/// The MTU of the interface holding `addr` in `netns`.
-fn mtu_of_address(netns: &Netns, addr: Ipv4Addr) -> Result<u32> {
-    let wanted = addr.to_string();
-    iproute::read_json(netns, "ip", &["-j", "-4", "addr", "show"])?
-        .iter()
-        .find(|link| {
-            link["addr_info"]
-                .as_array()
-                .is_some_and(|infos| infos.iter().any(|i| i["local"] == wanted.as_str()))
-        })
-        .and_then(|link| link["mtu"].as_u64())
-        .map(|mtu| mtu as u32)
-        .with_context(|| format!("no interface holds the data-path address {addr}"))
-}
+/// Every error of a teardown that carried on past them (netavark's `NetavarkErrorList`).
+#[derive(Default)]
+struct ErrorList(Vec<anyhow::Error>);
 
-const NETNS_DIR: &str = "/run/netns";
-
-fn named_namespaces() -> Result<Vec<String>> {
-    match std::fs::read_dir(NETNS_DIR) {
-        Ok(entries) => Ok(entries
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect()),
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(vec![]),
-        Err(err) => Err(err).context("listing network namespaces"),
+impl ErrorList {
+    fn push(&mut self, err: anyhow::Error) {
+        self.0.push(err);
     }
-}
 
-fn delete_netns(name: &str) -> Result<()> {
-    let out = std::process::Command::new("ip")
-        .args(["netns", "del", name])
-        .output()?;
-    if !out.status.success() && std::path::Path::new(NETNS_DIR).join(name).exists() {
-        bail!(
-            "ip netns del {name}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+    fn note<T>(&mut self, result: Result<T>) {
+        if let Err(err) = result {
+            self.push(err);
+        }
     }
-    Ok(())
+
+    fn into_result(self, what: &str) -> Result<()> {
+        match self.0.as_slice() {
+            [] => Ok(()),
+            [one] => Err(anyhow::anyhow!("{what}: {one:#}")),
+            many => {
+                let list: Vec<String> = many.iter().map(|e| format!("{e:#}")).collect();
+                bail!("{what}: {} errors: {}", many.len(), list.join("; "))
+            }
+        }
+    }
 }

@@ -12,7 +12,7 @@ use std::{
 };
 
 use shoal_dataplane::{
-    iproute::{self, Netns},
+    netns::Netns,
     overlay::{NetworkSpec, Overlay, OverlayConfig, TaskInterface},
     overlay_endpoints::OverlayEndpoints,
     peerdb::{mac_for, Peer},
@@ -58,16 +58,21 @@ impl Rig {
         );
         for (i, node) in nodes.iter().enumerate() {
             let ns = Netns::Named(node.clone());
-            iproute::batch(
-                &ns,
+            let underlay = format!("sotu{}", i + 1);
+            run("ip", &["-n", node, "link", "set", "lo", "up"]);
+            run(
                 "ip",
                 &[
-                    "link set lo up".into(),
-                    format!("addr add 192.168.99.{}/24 dev sotu{}", i + 1, i + 1),
-                    format!("link set sotu{} up", i + 1),
+                    "-n",
+                    node,
+                    "addr",
+                    "add",
+                    &format!("192.168.99.{}/24", i + 1),
+                    "dev",
+                    &underlay,
                 ],
-            )
-            .expect("underlay");
+            );
+            run("ip", &["-n", node, "link", "set", &underlay, "up"]);
             let maps = rig.node_pins(i).join("maps");
             std::fs::create_dir_all(&maps).expect("pin dir");
             rig.echoes.push(VipEcho::load(&maps).expect("echo program"));
@@ -159,6 +164,16 @@ impl Drop for Rig {
         if !std::thread::panicking() {
             assert!(leftovers.is_empty(), "namespaces left: {leftovers:?}");
         }
+    }
+}
+
+/// What a test tool printed, or its error output.
+fn output(program: &str, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(program).args(args).output().expect(program);
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
     }
 }
 
@@ -266,10 +281,17 @@ fn tasks_on_two_nodes_reach_each_other_only_over_their_network() {
         [("10.0.1.3".to_string(), "02:42:0a:00:01:03".to_string())],
         "the remote endpoint is answered for"
     );
-    let permanent = iproute::output(
-        &Netns::Named(inspect.netns.clone()),
+    let permanent = output(
         "ip",
-        &["-4", "neigh", "show", "nud", "permanent"],
+        &[
+            "-n",
+            &inspect.netns,
+            "-4",
+            "neigh",
+            "show",
+            "nud",
+            "permanent",
+        ],
     )
     .expect("ip neigh");
     assert_eq!(
@@ -279,9 +301,14 @@ fn tasks_on_two_nodes_reach_each_other_only_over_their_network() {
     );
 
     // The node itself has no way into a network.
-    let node1 = Netns::Named(rig.nodes[0].clone());
+    let node1 = &rig.nodes[0];
+    let target = a_ip.to_string();
     assert!(
-        iproute::output(&node1, "ping", &["-c", "1", "-W", "1", &a_ip.to_string()]).is_err(),
+        output(
+            "ip",
+            &["netns", "exec", node1, "ping", "-c", "1", "-W", "1", &target]
+        )
+        .is_err(),
         "the node reached a task's overlay address"
     );
 
@@ -326,7 +353,17 @@ fn only_tasks_off_internal_networks_get_a_way_out() {
     assert!(ping(out, underlay), "a task with a gateway reaches out");
     assert!(!ping(closed, underlay), "an internal-only task reached out");
     // Tasks on the gateway bridge cannot use it to reach each other.
-    let routes = iproute::output(&Netns::Process(other), "ip", &["-4", "-o", "addr"]).unwrap();
+    let routes = output(
+        "nsenter",
+        &[
+            &format!("--net=/proc/{other}/ns/net"),
+            "ip",
+            "-4",
+            "-o",
+            "addr",
+        ],
+    )
+    .unwrap();
     let gateway_addr = routes
         .lines()
         .find(|l| l.contains(" eth1 "))

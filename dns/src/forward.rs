@@ -9,6 +9,8 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 use std::time::Duration;
 
 use hickory_proto::op::ResponseCode;
@@ -55,6 +57,9 @@ pub enum ForwardError {
 #[derive(Clone, Debug)]
 pub struct Forwarder {
     config: Arc<ForwarderConfig>,
+    /// The resolvers asked now: the configured ones, replaced when the node's resolv.conf
+    /// changes ([`crate::follow_resolv_conf`]).
+    upstreams: Arc<ArcSwap<Vec<SocketAddr>>>,
     in_flight: Arc<Semaphore>,
 }
 
@@ -62,6 +67,7 @@ impl Forwarder {
     pub fn new(config: ForwarderConfig) -> Self {
         Self {
             in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
+            upstreams: Arc::new(ArcSwap::from_pointee(config.upstreams.clone())),
             config: Arc::new(config),
         }
     }
@@ -80,6 +86,16 @@ impl Forwarder {
         &self.config
     }
 
+    /// The resolvers queries go to now.
+    pub fn upstreams(&self) -> Arc<Vec<SocketAddr>> {
+        self.upstreams.load_full()
+    }
+
+    /// Replaces the resolvers; queries in flight finish with the old ones.
+    pub fn set_upstreams(&self, upstreams: Vec<SocketAddr>) {
+        self.upstreams.store(Arc::new(upstreams));
+    }
+
     /// A slot for one forwarded query, or `None` when the cap is reached.
     pub(crate) fn reserve(&self) -> Option<OwnedSemaphorePermit> {
         self.in_flight.clone().try_acquire_owned().ok()
@@ -87,15 +103,16 @@ impl Forwarder {
 
     /// The upstream's answer to `query` (a whole DNS message), with the query's id.
     pub async fn forward(&self, query: &[u8]) -> Result<Vec<u8>, ForwardError> {
-        if self.config.upstreams.is_empty() {
+        let upstreams = self.upstreams.load_full();
+        if upstreams.is_empty() {
             return Err(ForwardError::NoUpstreams);
         }
         if query.len() < 2 {
             return Err(ForwardError::AllUpstreamsFailed);
         }
         let deadline = Instant::now() + self.config.overall_timeout;
-        let attempts = self.config.upstreams.len() * ATTEMPTS_PER_UPSTREAM;
-        for upstream in self.config.upstreams.iter().cycle().take(attempts) {
+        let attempts = upstreams.len() * ATTEMPTS_PER_UPSTREAM;
+        for upstream in upstreams.iter().cycle().take(attempts) {
             let try_deadline = deadline.min(Instant::now() + self.config.try_timeout);
             if try_deadline <= Instant::now() {
                 break;

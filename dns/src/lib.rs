@@ -18,4 +18,6 @@ pub use query::CLUSTER_TTL_SECS;
 pub use records::{QueryKind, Records, Resolution, SharedRecords, TaskEndpoint};
 pub use server::{DnsServer, ServeHandle, TaskScope};
 pub use stats::DnsStats;
-pub use upstreams::{parse_resolv_conf, Upstreams};
+pub use upstreams::{
+    follow_resolv_conf, parse_resolv_conf, reload, Reload, Upstreams, RESOLV_CONF_POLL,
+};

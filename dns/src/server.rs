@@ -110,8 +110,8 @@ impl DnsServer {
     }
 
     /// The resolvers names outside the cluster go to.
-    pub fn upstreams(&self) -> &[std::net::SocketAddr] {
-        &self.forwarder.config().upstreams
+    pub fn upstreams(&self) -> Arc<Vec<std::net::SocketAddr>> {
+        self.forwarder.upstreams()
     }
 
     /// Counters by outcome since the server was made, all tasks together.

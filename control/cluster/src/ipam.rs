@@ -6,9 +6,8 @@
 use std::{collections::BTreeSet, fmt, net::Ipv4Addr};
 
 use anyhow::{bail, Context as _, Result};
-use serde_json::Value;
 use shoal_dataplane::{
-    iproute::{self, Netns},
+    netlink::{Netlink, MAIN_TABLE},
     overlay::INGRESS_ENDPOINT,
 };
 
@@ -73,77 +72,72 @@ impl fmt::Display for HostClaim {
 /// Default routes never count; nor does shoal's own endpoint on the ingress network, which
 /// sits in the ingress subnet by design.
 pub fn host_claims() -> Result<Vec<HostClaim>> {
-    let list = |what| iproute::read_json(&Netns::Current, "ip", &["-j", "-4", what, "show"]);
-    let (addresses, routes) = (Value::Array(list("addr")?), Value::Array(list("route")?));
+    let mut netlink = Netlink::open()?;
+    let links = netlink.links()?;
+    let name = |index: Option<u32>| -> String {
+        links
+            .iter()
+            .find(|link| Some(link.index) == index)
+            .map(|link| link.name.clone())
+            .unwrap_or_default()
+    };
+    let addresses: Vec<HostAddress> = netlink
+        .addresses()?
+        .into_iter()
+        .map(|a| (name(Some(a.index)), a.ip, a.prefix))
+        .collect();
+    let routes: Vec<HostRoute> = netlink
+        .routes(MAIN_TABLE)?
+        .into_iter()
+        .map(|r| (name(r.oif), r.destination, r.prefix, r.gateway))
+        .collect();
     let mut claims = address_claims(&addresses);
     claims.extend(route_claims(&routes));
     Ok(claims)
 }
+
+/// An address of the host: (device, address, prefix length).
+type HostAddress = (String, Ipv4Addr, u8);
+/// A unicast route of the host's main table: (device, destination, prefix length, gateway).
+type HostRoute = (String, Ipv4Addr, u8, Option<Ipv4Addr>);
 
 /// The first of `claims` that `subnet` overlaps.
 pub fn first_overlap(subnet: Subnet, claims: &[HostClaim]) -> Option<&HostClaim> {
     claims.iter().find(|claim| claim.subnet.overlaps(subnet))
 }
 
-/// Each address's network (`ip -j -4 addr show`).
-fn address_claims(links: &Value) -> Vec<HostClaim> {
-    let mut claims = Vec::new();
-    for link in links.as_array().into_iter().flatten() {
-        let device = link["ifname"].as_str().unwrap_or_default();
-        if device == INGRESS_ENDPOINT {
-            continue;
-        }
-        for info in link["addr_info"].as_array().into_iter().flatten() {
-            let address = info["local"].as_str().and_then(|a| a.parse().ok());
-            let prefix = info["prefixlen"]
-                .as_u64()
-                .and_then(|p| u8::try_from(p).ok());
-            if let (Some(address), Some(prefix)) = (address, prefix) {
-                if let Ok(subnet) = Subnet::new(address, prefix) {
-                    claims.push(HostClaim {
-                        subnet,
-                        connected: true,
-                        source: format!("address {address}/{prefix} on {device}"),
-                    });
-                }
-            }
-        }
-    }
-    claims
+/// Each address's network.
+fn address_claims(addresses: &[HostAddress]) -> Vec<HostClaim> {
+    addresses
+        .iter()
+        .filter(|(device, _, _)| device != INGRESS_ENDPOINT)
+        .filter_map(|(device, address, prefix)| {
+            Some(HostClaim {
+                subnet: Subnet::new(*address, *prefix).ok()?,
+                connected: true,
+                source: format!("address {address}/{prefix} on {device}"),
+            })
+        })
+        .collect()
 }
 
-/// Each unicast route but the default (`ip -j -4 route show`).
-fn route_claims(routes: &Value) -> Vec<HostClaim> {
-    let mut claims = Vec::new();
-    for route in routes.as_array().into_iter().flatten() {
-        let device = route["dev"].as_str().unwrap_or_default();
-        // Blackhole, unreachable and the like reach nothing.
-        let unicast = route.get("type").is_none_or(|t| t == "unicast");
-        let Some(subnet) = route["dst"].as_str().and_then(route_destination) else {
-            continue;
-        };
-        if !unicast || device == INGRESS_ENDPOINT || subnet.prefix == 0 {
-            continue;
-        }
-        let gateway = route["gateway"].as_str();
-        claims.push(HostClaim {
-            subnet,
-            connected: gateway.is_none(),
-            source: match gateway {
-                Some(gateway) => format!("route via {gateway} dev {device}"),
-                None => format!("route on {device}"),
-            },
-        });
-    }
-    claims
-}
-
-/// `10.0.0.0/8`, or `10.0.0.5` for a host route; `default` is none.
-fn route_destination(dst: &str) -> Option<Subnet> {
-    match dst.parse::<Ipv4Addr>() {
-        Ok(host) => Subnet::new(host, 32).ok(),
-        Err(_) => dst.parse().ok(),
-    }
+/// Each unicast route but the default (blackhole, unreachable and the like reach nothing, and
+/// are not listed).
+fn route_claims(routes: &[HostRoute]) -> Vec<HostClaim> {
+    routes
+        .iter()
+        .filter(|(device, _, prefix, _)| device != INGRESS_ENDPOINT && *prefix != 0)
+        .filter_map(|(device, destination, prefix, gateway)| {
+            Some(HostClaim {
+                subnet: Subnet::new(*destination, *prefix).ok()?,
+                connected: gateway.is_none(),
+                source: match gateway {
+                    Some(gateway) => format!("route via {gateway} dev {device}"),
+                    None => format!("route on {device}"),
+                },
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -207,21 +201,24 @@ mod tests {
 
     #[test]
     fn host_claims_are_addresses_and_routes_but_not_defaults_or_the_ingress_endpoint() {
-        let links: Value = serde_json::from_str(
-            r#"[{"ifname":"lo","addr_info":[{"family":"inet","local":"127.0.0.1","prefixlen":8}]},
-                {"ifname":"eth0","addr_info":[{"family":"inet","local":"192.168.77.11","prefixlen":24}]},
-                {"ifname":"shoal_ing","addr_info":[{"family":"inet","local":"10.0.0.3","prefixlen":24}]}]"#,
-        )
-        .unwrap();
-        let routes: Value = serde_json::from_str(
-            r#"[{"dst":"default","gateway":"192.168.77.1","dev":"eth0"},
-                {"dst":"10.97.0.5","dev":"eth0","scope":"link"},
-                {"type":"blackhole","dst":"10.98.0.0/16"},
-                {"dst":"10.99.0.0/16","gateway":"192.168.77.100","dev":"eth0"},
-                {"dst":"10.0.0.0/24","dev":"shoal_ing","protocol":"kernel","scope":"link"},
-                {"dst":"192.168.77.0/24","dev":"eth0","protocol":"kernel","scope":"link"}]"#,
-        )
-        .unwrap();
+        let ip = |text: &str| text.parse::<Ipv4Addr>().unwrap();
+        let links: Vec<HostAddress> = vec![
+            ("lo".into(), ip("127.0.0.1"), 8),
+            ("eth0".into(), ip("192.168.77.11"), 24),
+            ("shoal_ing".into(), ip("10.0.0.3"), 24),
+        ];
+        let routes: Vec<HostRoute> = vec![
+            ("eth0".into(), ip("0.0.0.0"), 0, Some(ip("192.168.77.1"))),
+            ("eth0".into(), ip("10.97.0.5"), 32, None),
+            (
+                "eth0".into(),
+                ip("10.99.0.0"),
+                16,
+                Some(ip("192.168.77.100")),
+            ),
+            ("shoal_ing".into(), ip("10.0.0.0"), 24, None),
+            ("eth0".into(), ip("192.168.77.0"), 24, None),
+        ];
         let shown: Vec<(String, bool)> = address_claims(&links)
             .into_iter()
             .chain(route_claims(&routes))

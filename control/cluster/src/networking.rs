@@ -170,7 +170,7 @@ impl NodeNetworks {
         gossip_addr: SocketAddr,
         bpffs_root: &Path,
         (advertise_interface, mesh_limits): (&str, MeshLimits),
-        dns_upstreams: Vec<SocketAddr>,
+        (dns_upstreams, follow_resolv_conf): (Vec<SocketAddr>, bool),
     ) -> Result<Self> {
         let vtep = IpAddr::V4(config.data_addr);
         let IpAddr::V4(advertise_ip) = gossip_addr.ip() else {
@@ -195,6 +195,13 @@ impl NodeNetworks {
             upstreams: dns_upstreams,
             ..ForwarderConfig::default()
         });
+        if follow_resolv_conf {
+            tokio::spawn(shoal_dns::follow_resolv_conf(
+                forwarder.clone(),
+                "/etc/resolv.conf".into(),
+                shoal_dns::RESOLV_CONF_POLL,
+            ));
+        }
         let dns_records = SharedRecords::new(Records::default());
         Ok(Self {
             node_id: node_id.to_owned(),

@@ -18,7 +18,7 @@ use axum::{
     Extension, Json, Router,
 };
 use serde::{Deserialize, Serialize};
-use shoal_dataplane::{iproute::Netns, overlay::OverlayConfig, task::TaskRuntime};
+use shoal_dataplane::{netns::Netns, overlay::OverlayConfig, task::TaskRuntime};
 use shoal_dns::DnsStats;
 use tokio::{sync::watch, task::JoinHandle};
 
@@ -534,7 +534,11 @@ impl ClusterRuntime {
                 self.config.advertise_interface.as_str(),
                 self.config.mesh_limits,
             ),
-            self.config.dns_resolvers(),
+            // Configured resolvers are fixed; the node's own are followed as they change.
+            (
+                self.config.dns_resolvers(),
+                self.config.dns_upstreams.is_none(),
+            ),
         )?);
         let worker = Arc::new(Worker::new(
             runtime,
