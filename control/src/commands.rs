@@ -298,6 +298,8 @@ pub enum ServiceCommand {
         /// Replace the tasks even if nothing changed
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        containment: crate::containment_args::ContainmentArgs,
         #[arg(short, long)]
         detach: bool,
         service: String,
@@ -343,6 +345,8 @@ pub struct CreateArgs {
     /// Delay between update batches: 10s, 1m, 500ms
     #[arg(long, default_value = "0s")]
     update_delay: String,
+    #[command(flatten)]
+    containment: crate::containment_args::ContainmentArgs,
     /// Return at once instead of waiting for the tasks to run
     #[arg(short, long)]
     detach: bool,
@@ -698,6 +702,7 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
                     EndpointModeArg::Dnsrr => EndpointMode::Dnsrr,
                 },
                 ports: args.ports,
+                containment: args.containment.containment()?,
             };
             spec.validate()?;
             let view = ask!(client, ControlRequest::ServiceCreate(spec), Service);
@@ -762,6 +767,7 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
                         publish_add: vec![],
                         publish_rm: vec![],
                         force: false,
+                        containment: Default::default(),
                     },
                     Service
                 );
@@ -779,6 +785,7 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
             publish_add,
             publish_rm,
             force,
+            containment,
             detach,
             service,
         } => {
@@ -793,6 +800,7 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
                     publish_add,
                     publish_rm,
                     force,
+                    containment: containment.update(),
                 },
                 Service
             );
@@ -908,19 +916,32 @@ pub async fn task_exec(client: &Client, task: &str, command: &[String]) -> Resul
         entry.split_once('=')
     });
     let mut nsenter = std::process::Command::new("nsenter");
-    nsenter
-        .args([
-            "--target",
-            &pid.to_string(),
-            "--pid",
-            "--net",
-            "--uts",
-            "--mount",
-            "--",
-        ])
-        .args(command)
-        .env_clear()
-        .envs(env);
+    nsenter.args([
+        "--target",
+        &pid.to_string(),
+        "--pid",
+        "--net",
+        "--uts",
+        "--mount",
+        "--",
+    ]);
+    // The command joins the task's confinement (capabilities, user, no_new_privs, seccomp),
+    // as task-init applied it to the task's command: its arguments say which. The masked
+    // paths come with the task's mount namespace.
+    let cmdline =
+        std::fs::read(format!("/proc/{pid}/cmdline")).context("reading the task's confinement")?;
+    let cmdline: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|arg| String::from_utf8_lossy(arg).into_owned())
+        .collect();
+    if let Some(confinement) = shoal_dataplane::confinement::Confinement::of_task_init(&cmdline)? {
+        nsenter
+            .arg(std::env::current_exe().context("finding the shoal binary")?)
+            .arg("task-confine")
+            .args(confinement.args())
+            .arg("--");
+    }
+    nsenter.args(command).env_clear().envs(env);
     // In the task's cgroup too: its limits apply, and connections to VIPs are balanced.
     shoal_dataplane::process::join_cgroup(
         &mut nsenter,

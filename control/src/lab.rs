@@ -641,6 +641,10 @@ impl Lab {
             removed.push(format!("pins under {}", self.bpffs_dir().display()));
         }
         // 4. cgroups, deepest first.
+        // On a hybrid host, task limits also made cgroups in the v1 hierarchies.
+        for mirror in shoal_dataplane::limits::v1_mirrors(&cgroup) {
+            remove_cgroup_tree(&mirror)?;
+        }
         if cgroup.exists() {
             remove_cgroup_tree(&cgroup)?;
             removed.push(format!("cgroup {}", cgroup.display()));

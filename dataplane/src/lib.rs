@@ -6,7 +6,9 @@
 //! and a pinned link is updated in place to the newly loaded program, so the interface is never
 //! without a program while the agent restarts.
 
+pub mod confinement;
 pub mod iproute;
+pub mod limits;
 pub mod maglev;
 pub mod mesh;
 pub mod neighbours;

@@ -434,6 +434,7 @@ impl Manager {
                         },
                         command: spec.map(|s| s.command.clone()).unwrap_or_default(),
                         env: spec.map(|s| s.env.clone()).unwrap_or_default(),
+                        containment: spec.map(|s| s.containment.clone()).unwrap_or_default(),
                         networks: t
                             .attachments
                             .iter()
@@ -682,6 +683,7 @@ impl Manager {
                 publish_add,
                 publish_rm,
                 force,
+                containment,
             } => {
                 let mut updated = state.find_service(&service)?.clone();
                 if let Some(replicas) = replicas {
@@ -753,6 +755,7 @@ impl Manager {
                         .retain(|e| !e.starts_with(&format!("{key}=")));
                     updated.spec.env.push(entry);
                 }
+                let restart = containment.apply(&mut updated.spec.containment)? || restart;
                 updated.spec.validate()?;
                 state.check_published_ports(&updated)?;
                 if restart {

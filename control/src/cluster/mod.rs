@@ -8,6 +8,7 @@ pub mod orchestrator;
 pub mod pki;
 pub mod protocol;
 pub mod raft;
+pub mod resources;
 pub mod state;
 pub mod transport;
 pub mod worker;

@@ -551,7 +551,8 @@ impl ClusterRuntime {
             &self.config.cgroup_root,
             &self.config.state_dir,
             std::env::current_exe()?,
-        )?;
+        )?
+        .with_masked_paths(super::resources::agent_paths(&self.config));
         let (roles, mut role_changes) = tokio::sync::mpsc::unbounded_channel();
         let role = if membership.manager {
             Role::Manager

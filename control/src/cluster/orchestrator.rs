@@ -594,6 +594,7 @@ mod tests {
                     networks: vec![],
                     endpoint_mode: EndpointMode::Vip,
                     ports: vec![],
+                    containment: Default::default(),
                 },
                 version: 1,
                 created_at: 0,

@@ -138,6 +138,9 @@ pub struct Assignment {
     /// The service's published ports, announced with the task's ingress endpoint.
     #[serde(default)]
     pub ports: Vec<super::state::PortConfig>,
+    /// User, capabilities and limits the task starts with.
+    #[serde(default)]
+    pub containment: super::resources::Containment,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -197,6 +200,9 @@ pub enum ControlRequest {
         #[serde(default)]
         publish_rm: Vec<String>,
         force: bool,
+        /// `--user`, `--cap-*`, `--limit-*`, `--reserve-*`: a change rolls the tasks.
+        #[serde(default)]
+        containment: super::resources::ContainmentUpdate,
     },
     ServiceRemove {
         service: String,

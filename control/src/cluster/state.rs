@@ -255,6 +255,9 @@ pub struct ServiceSpec {
     /// Published ports (`--publish`).
     #[serde(default)]
     pub ports: Vec<PortConfig>,
+    /// User, capabilities, limits and reservations of its tasks.
+    #[serde(default)]
+    pub containment: super::resources::Containment,
 }
 
 /// A published port, as `--publish published=P,target=T,protocol=tcp|udp,mode=ingress|host,
@@ -425,6 +428,9 @@ impl ServiceSpec {
                 );
             }
         }
+        self.containment
+            .validate()
+            .map_err(|err| anyhow::anyhow!("service {}: {err:#}", self.name))?;
         Ok(())
     }
 }
@@ -1082,6 +1088,7 @@ mod tests {
             networks: vec![],
             endpoint_mode: EndpointMode::Vip,
             ports: vec![],
+            containment: Default::default(),
         };
         spec_with_a.networks = vec!["id-a".into()];
         state
@@ -1137,6 +1144,7 @@ mod tests {
                     .iter()
                     .map(|p| PortConfig::parse(p).unwrap())
                     .collect(),
+                containment: Default::default(),
             },
             version: 1,
             created_at: 0,
@@ -1414,6 +1422,7 @@ mod tests {
             networks: vec![],
             endpoint_mode: EndpointMode::Vip,
             ports: vec![],
+            containment: Default::default(),
         };
         assert!(spec("web", &["sleep", "1"]).validate().is_ok());
         assert!(spec("-web", &["x"]).validate().is_err());
