@@ -504,6 +504,10 @@ pub async fn node(client: &Client, command: NodeCommand) -> Result<()> {
                     println!("Manager Status:     {}", view.manager_status);
                 }
                 println!("Labels:             {}", labels.join(", "));
+                print!(
+                    "{}",
+                    crate::containment_args::render_node_resources(&view.resources)
+                );
                 println!("Created:            {}", ago(view.created_at));
             } else {
                 print!("{}", json(&view));
@@ -739,6 +743,10 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
                     "Update:         parallelism {}, delay {}s",
                     view.update_parallelism, view.update_delay_secs
                 );
+                print!(
+                    "{}",
+                    crate::containment_args::render_containment(&view.containment)
+                );
                 println!("Version:        {}", view.version);
             } else {
                 print!("{}", json(&view));
@@ -876,7 +884,7 @@ async fn wait_converged(client: &Client, service: &str) -> Result<()> {
         if started.elapsed() > LIMIT {
             let errors: Vec<String> = tasks
                 .iter()
-                .filter(|t| !t.error.is_empty() || t.message == "no suitable node")
+                .filter(|t| !t.error.is_empty() || t.message.starts_with("no suitable node"))
                 .map(|t| {
                     format!(
                         "{}: {}",
@@ -1239,8 +1247,8 @@ fn render_tasks(tasks: &[TaskView]) -> String {
                 t.node.clone(),
                 t.desired.label().into(),
                 state,
-                if t.error.is_empty() && t.message == "no suitable node" {
-                    "no suitable node".into()
+                if t.error.is_empty() && t.message.starts_with("no suitable node") {
+                    t.message.clone()
                 } else {
                     t.error.clone()
                 },

@@ -4,7 +4,10 @@
 
 use anyhow::{bail, Result};
 use clap::Args;
-use shoal_dataplane::limits::{parse_cpus, parse_memory, Resources};
+use shoal_dataplane::{
+    confinement::{capability_names, DEFAULT_CAPS},
+    limits::{format_cpus, format_memory, parse_cpus, parse_memory, Resources},
+};
 
 use crate::cluster::resources::{Containment, ContainmentUpdate};
 
@@ -88,6 +91,72 @@ impl ContainmentArgs {
             reserve_memory: self.reserve_memory,
         }
     }
+}
+
+/// `node inspect --pretty`: what the node offers reservations, as Swarm shows it.
+pub fn render_node_resources(resources: &Resources) -> String {
+    let or_unknown = |value: u64, show: fn(u64) -> String| {
+        if value == 0 {
+            "unknown".to_owned()
+        } else {
+            show(value)
+        }
+    };
+    format!(
+        "Resources:\n CPUs:              {}\n Memory:            {}\n",
+        or_unknown(resources.nano_cpus, format_cpus),
+        or_unknown(resources.memory_bytes, format_memory)
+    )
+}
+
+/// `service inspect --pretty`: the tasks' user, capabilities, limits and reservations.
+pub fn render_containment(containment: &Containment) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let caps = containment.capabilities();
+    let _ = writeln!(
+        out,
+        "User:           {}",
+        containment.user.as_deref().unwrap_or("root")
+    );
+    let _ = writeln!(
+        out,
+        "Capabilities:   {}{}",
+        if caps == DEFAULT_CAPS {
+            "Docker's default set: ".to_owned()
+        } else {
+            String::new()
+        },
+        match capability_names(caps) {
+            names if names.is_empty() => "none".to_owned(),
+            names => names.join(", "),
+        }
+    );
+    let amount = |label: &str, value: u64, show: fn(u64) -> String| {
+        (value != 0).then(|| format!("{label} {}", show(value)))
+    };
+    let describe = |r: &Resources| {
+        let parts: Vec<String> = [
+            amount("CPUs", r.nano_cpus, format_cpus),
+            amount("memory", r.memory_bytes, format_memory),
+            amount("pids", r.pids, |n| n.to_string()),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if parts.is_empty() {
+            "none".to_owned()
+        } else {
+            parts.join(", ")
+        }
+    };
+    let _ = writeln!(out, "Limits:         {}", describe(&containment.limits));
+    let _ = writeln!(
+        out,
+        "Reservations:   {}",
+        describe(&containment.reservations)
+    );
+    out
 }
 
 #[cfg(test)]

@@ -81,6 +81,10 @@ pub struct AgentOptions {
     /// Seconds a node may be Down before the managers move its tasks (the agent's default
     /// when unset).
     pub reschedule_grace: Option<u64>,
+    /// CPUs and memory each node reports (the agent settings `node_cpus`, `node_memory`):
+    /// the lab's nodes share one host, so tests of reservations set them.
+    pub node_cpus: Option<String>,
+    pub node_memory: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -284,6 +288,8 @@ impl Lab {
                 dns_upstreams: (!options.dns_upstreams.is_empty())
                     .then(|| options.dns_upstreams.clone()),
                 reschedule_grace: options.reschedule_grace,
+                node_cpus: options.node_cpus.clone(),
+                node_memory: options.node_memory.clone(),
                 ..Default::default()
             };
             fs::write(dir.join("agent.toml"), toml::to_string(&settings)?)?;

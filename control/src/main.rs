@@ -203,6 +203,12 @@ enum LabCommand {
         /// `reschedule_grace`)
         #[arg(long)]
         reschedule_grace: Option<u64>,
+        /// CPUs each node reports for reservations (the agent setting `node_cpus`)
+        #[arg(long)]
+        node_cpus: Option<String>,
+        /// Memory each node reports for reservations (the agent setting `node_memory`)
+        #[arg(long)]
+        node_memory: Option<String>,
     },
     /// Remove everything the lab made (works after crashes too)
     Down,
@@ -349,10 +355,14 @@ fn run_lab(lab: &lab::Lab, command: LabCommand) -> Result<ExitCode> {
             managers,
             dns_upstreams,
             reschedule_grace,
+            node_cpus,
+            node_memory,
         } => {
             let agents = lab::AgentOptions {
                 dns_upstreams,
                 reschedule_grace,
+                node_cpus,
+                node_memory,
             };
             let members = lab.up(nodes, managers, &agents)?;
             print!("{}", render_lab(&members));

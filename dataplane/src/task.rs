@@ -543,6 +543,18 @@ impl ExitRecord {
             .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
             .open(dir)
             .with_context(|| format!("opening {}", dir.display()))?;
+        // Above the descriptors task-init places the DNS sockets at (`DNS_UDP_FD`...): a
+        // lower one would be closed by their dup3.
+        let dir = {
+            use std::os::fd::{AsRawFd as _, FromRawFd as _};
+            // SAFETY: F_DUPFD_CLOEXEC returns a new descriptor or -1.
+            let fd = unsafe { libc::fcntl(dir.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 16) };
+            if fd < 0 {
+                return Err(io::Error::last_os_error()).context("duplicating a descriptor");
+            }
+            // SAFETY: a fresh descriptor nothing else owns.
+            unsafe { File::from_raw_fd(fd) }
+        };
         let staged = format!("{}.new", name.to_string_lossy());
         Ok(Self {
             dir,

@@ -254,3 +254,111 @@ fn limits_are_applied_and_an_oom_kill_is_reported_and_replaced() {
     });
     lab.down_clean();
 }
+
+#[test]
+fn reservations_wait_for_capacity_with_swarms_reason_and_updates_roll() {
+    let lab = TestLab::up_with(
+        "cf-reserve",
+        2,
+        &["--node-cpus", "1", "--node-memory", "1G"],
+    );
+    let node = lab.node_json("node1", &["node", "inspect", "self"]);
+    assert_eq!(node["resources"]["nano_cpus"], 1_000_000_000u64, "{node}");
+    assert_eq!(node["resources"]["memory_bytes"], 1u64 << 30, "{node}");
+    let pretty = lab.exec("node1", &["shoal", "node", "inspect", "self", "--pretty"]);
+    assert!(pretty.contains("CPUs:              1"), "{pretty}");
+    assert!(pretty.contains("Memory:            1GiB"), "{pretty}");
+
+    // A reservation no node could hold is refused at once.
+    let out = lab.run(&[
+        "exec",
+        "node1",
+        "--",
+        "shoal",
+        "service",
+        "create",
+        "--name",
+        "huge",
+        "--reserve-cpu",
+        "2",
+        "--",
+        "sleep",
+        "100000",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("no node can hold its reservation"),
+        "{stderr}"
+    );
+
+    // 0.6 CPUs each: one task per node, whatever the spread would say.
+    lab.create_service(
+        "big",
+        &["--replicas", "2", "--reserve-cpu", "0.6"],
+        &["sleep", "100000"],
+    );
+    let placed = lab.running_tasks("big", 2);
+    assert_ne!(placed[0].node, placed[1].node, "{placed:?}");
+
+    // Nothing has 0.6 CPUs left: Pending, with Swarm's reason.
+    lab.create_service("more", &["--reserve-cpu", "0.6"], &["sleep", "100000"]);
+    let pending = wait_for(
+        "a pending task with the reason",
+        Duration::from_secs(30),
+        || {
+            tasks(&lab, "more").into_iter().find(|t| {
+                t["state"] == "pending"
+                    && t["message"] == "no suitable node (insufficient resources on 2 nodes)"
+            })
+        },
+    );
+    assert!(
+        pending["node"].as_str().unwrap_or_default().is_empty(),
+        "{pending}"
+    );
+    let table = lab.exec("node1", &["shoal", "service", "ps", "more"]);
+    assert!(
+        table.contains("insufficient resources on 2 nodes"),
+        "{table}"
+    );
+
+    // Capacity frees: it starts.
+    lab.exec("node1", &["shoal", "service", "rm", "big"]);
+    lab.running_tasks("more", 1);
+
+    // Limits and reservations are part of the task template: an update rolls the tasks.
+    lab.exec(
+        "node1",
+        &[
+            "shoal",
+            "service",
+            "update",
+            "--limit-memory",
+            "256M",
+            "more",
+        ],
+    );
+    let view = lab.node_json("node1", &["service", "inspect", "more"]);
+    assert_eq!(view["version"], 2, "{view}");
+    assert_eq!(
+        view["containment"]["limits"]["memory_bytes"],
+        256u64 << 20,
+        "{view}"
+    );
+    assert_eq!(
+        view["containment"]["reservations"]["nano_cpus"], 600_000_000u64,
+        "{view}"
+    );
+    wait_for("the updated task running", Duration::from_secs(30), || {
+        tasks(&lab, "more")
+            .into_iter()
+            .find(|t| t["state"] == "running" && t["service_version"] == 2)
+    });
+    let pretty = lab.exec(
+        "node1",
+        &["shoal", "service", "inspect", "more", "--pretty"],
+    );
+    assert!(pretty.contains("Limits:         memory 256MiB"), "{pretty}");
+    assert!(pretty.contains("Reservations:   CPUs 0.6"), "{pretty}");
+    lab.down_clean();
+}

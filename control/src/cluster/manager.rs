@@ -219,9 +219,14 @@ impl Manager {
     ) -> Result<ClusterResponse> {
         match request {
             ClusterRequest::Join(join) => Ok(ClusterResponse::Joined(self.join(join).await?)),
-            ClusterRequest::Heartbeat { reports } => {
+            ClusterRequest::Heartbeat { reports, resources } => {
                 let caller =
                     caller.ok_or_else(|| anyhow!("heartbeat without a node certificate"))?;
+                if let Some(update) =
+                    super::resources::node_update(&self.state(), &caller, resources)
+                {
+                    self.write(update).await?;
+                }
                 Ok(ClusterResponse::Heartbeat(
                     self.heartbeat(&caller, reports).await?,
                 ))
@@ -276,6 +281,7 @@ impl Manager {
             gossip_port: join.gossip_port,
             exposed_metrics_port: join.exposed_metrics_port,
             left: false,
+            resources: join.resources,
         };
         self.write(Command::AddNode(node)).await?;
         let added = self
@@ -647,6 +653,7 @@ impl Manager {
             ControlRequest::ServiceCreate(mut spec) => {
                 spec.networks = resolve_networks(&state, &spec.networks)?;
                 spec.validate()?;
+                super::resources::check_reservation_fits(&state, &spec)?;
                 let at = now();
                 let service = Service {
                     id: random_id(25),
@@ -757,6 +764,7 @@ impl Manager {
                 }
                 let restart = containment.apply(&mut updated.spec.containment)? || restart;
                 updated.spec.validate()?;
+                super::resources::check_reservation_fits(&state, &updated.spec)?;
                 state.check_published_ports(&updated)?;
                 if restart {
                     updated.version += 1;
@@ -908,6 +916,7 @@ impl Manager {
             manager_status,
             labels: node.labels.clone(),
             created_at: node.created_at,
+            resources: node.resources,
         }
     }
 }
@@ -1177,6 +1186,7 @@ fn service_view(state: &ClusterState, service: &Service) -> ServiceView {
             .collect(),
         endpoint_mode: service.spec.endpoint_mode,
         ports: service.spec.ports.clone(),
+        containment: service.spec.containment.clone(),
         vips: service
             .vips
             .iter()

@@ -306,6 +306,7 @@ impl ClusterRuntime {
                         gossip_port: self.config.gossip_port,
                         exposed_metrics_port: self.config.exposed_metrics_port(),
                         left: false,
+                        resources: self.config.node_resources,
                     },
                     settings,
                     ingress,
@@ -444,6 +445,7 @@ impl ClusterRuntime {
                 port: advertise.port(),
                 gossip_port: self.config.gossip_port,
                 exposed_metrics_port: self.config.exposed_metrics_port(),
+                resources: self.config.node_resources,
             }),
         };
         let answer = client
@@ -553,6 +555,7 @@ impl ClusterRuntime {
             std::env::current_exe()?,
         )?
         .with_masked_paths(super::resources::agent_paths(&self.config));
+        super::resources::set_reported(self.config.node_resources);
         let (roles, mut role_changes) = tokio::sync::mpsc::unbounded_channel();
         let role = if membership.manager {
             Role::Manager

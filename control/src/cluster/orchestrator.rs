@@ -456,16 +456,19 @@ impl Plan<'_> {
             })
             .cloned()
             .collect();
+        // What each node has left after the reservations of the tasks it holds.
+        let mut capacity = super::resources::Capacity::new(self.state, self.tasks());
         for mut task in pending {
             let Some((service_key, service)) = self.state.services.get_key_value(&task.service_id)
             else {
                 continue;
             };
+            let reservations = &service.spec.containment.reservations;
             let best = self
                 .state
                 .nodes
                 .values()
-                .filter(|n| eligible(n, service))
+                .filter(|n| eligible(n, service) && capacity.fits(n, reservations))
                 .min_by_key(|n| {
                     (
                         load.get(&(service_key.as_str(), n.id.as_str()))
@@ -481,17 +484,27 @@ impl Plan<'_> {
                         .entry((service_key.as_str(), node.id.as_str()))
                         .or_default() += 1;
                     *total.entry(node.id.as_str()).or_default() += 1;
+                    capacity.take(&node.id, reservations);
                     task.node_id = Some(node.id.clone());
                     task.state = TaskState::Assigned;
                     task.state_since = self.now;
                     task.message = "scheduled".into();
                     self.put(task);
                 }
-                None if task.message != "no suitable node" => {
-                    task.message = "no suitable node".into();
-                    self.put(task);
+                None => {
+                    // Swarm's words, with how many nodes only lacked the resources.
+                    let short = self
+                        .state
+                        .nodes
+                        .values()
+                        .filter(|n| eligible(n, service) && !capacity.fits(n, reservations))
+                        .count();
+                    let message = super::resources::no_suitable_node(short);
+                    if task.message != message {
+                        task.message = message;
+                        self.put(task);
+                    }
                 }
-                None => {}
             }
         }
     }
@@ -571,6 +584,7 @@ mod tests {
                     gossip_port: 7946,
                     exposed_metrics_port: None,
                     left: false,
+                    resources: Default::default(),
                 },
             );
         }
@@ -1093,5 +1107,49 @@ mod tests {
         state.services.remove(&web);
         converge(&mut state, 4);
         assert!(state.tasks.is_empty(), "{:?}", state.tasks);
+    }
+
+    #[test]
+    fn reservations_place_tasks_only_where_they_fit_and_wait_with_swarms_reason() {
+        let mut state = cluster(2);
+        for node in state.nodes.values_mut() {
+            node.resources.nano_cpus = 1_000_000_000;
+            node.resources.memory_bytes = 1 << 30;
+        }
+        let reserve = |state: &mut ClusterState, id: &str, cpus: u64| {
+            let service = state.services.get_mut(id).unwrap();
+            service.spec.containment.reservations.nano_cpus = cpus;
+        };
+        let big = service(&mut state, "big", ServiceMode::Replicated { replicas: 2 });
+        reserve(&mut state, &big, 600_000_000);
+        converge(&mut state, 1);
+        // One per node: 0.6 + 0.6 CPUs would not fit on one.
+        assert_eq!(
+            running_per_node(&state, &big)
+                .values()
+                .copied()
+                .collect::<Vec<_>>(),
+            [1, 1]
+        );
+
+        let more = service(&mut state, "more", ServiceMode::Replicated { replicas: 1 });
+        reserve(&mut state, &more, 600_000_000);
+        converge(&mut state, 2);
+        let pending: Vec<&Task> = state
+            .tasks
+            .values()
+            .filter(|t| t.service_id == more)
+            .collect();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].state, TaskState::Pending);
+        assert_eq!(
+            pending[0].message,
+            "no suitable node (insufficient resources on 2 nodes)"
+        );
+
+        // Capacity frees when the big service goes: the waiting task is placed.
+        state.apply(Command::RemoveService { id: big }).unwrap();
+        converge(&mut state, 3);
+        assert_eq!(running_per_node(&state, &more).values().sum::<usize>(), 1);
     }
 }

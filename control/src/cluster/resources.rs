@@ -3,8 +3,12 @@
 //! need (`--reserve-*`), part of the task template; how a node turns it into a launch; the
 //! agent paths a task must not see; and the scheduler's fit on the nodes' capacity.
 
-use std::path::{Path, PathBuf};
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+};
 
+use super::state::{ClusterState, Command, Node, ServiceSpec, Task};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use shoal_dataplane::{
@@ -184,6 +188,165 @@ fn own_dir_of(file: &Path) -> PathBuf {
             dir.to_path_buf()
         }
         _ => file.to_path_buf(),
+    }
+}
+
+/// The CPUs and memory a node reports: the settings (`node_cpus`, `node_memory`) when set,
+/// else what the host has (its CPUs, MemTotal).
+pub fn node_resources(cpus: Option<&str>, memory: Option<&str>) -> Result<Resources> {
+    let nano_cpus = match cpus {
+        Some(text) => {
+            limits::parse_cpus(text).map_err(|err| anyhow::anyhow!("node_cpus: {err:#}"))?
+        }
+        None => std::thread::available_parallelism().map_or(1, |n| n.get() as u64) * 1_000_000_000,
+    };
+    let memory_bytes = match memory {
+        Some(text) => {
+            limits::parse_memory(text).map_err(|err| anyhow::anyhow!("node_memory: {err:#}"))?
+        }
+        None => std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|info| {
+                let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+                let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+                Some(kib * 1024)
+            })
+            .unwrap_or(0),
+    };
+    Ok(Resources {
+        nano_cpus,
+        memory_bytes,
+        pids: 0,
+    })
+}
+
+static REPORTED: std::sync::OnceLock<Resources> = std::sync::OnceLock::new();
+
+/// What this node's heartbeats report (set once the agent knows its settings).
+pub fn set_reported(resources: Resources) {
+    let _ = REPORTED.set(resources);
+}
+
+pub fn reported() -> Option<Resources> {
+    REPORTED.get().copied()
+}
+
+/// The command that records a node's new resources, when its heartbeat reports a change.
+pub fn node_update(
+    state: &ClusterState,
+    node_id: &str,
+    reported: Option<Resources>,
+) -> Option<Command> {
+    let reported = reported?;
+    let node = state.nodes.get(node_id)?;
+    (node.resources != reported).then(|| {
+        let mut node = node.clone();
+        node.resources = reported;
+        Command::UpdateNode(node)
+    })
+}
+
+/// Refuses a reservation no node could ever hold (larger than every node's capacity).
+pub fn check_reservation_fits(state: &ClusterState, spec: &ServiceSpec) -> Result<()> {
+    let need = &spec.containment.reservations;
+    if need.is_empty() || state.nodes.is_empty() {
+        return Ok(());
+    }
+    let fits_somewhere = state.nodes.values().any(|node| fits(&node.resources, need));
+    if !fits_somewhere {
+        let largest = |get: fn(&Resources) -> u64| {
+            state
+                .nodes
+                .values()
+                .map(|n| get(&n.resources))
+                .max()
+                .unwrap_or(0)
+        };
+        bail!(
+            "service {}: no node can hold its reservation (--reserve-cpu {}, --reserve-memory \
+             {}): the largest node has {} CPUs and {} (`shoal node inspect NODE` shows each \
+             node's resources)",
+            spec.name,
+            limits::format_cpus(need.nano_cpus),
+            limits::format_memory(need.memory_bytes),
+            limits::format_cpus(largest(|r| r.nano_cpus)),
+            limits::format_memory(largest(|r| r.memory_bytes)),
+        );
+    }
+    Ok(())
+}
+
+/// Whether `need` fits in `free` (a capacity of 0 is unknown: not limited).
+fn fits(free: &Resources, need: &Resources) -> bool {
+    (free.nano_cpus == 0 || need.nano_cpus <= free.nano_cpus)
+        && (free.memory_bytes == 0 || need.memory_bytes <= free.memory_bytes)
+}
+
+/// `no suitable node`, with Swarm's reason when `short` nodes lacked only resources.
+pub fn no_suitable_node(short: usize) -> String {
+    match short {
+        0 => "no suitable node".into(),
+        1 => "no suitable node (insufficient resources on 1 node)".into(),
+        n => format!("no suitable node (insufficient resources on {n} nodes)"),
+    }
+}
+
+/// What each node has left for reservations: its capacity less the reservations of the
+/// tasks placed on it that have not finished.
+pub struct Capacity {
+    /// Node ID -> (CPUs, memory) reserved.
+    reserved: HashMap<String, (u64, u64)>,
+    capacity: HashMap<String, Resources>,
+}
+
+impl Capacity {
+    pub fn new<'a>(state: &ClusterState, tasks: impl Iterator<Item = &'a Task>) -> Self {
+        let mut reserved: HashMap<String, (u64, u64)> = HashMap::new();
+        for task in tasks.filter(|t| !t.state.is_terminal()) {
+            let (Some(node), Some(service)) =
+                (task.node_id.as_ref(), state.services.get(&task.service_id))
+            else {
+                continue;
+            };
+            let need = &service.spec.containment.reservations;
+            let entry = reserved.entry(node.clone()).or_default();
+            entry.0 += need.nano_cpus;
+            entry.1 += need.memory_bytes;
+        }
+        let capacity = state
+            .nodes
+            .values()
+            .map(|n| (n.id.clone(), n.resources))
+            .collect();
+        Self { reserved, capacity }
+    }
+
+    fn free(&self, node_id: &str) -> Resources {
+        let capacity = self.capacity.get(node_id).copied().unwrap_or_default();
+        let (cpus, memory) = self.reserved.get(node_id).copied().unwrap_or_default();
+        let left = |total: u64, used: u64| {
+            // 0 stays "unknown"; a full node keeps 1 so it is not taken as unknown.
+            if total == 0 {
+                0
+            } else {
+                total.saturating_sub(used).max(1)
+            }
+        };
+        Resources {
+            nano_cpus: left(capacity.nano_cpus, cpus),
+            memory_bytes: left(capacity.memory_bytes, memory),
+            pids: 0,
+        }
+    }
+
+    pub fn fits(&self, node: &Node, need: &Resources) -> bool {
+        need.is_empty() || fits(&self.free(&node.id), need)
+    }
+
+    pub fn take(&mut self, node_id: &str, need: &Resources) {
+        let entry = self.reserved.entry(node_id.to_owned()).or_default();
+        entry.0 += need.nano_cpus;
+        entry.1 += need.memory_bytes;
     }
 }
 

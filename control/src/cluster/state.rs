@@ -154,6 +154,10 @@ pub struct Node {
     /// task, whatever its last heartbeats say.
     #[serde(default)]
     pub left: bool,
+    /// CPUs and memory it offers reservations (reported at join and in heartbeats; 0:
+    /// unknown, not limited).
+    #[serde(default)]
+    pub resources: shoal_dataplane::limits::Resources,
 }
 
 /// Manager API port of a node unless configured (TCP; every node serves it).
@@ -1021,6 +1025,7 @@ mod tests {
             gossip_port: DEFAULT_GOSSIP_PORT,
             exposed_metrics_port: None,
             left: false,
+            resources: Default::default(),
         }
     }
 

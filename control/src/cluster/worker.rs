@@ -297,6 +297,7 @@ impl Worker {
             origin: None,
             request: ClusterRequest::Heartbeat {
                 reports: self.reports(),
+                resources: super::resources::reported(),
             },
         };
         let mut last_error = anyhow::anyhow!("no managers known");
