@@ -310,7 +310,7 @@ pub struct ServiceView {
     pub ports: Vec<super::state::PortConfig>,
     /// User, capabilities, limits and reservations of its tasks.
     #[serde(default)]
-    pub containment: super::resources::Containment,
+    pub containment: Box<super::resources::Containment>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
 }
