@@ -3,6 +3,9 @@
 //! target/bench/cluster.json.
 //!
 //! - convergence: `service create --replicas 50` until 50/50 run (3 nodes), then scale to 200;
+//!   with the tasks' default containment (capabilities, no_new_privs, seccomp, masked paths)
+//!   and without it (`SHOAL_TASK_CONFINEMENT=off`, a bench-only switch), alternately, three times
+//!   each: what the containment costs a task's start;
 //! - manager write latency (p50/p99) with 1 and 3 managers: node label updates sent straight
 //!   to the local API socket, so no CLI process start is counted;
 //! - agent memory (RSS): idle, and with 100 tasks on the node.
@@ -107,12 +110,16 @@ fn agent_rss_kib(lab: &TestLab, node: &str) -> u64 {
         .unwrap()
 }
 
-fn main() {
-    shoal_tests::require_root();
-    let mut results = serde_json::Map::new();
-
-    // Convergence on 3 nodes.
+/// Convergence on 3 nodes: (create 50 until running, scale 50 -> 200 until running).
+fn convergence(confined: bool) -> (Duration, Duration) {
+    // The agents `lab up` starts inherit it.
+    if confined {
+        std::env::remove_var("SHOAL_TASK_CONFINEMENT");
+    } else {
+        std::env::set_var("SHOAL_TASK_CONFINEMENT", "off");
+    }
     let lab = TestLab::up("bench-conv", 3);
+    std::env::remove_var("SHOAL_TASK_CONFINEMENT");
     let create_start = Instant::now();
     create(&lab, "fifty", 50);
     wait_running(&lab, "fifty", 50, Duration::from_secs(120));
@@ -121,9 +128,56 @@ fn main() {
     scale(&lab, "fifty", 200);
     wait_running(&lab, "fifty", 200, Duration::from_secs(300));
     let to_200 = scale_start.elapsed();
-    results.insert("create_50_to_running_s".into(), json!(to_50.as_secs_f64()));
-    results.insert("scale_50_to_200_s".into(), json!(to_200.as_secs_f64()));
     lab.down_clean();
+    (to_50, to_200)
+}
+
+fn main() {
+    shoal_tests::require_root();
+    let mut results = serde_json::Map::new();
+
+    // Convergence, with and without the tasks' containment, alternately.
+    let mut runs: [(Vec<f64>, Vec<f64>); 2] = Default::default();
+    for _ in 0..3 {
+        for (i, confined) in [true, false].into_iter().enumerate() {
+            let (to_50, to_200) = convergence(confined);
+            runs[i].0.push(to_50.as_secs_f64());
+            runs[i].1.push(to_200.as_secs_f64());
+        }
+    }
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        (v[(v.len() - 1) / 2] + v[v.len() / 2]) / 2.0
+    };
+    results.insert("create_50_to_running_s".into(), json!(median(&runs[0].0)));
+    results.insert("scale_50_to_200_s".into(), json!(median(&runs[0].1)));
+    results.insert(
+        "unconfined_create_50_to_running_s".into(),
+        json!(median(&runs[1].0)),
+    );
+    results.insert(
+        "unconfined_scale_50_to_200_s".into(),
+        json!(median(&runs[1].1)),
+    );
+    results.insert(
+        "convergence_runs_s".into(),
+        json!({"confined": runs[0], "unconfined": runs[1]}),
+    );
+    eprintln!(
+        "convergence (median of 3): confined 50 {:.2}s, 200 {:.2}s; unconfined 50 {:.2}s, 200 {:.2}s",
+        median(&runs[0].0),
+        median(&runs[0].1),
+        median(&runs[1].0),
+        median(&runs[1].1)
+    );
+    if std::env::var("SHOAL_BENCH_CLUSTER").as_deref() == Ok("convergence") {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&Value::Object(results)).unwrap()
+        );
+        return;
+    }
 
     // Write latency with 1 and 3 managers.
     for managers in [1u8, 3] {
