@@ -547,7 +547,7 @@ pub fn seccomp_filters(caps: u64) -> Result<Vec<BpfProgram>> {
         rules.insert(*nr, Vec::new());
     }
     for (cap, syscalls) in by_capability() {
-        if caps & (1 << cap) != 0 {
+        if caps & cap_bit(cap).unwrap_or(0) != 0 {
             for nr in syscalls {
                 rules.insert(nr, Vec::new());
             }
@@ -925,12 +925,11 @@ static ALLOWED_ARCH: &[i64] = &[
     84,  // sync_file_range
 ];
 
-/// Syscalls allowed only with a capability (its number), as Docker's profile lists them.
-fn by_capability() -> Vec<(u32, Vec<i64>)> {
+/// Syscalls allowed only with a capability, as Docker's profile lists them.
+fn by_capability() -> Vec<(&'static str, Vec<i64>)> {
     vec![
-        // CAP_SYS_ADMIN
         (
-            21,
+            "SYS_ADMIN",
             vec![
                 libc::SYS_bpf,
                 libc::SYS_clone3,
@@ -955,26 +954,20 @@ fn by_capability() -> Vec<(u32, Vec<i64>)> {
                 libc::SYS_unshare,
             ],
         ),
-        // CAP_DAC_READ_SEARCH
-        (2, vec![libc::SYS_open_by_handle_at]),
-        // CAP_SYS_BOOT
-        (22, vec![libc::SYS_reboot]),
-        // CAP_SYS_CHROOT
-        (18, vec![libc::SYS_chroot]),
-        // CAP_SYS_MODULE
+        ("DAC_READ_SEARCH", vec![libc::SYS_open_by_handle_at]),
+        ("SYS_BOOT", vec![libc::SYS_reboot]),
+        ("SYS_CHROOT", vec![libc::SYS_chroot]),
         (
-            16,
+            "SYS_MODULE",
             vec![
                 libc::SYS_delete_module,
                 libc::SYS_init_module,
                 libc::SYS_finit_module,
             ],
         ),
-        // CAP_SYS_PACCT
-        (20, vec![libc::SYS_acct]),
-        // CAP_SYS_PTRACE
+        ("SYS_PACCT", vec![libc::SYS_acct]),
         (
-            19,
+            "SYS_PTRACE",
             vec![
                 libc::SYS_kcmp,
                 libc::SYS_pidfd_getfd,
@@ -984,21 +977,20 @@ fn by_capability() -> Vec<(u32, Vec<i64>)> {
                 libc::SYS_ptrace,
             ],
         ),
-        // CAP_SYS_RAWIO
-        (17, {
+        ("SYS_RAWIO", {
             #[allow(unused_mut)]
             let mut list = vec![];
             #[cfg(target_arch = "x86_64")]
             list.extend([libc::SYS_iopl, libc::SYS_ioperm]);
             list
         }),
-        // CAP_SYS_TIME
-        (25, vec![libc::SYS_settimeofday, libc::SYS_clock_settime]),
-        // CAP_SYS_TTY_CONFIG
-        (26, vec![libc::SYS_vhangup]),
-        // CAP_SYS_NICE
         (
-            23,
+            "SYS_TIME",
+            vec![libc::SYS_settimeofday, libc::SYS_clock_settime],
+        ),
+        ("SYS_TTY_CONFIG", vec![libc::SYS_vhangup]),
+        (
+            "SYS_NICE",
             vec![
                 libc::SYS_get_mempolicy,
                 libc::SYS_mbind,
@@ -1006,12 +998,9 @@ fn by_capability() -> Vec<(u32, Vec<i64>)> {
                 libc::SYS_set_mempolicy_home_node,
             ],
         ),
-        // CAP_SYSLOG
-        (34, vec![libc::SYS_syslog]),
-        // CAP_BPF
-        (39, vec![libc::SYS_bpf]),
-        // CAP_PERFMON
-        (38, vec![libc::SYS_perf_event_open]),
+        ("SYSLOG", vec![libc::SYS_syslog]),
+        ("BPF", vec![libc::SYS_bpf]),
+        ("PERFMON", vec![libc::SYS_perf_event_open]),
     ]
 }
 
@@ -1032,5 +1021,117 @@ pub fn exec_confined(confinement: Option<Confinement>, command: &[String]) -> an
     match run() {
         Ok(never) => match never {},
         Err(err) => err,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capability_names_and_sets_follow_docker() {
+        assert_eq!(canonical_capability("cap_net_admin").unwrap(), "NET_ADMIN");
+        assert_eq!(canonical_capability("Net_Raw").unwrap(), "NET_RAW");
+        assert_eq!(canonical_capability("all").unwrap(), "ALL");
+        assert!(canonical_capability("CAP_FLY").is_err());
+        let names = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(capability_set(&[], &[]).unwrap(), DEFAULT_CAPS);
+        assert_eq!(capability_set(&[], &names(&["ALL"])).unwrap(), 0);
+        assert_eq!(
+            capability_set(&names(&["NET_BIND_SERVICE"]), &names(&["ALL"])).unwrap(),
+            1 << 10
+        );
+        assert_eq!(capability_set(&names(&["ALL"]), &[]).unwrap(), ALL_CAPS);
+        assert_eq!(
+            capability_set(&names(&["NET_ADMIN"]), &names(&["NET_RAW"])).unwrap(),
+            (DEFAULT_CAPS | 1 << 12) & !(1 << 13)
+        );
+        assert!(capability_set(&names(&["NET_RAW"]), &names(&["cap_net_raw"])).is_err());
+        assert_eq!(capability_names(DEFAULT_CAPS).len(), 14);
+    }
+
+    #[test]
+    fn task_init_arguments_carry_the_confinement() {
+        let confinement = Confinement {
+            caps: DEFAULT_CAPS,
+            user: Some(TaskUser {
+                uid: 1000,
+                gid: 100,
+                groups: vec![27, 44],
+            }),
+        };
+        let mut cmdline: Vec<String> = ["shoal", "task-init", "--gate-fd", "3"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        cmdline.extend(confinement.args());
+        cmdline.extend(["--".into(), "--caps".into(), "0".into()]);
+        assert_eq!(
+            Confinement::of_task_init(&cmdline).unwrap(),
+            Some(confinement)
+        );
+        assert_eq!(
+            Confinement::of_task_init(&["shoal".into(), "--".into(), "--caps".into()]).unwrap(),
+            None
+        );
+        assert!(TaskUser::from_arg("x:1").is_err());
+        assert_eq!(TaskUser::from_arg("0:0").unwrap().groups, Vec::<u32>::new());
+        assert!(check_user_syntax("nobody:nogroup").is_ok());
+        assert!(check_user_syntax("a b").is_err());
+        assert!(check_user_syntax(":1").is_err());
+    }
+
+    /// In a forked child: the default profile refuses namespaces, AF_VSOCK and odd
+    /// personalities with EPERM, answers clone3 with ENOSYS, and lets ordinary calls through.
+    #[test]
+    fn the_default_filter_denies_what_dockers_profile_denies() {
+        let filters = seccomp_filters(DEFAULT_CAPS).unwrap();
+        // SAFETY: the child makes raw syscalls only and leaves with _exit.
+        match unsafe { libc::fork() } {
+            0 => {
+                let errno = || std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+                // SAFETY: raw syscalls with plain integer arguments; the child then exits.
+                let code = unsafe {
+                    libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+                    for filter in &filters {
+                        if seccompiler::apply_filter(filter).is_err() {
+                            libc::_exit(10);
+                        }
+                    }
+                    let checks = [
+                        libc::unshare(libc::CLONE_NEWNET) == -1 && errno() == libc::EPERM,
+                        libc::syscall(libc::SYS_clone3, 0, 0) == -1 && errno() == libc::ENOSYS,
+                        libc::socket(40, libc::SOCK_STREAM, 0) == -1 && errno() == libc::EPERM,
+                        libc::personality(0x0400_0000) == -1 && errno() == libc::EPERM,
+                        libc::syscall(libc::SYS_bpf, 0, 0, 0) == -1 && errno() == libc::EPERM,
+                        libc::getpid() > 0,
+                        libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) >= 0,
+                    ];
+                    match checks.iter().position(|ok| !ok) {
+                        None => 0,
+                        Some(i) => 20 + i as i32,
+                    }
+                };
+                // SAFETY: leaving the forked child without running the parent's destructors.
+                unsafe { libc::_exit(code) }
+            }
+            -1 => panic!("fork: {}", std::io::Error::last_os_error()),
+            child => {
+                let mut status = 0;
+                // SAFETY: waiting for our own child.
+                unsafe { libc::waitpid(child, &mut status, 0) };
+                assert!(libc::WIFEXITED(status), "status {status}");
+                assert_eq!(
+                    libc::WEXITSTATUS(status),
+                    0,
+                    "check that failed: 20 + index"
+                );
+            }
+        }
+        // With CAP_SYS_ADMIN, no clone3 filter and namespaced clone is allowed.
+        assert_eq!(
+            seccomp_filters(DEFAULT_CAPS | CAP_SYS_ADMIN).unwrap().len(),
+            1
+        );
     }
 }
