@@ -426,6 +426,8 @@ impl Manager {
                 .tasks
                 .values()
                 .filter(|t| t.node_id.as_deref() == Some(caller) && !t.state.is_terminal())
+                // A task waiting on this node for resources is not for it to start yet.
+                .filter(|t| !(t.state == TaskState::Pending && t.desired == TaskState::Running))
                 .map(|t| {
                     let service = state.services.get(&t.service_id);
                     let spec = service.map(|s| &s.spec);

@@ -199,13 +199,19 @@ impl Plan<'_> {
         self.put(task);
     }
 
-    fn new_task(&mut self, service: &Service, slot: u64, node_id: Option<String>) {
+    /// Returns the new task's ID (None: no address left for it).
+    fn new_task(
+        &mut self,
+        service: &Service,
+        slot: u64,
+        node_id: Option<String>,
+    ) -> Option<String> {
         let attachments = match self.attach(service) {
             Ok(attachments) => attachments,
             Err(err) => {
                 // No address left: the slot waits, as a Pending task would, and says why.
                 tracing::warn!(service = %service.spec.name, error = %format!("{err:#}"), "cannot attach a new task");
-                return;
+                return None;
             }
         };
         let task = Task {
@@ -226,7 +232,9 @@ impl Plan<'_> {
             created_at: self.now,
             state_since: self.now,
         };
+        let id = task.id.clone();
         self.put(task);
+        Some(id)
     }
 
     /// One address per network of the service: the lowest free one, where free means not
@@ -359,6 +367,8 @@ impl Plan<'_> {
                 self.shut_down(task, "node no longer eligible");
             }
         }
+        let reservations = &service.spec.containment.reservations;
+        let mut capacity = super::resources::Capacity::new(self.state, self.tasks());
         for node in eligible {
             let has_live = self.tasks().any(|t| {
                 t.service_id == service.id
@@ -367,7 +377,16 @@ impl Plan<'_> {
             });
             let on_node = |t: &Task| t.node_id.as_deref() == Some(&node.id);
             if !has_live && !self.restart_delayed(&service.id, on_node) {
-                self.new_task(service, 0, Some(node.id.clone()));
+                let Some(id) = self.new_task(service, 0, Some(node.id.clone())) else {
+                    continue;
+                };
+                if capacity.fits(node, reservations) {
+                    capacity.take(&node.id, reservations);
+                } else if let Some(task) = self.changed.get_mut(&id) {
+                    // Its node lacks the reserved resources: it waits there, Pending.
+                    task.state = TaskState::Pending;
+                    task.message = super::resources::no_suitable_node(1);
+                }
             }
         }
     }
@@ -458,6 +477,32 @@ impl Plan<'_> {
             .collect();
         // What each node has left after the reservations of the tasks it holds.
         let mut capacity = super::resources::Capacity::new(self.state, self.tasks());
+        // Global tasks wait on their own node until its resources free.
+        let waiting: Vec<Task> = self
+            .tasks()
+            .filter(|t| {
+                t.node_id.is_some()
+                    && t.state == TaskState::Pending
+                    && t.desired == TaskState::Running
+            })
+            .cloned()
+            .collect();
+        for mut task in waiting {
+            let (Some(node), Some(service)) = (
+                task.node_id.as_ref().and_then(|n| self.state.nodes.get(n)),
+                self.state.services.get(&task.service_id),
+            ) else {
+                continue;
+            };
+            let reservations = &service.spec.containment.reservations;
+            if capacity.fits(node, reservations) {
+                capacity.take(&node.id, reservations);
+                task.state = TaskState::Assigned;
+                task.state_since = self.now;
+                task.message = "scheduled".into();
+                self.put(task);
+            }
+        }
         for mut task in pending {
             let Some((service_key, service)) = self.state.services.get_key_value(&task.service_id)
             else {
@@ -1151,5 +1196,48 @@ mod tests {
         state.apply(Command::RemoveService { id: big }).unwrap();
         converge(&mut state, 3);
         assert_eq!(running_per_node(&state, &more).values().sum::<usize>(), 1);
+    }
+
+    #[test]
+    fn a_global_task_waits_on_its_node_until_the_reservation_fits() {
+        let mut state = cluster(2);
+        for node in state.nodes.values_mut() {
+            node.resources.nano_cpus = 1_000_000_000;
+        }
+        let hog = service(&mut state, "hog", ServiceMode::Replicated { replicas: 1 });
+        state
+            .services
+            .get_mut(&hog)
+            .unwrap()
+            .spec
+            .containment
+            .reservations
+            .nano_cpus = 800_000_000;
+        converge(&mut state, 1);
+        let agent = service(&mut state, "agent", ServiceMode::Global);
+        state
+            .services
+            .get_mut(&agent)
+            .unwrap()
+            .spec
+            .containment
+            .reservations
+            .nano_cpus = 500_000_000;
+        converge(&mut state, 2);
+        // Runs where it fits; waits, Pending with the reason, on the hog's node.
+        assert_eq!(running_per_node(&state, &agent).values().sum::<usize>(), 1);
+        let waiting: Vec<&Task> = state
+            .tasks
+            .values()
+            .filter(|t| t.service_id == agent && t.state == TaskState::Pending)
+            .collect();
+        assert_eq!(waiting.len(), 1, "{:?}", state.tasks);
+        assert_eq!(
+            waiting[0].message,
+            "no suitable node (insufficient resources on 1 node)"
+        );
+        state.apply(Command::RemoveService { id: hog }).unwrap();
+        converge(&mut state, 3);
+        assert_eq!(running_per_node(&state, &agent).values().sum::<usize>(), 2);
     }
 }

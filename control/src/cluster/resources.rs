@@ -8,7 +8,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::state::{ClusterState, Command, Node, ServiceSpec, Task};
+use super::state::{ClusterState, Command, Node, ServiceSpec, Task, TaskState};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use shoal_dataplane::{
@@ -302,7 +302,8 @@ pub struct Capacity {
 impl Capacity {
     pub fn new<'a>(state: &ClusterState, tasks: impl Iterator<Item = &'a Task>) -> Self {
         let mut reserved: HashMap<String, (u64, u64)> = HashMap::new();
-        for task in tasks.filter(|t| !t.state.is_terminal()) {
+        // A task waiting for resources (Pending) holds none yet.
+        for task in tasks.filter(|t| !t.state.is_terminal() && t.state != TaskState::Pending) {
             let (Some(node), Some(service)) =
                 (task.node_id.as_ref(), state.services.get(&task.service_id))
             else {
