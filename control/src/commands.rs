@@ -955,6 +955,10 @@ pub async fn task_exec(client: &Client, task: &str, command: &[String]) -> Resul
         &mut nsenter,
         &shoal_dataplane::process::cgroup_of(pid)?,
     )?;
+    // And its limits' v1 cgroups, on a hybrid host.
+    for cgroup in shoal_dataplane::limits::v1_cgroups_of(pid) {
+        shoal_dataplane::process::join_cgroup(&mut nsenter, &cgroup)?;
+    }
     let status = nsenter.status().context("running nsenter (util-linux)")?;
     // A command killed by a signal exits 128 + the signal, as in a shell.
     Ok(match (status.code(), status.signal()) {

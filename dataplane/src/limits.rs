@@ -474,6 +474,21 @@ pub fn v1_mirrors(v2_dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// The v1 cgroups (cpu, memory, pids) process `pid` is in that this process is not: where a
+/// `task exec` joins a task's limits on a hybrid host.
+pub fn v1_cgroups_of(pid: u32) -> Vec<PathBuf> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let own = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let theirs = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    Controller::ALL
+        .into_iter()
+        .filter_map(|c| {
+            let dir = v1_dir(&mountinfo, &theirs, c.name())?;
+            (Some(&dir) != v1_dir(&mountinfo, &own, c.name()).as_ref()).then_some(dir)
+        })
+        .collect()
+}
+
 /// The v2 path of the task cgroups as a v1 path: a v1 cgroup has a file named `tasks`, so a
 /// directory of that name is called `tasks.d` there.
 fn v1_relative(relative: &Path) -> PathBuf {

@@ -227,6 +227,19 @@ fn limits_are_applied_and_an_oom_kill_is_reported_and_replaced() {
     }
     let (_, pids) = cgroup_file(&id, &["pids.max"]).expect("the task's pids limit");
     assert_eq!(pids, "64");
+    // `task exec` joins the task's cgroups, limits included (v1 ones on a hybrid host).
+    let task = &lab.running_tasks("capped", 1)[0];
+    let out = lab.in_task(task, &["cat", "/proc/self/cgroup"]);
+    let cgroups = String::from_utf8_lossy(&out.stdout);
+    for line in cgroups.lines() {
+        let controllers = line.split(':').nth(1).unwrap_or_default();
+        if ["", "cpu", "memory", "pids"].contains(&controllers) {
+            assert!(
+                line.contains(&id),
+                "task exec outside the task's cgroups: {cgroups}"
+            );
+        }
+    }
 
     // A task that allocates past its limit is killed, reported as such, and replaced.
     lab.create_service(
