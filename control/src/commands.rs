@@ -299,6 +299,8 @@ pub enum ServiceCommand {
         /// Replace the tasks even if nothing changed
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        containment: crate::containment_args::ContainmentArgs,
         #[arg(short, long)]
         detach: bool,
         service: String,
@@ -344,6 +346,8 @@ pub struct CreateArgs {
     /// Delay between update batches: 10s, 1m, 500ms
     #[arg(long, default_value = "0s")]
     update_delay: String,
+    #[command(flatten)]
+    containment: crate::containment_args::ContainmentArgs,
     /// Return at once instead of waiting for the tasks to run
     #[arg(short, long)]
     detach: bool,
@@ -501,6 +505,10 @@ pub async fn node(client: &Client, command: NodeCommand) -> Result<()> {
                     println!("Manager Status:     {}", view.manager_status);
                 }
                 println!("Labels:             {}", labels.join(", "));
+                print!(
+                    "{}",
+                    crate::containment_args::render_node_resources(&view.resources)
+                );
                 println!("Created:            {}", ago(view.created_at));
             } else {
                 print!("{}", json(&view));
@@ -717,6 +725,7 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
                         publish_add: vec![],
                         publish_rm: vec![],
                         force: false,
+                        containment: Default::default(),
                     },
                     Service
                 );
@@ -734,6 +743,7 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
             publish_add,
             publish_rm,
             force,
+            containment,
             detach,
             service,
         } => {
@@ -748,6 +758,7 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
                     publish_add,
                     publish_rm,
                     force,
+                    containment: containment.update(),
                 },
                 Service
             );
@@ -805,6 +816,7 @@ fn service_spec(args: CreateArgs) -> Result<ServiceSpec> {
             EndpointModeArg::Dnsrr => EndpointMode::Dnsrr,
         },
         ports: args.ports,
+        containment: args.containment.containment()?,
     })
 }
 
@@ -825,10 +837,13 @@ fn render_service(view: &ServiceView) -> String {
             "Update:         parallelism {}, delay {}s",
             view.update_parallelism, view.update_delay_secs
         ),
-        format!("Version:        {}", view.version),
     ]
     .iter()
     .map(|line| format!("{line}\n"))
+    .chain([
+        crate::containment_args::render_containment(&view.containment),
+        format!("Version:        {}\n", view.version),
+    ])
     .collect()
 }
 
@@ -892,7 +907,7 @@ async fn wait_converged(client: &Client, service: &str) -> Result<()> {
         if started.elapsed() > LIMIT {
             let errors: Vec<String> = tasks
                 .iter()
-                .filter(|t| !t.error.is_empty() || t.message == "no suitable node")
+                .filter(|t| !t.error.is_empty() || t.message.starts_with("no suitable node"))
                 .map(|t| {
                     format!(
                         "{}: {}",
@@ -932,24 +947,41 @@ pub async fn task_exec(client: &Client, task: &str, command: &[String]) -> Resul
         entry.split_once('=')
     });
     let mut nsenter = std::process::Command::new("nsenter");
-    nsenter
-        .args([
-            "--target",
-            &pid.to_string(),
-            "--pid",
-            "--net",
-            "--uts",
-            "--mount",
-            "--",
-        ])
-        .args(command)
-        .env_clear()
-        .envs(env);
+    nsenter.args([
+        "--target",
+        &pid.to_string(),
+        "--pid",
+        "--net",
+        "--uts",
+        "--mount",
+        "--",
+    ]);
+    // The command joins the task's confinement (capabilities, user, no_new_privs, seccomp),
+    // as task-init applied it to the task's command: its arguments say which. The masked
+    // paths come with the task's mount namespace.
+    let cmdline =
+        std::fs::read(format!("/proc/{pid}/cmdline")).context("reading the task's confinement")?;
+    let cmdline: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|arg| String::from_utf8_lossy(arg).into_owned())
+        .collect();
+    if let Some(confinement) = shoal_dataplane::confinement::Confinement::of_task_init(&cmdline)? {
+        nsenter
+            .arg(std::env::current_exe().context("finding the shoal binary")?)
+            .arg("task-confine")
+            .args(confinement.args())
+            .arg("--");
+    }
+    nsenter.args(command).env_clear().envs(env);
     // In the task's cgroup too: its limits apply, and connections to VIPs are balanced.
     shoal_dataplane::process::join_cgroup(
         &mut nsenter,
         &shoal_dataplane::process::cgroup_of(pid)?,
     )?;
+    // And its limits' v1 cgroups, on a hybrid host.
+    for cgroup in shoal_dataplane::limits::v1_cgroups_of(pid) {
+        shoal_dataplane::process::join_cgroup(&mut nsenter, &cgroup)?;
+    }
     let status = nsenter.status().context("running nsenter (util-linux)")?;
     // A command killed by a signal exits 128 + the signal, as in a shell.
     Ok(match (status.code(), status.signal()) {
@@ -1242,8 +1274,8 @@ fn render_tasks(tasks: &[TaskView]) -> String {
                 t.node.clone(),
                 t.desired.label().into(),
                 state,
-                if t.error.is_empty() && t.message == "no suitable node" {
-                    "no suitable node".into()
+                if t.error.is_empty() && t.message.starts_with("no suitable node") {
+                    t.message.clone()
                 } else {
                     t.error.clone()
                 },

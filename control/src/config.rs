@@ -87,6 +87,12 @@ pub struct AgentSettings {
     /// [default: auto]
     #[arg(long)]
     pub neighbour_table: Option<NeighbourTableSizing>,
+    /// CPUs this node offers tasks' reservations, a decimal [default: the CPUs it has]
+    #[arg(long)]
+    pub node_cpus: Option<String>,
+    /// Memory this node offers tasks' reservations (16G, 512M) [default: its MemTotal]
+    #[arg(long)]
+    pub node_memory: Option<String>,
 }
 
 /// Whether the agent sizes the kernel's neighbour (ARP) table.
@@ -134,6 +140,8 @@ impl AgentSettings {
             dns_upstreams: self.dns_upstreams.or(base.dns_upstreams),
             metrics_addr: self.metrics_addr.or(base.metrics_addr),
             neighbour_table: self.neighbour_table.or(base.neighbour_table),
+            node_cpus: self.node_cpus.or(base.node_cpus),
+            node_memory: self.node_memory.or(base.node_memory),
         }
     }
 }
@@ -163,6 +171,9 @@ pub struct AgentConfig {
     /// None when turned off.
     pub metrics_addr: Option<SocketAddr>,
     pub neighbour_table: NeighbourTableSizing,
+    /// CPUs and memory the node reports (for reservations).
+    #[serde(default)]
+    pub node_resources: shoal_dataplane::limits::Resources,
 }
 
 impl AgentConfig {
@@ -190,6 +201,13 @@ impl AgentConfig {
             mesh_limits: self.mesh_limits(),
             dns_upstreams: self.dns_upstreams.clone(),
             exposed_metrics_port: self.exposed_metrics_port(),
+            node_resources: self.node_resources,
+            hidden_paths: shoal_cluster::resources::agent_paths(
+                &self.socket,
+                &self.state_dir,
+                &self.bpffs_root,
+                Path::new(DEFAULT_CONFIG),
+            ),
         }
     }
 
@@ -296,6 +314,10 @@ impl AgentConfig {
             dns_upstreams: settings.dns_upstreams,
             metrics_addr,
             neighbour_table: settings.neighbour_table.unwrap_or_default(),
+            node_resources: shoal_cluster::resources::node_resources(
+                settings.node_cpus.as_deref(),
+                settings.node_memory.as_deref(),
+            )?,
         })
     }
 }

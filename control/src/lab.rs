@@ -82,6 +82,10 @@ pub struct AgentOptions {
     /// Seconds a node may be Down before the managers move its tasks (the agent's default
     /// when unset).
     pub reschedule_grace: Option<u64>,
+    /// CPUs and memory each node reports (the agent settings `node_cpus`, `node_memory`):
+    /// the lab's nodes share one host, so tests of reservations set them.
+    pub node_cpus: Option<String>,
+    pub node_memory: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -285,6 +289,8 @@ impl Lab {
                 dns_upstreams: (!options.dns_upstreams.is_empty())
                     .then(|| options.dns_upstreams.clone()),
                 reschedule_grace: options.reschedule_grace,
+                node_cpus: options.node_cpus.clone(),
+                node_memory: options.node_memory.clone(),
                 ..Default::default()
             };
             fs::write(dir.join("agent.toml"), toml::to_string(&settings)?)?;
@@ -642,6 +648,10 @@ impl Lab {
             removed.push(format!("pins under {}", self.bpffs_dir().display()));
         }
         // 4. cgroups, deepest first.
+        // On a hybrid host, task limits also made cgroups in the v1 hierarchies.
+        for mirror in shoal_dataplane::limits::v1_mirrors(&cgroup) {
+            remove_cgroup_tree(&mirror)?;
+        }
         if cgroup.exists() {
             remove_cgroup_tree(&cgroup)?;
             removed.push(format!("cgroup {}", cgroup.display()));

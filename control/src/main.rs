@@ -4,6 +4,7 @@ mod agent;
 mod client;
 mod commands;
 mod config;
+mod containment_args;
 mod debug;
 mod demo;
 #[cfg(test)]
@@ -112,6 +113,20 @@ enum Command {
         /// Where the command's exit status is written when it ends
         #[arg(long)]
         exit_file: PathBuf,
+        #[command(flatten)]
+        confinement: ConfinementArgs,
+        /// An agent path to hide from the task (an empty mount over it); repeatable
+        #[arg(long = "mask")]
+        masks: Vec<PathBuf>,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Apply a task's confinement to this process and exec the command (`task exec`, inside
+    /// the task's namespaces)
+    #[command(hide = true)]
+    TaskConfine {
+        #[command(flatten)]
+        confinement: ConfinementArgs,
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
@@ -128,6 +143,28 @@ enum Command {
         #[command(subcommand)]
         command: LabCommand,
     },
+}
+
+/// What a task's command is confined to, as task-init and task-confine take it.
+#[derive(clap::Args)]
+struct ConfinementArgs {
+    /// Capability set of the command, a hex mask; absent: the command runs unconfined
+    #[arg(long)]
+    caps: Option<String>,
+    /// UID:GID[:G1,G2...] the command runs as
+    #[arg(long, requires = "caps")]
+    user: Option<String>,
+}
+
+impl ConfinementArgs {
+    fn get(&self) -> Result<Option<shoal_dataplane::confinement::Confinement>> {
+        self.caps
+            .as_deref()
+            .map(|caps| {
+                shoal_dataplane::confinement::Confinement::from_args(caps, self.user.as_deref())
+            })
+            .transpose()
+    }
 }
 
 #[derive(Subcommand)]
@@ -167,6 +204,12 @@ enum LabCommand {
         /// `reschedule_grace`)
         #[arg(long)]
         reschedule_grace: Option<u64>,
+        /// CPUs each node reports for reservations (the agent setting `node_cpus`)
+        #[arg(long)]
+        node_cpus: Option<String>,
+        /// Memory each node reports for reservations (the agent setting `node_memory`)
+        #[arg(long)]
+        node_memory: Option<String>,
     },
     /// Remove everything the lab made (works after crashes too)
     Down,
@@ -281,12 +324,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
             hostname,
             resolv_conf,
             exit_file,
+            confinement,
+            masks,
             command,
         } => {
             return Err(shoal_dataplane::task::exec_init(
                 gate_fd,
                 (&hostname, &resolv_conf),
                 &exit_file,
+                (confinement.get()?, &masks),
+                &command,
+            ))
+        }
+        Command::TaskConfine {
+            confinement,
+            command,
+        } => {
+            return Err(shoal_dataplane::confinement::exec_confined(
+                confinement.get()?,
                 &command,
             ))
         }
@@ -301,10 +356,14 @@ fn run_lab(lab: &lab::Lab, command: LabCommand) -> Result<ExitCode> {
             managers,
             dns_upstreams,
             reschedule_grace,
+            node_cpus,
+            node_memory,
         } => {
             let agents = lab::AgentOptions {
                 dns_upstreams,
                 reschedule_grace,
+                node_cpus,
+                node_memory,
             };
             let members = lab.up(nodes, managers, &agents)?;
             print!("{}", render_lab(&members));

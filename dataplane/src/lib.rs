@@ -6,6 +6,8 @@
 //! and a pinned link is updated in place to the newly loaded program, so the interface is never
 //! without a program while the agent restarts.
 
+pub mod confinement;
+pub mod limits;
 pub mod maglev;
 pub mod mesh;
 pub mod neighbours;

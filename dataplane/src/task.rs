@@ -38,6 +38,10 @@ pub struct TaskLaunch {
     pub name: String,
     pub command: Vec<String>,
     pub env: Vec<String>,
+    /// What the command is confined to (None: unconfined, `SHOAL_TASK_CONFINEMENT=off`).
+    pub confinement: Option<crate::confinement::Confinement>,
+    /// Resource limits, written into the task's cgroup before it starts.
+    pub limits: crate::limits::Resources,
 }
 
 /// Where tasks of this node live.
@@ -47,6 +51,9 @@ pub struct TaskRuntime {
     dir: PathBuf,
     /// The `shoal` binary, which provides `task-init`.
     init_exe: PathBuf,
+    /// The agent's own paths (socket, state, config) hidden from confined tasks.
+    masked: Vec<PathBuf>,
+    controllers: crate::limits::CgroupControllers,
 }
 
 /// The file descriptor task-init reads its start gate from.
@@ -63,6 +70,8 @@ pub struct TaskHandle {
     cgroup: PathBuf,
     /// Where task-init writes the command's exit status; removed with the cgroup.
     exit_file: PathBuf,
+    /// The cgroup controllers of its limits (v1 cgroups to remove with it, OOM kills).
+    controllers: crate::limits::CgroupControllers,
     /// Write end of the start gate while the task waits at it.
     gate: Option<File>,
 }
@@ -88,7 +97,16 @@ impl TaskRuntime {
             cgroup_root: cgroup_root.to_owned(),
             dir,
             init_exe,
+            masked: Vec::new(),
+            controllers: crate::limits::CgroupControllers::detect(cgroup_root),
         })
+    }
+
+    /// Paths of the agent (socket, state dir, config) that confined tasks must not see: each
+    /// gets an empty read-only mount over it in the task's mount namespace.
+    pub fn with_masked_paths(mut self, paths: Vec<PathBuf>) -> Self {
+        self.masked = paths;
+        self
     }
 
     /// The standard PATH, behind the agent's own directory so `shoal whoami` and friends
@@ -146,7 +164,14 @@ impl TaskRuntime {
             .arg("--exit-file")
             .arg(self.exit_path(&launch.id))
             .args(["--hostname", &launch.name, "--resolv-conf"])
-            .arg(self.dir.join("resolv.conf"))
+            .arg(self.dir.join("resolv.conf"));
+        if let Some(confinement) = &launch.confinement {
+            command.args(confinement.args());
+            for path in &self.masked {
+                command.arg("--mask").arg(path);
+            }
+        }
+        command
             .arg("--")
             .args(&launch.command)
             .env_clear()
@@ -163,6 +188,15 @@ impl TaskRuntime {
             }
         }
         crate::process::detach_into_cgroup(&mut command, &cgroup)?;
+        if let Err(err) = self
+            .controllers
+            .apply(&launch.id, &cgroup, &launch.limits, &mut command)
+        {
+            // Nothing half-applied: the task's cgroups go with the error.
+            self.controllers.remove(&launch.id);
+            let _ = fs::remove_dir(&cgroup);
+            return Err(err);
+        }
         let (gate_read, gate_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
         crate::process::pass_fd(&mut command, gate_read, GATE_FD);
         let child = tokio::process::Command::from(command)
@@ -174,6 +208,7 @@ impl TaskRuntime {
             process: TaskProcess::Child(child),
             cgroup,
             exit_file: self.exit_path(&launch.id),
+            controllers: self.controllers.clone(),
             gate: Some(File::from(gate_write)),
         })
     }
@@ -218,6 +253,7 @@ impl TaskRuntime {
             },
             cgroup,
             exit_file: self.exit_path(id),
+            controllers: self.controllers.clone(),
             gate: None,
         })
     }
@@ -233,6 +269,7 @@ impl TaskRuntime {
         let cgroup = self.cgroup(id);
         kill_cgroup(&cgroup)?;
         remove_cgroup_dir(&cgroup)?;
+        self.controllers.remove(id);
         match fs::remove_file(self.exit_path(id)) {
             Ok(()) => Ok(()),
             Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -399,9 +436,21 @@ impl TaskHandle {
     pub async fn remove_cgroup(&self) -> Result<()> {
         kill_cgroup(&self.cgroup)?;
         let cgroup = self.cgroup.clone();
-        tokio::task::spawn_blocking(move || remove_cgroup_dir(&cgroup)).await??;
+        let (controllers, id) = (self.controllers.clone(), self.id.clone());
+        tokio::task::spawn_blocking(move || {
+            remove_cgroup_dir(&cgroup)?;
+            controllers.remove(&id);
+            anyhow::Ok(())
+        })
+        .await??;
         let _ = fs::remove_file(&self.exit_file);
         Ok(())
+    }
+
+    /// How many processes of the task the kernel's OOM killer killed (read it before the
+    /// cgroup is removed).
+    pub fn oom_kills(&self) -> u64 {
+        self.controllers.oom_kills(&self.id, &self.cgroup)
     }
 }
 
@@ -459,21 +508,97 @@ pub fn exec_init(
     gate_fd: i32,
     (hostname, resolv_conf): (&str, &Path),
     exit_file: &Path,
+    (confinement, masked): (Option<crate::confinement::Confinement>, &[PathBuf]),
     command: &[String],
 ) -> anyhow::Error {
-    match run_init(gate_fd, (hostname, resolv_conf), exit_file, command) {
+    match run_init(
+        gate_fd,
+        (hostname, resolv_conf),
+        exit_file,
+        (confinement, masked),
+        command,
+    ) {
         Ok(never) => match never {},
         Err(err) => err,
     }
 }
 
+/// Where task-init records the command's status: the exit file's directory, opened before
+/// the agent's state dir is masked in the task's mount namespace, and the file's name in it.
+struct ExitRecord {
+    dir: File,
+    name: CString,
+    staged: CString,
+}
+
+impl ExitRecord {
+    fn open(exit_file: &Path) -> Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let dir = exit_file
+            .parent()
+            .context("exit file without a directory")?;
+        let name = exit_file.file_name().context("exit file without a name")?;
+        let dir = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+            .open(dir)
+            .with_context(|| format!("opening {}", dir.display()))?;
+        // Above the descriptors task-init places the DNS sockets at (`DNS_UDP_FD`...): a
+        // lower one would be closed by their dup3.
+        let dir = {
+            use std::os::fd::{AsRawFd as _, FromRawFd as _};
+            // SAFETY: F_DUPFD_CLOEXEC returns a new descriptor or -1.
+            let fd = unsafe { libc::fcntl(dir.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 16) };
+            if fd < 0 {
+                return Err(io::Error::last_os_error()).context("duplicating a descriptor");
+            }
+            // SAFETY: a fresh descriptor nothing else owns.
+            unsafe { File::from_raw_fd(fd) }
+        };
+        let staged = format!("{}.new", name.to_string_lossy());
+        Ok(Self {
+            dir,
+            name: CString::new(name.as_encoded_bytes())?,
+            staged: CString::new(staged)?,
+        })
+    }
+
+    fn write(&self, code: i32) {
+        use std::io::Write as _;
+        use std::os::fd::{AsRawFd as _, FromRawFd as _};
+        // SAFETY: openat(2) relative to our open directory; a new descriptor or -1.
+        let fd = unsafe {
+            libc::openat(
+                self.dir.as_raw_fd(),
+                self.staged.as_ptr(),
+                libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC,
+                0o600,
+            )
+        };
+        if fd < 0 {
+            return;
+        }
+        // SAFETY: a fresh descriptor nothing else owns.
+        let mut file = unsafe { File::from_raw_fd(fd) };
+        if file.write_all(code.to_string().as_bytes()).is_ok() {
+            drop(file);
+            // SAFETY: renameat(2) within our open directory.
+            unsafe {
+                libc::renameat(
+                    self.dir.as_raw_fd(),
+                    self.staged.as_ptr(),
+                    self.dir.as_raw_fd(),
+                    self.name.as_ptr(),
+                )
+            };
+        }
+    }
+}
+
 /// Records the command's status for an agent that did not see the task end, then exits
 /// with it.
-fn exit_with(exit_file: &Path, code: i32) -> ! {
-    let staged = exit_file.with_extension("exit.new");
-    if fs::write(&staged, code.to_string()).is_ok() {
-        let _ = fs::rename(&staged, exit_file);
-    }
+fn exit_with(exit: &ExitRecord, code: i32) -> ! {
+    exit.write(code);
     std::process::exit(code)
 }
 
@@ -555,6 +680,7 @@ fn run_init(
     gate_fd: i32,
     (hostname, resolv_conf): (&str, &Path),
     exit_file: &Path,
+    (confinement, masked): (Option<crate::confinement::Confinement>, &[PathBuf]),
     command: &[String],
 ) -> Result<std::convert::Infallible> {
     use nix::{
@@ -575,6 +701,20 @@ fn run_init(
         None::<&str>,
     )
     .context("bind-mounting the task's resolv.conf")?;
+    // What task-init needs later (the exit file's directory) is opened before the agent's
+    // paths are masked; the resolv.conf bind mount above stays.
+    let exit_file = &ExitRecord::open(exit_file)?;
+    let confinement = match confinement {
+        Some(confinement) => {
+            crate::confinement::mask_paths(masked).context("masking paths in the task")?;
+            Some(
+                confinement
+                    .prepare()
+                    .context("compiling the task's seccomp filter")?,
+            )
+        }
+        None => None,
+    };
     let argv: Vec<CString> = command
         .iter()
         .map(|a| CString::new(a.as_bytes()))
@@ -602,6 +742,12 @@ fn run_init(
     let child = match unsafe { fork() }.context("fork")? {
         ForkResult::Child => {
             let _ = previous.thread_set_mask();
+            if let Some(confinement) = &confinement {
+                if let Err(err) = confinement.apply() {
+                    eprintln!("shoal: confining the task: {err:#}");
+                    std::process::exit(126);
+                }
+            }
             let err = nix::unistd::execvp(&program, &argv).unwrap_err();
             eprintln!("shoal: executing {}: {err}", command[0]);
             std::process::exit(127);

@@ -7,6 +7,9 @@
 //! - network attach per task: from the task's namespace existing to (local) its interfaces
 //!   and embedded DNS ready, and (every node) its name resolving and its VIP answering from a
 //!   task on each node (3 nodes, 12 tasks one after the other, medians);
+//! - containment: convergence (plain) with the tasks' default containment (capabilities,
+//!   no_new_privs, seccomp, masked paths) and without it (`SHOAL_TASK_CONFINEMENT=off`, a
+//!   bench-only switch), alternately, three times each: what the containment costs a start;
 //! - manager write latency (p50/p99) with 1 and 3 managers: node label updates sent straight
 //!   to the local API socket, so no CLI process start is counted;
 //! - agent memory (RSS): idle, and with 100 tasks on the node.
@@ -560,6 +563,10 @@ fn main() {
         }
     }
 
+    if wants("containment") {
+        containment(&mut results);
+    }
+
     // Network attach per task.
     if wants("attach") {
         for (which, bin) in &binaries {
@@ -629,6 +636,55 @@ fn main() {
         serde_json::to_string_pretty(&results).unwrap(),
     )
     .unwrap();
+}
+
+/// Convergence with and without the tasks' containment, alternately, three times each.
+fn containment(results: &mut serde_json::Map<String, Value>) {
+    let mut runs: [(Vec<f64>, Vec<f64>); 2] = Default::default();
+    for _ in 0..3 {
+        for (i, confined) in [true, false].into_iter().enumerate() {
+            // The agents `lab up` starts inherit it.
+            if !confined {
+                std::env::set_var("SHOAL_TASK_CONFINEMENT", "off");
+            }
+            let (to_50, to_200) = convergence("bc-contain", false);
+            std::env::remove_var("SHOAL_TASK_CONFINEMENT");
+            runs[i].0.push(to_50);
+            runs[i].1.push(to_200);
+        }
+    }
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        (v[(v.len() - 1) / 2] + v[v.len() / 2]) / 2.0
+    };
+    eprintln!(
+        "containment (median of 3): confined 50 {:.2} s, 200 {:.2} s; unconfined 50 {:.2} s, 200 {:.2} s",
+        median(&runs[0].0),
+        median(&runs[0].1),
+        median(&runs[1].0),
+        median(&runs[1].1)
+    );
+    results.insert(
+        "confined_create_50_to_running_s".into(),
+        json!(median(&runs[0].0)),
+    );
+    results.insert(
+        "confined_scale_50_to_200_s".into(),
+        json!(median(&runs[0].1)),
+    );
+    results.insert(
+        "unconfined_create_50_to_running_s".into(),
+        json!(median(&runs[1].0)),
+    );
+    results.insert(
+        "unconfined_scale_50_to_200_s".into(),
+        json!(median(&runs[1].1)),
+    );
+    results.insert(
+        "containment_runs_s".into(),
+        json!({"confined": runs[0], "unconfined": runs[1]}),
+    );
 }
 
 fn memory(results: &mut serde_json::Map<String, Value>) {

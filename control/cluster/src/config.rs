@@ -37,6 +37,11 @@ pub struct NodeConfig {
     pub dns_upstreams: Option<Vec<SocketAddr>>,
     /// The agent's metrics port when the node network reaches it: no service may publish it.
     pub exposed_metrics_port: Option<u16>,
+    /// The CPUs and memory the node reports (the host's, or the `node_cpus`/`node_memory`
+    /// settings).
+    pub node_resources: shoal_dataplane::limits::Resources,
+    /// The agent's own paths (`resources::agent_paths`) no task may see.
+    pub hidden_paths: Vec<PathBuf>,
 }
 
 impl NodeConfig {

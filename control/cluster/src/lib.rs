@@ -14,6 +14,7 @@ pub mod pki;
 pub mod plan;
 pub mod protocol;
 pub mod raft;
+pub mod resources;
 pub mod state;
 pub mod transport;
 pub mod views;

@@ -211,9 +211,14 @@ impl Manager {
     ) -> Result<ClusterResponse> {
         match request {
             ClusterRequest::Join(join) => Ok(ClusterResponse::Joined(self.join(join).await?)),
-            ClusterRequest::Heartbeat { reports } => {
+            ClusterRequest::Heartbeat { reports, resources } => {
                 let caller = caller
                     .ok_or_else(|| ApiError::forbidden("heartbeat without a node certificate"))?;
+                if let Some(update) =
+                    crate::resources::node_update(&self.state(), &caller, resources)
+                {
+                    self.write(update).await?;
+                }
                 Ok(ClusterResponse::Heartbeat(
                     self.heartbeat(&caller, reports).await?,
                 ))
@@ -274,6 +279,7 @@ impl Manager {
             gossip_port: join.gossip_port,
             exposed_metrics_port: join.exposed_metrics_port,
             left: false,
+            resources: join.resources,
         };
         self.write(Command::AddNode(node)).await?;
         let added = self
@@ -422,6 +428,8 @@ impl Manager {
                 .tasks
                 .values()
                 .filter(|t| t.node_id.as_deref() == Some(caller) && !t.state.is_terminal())
+                // A task waiting on this node for resources is not for it to start yet.
+                .filter(|t| !(t.state == TaskState::Pending && t.desired == TaskState::Running))
                 .map(|t| {
                     let service = state.services.get(&t.service_id);
                     let spec = service.map(|s| &s.spec);
@@ -436,6 +444,7 @@ impl Manager {
                         },
                         command: spec.map(|s| s.command.clone()).unwrap_or_default(),
                         env: spec.map(|s| s.env.clone()).unwrap_or_default(),
+                        containment: spec.map(|s| s.containment.clone()).unwrap_or_default(),
                         networks: t
                             .attachments
                             .iter()
@@ -702,6 +711,7 @@ impl Manager {
             manager_status,
             labels: node.labels.clone(),
             created_at: node.created_at,
+            resources: node.resources,
         }
     }
 }

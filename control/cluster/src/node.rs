@@ -259,6 +259,7 @@ impl ClusterRuntime {
                         gossip_port: self.config.gossip_port,
                         exposed_metrics_port: self.config.exposed_metrics_port,
                         left: false,
+                        resources: self.config.node_resources,
                     },
                     settings,
                     ingress,
@@ -402,6 +403,7 @@ impl ClusterRuntime {
                 port: advertise.port(),
                 gossip_port: self.config.gossip_port,
                 exposed_metrics_port: self.config.exposed_metrics_port,
+                resources: self.config.node_resources,
             }),
         };
         let answer = client
@@ -511,7 +513,9 @@ impl ClusterRuntime {
             &self.config.cgroup_root,
             &self.config.state_dir,
             std::env::current_exe()?,
-        )?;
+        )?
+        .with_masked_paths(self.config.hidden_paths.clone());
+        super::resources::set_reported(self.config.node_resources);
         let (roles, mut role_changes) = tokio::sync::mpsc::unbounded_channel();
         let role = if membership.manager {
             Role::Manager

@@ -199,13 +199,19 @@ impl Plan<'_> {
         self.put(task);
     }
 
-    fn new_task(&mut self, service: &Service, slot: u64, node_id: Option<String>) {
+    /// Returns the new task's ID (None: no address left for it).
+    fn new_task(
+        &mut self,
+        service: &Service,
+        slot: u64,
+        node_id: Option<String>,
+    ) -> Option<String> {
         let attachments = match self.attach(service) {
             Ok(attachments) => attachments,
             Err(err) => {
                 // No address left: the slot waits, as a Pending task would, and says why.
                 tracing::warn!(service = %service.spec.name, error = %format!("{err:#}"), "cannot attach a new task");
-                return;
+                return None;
             }
         };
         let task = Task {
@@ -226,7 +232,9 @@ impl Plan<'_> {
             created_at: self.now,
             state_since: self.now,
         };
+        let id = task.id.clone();
         self.put(task);
+        Some(id)
     }
 
     /// One address per network of the service: the lowest free one, where free means not
@@ -359,6 +367,8 @@ impl Plan<'_> {
                 self.shut_down(task, "node no longer eligible");
             }
         }
+        let reservations = &service.spec.containment.reservations;
+        let mut capacity = super::resources::Capacity::new(self.state, self.tasks());
         for node in eligible {
             let has_live = self.tasks().any(|t| {
                 t.service_id == service.id
@@ -367,7 +377,16 @@ impl Plan<'_> {
             });
             let on_node = |t: &Task| t.node_id.as_deref() == Some(&node.id);
             if !has_live && !self.restart_delayed(&service.id, on_node) {
-                self.new_task(service, 0, Some(node.id.clone()));
+                let Some(id) = self.new_task(service, 0, Some(node.id.clone())) else {
+                    continue;
+                };
+                if capacity.fits(node, reservations) {
+                    capacity.take(&node.id, reservations);
+                } else if let Some(task) = self.changed.get_mut(&id) {
+                    // Its node lacks the reserved resources: it waits there, Pending.
+                    task.state = TaskState::Pending;
+                    task.message = super::resources::no_suitable_node(1);
+                }
             }
         }
     }
@@ -456,16 +475,45 @@ impl Plan<'_> {
             })
             .cloned()
             .collect();
+        // What each node has left after the reservations of the tasks it holds.
+        let mut capacity = super::resources::Capacity::new(self.state, self.tasks());
+        // Global tasks wait on their own node until its resources free.
+        let waiting: Vec<Task> = self
+            .tasks()
+            .filter(|t| {
+                t.node_id.is_some()
+                    && t.state == TaskState::Pending
+                    && t.desired == TaskState::Running
+            })
+            .cloned()
+            .collect();
+        for mut task in waiting {
+            let (Some(node), Some(service)) = (
+                task.node_id.as_ref().and_then(|n| self.state.nodes.get(n)),
+                self.state.services.get(&task.service_id),
+            ) else {
+                continue;
+            };
+            let reservations = &service.spec.containment.reservations;
+            if capacity.fits(node, reservations) {
+                capacity.take(&node.id, reservations);
+                task.state = TaskState::Assigned;
+                task.state_since = self.now;
+                task.message = "scheduled".into();
+                self.put(task);
+            }
+        }
         for mut task in pending {
             let Some((service_key, service)) = self.state.services.get_key_value(&task.service_id)
             else {
                 continue;
             };
+            let reservations = &service.spec.containment.reservations;
             let best = self
                 .state
                 .nodes
                 .values()
-                .filter(|n| eligible(n, service))
+                .filter(|n| eligible(n, service) && capacity.fits(n, reservations))
                 .min_by_key(|n| {
                     (
                         load.get(&(service_key.as_str(), n.id.as_str()))
@@ -481,17 +529,27 @@ impl Plan<'_> {
                         .entry((service_key.as_str(), node.id.as_str()))
                         .or_default() += 1;
                     *total.entry(node.id.as_str()).or_default() += 1;
+                    capacity.take(&node.id, reservations);
                     task.node_id = Some(node.id.clone());
                     task.state = TaskState::Assigned;
                     task.state_since = self.now;
                     task.message = "scheduled".into();
                     self.put(task);
                 }
-                None if task.message != "no suitable node" => {
-                    task.message = "no suitable node".into();
-                    self.put(task);
+                None => {
+                    // Swarm's words, with how many nodes only lacked the resources.
+                    let short = self
+                        .state
+                        .nodes
+                        .values()
+                        .filter(|n| eligible(n, service) && !capacity.fits(n, reservations))
+                        .count();
+                    let message = super::resources::no_suitable_node(short);
+                    if task.message != message {
+                        task.message = message;
+                        self.put(task);
+                    }
                 }
-                None => {}
             }
         }
     }
@@ -571,6 +629,7 @@ mod tests {
                     gossip_port: 7946,
                     exposed_metrics_port: None,
                     left: false,
+                    resources: Default::default(),
                 },
             );
         }
@@ -594,6 +653,7 @@ mod tests {
                     networks: vec![],
                     endpoint_mode: EndpointMode::Vip,
                     ports: vec![],
+                    containment: Default::default(),
                 },
                 version: 1,
                 created_at: 0,
@@ -1092,5 +1152,92 @@ mod tests {
         state.services.remove(&web);
         converge(&mut state, 4);
         assert!(state.tasks.is_empty(), "{:?}", state.tasks);
+    }
+
+    #[test]
+    fn reservations_place_tasks_only_where_they_fit_and_wait_with_swarms_reason() {
+        let mut state = cluster(2);
+        for node in state.nodes.values_mut() {
+            node.resources.nano_cpus = 1_000_000_000;
+            node.resources.memory_bytes = 1 << 30;
+        }
+        let reserve = |state: &mut ClusterState, id: &str, cpus: u64| {
+            let service = state.services.get_mut(id).unwrap();
+            service.spec.containment.reservations.nano_cpus = cpus;
+        };
+        let big = service(&mut state, "big", ServiceMode::Replicated { replicas: 2 });
+        reserve(&mut state, &big, 600_000_000);
+        converge(&mut state, 1);
+        // One per node: 0.6 + 0.6 CPUs would not fit on one.
+        assert_eq!(
+            running_per_node(&state, &big)
+                .values()
+                .copied()
+                .collect::<Vec<_>>(),
+            [1, 1]
+        );
+
+        let more = service(&mut state, "more", ServiceMode::Replicated { replicas: 1 });
+        reserve(&mut state, &more, 600_000_000);
+        converge(&mut state, 2);
+        let pending: Vec<&Task> = state
+            .tasks
+            .values()
+            .filter(|t| t.service_id == more)
+            .collect();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].state, TaskState::Pending);
+        assert_eq!(
+            pending[0].message,
+            "no suitable node (insufficient resources on 2 nodes)"
+        );
+
+        // Capacity frees when the big service goes: the waiting task is placed.
+        state.apply(Command::RemoveService { id: big }).unwrap();
+        converge(&mut state, 3);
+        assert_eq!(running_per_node(&state, &more).values().sum::<usize>(), 1);
+    }
+
+    #[test]
+    fn a_global_task_waits_on_its_node_until_the_reservation_fits() {
+        let mut state = cluster(2);
+        for node in state.nodes.values_mut() {
+            node.resources.nano_cpus = 1_000_000_000;
+        }
+        let hog = service(&mut state, "hog", ServiceMode::Replicated { replicas: 1 });
+        state
+            .services
+            .get_mut(&hog)
+            .unwrap()
+            .spec
+            .containment
+            .reservations
+            .nano_cpus = 800_000_000;
+        converge(&mut state, 1);
+        let agent = service(&mut state, "agent", ServiceMode::Global);
+        state
+            .services
+            .get_mut(&agent)
+            .unwrap()
+            .spec
+            .containment
+            .reservations
+            .nano_cpus = 500_000_000;
+        converge(&mut state, 2);
+        // Runs where it fits; waits, Pending with the reason, on the hog's node.
+        assert_eq!(running_per_node(&state, &agent).values().sum::<usize>(), 1);
+        let waiting: Vec<&Task> = state
+            .tasks
+            .values()
+            .filter(|t| t.service_id == agent && t.state == TaskState::Pending)
+            .collect();
+        assert_eq!(waiting.len(), 1, "{:?}", state.tasks);
+        assert_eq!(
+            waiting[0].message,
+            "no suitable node (insufficient resources on 1 node)"
+        );
+        state.apply(Command::RemoveService { id: hog }).unwrap();
+        converge(&mut state, 3);
+        assert_eq!(running_per_node(&state, &agent).values().sum::<usize>(), 2);
     }
 }

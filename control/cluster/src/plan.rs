@@ -125,6 +125,7 @@ pub fn plan(state: &ClusterState, request: ControlRequest, inputs: &Inputs) -> R
         ControlRequest::ServiceCreate(mut spec) => {
             spec.networks = resolve_networks(state, &spec.networks)?;
             spec.validate().kind(ErrorKind::Invalid)?;
+            crate::resources::check_reservation_fits(state, &spec).kind(ErrorKind::Invalid)?;
             let service = Service {
                 id: inputs.fresh_id.clone(),
                 spec,
@@ -165,6 +166,7 @@ pub fn plan(state: &ClusterState, request: ControlRequest, inputs: &Inputs) -> R
             publish_add,
             publish_rm,
             force,
+            containment,
         } => {
             let updated = update_service(
                 state,
@@ -177,6 +179,7 @@ pub fn plan(state: &ClusterState, request: ControlRequest, inputs: &Inputs) -> R
                     publish_add,
                     publish_rm,
                     force,
+                    containment,
                 },
                 inputs.at,
             )?;
@@ -299,6 +302,7 @@ struct ServiceChanges {
     publish_add: Vec<PortConfig>,
     publish_rm: Vec<String>,
     force: bool,
+    containment: crate::resources::ContainmentUpdate,
 }
 
 fn update_service(
@@ -358,7 +362,13 @@ fn update_service(
             .retain(|e| !e.starts_with(&format!("{key}=")));
         updated.spec.env.push(entry);
     }
+    let restart = changes
+        .containment
+        .apply(&mut updated.spec.containment)
+        .kind(ErrorKind::Invalid)?
+        || restart;
     updated.spec.validate().kind(ErrorKind::Invalid)?;
+    crate::resources::check_reservation_fits(state, &updated.spec).kind(ErrorKind::Invalid)?;
     state.check_published_ports(&updated)?;
     if restart {
         updated.version += 1;
@@ -804,6 +814,7 @@ mod tests {
             publish_add: vec![],
             publish_rm: vec![],
             force: false,
+            containment: Default::default(),
         }
     }
 
@@ -817,6 +828,7 @@ mod tests {
             publish_add: changes.publish_add,
             publish_rm: changes.publish_rm,
             force: changes.force,
+            containment: changes.containment,
         }
     }
 

@@ -33,6 +33,9 @@ pub enum ClusterRequest {
     Join(JoinRequest),
     Heartbeat {
         reports: Vec<TaskReport>,
+        /// The node's CPUs and memory, when it knows them (a change updates the node).
+        #[serde(default)]
+        resources: Option<shoal_dataplane::limits::Resources>,
     },
     /// The calling node is leaving the swarm (`swarm leave`), before it stops its tasks.
     Leave,
@@ -60,6 +63,9 @@ pub struct JoinRequest {
     /// Its metrics listener's port when that listens beyond loopback.
     #[serde(default)]
     pub exposed_metrics_port: Option<u16>,
+    /// CPUs and memory it offers reservations.
+    #[serde(default)]
+    pub resources: shoal_dataplane::limits::Resources,
 }
 
 fn default_gossip_port() -> u16 {
@@ -138,6 +144,9 @@ pub struct Assignment {
     /// The service's published ports, announced with the task's ingress endpoint.
     #[serde(default)]
     pub ports: Vec<super::state::PortConfig>,
+    /// User, capabilities and limits the task starts with.
+    #[serde(default)]
+    pub containment: super::resources::Containment,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -197,6 +206,9 @@ pub enum ControlRequest {
         #[serde(default)]
         publish_rm: Vec<String>,
         force: bool,
+        /// `--user`, `--cap-*`, `--limit-*`, `--reserve-*`: a change rolls the tasks.
+        #[serde(default)]
+        containment: super::resources::ContainmentUpdate,
     },
     ServiceRemove {
         service: String,
@@ -271,6 +283,9 @@ pub struct NodeView {
     pub manager_status: String,
     pub labels: BTreeMap<String, String>,
     pub created_at: Timestamp,
+    /// CPUs and memory it offers reservations, as Swarm's Description.Resources.
+    #[serde(default)]
+    pub resources: shoal_dataplane::limits::Resources,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -293,6 +308,9 @@ pub struct ServiceView {
     pub vips: Vec<(String, std::net::Ipv4Addr)>,
     #[serde(default)]
     pub ports: Vec<super::state::PortConfig>,
+    /// User, capabilities, limits and reservations of its tasks.
+    #[serde(default)]
+    pub containment: Box<super::resources::Containment>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
 }

@@ -155,6 +155,10 @@ pub struct Node {
     /// task, whatever its last heartbeats say.
     #[serde(default)]
     pub left: bool,
+    /// CPUs and memory it offers reservations (reported at join and in heartbeats; 0:
+    /// unknown, not limited).
+    #[serde(default)]
+    pub resources: shoal_dataplane::limits::Resources,
 }
 
 /// Manager API port of a node unless configured (TCP; every node serves it).
@@ -256,6 +260,9 @@ pub struct ServiceSpec {
     /// Published ports (`--publish`).
     #[serde(default)]
     pub ports: Vec<PortConfig>,
+    /// User, capabilities, limits and reservations of its tasks.
+    #[serde(default)]
+    pub containment: super::resources::Containment,
 }
 
 /// A published port, as `--publish published=P,target=T,protocol=tcp|udp,mode=ingress|host,
@@ -426,6 +433,9 @@ impl ServiceSpec {
                 );
             }
         }
+        self.containment
+            .validate()
+            .map_err(|err| anyhow::anyhow!("service {}: {err:#}", self.name))?;
         Ok(())
     }
 }
@@ -1011,6 +1021,7 @@ pub(crate) mod tests {
             gossip_port: DEFAULT_GOSSIP_PORT,
             exposed_metrics_port: None,
             left: false,
+            resources: Default::default(),
         }
     }
 
@@ -1078,6 +1089,7 @@ pub(crate) mod tests {
             networks: vec![],
             endpoint_mode: EndpointMode::Vip,
             ports: vec![],
+            containment: Default::default(),
         };
         spec_with_a.networks = vec!["id-a".into()];
         state
@@ -1133,6 +1145,7 @@ pub(crate) mod tests {
                     .iter()
                     .map(|p| PortConfig::parse(p).unwrap())
                     .collect(),
+                containment: Default::default(),
             },
             version: 1,
             created_at: 0,
@@ -1410,6 +1423,7 @@ pub(crate) mod tests {
             networks: vec![],
             endpoint_mode: EndpointMode::Vip,
             ports: vec![],
+            containment: Default::default(),
         };
         assert!(spec("web", &["sleep", "1"]).validate().is_ok());
         assert!(spec("-web", &["x"]).validate().is_err());

@@ -159,6 +159,7 @@ pub fn service_view(state: &ClusterState, service: &Service) -> ServiceView {
             .collect(),
         endpoint_mode: service.spec.endpoint_mode,
         ports: service.spec.ports.clone(),
+        containment: Box::new(service.spec.containment.clone()),
         vips: service
             .vips
             .iter()

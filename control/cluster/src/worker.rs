@@ -299,6 +299,7 @@ impl Worker {
             origin: None,
             request: ClusterRequest::Heartbeat {
                 reports: self.reports(),
+                resources: super::resources::reported(),
             },
         };
         let mut last_error = anyhow::anyhow!("no managers known");
@@ -435,14 +436,22 @@ impl Worker {
     }
 
     fn start(self: &Arc<Self>, assignment: &Assignment) -> LocalTask {
-        let launch = TaskLaunch {
-            id: assignment.task_id.clone(),
-            name: assignment.name.clone(),
-            command: assignment.command.clone(),
-            env: assignment.env.clone(),
-        };
-        match self.runtime.start(&launch) {
-            Ok(handle) => {
+        // The user is resolved here: one this node does not know Rejects the task.
+        let options = assignment.containment.launch_options();
+        let launch = options.and_then(|(confinement, limits)| {
+            let launch = TaskLaunch {
+                id: assignment.task_id.clone(),
+                name: assignment.name.clone(),
+                command: assignment.command.clone(),
+                env: assignment.env.clone(),
+                confinement,
+                limits,
+            };
+            let handle = self.runtime.start(&launch)?;
+            Ok((launch, handle))
+        });
+        match launch {
+            Ok((launch, handle)) => {
                 let (stop, stopped) = oneshot::channel();
                 tokio::spawn(Arc::clone(self).supervise(
                     assignment.clone(),
@@ -457,9 +466,9 @@ impl Worker {
                 }
             }
             Err(err) => {
-                tracing::warn!(task = %launch.name, error = %format!("{err:#}"), "task rejected");
+                tracing::warn!(task = %assignment.name, error = %format!("{err:#}"), "task rejected");
                 LocalTask {
-                    name: launch.name,
+                    name: assignment.name.clone(),
                     state: TaskState::Rejected,
                     error: format!("{err:#}"),
                     stop: None,
@@ -502,7 +511,9 @@ impl Worker {
             Some(Ok(())) => {
                 tracing::info!(task = %task.name, "task started");
                 self.set_state(&id, TaskState::Running, String::new(), true);
-                self.wait_or_stop(&id, &mut handle, stopped).await
+                let memory_limit = task.containment.limits.memory_bytes;
+                self.wait_or_stop(&id, &mut handle, stopped, memory_limit)
+                    .await
             }
             failed_or_stopped => {
                 // Closing the gate ends the task; stop() reaps it and removes its cgroup.
@@ -538,14 +549,23 @@ impl Worker {
         id: &str,
         handle: &mut TaskHandle,
         stopped: oneshot::Receiver<()>,
+        memory_limit: u64,
     ) -> (TaskState, String) {
         tokio::select! {
             status = handle.wait() => {
+                let oom_kills = handle.oom_kills();
                 if let Err(err) = handle.remove_cgroup().await {
                     tracing::warn!(task = %id, error = %format!("{err:#}"), "cleaning up the task's cgroup");
                 }
                 match status {
                     Ok(status) if status.success() => (TaskState::Complete, String::new()),
+                    Ok(_) if oom_kills > 0 => (
+                        TaskState::Failed,
+                        format!(
+                            "out of memory: killed at its {} limit (--limit-memory)",
+                            shoal_dataplane::limits::format_memory(memory_limit)
+                        ),
+                    ),
                     Ok(status) => (TaskState::Failed, describe_exit(status)),
                     Err(err) => (TaskState::Failed, format!("lost track of the task: {err}")),
                 }
