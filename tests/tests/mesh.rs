@@ -250,9 +250,18 @@ fn published_ports_reach_every_replica_from_every_node_and_keep_flows() {
         .lines()
         .map(str::to_owned)
         .collect();
-    let failed = codes.iter().filter(|c| *c != "200").count();
+    let failed: Vec<(usize, &String)> = codes
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| *c != "200")
+        .collect();
     assert!(codes.len() > 100, "the load ran: {} requests", codes.len());
-    assert_eq!(failed, 0, "{failed} of {} requests failed", codes.len());
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed (request number, answer): {failed:?}",
+        failed.len(),
+        codes.len()
+    );
     let updated: BTreeSet<String> = lab
         .running_tasks("web", 2)
         .into_iter()
