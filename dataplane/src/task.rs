@@ -310,12 +310,13 @@ fn task_processes(cgroup: &Path) -> Option<(u32, u32)> {
 pub async fn take_dns_sockets(
     unshare_pid: u32,
 ) -> Result<(std::net::UdpSocket, std::net::TcpListener)> {
-    for _ in 0..500 {
+    let mut wait = StartupWait::new();
+    while wait.more() {
         let init = fs::read_to_string(format!("/proc/{unshare_pid}/task/{unshare_pid}/children"))
             .ok()
             .and_then(|children| children.split_whitespace().next()?.parse::<u32>().ok());
         let Some(pidfd) = init.and_then(|pid| pidfd_open(pid).ok()) else {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            wait.pause().await;
             continue;
         };
         match (
@@ -330,10 +331,37 @@ pub async fn take_dns_sockets(
                 return Ok((udp, tcp));
             }
             // Not open yet (EBADF).
-            _ => tokio::time::sleep(Duration::from_millis(10)).await,
+            _ => wait.pause().await,
         }
     }
     bail!("task-init (under pid {unshare_pid}) did not open the task's DNS sockets within 5 s")
+}
+
+/// Polling for a starting task's next step (its namespaces, its DNS sockets) for 5 s at most:
+/// 0.25 ms first, doubling up to 10 ms, so a task that is quick to start is not kept waiting
+/// for a fixed 10 ms tick (each of those cost an attach 5 ms on average), and a slow one is not
+/// polled a thousand times a second.
+struct StartupWait {
+    next: Duration,
+    deadline: std::time::Instant,
+}
+
+impl StartupWait {
+    fn new() -> Self {
+        Self {
+            next: Duration::from_micros(250),
+            deadline: std::time::Instant::now() + Duration::from_secs(5),
+        }
+    }
+
+    fn more(&self) -> bool {
+        std::time::Instant::now() < self.deadline
+    }
+
+    async fn pause(&mut self) {
+        tokio::time::sleep(self.next).await;
+        self.next = (self.next * 2).min(Duration::from_millis(10));
+    }
 }
 
 fn pidfd_open(pid: u32) -> io::Result<std::os::fd::OwnedFd> {
@@ -376,10 +404,11 @@ impl TaskHandle {
             TaskProcess::Adopted { unshare_pid, .. } => return Ok(*unshare_pid),
         };
         let ours = fs::read_link("/proc/self/ns/net")?;
-        for _ in 0..500 {
+        let mut wait = StartupWait::new();
+        while wait.more() {
             match fs::read_link(format!("/proc/{pid}/ns/net")) {
                 Ok(theirs) if theirs != ours => return Ok(pid),
-                Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                Ok(_) => wait.pause().await,
                 Err(_) => bail!("the task ended before its namespaces were made"),
             }
         }
