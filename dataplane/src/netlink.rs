@@ -733,11 +733,33 @@ impl Netlink {
         let mut message = NeighbourMessage::default();
         message.header.family = AddressFamily::Bridge;
         message.header.ifindex = index;
-        let answer = self.request(
+        let entries = self.neighbour_dump(
             || format!("listing the FDB of link {index}"),
-            RouteNetlinkMessage::GetNeighbour(message),
-            NLM_F_DUMP,
+            message,
+            index,
         )?;
+        Ok(entries
+            .into_iter()
+            .filter_map(|entry| {
+                Some(FdbEntry {
+                    mac: entry.mac?,
+                    dst: entry.dst,
+                    permanent: entry.permanent,
+                    own: entry.flags.contains(NeighbourFlags::Own),
+                })
+            })
+            .collect())
+    }
+
+    /// A dump of neighbour-table entries (`message` says which table), those of device
+    /// `index` decoded.
+    fn neighbour_dump(
+        &mut self,
+        what: impl Fn() -> String,
+        message: NeighbourMessage,
+        index: u32,
+    ) -> NetlinkResult<Vec<DumpedNeighbour>> {
+        let answer = self.request(what, RouteNetlinkMessage::GetNeighbour(message), NLM_F_DUMP)?;
         Ok(answer
             .into_iter()
             .filter_map(|m| {
@@ -747,23 +769,22 @@ impl Netlink {
                 if entry.header.ifindex != index {
                     return None;
                 }
-                let mut mac = None;
-                let mut dst = None;
+                let mut decoded = DumpedNeighbour {
+                    mac: None,
+                    dst: None,
+                    permanent: entry.header.state == NeighbourState::Permanent,
+                    flags: entry.header.flags,
+                };
                 for attribute in &entry.attributes {
                     match attribute {
                         NeighbourAttribute::LinkLayerAddress(bytes) => {
-                            mac = <[u8; 6]>::try_from(bytes.as_slice()).ok()
+                            decoded.mac = <[u8; 6]>::try_from(bytes.as_slice()).ok()
                         }
-                        NeighbourAttribute::Destination(address) => dst = ip_of(address),
+                        NeighbourAttribute::Destination(address) => decoded.dst = ip_of(address),
                         _ => {}
                     }
                 }
-                Some(FdbEntry {
-                    mac: mac?,
-                    dst,
-                    permanent: entry.header.state == NeighbourState::Permanent,
-                    own: entry.header.flags.contains(NeighbourFlags::Own),
-                })
+                Some(decoded)
             })
             .collect())
     }
@@ -829,41 +850,33 @@ impl Netlink {
         message.header.family = AddressFamily::Inet;
         // A strict neighbour dump takes the device as an attribute (the header's is refused).
         message.attributes.push(NeighbourAttribute::IfIndex(index));
-        let answer = self.request(
+        let entries = self.neighbour_dump(
             || format!("listing the neighbours of link {index}"),
-            RouteNetlinkMessage::GetNeighbour(message),
-            NLM_F_DUMP,
+            message,
+            index,
         )?;
-        Ok(answer
+        Ok(entries
             .into_iter()
-            .filter_map(|m| {
-                let RouteNetlinkMessage::NewNeighbour(entry) = m else {
+            .filter_map(|entry| {
+                let Some(IpAddr::V4(ip)) = entry.dst else {
                     return None;
                 };
-                if entry.header.ifindex != index {
-                    return None;
-                }
-                let mut ip = None;
-                let mut mac = None;
-                for attribute in &entry.attributes {
-                    match attribute {
-                        NeighbourAttribute::Destination(NeighbourAddress::Inet(addr)) => {
-                            ip = Some(*addr)
-                        }
-                        NeighbourAttribute::LinkLayerAddress(bytes) => {
-                            mac = <[u8; 6]>::try_from(bytes.as_slice()).ok()
-                        }
-                        _ => {}
-                    }
-                }
                 Some(Neighbour {
-                    ip: ip?,
-                    mac,
-                    permanent: entry.header.state == NeighbourState::Permanent,
+                    ip,
+                    mac: entry.mac,
+                    permanent: entry.permanent,
                 })
             })
             .collect())
     }
+}
+
+/// One entry of a neighbour-table dump, decoded.
+struct DumpedNeighbour {
+    mac: Option<[u8; 6]>,
+    dst: Option<IpAddr>,
+    permanent: bool,
+    flags: NeighbourFlags,
 }
 
 fn neighbour_address(ip: IpAddr) -> NeighbourAddress {
