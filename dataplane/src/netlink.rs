@@ -320,22 +320,29 @@ impl Netlink {
         self.request(op, message, flags | NLM_F_ACK).map(drop)
     }
 
+    /// A dump request, each answer kept as `pick` makes it (or left out).
+    fn dump<T>(
+        &mut self,
+        op: impl FnOnce() -> String,
+        message: RouteNetlinkMessage,
+        pick: impl FnMut(RouteNetlinkMessage) -> Option<T>,
+    ) -> NetlinkResult<Vec<T>> {
+        let answer = self.request(op, message, NLM_F_DUMP)?;
+        Ok(answer.into_iter().filter_map(pick).collect())
+    }
+
     // Links.
 
     /// Every link of the namespace.
     pub fn links(&mut self) -> NetlinkResult<Vec<Link>> {
-        let answer = self.request(
+        self.dump(
             || "listing links".into(),
             RouteNetlinkMessage::GetLink(LinkMessage::default()),
-            NLM_F_DUMP,
-        )?;
-        Ok(answer
-            .into_iter()
-            .filter_map(|m| match m {
+            |m| match m {
                 RouteNetlinkMessage::NewLink(link) => Some(link_of(link)),
                 _ => None,
-            })
-            .collect())
+            },
+        )
     }
 
     /// The link named `name`, if there is one.
@@ -507,14 +514,10 @@ impl Netlink {
     pub fn addresses(&mut self) -> NetlinkResult<Vec<Address>> {
         let mut message = AddressMessage::default();
         message.header.family = AddressFamily::Inet;
-        let answer = self.request(
+        self.dump(
             || "listing addresses".into(),
             RouteNetlinkMessage::GetAddress(message),
-            NLM_F_DUMP,
-        )?;
-        Ok(answer
-            .into_iter()
-            .filter_map(|m| {
+            |m| {
                 let RouteNetlinkMessage::NewAddress(address) = m else {
                     return None;
                 };
@@ -527,8 +530,8 @@ impl Netlink {
                     ip,
                     prefix: address.header.prefix_len,
                 })
-            })
-            .collect())
+            },
+        )
     }
 
     pub fn add_address(&mut self, index: u32, ip: Ipv4Addr, prefix: u8) -> NetlinkResult<()> {
@@ -592,14 +595,10 @@ impl Netlink {
         message.header.scope = RouteScope::Universe;
         message.header.kind = RouteType::Unspec;
         message.attributes.push(RouteAttribute::Table(table));
-        let answer = self.request(
+        self.dump(
             || format!("listing the routes of table {table}"),
             RouteNetlinkMessage::GetRoute(message),
-            NLM_F_DUMP,
-        )?;
-        Ok(answer
-            .into_iter()
-            .filter_map(|m| {
+            |m| {
                 let RouteNetlinkMessage::NewRoute(route) = m else {
                     return None;
                 };
@@ -627,8 +626,8 @@ impl Netlink {
                     }
                 }
                 (found.table == table).then_some(found)
-            })
-            .collect())
+            },
+        )
     }
 
     /// The main table's default route, if there is one (instead of `/proc/net/route`).
@@ -660,14 +659,10 @@ impl Netlink {
     pub fn rules(&mut self) -> NetlinkResult<Vec<Rule>> {
         let mut message = RuleMessage::default();
         message.header.family = AddressFamily::Inet;
-        let answer = self.request(
+        self.dump(
             || "listing rules".into(),
             RouteNetlinkMessage::GetRule(message),
-            NLM_F_DUMP,
-        )?;
-        Ok(answer
-            .into_iter()
-            .filter_map(|m| {
+            |m| {
                 let RouteNetlinkMessage::NewRule(rule) = m else {
                     return None;
                 };
@@ -690,8 +685,8 @@ impl Netlink {
                     }
                 }
                 has_source.then_some(found)
-            })
-            .collect())
+            },
+        )
     }
 
     // Bridge forwarding database (on a VXLAN device: which VTEP has a MAC).
@@ -759,34 +754,30 @@ impl Netlink {
         message: NeighbourMessage,
         index: u32,
     ) -> NetlinkResult<Vec<DumpedNeighbour>> {
-        let answer = self.request(what, RouteNetlinkMessage::GetNeighbour(message), NLM_F_DUMP)?;
-        Ok(answer
-            .into_iter()
-            .filter_map(|m| {
-                let RouteNetlinkMessage::NewNeighbour(entry) = m else {
-                    return None;
-                };
-                if entry.header.ifindex != index {
-                    return None;
-                }
-                let mut decoded = DumpedNeighbour {
-                    mac: None,
-                    dst: None,
-                    permanent: entry.header.state == NeighbourState::Permanent,
-                    flags: entry.header.flags,
-                };
-                for attribute in &entry.attributes {
-                    match attribute {
-                        NeighbourAttribute::LinkLayerAddress(bytes) => {
-                            decoded.mac = <[u8; 6]>::try_from(bytes.as_slice()).ok()
-                        }
-                        NeighbourAttribute::Destination(address) => decoded.dst = ip_of(address),
-                        _ => {}
+        self.dump(what, RouteNetlinkMessage::GetNeighbour(message), |m| {
+            let RouteNetlinkMessage::NewNeighbour(entry) = m else {
+                return None;
+            };
+            if entry.header.ifindex != index {
+                return None;
+            }
+            let mut decoded = DumpedNeighbour {
+                mac: None,
+                dst: None,
+                permanent: entry.header.state == NeighbourState::Permanent,
+                flags: entry.header.flags,
+            };
+            for attribute in &entry.attributes {
+                match attribute {
+                    NeighbourAttribute::LinkLayerAddress(bytes) => {
+                        decoded.mac = <[u8; 6]>::try_from(bytes.as_slice()).ok()
                     }
+                    NeighbourAttribute::Destination(address) => decoded.dst = ip_of(address),
+                    _ => {}
                 }
-                Some(decoded)
-            })
-            .collect())
+            }
+            Some(decoded)
+        })
     }
 
     // Neighbours (ARP).

@@ -333,14 +333,7 @@ impl Manager {
     /// (openraft takes one membership change at a time) is added as a learner, then made a
     /// voter, in the background; a failure is retried on a later pass.
     fn reconcile_membership(&self, state: &ClusterState) {
-        let voters: BTreeSet<u64> = self
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .collect();
+        let voters = voters(&self.raft);
         // Only a manager heard from lately: a lost one (after --force-new-cluster, say) must
         // not become a voter the quorum would then wait for.
         let heard = |id: &str| {
@@ -667,15 +660,8 @@ impl Manager {
     }
 
     async fn remove_voter(&self, node: &Node) -> Result<()> {
-        let remaining: BTreeSet<u64> = self
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .filter(|id| *id != node.raft_id)
-            .collect();
+        let mut remaining = voters(&self.raft);
+        remaining.remove(&node.raft_id);
         tokio::time::timeout(WRITE_TIMEOUT, self.raft.change_membership(remaining, false))
             .await
             .map_err(|_| {
@@ -686,14 +672,7 @@ impl Manager {
     }
 
     fn node_view(&self, node: &Node) -> NodeView {
-        let voter = self
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .any(|id| id == node.raft_id);
+        let voter = voters(&self.raft).contains(&node.raft_id);
         let manager_status = match node.role {
             Role::Worker => String::new(),
             Role::Manager if Some(node.raft_id) == self.leader_id() => "Leader".into(),
@@ -716,17 +695,21 @@ impl Manager {
     }
 }
 
-async fn add_voter(raft: &Raft, raft_id: u64, member: Member) -> Result<()> {
-    raft.add_learner(raft_id, member, true)
-        .await
-        .map_err(|err| anyhow!("adding learner: {err}"))?;
-    let mut voters: BTreeSet<u64> = raft
-        .metrics()
+/// The Raft IDs of the voters, as this member last saw the membership.
+fn voters(raft: &Raft) -> BTreeSet<u64> {
+    raft.metrics()
         .borrow()
         .membership_config
         .membership()
         .voter_ids()
-        .collect();
+        .collect()
+}
+
+async fn add_voter(raft: &Raft, raft_id: u64, member: Member) -> Result<()> {
+    raft.add_learner(raft_id, member, true)
+        .await
+        .map_err(|err| anyhow!("adding learner: {err}"))?;
+    let mut voters = voters(raft);
     voters.insert(raft_id);
     raft.change_membership(voters, false)
         .await
