@@ -1,5 +1,5 @@
-//! A DNS server per task namespace, on sockets the caller opened (in the task's namespace, see
-//! [`crate::bind_in_netns`]) and on the caller's tokio runtime.
+//! A DNS server per task namespace, on sockets the caller opened (in the task's namespace, at
+//! [`crate::EMBEDDED_DNS_ADDR`]) and on the caller's tokio runtime.
 //!
 //! The serving loops are written here on tokio rather than with hickory-server's `Server`: that
 //! one answers undecodable queries itself (so FORMERR could not be counted), spawns a task per

@@ -7,9 +7,13 @@ use std::time::{Duration, Instant};
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{Name, RData, Record, RecordType};
+use shoal_dataplane::{
+    netlink::{LinkChange, Netlink},
+    netns,
+};
 use shoal_dns::{
-    bind_in_netns, DnsServer, Forwarder, ForwarderConfig, Records, ServeHandle, SharedRecords,
-    TaskEndpoint, TaskScope,
+    DnsServer, Forwarder, ForwarderConfig, Records, ServeHandle, SharedRecords, TaskEndpoint,
+    TaskScope,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
@@ -386,79 +390,72 @@ async fn a_stopped_server_answers_no_more() {
     assert!(reply.is_none());
 }
 
-#[tokio::test]
-async fn bind_in_netns_serves_on_127_0_0_11() {
-    let (udp, tcp) = match bind_in_netns(Path::new("/proc/self/ns/net")) {
-        Ok(sockets) => sockets,
-        Err(error) if error.kind() == std::io::ErrorKind::AddrInUse => {
-            eprintln!("SKIPPED: 127.0.0.11:53 is already in use in this namespace: {error}");
-            return;
-        }
-        Err(error) => panic!("bind_in_netns needs root (setns, port 53): {error}"),
-    };
-    let server = DnsServer::new(cluster(), Forwarder::new(ForwarderConfig::default())).unwrap();
-    let scope = TaskScope {
-        networks: vec!["front".into()],
-    };
-    let _handle = server.serve(udp, tcp, scope).unwrap();
-    let reply = udp_ask(
-        shoal_dns::EMBEDDED_DNS_ADDR,
-        &query("web.", RecordType::A, None),
-    )
-    .await;
-    assert_eq!(a_records(&reply), [Ipv4Addr::new(10, 0, 1, 2)]);
-    let reply = tcp_ask(
-        shoal_dns::EMBEDDED_DNS_ADDR,
-        &query("tasks.web.", RecordType::A, None),
-    )
-    .await;
-    assert_eq!(a_records(&reply).len(), 2);
-}
-
 /// A named network namespace for one test, deleted when dropped.
+/// A named network namespace (lo up) for one test, removed when it ends.
 struct TestNetns(String);
 
 impl TestNetns {
     fn create() -> Self {
         let name = format!("shoal-dns-test-{}", std::process::id());
-        let ip = |args: &[&str]| {
-            let status = std::process::Command::new("ip").args(args).status();
-            assert!(
-                status.is_ok_and(|s| s.success()),
-                "ip {args:?} failed (needs root and iproute2)"
-            );
-        };
-        ip(&["netns", "add", &name]);
+        netns::create_named(&name).expect("creating a network namespace (needs root)");
         let netns = Self(name);
-        ip(&["-n", &netns.0, "link", "set", "lo", "up"]);
+        netns
+            .run(|| {
+                let mut netlink = Netlink::open()?;
+                let lo = netlink.index_of("lo")?;
+                let up = LinkChange {
+                    up: Some(true),
+                    ..LinkChange::default()
+                };
+                Ok(netlink.set_link(lo, &up)?)
+            })
+            .unwrap();
         netns
     }
 
     fn path(&self) -> std::path::PathBuf {
         Path::new("/run/netns").join(&self.0)
     }
+
+    /// Runs `body` on a thread inside the namespace (a socket made there stays there).
+    fn run<T: Send>(&self, body: impl FnOnce() -> anyhow::Result<T> + Send) -> anyhow::Result<T> {
+        netns::run_in_file(&std::fs::File::open(self.path())?, body)
+    }
+
+    /// The embedded DNS's sockets, bound at 127.0.0.11:53 inside the namespace.
+    fn bind_embedded_dns(&self) -> (std::net::UdpSocket, std::net::TcpListener) {
+        self.run(|| {
+            let udp = std::net::UdpSocket::bind(shoal_dns::EMBEDDED_DNS_ADDR)?;
+            udp.set_nonblocking(true)?;
+            let tcp = std::net::TcpListener::bind(shoal_dns::EMBEDDED_DNS_ADDR)?;
+            tcp.set_nonblocking(true)?;
+            Ok((udp, tcp))
+        })
+        .unwrap()
+    }
 }
 
 impl Drop for TestNetns {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &self.0])
-            .status();
+        let _ = netns::delete_named(&self.0);
     }
 }
 
-/// Asks 127.0.0.11 from a thread inside the namespace, as a task would.
+/// A query sent from inside the namespace (from a blocking thread that enters it, never from
+/// a pooled runtime thread, which would stay there).
 async fn ask_from_netns(netns: std::path::PathBuf, wire: Vec<u8>) -> Message {
     let reply = tokio::task::spawn_blocking(move || {
-        let netns = std::fs::File::open(netns).unwrap();
-        nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        socket.set_read_timeout(Some(CLIENT_WAIT)).unwrap();
-        socket.send_to(&wire, shoal_dns::EMBEDDED_DNS_ADDR).unwrap();
-        let mut buffer = vec![0u8; 65_535];
-        let len = socket.recv(&mut buffer).unwrap();
-        buffer.truncate(len);
-        buffer
+        let file = std::fs::File::open(netns).unwrap();
+        netns::run_in_file(&file, || {
+            let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+            socket.set_read_timeout(Some(CLIENT_WAIT))?;
+            socket.send_to(&wire, shoal_dns::EMBEDDED_DNS_ADDR)?;
+            let mut buffer = vec![0u8; 65_535];
+            let len = socket.recv(&mut buffer)?;
+            buffer.truncate(len);
+            Ok(buffer)
+        })
+        .unwrap()
     })
     .await
     .unwrap();
@@ -471,7 +468,7 @@ async fn bind_in_netns_serves_a_task_namespace_and_forwards_from_the_host() {
     // The stub listens on the host's loopback, which the task's namespace cannot reach: the
     // answer proves forwarding leaves from the agent's namespace.
     let stub = stub_upstream(Stub::Answers).await;
-    let (udp, tcp) = bind_in_netns(&netns.path()).unwrap();
+    let (udp, tcp) = netns.bind_embedded_dns();
     let server = DnsServer::new(cluster(), Forwarder::new(upstream(stub))).unwrap();
     let scope = TaskScope {
         networks: vec!["front".into()],
