@@ -463,7 +463,7 @@ async fn ask_from_netns(netns: std::path::PathBuf, wire: Vec<u8>) -> Message {
 }
 
 #[tokio::test]
-async fn bind_in_netns_serves_a_task_namespace_and_forwards_from_the_host() {
+async fn serves_a_task_namespace_and_forwards_from_the_host() {
     let netns = TestNetns::create();
     // The stub listens on the host's loopback, which the task's namespace cannot reach: the
     // answer proves forwarding leaves from the agent's namespace.
