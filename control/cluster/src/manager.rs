@@ -280,6 +280,7 @@ impl Manager {
             exposed_metrics_port: join.exposed_metrics_port,
             left: false,
             resources: join.resources,
+            platform: join.platform,
         };
         self.write(Command::AddNode(node)).await?;
         let added = self
