@@ -528,6 +528,12 @@ pub async fn node(client: &Client, command: NodeCommand) -> Result<()> {
                     println!("Manager Status:     {}", view.manager_status);
                 }
                 println!("Labels:             {}", labels.join(", "));
+                if !view.platform.os.is_empty() {
+                    println!(
+                        "Platform:           {}/{}",
+                        view.platform.os, view.platform.arch
+                    );
+                }
                 print!(
                     "{}",
                     crate::containment_args::render_node_resources(&view.resources)

@@ -78,6 +78,42 @@ fn spread_over_zones_pins_by_hostname_and_caps_per_node() {
         BTreeMap::from([("node2".to_owned(), 3)])
     );
 
+    // Nodes report their platform; an update of the constraints rolls the tasks over.
+    let node3 = lab.node_json("node1", &["node", "inspect", "node3"]);
+    let node3 = if node3.is_array() {
+        node3[0].clone()
+    } else {
+        node3
+    };
+    assert_eq!(node3["platform"]["os"], "linux", "{node3}");
+    lab.exec(
+        "node1",
+        &[
+            "shoal",
+            "service",
+            "update",
+            "--detach",
+            "--constraint-rm",
+            "node.hostname==node2",
+            "--constraint-add",
+            "node.hostname==node3",
+            "--constraint-add",
+            "node.platform.os==linux",
+            "pinned",
+        ],
+    );
+    wait_for("pinned moved to node3", Duration::from_secs(60), || {
+        let live: Vec<Value> = tasks(&lab, "pinned")
+            .into_iter()
+            .filter(|t| t["desired"] == "running")
+            .collect();
+        (live.len() == 3
+            && live
+                .iter()
+                .all(|t| t["state"] == "running" && t["node"] == "node3"))
+        .then_some(())
+    });
+
     // A bad constraint is refused up front, naming the flag.
     let out = lab.run(&[
         "exec",

@@ -713,6 +713,7 @@ impl Manager {
             labels: node.labels.clone(),
             created_at: node.created_at,
             resources: node.resources,
+            platform: node.platform.clone(),
         }
     }
 }

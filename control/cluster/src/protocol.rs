@@ -292,6 +292,9 @@ pub struct NodeView {
     /// CPUs and memory it offers reservations, as Swarm's Description.Resources.
     #[serde(default)]
     pub resources: shoal_dataplane::limits::Resources,
+    /// OS and architecture, as `node.platform.*` constraints see them (empty: not reported).
+    #[serde(default)]
+    pub platform: super::state::Platform,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
