@@ -23,8 +23,8 @@ use shoal_cluster::{
         TaskView,
     },
     state::{
-        Availability, Constraint, EndpointMode, NodeStatus, PortConfig, PublishMode, ServiceMode,
-        ServiceSpec, SourceMode, TaskState,
+        Availability, Constraint, EndpointMode, NodeStatus, PlacementPref, PlacementUpdate,
+        PortConfig, PublishMode, ServiceMode, ServiceSpec, SourceMode, TaskState,
     },
 };
 
@@ -296,6 +296,21 @@ pub enum ServiceCommand {
         /// Stop publishing a port: PUBLISHED or PUBLISHED/udp
         #[arg(long = "publish-rm")]
         publish_rm: Vec<String>,
+        /// Add a placement constraint (as `create --constraint`)
+        #[arg(long = "constraint-add")]
+        constraint_add: Vec<String>,
+        /// Remove a placement constraint, written as it was added
+        #[arg(long = "constraint-rm")]
+        constraint_rm: Vec<String>,
+        /// Add a placement preference: spread=node.labels.NAME
+        #[arg(long = "placement-pref-add")]
+        placement_pref_add: Vec<String>,
+        /// Remove a placement preference
+        #[arg(long = "placement-pref-rm")]
+        placement_pref_rm: Vec<String>,
+        /// At most this many tasks on one node (0: no limit)
+        #[arg(long)]
+        replicas_max_per_node: Option<u64>,
         /// Replace the tasks even if nothing changed
         #[arg(long)]
         force: bool,
@@ -329,8 +344,16 @@ pub struct CreateArgs {
     mode: Option<String>,
     #[arg(long = "env", short = 'e')]
     env: Vec<String>,
+    /// Where the tasks may run: KEY==VALUE or KEY!=VALUE, KEY being node.id,
+    /// node.hostname, node.role, node.platform.os, node.platform.arch or node.labels.NAME
     #[arg(long = "constraint")]
     constraints: Vec<String>,
+    /// Spread the tasks evenly over a node label's values first: spread=node.labels.NAME
+    #[arg(long = "placement-pref")]
+    placement_prefs: Vec<String>,
+    /// At most this many of the service's tasks on one node (0: no limit)
+    #[arg(long, default_value_t = 0)]
+    replicas_max_per_node: u64,
     /// Overlay networks to attach each task to (eth0, eth1, ... in this order)
     #[arg(long = "network")]
     networks: Vec<String>,
@@ -505,6 +528,12 @@ pub async fn node(client: &Client, command: NodeCommand) -> Result<()> {
                     println!("Manager Status:     {}", view.manager_status);
                 }
                 println!("Labels:             {}", labels.join(", "));
+                if !view.platform.os.is_empty() {
+                    println!(
+                        "Platform:           {}/{}",
+                        view.platform.os, view.platform.arch
+                    );
+                }
                 print!(
                     "{}",
                     crate::containment_args::render_node_resources(&view.resources)
@@ -726,6 +755,7 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
                         publish_rm: vec![],
                         force: false,
                         containment: Default::default(),
+                        placement: Default::default(),
                     },
                     Service
                 );
@@ -742,11 +772,25 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
             network_rm,
             publish_add,
             publish_rm,
+            constraint_add,
+            constraint_rm,
+            placement_pref_add,
+            placement_pref_rm,
+            replicas_max_per_node,
             force,
             containment,
             detach,
             service,
         } => {
+            let placement = PlacementUpdate {
+                constraint_add,
+                constraint_rm,
+                pref_add: placement_pref_add,
+                pref_rm: placement_pref_rm,
+                max_replicas_per_node: replicas_max_per_node,
+            };
+            // Refused here already, with the flag named, rather than by the manager.
+            placement.check()?;
             let view = ask!(
                 client,
                 ControlRequest::ServiceUpdate {
@@ -759,6 +803,7 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
                     publish_rm,
                     force,
                     containment: containment.update(),
+                    placement: Box::new(placement),
                 },
                 Service
             );
@@ -808,6 +853,12 @@ fn service_spec(args: CreateArgs) -> Result<ServiceSpec> {
             .iter()
             .map(|c| Constraint::parse(c))
             .collect::<Result<_>>()?,
+        placement_prefs: args
+            .placement_prefs
+            .iter()
+            .map(|p| PlacementPref::parse(p))
+            .collect::<Result<_>>()?,
+        max_replicas_per_node: args.replicas_max_per_node,
         update_parallelism: args.update_parallelism,
         update_delay_secs: parse_duration_secs(&args.update_delay)?,
         networks: args.networks,
@@ -831,6 +882,14 @@ fn render_service(view: &ServiceView) -> String {
         format!("Command:        {}", view.command.join(" ")),
         format!("Env:            {}", view.env.join(" ")),
         format!("Constraints:    {}", view.constraints.join(", ")),
+        format!("Preferences:    {}", view.placement_prefs.join(", ")),
+        format!(
+            "Max per node:   {}",
+            match view.max_replicas_per_node {
+                0 => "unlimited".to_owned(),
+                n => n.to_string(),
+            }
+        ),
         format!("Networks:       {}", view.networks.join(", ")),
         format!("Ports:          {}", ports.join(", ")),
         format!(

@@ -82,8 +82,8 @@ fn walkthrough_scale_heal_drain_and_remove() {
             "invalid service name",
         ),
         (
-            &["--name", "c", "--constraint", "node.id==x", "--", "true"],
-            "only node.labels",
+            &["--name", "c", "--constraint", "node.foo==x", "--", "true"],
+            "unknown key \"node.foo\"",
         ),
         (
             &["--name", "e", "--env", "NOVALUE", "--", "true"],

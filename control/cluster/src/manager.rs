@@ -280,6 +280,7 @@ impl Manager {
             exposed_metrics_port: join.exposed_metrics_port,
             left: false,
             resources: join.resources,
+            platform: join.platform,
         };
         self.write(Command::AddNode(node)).await?;
         let added = self
@@ -691,6 +692,7 @@ impl Manager {
             labels: node.labels.clone(),
             created_at: node.created_at,
             resources: node.resources,
+            platform: node.platform.clone(),
         }
     }
 }

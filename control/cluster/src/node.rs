@@ -260,6 +260,7 @@ impl ClusterRuntime {
                         exposed_metrics_port: self.config.exposed_metrics_port,
                         left: false,
                         resources: self.config.node_resources,
+                        platform: super::state::Platform::local(),
                     },
                     settings,
                     ingress,
@@ -404,6 +405,7 @@ impl ClusterRuntime {
                 gossip_port: self.config.gossip_port,
                 exposed_metrics_port: self.config.exposed_metrics_port,
                 resources: self.config.node_resources,
+                platform: super::state::Platform::local(),
             }),
         };
         let answer = client

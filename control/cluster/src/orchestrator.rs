@@ -509,16 +509,50 @@ impl Plan<'_> {
                 continue;
             };
             let reservations = &service.spec.containment.reservations;
-            let best = self
-                .state
-                .nodes
-                .values()
-                .filter(|n| eligible(n, service) && capacity.fits(n, reservations))
+            let spec = &service.spec;
+            let on_node = |load: &HashMap<(&str, &str), usize>, node: &str| {
+                load.get(&(service_key.as_str(), node))
+                    .copied()
+                    .unwrap_or(0)
+            };
+            // Nodes that could take a task at all, then those the constraints allow.
+            let ready: Vec<&Node> = self.state.nodes.values().filter(|n| available(n)).collect();
+            let allowed: Vec<&Node> = ready
+                .iter()
+                .copied()
+                .filter(|n| spec.constraints.iter().all(|c| c.matches(n)))
+                .collect();
+            let under_limit = |n: &Node| {
+                spec.max_replicas_per_node == 0
+                    || (on_node(&load, &n.id) as u64) < spec.max_replicas_per_node
+            };
+            // Placement preferences: per level, how many of the service's tasks the group
+            // of nodes sharing the label values (so far) holds, over the allowed nodes.
+            let groups = |n: &Node, level: usize| -> Vec<Option<String>> {
+                spec.placement_prefs[..=level]
+                    .iter()
+                    .map(|p| n.labels.get(&p.spread).cloned())
+                    .collect()
+            };
+            let group_load = |n: &Node, level: usize| -> usize {
+                let group = groups(n, level);
+                allowed
+                    .iter()
+                    .filter(|m| groups(m, level) == group)
+                    .map(|m| on_node(&load, &m.id))
+                    .sum()
+            };
+            let best = allowed
+                .iter()
+                .copied()
+                .filter(|n| under_limit(n) && capacity.fits(n, reservations))
                 .min_by_key(|n| {
+                    let spread: Vec<usize> = (0..spec.placement_prefs.len())
+                        .map(|level| group_load(n, level))
+                        .collect();
                     (
-                        load.get(&(service_key.as_str(), n.id.as_str()))
-                            .copied()
-                            .unwrap_or(0),
+                        spread,
+                        on_node(&load, &n.id),
                         total.get(n.id.as_str()).copied().unwrap_or(0),
                         n.id.clone(),
                     )
@@ -537,14 +571,15 @@ impl Plan<'_> {
                     self.put(task);
                 }
                 None => {
-                    // Swarm's words, with how many nodes only lacked the resources.
-                    let short = self
-                        .state
-                        .nodes
-                        .values()
-                        .filter(|n| eligible(n, service) && !capacity.fits(n, reservations))
+                    // Swarm's words, with how many nodes each filter turned down.
+                    let constrained = ready.len() - allowed.len();
+                    let at_limit = allowed.iter().filter(|n| !under_limit(n)).count();
+                    let short = allowed
+                        .iter()
+                        .filter(|n| under_limit(n) && !capacity.fits(n, reservations))
                         .count();
-                    let message = super::resources::no_suitable_node(short);
+                    let message =
+                        super::resources::no_suitable_node_because(constrained, at_limit, short);
                     if task.message != message {
                         task.message = message;
                         self.put(task);
@@ -586,11 +621,13 @@ impl Plan<'_> {
     }
 }
 
+/// A node that takes new tasks: up, active, not leaving.
+fn available(node: &Node) -> bool {
+    node.status == NodeStatus::Ready && !node.left && node.availability == Availability::Active
+}
+
 fn eligible(node: &Node, service: &Service) -> bool {
-    node.status == NodeStatus::Ready
-        && !node.left
-        && node.availability == Availability::Active
-        && service.spec.constraints.iter().all(|c| c.matches(node))
+    available(node) && service.spec.constraints.iter().all(|c| c.matches(node))
 }
 
 #[cfg(test)]
@@ -600,7 +637,7 @@ mod tests {
     use super::*;
     use crate::{
         pki::Role,
-        state::{Constraint, ServiceSpec, TaskReport},
+        state::{Constraint, PlacementPref, ServiceSpec, TaskReport},
     };
 
     const SETTINGS: Settings = Settings {
@@ -630,6 +667,10 @@ mod tests {
                     exposed_metrics_port: None,
                     left: false,
                     resources: Default::default(),
+                    platform: crate::state::Platform {
+                        os: "linux".into(),
+                        arch: "x86_64".into(),
+                    },
                 },
             );
         }
@@ -654,6 +695,8 @@ mod tests {
                     endpoint_mode: EndpointMode::Vip,
                     ports: vec![],
                     containment: Default::default(),
+                    placement_prefs: vec![],
+                    max_replicas_per_node: 0,
                 },
                 version: 1,
                 created_at: 0,
@@ -949,6 +992,168 @@ mod tests {
         assert!(state.tasks.values().any(|t| t.state == TaskState::Orphaned));
     }
 
+    fn label(state: &mut ClusterState, node: &str, key: &str, value: &str) {
+        let node = state.nodes.get_mut(node).unwrap();
+        node.labels.insert(key.into(), value.into());
+    }
+
+    fn pending(state: &ClusterState, service: &str) -> Vec<String> {
+        state
+            .tasks
+            .values()
+            .filter(|t| {
+                t.service_id == service
+                    && t.desired == TaskState::Running
+                    && t.state == TaskState::Pending
+            })
+            .map(|t| t.message.clone())
+            .collect()
+    }
+
+    #[test]
+    fn spread_over_a_zone_label_evens_the_zones_first() {
+        // One node per zone: 2-2-2 by node.
+        let mut state = cluster(3);
+        for (node, zone) in [("n1", "a"), ("n2", "b"), ("n3", "c")] {
+            label(&mut state, node, "zone", zone);
+        }
+        let web = service(&mut state, "web", ServiceMode::Replicated { replicas: 6 });
+        state.services.get_mut(&web).unwrap().spec.placement_prefs =
+            vec![PlacementPref::parse("spread=node.labels.zone").unwrap()];
+        converge(&mut state, 1);
+        assert_eq!(
+            running_per_node(&state, &web),
+            BTreeMap::from([("n1".into(), 2), ("n2".into(), 2), ("n3".into(), 2)])
+        );
+
+        // Uneven zones (1, 2 and 3 nodes): still 2 per zone, and even within one; nodes
+        // without the label are a zone of their own.
+        let mut state = cluster(7);
+        for (node, zone) in [
+            ("n1", "a"),
+            ("n2", "b"),
+            ("n3", "b"),
+            ("n4", "c"),
+            ("n5", "c"),
+            ("n6", "c"),
+        ] {
+            label(&mut state, node, "zone", zone);
+        }
+        let web = service(&mut state, "web", ServiceMode::Replicated { replicas: 8 });
+        state.services.get_mut(&web).unwrap().spec.placement_prefs =
+            vec![PlacementPref::parse("spread=node.labels.zone").unwrap()];
+        converge(&mut state, 1);
+        let per_node = running_per_node(&state, &web);
+        let zone_of = |n: &str| state.nodes[n].labels.get("zone").cloned();
+        let mut per_zone: BTreeMap<Option<String>, usize> = BTreeMap::new();
+        for (node, count) in &per_node {
+            *per_zone.entry(zone_of(node)).or_default() += count;
+        }
+        assert_eq!(per_zone.values().copied().collect::<Vec<_>>(), [2, 2, 2, 2]);
+        assert_eq!((per_node["n2"], per_node["n3"]), (1, 1));
+        assert_eq!(
+            per_node.get("n4").copied().unwrap_or(0)
+                + per_node.get("n5").copied().unwrap_or(0)
+                + per_node.get("n6").copied().unwrap_or(0),
+            2
+        );
+    }
+
+    #[test]
+    fn constraints_on_node_attributes_pin_tasks() {
+        let mut state = cluster(3);
+        let pinned = service(
+            &mut state,
+            "pinned",
+            ServiceMode::Replicated { replicas: 3 },
+        );
+        state.services.get_mut(&pinned).unwrap().spec.constraints =
+            vec![Constraint::parse("node.hostname==node2").unwrap()];
+        let workers = service(
+            &mut state,
+            "workers",
+            ServiceMode::Replicated { replicas: 4 },
+        );
+        state.services.get_mut(&workers).unwrap().spec.constraints = vec![
+            Constraint::parse("node.role==worker").unwrap(),
+            Constraint::parse("node.platform.os==linux").unwrap(),
+            Constraint::parse("node.id!=n3").unwrap(),
+        ];
+        converge(&mut state, 1);
+        assert_eq!(
+            running_per_node(&state, &pinned),
+            BTreeMap::from([("n2".into(), 3)])
+        );
+        assert_eq!(
+            running_per_node(&state, &workers),
+            BTreeMap::from([("n2".into(), 4)])
+        );
+    }
+
+    #[test]
+    fn replicas_max_per_node_leaves_the_rest_pending_with_the_reason() {
+        let mut state = cluster(3);
+        let web = service(&mut state, "web", ServiceMode::Replicated { replicas: 4 });
+        state
+            .services
+            .get_mut(&web)
+            .unwrap()
+            .spec
+            .max_replicas_per_node = 1;
+        converge(&mut state, 1);
+        assert_eq!(running_per_node(&state, &web).len(), 3);
+        assert_eq!(
+            pending(&state, &web),
+            ["no suitable node (max replicas per node limit exceed on 3 nodes)"]
+        );
+        // Reasons add up, each node under the first filter it fails.
+        let mut mixed = state.clone();
+        mixed.services.get_mut(&web).unwrap().spec.constraints =
+            vec![Constraint::parse("node.role==worker").unwrap()];
+        converge(&mut mixed, 2);
+        assert_eq!(
+            pending(&mixed, &web),
+            ["no suitable node (scheduling constraints not satisfied on 1 node; max replicas per node limit exceed on 2 nodes)"]
+        );
+        // A node joining takes the waiting task.
+        let mut joined = state.clone();
+        let mut n4 = joined.nodes["n3"].clone();
+        n4.id = "n4".into();
+        n4.hostname = "node4".into();
+        joined.nodes.insert("n4".into(), n4);
+        converge(&mut joined, 2);
+        assert!(pending(&joined, &web).is_empty());
+        assert_eq!(running_per_node(&joined, &web).len(), 4);
+        // Scaling down to 3 leaves none pending.
+        if let ServiceMode::Replicated { replicas } =
+            &mut state.services.get_mut(&web).unwrap().spec.mode
+        {
+            *replicas = 3;
+        }
+        converge(&mut state, 2);
+        assert!(pending(&state, &web).is_empty());
+        assert_eq!(running_per_node(&state, &web).len(), 3);
+    }
+
+    #[test]
+    fn a_task_waiting_on_a_constraint_starts_once_a_node_matches() {
+        let mut state = cluster(2);
+        let web = service(&mut state, "web", ServiceMode::Replicated { replicas: 1 });
+        state.services.get_mut(&web).unwrap().spec.constraints =
+            vec![Constraint::parse("node.labels.disk==ssd").unwrap()];
+        converge(&mut state, 1);
+        assert_eq!(
+            pending(&state, &web),
+            ["no suitable node (scheduling constraints not satisfied on 2 nodes)"]
+        );
+        label(&mut state, "n2", "disk", "ssd");
+        converge(&mut state, 2);
+        assert_eq!(
+            running_per_node(&state, &web),
+            BTreeMap::from([("n2".into(), 1)])
+        );
+    }
+
     #[test]
     fn global_runs_one_per_eligible_node_and_constraints_filter() {
         let mut state = cluster(3);
@@ -989,7 +1194,10 @@ mod tests {
         assert_eq!(pending.len(), 1);
         assert_eq!(
             (pending[0].state, pending[0].message.as_str()),
-            (TaskState::Pending, "no suitable node")
+            (
+                TaskState::Pending,
+                "no suitable node (scheduling constraints not satisfied on 3 nodes)"
+            )
         );
     }
 

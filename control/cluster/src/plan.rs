@@ -167,6 +167,7 @@ pub fn plan(state: &ClusterState, request: ControlRequest, inputs: &Inputs) -> R
             publish_rm,
             force,
             containment,
+            placement,
         } => {
             let updated = update_service(
                 state,
@@ -180,6 +181,7 @@ pub fn plan(state: &ClusterState, request: ControlRequest, inputs: &Inputs) -> R
                     publish_rm,
                     force,
                     containment,
+                    placement: *placement,
                 },
                 inputs.at,
             )?;
@@ -303,6 +305,7 @@ struct ServiceChanges {
     publish_rm: Vec<String>,
     force: bool,
     containment: crate::resources::ContainmentUpdate,
+    placement: crate::state::PlacementUpdate,
 }
 
 fn update_service(
@@ -365,6 +368,11 @@ fn update_service(
     let restart = changes
         .containment
         .apply(&mut updated.spec.containment)
+        .kind(ErrorKind::Invalid)?
+        || restart;
+    let restart = changes
+        .placement
+        .apply(&mut updated.spec)
         .kind(ErrorKind::Invalid)?
         || restart;
     updated.spec.validate().kind(ErrorKind::Invalid)?;
@@ -815,6 +823,7 @@ mod tests {
             publish_rm: vec![],
             force: false,
             containment: Default::default(),
+            placement: Default::default(),
         }
     }
 
@@ -829,6 +838,95 @@ mod tests {
             publish_rm: changes.publish_rm,
             force: changes.force,
             containment: changes.containment,
+            placement: Box::new(changes.placement),
+        }
+    }
+
+    #[test]
+    fn service_update_changes_placement_and_rolls_the_tasks() {
+        let state = swarm();
+        let placement = |p: crate::state::PlacementUpdate| ServiceChanges {
+            placement: p,
+            ..no_changes()
+        };
+        let plan = plan_of(
+            &state,
+            update_request(
+                "web",
+                placement(crate::state::PlacementUpdate {
+                    constraint_add: vec!["node.hostname==w".into(), "node.role!=manager".into()],
+                    pref_add: vec!["spread=node.labels.zone".into()],
+                    max_replicas_per_node: Some(2),
+                    ..Default::default()
+                }),
+            ),
+        )
+        .unwrap();
+        let [Command::PutService(service)] = written(&plan) else {
+            panic!("{:?}", plan.commands)
+        };
+        assert_eq!(service.version, 2, "a placement change rolls the tasks");
+        let shown: Vec<String> = service
+            .spec
+            .constraints
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(shown, ["node.hostname==w", "node.role!=manager"]);
+        assert_eq!(
+            service.spec.placement_prefs[0].to_string(),
+            "spread=node.labels.zone"
+        );
+        assert_eq!(service.spec.max_replicas_per_node, 2);
+
+        let mut state = state.clone();
+        state.services.insert(service.id.clone(), service.clone());
+        let plan = plan_of(
+            &state,
+            update_request(
+                "web",
+                placement(crate::state::PlacementUpdate {
+                    constraint_rm: vec!["node.hostname==w".into()],
+                    pref_rm: vec!["spread=node.labels.zone".into()],
+                    max_replicas_per_node: Some(0),
+                    ..Default::default()
+                }),
+            ),
+        )
+        .unwrap();
+        let [Command::PutService(service)] = written(&plan) else {
+            panic!("{:?}", plan.commands)
+        };
+        assert_eq!(service.spec.constraints.len(), 1);
+        assert!(service.spec.placement_prefs.is_empty());
+        assert_eq!(service.spec.max_replicas_per_node, 0);
+
+        for (bad, says) in [
+            (
+                crate::state::PlacementUpdate {
+                    constraint_add: vec!["node.foo==x".into()],
+                    ..Default::default()
+                },
+                "--constraint-add",
+            ),
+            (
+                crate::state::PlacementUpdate {
+                    constraint_rm: vec!["node.labels.zone==q".into()],
+                    ..Default::default()
+                },
+                "no such constraint",
+            ),
+            (
+                crate::state::PlacementUpdate {
+                    pref_add: vec!["binpack=node.labels.zone".into()],
+                    ..Default::default()
+                },
+                "--placement-pref-add",
+            ),
+        ] {
+            let (kind, message) = refusal(&state, update_request("web", placement(bad)));
+            assert_eq!(kind, ErrorKind::Invalid);
+            assert!(message.contains(says), "{message}");
         }
     }
 

@@ -66,6 +66,9 @@ pub struct JoinRequest {
     /// CPUs and memory it offers reservations.
     #[serde(default)]
     pub resources: shoal_dataplane::limits::Resources,
+    /// Its OS and architecture (`node.platform.*` constraints).
+    #[serde(default)]
+    pub platform: super::state::Platform,
 }
 
 fn default_gossip_port() -> u16 {
@@ -209,6 +212,9 @@ pub enum ControlRequest {
         /// `--user`, `--cap-*`, `--limit-*`, `--reserve-*`: a change rolls the tasks.
         #[serde(default)]
         containment: super::resources::ContainmentUpdate,
+        /// Constraints, placement preferences, max replicas per node: a change rolls the tasks.
+        #[serde(default)]
+        placement: Box<super::state::PlacementUpdate>,
     },
     ServiceRemove {
         service: String,
@@ -286,6 +292,9 @@ pub struct NodeView {
     /// CPUs and memory it offers reservations, as Swarm's Description.Resources.
     #[serde(default)]
     pub resources: shoal_dataplane::limits::Resources,
+    /// OS and architecture, as `node.platform.*` constraints see them (empty: not reported).
+    #[serde(default)]
+    pub platform: super::state::Platform,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -298,6 +307,12 @@ pub struct ServiceView {
     pub command: Vec<String>,
     pub env: Vec<String>,
     pub constraints: Vec<String>,
+    /// `spread=node.labels.KEY`, in order.
+    #[serde(default)]
+    pub placement_prefs: Vec<String>,
+    /// 0: no limit.
+    #[serde(default)]
+    pub max_replicas_per_node: u64,
     pub version: u64,
     pub update_parallelism: u64,
     pub update_delay_secs: u64,

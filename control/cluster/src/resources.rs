@@ -289,10 +289,40 @@ fn fits(free: &Resources, need: &Resources) -> bool {
 
 /// `no suitable node`, with Swarm's reason when `short` nodes lacked only resources.
 pub fn no_suitable_node(short: usize) -> String {
-    match short {
-        0 => "no suitable node".into(),
-        1 => "no suitable node (insufficient resources on 1 node)".into(),
-        n => format!("no suitable node (insufficient resources on {n} nodes)"),
+    no_suitable_node_because(0, 0, short)
+}
+
+/// Swarm's reason for a task that fits nowhere, from how many nodes each filter turned
+/// down (a node counts under the first it fails: constraints, the per-node limit, then
+/// resources).
+pub fn no_suitable_node_because(constraints: usize, max_per_node: usize, short: usize) -> String {
+    let nodes = |n: usize| {
+        if n == 1 {
+            "1 node".to_owned()
+        } else {
+            format!("{n} nodes")
+        }
+    };
+    let mut why = Vec::new();
+    if constraints > 0 {
+        why.push(format!(
+            "scheduling constraints not satisfied on {}",
+            nodes(constraints)
+        ));
+    }
+    if max_per_node > 0 {
+        why.push(format!(
+            "max replicas per node limit exceed on {}",
+            nodes(max_per_node)
+        ));
+    }
+    if short > 0 {
+        why.push(format!("insufficient resources on {}", nodes(short)));
+    }
+    if why.is_empty() {
+        "no suitable node".into()
+    } else {
+        format!("no suitable node ({})", why.join("; "))
     }
 }
 

@@ -159,6 +159,9 @@ pub struct Node {
     /// unknown, not limited).
     #[serde(default)]
     pub resources: shoal_dataplane::limits::Resources,
+    /// Its OS and architecture (reported at join; empty for nodes that joined before).
+    #[serde(default)]
+    pub platform: Platform,
 }
 
 /// Manager API port of a node unless configured (TCP; every node serves it).
@@ -199,12 +202,38 @@ pub enum ServiceMode {
     Global,
 }
 
-/// `node.labels.KEY==VALUE` or `!=`.
+/// What a constraint looks at on a node (Swarm's `node.*` attributes).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ConstraintKey {
+    /// `node.id`
+    NodeId,
+    /// `node.hostname`
+    Hostname,
+    /// `node.role` (`manager` or `worker`)
+    Role,
+    /// `node.platform.os` (`linux`)
+    PlatformOs,
+    /// `node.platform.arch` (`x86_64`, `aarch64`)
+    PlatformArch,
+    /// `node.labels.KEY`: the label's name is `Constraint::label`. The default, as every
+    /// constraint was a label one before the other keys came (stored specs lack `key`).
+    #[default]
+    Label,
+}
+
+const CONSTRAINT_KEYS: &str =
+    "node.id, node.hostname, node.role, node.platform.os, node.platform.arch or node.labels.KEY";
+
+/// `KEY==VALUE` or `KEY!=VALUE` over a node attribute; several are ANDed.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Constraint {
+    /// For `node.labels.KEY`, the label's name; empty for the other keys.
     pub label: String,
     pub value: String,
     pub equal: bool,
+    #[serde(default)]
+    pub key: ConstraintKey,
 }
 
 impl Constraint {
@@ -214,30 +243,235 @@ impl Constraint {
         } else if let Some((k, v)) = text.split_once("!=") {
             (k, v, false)
         } else {
-            bail!("constraint {text:?}: expected node.labels.KEY==VALUE or node.labels.KEY!=VALUE");
+            bail!("--constraint {text:?}: expected KEY==VALUE or KEY!=VALUE, KEY being {CONSTRAINT_KEYS}");
         };
-        let Some(label) = key.trim().strip_prefix("node.labels.") else {
-            bail!("constraint {text:?}: only node.labels.KEY constraints are supported");
-        };
-        if label.is_empty() {
-            bail!("constraint {text:?}: empty label name");
+        let (key, value) = (key.trim(), value.trim());
+        if value.is_empty() {
+            bail!("--constraint {text:?}: no value after the operator");
         }
+        if value.contains("==") || value.contains("!=") {
+            bail!("--constraint {text:?}: one operator per constraint (== or !=)");
+        }
+        let mut label = String::new();
+        let key = match key.to_ascii_lowercase().as_str() {
+            "node.id" => ConstraintKey::NodeId,
+            "node.hostname" => ConstraintKey::Hostname,
+            "node.role" => {
+                if !["manager", "worker"].contains(&value.to_ascii_lowercase().as_str()) {
+                    bail!("--constraint {text:?}: node.role is manager or worker");
+                }
+                ConstraintKey::Role
+            }
+            "node.platform.os" => ConstraintKey::PlatformOs,
+            "node.platform.arch" => ConstraintKey::PlatformArch,
+            lower => {
+                let Some(name) = lower
+                    .starts_with("node.labels.")
+                    .then(|| &key["node.labels.".len()..])
+                else {
+                    bail!("--constraint {text:?}: unknown key {key:?}; expected {CONSTRAINT_KEYS}");
+                };
+                if name.is_empty() {
+                    bail!("--constraint {text:?}: empty label name after node.labels.");
+                }
+                label = name.to_owned();
+                ConstraintKey::Label
+            }
+        };
         Ok(Self {
-            label: label.to_owned(),
-            value: value.trim().to_owned(),
+            label,
+            value: value.to_owned(),
             equal,
+            key,
         })
     }
 
+    /// Swarm compares values without regard to case. A node that did not report its
+    /// platform (it joined before nodes did) matches no `==` on it.
     pub fn matches(&self, node: &Node) -> bool {
-        (node.labels.get(&self.label) == Some(&self.value)) == self.equal
+        let role;
+        let actual: Option<&str> = match self.key {
+            ConstraintKey::NodeId => Some(&node.id),
+            ConstraintKey::Hostname => Some(&node.hostname),
+            ConstraintKey::Role => {
+                role = node.role.to_string();
+                Some(&role)
+            }
+            ConstraintKey::PlatformOs => Some(node.platform.os.as_str()).filter(|s| !s.is_empty()),
+            ConstraintKey::PlatformArch => {
+                Some(node.platform.arch.as_str()).filter(|s| !s.is_empty())
+            }
+            ConstraintKey::Label => node.labels.get(&self.label).map(String::as_str),
+        };
+        actual.is_some_and(|a| a.eq_ignore_ascii_case(&self.value)) == self.equal
     }
 }
 
 impl fmt::Display for Constraint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let op = if self.equal { "==" } else { "!=" };
-        write!(f, "node.labels.{}{op}{}", self.label, self.value)
+        match self.key {
+            ConstraintKey::NodeId => write!(f, "node.id"),
+            ConstraintKey::Hostname => write!(f, "node.hostname"),
+            ConstraintKey::Role => write!(f, "node.role"),
+            ConstraintKey::PlatformOs => write!(f, "node.platform.os"),
+            ConstraintKey::PlatformArch => write!(f, "node.platform.arch"),
+            ConstraintKey::Label => write!(f, "node.labels.{}", self.label),
+        }?;
+        write!(f, "{op}{}", self.value)
+    }
+}
+
+/// `--placement-pref spread=node.labels.KEY`: tasks spread evenly over the label's values
+/// first (nodes without the label make one group of their own).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PlacementPref {
+    /// The label's name.
+    pub spread: String,
+}
+
+impl PlacementPref {
+    pub fn parse(text: &str) -> Result<Self> {
+        let Some((strategy, target)) = text.split_once('=') else {
+            bail!("--placement-pref {text:?}: expected spread=node.labels.KEY");
+        };
+        if !strategy.trim().eq_ignore_ascii_case("spread") {
+            bail!(
+                "--placement-pref {text:?}: unknown strategy {:?}; only spread=node.labels.KEY is supported",
+                strategy.trim()
+            );
+        }
+        let target = target.trim();
+        let Some(label) = target
+            .to_ascii_lowercase()
+            .starts_with("node.labels.")
+            .then(|| &target["node.labels.".len()..])
+        else {
+            bail!("--placement-pref {text:?}: spread over node.labels.KEY only (got {target:?})");
+        };
+        if label.is_empty() {
+            bail!("--placement-pref {text:?}: empty label name after node.labels.");
+        }
+        Ok(Self {
+            spread: label.to_owned(),
+        })
+    }
+}
+
+impl fmt::Display for PlacementPref {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "spread=node.labels.{}", self.spread)
+    }
+}
+
+/// `service update --constraint-add/-rm, --placement-pref-add/-rm, --replicas-max-per-node`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PlacementUpdate {
+    #[serde(default)]
+    pub constraint_add: Vec<String>,
+    /// Removes the constraints written the same way (`node.labels.zone==a`).
+    #[serde(default)]
+    pub constraint_rm: Vec<String>,
+    #[serde(default)]
+    pub pref_add: Vec<String>,
+    #[serde(default)]
+    pub pref_rm: Vec<String>,
+    #[serde(default)]
+    pub max_replicas_per_node: Option<u64>,
+}
+
+impl PlacementUpdate {
+    /// Whether every value parses, each error naming its flag.
+    pub fn check(&self) -> Result<()> {
+        let flagged = |flag: &str, from: &str, e: anyhow::Error| {
+            anyhow::anyhow!("{}", format!("{e:#}").replacen(from, flag, 1))
+        };
+        for (flag, list) in [
+            ("--constraint-add", &self.constraint_add),
+            ("--constraint-rm", &self.constraint_rm),
+        ] {
+            for text in list {
+                Constraint::parse(text).map_err(|e| flagged(flag, "--constraint", e))?;
+            }
+        }
+        for (flag, list) in [
+            ("--placement-pref-add", &self.pref_add),
+            ("--placement-pref-rm", &self.pref_rm),
+        ] {
+            for text in list {
+                PlacementPref::parse(text).map_err(|e| flagged(flag, "--placement-pref", e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies the changes to `spec`; true when its placement changed (the tasks roll, as
+    /// Swarm re-places them on such an update).
+    pub fn apply(&self, spec: &mut ServiceSpec) -> Result<bool> {
+        self.check()?;
+        let before = (
+            spec.constraints.clone(),
+            spec.placement_prefs.clone(),
+            spec.max_replicas_per_node,
+        );
+        for text in &self.constraint_rm {
+            let gone = Constraint::parse(text)?;
+            if !spec.constraints.contains(&gone) {
+                bail!(
+                    "--constraint-rm {text:?}: service {} has no such constraint",
+                    spec.name
+                );
+            }
+            spec.constraints.retain(|c| *c != gone);
+        }
+        for text in &self.constraint_add {
+            let c = Constraint::parse(text)?;
+            if !spec.constraints.contains(&c) {
+                spec.constraints.push(c);
+            }
+        }
+        for text in &self.pref_rm {
+            let gone = PlacementPref::parse(text)?;
+            if !spec.placement_prefs.contains(&gone) {
+                bail!(
+                    "--placement-pref-rm {text:?}: service {} has no such preference",
+                    spec.name
+                );
+            }
+            spec.placement_prefs.retain(|p| *p != gone);
+        }
+        for text in &self.pref_add {
+            let p = PlacementPref::parse(text)?;
+            if !spec.placement_prefs.contains(&p) {
+                spec.placement_prefs.push(p);
+            }
+        }
+        if let Some(max) = self.max_replicas_per_node {
+            spec.max_replicas_per_node = max;
+        }
+        Ok(before
+            != (
+                spec.constraints.clone(),
+                spec.placement_prefs.clone(),
+                spec.max_replicas_per_node,
+            ))
+    }
+}
+
+/// A node's operating system and architecture, as Docker names them (`linux`, `x86_64`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Platform {
+    pub os: String,
+    pub arch: String,
+}
+
+impl Platform {
+    /// This machine's.
+    pub fn local() -> Self {
+        Self {
+            os: std::env::consts::OS.into(),
+            arch: std::env::consts::ARCH.into(),
+        }
     }
 }
 
@@ -263,6 +497,12 @@ pub struct ServiceSpec {
     /// User, capabilities, limits and reservations of its tasks.
     #[serde(default)]
     pub containment: super::resources::Containment,
+    /// `--placement-pref spread=node.labels.KEY`, applied in order.
+    #[serde(default)]
+    pub placement_prefs: Vec<PlacementPref>,
+    /// `--replicas-max-per-node`: at most this many of its tasks on one node (0: no limit).
+    #[serde(default)]
+    pub max_replicas_per_node: u64,
 }
 
 /// A published port, as `--publish published=P,target=T,protocol=tcp|udp,mode=ingress|host,
@@ -429,6 +669,32 @@ impl ServiceSpec {
             if !env.contains('=') || env.starts_with('=') {
                 bail!(
                     "service {}: environment entry {env:?} is not KEY=VALUE",
+                    self.name
+                );
+            }
+        }
+        for c in &self.constraints {
+            let bad = match c.key {
+                ConstraintKey::Label => c.label.is_empty(),
+                ConstraintKey::Role => !["manager", "worker"]
+                    .iter()
+                    .any(|r| r.eq_ignore_ascii_case(&c.value)),
+                _ => false,
+            } || c.value.is_empty();
+            if bad {
+                bail!("service {}: --constraint {c} is not valid", self.name);
+            }
+        }
+        if self.max_replicas_per_node > 0 && self.mode == ServiceMode::Global {
+            bail!(
+                "service {}: --replicas-max-per-node applies to replicated services only",
+                self.name
+            );
+        }
+        for pref in &self.placement_prefs {
+            if pref.spread.is_empty() {
+                bail!(
+                    "service {}: --placement-pref needs a label name (spread=node.labels.KEY)",
                     self.name
                 );
             }
@@ -1022,6 +1288,7 @@ pub(crate) mod tests {
             exposed_metrics_port: None,
             left: false,
             resources: Default::default(),
+            platform: Platform::local(),
         }
     }
 
@@ -1090,6 +1357,8 @@ pub(crate) mod tests {
             endpoint_mode: EndpointMode::Vip,
             ports: vec![],
             containment: Default::default(),
+            placement_prefs: vec![],
+            max_replicas_per_node: 0,
         };
         spec_with_a.networks = vec!["id-a".into()];
         state
@@ -1146,6 +1415,8 @@ pub(crate) mod tests {
                     .map(|p| PortConfig::parse(p).unwrap())
                     .collect(),
                 containment: Default::default(),
+                placement_prefs: vec![],
+                max_replicas_per_node: 0,
             },
             version: 1,
             created_at: 0,
@@ -1424,6 +1695,8 @@ pub(crate) mod tests {
             endpoint_mode: EndpointMode::Vip,
             ports: vec![],
             containment: Default::default(),
+            placement_prefs: vec![],
+            max_replicas_per_node: 0,
         };
         assert!(spec("web", &["sleep", "1"]).validate().is_ok());
         assert!(spec("-web", &["x"]).validate().is_err());
@@ -1441,8 +1714,141 @@ pub(crate) mod tests {
         assert!(!Constraint::parse("node.labels.zone!=a")
             .unwrap()
             .matches(&n));
-        assert!(Constraint::parse("node.hostname==x").is_err());
         assert!(Constraint::parse("zone").is_err());
         assert_eq!(c.to_string(), "node.labels.zone==a");
+    }
+
+    #[test]
+    fn constraints_on_every_node_attribute() {
+        let mut n = node("abc123", 1, Role::Manager);
+        n.hostname = "node2".into();
+        n.platform = Platform {
+            os: "linux".into(),
+            arch: "x86_64".into(),
+        };
+        let holds = |text: &str| Constraint::parse(text).unwrap().matches(&n);
+        for yes in [
+            "node.id==abc123",
+            "node.hostname==node2",
+            "node.hostname == NODE2",
+            "node.hostname!=node1",
+            "node.role==manager",
+            "node.role!=worker",
+            "node.platform.os==linux",
+            "node.platform.arch==x86_64",
+            "node.labels.zone!=a",
+        ] {
+            assert!(holds(yes), "{yes}");
+        }
+        for no in [
+            "node.id==other",
+            "node.hostname==node1",
+            "node.role==worker",
+            "node.platform.os!=linux",
+            "node.platform.arch==aarch64",
+            "node.labels.zone==a",
+        ] {
+            assert!(!holds(no), "{no}");
+        }
+        // Shown as written, and the same again when parsed from that.
+        for text in [
+            "node.role==worker",
+            "node.platform.arch!=aarch64",
+            "node.id==x",
+        ] {
+            let c = Constraint::parse(text).unwrap();
+            assert_eq!(c.to_string(), text);
+            assert_eq!(Constraint::parse(&c.to_string()).unwrap(), c);
+        }
+        // A node that joined before nodes reported their platform matches no `==` on it.
+        n.platform = Platform::default();
+        let holds = |text: &str| Constraint::parse(text).unwrap().matches(&n);
+        assert!(!holds("node.platform.os==linux"));
+        assert!(holds("node.platform.os!=windows"));
+        for (bad, says) in [
+            ("node.foo==x", "unknown key"),
+            ("node.labels.==x", "empty label name"),
+            ("node.role==boss", "manager or worker"),
+            ("node.hostname=node1", "expected KEY==VALUE"),
+            ("node.hostname==", "no value"),
+            ("engine.labels.a==b", "unknown key"),
+        ] {
+            let err = Constraint::parse(bad).unwrap_err().to_string();
+            assert!(
+                err.contains(says) && err.contains("--constraint"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn label_constraints_stored_before_other_keys_still_read() {
+        let old = r#"{"label":"zone","value":"a","equal":false}"#;
+        let c: Constraint = serde_json::from_str(old).unwrap();
+        assert_eq!(c, Constraint::parse("node.labels.zone!=a").unwrap());
+        let mut spec = serde_json::to_value(ServiceSpec {
+            name: "web".into(),
+            mode: ServiceMode::Replicated { replicas: 1 },
+            command: vec!["x".into()],
+            env: vec![],
+            constraints: vec![c],
+            update_parallelism: 1,
+            update_delay_secs: 0,
+            networks: vec![],
+            endpoint_mode: EndpointMode::Vip,
+            ports: vec![],
+            containment: Default::default(),
+            placement_prefs: vec![],
+            max_replicas_per_node: 0,
+        })
+        .unwrap();
+        let fields = spec.as_object_mut().unwrap();
+        fields.remove("placement_prefs");
+        fields.remove("max_replicas_per_node");
+        let read: ServiceSpec = serde_json::from_value(spec).unwrap();
+        assert_eq!(read.max_replicas_per_node, 0);
+        let mut n = serde_json::to_value(node("n", 1, Role::Worker)).unwrap();
+        n.as_object_mut().unwrap().remove("platform");
+        let n: Node = serde_json::from_value(n).unwrap();
+        assert_eq!(n.platform, Platform::default());
+    }
+
+    #[test]
+    fn placement_preferences_and_limits_are_checked() {
+        assert_eq!(
+            PlacementPref::parse("spread=node.labels.zone").unwrap(),
+            PlacementPref {
+                spread: "zone".into()
+            }
+        );
+        for bad in [
+            "binpack=node.labels.zone",
+            "spread=node.hostname",
+            "spread=node.labels.",
+            "spread",
+        ] {
+            let err = PlacementPref::parse(bad).unwrap_err().to_string();
+            assert!(err.contains("--placement-pref"), "{bad}: {err}");
+        }
+        let err = PlacementUpdate {
+            pref_rm: vec!["zone".into()],
+            ..Default::default()
+        }
+        .check()
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("--placement-pref-rm"), "{err}");
+        let mut global = serde_json::from_value::<ServiceSpec>(serde_json::json!({
+            "name": "g", "mode": "global", "command": ["x"], "env": [], "constraints": [],
+            "update_parallelism": 1, "update_delay_secs": 0, "max_replicas_per_node": 1,
+        }))
+        .unwrap();
+        assert!(global
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--replicas-max-per-node"));
+        global.max_replicas_per_node = 0;
+        global.validate().unwrap();
     }
 }

@@ -148,6 +148,13 @@ pub fn service_view(state: &ClusterState, service: &Service) -> ServiceView {
             .iter()
             .map(ToString::to_string)
             .collect(),
+        placement_prefs: service
+            .spec
+            .placement_prefs
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+        max_replicas_per_node: service.spec.max_replicas_per_node,
         version: service.version,
         update_parallelism: service.spec.update_parallelism,
         update_delay_secs: service.spec.update_delay_secs,
