@@ -19,8 +19,8 @@ use shoal_api::{
 };
 use shoal_cluster::{
     protocol::{
-        ControlRequest, ControlResponse, NetworkCreate, NetworkView, NodeView, ServiceView,
-        TaskView,
+        ControlRequest, ControlResponse, NetworkCreate, NetworkView, NodeView, ServiceChanges,
+        ServiceView, TaskView,
     },
     state::{
         Availability, Constraint, EndpointMode, NodeStatus, PlacementPref, PlacementUpdate,
@@ -747,15 +747,10 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
                     client,
                     ControlRequest::ServiceUpdate {
                         service: name.clone(),
-                        replicas: Some(replicas),
-                        env_add: vec![],
-                        network_add: vec![],
-                        network_rm: vec![],
-                        publish_add: vec![],
-                        publish_rm: vec![],
-                        force: false,
-                        containment: Default::default(),
-                        placement: Default::default(),
+                        changes: ServiceChanges {
+                            replicas: Some(replicas),
+                            ..ServiceChanges::default()
+                        },
                     },
                     Service
                 );
@@ -795,15 +790,17 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
                 client,
                 ControlRequest::ServiceUpdate {
                     service,
-                    replicas,
-                    env_add,
-                    network_add,
-                    network_rm,
-                    publish_add,
-                    publish_rm,
-                    force,
-                    containment: containment.update(),
-                    placement: Box::new(placement),
+                    changes: ServiceChanges {
+                        replicas,
+                        env_add,
+                        network_add,
+                        network_rm,
+                        publish_add,
+                        publish_rm,
+                        force,
+                        containment: containment.update(),
+                        placement: Box::new(placement),
+                    },
                 },
                 Service
             );

@@ -12,10 +12,10 @@ use shoal_dataplane::mesh::Protocol;
 
 use crate::{
     ipam::{self, HostClaim},
-    protocol::{ControlRequest, ControlResponse, NetworkCreate},
+    protocol::{ControlRequest, ControlResponse, NetworkCreate, ServiceChanges},
     state::{
-        Availability, ClusterState, Command, Network, Node, NodeStatus, PortConfig, Service,
-        ServiceMode, Timestamp,
+        Availability, ClusterState, Command, Network, Node, NodeStatus, Service, ServiceMode,
+        Timestamp,
     },
     views::{network_view, service_view, task_views},
 };
@@ -157,34 +157,8 @@ pub fn plan(state: &ClusterState, request: ControlRequest, inputs: &Inputs) -> R
                 |t| t.service_id == service.id,
             ))))
         }
-        ControlRequest::ServiceUpdate {
-            service,
-            replicas,
-            env_add,
-            network_add,
-            network_rm,
-            publish_add,
-            publish_rm,
-            force,
-            containment,
-            placement,
-        } => {
-            let updated = update_service(
-                state,
-                state.find_service(&service)?,
-                ServiceChanges {
-                    replicas,
-                    env_add,
-                    network_add,
-                    network_rm,
-                    publish_add,
-                    publish_rm,
-                    force,
-                    containment,
-                    placement: *placement,
-                },
-                inputs.at,
-            )?;
+        ControlRequest::ServiceUpdate { service, changes } => {
+            let updated = update_service(state, state.find_service(&service)?, changes, inputs.at)?;
             Plan::write(
                 vec![Command::PutService(updated.clone())],
                 Answer::Service(updated),
@@ -293,19 +267,6 @@ fn remove_node(node: &Node, force: bool) -> Result<Plan> {
         }],
         Answer::Ready(ControlResponse::Done),
     ))
-}
-
-/// `service update` / `scale`, past the service's lookup.
-struct ServiceChanges {
-    replicas: Option<u64>,
-    env_add: Vec<String>,
-    network_add: Vec<String>,
-    network_rm: Vec<String>,
-    publish_add: Vec<PortConfig>,
-    publish_rm: Vec<String>,
-    force: bool,
-    containment: crate::resources::ContainmentUpdate,
-    placement: crate::state::PlacementUpdate,
 }
 
 fn update_service(
@@ -814,31 +775,13 @@ mod tests {
     }
 
     fn no_changes() -> ServiceChanges {
-        ServiceChanges {
-            replicas: None,
-            env_add: vec![],
-            network_add: vec![],
-            network_rm: vec![],
-            publish_add: vec![],
-            publish_rm: vec![],
-            force: false,
-            containment: Default::default(),
-            placement: Default::default(),
-        }
+        ServiceChanges::default()
     }
 
     fn update_request(service: &str, changes: ServiceChanges) -> ControlRequest {
         ControlRequest::ServiceUpdate {
             service: service.into(),
-            replicas: changes.replicas,
-            env_add: changes.env_add,
-            network_add: changes.network_add,
-            network_rm: changes.network_rm,
-            publish_add: changes.publish_add,
-            publish_rm: changes.publish_rm,
-            force: changes.force,
-            containment: changes.containment,
-            placement: Box::new(changes.placement),
+            changes,
         }
     }
 
@@ -846,7 +789,7 @@ mod tests {
     fn service_update_changes_placement_and_rolls_the_tasks() {
         let state = swarm();
         let placement = |p: crate::state::PlacementUpdate| ServiceChanges {
-            placement: p,
+            placement: Box::new(p),
             ..no_changes()
         };
         let plan = plan_of(
@@ -959,7 +902,7 @@ mod tests {
                     env_add: vec!["A=1".into()],
                     network_rm: vec!["back".into()],
                     publish_rm: vec!["8080".into()],
-                    publish_add: vec![PortConfig::parse("8081:80").unwrap()],
+                    publish_add: vec![crate::state::PortConfig::parse("8081:80").unwrap()],
                     ..no_changes()
                 },
             ),

@@ -161,6 +161,32 @@ pub struct AssignedNetwork {
     pub vip: Option<std::net::Ipv4Addr>,
 }
 
+/// What `service update` / `scale` changes in a service (every field but the replica count
+/// rolls the tasks).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ServiceChanges {
+    pub replicas: Option<u64>,
+    #[serde(default)]
+    pub env_add: Vec<String>,
+    #[serde(default)]
+    pub network_add: Vec<String>,
+    #[serde(default)]
+    pub network_rm: Vec<String>,
+    #[serde(default)]
+    pub publish_add: Vec<super::state::PortConfig>,
+    /// `PUBLISHED` or `PUBLISHED/udp`.
+    #[serde(default)]
+    pub publish_rm: Vec<String>,
+    #[serde(default)]
+    pub force: bool,
+    /// `--user`, `--cap-*`, `--limit-*`, `--reserve-*`.
+    #[serde(default)]
+    pub containment: super::resources::ContainmentUpdate,
+    /// Constraints, placement preferences, max replicas per node.
+    #[serde(default)]
+    pub placement: Box<super::state::PlacementUpdate>,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum ControlRequest {
     NodeList,
@@ -197,24 +223,8 @@ pub enum ControlRequest {
     },
     ServiceUpdate {
         service: String,
-        replicas: Option<u64>,
-        env_add: Vec<String>,
-        #[serde(default)]
-        network_add: Vec<String>,
-        #[serde(default)]
-        network_rm: Vec<String>,
-        #[serde(default)]
-        publish_add: Vec<super::state::PortConfig>,
-        /// `PUBLISHED` or `PUBLISHED/udp`.
-        #[serde(default)]
-        publish_rm: Vec<String>,
-        force: bool,
-        /// `--user`, `--cap-*`, `--limit-*`, `--reserve-*`: a change rolls the tasks.
-        #[serde(default)]
-        containment: super::resources::ContainmentUpdate,
-        /// Constraints, placement preferences, max replicas per node: a change rolls the tasks.
-        #[serde(default)]
-        placement: Box<super::state::PlacementUpdate>,
+        #[serde(flatten)]
+        changes: ServiceChanges,
     },
     ServiceRemove {
         service: String,

@@ -414,38 +414,18 @@ impl PlacementUpdate {
             spec.placement_prefs.clone(),
             spec.max_replicas_per_node,
         );
-        for text in &self.constraint_rm {
-            let gone = Constraint::parse(text)?;
-            if !spec.constraints.contains(&gone) {
-                bail!(
-                    "--constraint-rm {text:?}: service {} has no such constraint",
-                    spec.name
-                );
-            }
-            spec.constraints.retain(|c| *c != gone);
-        }
-        for text in &self.constraint_add {
-            let c = Constraint::parse(text)?;
-            if !spec.constraints.contains(&c) {
-                spec.constraints.push(c);
-            }
-        }
-        for text in &self.pref_rm {
-            let gone = PlacementPref::parse(text)?;
-            if !spec.placement_prefs.contains(&gone) {
-                bail!(
-                    "--placement-pref-rm {text:?}: service {} has no such preference",
-                    spec.name
-                );
-            }
-            spec.placement_prefs.retain(|p| *p != gone);
-        }
-        for text in &self.pref_add {
-            let p = PlacementPref::parse(text)?;
-            if !spec.placement_prefs.contains(&p) {
-                spec.placement_prefs.push(p);
-            }
-        }
+        edit_list(
+            &mut spec.constraints,
+            (&self.constraint_add, &self.constraint_rm),
+            Constraint::parse,
+            ("--constraint-rm", &spec.name, "constraint"),
+        )?;
+        edit_list(
+            &mut spec.placement_prefs,
+            (&self.pref_add, &self.pref_rm),
+            PlacementPref::parse,
+            ("--placement-pref-rm", &spec.name, "preference"),
+        )?;
         if let Some(max) = self.max_replicas_per_node {
             spec.max_replicas_per_node = max;
         }
@@ -456,6 +436,30 @@ impl PlacementUpdate {
                 spec.max_replicas_per_node,
             ))
     }
+}
+
+/// Removes the parsed `rm` entries from `list` (each must be there: `what` names the flag, the
+/// service and the kind of entry for the error), then appends the `add` ones not there yet.
+fn edit_list<T: PartialEq>(
+    list: &mut Vec<T>,
+    (add, rm): (&[String], &[String]),
+    parse: impl Fn(&str) -> Result<T>,
+    (flag, service, kind): (&str, &str, &str),
+) -> Result<()> {
+    for text in rm {
+        let gone = parse(text)?;
+        if !list.contains(&gone) {
+            bail!("{flag} {text:?}: service {service} has no such {kind}");
+        }
+        list.retain(|entry| *entry != gone);
+    }
+    for text in add {
+        let entry = parse(text)?;
+        if !list.contains(&entry) {
+            list.push(entry);
+        }
+    }
+    Ok(())
 }
 
 /// A node's operating system and architecture, as Docker names them (`linux`, `x86_64`).
