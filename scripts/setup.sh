@@ -20,6 +20,14 @@ say() { printf 'setup: %s\n' "$*"; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "run as root (shoal manages namespaces, links and eBPF programs)"
+
+# A /dev/null that is a regular file (some root tool replaced it) breaks the build in a way
+# that is hard to read: cargo feeds it to `rustc -` as source, and it holds old compiler
+# warnings. Put the device back first.
+if [ ! -c /dev/null ]; then
+  printf 'setup: /dev/null is not the null device; recreating it\n' >&2
+  rm -f /dev/null && mknod -m 666 /dev/null c 1 3 || die "could not recreate /dev/null"
+fi
 command -v rustup >/dev/null || die "rustup not found: install Rust with rustup (stable 1.95 and nightly)"
 
 # 1. Debian packages, installed only when one is missing.
