@@ -115,6 +115,18 @@ pub fn run(config_file: Option<PathBuf>, flags: AgentSettings) -> Result<()> {
 async fn serve(state: Arc<AgentState>) -> Result<()> {
     let socket = state.config.socket.clone();
     let listener = bind_api_socket(&socket)?;
+    // Same permissions as the agent's socket: the Engine API drives the swarm as fully.
+    let docker_socket = state.config.docker_socket.clone();
+    if let Some(path) = &docker_socket {
+        let docker = bind_api_socket(path)?;
+        let app = crate::docker_api::router(state.clone());
+        // Runs until the runtime ends with the agent.
+        tokio::spawn(async move {
+            if let Err(err) = axum::serve(docker, app).await {
+                tracing::error!(error = %err, "the Docker API socket stopped serving");
+            }
+        });
+    }
     let _metrics = metrics::start(&state).await?;
     // Runs until the runtime ends with the agent.
     tokio::spawn(neighbours::watch(state.clone()));
@@ -132,6 +144,9 @@ async fn serve(state: Arc<AgentState>) -> Result<()> {
     notify(&[sd_notify::NotifyState::Stopping]);
     state.cluster.shutdown().await;
     let _ = fs::remove_file(&socket);
+    if let Some(path) = &docker_socket {
+        let _ = fs::remove_file(path);
+    }
     tracing::info!("agent stopped; the dataplane stays attached until the next start");
     result.context("serving the API")
 }

@@ -72,3 +72,25 @@ impl Client {
         })
     }
 }
+
+/// The CLI reaches the managers through its agent, as every other command does.
+impl shoal_docker::Cluster for Client {
+    async fn control(
+        &self,
+        request: shoal_cluster::protocol::ControlRequest,
+    ) -> Result<shoal_cluster::protocol::ControlResponse> {
+        self.post("/v1/control", &request).await
+    }
+
+    async fn managers(&self) -> Result<Vec<String>> {
+        let info: crate::server::AgentInfo = self.get("/v1/info").await?;
+        Ok(info.swarm.map(|s| s.managers).unwrap_or_default())
+    }
+
+    async fn local_network(
+        &self,
+        network: &str,
+    ) -> Result<Option<shoal_dataplane::overlay::NetworkDataplane>> {
+        self.get(&format!("/v1/networks/{network}/dataplane")).await
+    }
+}

@@ -28,6 +28,8 @@ use shoal_cluster::{
     },
 };
 
+use shoal_docker::rows;
+
 use crate::{
     client::Client,
     output::{json, table, Format},
@@ -140,8 +142,8 @@ impl From<AvailabilityArg> for Availability {
 pub enum NodeCommand {
     /// List the swarm's nodes
     Ls {
-        #[arg(long, value_enum, default_value_t)]
-        format: Format,
+        #[command(flatten)]
+        format: ListFormat,
     },
     /// Details of a node (`self` for this one), as JSON unless --pretty
     Inspect {
@@ -182,29 +184,100 @@ pub enum NodeCommand {
     Ps {
         #[arg(default_value = "self")]
         node: String,
-        #[arg(long, value_enum, default_value_t)]
-        format: Format,
+        #[command(flatten)]
+        format: ListFormat,
     },
 }
 
-/// `inspect` prints JSON unless asked for a table, as Docker's does; `--pretty` is Docker's
-/// name for the table.
+/// `inspect` prints Docker's document (the Engine API's) unless asked otherwise, as Docker's
+/// does; `--pretty` is Docker's name for the table.
 #[derive(Args)]
 pub struct InspectFormat {
-    #[arg(long, value_enum, default_value_t = Format::Json)]
-    format: Format,
+    /// `table`, `json` (shoal's own object, as the agent's API answers it), or a Go template
+    /// over Docker's document: `{{json .Endpoint.Spec.Ports}}` [default: Docker's document]
+    #[arg(long)]
+    format: Option<String>,
     /// The same as --format table
     #[arg(long, conflicts_with = "format")]
     pretty: bool,
 }
 
+/// What `inspect` prints.
+#[derive(PartialEq)]
+pub enum Inspect {
+    Docker,
+    Table,
+    Json,
+    Template(String),
+}
+
 impl InspectFormat {
-    fn get(&self) -> Format {
-        if self.pretty {
-            Format::Table
-        } else {
-            self.format
+    pub fn get(&self) -> Inspect {
+        match (self.pretty, self.format.as_deref()) {
+            (true, _) | (false, Some("table")) => Inspect::Table,
+            (false, None) => Inspect::Docker,
+            (false, Some("json")) => Inspect::Json,
+            (false, Some(template)) => Inspect::Template(template.to_owned()),
         }
+    }
+
+    /// Docker's documents, as `docker X inspect` prints them (or through the template).
+    pub fn print_docker<T: serde::Serialize>(&self, documents: &[T]) -> Result<()> {
+        match self.get() {
+            Inspect::Template(template) => {
+                let format = shoal_docker::template::Format::parse(&template, "")?;
+                for document in documents {
+                    println!("{}", format.render_one(document)?);
+                }
+            }
+            _ => print!("{}", docker_json(documents)?),
+        }
+        Ok(())
+    }
+}
+
+/// Docker's indentation (four spaces).
+pub fn docker_json<T: serde::Serialize + ?Sized>(value: &T) -> Result<String> {
+    let mut out = Vec::new();
+    let formatter = serde_json::ser::PrettyFormatter::with_indent(b"    ");
+    value.serialize(&mut serde_json::Serializer::with_formatter(&mut out, formatter))?;
+    Ok(String::from_utf8(out)? + "\n")
+}
+
+/// `ls`/`ps`: a table for people, `json` (the API's objects), or a Go template over Docker's
+/// row fields (`{{.Name}}`), `table` in front for a header and aligned columns.
+#[derive(Args)]
+pub struct ListFormat {
+    /// `table`, `json`, or a Go template: `{{.Name}}`, `table {{.ID}}\t{{.Name}}`
+    #[arg(long, default_value = "table")]
+    format: String,
+}
+
+impl ListFormat {
+    fn get(&self) -> Format {
+        match self.format.as_str() {
+            "json" => Format::Json,
+            _ => Format::Table,
+        }
+    }
+
+    /// The template, unless the format is plain `table` or `json`.
+    fn template(&self) -> Option<&str> {
+        (!["table", "json"].contains(&self.format.as_str())).then_some(self.format.as_str())
+    }
+
+    /// Rows through the template; false when there is none (the caller prints).
+    fn print_rows<T: serde::Serialize>(
+        &self,
+        rows: impl FnOnce() -> Vec<T>,
+        (headers, columns): (&[(&str, &str)], &str),
+    ) -> Result<bool> {
+        let Some(template) = self.template() else {
+            return Ok(false);
+        };
+        let format = shoal_docker::template::Format::parse(template, columns)?;
+        print!("{}", format.render(&rows(), headers)?);
+        Ok(true)
     }
 }
 
@@ -234,8 +307,8 @@ pub enum NetworkCommand {
     },
     /// List networks
     Ls {
-        #[arg(long, value_enum, default_value_t)]
-        format: Format,
+        #[command(flatten)]
+        format: ListFormat,
     },
     /// Details of a network and what this node programmed for it, as JSON unless --pretty
     Inspect {
@@ -256,14 +329,14 @@ pub enum ServiceCommand {
     Create(CreateArgs),
     /// List services
     Ls {
-        #[arg(long, value_enum, default_value_t)]
-        format: Format,
+        #[command(flatten)]
+        format: ListFormat,
     },
     /// A service's tasks, with their history
     Ps {
         service: String,
-        #[arg(long, value_enum, default_value_t)]
-        format: Format,
+        #[command(flatten)]
+        format: ListFormat,
     },
     /// Details of a service, as JSON unless --pretty
     Inspect {
@@ -501,15 +574,23 @@ pub async fn node(client: &Client, command: NodeCommand) -> Result<()> {
     match command {
         NodeCommand::Ls { format } => {
             let nodes = ask!(client, ControlRequest::NodeList, Nodes);
-            match format {
+            let me = self_id(client).await?;
+            let headers = (rows::NODE_HEADERS, rows::NODE_COLUMNS);
+            if format.print_rows(|| node_rows(&nodes, &me), headers)? {
+                return Ok(());
+            }
+            match format.get() {
                 Format::Json => print!("{}", json(&nodes)),
-                Format::Table => print!("{}", render_nodes(&nodes, &self_id(client).await?)),
+                Format::Table => print!("{}", render_nodes(&nodes, &me)),
             }
         }
         NodeCommand::Inspect { node, format } => {
             let node = resolve_self(client, node).await?;
+            if !matches!(format.get(), Inspect::Table | Inspect::Json) {
+                return format.print_docker(&[shoal_docker::node(client, &node).await?]);
+            }
             let view = ask!(client, ControlRequest::NodeInspect { node }, Node);
-            if format.get() == Format::Table {
+            if format.get() == Inspect::Table {
                 let labels: Vec<String> = view
                     .labels
                     .iter()
@@ -582,7 +663,7 @@ pub async fn node(client: &Client, command: NodeCommand) -> Result<()> {
         NodeCommand::Ps { node, format } => {
             let node = resolve_self(client, node).await?;
             let tasks = ask!(client, ControlRequest::NodeTasks { node }, Tasks);
-            print_tasks(&tasks, format);
+            print_tasks(client, &tasks, &format).await?;
         }
     }
     Ok(())
@@ -646,7 +727,11 @@ pub async fn network(client: &Client, command: NetworkCommand) -> Result<()> {
         }
         NetworkCommand::Ls { format } => {
             let networks = ask!(client, ControlRequest::NetworkList, Networks);
-            match format {
+            let headers = (rows::NETWORK_HEADERS, rows::NETWORK_COLUMNS);
+            if format.print_rows(|| network_rows(&networks), headers)? {
+                return Ok(());
+            }
+            match format.get() {
                 Format::Json => print!("{}", json(&networks)),
                 Format::Table => {
                     let rows: Vec<[String; 5]> = networks
@@ -668,6 +753,11 @@ pub async fn network(client: &Client, command: NetworkCommand) -> Result<()> {
                 }
             }
         }
+        NetworkCommand::Inspect { network, format }
+            if !matches!(format.get(), Inspect::Table | Inspect::Json) =>
+        {
+            format.print_docker(&[shoal_docker::network(client, &network).await?])?;
+        }
         NetworkCommand::Inspect { network, format } => {
             // What this node programmed for it: its peers and the FDB and neighbour entries
             // read back from the kernel (null when no local task is on it). A worker only
@@ -682,7 +772,7 @@ pub async fn network(client: &Client, command: NetworkCommand) -> Result<()> {
                 Err(err) => return Err(err),
             };
             match format.get() {
-                Format::Json => {
+                Inspect::Json => {
                     let mut value = match &view {
                         Some(view) => serde_json::to_value(view)?,
                         None => serde_json::json!({}),
@@ -690,7 +780,7 @@ pub async fn network(client: &Client, command: NetworkCommand) -> Result<()> {
                     value["local"] = serde_json::to_value(local)?;
                     print!("{}", json(&value));
                 }
-                Format::Table => print!("{}", render_network(view.as_ref(), local.as_ref())),
+                _ => print!("{}", render_network(view.as_ref(), local.as_ref())),
             }
         }
         NetworkCommand::Rm { networks } => {
@@ -723,23 +813,30 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
         }
         ServiceCommand::Ls { format } => {
             let services = ask!(client, ControlRequest::ServiceList, Services);
-            match format {
+            let headers = (rows::SERVICE_HEADERS, rows::SERVICE_COLUMNS);
+            if format.print_rows(|| service_rows(&services), headers)? {
+                return Ok(());
+            }
+            match format.get() {
                 Format::Json => print!("{}", json(&services)),
                 Format::Table => print!("{}", render_services(&services)),
             }
         }
         ServiceCommand::Ps { service, format } => {
             let tasks = ask!(client, ControlRequest::ServiceTasks { service }, Tasks);
-            print_tasks(&tasks, format);
+            print_tasks(client, &tasks, &format).await?;
         }
-        ServiceCommand::Inspect { service, format } => {
-            let view = ask!(client, ControlRequest::ServiceInspect { service }, Service);
-            if format.get() == Format::Table {
-                print!("{}", render_service(&view));
-            } else {
-                print!("{}", json(&view));
+        ServiceCommand::Inspect { service, format } => match format.get() {
+            Inspect::Table | Inspect::Json => {
+                let view = ask!(client, ControlRequest::ServiceInspect { service }, Service);
+                if format.get() == Inspect::Table {
+                    print!("{}", render_service(&view));
+                } else {
+                    print!("{}", json(&view));
+                }
             }
-        }
+            _ => format.print_docker(&[shoal_docker::service(client, &service).await?])?,
+        },
         ServiceCommand::Scale { scales, detach } => {
             let parsed = parse_scales(&scales)?;
             for (name, replicas) in parsed {
@@ -1299,11 +1396,118 @@ fn render_network(view: Option<&NetworkView>, local: Option<&NetworkDataplane>) 
     out
 }
 
-fn print_tasks(tasks: &[TaskView], format: Format) {
-    match format {
+async fn print_tasks(client: &Client, tasks: &[TaskView], format: &ListFormat) -> Result<()> {
+    if format.template().is_some() {
+        // The IMAGE column is the service's program.
+        let services = shoal_docker::service_views(client).await?;
+        let headers = (rows::TASK_HEADERS, rows::TASK_COLUMNS);
+        format.print_rows(|| task_rows(tasks, &services), headers)?;
+        return Ok(());
+    }
+    match format.get() {
         Format::Json => print!("{}", json(&tasks)),
         Format::Table => print!("{}", render_tasks(tasks)),
     }
+    Ok(())
+}
+
+fn short_id(id: &str) -> String {
+    id[..12.min(id.len())].to_owned()
+}
+
+fn service_rows(services: &[ServiceView]) -> Vec<rows::Service> {
+    services
+        .iter()
+        .map(|s| rows::Service {
+            id: short_id(&s.id),
+            name: s.name.clone(),
+            mode: mode_label(&s.mode).into(),
+            replicas: format!("{}/{}", s.running, s.desired),
+            image: s.command.first().cloned().unwrap_or_default(),
+            ports: ports_column(&s.ports),
+        })
+        .collect()
+}
+
+fn node_rows(nodes: &[NodeView], me: &str) -> Vec<rows::Node> {
+    nodes
+        .iter()
+        .map(|n| rows::Node {
+            id: n.id.clone(),
+            hostname: n.hostname.clone(),
+            status: status_label(n.status).into(),
+            availability: availability_label(n.availability).into(),
+            manager_status: n.manager_status.clone(),
+            engine_version: env!("CARGO_PKG_VERSION").into(),
+            is_self: n.id == me,
+        })
+        .collect()
+}
+
+fn network_rows(networks: &[NetworkView]) -> Vec<rows::Network> {
+    networks
+        .iter()
+        .map(|n| rows::Network {
+            id: short_id(&n.id),
+            name: n.name.clone(),
+            driver: n.driver.clone(),
+            scope: n.scope.clone(),
+            subnet: n.subnet.to_string(),
+            internal: n.internal,
+            attachable: n.attachable,
+        })
+        .collect()
+}
+
+fn task_rows(tasks: &[TaskView], services: &[ServiceView]) -> Vec<rows::Task> {
+    tasks
+        .iter()
+        .map(|t| rows::Task {
+            id: short_id(&t.id),
+            name: t.name.clone(),
+            image: services
+                .iter()
+                .find(|s| s.name == t.service)
+                .and_then(|s| s.command.first().cloned())
+                .unwrap_or_default(),
+            node: t.node.clone(),
+            desired_state: t.desired.label().into(),
+            current_state: format!("{} {}", t.state.label(), ago(t.state_since).to_lowercase()),
+            error: t.error.clone(),
+            ports: ports_column(&t.host_ports),
+        })
+        .collect()
+}
+
+/// `shoal task inspect TASK`: Docker's task document (`--pretty`: its main fields).
+pub async fn task_inspect(client: &Client, task: &str, format: &InspectFormat) -> Result<()> {
+    let document = shoal_docker::task(client, task).await?;
+    if format.get() != Inspect::Table {
+        return format.print_docker(&[document]);
+    }
+    let rows = [
+        ("ID", document.id.clone()),
+        ("Name", document.name.clone()),
+        ("Service", document.service_id.clone()),
+        ("Node", document.node_id.clone()),
+        ("Desired state", document.desired_state.clone()),
+        ("State", document.status.state.clone()),
+        ("Since", document.status.timestamp.clone()),
+        ("Error", document.status.err.clone()),
+        (
+            "Addresses",
+            document
+                .networks_attachments
+                .iter()
+                .map(|a| format!("{} {}", a.network.spec.name, a.addresses.join(" ")))
+                .collect::<Vec<_>>()
+                .join(", "),
+        ),
+    ];
+    for (key, value) in rows {
+        println!("{:<16}{value}", format!("{key}:"));
+    }
+    Ok(())
 }
 
 fn render_tasks(tasks: &[TaskView]) -> String {

@@ -93,6 +93,10 @@ pub struct AgentSettings {
     /// Memory this node offers tasks' reservations (16G, 512M) [default: its MemTotal]
     #[arg(long)]
     pub node_memory: Option<String>,
+    /// Unix socket of the Docker Engine API (the `docker` CLI's swarm commands), or `off`
+    /// [default: docker.sock next to the API socket, /run/shoal/docker.sock]
+    #[arg(long)]
+    pub docker_socket: Option<String>,
 }
 
 /// Whether the agent sizes the kernel's neighbour (ARP) table.
@@ -142,6 +146,7 @@ impl AgentSettings {
             neighbour_table: self.neighbour_table.or(base.neighbour_table),
             node_cpus: self.node_cpus.or(base.node_cpus),
             node_memory: self.node_memory.or(base.node_memory),
+            docker_socket: self.docker_socket.or(base.docker_socket),
         }
     }
 }
@@ -174,6 +179,9 @@ pub struct AgentConfig {
     /// CPUs and memory the node reports (for reservations).
     #[serde(default)]
     pub node_resources: shoal_dataplane::limits::Resources,
+    /// The Docker Engine API's socket; None when turned off.
+    #[serde(default)]
+    pub docker_socket: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -267,6 +275,15 @@ impl AgentConfig {
                 Some(addr)
             }
         };
+        let socket: PathBuf = settings.socket.unwrap_or_else(|| DEFAULT_SOCKET.into());
+        let docker_socket = match settings.docker_socket.as_deref() {
+            Some("off") => None,
+            Some(path) => Some(PathBuf::from(path)),
+            None => Some(socket.with_file_name("docker.sock")),
+        };
+        if docker_socket.as_ref() == Some(&socket) {
+            bail!("the Docker API socket must not be the agent's API socket");
+        }
         let (advertise_interface, advertise_addr) =
             resolve_advertise(settings.advertise_addr, settings.advertise_interface, host)?;
         Ok(Self {
@@ -277,7 +294,8 @@ impl AgentConfig {
             state_dir: settings
                 .state_dir
                 .unwrap_or_else(|| "/var/lib/shoal".into()),
-            socket: settings.socket.unwrap_or_else(|| DEFAULT_SOCKET.into()),
+            socket,
+            docker_socket,
             advertise_addr,
             advertise_interface,
             manager_port: ports[0].1,

@@ -677,9 +677,7 @@ impl<'a> Demo<'a> {
     fn json<T: DeserializeOwned>(&self, node: &str, args: &[&str]) -> Result<T> {
         let mut all = vec!["exec", node, "--", "shoal"];
         all.extend_from_slice(args);
-        if !matches!(args, ["service", "inspect", ..]) {
-            all.extend_from_slice(&["--format", "json"]);
-        }
+        all.extend_from_slice(&["--format", "json"]);
         let ran = self.execute(&all, COMMAND_LIMIT)?;
         ensure!(
             ran.success,

@@ -7,6 +7,7 @@ mod config;
 mod containment_args;
 mod debug;
 mod demo;
+mod docker_api;
 #[cfg(test)]
 mod doc_commands;
 mod examples;
@@ -175,6 +176,13 @@ enum TaskCommand {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Details of a task of any service (ID, ID prefix, or `web.1` for the slot's current
+    /// task), as Docker's task document
+    Inspect {
+        task: String,
+        #[command(flatten)]
+        format: commands::InspectFormat,
+    },
 }
 
 #[derive(Subcommand)]
@@ -314,6 +322,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Dns(command) => block_on(debug::dns(&client, command))?,
         Command::Task(TaskCommand::Exec { task, command }) => {
             return block_on(commands::task_exec(&client, &task, &command))
+        }
+        Command::Task(TaskCommand::Inspect { task, format }) => {
+            block_on(commands::task_inspect(&client, &task, &format))?
         }
         Command::Whoami { listen } => commands::whoami(&listen)?,
         Command::Completion { shell } => {

@@ -39,6 +39,33 @@ pub fn parse_strict<T: serde::de::DeserializeOwned + serde::Serialize>(body: &Va
     Ok(parsed)
 }
 
+/// The fields of `input` that are set and differ from `reference`, by path: what a request
+/// would change that shoal has no way to.
+pub fn changed_fields(input: &Value, reference: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    differences(input, reference, "", &mut out);
+    out
+}
+
+fn differences(input: &Value, reference: &Value, path: &str, out: &mut Vec<String>) {
+    if is_empty(input) || input == reference {
+        return;
+    }
+    match input {
+        Value::Object(fields) => {
+            for (key, value) in fields {
+                let here = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
+                differences(value, reference.get(key).unwrap_or(&Value::Null), &here, out);
+            }
+        }
+        _ => out.push(path.to_owned()),
+    }
+}
+
 /// Docker's zero values: a field holding one was not set.
 fn is_empty(value: &Value) -> bool {
     match value {
