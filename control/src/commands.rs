@@ -195,7 +195,7 @@ pub enum NodeCommand {
 pub struct InspectFormat {
     /// `table`, `json` (shoal's own object, as the agent's API answers it), or a Go template
     /// over Docker's document: `{{json .Endpoint.Spec.Ports}}` [default: Docker's document]
-    #[arg(long)]
+    #[arg(long, value_parser = crate::output::TemplateFormat)]
     format: Option<String>,
     /// The same as --format table
     #[arg(long, conflicts_with = "format")]
@@ -249,7 +249,7 @@ pub fn docker_json<T: serde::Serialize + ?Sized>(value: &T) -> Result<String> {
 #[derive(Args)]
 pub struct ListFormat {
     /// `table`, `json`, or a Go template: `{{.Name}}`, `table {{.ID}}\t{{.Name}}`
-    #[arg(long, default_value = "table")]
+    #[arg(long, default_value = "table", value_parser = crate::output::TemplateFormat)]
     format: String,
 }
 

@@ -10,6 +10,35 @@ pub enum Format {
     Json,
 }
 
+/// `--format` of listings and inspect: `table`, `json`, or a Go template (Docker's). Help
+/// and completion offer the two names; any other text is taken as a template.
+#[derive(Clone, Copy, Debug)]
+pub struct TemplateFormat;
+
+impl clap::builder::TypedValueParser for TemplateFormat {
+    type Value = String;
+
+    fn parse_ref(
+        &self,
+        _command: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<String, clap::Error> {
+        value
+            .to_str()
+            .map(str::to_owned)
+            .ok_or_else(|| clap::Error::new(clap::error::ErrorKind::InvalidUtf8))
+    }
+
+    fn possible_values(
+        &self,
+    ) -> Option<Box<dyn Iterator<Item = clap::builder::PossibleValue> + '_>> {
+        Some(Box::new(
+            ["table", "json"].into_iter().map(clap::builder::PossibleValue::new),
+        ))
+    }
+}
+
 /// Columns padded to their widest cell, separated by three spaces, no trailing blanks.
 pub fn table<const N: usize>(headers: [&str; N], rows: &[[String; N]]) -> String {
     let mut widths = headers.map(str::len);

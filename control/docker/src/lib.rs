@@ -245,3 +245,6 @@ pub mod rows {
         pub attachable: bool,
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -209,6 +209,19 @@ fn containment(spec: &TaskSpec) -> Result<Containment> {
     Ok(containment)
 }
 
+/// The program an image names. Docker's CLI writes `shoal` as `shoal:latest`; other tags and
+/// digests name nothing shoal has.
+fn program(image: &str) -> Result<String> {
+    let name = image.strip_suffix(":latest").unwrap_or(image);
+    if name.contains('@') || name.rsplit('/').next().is_some_and(|last| last.contains(':')) {
+        bail!(refuse(format!(
+            "image {image:?}: a tag or digest (the image is the program tasks run, a name in \
+             the nodes' PATH)"
+        )));
+    }
+    Ok(name.to_owned())
+}
+
 /// `POST /services/create`: the image is the program, `Args` its arguments.
 pub fn service_spec(spec: &ServiceSpec) -> Result<ShoalSpec> {
     check_defaults(spec)?;
@@ -217,6 +230,7 @@ pub fn service_spec(spec: &ServiceSpec) -> Result<ShoalSpec> {
     if container.image.is_empty() {
         bail!(ApiError::invalid("ContainerSpec.Image is required: the program tasks run"));
     }
+    let program = program(&container.image)?;
     let mode = match (&spec.mode.replicated, &spec.mode.global) {
         (Some(_), Some(_)) => bail!(ApiError::invalid("Mode is both Replicated and Global")),
         (_, Some(_)) => ShoalMode::Global,
@@ -235,7 +249,7 @@ pub fn service_spec(spec: &ServiceSpec) -> Result<ShoalSpec> {
     let shoal = ShoalSpec {
         name: spec.name.clone(),
         mode,
-        command: std::iter::once(container.image.clone())
+        command: std::iter::once(program)
             .chain(container.args.iter().cloned())
             .collect(),
         env: container.env.clone(),
@@ -282,8 +296,7 @@ pub fn service_spec(spec: &ServiceSpec) -> Result<ShoalSpec> {
 pub fn service_changes(current: &ServiceView, networks: &Networks, new: &ServiceSpec) -> Result<ServiceChanges> {
     let old = convert::service(current, networks).spec;
     let wanted = service_spec(new)?;
-    let (old_c, new_c) = (&old.task_template.container_spec, &new.task_template.container_spec);
-    if old_c.image != new_c.image || old_c.args != new_c.args {
+    if wanted.command != current.command {
         bail!(refuse("changing a service's image or arguments"));
     }
     if new.name != old.name {
