@@ -9,6 +9,10 @@ BPF_LINKER_VERSION=0.13.0
 # the agent spawns).
 PACKAGES=(iproute2 iputils-ping procps psmisc util-linux curl ca-certificates bpftool systemd nftables python3
   bind9-dnsutils strace)
+# The docker CLI, for the Engine API test (tests/tests/docker_cli.rs). Debian ships the client
+# only with the daemon (docker.io): it is installed with no service started and masked below,
+# so dockerd never runs (a docker.socket left enabled would start it on the first `docker`).
+command -v docker >/dev/null || PACKAGES+=(docker.io)
 
 # Load generators and servers the benchmarks compare with (`setup.sh bench`).
 # dnsmasq-base is the binary without the system service; unbound's service is kept from
@@ -56,6 +60,9 @@ if [ ${#missing[@]} -gt 0 ]; then
       systemctl disable --quiet "$service" 2>/dev/null || true
     fi
   done
+  if [[ " ${missing[*]} " == *" docker.io "* ]] && command -v systemctl >/dev/null; then
+    systemctl mask --quiet docker.service docker.socket containerd.service 2>/dev/null || true
+  fi
 fi
 
 # 2. Toolchains: stable for user space (pinned by rust-toolchain.toml), nightly + rust-src for eBPF.
