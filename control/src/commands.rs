@@ -240,7 +240,9 @@ impl InspectFormat {
 pub fn docker_json<T: serde::Serialize + ?Sized>(value: &T) -> Result<String> {
     let mut out = Vec::new();
     let formatter = serde_json::ser::PrettyFormatter::with_indent(b"    ");
-    value.serialize(&mut serde_json::Serializer::with_formatter(&mut out, formatter))?;
+    value.serialize(&mut serde_json::Serializer::with_formatter(
+        &mut out, formatter,
+    ))?;
     Ok(String::from_utf8(out)? + "\n")
 }
 

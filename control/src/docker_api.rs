@@ -36,7 +36,13 @@ impl Cluster for Agent {
     }
 
     async fn managers(&self) -> anyhow::Result<Vec<String>> {
-        Ok(self.0.cluster.info().await.map(|s| s.managers).unwrap_or_default())
+        Ok(self
+            .0
+            .cluster
+            .info()
+            .await
+            .map(|s| s.managers)
+            .unwrap_or_default())
     }
 
     async fn local_network(
@@ -56,7 +62,9 @@ impl IntoResponse for DockerError {
     fn into_response(self) -> Response {
         let status = match self.0.kind {
             ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            kind => StatusCode::from_u16(kind.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            kind => {
+                StatusCode::from_u16(kind.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+            }
         };
         (status, Json(json!({ "message": self.0.error }))).into_response()
     }
@@ -91,17 +99,25 @@ pub fn router(state: Arc<AgentState>) -> Router {
         .route("/nodes/{id}/update", post(node_update))
         .route("/services", get(service_list))
         .route("/services/create", post(service_create))
-        .route("/services/{id}", get(service_inspect).delete(service_remove))
+        .route(
+            "/services/{id}",
+            get(service_inspect).delete(service_remove),
+        )
         .route("/services/{id}/update", post(service_update))
         .route("/services/{id}/logs", get(service_logs))
         .route("/tasks", get(task_list))
         .route("/tasks/{id}", get(task_inspect))
         .route("/networks", get(network_list))
         .route("/networks/create", post(network_create))
-        .route("/networks/{id}", get(network_inspect).delete(network_remove))
+        .route(
+            "/networks/{id}",
+            get(network_inspect).delete(network_remove),
+        )
         .fallback(not_found)
         .with_state(state);
-    Router::new().fallback_service(api).layer(axum::middleware::from_fn(versioned))
+    Router::new()
+        .fallback_service(api)
+        .layer(axum::middleware::from_fn(versioned))
 }
 
 /// `/v1.47/services` is `/services` for a version this server speaks; every answer says the
@@ -129,7 +145,11 @@ async fn versioned(mut request: Request, next: Next) -> Response {
             )))
             .into_response();
         }
-        let query = request.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
+        let query = request
+            .uri()
+            .query()
+            .map(|q| format!("?{q}"))
+            .unwrap_or_default();
         if let Ok(uri) = format!("/{rest}{query}").parse() {
             *request.uri_mut() = uri;
         }
@@ -155,9 +175,10 @@ async fn not_found(uri: axum::http::Uri) -> DockerError {
 
 async fn ping() -> Response {
     let mut response = "OK".into_response();
-    response
-        .headers_mut()
-        .insert("Cache-Control", HeaderValue::from_static("no-cache, no-store, must-revalidate"));
+    response.headers_mut().insert(
+        "Cache-Control",
+        HeaderValue::from_static("no-cache, no-store, must-revalidate"),
+    );
     response
 }
 
@@ -196,7 +217,8 @@ async fn info(State(state): State<Arc<AgentState>>) -> Answer<Json<Value>> {
         if s.manager {
             let nodes = shoal_docker::nodes(&agent).await?;
             swarm_json["Nodes"] = json!(nodes.len());
-            swarm_json["Managers"] = json!(nodes.iter().filter(|n| n.manager_status.is_some()).count());
+            swarm_json["Managers"] =
+                json!(nodes.iter().filter(|n| n.manager_status.is_some()).count());
             swarm_json["Cluster"] = cluster_document(&agent, &s.cluster_id, false).await?;
         }
     }
@@ -227,7 +249,10 @@ async fn cluster_document(agent: &Agent, cluster_id: &str, tokens: bool) -> anyh
     if tokens {
         let mut join = serde_json::Map::new();
         for (key, role) in [("Worker", Role::Worker), ("Manager", Role::Manager)] {
-            let request = ControlRequest::JoinToken { role, rotate: false };
+            let request = ControlRequest::JoinToken {
+                role,
+                rotate: false,
+            };
             if let ControlResponse::Token(token) = agent.control(request).await? {
                 join.insert(key.into(), Value::String(token));
             }
@@ -246,7 +271,9 @@ async fn swarm_inspect(State(state): State<Arc<AgentState>>) -> Answer<Json<Valu
     let swarm = state.cluster.info().await.ok_or_else(|| {
         ApiError::unavailable("This node is not a swarm manager. Use \"docker swarm init\" or \"docker swarm join\" to connect this node to swarm and try again.")
     })?;
-    Ok(Json(cluster_document(&Agent(state), &swarm.cluster_id, true).await?))
+    Ok(Json(
+        cluster_document(&Agent(state), &swarm.cluster_id, true).await?,
+    ))
 }
 
 /// Docker's query flags: `1`/`true` are set.
@@ -260,7 +287,10 @@ async fn swarm_update(
     Json(body): Json<Value>,
 ) -> Answer<StatusCode> {
     if flag(&query, "rotateManagerUnlockKey") {
-        return Err(ApiError::invalid("autolock (--autolock, unlock keys) is not supported by shoal").into());
+        return Err(ApiError::invalid(
+            "autolock (--autolock, unlock keys) is not supported by shoal",
+        )
+        .into());
     }
     let changed = spec::changed_fields(&body, &swarm_spec());
     if !changed.is_empty() {
@@ -270,9 +300,15 @@ async fn swarm_update(
         ))
         .into());
     }
-    for (flag_name, role) in [("rotateWorkerToken", Role::Worker), ("rotateManagerToken", Role::Manager)] {
+    for (flag_name, role) in [
+        ("rotateWorkerToken", Role::Worker),
+        ("rotateManagerToken", Role::Manager),
+    ] {
         if flag(&query, flag_name) {
-            state.cluster.control(ControlRequest::JoinToken { role, rotate: true }).await?;
+            state
+                .cluster
+                .control(ControlRequest::JoinToken { role, rotate: true })
+                .await?;
         }
     }
     Ok(StatusCode::OK)
@@ -315,12 +351,27 @@ async fn swarm_init(
     Json(init): Json<DockerInit>,
 ) -> Answer<Json<String>> {
     refuse_set("--autolock", init.auto_lock_managers)?;
-    refuse_set(&format!("--availability {}", init.availability), !["", "active"].contains(&init.availability.as_str()))?;
-    refuse_set(&format!("--listen-addr {}", init.listen_addr), !["", "0.0.0.0:2377"].contains(&init.listen_addr.as_str()))?;
+    refuse_set(
+        &format!("--availability {}", init.availability),
+        !["", "active"].contains(&init.availability.as_str()),
+    )?;
+    refuse_set(
+        &format!("--listen-addr {}", init.listen_addr),
+        !["", "0.0.0.0:2377"].contains(&init.listen_addr.as_str()),
+    )?;
     let changed = spec::changed_fields(&init.spec, &Value::Null);
-    refuse_set(&format!("swarm settings ({})", changed.join(", ")), !changed.is_empty())?;
-    refuse_set("more than one --default-addr-pool", init.default_addr_pool.len() > 1)?;
-    let parse_pool = |p: &String| p.parse().map_err(|e: anyhow::Error| ApiError::invalid(format!("{e:#}")));
+    refuse_set(
+        &format!("swarm settings ({})", changed.join(", ")),
+        !changed.is_empty(),
+    )?;
+    refuse_set(
+        "more than one --default-addr-pool",
+        init.default_addr_pool.len() > 1,
+    )?;
+    let parse_pool = |p: &String| {
+        p.parse()
+            .map_err(|e: anyhow::Error| ApiError::invalid(format!("{e:#}")))
+    };
     let request = InitRequest {
         advertise_addr: (!init.advertise_addr.is_empty()).then_some(init.advertise_addr),
         force_new_cluster: init.force_new_cluster,
@@ -328,7 +379,11 @@ async fn swarm_init(
         default_addr_pool_mask_length: (init.subnet_size != 0).then_some(init.subnet_size),
         data_path_port: (init.data_path_port != 0).then_some(init.data_path_port),
         data_path_addr: (!init.data_path_addr.is_empty())
-            .then(|| init.data_path_addr.parse().map_err(|_| ApiError::invalid("--data-path-addr must be an IPv4 address")))
+            .then(|| {
+                init.data_path_addr
+                    .parse()
+                    .map_err(|_| ApiError::invalid("--data-path-addr must be an IPv4 address"))
+            })
             .transpose()?,
     };
     Ok(Json(state.cluster.init(request).await?.node_id))
@@ -353,9 +408,19 @@ async fn swarm_join(
     State(state): State<Arc<AgentState>>,
     Json(join): Json<DockerJoin>,
 ) -> Answer<StatusCode> {
-    refuse_set(&format!("--availability {}", join.availability), !["", "active"].contains(&join.availability.as_str()))?;
-    refuse_set(&format!("--listen-addr {}", join.listen_addr), !["", "0.0.0.0:2377"].contains(&join.listen_addr.as_str()))?;
-    let remote = join.remote_addrs.first().cloned().ok_or_else(|| ApiError::invalid("no manager address to join"))?;
+    refuse_set(
+        &format!("--availability {}", join.availability),
+        !["", "active"].contains(&join.availability.as_str()),
+    )?;
+    refuse_set(
+        &format!("--listen-addr {}", join.listen_addr),
+        !["", "0.0.0.0:2377"].contains(&join.listen_addr.as_str()),
+    )?;
+    let remote = join
+        .remote_addrs
+        .first()
+        .cloned()
+        .ok_or_else(|| ApiError::invalid("no manager address to join"))?;
     state
         .cluster
         .join(JoinArgs {
@@ -363,7 +428,11 @@ async fn swarm_join(
             remote,
             advertise_addr: (!join.advertise_addr.is_empty()).then_some(join.advertise_addr),
             data_path_addr: (!join.data_path_addr.is_empty())
-                .then(|| join.data_path_addr.parse().map_err(|_| ApiError::invalid("--data-path-addr must be an IPv4 address")))
+                .then(|| {
+                    join.data_path_addr
+                        .parse()
+                        .map_err(|_| ApiError::invalid("--data-path-addr must be an IPv4 address"))
+                })
                 .transpose()?,
         })
         .await?;
@@ -395,7 +464,10 @@ impl Filters {
             }
             let values: Vec<String> = match values {
                 Value::Object(map) => map.keys().cloned().collect(),
-                Value::Array(list) => list.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
+                Value::Array(list) => list
+                    .iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect(),
                 _ => return Err(ApiError::invalid(format!("invalid filter '{key}'")).into()),
             };
             filters.insert(key.clone(), values);
@@ -405,7 +477,9 @@ impl Filters {
 
     /// True when the filter is absent or one of its values matches.
     fn any(&self, key: &str, matches: impl Fn(&str) -> bool) -> bool {
-        self.0.get(key).is_none_or(|values| values.iter().any(|v| matches(v)))
+        self.0
+            .get(key)
+            .is_none_or(|values| values.iter().any(|v| matches(v)))
     }
 
     /// `label=KEY` or `label=KEY=VALUE`, every one of them.
@@ -423,7 +497,10 @@ async fn node_list(
     State(state): State<Arc<AgentState>>,
     Query(query): Query<BTreeMap<String, String>>,
 ) -> Answer<Json<Vec<models::Node>>> {
-    let filters = Filters::parse(&query, &["id", "name", "label", "node.label", "role", "membership"])?;
+    let filters = Filters::parse(
+        &query,
+        &["id", "name", "label", "node.label", "role", "membership"],
+    )?;
     let nodes = shoal_docker::nodes(&Agent(state)).await?;
     Ok(Json(
         nodes
@@ -471,7 +548,10 @@ async fn node_remove(
     Query(query): Query<BTreeMap<String, String>>,
 ) -> Answer<StatusCode> {
     let force = flag(&query, "force");
-    state.cluster.control(ControlRequest::NodeRemove { node: id, force }).await?;
+    state
+        .cluster
+        .control(ControlRequest::NodeRemove { node: id, force })
+        .await?;
     Ok(StatusCode::OK)
 }
 
@@ -520,8 +600,15 @@ async fn service_create(
 ) -> Answer<(StatusCode, Json<Value>)> {
     let docker: models::ServiceSpec = spec::parse_strict(&body)?;
     let shoal = spec::service_spec(&docker)?;
-    match state.cluster.control(ControlRequest::ServiceCreate(shoal)).await? {
-        ControlResponse::Service(view) => Ok((StatusCode::CREATED, Json(json!({ "ID": view.id, "Warnings": null })))),
+    match state
+        .cluster
+        .control(ControlRequest::ServiceCreate(shoal))
+        .await?
+    {
+        ControlResponse::Service(view) => Ok((
+            StatusCode::CREATED,
+            Json(json!({ "ID": view.id, "Warnings": null })),
+        )),
         other => Err(anyhow::anyhow!("unexpected answer from the managers: {other:?}").into()),
     }
 }
@@ -553,7 +640,10 @@ async fn service_update(
     let networks = shoal_docker::networks(&agent).await?;
     let changes = spec::service_changes(&current, &networks, &new)?;
     agent
-        .control(ControlRequest::ServiceUpdate { service: current.id, changes })
+        .control(ControlRequest::ServiceUpdate {
+            service: current.id,
+            changes,
+        })
         .await?;
     Ok(Json(json!({ "Warnings": null })))
 }
@@ -562,7 +652,10 @@ async fn service_remove(
     State(state): State<Arc<AgentState>>,
     Path(id): Path<String>,
 ) -> Answer<StatusCode> {
-    state.cluster.control(ControlRequest::ServiceRemove { service: id }).await?;
+    state
+        .cluster
+        .control(ControlRequest::ServiceRemove { service: id })
+        .await?;
     Ok(StatusCode::OK)
 }
 
@@ -574,15 +667,30 @@ async fn service_logs(
     Query(query): Query<BTreeMap<String, String>>,
 ) -> Answer<Response> {
     for unsupported in ["follow", "timestamps", "since"] {
-        if flag(&query, unsupported) || (unsupported == "since" && query.get("since").is_some_and(|s| !s.is_empty() && s != "0")) {
-            return Err(ApiError::invalid(format!("--{unsupported} is not supported by shoal's service logs")).into());
+        if flag(&query, unsupported)
+            || (unsupported == "since"
+                && query
+                    .get("since")
+                    .is_some_and(|s| !s.is_empty() && s != "0"))
+        {
+            return Err(ApiError::invalid(format!(
+                "--{unsupported} is not supported by shoal's service logs"
+            ))
+            .into());
         }
     }
-    let tail = query.get("tail").filter(|t| *t != "all").map(|t| t.parse::<usize>()).transpose()
+    let tail = query
+        .get("tail")
+        .filter(|t| *t != "all")
+        .map(|t| t.parse::<usize>())
+        .transpose()
         .map_err(|_| ApiError::invalid("--tail must be a number or all"))?;
     let agent = Agent(state);
     let service = shoal_docker::service_view(&agent, &id).await?;
-    let ControlResponse::Logs(lines) = agent.control(ControlRequest::ServiceLogs { service: id, tail }).await? else {
+    let ControlResponse::Logs(lines) = agent
+        .control(ControlRequest::ServiceLogs { service: id, tail })
+        .await?
+    else {
         return Err(anyhow::anyhow!("unexpected answer from the managers").into());
     };
     let nodes = shoal_docker::nodes(&agent).await?;
@@ -615,7 +723,15 @@ async fn task_list(
 ) -> Answer<Json<Vec<models::Task>>> {
     let filters = Filters::parse(
         &query,
-        &["id", "name", "service", "node", "desired-state", "label", "_up-to-date"],
+        &[
+            "id",
+            "name",
+            "service",
+            "node",
+            "desired-state",
+            "label",
+            "_up-to-date",
+        ],
     )?;
     let agent = Agent(state);
     let services = shoal_docker::service_views(&agent).await?;
@@ -635,7 +751,9 @@ async fn task_list(
             .filter(|t| {
                 filters.any("node", |v| {
                     t.node_id.starts_with(v)
-                        || nodes.iter().any(|n| n.id == t.node_id && n.description.hostname == v)
+                        || nodes
+                            .iter()
+                            .any(|n| n.id == t.node_id && n.description.hostname == v)
                 })
             })
             .filter(|t| {
@@ -708,39 +826,92 @@ async fn network_create(
     State(state): State<Arc<AgentState>>,
     Json(body): Json<Value>,
 ) -> Answer<(StatusCode, Json<Value>)> {
-    let known = ["Name", "Driver", "Internal", "Attachable", "IPAM", "Options", "CheckDuplicate", "Scope"];
+    let known = [
+        "Name",
+        "Driver",
+        "Internal",
+        "Attachable",
+        "IPAM",
+        "Options",
+        "CheckDuplicate",
+        "Scope",
+    ];
     let unknown = spec::changed_fields(
-        &Value::Object(body.as_object().into_iter().flatten().filter(|(k, _)| !known.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect()),
+        &Value::Object(
+            body.as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(k, _)| !known.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        ),
         &Value::Null,
     );
-    refuse_set(&format!("network option {}", unknown.join(", ")), !unknown.is_empty())?;
+    refuse_set(
+        &format!("network option {}", unknown.join(", ")),
+        !unknown.is_empty(),
+    )?;
     let create: DockerNetworkCreate = serde_json::from_value(body)
         .map_err(|e| ApiError::invalid(format!("invalid request body: {e}")))?;
-    refuse_set(&format!("the {:?} driver (only overlay exists)", create.driver), !["", "overlay"].contains(&create.driver.as_str()))?;
+    refuse_set(
+        &format!("the {:?} driver (only overlay exists)", create.driver),
+        !["", "overlay"].contains(&create.driver.as_str()),
+    )?;
     let mut mtu = None;
     for (key, value) in &create.options {
         match key.as_str() {
             "com.docker.network.driver.mtu" | "mtu" => {
-                mtu = Some(value.parse().map_err(|_| ApiError::invalid(format!("--opt {key}={value}: mtu must be a number")))?)
+                mtu = Some(value.parse().map_err(|_| {
+                    ApiError::invalid(format!("--opt {key}={value}: mtu must be a number"))
+                })?)
             }
-            _ => return Err(ApiError::invalid(format!("driver option {key} is not supported by shoal (only mtu)")).into()),
+            _ => {
+                return Err(ApiError::invalid(format!(
+                    "driver option {key} is not supported by shoal (only mtu)"
+                ))
+                .into())
+            }
         }
     }
     let ipam = create.ipam.unwrap_or_default();
-    refuse_set(&format!("IPAM driver {:?}", ipam.driver), !["", "default"].contains(&ipam.driver.as_str()))?;
+    refuse_set(
+        &format!("IPAM driver {:?}", ipam.driver),
+        !["", "default"].contains(&ipam.driver.as_str()),
+    )?;
     refuse_set("more than one subnet", ipam.config.len() > 1)?;
     let config = ipam.config.first();
     let invalid = |e: String| ApiError::invalid(e);
     let request = NetworkCreate {
         name: create.name,
-        subnet: config.filter(|c| !c.subnet.is_empty()).map(|c| c.subnet.parse().map_err(|e: anyhow::Error| invalid(format!("{e:#}")))).transpose()?,
-        gateway: config.filter(|c| !c.gateway.is_empty()).map(|c| c.gateway.parse().map_err(|_| invalid(format!("--gateway {}: not an IPv4 address", c.gateway)))).transpose()?,
+        subnet: config
+            .filter(|c| !c.subnet.is_empty())
+            .map(|c| {
+                c.subnet
+                    .parse()
+                    .map_err(|e: anyhow::Error| invalid(format!("{e:#}")))
+            })
+            .transpose()?,
+        gateway: config
+            .filter(|c| !c.gateway.is_empty())
+            .map(|c| {
+                c.gateway
+                    .parse()
+                    .map_err(|_| invalid(format!("--gateway {}: not an IPv4 address", c.gateway)))
+            })
+            .transpose()?,
         attachable: create.attachable,
         internal: create.internal,
         mtu,
     };
-    match state.cluster.control(ControlRequest::NetworkCreate(request)).await? {
-        ControlResponse::Network(view) => Ok((StatusCode::CREATED, Json(json!({ "Id": view.id, "Warning": "" })))),
+    match state
+        .cluster
+        .control(ControlRequest::NetworkCreate(request))
+        .await?
+    {
+        ControlResponse::Network(view) => Ok((
+            StatusCode::CREATED,
+            Json(json!({ "Id": view.id, "Warning": "" })),
+        )),
         other => Err(anyhow::anyhow!("unexpected answer from the managers: {other:?}").into()),
     }
 }
@@ -749,6 +920,9 @@ async fn network_remove(
     State(state): State<Arc<AgentState>>,
     Path(id): Path<String>,
 ) -> Answer<StatusCode> {
-    state.cluster.control(ControlRequest::NetworkRemove { network: id }).await?;
+    state
+        .cluster
+        .control(ControlRequest::NetworkRemove { network: id })
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }

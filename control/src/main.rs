@@ -7,9 +7,9 @@ mod config;
 mod containment_args;
 mod debug;
 mod demo;
-mod docker_api;
 #[cfg(test)]
 mod doc_commands;
+mod docker_api;
 mod examples;
 mod lab;
 mod metrics;

@@ -34,7 +34,9 @@ impl clap::builder::TypedValueParser for TemplateFormat {
         &self,
     ) -> Option<Box<dyn Iterator<Item = clap::builder::PossibleValue> + '_>> {
         Some(Box::new(
-            ["table", "json"].into_iter().map(clap::builder::PossibleValue::new),
+            ["table", "json"]
+                .into_iter()
+                .map(clap::builder::PossibleValue::new),
         ))
     }
 }

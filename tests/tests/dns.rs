@@ -211,7 +211,10 @@ fn tasks_resolve_through_the_embedded_dns() {
             .collect()
     };
     let vip = {
-        let out = lab.exec("node1", &["shoal", "service", "inspect", "web", "--format", "json"]);
+        let out = lab.exec(
+            "node1",
+            &["shoal", "service", "inspect", "web", "--format", "json"],
+        );
         let view: serde_json::Value = serde_json::from_str(&out).unwrap();
         view["vips"][0][1].as_str().unwrap().to_owned()
     };

@@ -48,14 +48,30 @@ impl Docker {
     /// `METHOD PATH` on the socket with curl: the status and the body.
     fn call(&self, method: &str, path: &str, body: &str) -> (u16, String) {
         let out = Command::new("curl")
-            .args(["-s", "-X", method, "-H", "content-type: application/json"])
-            .args(["--data-binary", body, "-w", "\n%{http_code}", "--unix-socket"])
+            // -g: a `filters` query's braces are not a URL pattern.
+            .args([
+                "-s",
+                "-g",
+                "-X",
+                method,
+                "-H",
+                "content-type: application/json",
+            ])
+            .args([
+                "--data-binary",
+                body,
+                "-w",
+                "\n%{http_code}",
+                "--unix-socket",
+            ])
             .arg(&self.socket)
             .arg(format!("http://docker{path}"))
             .output()
             .expect("running curl");
-        let out = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, status) = out.rsplit_once('\n').expect("body and status");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, status) = stdout
+            .rsplit_once('\n')
+            .unwrap_or_else(|| panic!("curl {path}: {}", String::from_utf8_lossy(&out.stderr)));
         (status.parse().expect("status"), body.to_owned())
     }
 
@@ -73,7 +89,12 @@ impl Docker {
             Duration::from_secs(60),
             || {
                 let (ok, out, _) = self.run(&[
-                    "service", "ps", service, "--filter", "desired-state=running", "--format",
+                    "service",
+                    "ps",
+                    service,
+                    "--filter",
+                    "desired-state=running",
+                    "--format",
                     format,
                 ]);
                 let nodes: Vec<String> = out
@@ -81,8 +102,7 @@ impl Docker {
                     .filter(|l| l.contains(" Running "))
                     .map(|l| l.split(' ').next().unwrap_or_default().to_owned())
                     .collect();
-                (ok && nodes.len() == replicas && out.lines().count() == replicas)
-                    .then_some(nodes)
+                (ok && nodes.len() == replicas && out.lines().count() == replicas).then_some(nodes)
             },
         )
     }
@@ -104,8 +124,20 @@ fn the_docker_cli_drives_the_swarm() {
     docker.ok(&["network", "create", "--driver", "overlay", "front"]);
     assert!(docker.ok(&["network", "ls"]).contains("front"));
     docker.ok(&[
-        "service", "create", "--name", "web", "--replicas", "3", "--publish", "8080:80",
-        "--network", "front", "--no-resolve-image", "--detach", "shoal", "whoami",
+        "service",
+        "create",
+        "--name",
+        "web",
+        "--replicas",
+        "3",
+        "--publish",
+        "8080:80",
+        "--network",
+        "front",
+        "--no-resolve-image",
+        "--detach",
+        "shoal",
+        "whoami",
     ]);
     docker.running_on("web", 3);
     let ps = docker.ok(&["service", "ps", "web"]);
@@ -123,14 +155,33 @@ fn the_docker_cli_drives_the_swarm() {
     let replicas = docker.ok(&["service", "ls", "--format", "{{.Name}} {{.Replicas}}"]);
     assert_eq!(replicas.trim(), "web 5/5");
 
-    docker.ok(&["service", "update", "--detach", "--publish-add", "9090:80", "web"]);
+    docker.ok(&[
+        "service",
+        "update",
+        "--detach",
+        "--publish-add",
+        "9090:80",
+        "web",
+    ]);
     // The seeds' two templates print what Docker prints.
-    let ports = docker.ok(&["service", "inspect", "--format", "{{json .Endpoint.Spec.Ports}}", "web"]);
+    let ports = docker.ok(&[
+        "service",
+        "inspect",
+        "--format",
+        "{{json .Endpoint.Spec.Ports}}",
+        "web",
+    ]);
     assert_eq!(
         ports.trim(),
         r#"[{"Protocol":"tcp","TargetPort":80,"PublishedPort":8080,"PublishMode":"ingress"},{"Protocol":"tcp","TargetPort":80,"PublishedPort":9090,"PublishMode":"ingress"}]"#
     );
-    let reachability = docker.ok(&["node", "inspect", "node1", "--format", "{{ .ManagerStatus.Reachability }}"]);
+    let reachability = docker.ok(&[
+        "node",
+        "inspect",
+        "node1",
+        "--format",
+        "{{ .ManagerStatus.Reachability }}",
+    ]);
     assert_eq!(reachability.trim(), "reachable");
     wait_for("the added port", Duration::from_secs(30), || {
         lab.client_get("http://192.168.77.13:9090/", 5)
@@ -139,10 +190,14 @@ fn the_docker_cli_drives_the_swarm() {
     docker.ok(&["node", "update", "--availability", "drain", "node2"]);
     let availability = docker.ok(&["node", "ls", "--format", "{{.Hostname}}={{.Availability}}"]);
     assert!(availability.contains("node2=Drain"), "{availability}");
-    wait_for("web's tasks to leave node2", Duration::from_secs(60), || {
-        let nodes = docker.running_on("web", 5);
-        (!nodes.iter().any(|n| n == "node2")).then_some(())
-    });
+    wait_for(
+        "web's tasks to leave node2",
+        Duration::from_secs(60),
+        || {
+            let nodes = docker.running_on("web", 5);
+            (!nodes.iter().any(|n| n == "node2")).then_some(())
+        },
+    );
 
     // `shoal X inspect` prints the Engine API's documents.
     let shoal = |args: &[&str]| -> Value {
@@ -151,8 +206,14 @@ fn the_docker_cli_drives_the_swarm() {
         serde_json::from_str(&lab.exec("node1", &all)).expect("JSON")
     };
     let web = docker.get_json("/v1.47/services/web");
-    assert_eq!(shoal(&["service", "inspect", "web"]), Value::Array(vec![web.clone()]));
-    assert_eq!(web["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"], "shoal");
+    assert_eq!(
+        shoal(&["service", "inspect", "web"]),
+        Value::Array(vec![web.clone()])
+    );
+    assert_eq!(
+        web["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"],
+        "shoal"
+    );
     assert_eq!(
         shoal(&["node", "inspect", "node2"]),
         Value::Array(vec![docker.get_json("/v1.41/nodes/node2")])
@@ -173,10 +234,21 @@ fn the_docker_cli_drives_the_swarm() {
 
     // Options shoal lacks: a 400 naming them, through the CLI and on the wire.
     let (ok, _, stderr) = docker.run(&[
-        "service", "create", "--name", "bad", "--mount", "type=tmpfs,destination=/x",
-        "--no-resolve-image", "--detach", "shoal", "whoami",
+        "service",
+        "create",
+        "--name",
+        "bad",
+        "--mount",
+        "type=tmpfs,destination=/x",
+        "--no-resolve-image",
+        "--detach",
+        "shoal",
+        "whoami",
     ]);
-    assert!(!ok && stderr.contains("TaskTemplate.ContainerSpec.Mounts"), "{stderr}");
+    assert!(
+        !ok && stderr.contains("TaskTemplate.ContainerSpec.Mounts"),
+        "{stderr}"
+    );
     let (status, body) = docker.call(
         "POST",
         "/v1.47/services/create",
@@ -185,12 +257,18 @@ fn the_docker_cli_drives_the_swarm() {
     assert_eq!(status, 400, "{body}");
     let message: Value = serde_json::from_str(&body).unwrap();
     assert!(
-        message["message"].as_str().unwrap().contains("TaskTemplate.ContainerSpec.Hostname"),
+        message["message"]
+            .as_str()
+            .unwrap()
+            .contains("TaskTemplate.ContainerSpec.Hostname"),
         "{body}"
     );
     let (status, body) = docker.call("GET", "/v1.99/version", "");
     assert_eq!(status, 400, "{body}");
-    assert!(body.contains("Maximum supported API version is 1.47"), "{body}");
+    assert!(
+        body.contains("Maximum supported API version is 1.47"),
+        "{body}"
+    );
     let (ok, _, stderr) = docker.run(&["service", "rollback", "--detach", "web"]);
     assert!(!ok && stderr.contains("not supported by shoal"), "{stderr}");
 

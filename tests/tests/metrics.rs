@@ -370,9 +370,11 @@ fn nodes_export_real_metrics_and_health() {
     );
     assert!(after > before, "DNS answers counted: {before} -> {after}");
     let m = scrape(&lab, &asker.node);
-    let front: serde_json::Value =
-        serde_json::from_str(&lab.exec("node1", &["shoal", "network", "inspect", "front", "--format", "json"]))
-            .unwrap();
+    let front: serde_json::Value = serde_json::from_str(&lab.exec(
+        "node1",
+        &["shoal", "network", "inspect", "front", "--format", "json"],
+    ))
+    .unwrap();
     let front_id = front["id"].as_str().unwrap();
     let live = m
         .find(

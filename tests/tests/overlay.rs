@@ -26,7 +26,10 @@ fn gossip_ips(lab: &TestLab, node: &str, network: &str) -> BTreeSet<String> {
 
 /// FDB entries (MAC -> VTEP) programmed for a network on a node.
 fn programmed_vteps(lab: &TestLab, node: &str, network: &str) -> BTreeSet<String> {
-    let out = lab.exec(node, &["shoal", "network", "inspect", network, "--format", "json"]);
+    let out = lab.exec(
+        node,
+        &["shoal", "network", "inspect", network, "--format", "json"],
+    );
     let view: Value = serde_json::from_str(&out).expect("JSON");
     view["local"]["fdb"]
         .as_array()
@@ -110,9 +113,11 @@ fn tasks_on_three_nodes_talk_over_their_overlay_and_nothing_else() {
             .filter(|t| t.node != node)
             .map(|t| t.addresses["front"].clone())
             .collect();
-        let view: Value =
-            serde_json::from_str(&lab.exec(node, &["shoal", "network", "inspect", "front", "--format", "json"]))
-                .unwrap();
+        let view: Value = serde_json::from_str(&lab.exec(
+            node,
+            &["shoal", "network", "inspect", "front", "--format", "json"],
+        ))
+        .unwrap();
         let neighbours: BTreeSet<String> = view["local"]["neighbours"]
             .as_array()
             .unwrap()
@@ -125,9 +130,11 @@ fn tasks_on_three_nodes_talk_over_their_overlay_and_nothing_else() {
     // The last task of a network on a node takes the network's namespace with it; only the
     // ingress network (the routing mesh's, one per node) stays.
     lab.exec("node1", &["shoal", "service", "rm", "web", "db"]);
-    let ingress: Value =
-        serde_json::from_str(&lab.exec("node1", &["shoal", "network", "inspect", "ingress", "--format", "json"]))
-            .unwrap();
+    let ingress: Value = serde_json::from_str(&lab.exec(
+        "node1",
+        &["shoal", "network", "inspect", "ingress", "--format", "json"],
+    ))
+    .unwrap();
     let ingress_ns = format!(".ov-{}", &ingress["id"].as_str().unwrap()[..12]);
     let overlay_namespaces = || {
         std::fs::read_dir("/run/netns")

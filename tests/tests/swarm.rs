@@ -713,9 +713,11 @@ fn networks_are_allocated_attached_and_removed() {
     );
 
     lab.exec("node1", &["shoal", "network", "create", "backend"]);
-    let backend: Value =
-        serde_json::from_str(&lab.exec("node1", &["shoal", "network", "inspect", "backend", "--format", "json"]))
-            .unwrap();
+    let backend: Value = serde_json::from_str(&lab.exec(
+        "node1",
+        &["shoal", "network", "inspect", "backend", "--format", "json"],
+    ))
+    .unwrap();
     assert_eq!(
         (
             backend["subnet"].as_str(),
@@ -740,9 +742,11 @@ fn networks_are_allocated_attached_and_removed() {
             "front",
         ],
     );
-    let front: Value =
-        serde_json::from_str(&lab.exec("node1", &["shoal", "network", "inspect", "front", "--format", "json"]))
-            .unwrap();
+    let front: Value = serde_json::from_str(&lab.exec(
+        "node1",
+        &["shoal", "network", "inspect", "front", "--format", "json"],
+    ))
+    .unwrap();
     assert_eq!(
         (
             front["gateway"].as_str(),
@@ -838,8 +842,11 @@ fn networks_are_allocated_attached_and_removed() {
     backend_ips.sort();
     // The service's VIP on backend took the first free address (.2); tasks take the next.
     assert_eq!(backend_ips, ["10.0.1.3", "10.0.1.4"]);
-    let inspect: Value =
-        serde_json::from_str(&lab.exec("node1", &["shoal", "service", "inspect", "api", "--format", "json"])).unwrap();
+    let inspect: Value = serde_json::from_str(&lab.exec(
+        "node1",
+        &["shoal", "service", "inspect", "api", "--format", "json"],
+    ))
+    .unwrap();
     assert_eq!(
         inspect["vips"][0],
         serde_json::json!(["backend", "10.0.1.2"])

@@ -35,7 +35,10 @@ fn ask_many(
 }
 
 fn vip_of(lab: &TestLab, service: &str) -> String {
-    let out = lab.exec("node1", &["shoal", "service", "inspect", service, "--format", "json"]);
+    let out = lab.exec(
+        "node1",
+        &["shoal", "service", "inspect", service, "--format", "json"],
+    );
     let view: Value = serde_json::from_str(&out).expect("JSON");
     view["vips"][0][1].as_str().expect("a VIP").to_owned()
 }

@@ -10,7 +10,9 @@ use std::collections::BTreeMap;
 
 use shoal_cluster::{
     protocol::{NetworkView, NodeView, ServiceView, TaskView},
-    state::{EndpointMode, PortConfig as ShoalPort, PublishMode, ServiceMode as ShoalMode, SourceMode},
+    state::{
+        EndpointMode, PortConfig as ShoalPort, PublishMode, ServiceMode as ShoalMode, SourceMode,
+    },
 };
 use shoal_dataplane::overlay::NetworkDataplane;
 
@@ -49,7 +51,9 @@ impl Networks {
     }
 
     fn id(&self, name: &str) -> String {
-        self.0.get(name).map_or_else(|| name.to_owned(), |n| n.id.clone())
+        self.0
+            .get(name)
+            .map_or_else(|| name.to_owned(), |n| n.id.clone())
     }
 
     /// `10.0.1.5/24`: an address with its network's prefix length.
@@ -199,7 +203,11 @@ pub fn node(view: &NodeView, manager_addr: Option<String>) -> Node {
         }
         .into(),
         addr: manager_addr.unwrap_or_else(|| {
-            format!("{}:{}", view.addr, shoal_cluster::state::DEFAULT_MANAGER_PORT)
+            format!(
+                "{}:{}",
+                view.addr,
+                shoal_cluster::state::DEFAULT_MANAGER_PORT
+            )
         }),
     });
     Node {
@@ -294,7 +302,11 @@ pub fn network(view: &NetworkView, local: Option<NetworkDataplane>) -> Network {
 }
 
 /// `services`: the swarm's services by name (a task names its service by name).
-pub fn task(view: &TaskView, services: &BTreeMap<String, ServiceView>, networks: &Networks) -> Task {
+pub fn task(
+    view: &TaskView,
+    services: &BTreeMap<String, ServiceView>,
+    networks: &Networks,
+) -> Task {
     let service = services.get(&view.service);
     Task {
         id: view.id.clone(),

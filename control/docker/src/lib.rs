@@ -50,12 +50,20 @@ pub async fn service_views(cluster: &impl Cluster) -> Result<Vec<ServiceView>> {
 }
 
 pub async fn networks(cluster: &impl Cluster) -> Result<Networks> {
-    Ok(Networks::new(answer!(cluster, ControlRequest::NetworkList, Networks)))
+    Ok(Networks::new(answer!(
+        cluster,
+        ControlRequest::NetworkList,
+        Networks
+    )))
 }
 
 pub async fn service_view(cluster: &impl Cluster, service: &str) -> Result<ServiceView> {
     let service = service.to_owned();
-    Ok(answer!(cluster, ControlRequest::ServiceInspect { service }, Service))
+    Ok(answer!(
+        cluster,
+        ControlRequest::ServiceInspect { service },
+        Service
+    ))
 }
 
 pub async fn service(cluster: &impl Cluster, service: &str) -> Result<models::Service> {
@@ -98,7 +106,11 @@ pub async fn nodes(cluster: &impl Cluster) -> Result<Vec<models::Node>> {
 
 pub async fn network(cluster: &impl Cluster, network: &str) -> Result<models::Network> {
     let name = network.to_owned();
-    let view: NetworkView = answer!(cluster, ControlRequest::NetworkInspect { network: name }, Network);
+    let view: NetworkView = answer!(
+        cluster,
+        ControlRequest::NetworkInspect { network: name },
+        Network
+    );
     let local = cluster.local_network(&view.id).await?;
     Ok(convert::network(&view, local))
 }
@@ -121,7 +133,8 @@ pub async fn tasks(cluster: &impl Cluster) -> Result<Vec<models::Task>> {
     let mut tasks = Vec::new();
     for name in services.keys() {
         let service = name.clone();
-        let views: Vec<TaskView> = answer!(cluster, ControlRequest::ServiceTasks { service }, Tasks);
+        let views: Vec<TaskView> =
+            answer!(cluster, ControlRequest::ServiceTasks { service }, Tasks);
         tasks.extend(views.iter().map(|t| convert::task(t, &services, &networks)));
     }
     Ok(tasks)
@@ -140,7 +153,9 @@ pub async fn task(cluster: &impl Cluster, task: &str) -> Result<models::Task> {
     let mut prefixed = all.iter().filter(|t| t.id.starts_with(task));
     match (prefixed.next(), prefixed.next()) {
         (Some(one), None) => Ok(one.clone()),
-        (Some(_), Some(_)) => bail!(ApiError::invalid(format!("task ID prefix {task:?} is ambiguous"))),
+        (Some(_), Some(_)) => bail!(ApiError::invalid(format!(
+            "task ID prefix {task:?} is ambiguous"
+        ))),
         _ => bail!(ApiError::not_found(format!("no such task: {task}"))),
     }
 }

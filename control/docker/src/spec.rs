@@ -59,7 +59,12 @@ fn differences(input: &Value, reference: &Value, path: &str, out: &mut Vec<Strin
                 } else {
                     format!("{path}.{key}")
                 };
-                differences(value, reference.get(key).unwrap_or(&Value::Null), &here, out);
+                differences(
+                    value,
+                    reference.get(key).unwrap_or(&Value::Null),
+                    &here,
+                    out,
+                );
             }
         }
         _ => out.push(path.to_owned()),
@@ -118,11 +123,16 @@ fn check_defaults(spec: &ServiceSpec) -> Result<()> {
     if let Some(policy) = &spec.task_template.restart_policy {
         let default = policy.condition.is_empty() || policy.condition == "any";
         if !default || policy.max_attempts.unwrap_or(0) != 0 || policy.window.unwrap_or(0) != 0 {
-            bail!(refuse("a restart policy other than Docker's default (--restart-*)"));
+            bail!(refuse(
+                "a restart policy other than Docker's default (--restart-*)"
+            ));
         }
     }
     if !spec.task_template.runtime.is_empty() && spec.task_template.runtime != "container" {
-        bail!(refuse(format!("TaskTemplate.Runtime {:?}", spec.task_template.runtime)));
+        bail!(refuse(format!(
+            "TaskTemplate.Runtime {:?}",
+            spec.task_template.runtime
+        )));
     }
     if !spec.labels.is_empty() {
         bail!(refuse("service labels (--label)"));
@@ -133,7 +143,10 @@ fn check_defaults(spec: &ServiceSpec) -> Result<()> {
     ] {
         let Some(config) = config else { continue };
         if !["", "pause"].contains(&config.failure_action.as_str()) {
-            bail!(refuse(format!("{name}.FailureAction {:?}", config.failure_action)));
+            bail!(refuse(format!(
+                "{name}.FailureAction {:?}",
+                config.failure_action
+            )));
         }
         if !["", "stop-first"].contains(&config.order.as_str()) {
             bail!(refuse(format!("{name}.Order {:?}", config.order)));
@@ -213,7 +226,12 @@ fn containment(spec: &TaskSpec) -> Result<Containment> {
 /// digests name nothing shoal has.
 fn program(image: &str) -> Result<String> {
     let name = image.strip_suffix(":latest").unwrap_or(image);
-    if name.contains('@') || name.rsplit('/').next().is_some_and(|last| last.contains(':')) {
+    if name.contains('@')
+        || name
+            .rsplit('/')
+            .next()
+            .is_some_and(|last| last.contains(':'))
+    {
         bail!(refuse(format!(
             "image {image:?}: a tag or digest (the image is the program tasks run, a name in \
              the nodes' PATH)"
@@ -228,7 +246,9 @@ pub fn service_spec(spec: &ServiceSpec) -> Result<ShoalSpec> {
     let task = &spec.task_template;
     let container = &task.container_spec;
     if container.image.is_empty() {
-        bail!(ApiError::invalid("ContainerSpec.Image is required: the program tasks run"));
+        bail!(ApiError::invalid(
+            "ContainerSpec.Image is required: the program tasks run"
+        ));
     }
     let program = program(&container.image)?;
     let mode = match (&spec.mode.replicated, &spec.mode.global) {
@@ -275,9 +295,15 @@ pub fn service_spec(spec: &ServiceSpec) -> Result<ShoalSpec> {
         endpoint_mode: match endpoint.mode.as_str() {
             "" | "vip" => EndpointMode::Vip,
             "dnsrr" => EndpointMode::Dnsrr,
-            other => bail!(ApiError::invalid(format!("unknown endpoint mode {other:?}"))),
+            other => bail!(ApiError::invalid(format!(
+                "unknown endpoint mode {other:?}"
+            ))),
         },
-        ports: endpoint.ports.iter().map(shoal_port).collect::<Result<_>>()?,
+        ports: endpoint
+            .ports
+            .iter()
+            .map(shoal_port)
+            .collect::<Result<_>>()?,
         containment: containment(task)?,
         placement_prefs: placement
             .preferences
@@ -293,7 +319,11 @@ pub fn service_spec(spec: &ServiceSpec) -> Result<ShoalSpec> {
 
 /// `POST /services/{id}/update`: Docker's CLI sends the whole new spec; shoal's update takes
 /// the changes from the current one.
-pub fn service_changes(current: &ServiceView, networks: &Networks, new: &ServiceSpec) -> Result<ServiceChanges> {
+pub fn service_changes(
+    current: &ServiceView,
+    networks: &Networks,
+    new: &ServiceSpec,
+) -> Result<ServiceChanges> {
     let old = convert::service(current, networks).spec;
     let wanted = service_spec(new)?;
     if wanted.command != current.command {
@@ -302,13 +332,21 @@ pub fn service_changes(current: &ServiceView, networks: &Networks, new: &Service
     if new.name != old.name {
         bail!(refuse("renaming a service"));
     }
-    if old.endpoint_spec.as_ref().map(|e| e.mode.as_str()) != new.endpoint_spec.as_ref().map(|e| e.mode.as_str()).or(Some("vip")) {
+    if old.endpoint_spec.as_ref().map(|e| e.mode.as_str())
+        != new
+            .endpoint_spec
+            .as_ref()
+            .map(|e| e.mode.as_str())
+            .or(Some("vip"))
+    {
         bail!(refuse("changing the endpoint mode"));
     }
     let old_update = old.update_config.clone().unwrap_or_default();
     let new_update = new.update_config.clone().unwrap_or(old_update.clone());
     if (old_update.parallelism, old_update.delay) != (new_update.parallelism, new_update.delay) {
-        bail!(refuse("changing UpdateConfig (--update-*) of an existing service"));
+        bail!(refuse(
+            "changing UpdateConfig (--update-*) of an existing service"
+        ));
     }
     let mut changes = ServiceChanges::default();
     match (&current.mode, &wanted.mode) {
@@ -321,30 +359,86 @@ pub fn service_changes(current: &ServiceView, networks: &Networks, new: &Service
         _ => bail!(refuse("changing a service's mode")),
     }
     if let Some(gone) = current.env.iter().find(|e| !wanted.env.contains(e)) {
-        bail!(refuse(format!("removing environment variable {gone:?} (--env-rm)")));
+        bail!(refuse(format!(
+            "removing environment variable {gone:?} (--env-rm)"
+        )));
     }
-    changes.env_add = wanted.env.iter().filter(|e| !current.env.contains(e)).cloned().collect();
-    let old_targets: Vec<String> = old.task_template.networks.iter().map(|n| n.target.clone()).collect();
-    let same_network = |target: &str, other: &str| target == other || networks.0.get(other).is_some_and(|n| n.id == target) || networks.0.get(target).is_some_and(|n| n.id == other);
-    changes.network_add = wanted.networks.iter().filter(|n| !old_targets.iter().any(|o| same_network(o, n))).cloned().collect();
-    changes.network_rm = old_targets.iter().filter(|o| !wanted.networks.iter().any(|n| same_network(o, n))).cloned().collect();
-    changes.publish_add = wanted.ports.iter().filter(|p| !current.ports.contains(p)).cloned().collect();
+    changes.env_add = wanted
+        .env
+        .iter()
+        .filter(|e| !current.env.contains(e))
+        .cloned()
+        .collect();
+    let old_targets: Vec<String> = old
+        .task_template
+        .networks
+        .iter()
+        .map(|n| n.target.clone())
+        .collect();
+    let same_network = |target: &str, other: &str| {
+        target == other
+            || networks.0.get(other).is_some_and(|n| n.id == target)
+            || networks.0.get(target).is_some_and(|n| n.id == other)
+    };
+    changes.network_add = wanted
+        .networks
+        .iter()
+        .filter(|n| !old_targets.iter().any(|o| same_network(o, n)))
+        .cloned()
+        .collect();
+    changes.network_rm = old_targets
+        .iter()
+        .filter(|o| !wanted.networks.iter().any(|n| same_network(o, n)))
+        .cloned()
+        .collect();
+    changes.publish_add = wanted
+        .ports
+        .iter()
+        .filter(|p| !current.ports.contains(p))
+        .cloned()
+        .collect();
     changes.publish_rm = current
         .ports
         .iter()
-        .filter(|p| !wanted.ports.iter().any(|w| w.published == p.published && w.protocol == p.protocol))
+        .filter(|p| {
+            !wanted
+                .ports
+                .iter()
+                .any(|w| w.published == p.published && w.protocol == p.protocol)
+        })
         .map(|p| format!("{}/{}", p.published, p.protocol.name()))
         .collect();
     changes.force = new.task_template.force_update != 0;
     changes.containment = containment_update(&current.containment, &wanted.containment);
     let old_constraints: Vec<String> = current.constraints.clone();
     let new_constraints: Vec<String> = wanted.constraints.iter().map(ToString::to_string).collect();
-    let new_prefs: Vec<String> = wanted.placement_prefs.iter().map(ToString::to_string).collect();
+    let new_prefs: Vec<String> = wanted
+        .placement_prefs
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     changes.placement = Box::new(PlacementUpdate {
-        constraint_add: new_constraints.iter().filter(|c| !old_constraints.contains(c)).cloned().collect(),
-        constraint_rm: old_constraints.iter().filter(|c| !new_constraints.contains(c)).cloned().collect(),
-        pref_add: new_prefs.iter().filter(|p| !current.placement_prefs.contains(p)).cloned().collect(),
-        pref_rm: current.placement_prefs.iter().filter(|p| !new_prefs.contains(p)).cloned().collect(),
+        constraint_add: new_constraints
+            .iter()
+            .filter(|c| !old_constraints.contains(c))
+            .cloned()
+            .collect(),
+        constraint_rm: old_constraints
+            .iter()
+            .filter(|c| !new_constraints.contains(c))
+            .cloned()
+            .collect(),
+        pref_add: new_prefs
+            .iter()
+            .filter(|p| !current.placement_prefs.contains(p))
+            .cloned()
+            .collect(),
+        pref_rm: current
+            .placement_prefs
+            .iter()
+            .filter(|p| !new_prefs.contains(p))
+            .cloned()
+            .collect(),
         max_replicas_per_node: (wanted.max_replicas_per_node != current.max_replicas_per_node)
             .then_some(wanted.max_replicas_per_node),
     });

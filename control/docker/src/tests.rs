@@ -146,8 +146,14 @@ fn a_network_and_a_task_use_dockers_names() {
     let networks = networks();
     let network = serde_json::to_value(convert::network(&networks.0["front"], None)).unwrap();
     assert_eq!(network["Id"], "n1d");
-    assert_eq!(network["IPAM"]["Config"], json!([{ "Subnet": "10.0.1.0/24", "Gateway": "10.0.1.1" }]));
-    assert_eq!(network["Options"]["com.docker.network.driver.overlay.vxlanid_list"], "4097");
+    assert_eq!(
+        network["IPAM"]["Config"],
+        json!([{ "Subnet": "10.0.1.0/24", "Gateway": "10.0.1.1" }])
+    );
+    assert_eq!(
+        network["Options"]["com.docker.network.driver.overlay.vxlanid_list"],
+        "4097"
+    );
     assert_eq!(network["Shoal"]["Services"], json!(["web"]));
 
     let task = TaskView {
@@ -213,8 +219,14 @@ fn table_templates_have_a_header_and_aligned_columns() {
         replicas: &'static str,
     }
     let rows = [
-        Row { name: "web", replicas: "3/3" },
-        Row { name: "a-longer-name", replicas: "0/1" },
+        Row {
+            name: "web",
+            replicas: "3/3",
+        },
+        Row {
+            name: "a-longer-name",
+            replicas: "0/1",
+        },
     ];
     let headers = [("Name", "NAME"), ("Replicas", "REPLICAS")];
     let table = Format::parse(r"table {{.Name}}\t{{.Replicas}}", "").unwrap();
@@ -223,7 +235,10 @@ fn table_templates_have_a_header_and_aligned_columns() {
         "NAME            REPLICAS\nweb             3/3\na-longer-name   0/1\n"
     );
     let plain = Format::parse("{{.Name}}", "").unwrap();
-    assert_eq!(plain.render(&rows, &headers).unwrap(), "web\na-longer-name\n");
+    assert_eq!(
+        plain.render(&rows, &headers).unwrap(),
+        "web\na-longer-name\n"
+    );
     assert!(Format::parse("{{.Name", "").is_err());
 }
 
@@ -267,13 +282,24 @@ fn options_shoal_lacks_are_refused_by_name() {
         let result = spec::parse_strict::<models::ServiceSpec>(&body)
             .and_then(|docker| spec::service_spec(&docker));
         let err = result.expect_err("refused");
-        assert_eq!(shoal_api::ApiError::of(&err).kind, shoal_api::ErrorKind::Invalid);
+        assert_eq!(
+            shoal_api::ApiError::of(&err).kind,
+            shoal_api::ErrorKind::Invalid
+        );
         format!("{err:#}")
     };
-    let mounts = refused(&|b| b["TaskTemplate"]["ContainerSpec"]["Mounts"] = json!([{ "Type": "tmpfs", "Target": "/x" }]));
-    assert!(mounts.contains("TaskTemplate.ContainerSpec.Mounts"), "{mounts}");
+    let mounts = refused(&|b| {
+        b["TaskTemplate"]["ContainerSpec"]["Mounts"] = json!([{ "Type": "tmpfs", "Target": "/x" }])
+    });
+    assert!(
+        mounts.contains("TaskTemplate.ContainerSpec.Mounts"),
+        "{mounts}"
+    );
     let log_driver = refused(&|b| b["TaskTemplate"]["LogDriver"] = json!({ "Name": "syslog" }));
-    assert!(log_driver.contains("TaskTemplate.LogDriver"), "{log_driver}");
+    assert!(
+        log_driver.contains("TaskTemplate.LogDriver"),
+        "{log_driver}"
+    );
     let restart = refused(&|b| b["TaskTemplate"]["RestartPolicy"]["Condition"] = json!("none"));
     assert!(restart.contains("restart policy"), "{restart}");
     let tag = refused(&|b| b["TaskTemplate"]["ContainerSpec"]["Image"] = json!("nginx:1.25"));
@@ -301,7 +327,11 @@ fn dockers_update_is_the_changes_from_the_current_spec() {
         changes.publish_add,
         [PortConfig::parse("published=5353,target=53,protocol=udp,mode=host").unwrap()]
     );
-    assert!(changes.publish_rm.is_empty() && changes.network_add.is_empty() && changes.network_rm.is_empty());
+    assert!(
+        changes.publish_rm.is_empty()
+            && changes.network_add.is_empty()
+            && changes.network_rm.is_empty()
+    );
     assert!(changes.env_add.is_empty() && !changes.force);
 
     let mut renamed = convert::service(&current, &networks()).spec;
