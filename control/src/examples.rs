@@ -48,7 +48,8 @@ const EXAMPLES: &[(&str, &str)] = &[
     ("node ls", "shoal node ls\nshoal node ls --format json"),
     (
         "node inspect",
-        "shoal node inspect self --pretty\nshoal node inspect node2 --format table",
+        "shoal node inspect self --pretty\nshoal node inspect node2 --format table\n\
+         shoal node inspect node1 --format '{{ .ManagerStatus.Reachability }}'",
     ),
     (
         "node update",
@@ -74,14 +75,19 @@ const EXAMPLES: &[(&str, &str)] = &[
          shoal service create --name api --network front --publish published=9090,target=90,source=snat --constraint node.labels.zone==a -- ./api\n\
          shoal service create --name job --user nobody --cap-drop ALL --limit-memory 512M --limit-cpu 1.5 --reserve-cpu 0.5 -- ./job",
     ),
-    ("service ls", "shoal service ls\nshoal service ls --format json"),
+    (
+        "service ls",
+        "shoal service ls\nshoal service ls --format json\n\
+         shoal service ls --format 'table {{.Name}}\\t{{.Replicas}}'",
+    ),
     (
         "service ps",
         "shoal service ps web\nshoal service ps web --format json",
     ),
     (
         "service inspect",
-        "shoal service inspect web\nshoal service inspect web --pretty",
+        "shoal service inspect web\nshoal service inspect web --pretty\n\
+         shoal service inspect web --format '{{json .Endpoint.Spec.Ports}}'",
     ),
     (
         "service scale",
@@ -116,6 +122,10 @@ const EXAMPLES: &[(&str, &str)] = &[
         "task exec",
         "shoal task exec web.1.pq8sp0ctahwlmq8ia29o6zl4r -- ip addr\n\
          shoal task exec pq8sp0ctahwl -- getent hosts tasks.web",
+    ),
+    (
+        "task inspect",
+        "shoal task inspect web.1\nshoal task inspect pq8sp0ctahwl --format '{{.Status.State}}'",
     ),
     ("gossip", "shoal gossip members\nshoal gossip tables front"),
     (

@@ -324,26 +324,19 @@ pub fn service_changes(
     networks: &Networks,
     new: &ServiceSpec,
 ) -> Result<ServiceChanges> {
-    let old = convert::service(current, networks).spec;
     let wanted = service_spec(new)?;
     if wanted.command != current.command {
         bail!(refuse("changing a service's image or arguments"));
     }
-    if new.name != old.name {
+    if wanted.name != current.name {
         bail!(refuse("renaming a service"));
     }
-    if old.endpoint_spec.as_ref().map(|e| e.mode.as_str())
-        != new
-            .endpoint_spec
-            .as_ref()
-            .map(|e| e.mode.as_str())
-            .or(Some("vip"))
-    {
+    if wanted.endpoint_mode != current.endpoint_mode {
         bail!(refuse("changing the endpoint mode"));
     }
-    let old_update = old.update_config.clone().unwrap_or_default();
-    let new_update = new.update_config.clone().unwrap_or(old_update.clone());
-    if (old_update.parallelism, old_update.delay) != (new_update.parallelism, new_update.delay) {
+    if (wanted.update_parallelism, wanted.update_delay_secs)
+        != (current.update_parallelism, current.update_delay_secs)
+    {
         bail!(refuse(
             "changing UpdateConfig (--update-*) of an existing service"
         ));
@@ -369,11 +362,10 @@ pub fn service_changes(
         .filter(|e| !current.env.contains(e))
         .cloned()
         .collect();
-    let old_targets: Vec<String> = old
-        .task_template
+    let old_targets: Vec<String> = convert::task_spec(current, networks)
         .networks
-        .iter()
-        .map(|n| n.target.clone())
+        .into_iter()
+        .map(|n| n.target)
         .collect();
     let same_network = |target: &str, other: &str| {
         target == other
