@@ -182,18 +182,27 @@ async fn ping() -> Response {
     response
 }
 
+/// The architecture as Go names it (`docker version` prints GOARCH).
+fn go_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
 async fn version(State(state): State<Arc<AgentState>>) -> Json<Value> {
     let version = env!("CARGO_PKG_VERSION");
     Json(json!({
         "Platform": { "Name": "shoal" },
         "Components": [{ "Name": "Engine", "Version": version, "Details": {
             "ApiVersion": API_VERSION, "MinAPIVersion": MIN_API_VERSION, "Os": "linux",
-            "Arch": std::env::consts::ARCH, "KernelVersion": state.kernel } }],
+            "Arch": go_arch(), "KernelVersion": state.kernel } }],
         "Version": version,
         "ApiVersion": API_VERSION,
         "MinAPIVersion": MIN_API_VERSION,
         "Os": "linux",
-        "Arch": std::env::consts::ARCH,
+        "Arch": go_arch(),
         "KernelVersion": state.kernel,
     }))
 }
