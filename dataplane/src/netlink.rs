@@ -25,9 +25,7 @@ use netlink_packet_route::{
     },
     route::{RouteAddress, RouteAttribute, RouteHeader, RouteScope, RouteType},
     rule::{RuleAction, RuleAttribute, RuleMessage},
-    tc::{
-        TcAttribute, TcBpfFlags, TcFilterBpf, TcFilterBpfOption, TcHandle, TcMessage, TcOption,
-    },
+    tc::{TcAttribute, TcBpfFlags, TcFilterBpf, TcFilterBpfOption, TcHandle, TcMessage, TcOption},
     AddressFamily, RouteNetlinkMessage,
 };
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
@@ -942,9 +940,9 @@ impl Netlink {
         message.attributes.extend([
             TcAttribute::Kind(TcFilterBpf::KIND.into()),
             TcAttribute::Options(vec![
-                TcOption::Bpf(TcFilterBpfOption::ProgFd(
-                    std::os::fd::AsRawFd::as_raw_fd(&filter.program) as u32,
-                )),
+                TcOption::Bpf(TcFilterBpfOption::ProgFd(std::os::fd::AsRawFd::as_raw_fd(
+                    &filter.program,
+                ) as u32)),
                 TcOption::Bpf(TcFilterBpfOption::ProgName(filter.name.into())),
                 TcOption::Bpf(TcFilterBpfOption::Flags(TcBpfFlags::DirectAction)),
             ]),

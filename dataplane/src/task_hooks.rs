@@ -52,7 +52,12 @@ pub struct TaskFilter {
 
 impl TaskFilter {
     /// The loaded classifier `name` of `ebpf`, for `hook` at `priority`.
-    pub(crate) fn new(ebpf: &Ebpf, name: &'static str, hook: TcHook, priority: u16) -> Result<Self> {
+    pub(crate) fn new(
+        ebpf: &Ebpf,
+        name: &'static str,
+        hook: TcHook,
+        priority: u16,
+    ) -> Result<Self> {
         let program: &SchedClassifier = ebpf
             .program(name)
             .with_context(|| format!("{name} missing from the eBPF object"))?

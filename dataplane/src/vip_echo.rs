@@ -73,5 +73,4 @@ impl VipEcho {
             links_dir.join(format!("echo-{interface}")),
         )
     }
-
 }

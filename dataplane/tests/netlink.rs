@@ -11,8 +11,8 @@ use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd};
 
 use shoal_dataplane::{
     netlink::{
-        BpfFilter, LinkChange, ListedBpfFilter, Netlink, PeerNs, Route, Rule, TcHook, Veth,
-        Vxlan, MAIN_TABLE,
+        BpfFilter, LinkChange, ListedBpfFilter, Netlink, PeerNs, Route, Rule, TcHook, Veth, Vxlan,
+        MAIN_TABLE,
     },
     netns::{self, Netns},
 };
@@ -430,7 +430,11 @@ fn pass_through_classifier() -> (OwnedFd, u32) {
             std::mem::size_of_val(&attr),
         )
     };
-    assert!(fd >= 0, "BPF_PROG_LOAD: {}", std::io::Error::last_os_error());
+    assert!(
+        fd >= 0,
+        "BPF_PROG_LOAD: {}",
+        std::io::Error::last_os_error()
+    );
     // SAFETY: a fresh descriptor nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     // `struct bpf_prog_info` starts with its type and ID.
@@ -447,7 +451,12 @@ fn pass_through_classifier() -> (OwnedFd, u32) {
             std::mem::size_of_val(&attr),
         )
     };
-    assert_eq!(rc, 0, "BPF_OBJ_GET_INFO_BY_FD: {}", std::io::Error::last_os_error());
+    assert_eq!(
+        rc,
+        0,
+        "BPF_OBJ_GET_INFO_BY_FD: {}",
+        std::io::Error::last_os_error()
+    );
     (fd, info[1])
 }
 

@@ -827,9 +827,14 @@ impl NodeNetworks {
             .iter()
             .map(|n| (n.spec.id.clone(), n.address))
             .collect();
-        let ingress = self.ingress_network();
+        // From the task's own networks, not from whether this node's endpoint is up yet.
+        let ingress_networks: HashSet<String> = task
+            .networks
+            .iter()
+            .filter(|n| n.spec.ingress)
+            .map(|n| n.spec.id.clone())
+            .collect();
         let (filters, links_dir) = (Arc::clone(&self.task_filters), self.links_dir.clone());
-        let on_ingress = ingress.clone();
         let interfaces = tokio::task::spawn_blocking(move || {
             let interfaces = if adopt {
                 overlay.adopt(&task_id, pid, &wanted)?
@@ -837,8 +842,7 @@ impl NodeNetworks {
                 overlay.attach(&task_id, pid, &wanted)?
             };
             for interface in &interfaces {
-                let ingress = on_ingress.as_deref() == Some(interface.network_id.as_str());
-                filters.install(interface, ingress)?;
+                filters.install(interface, ingress_networks.contains(&interface.network_id))?;
             }
             if adopt {
                 // Links an agent before task filters pinned for it: its filters run now.
@@ -848,6 +852,7 @@ impl NodeNetworks {
         })
         .await??;
         let mut ready_ports = Vec::new();
+        let ingress = self.ingress_network();
         for interface in &interfaces {
             let vip = task
                 .networks
