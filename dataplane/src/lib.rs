@@ -21,6 +21,7 @@ pub mod process;
 pub mod socket_lb;
 mod status;
 pub mod task;
+pub mod task_hooks;
 pub mod vip_echo;
 pub mod vxlan_peers;
 
@@ -345,16 +346,16 @@ fn unpin(pin: &Path) -> Result<()> {
     }
 }
 
-/// Where an agent with pins under `bpffs_root` pins the links of its tasks' interfaces and
-/// of its ingress endpoint, which must outlive it like the ingress link.
+/// Where an agent with pins under `bpffs_root` pins the links of its ingress endpoint, which
+/// must outlive it like the ingress link. Agents before `task_hooks` pinned their tasks'
+/// links here too (as `<task id>@<what>`: bpffs refuses dots in names).
 pub fn task_links_dir(bpffs_root: &Path) -> PathBuf {
     bpffs_root.join("task-links")
 }
 
-/// Unpins the task links (pinned as `<task id>@<what>`: bpffs refuses dots in names) of
-/// tasks `keep` does not keep,
-/// detaching what is left of them: the links of tasks that ended while no agent ran. Other
-/// pins (the ingress endpoint's `mesh-reply-<interface>`) are kept.
+/// Unpins the task links an earlier agent pinned (TCX, before `task_hooks`) for tasks `keep`
+/// does not keep, detaching what is left of them. An adopted task gets its filters first, so
+/// it is never without its programs; other pins (the ingress endpoint's) are kept.
 pub fn release_task_links(links_dir: &Path, keep: &dyn Fn(&str) -> bool) -> Result<usize> {
     let entries = match fs::read_dir(links_dir) {
         Ok(entries) => entries,

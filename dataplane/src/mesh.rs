@@ -14,7 +14,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fs::File,
     net::{Ipv4Addr, SocketAddrV4},
     os::fd::{AsFd as _, AsRawFd as _},
     path::Path,
@@ -35,7 +34,12 @@ use shoal_common::{
     MESH_PUBLISHED, MESH_SNAT,
 };
 
-use crate::{maglev, PinnedTcLink};
+use crate::{
+    maglev,
+    netlink::TcHook,
+    task_hooks::{self, TaskFilter},
+    PinnedTcLink,
+};
 
 /// Transport protocols the mesh publishes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -820,8 +824,8 @@ fn page_size() -> usize {
     usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096)
 }
 
-/// The mesh's per-packet programs, loaded once; links are held by their owners and detach
-/// when dropped.
+/// The mesh's per-packet programs, loaded once: the reply program's link is pinned, the task
+/// programs are filters the kernel keeps (see `task_hooks`).
 pub struct MeshPrograms {
     ebpf: Ebpf,
 }
@@ -867,29 +871,23 @@ impl MeshPrograms {
         )
     }
 
-    /// The origin-tracking pair on task `task_id`'s ingress-network veth, inside the
-    /// network's namespace at `netns`, through links pinned in `links_dir`.
-    pub fn attach_task(
-        &mut self,
-        netns: &Path,
-        interface: &str,
-        (task_id, links_dir): (&str, &Path),
-    ) -> Result<Vec<PinnedTcLink>> {
-        let netns = File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
-        let mut links = Vec::new();
-        for (name, direction, what) in [
-            (names::MESH_TO_TASK, TcAttachType::Egress, "mesh-to"),
-            (names::MESH_FROM_TASK, TcAttachType::Ingress, "mesh-from"),
-        ] {
-            links.push(PinnedTcLink::attach(
-                &mut self.ebpf,
-                name,
-                Some(&netns),
-                (interface, direction),
-                links_dir.join(format!("{task_id}@{what}-{interface}")),
-            )?);
-        }
-        Ok(links)
+    /// The origin-tracking pair for a task's ingress-network veth (see `task_hooks`): towards
+    /// the task on egress, from it on ingress after the VIP echo.
+    pub fn task_filters(&self) -> Result<[TaskFilter; 2]> {
+        Ok([
+            TaskFilter::new(
+                &self.ebpf,
+                names::MESH_TO_TASK,
+                TcHook::Egress,
+                task_hooks::MESH_TO_TASK_PRIORITY,
+            )?,
+            TaskFilter::new(
+                &self.ebpf,
+                names::MESH_FROM_TASK,
+                TcHook::Ingress,
+                task_hooks::MESH_FROM_TASK_PRIORITY,
+            )?,
+        ])
     }
 }
 

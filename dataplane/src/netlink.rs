@@ -25,6 +25,7 @@ use netlink_packet_route::{
     },
     route::{RouteAddress, RouteAttribute, RouteHeader, RouteScope, RouteType},
     rule::{RuleAction, RuleAttribute, RuleMessage},
+    tc::{TcAttribute, TcBpfFlags, TcFilterBpf, TcFilterBpfOption, TcHandle, TcMessage, TcOption},
     AddressFamily, RouteNetlinkMessage,
 };
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
@@ -199,6 +200,54 @@ pub struct Neighbour {
 
 pub const MAIN_TABLE: u32 = RouteHeader::RT_TABLE_MAIN as u32;
 
+/// Which side of an interface a `clsact` hook sees: what arrives on it, or what leaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcHook {
+    Ingress,
+    Egress,
+}
+
+impl TcHook {
+    /// The `clsact` pseudo-class filters hang from (`ffff:fff2` / `ffff:fff3`).
+    fn parent(self) -> TcHandle {
+        let minor = match self {
+            TcHook::Ingress => TcHandle::MIN_INGRESS,
+            TcHook::Egress => TcHandle::MIN_EGRESS,
+        };
+        TcHandle {
+            major: TcHandle::CLSACT.major,
+            minor,
+        }
+    }
+}
+
+/// A `cls_bpf` filter in direct-action mode (the program's return code is the verdict) on a
+/// `clsact` hook, matching every protocol. `priority` orders the filters of a hook (lower
+/// runs first); `priority` and `handle` together name the filter, so putting the same pair
+/// again replaces its program in place.
+#[derive(Clone, Copy, Debug)]
+pub struct BpfFilter<'a> {
+    pub hook: TcHook,
+    pub priority: u16,
+    pub handle: u32,
+    pub program: std::os::fd::BorrowedFd<'a>,
+    /// Shown by `tc filter show`.
+    pub name: &'a str,
+}
+
+/// A `cls_bpf` filter as the kernel lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListedBpfFilter {
+    pub priority: u16,
+    pub handle: u32,
+    /// The ID of the program it runs (`bpftool prog show id N`).
+    pub program_id: u32,
+    pub name: String,
+    pub direct_action: bool,
+}
+
+/// `ETH_P_ALL` as the filter header carries it (network byte order).
+const ALL_PROTOCOLS: u16 = (libc::ETH_P_ALL as u16).to_be();
 /// Big enough for any dump datagram the kernel sends (it sizes them to the reader's buffer,
 /// at most 32 KiB).
 const RECV_BUFFER: usize = 64 * 1024;
@@ -859,6 +908,109 @@ impl Netlink {
                 })
             })
             .collect())
+    }
+
+    // Traffic control: eBPF classifiers on `clsact` hooks.
+
+    /// The `clsact` qdisc on device `index` (`tc qdisc add dev DEV clsact`): the hooks
+    /// `cls_bpf` filters attach to. One there already is an error ([`NetlinkError::Exists`]).
+    pub fn add_clsact(&mut self, index: u32) -> NetlinkResult<()> {
+        let mut message = TcMessage::with_index(index as i32);
+        message.header.parent = TcHandle::CLSACT;
+        message.header.handle = TcHandle {
+            major: TcHandle::CLSACT.major,
+            minor: 0,
+        };
+        message.attributes.push(TcAttribute::Kind("clsact".into()));
+        self.change(
+            || format!("adding the clsact qdisc to link {index}"),
+            RouteNetlinkMessage::NewQueueDiscipline(message),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )
+    }
+
+    /// Puts `filter` on device `index`, or gives the filter there with its priority and
+    /// handle the new program (`tc filter replace ... bpf da fd N`): the kernel swaps the
+    /// program under RCU, so the hook never runs without one. Needs the `clsact` qdisc.
+    pub fn replace_bpf_filter(&mut self, index: u32, filter: &BpfFilter<'_>) -> NetlinkResult<()> {
+        let mut message = TcMessage::with_index(index as i32);
+        message.header.parent = filter.hook.parent();
+        message.header.handle = TcHandle::from(filter.handle);
+        message.header.info = (u32::from(filter.priority) << 16) | u32::from(ALL_PROTOCOLS);
+        message.attributes.extend([
+            TcAttribute::Kind(TcFilterBpf::KIND.into()),
+            TcAttribute::Options(vec![
+                TcOption::Bpf(TcFilterBpfOption::ProgFd(std::os::fd::AsRawFd::as_raw_fd(
+                    &filter.program,
+                ) as u32)),
+                TcOption::Bpf(TcFilterBpfOption::ProgName(filter.name.into())),
+                TcOption::Bpf(TcFilterBpfOption::Flags(TcBpfFlags::DirectAction)),
+            ]),
+        ]);
+        self.change(
+            || {
+                format!(
+                    "putting {} on link {index} ({:?}, priority {})",
+                    filter.name, filter.hook, filter.priority
+                )
+            },
+            RouteNetlinkMessage::NewTrafficFilter(message),
+            // Create or replace; never a second filter next to the first.
+            NLM_F_CREATE,
+        )
+    }
+
+    /// The `cls_bpf` filters on one hook of device `index`, in the order they run.
+    pub fn bpf_filters(&mut self, index: u32, hook: TcHook) -> NetlinkResult<Vec<ListedBpfFilter>> {
+        let mut message = TcMessage::with_index(index as i32);
+        message.header.parent = hook.parent();
+        let mut filters = self.dump(
+            || format!("listing the filters of link {index} ({hook:?})"),
+            RouteNetlinkMessage::GetTrafficFilter(message),
+            |m| {
+                let RouteNetlinkMessage::NewTrafficFilter(filter) = m else {
+                    return None;
+                };
+                // Each priority also lists its classifier alone, without a handle.
+                if u32::from(filter.header.handle) == 0 {
+                    return None;
+                }
+                let mut listed = ListedBpfFilter {
+                    priority: (filter.header.info >> 16) as u16,
+                    handle: filter.header.handle.into(),
+                    program_id: 0,
+                    name: String::new(),
+                    direct_action: false,
+                };
+                let mut is_bpf = false;
+                for attribute in filter.attributes {
+                    match attribute {
+                        TcAttribute::Kind(kind) => is_bpf = kind == TcFilterBpf::KIND,
+                        TcAttribute::Options(options) => {
+                            for option in options {
+                                match option {
+                                    TcOption::Bpf(TcFilterBpfOption::ProgId(id)) => {
+                                        listed.program_id = id
+                                    }
+                                    TcOption::Bpf(TcFilterBpfOption::ProgName(name)) => {
+                                        listed.name = name
+                                    }
+                                    TcOption::Bpf(TcFilterBpfOption::Flags(flags)) => {
+                                        listed.direct_action =
+                                            flags.contains(TcBpfFlags::DirectAction)
+                                    }
+                                    _ => {}
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                is_bpf.then_some(listed)
+            },
+        )?;
+        filters.sort_by_key(|f| (f.priority, f.handle));
+        Ok(filters)
     }
 }
 

@@ -528,7 +528,8 @@ fn kill_cgroup(cgroup: &Path) -> Result<()> {
     }
 }
 
-/// `shoal task-init`: runs inside the new namespaces as the task's PID 1. Sets the hostname,
+/// `shoal task-init`: runs inside the new namespaces as the task's PID 1. Opens the task's DNS
+/// sockets (what the agent waits for before it opens the gate), sets the hostname,
 /// puts the task's resolv.conf over /etc/resolv.conf (in its private mount namespace), then
 /// runs the command as its child: it forwards signals to it (a PID 1 without handlers would
 /// ignore SIGTERM), reaps orphans, and exits with the command's status (128 + signal when it
@@ -720,6 +721,8 @@ fn run_init(
         unistd::{fork, ForkResult},
     };
 
+    // First: the agent serves these before it opens the gate, and they need nothing else.
+    open_dns_sockets().context("opening the task's DNS sockets at 127.0.0.11:53")?;
     nix::unistd::sethostname(hostname).context("setting the task's hostname")?;
     File::open(resolv_conf).with_context(|| format!("opening {}", resolv_conf.display()))?;
     nix::mount::mount(
@@ -749,7 +752,6 @@ fn run_init(
         .map(|a| CString::new(a.as_bytes()))
         .collect::<Result<_, _>>()?;
     let program = argv.first().context("no command")?.clone();
-    open_dns_sockets().context("opening the task's DNS sockets at 127.0.0.11:53")?;
     wait_at_gate(gate_fd)?;
 
     let forwarded = [

@@ -1,7 +1,7 @@
 //! User side of the VIP echo responder (`ebpf/src/programs/vip_echo.rs`), which also answers ARP
-//! for VIPs and remote endpoints: one TCX link per task overlay interface, on its network-side veth
-//! inside the network's namespace, and one on the node's ingress endpoint. The links are pinned, so
-//! they outlive an agent restart; the agent unpins a task's when it ends.
+//! for VIPs and remote endpoints: a `cls_bpf` filter on each task overlay interface, on its
+//! network-side veth inside the network's namespace (see `task_hooks`), and a pinned TCX link on
+//! the node's ingress endpoint. Both outlive an agent restart; a task's filter goes with its veth.
 
 use std::{fs::File, path::Path};
 
@@ -12,7 +12,11 @@ use aya::{
 };
 use shoal_common::names;
 
-use crate::PinnedTcLink;
+use crate::{
+    netlink::TcHook,
+    task_hooks::{self, TaskFilter},
+    PinnedTcLink,
+};
 
 /// The echo program loaded once; it reads the pinned VIP map.
 pub struct VipEcho {
@@ -41,16 +45,14 @@ impl VipEcho {
         crate::test_run(&self.ebpf, names::VIP_ECHO, frame).map(|run| (run.code, run.frame))
     }
 
-    /// Attaches to task `task_id`'s `interface` (ingress: what the task sends) in the
-    /// namespace at `netns`, through a link pinned in `links_dir`.
-    pub fn attach(
-        &mut self,
-        netns: &Path,
-        interface: &str,
-        (task_id, links_dir): (&str, &Path),
-    ) -> Result<PinnedTcLink> {
-        let pin = links_dir.join(format!("{task_id}@echo-{interface}"));
-        self.attach_pinned(netns, interface, pin)
+    /// The filter on a task's interfaces (ingress: what the task sends), first on its hook.
+    pub fn task_filter(&self) -> Result<TaskFilter> {
+        TaskFilter::new(
+            &self.ebpf,
+            names::VIP_ECHO,
+            TcHook::Ingress,
+            task_hooks::VIP_ECHO_PRIORITY,
+        )
     }
 
     /// Attaches to the bridge side of the node's ingress endpoint, `interface` in the
@@ -62,23 +64,13 @@ impl VipEcho {
         interface: &str,
         links_dir: &Path,
     ) -> Result<PinnedTcLink> {
-        let pin = links_dir.join(format!("echo-{interface}"));
-        self.attach_pinned(netns, interface, pin)
-    }
-
-    fn attach_pinned(
-        &mut self,
-        netns: &Path,
-        interface: &str,
-        pin: std::path::PathBuf,
-    ) -> Result<PinnedTcLink> {
         let netns = File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
         PinnedTcLink::attach(
             &mut self.ebpf,
             names::VIP_ECHO,
             Some(&netns),
             (interface, TcAttachType::Ingress),
-            pin,
+            links_dir.join(format!("echo-{interface}")),
         )
     }
 }

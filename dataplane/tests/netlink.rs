@@ -7,8 +7,13 @@ use std::{
     process::{Child, Command, Stdio},
 };
 
+use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd};
+
 use shoal_dataplane::{
-    netlink::{LinkChange, Netlink, PeerNs, Route, Rule, Veth, Vxlan, MAIN_TABLE},
+    netlink::{
+        BpfFilter, LinkChange, ListedBpfFilter, Netlink, PeerNs, Route, Rule, TcHook, Veth, Vxlan,
+        MAIN_TABLE,
+    },
     netns::{self, Netns},
 };
 
@@ -400,6 +405,116 @@ fn neighbours_are_added_replaced_listed_and_deleted() {
         assert!(nl.neighbours(vx).unwrap().is_empty());
         assert!(nl.neighbour_del(vx, ip).unwrap_err().is_not_found());
     });
+}
+
+/// A classifier that passes every packet on (`r0 = -1; exit`: `TC_ACT_UNSPEC`), loaded with
+/// `BPF_PROG_LOAD`: its descriptor and its kernel ID.
+fn pass_through_classifier() -> (OwnedFd, u32) {
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+    // mov64 r0, -1 (opcode 0xb7, imm -1); exit (0x95).
+    let instructions: [u64; 2] = [0xffff_ffff_0000_00b7, 0x95];
+    let license = c"GPL";
+    let mut attr = [0u64; 16];
+    attr[0] = u64::from(BPF_PROG_TYPE_SCHED_CLS) | ((instructions.len() as u64) << 32);
+    attr[1] = instructions.as_ptr() as u64;
+    attr[2] = license.as_ptr() as u64;
+    // SAFETY: bpf(2) reads the attribute union (zeroed past what is set) and the buffers it
+    // points to, which outlive the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_LOAD,
+            attr.as_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    assert!(
+        fd >= 0,
+        "BPF_PROG_LOAD: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a fresh descriptor nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // `struct bpf_prog_info` starts with its type and ID.
+    let mut info = [0u32; 2];
+    let mut attr = [0u64; 2];
+    attr[0] = fd.as_raw_fd() as u64 | ((std::mem::size_of_val(&info) as u64) << 32);
+    attr[1] = info.as_mut_ptr() as u64;
+    // SAFETY: the kernel writes at most `info_len` bytes into `info`.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            attr.as_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "BPF_OBJ_GET_INFO_BY_FD: {}",
+        std::io::Error::last_os_error()
+    );
+    (fd, info[1])
+}
+
+#[test]
+fn bpf_filters_are_put_on_clsact_hooks_and_replaced_in_place() {
+    let ((first, first_id), (second, second_id)) =
+        (pass_through_classifier(), pass_through_classifier());
+    in_netns(move |nl| {
+        nl.add_bridge("br0", None, None).unwrap();
+        let br = nl.index_of("br0").unwrap();
+        // No hook to put it on before the qdisc.
+        let early = nl.replace_bpf_filter(br, &filter(TcHook::Ingress, 1, &first, "first"));
+        assert!(early.is_err(), "a filter without a clsact qdisc: {early:?}");
+
+        nl.add_clsact(br).unwrap();
+        assert!(nl.add_clsact(br).unwrap_err().is_exists());
+        nl.replace_bpf_filter(br, &filter(TcHook::Ingress, 2, &second, "later"))
+            .unwrap();
+        nl.replace_bpf_filter(br, &filter(TcHook::Ingress, 1, &first, "first"))
+            .unwrap();
+        nl.replace_bpf_filter(br, &filter(TcHook::Egress, 1, &first, "out"))
+            .unwrap();
+        let listed = |priority, program_id, name: &str| ListedBpfFilter {
+            priority,
+            handle: 1,
+            program_id,
+            name: name.into(),
+            direct_action: true,
+        };
+        assert_eq!(
+            nl.bpf_filters(br, TcHook::Ingress).unwrap(),
+            [listed(1, first_id, "first"), listed(2, second_id, "later")],
+            "ingress, in the order they run"
+        );
+        assert_eq!(
+            nl.bpf_filters(br, TcHook::Egress).unwrap(),
+            [listed(1, first_id, "out")]
+        );
+
+        // The same priority and handle again: the program changes, no filter is added.
+        nl.replace_bpf_filter(br, &filter(TcHook::Ingress, 1, &second, "first"))
+            .unwrap();
+        assert_eq!(
+            nl.bpf_filters(br, TcHook::Ingress).unwrap(),
+            [listed(1, second_id, "first"), listed(2, second_id, "later")]
+        );
+    });
+}
+
+/// A filter of `program` at `priority`, handle 1.
+fn filter<'a>(hook: TcHook, priority: u16, program: &'a OwnedFd, name: &'a str) -> BpfFilter<'a> {
+    BpfFilter {
+        hook,
+        priority,
+        handle: 1,
+        program: program.as_fd(),
+        name,
+    }
 }
 
 #[test]

@@ -16,8 +16,8 @@ use shoal_dataplane::{
     overlay::{NetworkSpec, Overlay, OverlayConfig, TaskInterface},
     overlay_endpoints::OverlayEndpoints,
     peerdb::{mac_for, Peer},
+    task_hooks,
     vip_echo::VipEcho,
-    PinnedTcLink,
 };
 
 /// Two node namespaces on a private underlay; everything is removed on drop.
@@ -26,10 +26,9 @@ struct Rig {
     nodes: Vec<String>,
     tasks: Vec<Child>,
     overlays: Vec<Overlay>,
-    /// Each node's pinned maps and links live under `pins/n<N>`.
+    /// Each node's pinned maps live under `pins/n<N>`.
     pins: PathBuf,
     echoes: Vec<VipEcho>,
-    links: Vec<PinnedTcLink>,
 }
 
 impl Rig {
@@ -44,7 +43,6 @@ impl Rig {
             overlays: vec![],
             pins: PathBuf::from(format!("/sys/fs/bpf/{tag}")),
             echoes: vec![],
-            links: vec![],
         };
         for node in &nodes {
             run("ip", &["netns", "add", node]);
@@ -107,14 +105,10 @@ impl Rig {
         let interfaces = self.overlays[node]
             .attach(task, pid, networks)
             .expect("attach");
-        let links_dir = self.node_pins(node).join("links");
-        std::fs::create_dir_all(&links_dir).expect("links dir");
+        let echo = self.echoes[node].task_filter().expect("echo filter");
         for interface in &interfaces {
             let netns = PathBuf::from("/run/netns").join(&interface.netns);
-            let link = self.echoes[node]
-                .attach(&netns, &interface.host_side, (task, &links_dir))
-                .expect("ARP answers");
-            self.links.push(link);
+            task_hooks::install(&netns, &interface.host_side, &[&echo]).expect("ARP answers");
         }
         interfaces
     }

@@ -1,7 +1,9 @@
 //! The agent is not the dataplane: killing, stopping or swapping the binary of a node's agent
 //! costs none of its tasks (same IDs, same processes), none of the connections held through
 //! it (to a backend on it and on another node), and no DNS query of its tasks; a task that
-//! ends while its agent is away is reported with its real exit status. Needs root.
+//! ends while its agent is away is reported with its real exit status. The programs on its
+//! tasks' interfaces stay in the kernel while it is away, and the new agent replaces them in
+//! place (same filters, its own programs). Needs root and iproute2 (`tc`).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -136,8 +138,66 @@ fn backends_of(lab: &TestLab, ports: &[u16]) -> BTreeMap<u16, String> {
         .collect()
 }
 
+/// The eBPF filters on the task interfaces of `node`'s networks, as `tc` lists them:
+/// (namespace, device, hook, priority, name) -> program ID.
+fn task_filters(lab: &TestLab, node: &str) -> BTreeMap<(String, String, String, u32, String), u32> {
+    let networks = format!(
+        "{}.ov-",
+        lab.netns_path(node).file_name().unwrap().to_string_lossy()
+    );
+    let mut filters = BTreeMap::new();
+    for netns in std::fs::read_dir("/run/netns").unwrap().flatten() {
+        let netns = netns.file_name().to_string_lossy().into_owned();
+        if !netns.starts_with(&networks) {
+            continue;
+        }
+        let links = Command::new("ip")
+            .args(["-n", &netns, "-o", "link", "show", "type", "veth"])
+            .output()
+            .unwrap();
+        for line in String::from_utf8_lossy(&links.stdout).lines() {
+            let Some(device) = line.split(": ").nth(1).and_then(|d| d.split('@').next()) else {
+                continue;
+            };
+            for hook in ["ingress", "egress"] {
+                let shown = Command::new("tc")
+                    .args(["-n", &netns, "filter", "show", "dev", device, hook])
+                    .output()
+                    .unwrap();
+                // `filter protocol all pref 1 bpf chain 0 handle 0x1 NAME direct-action ... id N`
+                for filter in String::from_utf8_lossy(&shown.stdout).lines() {
+                    let words: Vec<&str> = filter.split_whitespace().collect();
+                    let nth_after = |key: &str, n: usize| {
+                        let at = words.iter().position(|w| *w == key)?;
+                        words.get(at + n).copied()
+                    };
+                    let (Some(priority), Some(name), Some(id)) = (
+                        nth_after("pref", 1),
+                        nth_after("handle", 2),
+                        nth_after("id", 1),
+                    ) else {
+                        continue;
+                    };
+                    filters.insert(
+                        (
+                            netns.clone(),
+                            device.to_owned(),
+                            hook.to_owned(),
+                            priority.parse().unwrap(),
+                            name.to_owned(),
+                        ),
+                        id.parse().unwrap(),
+                    );
+                }
+            }
+        }
+    }
+    filters
+}
+
 #[test]
 fn a_killed_agent_keeps_its_tasks_flows_and_dns() {
+    shoal_tests::require_tools(&["tc"]);
     let lab = TestLab::up("live-kill", 3);
     lab.exec("node1", &["shoal", "network", "create", "front"]);
     lab.create_service(
@@ -193,9 +253,31 @@ fn a_killed_agent_keeps_its_tasks_flows_and_dns() {
         .spawn()
         .unwrap();
 
+    // On node2's task interfaces: the VIP echo first on what a task sends; on the ingress
+    // network the mesh's origin tracking after it, and on what the task receives.
+    let filters = task_filters(&lab, "node2");
+    let kinds: BTreeSet<(&str, u32, &str)> = filters
+        .keys()
+        .map(|(_, _, hook, priority, name)| (hook.as_str(), *priority, name.as_str()))
+        .collect();
+    assert_eq!(
+        kinds,
+        BTreeSet::from([
+            ("egress", 1, "shoal_mesh_to_task"),
+            ("ingress", 1, "shoal_vip_echo"),
+            ("ingress", 2, "shoal_mesh_from_task"),
+        ]),
+        "node2's task filters: {filters:?}"
+    );
+
     std::thread::sleep(Duration::from_secs(2));
     lab.ok(&["stop", "node2", "--kill"]);
     std::thread::sleep(Duration::from_secs(8));
+    assert_eq!(
+        task_filters(&lab, "node2"),
+        filters,
+        "no agent: the filters stay with their programs"
+    );
     lab.ok(&["start", "node2"]);
 
     let held = finish(holder, ports);
@@ -203,6 +285,16 @@ fn a_killed_agent_keeps_its_tasks_flows_and_dns() {
         held.lost.is_empty(),
         "held connections through node2 lost echoes: {:?} (backends {backends:?})",
         held.lost
+    );
+    let replaced = task_filters(&lab, "node2");
+    assert_eq!(
+        replaced.keys().collect::<Vec<_>>(),
+        filters.keys().collect::<Vec<_>>(),
+        "the new agent keeps the same filters"
+    );
+    assert!(
+        replaced.iter().all(|(filter, id)| filters[filter] != *id),
+        "the new agent's programs run in them: before {filters:?}, after {replaced:?}"
     );
     assert_eq!(held.ports.len(), 10);
     let answers = resolver.wait_with_output().unwrap();

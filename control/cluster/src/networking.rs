@@ -16,10 +16,14 @@ use shoal_dataplane::{
         FlowTimeouts, MeshClock, MeshLimits, MeshPortStatus, MeshPrograms, MeshTable, Protocol,
         PublishedService, TraceRequest, TraceResult, TrackedFlow,
     },
-    overlay::{NetworkDataplane, Overlay, OverlayConfig, INGRESS_ENDPOINT, INGRESS_ENDPOINT_PEER},
+    overlay::{
+        NetworkDataplane, Overlay, OverlayConfig, TaskInterface, INGRESS_ENDPOINT,
+        INGRESS_ENDPOINT_PEER,
+    },
     overlay_endpoints::OverlayEndpoints,
     peerdb::{mac_for, Peer},
     socket_lb::{VipEntry, VipTable},
+    task_hooks::{self, TaskFilter},
     vip_echo::VipEcho,
     vxlan_peers::VxlanPeers,
     PinnedTcLink,
@@ -123,12 +127,12 @@ pub struct NodeNetworks {
     node_id: String,
     /// Service VIP -> backends, read by the socket load balancer.
     vips: Mutex<VipTable>,
-    /// Answers pings to VIPs, and ARP for VIPs and remote endpoints, on every task interface
-    /// and the node's ingress endpoint.
+    /// Answers pings to VIPs, and ARP for VIPs and remote endpoints, on the node's ingress
+    /// endpoint (and, through `task_filters`, on every task interface).
     vip_echo: Mutex<VipEcho>,
-    /// Per local task, the pinned links of its interfaces' programs (VIP echo, mesh origin).
-    task_links: Mutex<HashMap<String, Vec<PinnedTcLink>>>,
-    /// Where those links and the ingress endpoint's are pinned: they outlive the agent.
+    /// The programs put on every task interface as filters (see `task_hooks`).
+    task_filters: Arc<TaskFilters>,
+    /// Where the ingress endpoint's links are pinned: they outlive the agent.
     links_dir: PathBuf,
     /// The embedded DNS: one node-wide server answering in every task's namespace.
     dns: DnsServer,
@@ -160,6 +164,25 @@ pub struct NodeNetworks {
     /// Until then the mesh and the VXLAN peers keep what a previous agent programmed (see
     /// `MESH_RESTART_GRACE`).
     mesh_grace_until: tokio::time::Instant,
+}
+
+/// The programs every task interface gets, as filters: the VIP echo on all of them, and on
+/// the ingress network the mesh's origin tracking too.
+struct TaskFilters {
+    vip_echo: TaskFilter,
+    mesh: [TaskFilter; 2],
+}
+
+impl TaskFilters {
+    /// Puts (or, on an adopted task, replaces in place) the programs of one task interface.
+    fn install(&self, interface: &TaskInterface, ingress: bool) -> Result<()> {
+        let netns = Path::new(shoal_dataplane::netns::NETNS_DIR).join(&interface.netns);
+        let mut filters = vec![&self.vip_echo];
+        if ingress {
+            filters.extend(&self.mesh);
+        }
+        task_hooks::install(&netns, &interface.host_side, &filters)
+    }
 }
 
 impl NodeNetworks {
@@ -203,11 +226,17 @@ impl NodeNetworks {
             ));
         }
         let dns_records = SharedRecords::new(Records::default());
+        let vip_echo = VipEcho::load(maps_dir)?;
+        let mesh_programs = MeshPrograms::load(maps_dir)?;
+        let task_filters = Arc::new(TaskFilters {
+            vip_echo: vip_echo.task_filter()?,
+            mesh: mesh_programs.task_filters()?,
+        });
         Ok(Self {
             node_id: node_id.to_owned(),
             vips: Mutex::new(VipTable::open(maps_dir)?),
-            vip_echo: Mutex::new(VipEcho::load(maps_dir)?),
-            task_links: Mutex::default(),
+            vip_echo: Mutex::new(vip_echo),
+            task_filters,
             links_dir,
             dns: DnsServer::new(dns_records.clone(), forwarder)
                 .context("starting the embedded DNS thread")?,
@@ -222,7 +251,7 @@ impl NodeNetworks {
             announced: Mutex::default(),
             mesh: Mutex::new(mesh),
             _mesh_clock: MeshClock::start(maps_dir, MESH_CLOCK_INTERVAL)?,
-            mesh_programs: Mutex::new(MeshPrograms::load(maps_dir)?),
+            mesh_programs: Mutex::new(mesh_programs),
             ingress: Mutex::default(),
             vxlan_peers: Mutex::new(VxlanPeers::open(maps_dir)?),
             mesh_grace_until: tokio::time::Instant::now() + MESH_RESTART_GRACE,
@@ -765,7 +794,8 @@ impl NodeNetworks {
     }
 
     /// Takes over a task a previous agent connected, whose interfaces are still there:
-    /// its networks are adopted (or built), its programs' pinned links taken over in place,
+    /// its networks are adopted (or built), its interfaces' filters given this agent's
+    /// programs in place,
     /// its endpoints announced again and its DNS served again.
     pub async fn readopt(self: &Arc<Self>, task: &Assignment, pid: u32) -> Result<()> {
         self.join(task, pid, true).await
@@ -797,42 +827,32 @@ impl NodeNetworks {
             .iter()
             .map(|n| (n.spec.id.clone(), n.address))
             .collect();
+        // From the task's own networks, not from whether this node's endpoint is up yet.
+        let ingress_networks: HashSet<String> = task
+            .networks
+            .iter()
+            .filter(|n| n.spec.ingress)
+            .map(|n| n.spec.id.clone())
+            .collect();
+        let (filters, links_dir) = (Arc::clone(&self.task_filters), self.links_dir.clone());
         let interfaces = tokio::task::spawn_blocking(move || {
-            if adopt {
-                overlay.adopt(&task_id, pid, &wanted)
+            let interfaces = if adopt {
+                overlay.adopt(&task_id, pid, &wanted)?
             } else {
-                overlay.attach(&task_id, pid, &wanted)
+                overlay.attach(&task_id, pid, &wanted)?
+            };
+            for interface in &interfaces {
+                filters.install(interface, ingress_networks.contains(&interface.network_id))?;
             }
+            if adopt {
+                // Links an agent before task filters pinned for it: its filters run now.
+                shoal_dataplane::release_task_links(&links_dir, &|task| task != task_id)?;
+            }
+            anyhow::Ok(interfaces)
         })
         .await??;
-        let mut links = Vec::new();
         let mut ready_ports = Vec::new();
         let ingress = self.ingress_network();
-        for interface in &interfaces {
-            let netns = Path::new("/run/netns").join(&interface.netns);
-            // First on the hook: ARP answers, then (ingress) the mesh's origin tracking.
-            links.push(self.vip_echo.lock().expect("vip echo").attach(
-                &netns,
-                &interface.host_side,
-                (&task.task_id, &self.links_dir),
-            )?);
-            if ingress.as_deref() == Some(interface.network_id.as_str()) {
-                links.extend(
-                    self.mesh_programs
-                        .lock()
-                        .expect("mesh programs")
-                        .attach_task(
-                            &netns,
-                            &interface.host_side,
-                            (&task.task_id, &self.links_dir),
-                        )?,
-                );
-            }
-        }
-        self.task_links
-            .lock()
-            .expect("task links")
-            .insert(task.task_id.clone(), links);
         for interface in &interfaces {
             let vip = task
                 .networks
@@ -954,8 +974,9 @@ impl NodeNetworks {
         Ok(())
     }
 
-    /// Unpins the links a previous agent pinned for tasks not in `adopted` (they ended, or
-    /// the managers no longer want them): one pass over the pins.
+    /// Unpins the links an earlier agent pinned for tasks not in `adopted` (they ended, or
+    /// the managers no longer want them): one pass over the pins (see
+    /// `shoal_dataplane::release_task_links`).
     pub fn release_task_links_except(&self, adopted: &HashSet<String>) {
         let keep = |task: &str| adopted.contains(task);
         if let Err(err) = shoal_dataplane::release_task_links(&self.links_dir, &keep) {
@@ -986,17 +1007,7 @@ impl NodeNetworks {
     pub async fn disconnect(&self, task_id: &str) {
         let gossip = self.gossip();
         self.withdraw(task_id).await;
-        let links = self
-            .task_links
-            .lock()
-            .expect("task links")
-            .remove(task_id)
-            .unwrap_or_default();
-        for link in links {
-            if let Err(err) = link.release() {
-                tracing::warn!(task = %task_id, error = %format!("{err:#}"), "unpinning a task's link");
-            }
-        }
+        // Its filters go with its veths, when its namespace ends.
         self.dns_tasks.lock().expect("dns tasks").remove(task_id);
         self.overlay.detach(task_id);
         let unused: Vec<String> = {
@@ -1053,8 +1064,6 @@ impl NodeNetworks {
         let overlay = Arc::clone(&self.overlay);
         tokio::task::spawn_blocking(move || overlay.remove_all()).await??;
         self.forget_vxlan_peers_of_other_networks();
-        // Every pinned link goes with what it was attached to.
-        self.task_links.lock().expect("task links").clear();
         if let Some((_, links)) = self.ingress.lock().expect("ingress").take() {
             for link in links {
                 link.release()?;
