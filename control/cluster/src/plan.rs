@@ -17,6 +17,7 @@ use crate::{
         Availability, ClusterState, Command, Network, Node, NodeStatus, Service, ServiceMode,
         Timestamp,
     },
+    update::{self, UpdateStatus},
     views::{network_view, service_view, task_views},
 };
 
@@ -133,6 +134,9 @@ pub fn plan(state: &ClusterState, request: ControlRequest, inputs: &Inputs) -> R
                 created_at: inputs.at,
                 updated_at: inputs.at,
                 vips: vec![],
+                previous_spec: None,
+                previous_version: 0,
+                update_status: None,
             };
             state.check_published_ports(&service)?;
             Plan::write(
@@ -275,6 +279,9 @@ fn update_service(
     changes: ServiceChanges,
     at: Timestamp,
 ) -> Result<Service> {
+    if changes.rollback {
+        return roll_back_service(state, service, changes, at);
+    }
     let mut updated = service.clone();
     if let Some(replicas) = changes.replicas {
         match &mut updated.spec.mode {
@@ -336,14 +343,51 @@ fn update_service(
         .apply(&mut updated.spec)
         .kind(ErrorKind::Invalid)?
         || restart;
+    changes.policy.apply(&mut updated.spec);
     updated.spec.validate().kind(ErrorKind::Invalid)?;
     crate::resources::check_reservation_fits(state, &updated.spec).kind(ErrorKind::Invalid)?;
     state.check_published_ports(&updated)?;
+    // As Swarm: every update keeps the spec it replaces, for a rollback.
+    updated.previous_spec = Some(Box::new(service.spec.clone()));
+    updated.previous_version = service.version;
     if restart {
-        updated.version += 1;
+        // Past both versions: a rollback swaps them, and a task's version names one spec.
+        updated.version = service.version.max(service.previous_version) + 1;
+        // A paused rollout resumes with the new spec.
+        updated.update_status = Some(UpdateStatus::updating(at));
     }
     updated.updated_at = at;
     Ok(updated)
+}
+
+/// `service rollback` / `service update --rollback`: the previous spec, rolled out with the
+/// rollback config; the tasks still running it stay.
+fn roll_back_service(
+    state: &ClusterState,
+    service: &Service,
+    changes: ServiceChanges,
+    at: Timestamp,
+) -> Result<Service> {
+    let others = update_service(
+        state,
+        service,
+        ServiceChanges {
+            rollback: false,
+            ..changes
+        },
+        at,
+    )?;
+    if others.spec != service.spec || others.version != service.version {
+        bail!(ApiError::invalid(
+            "--rollback returns to the previous spec: it takes no other change"
+        ));
+    }
+    let mut rolled = service.clone();
+    update::roll_back(&mut rolled).kind(ErrorKind::Conflict)?;
+    rolled.update_status = Some(UpdateStatus::manual_rollback(at));
+    rolled.updated_at = at;
+    state.check_published_ports(&rolled)?;
+    Ok(rolled)
 }
 
 /// `--publish-rm PORT[/udp]`: the port must be one the service publishes.
