@@ -458,8 +458,9 @@ impl fmt::Display for UpdateState {
 pub fn parse_duration_secs(text: &str) -> Result<u64> {
     let usage = || format!("duration {text:?}: expected e.g. 5s, 1m30s, 500ms");
     let mut rest = text.trim();
-    if rest == "0" {
-        return Ok(0);
+    // A bare number is seconds, as shoal read `--update-delay` before Docker's syntax.
+    if let Ok(secs) = rest.parse::<u64>() {
+        return Ok(secs);
     }
     if rest.is_empty() {
         bail!(usage());
@@ -508,7 +509,8 @@ mod tests {
         ] {
             assert_eq!(parse_duration_secs(text).unwrap(), secs, "{text}");
         }
-        for bad in ["", "5", "5x", "s", "1m30", "-1s"] {
+        assert_eq!(parse_duration_secs("7").unwrap(), 7, "a bare number is seconds");
+        for bad in ["", "5x", "s", "1m30", "-1s", "ten", "5d"] {
             assert!(parse_duration_secs(bad).is_err(), "{bad:?} refused");
         }
     }
