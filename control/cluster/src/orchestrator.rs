@@ -300,6 +300,10 @@ impl Plan<'_> {
             return true;
         };
         if newest.service_version != service.version || !newest.ended_on_its_own() {
+            if newest.state.is_terminal() && newest.desired == TaskState::Running {
+                let newest = newest.clone();
+                self.shut_down(newest, "replaced");
+            }
             return true;
         }
         let policy = &service.spec.restart;
@@ -1594,5 +1598,178 @@ mod tests {
         state.apply(Command::RemoveService { id: hog }).unwrap();
         converge(&mut state, 3);
         assert_eq!(running_per_node(&state, &agent).values().sum::<usize>(), 2);
+    }
+
+    /// Ends a task as its worker would report it.
+    fn end(state: &mut ClusterState, task: &Task, at: Timestamp, ended: TaskState) {
+        state
+            .apply(Command::ReportTasks {
+                node_id: task.node_id.clone().unwrap(),
+                reports: vec![TaskReport {
+                    task_id: task.id.clone(),
+                    state: ended,
+                    error: String::new(),
+                }],
+                at,
+            })
+            .unwrap();
+    }
+
+    /// One reconcile pass, applied.
+    fn step(state: &mut ClusterState, now: Timestamp) {
+        for command in reconcile(state, now, SETTINGS) {
+            state.apply(command).unwrap();
+        }
+    }
+
+    /// A template change, as `service update` makes it.
+    fn update(state: &mut ClusterState, id: &str, at: Timestamp) {
+        let service = state.services.get_mut(id).unwrap();
+        service.previous_spec = Some(Box::new(service.spec.clone()));
+        service.previous_version = service.version;
+        service.version += 1;
+        service.spec.env.push("V=2".into());
+        service.update_status = Some(crate::update::UpdateStatus::updating(at));
+    }
+
+    fn live(state: &ClusterState, id: &str) -> Vec<Task> {
+        state
+            .tasks
+            .values()
+            .filter(|t| t.service_id == id && t.desired == TaskState::Running)
+            .filter(|t| !t.state.is_terminal())
+            .cloned()
+            .collect()
+    }
+
+    fn update_state(state: &ClusterState, id: &str) -> crate::update::UpdateState {
+        state.services[id].update_status.as_ref().unwrap().state
+    }
+
+    #[test]
+    fn restart_policy_decides_whether_an_ended_task_is_replaced() {
+        use crate::update::RestartCondition::{Any, None, OnFailure};
+        for (condition, ended, replaced) in [
+            (Any, TaskState::Complete, true),
+            (OnFailure, TaskState::Complete, false),
+            (OnFailure, TaskState::Failed, true),
+            (None, TaskState::Failed, false),
+        ] {
+            let mut state = cluster(1);
+            let web = service(&mut state, "web", ServiceMode::Replicated { replicas: 1 });
+            state.services.get_mut(&web).unwrap().spec.restart.condition = condition;
+            converge(&mut state, 1);
+            let task = live(&state, &web).remove(0);
+            end(&mut state, &task, 10, ended);
+            converge(&mut state, 12);
+            assert!(live(&state, &web).is_empty(), "the restart delay holds it");
+            converge(&mut state, 15);
+            let case = format!("{condition:?} after {ended:?}");
+            assert_eq!(live(&state, &web).len(), replaced as usize, "{case}");
+            let old = &state.tasks[&task.id];
+            assert_eq!(old.desired, TaskState::Shutdown, "{case}");
+            assert_eq!(
+                old.message.starts_with("not restarted"),
+                !replaced,
+                "{case}: {}",
+                old.message
+            );
+        }
+    }
+
+    #[test]
+    fn max_attempts_stops_restarting_within_the_window() {
+        let mut state = cluster(1);
+        let web = service(&mut state, "web", ServiceMode::Replicated { replicas: 1 });
+        let restart = &mut state.services.get_mut(&web).unwrap().spec.restart;
+        restart.max_attempts = 2;
+        restart.delay_secs = 1;
+        converge(&mut state, 1);
+        for at in [10, 20, 30] {
+            let task = live(&state, &web).remove(0);
+            end(&mut state, &task, at, TaskState::Failed);
+            converge(&mut state, at + 2);
+        }
+        assert!(live(&state, &web).is_empty(), "two restarts, then none");
+        assert_eq!(state.tasks.len(), 3);
+        converge(&mut state, 1000);
+        assert!(live(&state, &web).is_empty(), "the slot stays empty");
+    }
+
+    #[test]
+    fn a_failing_update_pauses_after_its_first_batch_or_rolls_back() {
+        use crate::update::{FailureAction, UpdateState};
+        for action in [FailureAction::Pause, FailureAction::Rollback] {
+            let mut state = cluster(2);
+            let web = service(&mut state, "web", ServiceMode::Replicated { replicas: 3 });
+            state
+                .services
+                .get_mut(&web)
+                .unwrap()
+                .spec
+                .update_control
+                .failure_action = action;
+            converge(&mut state, 1);
+            let before: BTreeSet<String> = live(&state, &web).into_iter().map(|t| t.id).collect();
+            update(&mut state, &web, 10);
+            step(&mut state, 10);
+            let new: Vec<Task> = live(&state, &web)
+                .into_iter()
+                .filter(|t| t.service_version == 2)
+                .collect();
+            assert_eq!(new.len(), 1, "one batch");
+            end(&mut state, &new[0], 11, TaskState::Failed);
+            converge(&mut state, 12);
+            let status = state.services[&web].update_status.clone().unwrap();
+            let old: BTreeSet<String> = live(&state, &web)
+                .into_iter()
+                .filter(|t| t.service_version == 1)
+                .map(|t| t.id)
+                .collect();
+            if action == FailureAction::Pause {
+                assert_eq!(status.state, UpdateState::Paused);
+                assert_eq!(
+                    status.message,
+                    format!(
+                        "update paused due to failure or early termination of task {}",
+                        new[0].id
+                    )
+                );
+                assert_eq!(old.len(), 2, "no second batch");
+                converge(&mut state, 30);
+                assert_eq!(update_state(&state, &web), UpdateState::Paused);
+                continue;
+            }
+            assert_eq!(status.state, UpdateState::RollbackStarted);
+            let service = &state.services[&web];
+            assert_eq!((service.version, service.previous_version), (1, 2));
+            assert!(!service.spec.env.contains(&"V=2".to_owned()));
+            assert_eq!(old.len(), 3, "the failed slot runs the old spec again");
+            assert_eq!(old.intersection(&before).count(), 2, "the others kept");
+            converge(&mut state, 20);
+            assert_eq!(update_state(&state, &web), UpdateState::RollbackCompleted);
+        }
+    }
+
+    #[test]
+    fn start_first_stops_the_old_task_once_its_replacement_is_ready() {
+        use crate::update::{UpdateOrder, UpdateState};
+        let mut state = cluster(1);
+        let web = service(&mut state, "web", ServiceMode::Replicated { replicas: 1 });
+        state.services.get_mut(&web).unwrap().spec.update_control.order = UpdateOrder::StartFirst;
+        converge(&mut state, 1);
+        update(&mut state, &web, 10);
+        step(&mut state, 10);
+        let both = live(&state, &web);
+        assert_eq!(both.len(), 2, "the new task starts beside the old one");
+        converge(&mut state, 11);
+        let now: Vec<u64> = live(&state, &web)
+            .iter()
+            .map(|t| t.service_version)
+            .collect();
+        assert_eq!(now, [2], "the old one left once the new one ran");
+        assert_eq!(update_state(&state, &web), UpdateState::Updating, "monitoring");
+        converge(&mut state, 16);
+        assert_eq!(update_state(&state, &web), UpdateState::Completed);
     }
 }
