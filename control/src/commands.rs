@@ -1097,7 +1097,11 @@ fn rollout_progress(view: &ServiceView, tasks: &[TaskView]) -> Progress {
         .iter()
         .filter(|t| !t.error.is_empty() || t.message.starts_with("no suitable node"))
         .map(|t| {
-            let why = if t.error.is_empty() { &t.message } else { &t.error };
+            let why = if t.error.is_empty() {
+                &t.message
+            } else {
+                &t.error
+            };
             format!("{}: {why}", t.name)
         })
         .collect();

@@ -58,7 +58,10 @@ fn assert_all_served(load: Child, what: &str) {
     let (sent, failed): (usize, usize) = (sent.parse().unwrap(), failed.parse().unwrap());
     let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("failed:")).collect();
     assert!(sent > 50, "the request loop ran: {sent} requests");
-    assert_eq!(failed, 0, "{what}: {failed} of {sent} requests failed: {lines:#?}");
+    assert_eq!(
+        failed, 0,
+        "{what}: {failed} of {sent} requests failed: {lines:#?}"
+    );
     eprintln!("{what}: {sent} requests, none failed");
 }
 
@@ -154,7 +157,9 @@ fn restart_policy_none_on_failure_and_max_attempts() {
         (all.len() == 3 && all.iter().all(|t| t["state"] == "failed")).then_some(all)
     });
     assert!(
-        crashes.iter().all(|t| t["error"] == "task: non-zero exit (3)"),
+        crashes
+            .iter()
+            .all(|t| t["error"] == "task: non-zero exit (3)"),
         "{crashes:#?}"
     );
     // Well past the delay, nothing more was started.
@@ -193,7 +198,14 @@ fn failed_updates_pause_or_roll_back_and_service_rollback_restores() {
     let lab = TestLab::up("lu-rollback", 3);
     lab.create_service(
         "web",
-        &["--replicas", "3", "--publish", "8080:80", "--update-monitor", "3s"],
+        &[
+            "--replicas",
+            "3",
+            "--publish",
+            "8080:80",
+            "--update-monitor",
+            "3s",
+        ],
         &WEB,
     );
     lab.running_tasks("web", 3);
@@ -214,11 +226,17 @@ fn failed_updates_pause_or_roll_back_and_service_rollback_restores() {
     let back = service(&lab, &["rollback", "web"]);
     assert!(back.status.success(), "{}", text(&back));
     let out = text(&back);
-    assert!(out.contains("rollback: manually requested rollback"), "{out}");
+    assert!(
+        out.contains("rollback: manually requested rollback"),
+        "{out}"
+    );
     assert!(out.contains("rollback: rollback completed"), "{out}");
     let view = wait_update_state(&lab, "web", "rollback_completed");
     assert!(
-        !view["env"].as_array().unwrap().contains(&Value::from("V=2")),
+        !view["env"]
+            .as_array()
+            .unwrap()
+            .contains(&Value::from("V=2")),
         "the env before the update: {view}"
     );
     wait_backends(&lab, &nodes, 3);
@@ -241,15 +259,24 @@ fn failed_updates_pause_or_roll_back_and_service_rollback_restores() {
         ],
     );
     let out = text(&failed);
-    assert!(!failed.status.success(), "an update that rolled back fails: {out}");
+    assert!(
+        !failed.status.success(),
+        "an update that rolled back fails: {out}"
+    );
     assert!(
         out.contains("rollback: update rolled back due to failure or early termination of task"),
         "{out}"
     );
-    assert!(out.contains("task: non-zero exit (3)"), "the reason shown: {out}");
+    assert!(
+        out.contains("task: non-zero exit (3)"),
+        "the reason shown: {out}"
+    );
     let view = wait_update_state(&lab, "web", "rollback_completed");
     assert!(
-        !view["env"].as_array().unwrap().contains(&Value::from("MODE=bad")),
+        !view["env"]
+            .as_array()
+            .unwrap()
+            .contains(&Value::from("MODE=bad")),
         "the previous spec: {view}"
     );
     let after = lab.running_tasks("web", 3);
@@ -282,7 +309,9 @@ fn failed_updates_pause_or_roll_back_and_service_rollback_restores() {
     );
     let view = inspect(&lab, "web");
     assert_eq!(view["update_status"]["state"], "paused", "{view}");
-    let message = view["update_status"]["message"].as_str().unwrap_or_default();
+    let message = view["update_status"]["message"]
+        .as_str()
+        .unwrap_or_default();
     assert!(
         message.starts_with("update paused due to failure or early termination of task"),
         "{view}"

@@ -463,8 +463,7 @@ impl Plan<'_> {
             ServiceMode::Global => live.len(),
         };
         if let (Some(status), Some(last)) = (status, failed.last()) {
-            if update::over_failure_ratio(failed.len(), total, config.control.max_failure_ratio)
-            {
+            if update::over_failure_ratio(failed.len(), total, config.control.max_failure_ratio) {
                 let action = match config.control.failure_action {
                     // Nothing to roll back to (a service from before rollbacks were kept).
                     FailureAction::Rollback if service.previous_spec.is_none() => {
@@ -1756,7 +1755,13 @@ mod tests {
         use crate::update::{UpdateOrder, UpdateState};
         let mut state = cluster(1);
         let web = service(&mut state, "web", ServiceMode::Replicated { replicas: 1 });
-        state.services.get_mut(&web).unwrap().spec.update_control.order = UpdateOrder::StartFirst;
+        state
+            .services
+            .get_mut(&web)
+            .unwrap()
+            .spec
+            .update_control
+            .order = UpdateOrder::StartFirst;
         converge(&mut state, 1);
         update(&mut state, &web, 10);
         step(&mut state, 10);
@@ -1768,7 +1773,11 @@ mod tests {
             .map(|t| t.service_version)
             .collect();
         assert_eq!(now, [2], "the old one left once the new one ran");
-        assert_eq!(update_state(&state, &web), UpdateState::Updating, "monitoring");
+        assert_eq!(
+            update_state(&state, &web),
+            UpdateState::Updating,
+            "monitoring"
+        );
         converge(&mut state, 16);
         assert_eq!(update_state(&state, &web), UpdateState::Completed);
     }

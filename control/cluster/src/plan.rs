@@ -851,8 +851,14 @@ mod tests {
 
         let updated = put_service(&plan_of(&state, update_request("web", env)).unwrap());
         assert_eq!((updated.version, updated.previous_version), (2, 1));
-        assert_eq!(updated.update_status.as_ref().unwrap().state, UpdateState::Updating);
-        assert_eq!(updated.previous_spec.as_deref(), Some(&state.services["id-web"].spec));
+        assert_eq!(
+            updated.update_status.as_ref().unwrap().state,
+            UpdateState::Updating
+        );
+        assert_eq!(
+            updated.previous_spec.as_deref(),
+            Some(&state.services["id-web"].spec)
+        );
         state.services.insert(updated.id.clone(), updated.clone());
 
         // Policies change no task: no new version, no new rollout.
@@ -864,25 +870,37 @@ mod tests {
         };
         let tuned = put_service(&plan_of(&state, update_request("web", tuned)).unwrap());
         assert_eq!(tuned.version, 2);
-        assert_eq!(tuned.spec.update_control.failure_action, FailureAction::Rollback);
+        assert_eq!(
+            tuned.spec.update_control.failure_action,
+            FailureAction::Rollback
+        );
 
         let back = put_service(&plan_of(&state, update_request("web", rollback())).unwrap());
         assert_eq!((back.version, back.previous_version), (1, 2));
         assert!(!back.spec.env.contains(&"V=2".to_owned()));
-        assert_eq!(back.update_status.as_ref().unwrap().message, "manually requested rollback");
+        assert_eq!(
+            back.update_status.as_ref().unwrap().message,
+            "manually requested rollback"
+        );
         // A later update takes a version past both.
         state.services.insert(back.id.clone(), back);
         let again = ServiceChanges {
             force: true,
             ..no_changes()
         };
-        assert_eq!(put_service(&plan_of(&state, update_request("web", again)).unwrap()).version, 3);
+        assert_eq!(
+            put_service(&plan_of(&state, update_request("web", again)).unwrap()).version,
+            3
+        );
         // --rollback takes no other change.
         let mixed = ServiceChanges {
             env_add: vec!["V=3".into()],
             ..rollback()
         };
-        assert_eq!(refusal(&state, update_request("web", mixed)).0, ErrorKind::Invalid);
+        assert_eq!(
+            refusal(&state, update_request("web", mixed)).0,
+            ErrorKind::Invalid
+        );
     }
 
     fn rollback() -> ServiceChanges {

@@ -197,7 +197,11 @@ impl UpdateStatus {
 
     /// `service rollback`.
     pub fn manual_rollback(at: Timestamp) -> Self {
-        Self::new(UpdateState::RollbackStarted, at, "manually requested rollback")
+        Self::new(
+            UpdateState::RollbackStarted,
+            at,
+            "manually requested rollback",
+        )
     }
 
     fn new(state: UpdateState, at: Timestamp, message: &str) -> Self {
@@ -228,7 +232,12 @@ impl UpdateStatus {
 
     /// The failures of a rollout in progress went over its ratio, the last one `task`'s:
     /// pause, roll back (a rollback is never rolled back: it pauses), or go on (None).
-    pub fn on_failure(&self, action: FailureAction, task: &str, at: Timestamp) -> Option<Transition> {
+    pub fn on_failure(
+        &self,
+        action: FailureAction,
+        task: &str,
+        at: Timestamp,
+    ) -> Option<Transition> {
         let why = format!("due to failure or early termination of task {task}");
         match (self.state, action) {
             (_, FailureAction::Continue) => None,
@@ -237,13 +246,13 @@ impl UpdateStatus {
                 message: format!("update paused {why}"),
                 ..self.clone()
             })),
-            (UpdateState::Updating, FailureAction::Rollback) => Some(Transition::RollBack(
-                Self::new(
+            (UpdateState::Updating, FailureAction::Rollback) => {
+                Some(Transition::RollBack(Self::new(
                     UpdateState::RollbackStarted,
                     at,
                     &format!("update rolled back {why}"),
-                ),
-            )),
+                )))
+            }
             (UpdateState::RollbackStarted, _) => Some(Transition::Status(Self {
                 state: UpdateState::RollbackPaused,
                 message: format!("rollback paused {why}"),
@@ -383,7 +392,11 @@ impl FromStr for FailureAction {
         parse_choice(
             text,
             "failure action",
-            &[("pause", Pause), ("continue", Continue), ("rollback", Rollback)],
+            &[
+                ("pause", Pause),
+                ("continue", Continue),
+                ("rollback", Rollback),
+            ],
         )
     }
 }
@@ -509,7 +522,11 @@ mod tests {
         ] {
             assert_eq!(parse_duration_secs(text).unwrap(), secs, "{text}");
         }
-        assert_eq!(parse_duration_secs("7").unwrap(), 7, "a bare number is seconds");
+        assert_eq!(
+            parse_duration_secs("7").unwrap(),
+            7,
+            "a bare number is seconds"
+        );
         for bad in ["", "5x", "s", "1m30", "-1s", "ten", "5d"] {
             assert!(parse_duration_secs(bad).is_err(), "{bad:?} refused");
         }
@@ -571,15 +588,25 @@ mod tests {
         );
         assert!(!paused.in_progress());
         assert_eq!(paused.on_failure(FailureAction::Pause, "t2", 106), None);
-        assert_eq!(paused.completed(107), None, "a paused update does not complete");
-        assert_eq!(updating.on_failure(FailureAction::Continue, "t1", 105), None);
+        assert_eq!(
+            paused.completed(107),
+            None,
+            "a paused update does not complete"
+        );
+        assert_eq!(
+            updating.on_failure(FailureAction::Continue, "t1", 105),
+            None
+        );
         // Rollback starts a rollback now.
         let Some(Transition::RollBack(rollback)) =
             updating.on_failure(FailureAction::Rollback, "t1", 105)
         else {
             panic!("rollback")
         };
-        assert_eq!((rollback.state, rollback.started_at), (RollbackStarted, 105));
+        assert_eq!(
+            (rollback.state, rollback.started_at),
+            (RollbackStarted, 105)
+        );
         assert!(rollback.in_progress() && rollback.is_rollback());
         // A failing rollback pauses, whatever its action says.
         for action in [FailureAction::Pause, FailureAction::Rollback] {
@@ -598,7 +625,10 @@ mod tests {
             (RollbackCompleted, Some(120), "rollback completed")
         );
         let done = updating.completed(120).unwrap();
-        assert_eq!((done.state, done.message.as_str()), (Completed, "update completed"));
+        assert_eq!(
+            (done.state, done.message.as_str()),
+            (Completed, "update completed")
+        );
         assert_eq!(done.completed(130), None);
         assert_eq!(UpdateStatus::manual_rollback(7).state, RollbackStarted);
     }
