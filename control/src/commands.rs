@@ -725,7 +725,7 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
             let detach = args.detach;
             let spec = service_spec(args)?;
             spec.validate()?;
-            let view = ask!(client, ControlRequest::ServiceCreate(spec), Service);
+            let view = ask!(client, ControlRequest::ServiceCreate(Box::new(spec)), Service);
             println!("{}", view.id);
             if !detach {
                 follow_rollout(client, &view.id).await?;
@@ -757,10 +757,10 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
                     client,
                     ControlRequest::ServiceUpdate {
                         service: name.clone(),
-                        changes: ServiceChanges {
+                        changes: Box::new(ServiceChanges {
                             replicas: Some(replicas),
                             ..ServiceChanges::default()
-                        },
+                        }),
                     },
                     Service
                 );
@@ -802,7 +802,7 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
                 client,
                 ControlRequest::ServiceUpdate {
                     service,
-                    changes: ServiceChanges {
+                    changes: Box::new(ServiceChanges {
                         replicas,
                         env_add,
                         network_add,
@@ -814,7 +814,7 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
                         placement: Box::new(placement),
                         policy: Box::new(policies.update()),
                         rollback,
-                    },
+                    }),
                 },
                 Service
             );
@@ -828,10 +828,10 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
                 client,
                 ControlRequest::ServiceUpdate {
                     service,
-                    changes: ServiceChanges {
+                    changes: Box::new(ServiceChanges {
                         rollback: true,
                         ..ServiceChanges::default()
-                    },
+                    }),
                 },
                 Service
             );

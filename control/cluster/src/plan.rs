@@ -123,7 +123,8 @@ pub fn plan(state: &ClusterState, request: ControlRequest, inputs: &Inputs) -> R
             });
             Plan::write(rotation.into_iter().collect(), Answer::Token(role))
         }
-        ControlRequest::ServiceCreate(mut spec) => {
+        ControlRequest::ServiceCreate(spec) => {
+            let mut spec = *spec;
             spec.networks = resolve_networks(state, &spec.networks)?;
             spec.validate().kind(ErrorKind::Invalid)?;
             crate::resources::check_reservation_fits(state, &spec).kind(ErrorKind::Invalid)?;
@@ -162,7 +163,8 @@ pub fn plan(state: &ClusterState, request: ControlRequest, inputs: &Inputs) -> R
             ))))
         }
         ControlRequest::ServiceUpdate { service, changes } => {
-            let updated = update_service(state, state.find_service(&service)?, changes, inputs.at)?;
+            let updated =
+                update_service(state, state.find_service(&service)?, *changes, inputs.at)?;
             Plan::write(
                 vec![Command::PutService(updated.clone())],
                 Answer::Service(updated),
@@ -734,7 +736,7 @@ mod tests {
         let state = swarm();
         let mut spec = publishing("api", &["9090:80"]).spec;
         spec.networks = vec!["back".into()];
-        let plan = plan_of(&state, ControlRequest::ServiceCreate(spec.clone())).unwrap();
+        let plan = plan_of(&state, ControlRequest::ServiceCreate(Box::new(spec.clone()))).unwrap();
         let [Command::PutService(service)] = written(&plan) else {
             panic!("{:?}", plan.commands)
         };
@@ -746,25 +748,25 @@ mod tests {
         let mut taken = spec.clone();
         taken.ports = publishing("x", &["8080:80"]).spec.ports;
         assert_eq!(
-            refusal(&state, ControlRequest::ServiceCreate(taken)).0,
+            refusal(&state, ControlRequest::ServiceCreate(Box::new(taken))).0,
             ErrorKind::Conflict
         );
         let mut ingress = spec.clone();
         ingress.networks = vec!["ingress".into()];
         assert_eq!(
-            refusal(&state, ControlRequest::ServiceCreate(ingress)).0,
+            refusal(&state, ControlRequest::ServiceCreate(Box::new(ingress))).0,
             ErrorKind::Invalid
         );
         let mut unknown = spec.clone();
         unknown.networks = vec!["nope".into()];
         assert_eq!(
-            refusal(&state, ControlRequest::ServiceCreate(unknown)).0,
+            refusal(&state, ControlRequest::ServiceCreate(Box::new(unknown))).0,
             ErrorKind::NotFound
         );
         let mut empty = spec;
         empty.command = vec![];
         assert_eq!(
-            refusal(&state, ControlRequest::ServiceCreate(empty)).0,
+            refusal(&state, ControlRequest::ServiceCreate(Box::new(empty))).0,
             ErrorKind::Invalid
         );
     }
@@ -825,7 +827,7 @@ mod tests {
     fn update_request(service: &str, changes: ServiceChanges) -> ControlRequest {
         ControlRequest::ServiceUpdate {
             service: service.into(),
-            changes,
+            changes: Box::new(changes),
         }
     }
 

@@ -219,7 +219,7 @@ pub enum ControlRequest {
         role: Role,
         rotate: bool,
     },
-    ServiceCreate(ServiceSpec),
+    ServiceCreate(Box<ServiceSpec>),
     ServiceList,
     ServiceInspect {
         service: String,
@@ -230,7 +230,7 @@ pub enum ControlRequest {
     ServiceUpdate {
         service: String,
         #[serde(flatten)]
-        changes: ServiceChanges,
+        changes: Box<ServiceChanges>,
     },
     ServiceRemove {
         service: String,
@@ -336,12 +336,12 @@ pub struct ServiceView {
     pub restart_policy: crate::update::RestartPolicy,
     /// `--update-*`, parallelism and delay included.
     #[serde(default)]
-    pub update_config: crate::update::UpdateConfig,
+    pub update_config: Box<crate::update::UpdateConfig>,
     #[serde(default)]
-    pub rollback_config: crate::update::UpdateConfig,
+    pub rollback_config: Box<crate::update::UpdateConfig>,
     /// Where the last rollout stands (absent: never updated).
     #[serde(default)]
-    pub update_status: Option<crate::update::UpdateStatus>,
+    pub update_status: Option<Box<crate::update::UpdateStatus>>,
     /// The version a rollback returns to (absent: nothing to roll back to).
     #[serde(default)]
     pub previous_version: Option<u64>,

@@ -159,9 +159,9 @@ pub fn service_view(state: &ClusterState, service: &Service) -> ServiceView {
         update_parallelism: service.spec.update_parallelism,
         update_delay_secs: service.spec.update_delay_secs,
         restart_policy: service.spec.restart.clone(),
-        update_config: service.spec.update_config(),
-        rollback_config: service.spec.rollback_config.clone(),
-        update_status: service.update_status.clone(),
+        update_config: Box::new(service.spec.update_config()),
+        rollback_config: Box::new(service.spec.rollback_config.clone()),
+        update_status: service.update_status.clone().map(Box::new),
         previous_version: service
             .previous_spec
             .is_some()
