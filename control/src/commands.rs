@@ -725,7 +725,11 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
             let detach = args.detach;
             let spec = service_spec(args)?;
             spec.validate()?;
-            let view = ask!(client, ControlRequest::ServiceCreate(Box::new(spec)), Service);
+            let view = ask!(
+                client,
+                ControlRequest::ServiceCreate(Box::new(spec)),
+                Service
+            );
             println!("{}", view.id);
             if !detach {
                 follow_rollout(client, &view.id).await?;

@@ -20,13 +20,14 @@ const WEB: [&str; 3] = [
     "[ \"$MODE\" = bad ] && exit 3; exec shoal whoami --listen 0.0.0.0:80",
 ];
 
-/// Requests through every node's :8080 from the client, one at a time (1 s at most each), for
-/// `$1` seconds and 20000 requests at most; prints each failure, then `requests=N failed=F`.
+/// Requests through every node's :8080 from the client, one at a time (2 s at most each, as
+/// the mesh test), for `$1` seconds and 20000 requests at most; prints each failure, then
+/// `requests=N failed=F`.
 const REQUEST_LOOP: &str = r#"
 end=$(( ${EPOCHREALTIME/./} + $1 * 1000000 )); n=0; failed=0
 while [ ${EPOCHREALTIME/./} -lt $end ] && [ $n -lt 20000 ]; do
   for ip in $NODES; do
-    code=$(curl -s -o /dev/null --max-time 1 -w '%{http_code}' http://$ip:8080/)
+    code=$(curl -s -o /dev/null --max-time 2 -w '%{http_code}' http://$ip:8080/)
     [ "$code" = 200 ] || { failed=$((failed + 1)); echo "failed: $ip answered '$code'"; }
     n=$((n + 1))
   done

@@ -736,7 +736,11 @@ mod tests {
         let state = swarm();
         let mut spec = publishing("api", &["9090:80"]).spec;
         spec.networks = vec!["back".into()];
-        let plan = plan_of(&state, ControlRequest::ServiceCreate(Box::new(spec.clone()))).unwrap();
+        let plan = plan_of(
+            &state,
+            ControlRequest::ServiceCreate(Box::new(spec.clone())),
+        )
+        .unwrap();
         let [Command::PutService(service)] = written(&plan) else {
             panic!("{:?}", plan.commands)
         };
