@@ -142,8 +142,11 @@ fn restart_policy_none_on_failure_and_max_attempts() {
         &["sleep", "100000"],
     );
     let victim = lab.running_tasks("dead", 1).remove(0);
-    let killed = lab.in_task(&victim, &["pkill", "-9", "-x", "sleep"]);
-    assert!(killed.status.success(), "{killed:?}");
+    // Retried: a task reported running may not have exec'd its command yet.
+    wait_for("sleep killed in the task", Duration::from_secs(10), || {
+        let killed = lab.in_task(&victim, &["pkill", "-9", "-x", "sleep"]);
+        killed.status.success().then_some(())
+    });
     // on-failure: exit 3 is restarted, twice at most; exit 0 is not.
     let on_failure = [&quick[..], &["--restart-condition", "on-failure"]].concat();
     lab.create_service(
