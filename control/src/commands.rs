@@ -391,6 +391,19 @@ pub enum ServiceCommand {
         force: bool,
         #[command(flatten)]
         containment: crate::containment_args::ContainmentArgs,
+        #[command(flatten)]
+        policies: crate::update_args::UpdateArgs,
+        /// Go back to the previous spec (as `service rollback`)
+        #[arg(long)]
+        rollback: bool,
+        /// Return at once instead of following the update
+        #[arg(short, long)]
+        detach: bool,
+        service: String,
+    },
+    /// Go back to the spec before the last update, with the rollback config
+    Rollback {
+        /// Return at once instead of following the rollback
         #[arg(short, long)]
         detach: bool,
         service: String,
@@ -439,13 +452,10 @@ pub struct CreateArgs {
     /// published=8080,target=80[,protocol=udp][,mode=host][,source=snat]
     #[arg(long = "publish", short = 'p', value_parser = PortConfig::parse)]
     ports: Vec<PortConfig>,
-    #[arg(long, default_value_t = 1)]
-    update_parallelism: u64,
-    /// Delay between update batches: 10s, 1m, 500ms
-    #[arg(long, default_value = "0s")]
-    update_delay: String,
     #[command(flatten)]
     containment: crate::containment_args::ContainmentArgs,
+    #[command(flatten)]
+    policies: crate::update_args::UpdateArgs,
     /// Return at once instead of waiting for the tasks to run
     #[arg(short, long)]
     detach: bool,
@@ -807,10 +817,14 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
             let detach = args.detach;
             let spec = service_spec(args)?;
             spec.validate()?;
-            let view = ask!(client, ControlRequest::ServiceCreate(spec), Service);
+            let view = ask!(
+                client,
+                ControlRequest::ServiceCreate(Box::new(spec)),
+                Service
+            );
             println!("{}", view.id);
             if !detach {
-                wait_converged(client, &view.id).await?;
+                follow_rollout(client, &view.id).await?;
             }
         }
         ServiceCommand::Ls { format } => {
@@ -846,16 +860,16 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
                     client,
                     ControlRequest::ServiceUpdate {
                         service: name.clone(),
-                        changes: ServiceChanges {
+                        changes: Box::new(ServiceChanges {
                             replicas: Some(replicas),
                             ..ServiceChanges::default()
-                        },
+                        }),
                     },
                     Service
                 );
                 println!("{name} scaled to {replicas}");
                 if !detach {
-                    wait_converged(client, &view.id).await?;
+                    follow_rollout(client, &view.id).await?;
                 }
             }
         }
@@ -873,6 +887,8 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
             replicas_max_per_node,
             force,
             containment,
+            policies,
+            rollback,
             detach,
             service,
         } => {
@@ -889,7 +905,7 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
                 client,
                 ControlRequest::ServiceUpdate {
                     service,
-                    changes: ServiceChanges {
+                    changes: Box::new(ServiceChanges {
                         replicas,
                         env_add,
                         network_add,
@@ -899,13 +915,32 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
                         force,
                         containment: containment.update(),
                         placement: Box::new(placement),
-                    },
+                        policy: Box::new(policies.update()),
+                        rollback,
+                    }),
                 },
                 Service
             );
             println!("{}", view.name);
             if !detach {
-                wait_converged(client, &view.id).await?;
+                follow_rollout(client, &view.id).await?;
+            }
+        }
+        ServiceCommand::Rollback { detach, service } => {
+            let view = ask!(
+                client,
+                ControlRequest::ServiceUpdate {
+                    service,
+                    changes: Box::new(ServiceChanges {
+                        rollback: true,
+                        ..ServiceChanges::default()
+                    }),
+                },
+                Service
+            );
+            println!("{}", view.name);
+            if !detach {
+                follow_rollout(client, &view.id).await?;
             }
         }
         ServiceCommand::Logs { service, tail } => {
@@ -939,7 +974,7 @@ fn service_spec(args: CreateArgs) -> Result<ServiceSpec> {
             replicas: replicas.unwrap_or(1),
         },
     };
-    Ok(ServiceSpec {
+    let mut spec = ServiceSpec {
         name: args.name,
         mode,
         command: args.command,
@@ -955,8 +990,8 @@ fn service_spec(args: CreateArgs) -> Result<ServiceSpec> {
             .map(|p| PlacementPref::parse(p))
             .collect::<Result<_>>()?,
         max_replicas_per_node: args.replicas_max_per_node,
-        update_parallelism: args.update_parallelism,
-        update_delay_secs: parse_duration_secs(&args.update_delay)?,
+        update_parallelism: 1,
+        update_delay_secs: 0,
         networks: args.networks,
         endpoint_mode: match args.endpoint_mode {
             EndpointModeArg::Vip => EndpointMode::Vip,
@@ -964,7 +999,12 @@ fn service_spec(args: CreateArgs) -> Result<ServiceSpec> {
         },
         ports: args.ports,
         containment: args.containment.containment()?,
-    })
+        restart: Default::default(),
+        update_control: Default::default(),
+        rollback_config: Default::default(),
+    };
+    args.policies.apply_to(&mut spec);
+    Ok(spec)
 }
 
 /// `service inspect --pretty`.
@@ -988,14 +1028,16 @@ fn render_service(view: &ServiceView) -> String {
         ),
         format!("Networks:       {}", view.networks.join(", ")),
         format!("Ports:          {}", ports.join(", ")),
-        format!(
-            "Update:         parallelism {}, delay {}s",
-            view.update_parallelism, view.update_delay_secs
-        ),
     ]
     .iter()
     .map(|line| format!("{line}\n"))
     .chain([
+        crate::update_args::render_policies(
+            &view.restart_policy,
+            &view.update_config,
+            &view.rollback_config,
+        ),
+        render_update_status(view),
         crate::containment_args::render_containment(&view.containment),
         format!("Version:        {}\n", view.version),
     ])
@@ -1018,11 +1060,40 @@ fn parse_scales(scales: &[String]) -> Result<Vec<(String, u64)>> {
         .collect()
 }
 
-/// Docker-like progress until every task of the current spec runs.
-async fn wait_converged(client: &Client, service: &str) -> Result<()> {
+/// `UpdateStatus:` of `service inspect --pretty`, when the service was ever updated.
+fn render_update_status(view: &ServiceView) -> String {
+    let Some(status) = &view.update_status else {
+        return String::new();
+    };
+    let mut text = format!(
+        "UpdateStatus:\n State:         {}\n Started:       {}\n",
+        status.state,
+        ago(status.started_at)
+    );
+    if let Some(at) = status.completed_at {
+        text.push_str(&format!(" Completed:     {}\n", ago(at)));
+    }
+    text.push_str(&format!(" Message:       {}\n", status.message));
+    text
+}
+
+/// Follows `service create/update/scale/rollback` until the service converged (and a rollout
+/// in progress completed), as Docker's progress does: the overall count, each slot's state
+/// (`1/3: running`, a failed task's error), the rollout's turns. One line per change, so a
+/// pipe or a log reads it as well as a terminal. A paused rollout, or an update that rolled
+/// back, is an error with the reason.
+async fn follow_rollout(client: &Client, service: &str) -> Result<()> {
     const LIMIT: Duration = Duration::from_secs(120);
     let started = Instant::now();
-    let mut last = None;
+    let mut last_overall = None;
+    let mut slots: BTreeMap<String, String> = BTreeMap::new();
+    let mut last_status: Option<String> = None;
+    let mut rolled_back = None;
+    let mut versions = std::collections::BTreeSet::new();
+    let mut failed = std::collections::BTreeSet::new();
+    // A rollout is followed when one is in progress as the command returns (not one a
+    // `create` or `scale` finds completed long ago).
+    let mut follow = None;
     loop {
         let view = ask!(
             client,
@@ -1038,56 +1109,148 @@ async fn wait_converged(client: &Client, service: &str) -> Result<()> {
             },
             Tasks
         );
-        let current: Vec<&TaskView> = tasks
-            .iter()
-            .filter(|t| t.desired == TaskState::Running)
-            .collect();
-        // Done means running the current spec: a rolling update counts replaced tasks.
-        let running = current
-            .iter()
-            .filter(|t| t.state == TaskState::Running && t.service_version == view.version)
-            .count() as u64;
-        let stale = tasks.iter().any(|t| {
-            t.desired != TaskState::Running && !t.state.is_terminal() && !t.node.is_empty()
-        });
-        let progress = (running, view.desired);
-        if last != Some(progress) {
-            println!("overall progress: {running} out of {} tasks", view.desired);
-            last = Some(progress);
+        for (slot, line) in slot_lines(&view, &tasks) {
+            if slots.get(&slot) != Some(&line) {
+                println!("{slot}: {line}");
+                slots.insert(slot, line);
+            }
         }
-        if running == view.desired && current.len() as u64 == view.desired && !stale {
+        // Failures of this rollout's tasks, once each, also of a spec rolled back since.
+        versions.insert(view.version);
+        for task in tasks
+            .iter()
+            .filter(|t| !t.error.is_empty() && versions.contains(&t.service_version))
+        {
+            if failed.insert(task.id.clone()) {
+                let state = task.state.label().to_lowercase();
+                println!("{}: {state}: {}", slot_name(&view, task), task.error);
+            }
+        }
+        let progress = rollout_progress(&view, &tasks);
+        if last_overall != Some(progress.running) {
+            println!(
+                "overall progress: {} out of {} tasks",
+                progress.running, view.desired
+            );
+            last_overall = Some(progress.running);
+        }
+        // The rollout's own turns: paused, rolled back, completed.
+        let status = view.update_status.as_ref();
+        let follow = *follow.get_or_insert(status.is_some_and(|s| s.in_progress()));
+        let rollout = status.filter(|_| follow);
+        if let Some(status) = rollout {
+            let line = format!("{}: {}", status.state, status.message);
+            if last_status.as_ref() != Some(&line) {
+                if status.is_rollback() {
+                    println!("rollback: {}", status.message);
+                }
+                if status.message.starts_with("update rolled back") {
+                    rolled_back = Some(status.message.clone());
+                }
+                last_status = Some(line);
+            }
+            if !status.in_progress() && status.completed_at.is_none() {
+                bail!("{}", status.message);
+            }
+        }
+        let rollout_done = rollout.is_none_or(|s| s.completed_at.is_some());
+        if progress.converged && rollout_done {
             println!("verify: Service converged");
+            if let Some(why) = rolled_back {
+                bail!("service {} rolled back: {why}", view.name);
+            }
             return Ok(());
         }
         if started.elapsed() > LIMIT {
-            let errors: Vec<String> = tasks
-                .iter()
-                .filter(|t| !t.error.is_empty() || t.message.starts_with("no suitable node"))
-                .map(|t| {
-                    format!(
-                        "{}: {}",
-                        t.name,
-                        if t.error.is_empty() {
-                            &t.message
-                        } else {
-                            &t.error
-                        }
-                    )
-                })
-                .collect();
             bail!(
-                "service {0} did not converge within {LIMIT:?} ({running}/{1} running){2}; \
+                "service {0} did not converge within {LIMIT:?} ({1}/{2} running){3}; \
                  `shoal service ps {0}` shows where each task stands",
                 view.name,
+                progress.running,
                 view.desired,
-                if errors.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {}", errors.join("; "))
-                }
+                progress.errors
             );
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+struct Progress {
+    /// Tasks running the current spec.
+    running: u64,
+    /// Exactly the desired tasks run the current spec, and no old one is still stopping.
+    converged: bool,
+    /// `: web.1: error; ...` of the tasks that failed or wait for a node, or empty.
+    errors: String,
+}
+
+fn rollout_progress(view: &ServiceView, tasks: &[TaskView]) -> Progress {
+    let current: Vec<&TaskView> = tasks
+        .iter()
+        .filter(|t| t.desired == TaskState::Running)
+        .collect();
+    let running = current
+        .iter()
+        .filter(|t| t.state == TaskState::Running && t.service_version == view.version)
+        .count() as u64;
+    let stale = tasks
+        .iter()
+        .any(|t| t.desired != TaskState::Running && !t.state.is_terminal() && !t.node.is_empty());
+    let errors: Vec<String> = tasks
+        .iter()
+        .filter(|t| !t.error.is_empty() || t.message.starts_with("no suitable node"))
+        .map(|t| {
+            let why = if t.error.is_empty() {
+                &t.message
+            } else {
+                &t.error
+            };
+            format!("{}: {why}", t.name)
+        })
+        .collect();
+    Progress {
+        running,
+        converged: running == view.desired && current.len() as u64 == view.desired && !stale,
+        errors: if errors.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", errors.join("; "))
+        },
+    }
+}
+
+/// Each slot's newest task of the current spec, as Docker's progress names it: `1/3` by
+/// replica, or the node for a global service, and its state.
+fn slot_lines(view: &ServiceView, tasks: &[TaskView]) -> Vec<(String, String)> {
+    let mut newest: BTreeMap<String, &TaskView> = BTreeMap::new();
+    for task in tasks.iter().filter(|t| t.service_version == view.version) {
+        match view.mode {
+            ServiceMode::Replicated { replicas } if task.slot > replicas => continue,
+            ServiceMode::Global if task.node.is_empty() => continue,
+            _ => {}
+        }
+        let entry = newest.entry(slot_name(view, task)).or_insert(task);
+        if (task.created_at, task.state_since) > (entry.created_at, entry.state_since) {
+            *entry = task;
+        }
+    }
+    newest
+        .into_iter()
+        .map(|(slot, task)| {
+            let mut line = task.state.label().to_lowercase();
+            if task.message.starts_with("no suitable node") {
+                line = format!("{line}: {}", task.message);
+            }
+            (slot, line)
+        })
+        .collect()
+}
+
+/// `1/3` by replica, or the node of a global service's task.
+fn slot_name(view: &ServiceView, task: &TaskView) -> String {
+    match view.mode {
+        ServiceMode::Replicated { replicas } => format!("{}/{replicas}", task.slot),
+        ServiceMode::Global => task.node.clone(),
     }
 }
 
@@ -1218,24 +1381,6 @@ fn whoami_connection(mut stream: TcpStream) -> Result<()> {
         body.len()
     )?;
     Ok(())
-}
-
-fn parse_duration_secs(text: &str) -> Result<u64> {
-    let text = text.trim();
-    let (number, unit) = text.split_at(
-        text.find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(text.len()),
-    );
-    let n: u64 = number
-        .parse()
-        .with_context(|| format!("duration {text:?}: expected e.g. 10s, 1m, 500ms"))?;
-    Ok(match unit {
-        "" | "s" => n,
-        "ms" => n.div_ceil(1000),
-        "m" => n * 60,
-        "h" => n * 3600,
-        _ => bail!("duration {text:?}: unit must be ms, s, m or h"),
-    })
 }
 
 fn status_label(status: NodeStatus) -> &'static str {
@@ -1627,15 +1772,5 @@ mod tests {
         // A worker has only its own part; a manager without a local task only the view.
         assert!(render_network(None, Some(&local)).starts_with("On this node:"));
         assert!(render_network(Some(&view), None).ends_with("(no local task on it)\n"));
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration_secs("10s").unwrap(), 10);
-        assert_eq!(parse_duration_secs("2m").unwrap(), 120);
-        assert_eq!(parse_duration_secs("1500ms").unwrap(), 2);
-        assert_eq!(parse_duration_secs("7").unwrap(), 7);
-        assert!(parse_duration_secs("ten").is_err());
-        assert!(parse_duration_secs("5d").is_err());
     }
 }

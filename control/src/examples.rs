@@ -73,7 +73,8 @@ const EXAMPLES: &[(&str, &str)] = &[
         "shoal service create --name web --replicas 3 --network front --publish 8080:80 -- shoal whoami\n\
          shoal service create --name dns --mode global --publish 53:53/udp -- my-resolver\n\
          shoal service create --name api --network front --publish published=9090,target=90,source=snat --constraint node.labels.zone==a -- ./api\n\
-         shoal service create --name job --user nobody --cap-drop ALL --limit-memory 512M --limit-cpu 1.5 --reserve-cpu 0.5 -- ./job",
+         shoal service create --name job --user nobody --cap-drop ALL --limit-memory 512M --limit-cpu 1.5 --reserve-cpu 0.5 -- ./job\n\
+         shoal service create --name once --restart-condition on-failure --restart-max-attempts 3 --restart-delay 1m30s -- ./migrate",
     ),
     (
         "service ls",
@@ -98,7 +99,13 @@ const EXAMPLES: &[(&str, &str)] = &[
         "shoal service update --replicas 4 web\n\
          shoal service update --publish-add 8443:443 --publish-rm 8080 web\n\
          shoal service update --env-add LOG=debug --network-add back web\n\
-         shoal service update --limit-memory 1G --cap-add NET_ADMIN web",
+         shoal service update --limit-memory 1G --cap-add NET_ADMIN web\n\
+         shoal service update --env-add V=2 --update-order start-first --update-failure-action rollback web\n\
+         shoal service update --rollback web",
+    ),
+    (
+        "service rollback",
+        "shoal service rollback web\nshoal service rollback --detach web",
     ),
     (
         "service logs",

@@ -16,6 +16,7 @@ mod metrics;
 mod neighbours;
 mod output;
 mod server;
+mod update_args;
 
 use std::{path::PathBuf, process::ExitCode};
 

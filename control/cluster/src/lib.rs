@@ -17,5 +17,6 @@ pub mod raft;
 pub mod resources;
 pub mod state;
 pub mod transport;
+pub mod update;
 pub mod views;
 pub mod worker;

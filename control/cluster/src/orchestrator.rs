@@ -13,13 +13,12 @@ use super::{
         Attachment, Availability, ClusterState, Command, EndpointMode, Node, NodeStatus, Service,
         ServiceMode, Task, TaskState, Timestamp,
     },
+    update::{self, FailureAction, Transition, UpdateOrder},
 };
 
-/// Tasks kept per slot (the running one plus history), as Swarm's default.
+/// Tasks kept per slot (the running one plus history), as Swarm's default; more when the
+/// restart policy counts more attempts.
 pub const TASK_HISTORY_LIMIT: usize = 5;
-/// A slot whose task failed waits this long before its replacement (Swarm's default), so a
-/// crashing command does not spin.
-pub const RESTART_DELAY_SECS: u64 = 5;
 
 #[derive(Clone, Copy, Debug)]
 pub struct Settings {
@@ -37,6 +36,7 @@ pub fn reconcile(state: &ClusterState, now: Timestamp, settings: Settings) -> Ve
         now,
         changed: BTreeMap::new(),
         delete: Vec::new(),
+        rollouts: Vec::new(),
         vips,
     };
     plan.orphan_tasks_of_lost_nodes(settings.down_grace_secs);
@@ -51,6 +51,7 @@ pub fn reconcile(state: &ClusterState, now: Timestamp, settings: Settings) -> Ve
     plan.assign_pending();
     plan.trim_history();
 
+    commands.append(&mut plan.rollouts);
     if !plan.changed.is_empty() {
         commands.push(Command::PutTasks(plan.changed.into_values().collect()));
     }
@@ -66,6 +67,8 @@ struct Plan<'a> {
     /// Tasks created or changed in this pass, by ID; they shadow the state's copies.
     changed: BTreeMap<String, Task>,
     delete: Vec<String>,
+    /// `SetUpdateStatus` commands: rollouts that paused, rolled back or completed.
+    rollouts: Vec<Command>,
     /// Addresses tasks must not take after this pass: every service's VIPs, and the nodes'
     /// ingress endpoints (under `node/<id>`).
     vips: BTreeMap<String, Vec<Attachment>>,
@@ -283,15 +286,56 @@ impl Plan<'_> {
         }
     }
 
-    /// Whether the newest task of a slot failed less than the restart delay ago.
-    fn restart_delayed(&self, service_id: &str, in_slot: impl Fn(&Task) -> bool) -> bool {
-        self.tasks()
-            .filter(|t| t.service_id == service_id && in_slot(t))
-            .max_by_key(|t| (t.created_at, t.state_since))
-            .is_some_and(|t| {
-                matches!(t.state, TaskState::Failed | TaskState::Rejected)
-                    && self.now < t.state_since + RESTART_DELAY_SECS
-            })
+    /// Whether a slot with no live task gets a new one now. A slot that is new, or whose
+    /// last task ran an older spec or was stopped or lost by the swarm, always does; one whose
+    /// task ended on its own follows the restart policy, after its delay. A task left
+    /// unreplaced for good is marked so (desired Shutdown, with the reason).
+    fn refill(&mut self, service: &Service, in_slot: impl Fn(&Task) -> bool) -> bool {
+        let mut history: Vec<&Task> = self
+            .tasks()
+            .filter(|t| t.service_id == service.id && in_slot(t))
+            .collect();
+        history.sort_by_key(|t| (t.created_at, t.state_since));
+        let Some(&newest) = history.last() else {
+            return true;
+        };
+        if newest.service_version != service.version || !newest.ended_on_its_own() {
+            if newest.state.is_terminal() && newest.desired == TaskState::Running {
+                let newest = newest.clone();
+                self.shut_down(newest, "replaced");
+            }
+            return true;
+        }
+        let policy = &service.spec.restart;
+        if self.now < newest.state_since + policy.delay_secs {
+            return false;
+        }
+        let mut ends: Vec<Timestamp> = history
+            .iter()
+            .filter(|t| t.service_version == service.version && t.ended_on_its_own())
+            .map(|t| t.state_since)
+            .collect();
+        ends.sort();
+        let newest = newest.clone();
+        if policy.allows_restart(newest.state, &ends) {
+            if newest.desired == TaskState::Running {
+                self.shut_down(newest, "replaced");
+            }
+            return true;
+        }
+        if newest.desired == TaskState::Running {
+            let why = format!(
+                "not restarted (restart condition {}{})",
+                policy.condition,
+                if policy.max_attempts > 0 {
+                    format!(", max attempts {}", policy.max_attempts)
+                } else {
+                    String::new()
+                }
+            );
+            self.shut_down(newest, &why);
+        }
+        false
     }
 
     /// Tasks of nodes Down past the grace period, or removed from the swarm, have no one to
@@ -331,8 +375,7 @@ impl Plan<'_> {
             if task.slot > replicas {
                 self.shut_down(task.clone(), "scaled down");
             } else if task.state.is_terminal() {
-                // Exited: keep it as history; its slot gets a new task below.
-                self.shut_down(task.clone(), "replaced");
+                // Ended: `refill` below replaces it or not, as the restart policy says.
             } else if let Some(why) = self.eviction(task) {
                 self.shut_down(task.clone(), why);
             }
@@ -341,7 +384,7 @@ impl Plan<'_> {
             let has_live = self
                 .tasks()
                 .any(|t| t.service_id == service.id && t.slot == slot && self.is_live(t));
-            if !has_live && !self.restart_delayed(&service.id, |t| t.slot == slot) {
+            if !has_live && self.refill(service, |t| t.slot == slot) {
                 self.new_task(service, slot, None);
             }
         }
@@ -361,9 +404,7 @@ impl Plan<'_> {
             let still_eligible = eligible
                 .iter()
                 .any(|n| Some(&n.id) == task.node_id.as_ref());
-            if task.state.is_terminal() {
-                self.shut_down(task, "replaced");
-            } else if !still_eligible {
+            if !still_eligible {
                 self.shut_down(task, "node no longer eligible");
             }
         }
@@ -376,7 +417,7 @@ impl Plan<'_> {
                     && self.is_live(t)
             });
             let on_node = |t: &Task| t.node_id.as_deref() == Some(&node.id);
-            if !has_live && !self.restart_delayed(&service.id, on_node) {
+            if !has_live && self.refill(service, on_node) {
                 let Some(id) = self.new_task(service, 0, Some(node.id.clone())) else {
                     continue;
                 };
@@ -391,44 +432,140 @@ impl Plan<'_> {
         }
     }
 
-    /// Replaces tasks of an older spec `parallelism` at a time, once the service has
-    /// converged and `delay` has passed since the last replacement started.
+    /// Rolls a new spec (or, rolling back, the previous one) out: tasks of another version
+    /// are replaced `parallelism` at a time, once the service has converged and `delay` has
+    /// passed since the last replacement started. New tasks that end within the monitor
+    /// window are the rollout's failures; over the ratio, its failure action applies.
     fn rolling_update(&mut self, service: &Service) {
-        let tasks = self.service_tasks(&service.id);
-        let live: Vec<&Task> = tasks.iter().filter(|t| self.is_live(t)).collect();
-        let outdated: Vec<&Task> = live
-            .iter()
-            .copied()
-            .filter(|t| t.service_version < service.version)
-            .collect();
-        if outdated.is_empty() {
+        let status = service.update_status.as_ref();
+        let config = match status {
+            Some(status) if status.is_rollback() => service.spec.rollback_config.clone(),
+            _ => service.spec.update_config(),
+        };
+        let current = |t: &Task| t.service_version == service.version;
+        let slot_of = |t: &Task| (t.slot, if t.slot == 0 { t.node_id.clone() } else { None });
+        self.retire_replaced(service);
+        if status.is_some_and(|s| !s.in_progress()) {
             return;
         }
-        let converged = live.iter().all(|t| t.state == TaskState::Running);
+        let since = status.map_or(0, |s| s.started_at);
+        let tasks = self.service_tasks(&service.id);
+        let monitor = config.control.monitor_secs;
+        let mut failed: Vec<&Task> = tasks
+            .iter()
+            .filter(|t| current(t) && t.created_at >= since && t.ended_on_its_own())
+            .filter(|t| t.state_since <= t.created_at + monitor)
+            .collect();
+        failed.sort_by_key(|t| t.state_since);
+        let live: Vec<&Task> = tasks.iter().filter(|t| self.is_live(t)).collect();
+        let total = match service.spec.mode {
+            ServiceMode::Replicated { replicas } => replicas as usize,
+            ServiceMode::Global => live.len(),
+        };
+        if let (Some(status), Some(last)) = (status, failed.last()) {
+            if update::over_failure_ratio(failed.len(), total, config.control.max_failure_ratio) {
+                let action = match config.control.failure_action {
+                    // Nothing to roll back to (a service from before rollbacks were kept).
+                    FailureAction::Rollback if service.previous_spec.is_none() => {
+                        FailureAction::Pause
+                    }
+                    action => action,
+                };
+                if let Some(transition) = status.on_failure(action, &last.id, self.now) {
+                    let (status, roll_back) = match transition {
+                        Transition::Status(status) => (status, false),
+                        Transition::RollBack(status) => (status, true),
+                    };
+                    self.rollouts.push(Command::SetUpdateStatus {
+                        id: service.id.clone(),
+                        version: service.version,
+                        status,
+                        roll_back,
+                    });
+                    return;
+                }
+            }
+        }
+        let outdated: Vec<&Task> = live.iter().copied().filter(|t| !current(t)).collect();
+        let converged = live.iter().all(|t| t.is_ready());
         let last_start = live
             .iter()
-            .filter(|t| t.service_version == service.version)
+            .filter(|t| current(t))
             .map(|t| t.created_at)
             .max();
-        let delay_over =
-            last_start.is_none_or(|at| self.now >= at + service.spec.update_delay_secs);
+        if outdated.is_empty() {
+            let monitored = last_start.is_none_or(|at| self.now >= at.max(since) + monitor);
+            if let Some(done) = status
+                .filter(|_| converged && monitored)
+                .and_then(|s| s.completed(self.now))
+            {
+                self.rollouts.push(Command::SetUpdateStatus {
+                    id: service.id.clone(),
+                    version: service.version,
+                    status: done,
+                    roll_back: false,
+                });
+            }
+            return;
+        }
+        let delay_over = last_start.is_none_or(|at| self.now >= at + config.delay_secs);
         if !converged || !delay_over {
             return;
         }
-        let batch = service.spec.update_parallelism.max(1) as usize;
-        for task in outdated
+        // Slots with a live task of the spec already (start-first: the old one is retiring).
+        let renewed: BTreeSet<(u64, Option<String>)> = live
+            .iter()
+            .filter(|t| current(t))
+            .map(|t| slot_of(t))
+            .collect();
+        let batch = match config.parallelism {
+            0 => usize::MAX,
+            n => n as usize,
+        };
+        let replaced: Vec<Task> = outdated
             .into_iter()
+            .filter(|t| !renewed.contains(&slot_of(t)))
             .take(batch)
             .cloned()
-            .collect::<Vec<_>>()
-        {
+            .collect();
+        for task in replaced {
             let (slot, node) = (task.slot, task.node_id.clone());
-            self.shut_down(task, "updated");
+            if config.control.order == UpdateOrder::StopFirst {
+                self.shut_down(task, "updated");
+            }
             let node = match service.spec.mode {
                 ServiceMode::Global => node,
                 ServiceMode::Replicated { .. } => None,
             };
             self.new_task(service, slot, node);
+        }
+    }
+
+    /// Start-first: a task of an older spec leaves once its slot's new task is ready (paused
+    /// or not, so a slot never keeps two).
+    fn retire_replaced(&mut self, service: &Service) {
+        let ready: BTreeSet<(u64, Option<String>)> = self
+            .tasks()
+            .filter(|t| {
+                t.service_id == service.id
+                    && t.service_version == service.version
+                    && self.is_live(t)
+                    && t.is_ready()
+            })
+            .map(|t| (t.slot, if t.slot == 0 { t.node_id.clone() } else { None }))
+            .collect();
+        let retiring: Vec<Task> = self
+            .tasks()
+            .filter(|t| {
+                t.service_id == service.id
+                    && t.service_version != service.version
+                    && self.is_live(t)
+                    && ready.contains(&(t.slot, if t.slot == 0 { t.node_id.clone() } else { None }))
+            })
+            .cloned()
+            .collect();
+        for task in retiring {
+            self.shut_down(task, "updated");
         }
     }
 
@@ -604,9 +741,16 @@ impl Plan<'_> {
                 .push(task);
         }
         let mut old = Vec::new();
-        for tasks in slots.values_mut() {
+        for ((service_id, _, _), tasks) in slots.iter_mut() {
             tasks.sort_by_key(|t| (t.created_at, t.id.clone()));
-            let excess = tasks.len().saturating_sub(TASK_HISTORY_LIMIT);
+            // The restart policy counts attempts in the history: it keeps them all.
+            let attempts = self
+                .state
+                .services
+                .get(service_id)
+                .map_or(0, |s| s.spec.restart.max_attempts as usize);
+            let limit = TASK_HISTORY_LIMIT.max(attempts + 1);
+            let excess = tasks.len().saturating_sub(limit);
             old.extend(
                 tasks[..excess]
                     .iter()
@@ -697,11 +841,17 @@ mod tests {
                     containment: Default::default(),
                     placement_prefs: vec![],
                     max_replicas_per_node: 0,
+                    restart: Default::default(),
+                    update_control: Default::default(),
+                    rollback_config: Default::default(),
                 },
                 version: 1,
                 created_at: 0,
                 updated_at: 0,
                 vips: vec![],
+                previous_spec: None,
+                previous_version: 0,
+                update_status: None,
             },
         );
         id
@@ -845,7 +995,7 @@ mod tests {
             1,
             "the replacement waits for the restart delay"
         );
-        converge(&mut state, 2 + RESTART_DELAY_SECS);
+        converge(&mut state, 2 + crate::update::DEFAULT_RESTART_DELAY_SECS);
         assert_eq!(running_per_node(&state, &web).values().sum::<usize>(), 2);
         let slot: Vec<&Task> = state
             .tasks
@@ -963,7 +1113,7 @@ mod tests {
                 at: 2,
             })
             .unwrap();
-        converge(&mut state, 2 + RESTART_DELAY_SECS);
+        converge(&mut state, 2 + crate::update::DEFAULT_RESTART_DELAY_SECS);
         assert_eq!(
             running_per_node(&state, &web),
             BTreeMap::from([("n1".into(), 2)])
@@ -1229,7 +1379,7 @@ mod tests {
         let victim = state.tasks.values().next().unwrap().clone();
         fail(&mut state, &victim, 2, "");
         set_replicas(&mut state, &web, 5);
-        converge(&mut state, 2 + RESTART_DELAY_SECS);
+        converge(&mut state, 2 + crate::update::DEFAULT_RESTART_DELAY_SECS);
         assert_eq!(running_per_node(&state, &web).values().sum::<usize>(), 5);
         let live: BTreeSet<_> = state
             .tasks
@@ -1447,5 +1597,188 @@ mod tests {
         state.apply(Command::RemoveService { id: hog }).unwrap();
         converge(&mut state, 3);
         assert_eq!(running_per_node(&state, &agent).values().sum::<usize>(), 2);
+    }
+
+    /// Ends a task as its worker would report it.
+    fn end(state: &mut ClusterState, task: &Task, at: Timestamp, ended: TaskState) {
+        state
+            .apply(Command::ReportTasks {
+                node_id: task.node_id.clone().unwrap(),
+                reports: vec![TaskReport {
+                    task_id: task.id.clone(),
+                    state: ended,
+                    error: String::new(),
+                }],
+                at,
+            })
+            .unwrap();
+    }
+
+    /// One reconcile pass, applied.
+    fn step(state: &mut ClusterState, now: Timestamp) {
+        for command in reconcile(state, now, SETTINGS) {
+            state.apply(command).unwrap();
+        }
+    }
+
+    /// A template change, as `service update` makes it.
+    fn update(state: &mut ClusterState, id: &str, at: Timestamp) {
+        let service = state.services.get_mut(id).unwrap();
+        service.previous_spec = Some(Box::new(service.spec.clone()));
+        service.previous_version = service.version;
+        service.version += 1;
+        service.spec.env.push("V=2".into());
+        service.update_status = Some(crate::update::UpdateStatus::updating(at));
+    }
+
+    fn live(state: &ClusterState, id: &str) -> Vec<Task> {
+        state
+            .tasks
+            .values()
+            .filter(|t| t.service_id == id && t.desired == TaskState::Running)
+            .filter(|t| !t.state.is_terminal())
+            .cloned()
+            .collect()
+    }
+
+    fn update_state(state: &ClusterState, id: &str) -> crate::update::UpdateState {
+        state.services[id].update_status.as_ref().unwrap().state
+    }
+
+    #[test]
+    fn restart_policy_decides_whether_an_ended_task_is_replaced() {
+        use crate::update::RestartCondition::{Any, None, OnFailure};
+        for (condition, ended, replaced) in [
+            (Any, TaskState::Complete, true),
+            (OnFailure, TaskState::Complete, false),
+            (OnFailure, TaskState::Failed, true),
+            (None, TaskState::Failed, false),
+        ] {
+            let mut state = cluster(1);
+            let web = service(&mut state, "web", ServiceMode::Replicated { replicas: 1 });
+            state.services.get_mut(&web).unwrap().spec.restart.condition = condition;
+            converge(&mut state, 1);
+            let task = live(&state, &web).remove(0);
+            end(&mut state, &task, 10, ended);
+            converge(&mut state, 12);
+            assert!(live(&state, &web).is_empty(), "the restart delay holds it");
+            converge(&mut state, 15);
+            let case = format!("{condition:?} after {ended:?}");
+            assert_eq!(live(&state, &web).len(), replaced as usize, "{case}");
+            let old = &state.tasks[&task.id];
+            assert_eq!(old.desired, TaskState::Shutdown, "{case}");
+            assert_eq!(
+                old.message.starts_with("not restarted"),
+                !replaced,
+                "{case}: {}",
+                old.message
+            );
+        }
+    }
+
+    #[test]
+    fn max_attempts_stops_restarting_within_the_window() {
+        let mut state = cluster(1);
+        let web = service(&mut state, "web", ServiceMode::Replicated { replicas: 1 });
+        let restart = &mut state.services.get_mut(&web).unwrap().spec.restart;
+        restart.max_attempts = 2;
+        restart.delay_secs = 1;
+        converge(&mut state, 1);
+        for at in [10, 20, 30] {
+            let task = live(&state, &web).remove(0);
+            end(&mut state, &task, at, TaskState::Failed);
+            converge(&mut state, at + 2);
+        }
+        assert!(live(&state, &web).is_empty(), "two restarts, then none");
+        assert_eq!(state.tasks.len(), 3);
+        converge(&mut state, 1000);
+        assert!(live(&state, &web).is_empty(), "the slot stays empty");
+    }
+
+    #[test]
+    fn a_failing_update_pauses_after_its_first_batch_or_rolls_back() {
+        use crate::update::{FailureAction, UpdateState};
+        for action in [FailureAction::Pause, FailureAction::Rollback] {
+            let mut state = cluster(2);
+            let web = service(&mut state, "web", ServiceMode::Replicated { replicas: 3 });
+            state
+                .services
+                .get_mut(&web)
+                .unwrap()
+                .spec
+                .update_control
+                .failure_action = action;
+            converge(&mut state, 1);
+            let before: BTreeSet<String> = live(&state, &web).into_iter().map(|t| t.id).collect();
+            update(&mut state, &web, 10);
+            step(&mut state, 10);
+            let new: Vec<Task> = live(&state, &web)
+                .into_iter()
+                .filter(|t| t.service_version == 2)
+                .collect();
+            assert_eq!(new.len(), 1, "one batch");
+            end(&mut state, &new[0], 11, TaskState::Failed);
+            converge(&mut state, 12);
+            let status = state.services[&web].update_status.clone().unwrap();
+            let old: BTreeSet<String> = live(&state, &web)
+                .into_iter()
+                .filter(|t| t.service_version == 1)
+                .map(|t| t.id)
+                .collect();
+            if action == FailureAction::Pause {
+                assert_eq!(status.state, UpdateState::Paused);
+                assert_eq!(
+                    status.message,
+                    format!(
+                        "update paused due to failure or early termination of task {}",
+                        new[0].id
+                    )
+                );
+                assert_eq!(old.len(), 2, "no second batch");
+                converge(&mut state, 30);
+                assert_eq!(update_state(&state, &web), UpdateState::Paused);
+                continue;
+            }
+            assert_eq!(status.state, UpdateState::RollbackStarted);
+            let service = &state.services[&web];
+            assert_eq!((service.version, service.previous_version), (1, 2));
+            assert!(!service.spec.env.contains(&"V=2".to_owned()));
+            assert_eq!(old.len(), 3, "the failed slot runs the old spec again");
+            assert_eq!(old.intersection(&before).count(), 2, "the others kept");
+            converge(&mut state, 20);
+            assert_eq!(update_state(&state, &web), UpdateState::RollbackCompleted);
+        }
+    }
+
+    #[test]
+    fn start_first_stops_the_old_task_once_its_replacement_is_ready() {
+        use crate::update::{UpdateOrder, UpdateState};
+        let mut state = cluster(1);
+        let web = service(&mut state, "web", ServiceMode::Replicated { replicas: 1 });
+        state
+            .services
+            .get_mut(&web)
+            .unwrap()
+            .spec
+            .update_control
+            .order = UpdateOrder::StartFirst;
+        converge(&mut state, 1);
+        update(&mut state, &web, 10);
+        step(&mut state, 10);
+        let both = live(&state, &web);
+        assert_eq!(both.len(), 2, "the new task starts beside the old one");
+        converge(&mut state, 11);
+        let now: Vec<u64> = live(&state, &web)
+            .iter()
+            .map(|t| t.service_version)
+            .collect();
+        assert_eq!(now, [2], "the old one left once the new one ran");
+        assert_eq!(
+            update_state(&state, &web),
+            UpdateState::Updating,
+            "monitoring"
+        );
+        converge(&mut state, 16);
+        assert_eq!(update_state(&state, &web), UpdateState::Completed);
     }
 }

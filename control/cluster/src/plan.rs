@@ -17,6 +17,7 @@ use crate::{
         Availability, ClusterState, Command, Network, Node, NodeStatus, Service, ServiceMode,
         Timestamp,
     },
+    update::{self, UpdateStatus},
     views::{network_view, service_view, task_views},
 };
 
@@ -122,7 +123,8 @@ pub fn plan(state: &ClusterState, request: ControlRequest, inputs: &Inputs) -> R
             });
             Plan::write(rotation.into_iter().collect(), Answer::Token(role))
         }
-        ControlRequest::ServiceCreate(mut spec) => {
+        ControlRequest::ServiceCreate(spec) => {
+            let mut spec = *spec;
             spec.networks = resolve_networks(state, &spec.networks)?;
             spec.validate().kind(ErrorKind::Invalid)?;
             crate::resources::check_reservation_fits(state, &spec).kind(ErrorKind::Invalid)?;
@@ -133,6 +135,9 @@ pub fn plan(state: &ClusterState, request: ControlRequest, inputs: &Inputs) -> R
                 created_at: inputs.at,
                 updated_at: inputs.at,
                 vips: vec![],
+                previous_spec: None,
+                previous_version: 0,
+                update_status: None,
             };
             state.check_published_ports(&service)?;
             Plan::write(
@@ -158,7 +163,8 @@ pub fn plan(state: &ClusterState, request: ControlRequest, inputs: &Inputs) -> R
             ))))
         }
         ControlRequest::ServiceUpdate { service, changes } => {
-            let updated = update_service(state, state.find_service(&service)?, changes, inputs.at)?;
+            let updated =
+                update_service(state, state.find_service(&service)?, *changes, inputs.at)?;
             Plan::write(
                 vec![Command::PutService(updated.clone())],
                 Answer::Service(updated),
@@ -275,6 +281,9 @@ fn update_service(
     changes: ServiceChanges,
     at: Timestamp,
 ) -> Result<Service> {
+    if changes.rollback {
+        return roll_back_service(state, service, changes, at);
+    }
     let mut updated = service.clone();
     if let Some(replicas) = changes.replicas {
         match &mut updated.spec.mode {
@@ -336,14 +345,51 @@ fn update_service(
         .apply(&mut updated.spec)
         .kind(ErrorKind::Invalid)?
         || restart;
+    changes.policy.apply(&mut updated.spec);
     updated.spec.validate().kind(ErrorKind::Invalid)?;
     crate::resources::check_reservation_fits(state, &updated.spec).kind(ErrorKind::Invalid)?;
     state.check_published_ports(&updated)?;
+    // As Swarm: every update keeps the spec it replaces, for a rollback.
+    updated.previous_spec = Some(Box::new(service.spec.clone()));
+    updated.previous_version = service.version;
     if restart {
-        updated.version += 1;
+        // Past both versions: a rollback swaps them, and a task's version names one spec.
+        updated.version = service.version.max(service.previous_version) + 1;
+        // A paused rollout resumes with the new spec.
+        updated.update_status = Some(UpdateStatus::updating(at));
     }
     updated.updated_at = at;
     Ok(updated)
+}
+
+/// `service rollback` / `service update --rollback`: the previous spec, rolled out with the
+/// rollback config; the tasks still running it stay.
+fn roll_back_service(
+    state: &ClusterState,
+    service: &Service,
+    changes: ServiceChanges,
+    at: Timestamp,
+) -> Result<Service> {
+    let others = update_service(
+        state,
+        service,
+        ServiceChanges {
+            rollback: false,
+            ..changes
+        },
+        at,
+    )?;
+    if others.spec != service.spec || others.version != service.version {
+        bail!(ApiError::invalid(
+            "--rollback returns to the previous spec: it takes no other change"
+        ));
+    }
+    let mut rolled = service.clone();
+    update::roll_back(&mut rolled).kind(ErrorKind::Conflict)?;
+    rolled.update_status = Some(UpdateStatus::manual_rollback(at));
+    rolled.updated_at = at;
+    state.check_published_ports(&rolled)?;
+    Ok(rolled)
 }
 
 /// `--publish-rm PORT[/udp]`: the port must be one the service publishes.
@@ -690,7 +736,11 @@ mod tests {
         let state = swarm();
         let mut spec = publishing("api", &["9090:80"]).spec;
         spec.networks = vec!["back".into()];
-        let plan = plan_of(&state, ControlRequest::ServiceCreate(spec.clone())).unwrap();
+        let plan = plan_of(
+            &state,
+            ControlRequest::ServiceCreate(Box::new(spec.clone())),
+        )
+        .unwrap();
         let [Command::PutService(service)] = written(&plan) else {
             panic!("{:?}", plan.commands)
         };
@@ -702,25 +752,25 @@ mod tests {
         let mut taken = spec.clone();
         taken.ports = publishing("x", &["8080:80"]).spec.ports;
         assert_eq!(
-            refusal(&state, ControlRequest::ServiceCreate(taken)).0,
+            refusal(&state, ControlRequest::ServiceCreate(Box::new(taken))).0,
             ErrorKind::Conflict
         );
         let mut ingress = spec.clone();
         ingress.networks = vec!["ingress".into()];
         assert_eq!(
-            refusal(&state, ControlRequest::ServiceCreate(ingress)).0,
+            refusal(&state, ControlRequest::ServiceCreate(Box::new(ingress))).0,
             ErrorKind::Invalid
         );
         let mut unknown = spec.clone();
         unknown.networks = vec!["nope".into()];
         assert_eq!(
-            refusal(&state, ControlRequest::ServiceCreate(unknown)).0,
+            refusal(&state, ControlRequest::ServiceCreate(Box::new(unknown))).0,
             ErrorKind::NotFound
         );
         let mut empty = spec;
         empty.command = vec![];
         assert_eq!(
-            refusal(&state, ControlRequest::ServiceCreate(empty)).0,
+            refusal(&state, ControlRequest::ServiceCreate(Box::new(empty))).0,
             ErrorKind::Invalid
         );
     }
@@ -781,7 +831,88 @@ mod tests {
     fn update_request(service: &str, changes: ServiceChanges) -> ControlRequest {
         ControlRequest::ServiceUpdate {
             service: service.into(),
-            changes,
+            changes: Box::new(changes),
+        }
+    }
+
+    /// The service a written plan puts.
+    fn put_service(plan: &Plan) -> Service {
+        match written(plan) {
+            [Command::PutService(service)] => service.clone(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn updates_keep_the_previous_spec_and_rollback_swaps_back() {
+        use crate::update::{FailureAction, UpdateState};
+        let mut state = swarm();
+        let env = ServiceChanges {
+            env_add: vec!["V=2".into()],
+            ..no_changes()
+        };
+        let (kind, message) = refusal(&state, update_request("web", rollback()));
+        assert_eq!(kind, ErrorKind::Conflict);
+        assert!(message.contains("no previous spec"), "{message}");
+
+        let updated = put_service(&plan_of(&state, update_request("web", env)).unwrap());
+        assert_eq!((updated.version, updated.previous_version), (2, 1));
+        assert_eq!(
+            updated.update_status.as_ref().unwrap().state,
+            UpdateState::Updating
+        );
+        assert_eq!(
+            updated.previous_spec.as_deref(),
+            Some(&state.services["id-web"].spec)
+        );
+        state.services.insert(updated.id.clone(), updated.clone());
+
+        // Policies change no task: no new version, no new rollout.
+        let mut policy = crate::update::PolicyUpdate::default();
+        policy.update.failure_action = Some(FailureAction::Rollback);
+        let tuned = ServiceChanges {
+            policy: Box::new(policy),
+            ..no_changes()
+        };
+        let tuned = put_service(&plan_of(&state, update_request("web", tuned)).unwrap());
+        assert_eq!(tuned.version, 2);
+        assert_eq!(
+            tuned.spec.update_control.failure_action,
+            FailureAction::Rollback
+        );
+
+        let back = put_service(&plan_of(&state, update_request("web", rollback())).unwrap());
+        assert_eq!((back.version, back.previous_version), (1, 2));
+        assert!(!back.spec.env.contains(&"V=2".to_owned()));
+        assert_eq!(
+            back.update_status.as_ref().unwrap().message,
+            "manually requested rollback"
+        );
+        // A later update takes a version past both.
+        state.services.insert(back.id.clone(), back);
+        let again = ServiceChanges {
+            force: true,
+            ..no_changes()
+        };
+        assert_eq!(
+            put_service(&plan_of(&state, update_request("web", again)).unwrap()).version,
+            3
+        );
+        // --rollback takes no other change.
+        let mixed = ServiceChanges {
+            env_add: vec!["V=3".into()],
+            ..rollback()
+        };
+        assert_eq!(
+            refusal(&state, update_request("web", mixed)).0,
+            ErrorKind::Invalid
+        );
+    }
+
+    fn rollback() -> ServiceChanges {
+        ServiceChanges {
+            rollback: true,
+            ..no_changes()
         }
     }
 

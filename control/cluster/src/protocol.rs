@@ -185,6 +185,12 @@ pub struct ServiceChanges {
     /// Constraints, placement preferences, max replicas per node.
     #[serde(default)]
     pub placement: Box<super::state::PlacementUpdate>,
+    /// `--restart-*`, `--update-*`, `--rollback-*` (they roll no task).
+    #[serde(default)]
+    pub policy: Box<crate::update::PolicyUpdate>,
+    /// `service rollback` / `service update --rollback`: back to the previous spec.
+    #[serde(default)]
+    pub rollback: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -213,7 +219,7 @@ pub enum ControlRequest {
         role: Role,
         rotate: bool,
     },
-    ServiceCreate(ServiceSpec),
+    ServiceCreate(Box<ServiceSpec>),
     ServiceList,
     ServiceInspect {
         service: String,
@@ -224,7 +230,7 @@ pub enum ControlRequest {
     ServiceUpdate {
         service: String,
         #[serde(flatten)]
-        changes: ServiceChanges,
+        changes: Box<ServiceChanges>,
     },
     ServiceRemove {
         service: String,
@@ -326,6 +332,19 @@ pub struct ServiceView {
     pub version: u64,
     pub update_parallelism: u64,
     pub update_delay_secs: u64,
+    #[serde(default)]
+    pub restart_policy: crate::update::RestartPolicy,
+    /// `--update-*`, parallelism and delay included.
+    #[serde(default)]
+    pub update_config: Box<crate::update::UpdateConfig>,
+    #[serde(default)]
+    pub rollback_config: Box<crate::update::UpdateConfig>,
+    /// Where the last rollout stands (absent: never updated).
+    #[serde(default)]
+    pub update_status: Option<Box<crate::update::UpdateStatus>>,
+    /// The version a rollback returns to (absent: nothing to roll back to).
+    #[serde(default)]
+    pub previous_version: Option<u64>,
     /// Names of the networks its tasks attach to.
     pub networks: Vec<String>,
     pub endpoint_mode: EndpointMode,

@@ -507,6 +507,15 @@ pub struct ServiceSpec {
     /// `--replicas-max-per-node`: at most this many of its tasks on one node (0: no limit).
     #[serde(default)]
     pub max_replicas_per_node: u64,
+    /// `--restart-*`: what happens when a task ends.
+    #[serde(default)]
+    pub restart: crate::update::RestartPolicy,
+    /// `--update-*` besides parallelism and delay (`update_config` has all of it).
+    #[serde(default)]
+    pub update_control: crate::update::UpdateControl,
+    /// `--rollback-*`.
+    #[serde(default)]
+    pub rollback_config: crate::update::UpdateConfig,
 }
 
 /// A published port, as `--publish published=P,target=T,protocol=tcp|udp,mode=ingress|host,
@@ -631,7 +640,23 @@ pub enum EndpointMode {
 }
 
 impl ServiceSpec {
+    /// `--update-*` as one config.
+    pub fn update_config(&self) -> crate::update::UpdateConfig {
+        crate::update::UpdateConfig {
+            parallelism: self.update_parallelism,
+            delay_secs: self.update_delay_secs,
+            control: self.update_control.clone(),
+        }
+    }
+
+    pub fn set_update_config(&mut self, config: crate::update::UpdateConfig) {
+        self.update_parallelism = config.parallelism;
+        self.update_delay_secs = config.delay_secs;
+        self.update_control = config.control;
+    }
+
     pub fn validate(&self) -> Result<()> {
+        crate::update::validate(self)?;
         let name_ok = !self.name.is_empty()
             && self.name.len() <= 63
             && self
@@ -722,6 +747,15 @@ pub struct Service {
     /// (`SetServiceVips`), so a spec update never changes them.
     #[serde(default)]
     pub vips: Vec<Attachment>,
+    /// The spec before the last update, and the version its tasks run: what a rollback
+    /// returns to (`update::roll_back`).
+    #[serde(default)]
+    pub previous_spec: Option<Box<ServiceSpec>>,
+    #[serde(default)]
+    pub previous_version: u64,
+    /// Where the last rollout stands (None: never updated).
+    #[serde(default)]
+    pub update_status: Option<crate::update::UpdateStatus>,
 }
 
 /// Swarm's task states, in the only order a task may move through them.
@@ -785,6 +819,23 @@ pub struct Task {
     /// One address per network of the service, allocated with the task.
     #[serde(default)]
     pub attachments: Vec<Attachment>,
+}
+
+impl Task {
+    /// Up and able to serve: the new task a start-first update waits for. Health is added by
+    /// the health checks.
+    pub fn is_ready(&self) -> bool {
+        self.state == TaskState::Running
+    }
+
+    /// It stopped by itself (exit, or it could not start), not because it was told to or
+    /// its node was lost: what the restart policy and the update monitor judge.
+    pub fn ended_on_its_own(&self) -> bool {
+        matches!(
+            self.state,
+            TaskState::Complete | TaskState::Failed | TaskState::Rejected
+        )
+    }
 }
 
 /// A worker's report on one of its tasks.
@@ -862,6 +913,14 @@ pub enum Command {
     },
     /// Drops tasks (oldest history beyond the retention limit, or of removed services).
     DeleteTasks(Vec<String>),
+    /// The orchestrator moves a rollout on (and rolls the service back when it failed), if
+    /// the service is still at `version`: a `service update` in between wins.
+    SetUpdateStatus {
+        id: String,
+        version: u64,
+        status: crate::update::UpdateStatus,
+        roll_back: bool,
+    },
     /// The first entry of a cluster rebuilt by `swarm init --force-new-cluster`: the state
     /// a surviving manager had.
     Restore(Box<ClusterState>),
@@ -1068,6 +1127,21 @@ impl ClusterState {
             }
             Command::RemoveService { id } => {
                 self.services.remove(&id);
+            }
+            Command::SetUpdateStatus {
+                id,
+                version,
+                status,
+                roll_back,
+            } => {
+                if let Some(service) = self.services.get_mut(&id) {
+                    if service.version == version {
+                        if roll_back {
+                            crate::update::roll_back(service)?;
+                        }
+                        service.update_status = Some(status);
+                    }
+                }
             }
             Command::PutNetwork(network) => self.put_network(network)?,
             Command::RemoveNetwork { id } => self.remove_network(&id)?,
@@ -1363,6 +1437,9 @@ pub(crate) mod tests {
             containment: Default::default(),
             placement_prefs: vec![],
             max_replicas_per_node: 0,
+            restart: Default::default(),
+            update_control: Default::default(),
+            rollback_config: Default::default(),
         };
         spec_with_a.networks = vec!["id-a".into()];
         state
@@ -1373,6 +1450,9 @@ pub(crate) mod tests {
                 created_at: 0,
                 updated_at: 0,
                 vips: vec![],
+                previous_spec: None,
+                previous_version: 0,
+                update_status: None,
             }))
             .unwrap();
         let err = state
@@ -1421,11 +1501,17 @@ pub(crate) mod tests {
                 containment: Default::default(),
                 placement_prefs: vec![],
                 max_replicas_per_node: 0,
+                restart: Default::default(),
+                update_control: Default::default(),
+                rollback_config: Default::default(),
             },
             version: 1,
             created_at: 0,
             updated_at: 0,
             vips: vec![],
+            previous_spec: None,
+            previous_version: 0,
+            update_status: None,
         }
     }
 
@@ -1701,6 +1787,9 @@ pub(crate) mod tests {
             containment: Default::default(),
             placement_prefs: vec![],
             max_replicas_per_node: 0,
+            restart: Default::default(),
+            update_control: Default::default(),
+            rollback_config: Default::default(),
         };
         assert!(spec("web", &["sleep", "1"]).validate().is_ok());
         assert!(spec("-web", &["x"]).validate().is_err());
@@ -1804,6 +1893,9 @@ pub(crate) mod tests {
             containment: Default::default(),
             placement_prefs: vec![],
             max_replicas_per_node: 0,
+            restart: Default::default(),
+            update_control: Default::default(),
+            rollback_config: Default::default(),
         })
         .unwrap();
         let fields = spec.as_object_mut().unwrap();

@@ -158,6 +158,14 @@ pub fn service_view(state: &ClusterState, service: &Service) -> ServiceView {
         version: service.version,
         update_parallelism: service.spec.update_parallelism,
         update_delay_secs: service.spec.update_delay_secs,
+        restart_policy: service.spec.restart.clone(),
+        update_config: Box::new(service.spec.update_config()),
+        rollback_config: Box::new(service.spec.rollback_config.clone()),
+        update_status: service.update_status.clone().map(Box::new),
+        previous_version: service
+            .previous_spec
+            .is_some()
+            .then_some(service.previous_version),
         networks: service
             .spec
             .networks
