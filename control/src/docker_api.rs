@@ -18,7 +18,7 @@ use axum::{
 use serde::Deserialize;
 use serde_json::{json, Value};
 use shoal_api::{ApiError, ErrorKind, InitRequest, JoinArgs, Role};
-use shoal_cluster::protocol::{ControlRequest, ControlResponse, NetworkCreate};
+use shoal_cluster::protocol::{ControlRequest, ControlResponse, NetworkCreate, ServiceChanges};
 use shoal_docker::{models, spec, Cluster};
 
 use crate::server::AgentState;
@@ -611,7 +611,7 @@ async fn service_create(
     let shoal = spec::service_spec(&docker)?;
     match state
         .cluster
-        .control(ControlRequest::ServiceCreate(shoal))
+        .control(ControlRequest::ServiceCreate(Box::new(shoal)))
         .await?
     {
         ControlResponse::Service(view) => Ok((
@@ -628,12 +628,6 @@ async fn service_update(
     Query(query): Query<BTreeMap<String, String>>,
     Json(body): Json<Value>,
 ) -> Answer<Json<Value>> {
-    if query.get("rollback").is_some_and(|r| r == "previous") {
-        return Err(DockerError(ApiError::new(
-            ErrorKind::Invalid,
-            "docker service rollback is not supported by shoal yet",
-        )));
-    }
     let agent = Agent(state);
     let current = shoal_docker::service_view(&agent, &id).await?;
     if let Some(version) = query.get("version") {
@@ -645,13 +639,22 @@ async fn service_update(
             .into());
         }
     }
-    let new: models::ServiceSpec = spec::parse_strict(&body)?;
-    let networks = shoal_docker::networks(&agent).await?;
-    let changes = spec::service_changes(&current, &networks, &new)?;
+    // `docker service rollback` (and `update --rollback`): the body is the spec the CLI read;
+    // the managers' previous spec is what the service returns to.
+    let changes = if query.get("rollback").is_some_and(|r| r == "previous") {
+        ServiceChanges {
+            rollback: true,
+            ..ServiceChanges::default()
+        }
+    } else {
+        let new: models::ServiceSpec = spec::parse_strict(&body)?;
+        let networks = shoal_docker::networks(&agent).await?;
+        spec::service_changes(&current, &networks, &new)?
+    };
     agent
         .control(ControlRequest::ServiceUpdate {
             service: current.id,
-            changes,
+            changes: Box::new(changes),
         })
         .await?;
     Ok(Json(json!({ "Warnings": null })))

@@ -269,8 +269,20 @@ fn the_docker_cli_drives_the_swarm() {
         body.contains("Maximum supported API version is 1.47"),
         "{body}"
     );
-    let (ok, _, stderr) = docker.run(&["service", "rollback", "--detach", "web"]);
-    assert!(!ok && stderr.contains("not supported by shoal"), "{stderr}");
+    // Back to the spec before `--publish-add`: the added port goes.
+    docker.ok(&["service", "rollback", "--detach", "web"]);
+    wait_for("the rollback", Duration::from_secs(60), || {
+        let ports = docker.ok(&[
+            "service",
+            "inspect",
+            "--format",
+            "{{json .Endpoint.Spec.Ports}} {{.UpdateStatus.State}}",
+            "web",
+        ]);
+        (ports.trim()
+            == r#"[{"Protocol":"tcp","TargetPort":80,"PublishedPort":8080,"PublishMode":"ingress"}] rollback_completed"#)
+            .then_some(())
+    });
 
     docker.ok(&["service", "rm", "web"]);
     assert_eq!(docker.ok(&["service", "ls", "-q"]).trim(), "");

@@ -1,10 +1,5 @@
 //! shoal's views (what the managers answer) in Docker's shapes. One function per object; a
 //! field shoal gains is mapped here, next to its Docker name.
-//!
-//! Where fields of other work go when they land: health checks in
-//! `ContainerSpec.Healthcheck`, the restart policy in `TaskTemplate.RestartPolicy`
-//! (`task_spec`), update/rollback settings in `UpdateConfig`/`RollbackConfig`
-//! (`update_config`) and the rollout's state in `Service.UpdateStatus` (`service`).
 
 use std::collections::BTreeMap;
 
@@ -13,6 +8,7 @@ use shoal_cluster::{
     state::{
         EndpointMode, PortConfig as ShoalPort, PublishMode, ServiceMode as ShoalMode, SourceMode,
     },
+    update,
 };
 use shoal_dataplane::overlay::NetworkDataplane;
 
@@ -104,7 +100,7 @@ pub fn task_spec(view: &ServiceView, networks: &Networks) -> TaskSpec {
             isolation: String::new(),
         },
         resources: (resources != ResourceRequirements::default()).then_some(resources),
-        restart_policy: None,
+        restart_policy: Some(restart_policy(&view.restart_policy)),
         placement: (placement != Placement::default()).then_some(placement),
         networks: view
             .networks
@@ -119,14 +115,52 @@ pub fn task_spec(view: &ServiceView, networks: &Networks) -> TaskSpec {
     }
 }
 
-pub fn update_config(view: &ServiceView) -> UpdateConfig {
+pub fn restart_policy(policy: &update::RestartPolicy) -> RestartPolicy {
+    RestartPolicy {
+        condition: match policy.condition {
+            update::RestartCondition::None => "none",
+            update::RestartCondition::OnFailure => "on-failure",
+            update::RestartCondition::Any => "any",
+        }
+        .to_owned(),
+        delay: Some(policy.delay_secs * NANOS),
+        max_attempts: Some(policy.max_attempts),
+        // Docker leaves a zero window out.
+        window: (policy.window_secs != 0).then_some(policy.window_secs * NANOS),
+    }
+}
+
+/// `UpdateConfig` or `RollbackConfig`.
+pub fn update_config(config: &update::UpdateConfig) -> UpdateConfig {
+    let control = &config.control;
     UpdateConfig {
-        parallelism: view.update_parallelism,
-        delay: view.update_delay_secs * NANOS,
-        failure_action: "pause".into(),
-        monitor: 0,
-        max_failure_ratio: 0.0,
-        order: "stop-first".into(),
+        parallelism: config.parallelism,
+        delay: config.delay_secs * NANOS,
+        failure_action: match control.failure_action {
+            update::FailureAction::Pause => "pause",
+            update::FailureAction::Continue => "continue",
+            update::FailureAction::Rollback => "rollback",
+        }
+        .to_owned(),
+        monitor: control.monitor_secs * NANOS,
+        max_failure_ratio: control.max_failure_ratio.get(),
+        order: match control.order {
+            update::UpdateOrder::StopFirst => "stop-first",
+            update::UpdateOrder::StartFirst => "start-first",
+        }
+        .to_owned(),
+    }
+}
+
+fn update_status(status: &update::UpdateStatus) -> UpdateStatus {
+    UpdateStatus {
+        state: serde_json::to_value(status.state)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default(),
+        started_at: time(status.started_at),
+        completed_at: status.completed_at.map(time),
+        message: status.message.clone(),
     }
 }
 
@@ -162,8 +196,8 @@ pub fn service(view: &ServiceView, networks: &Networks) -> Service {
                     global: Some(Global {}),
                 },
             },
-            update_config: Some(update_config(view)),
-            rollback_config: None,
+            update_config: Some(update_config(&view.update_config)),
+            rollback_config: Some(update_config(&view.rollback_config)),
             endpoint_spec: Some(endpoint_spec.clone()),
         },
         endpoint: Endpoint {
@@ -179,6 +213,7 @@ pub fn service(view: &ServiceView, networks: &Networks) -> Service {
                 .collect(),
         },
         service_status: None,
+        update_status: view.update_status.as_deref().map(update_status),
         shoal: Some(ServiceExtras {
             running: view.running,
             desired: view.desired,

@@ -30,9 +30,24 @@ pub struct Service {
     /// `docker service ls` asks for it (`status=true`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_status: Option<ServiceStatus>,
+    /// The last rollout: update or rollback, and where it stands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update_status: Option<UpdateStatus>,
     /// What shoal has that Docker's document has no field for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shoal: Option<ServiceExtras>,
+}
+
+/// Docker's `UpdateStatus`: `State` is updating, paused, completed, rollback_started,
+/// rollback_paused or rollback_completed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct UpdateStatus {
+    pub state: String,
+    pub started_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed_at: Option<String>,
+    pub message: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -83,7 +98,6 @@ pub struct TaskSpec {
     pub container_spec: ContainerSpec,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
-    /// Only Docker's default (restart on any exit) exists on this branch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart_policy: Option<RestartPolicy>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -14,6 +14,7 @@ use shoal_cluster::{
         Constraint, EndpointMode, PlacementPref, PlacementUpdate, PortConfig as ShoalPort,
         PublishMode, ServiceMode as ShoalMode, ServiceSpec as ShoalSpec, SourceMode,
     },
+    update,
 };
 
 use crate::{
@@ -120,14 +121,6 @@ fn check_defaults(spec: &ServiceSpec) -> Result<()> {
     if !["", "default"].contains(&container.isolation.as_str()) {
         bail!(refuse(format!("Isolation {:?}", container.isolation)));
     }
-    if let Some(policy) = &spec.task_template.restart_policy {
-        let default = policy.condition.is_empty() || policy.condition == "any";
-        if !default || policy.max_attempts.unwrap_or(0) != 0 || policy.window.unwrap_or(0) != 0 {
-            bail!(refuse(
-                "a restart policy other than Docker's default (--restart-*)"
-            ));
-        }
-    }
     if !spec.task_template.runtime.is_empty() && spec.task_template.runtime != "container" {
         bail!(refuse(format!(
             "TaskTemplate.Runtime {:?}",
@@ -136,31 +129,6 @@ fn check_defaults(spec: &ServiceSpec) -> Result<()> {
     }
     if !spec.labels.is_empty() {
         bail!(refuse("service labels (--label)"));
-    }
-    for (name, config) in [
-        ("UpdateConfig", &spec.update_config),
-        ("RollbackConfig", &spec.rollback_config),
-    ] {
-        let Some(config) = config else { continue };
-        if !["", "pause"].contains(&config.failure_action.as_str()) {
-            bail!(refuse(format!(
-                "{name}.FailureAction {:?}",
-                config.failure_action
-            )));
-        }
-        if !["", "stop-first"].contains(&config.order.as_str()) {
-            bail!(refuse(format!("{name}.Order {:?}", config.order)));
-        }
-        if config.max_failure_ratio != 0.0 {
-            bail!(refuse(format!("{name}.MaxFailureRatio")));
-        }
-        // Docker's CLI sends its 5s monitor default; shoal does not watch a new task.
-        if config.monitor != 0 && config.monitor != 5 * NANOS {
-            bail!(refuse(format!("{name}.Monitor")));
-        }
-        if name == "RollbackConfig" && (config.parallelism > 1 || config.delay != 0) {
-            bail!(refuse("RollbackConfig (--rollback-*)"));
-        }
     }
     for port in spec.endpoint_spec.iter().flat_map(|e| &e.ports) {
         if !port.name.is_empty() {
@@ -260,10 +228,14 @@ pub fn service_spec(spec: &ServiceSpec) -> Result<ShoalSpec> {
         (None, None) => ShoalMode::Replicated { replicas: 1 },
     };
     let placement = task.placement.clone().unwrap_or_default();
-    let update = spec.update_config.clone().unwrap_or(UpdateConfig {
-        parallelism: 1,
-        ..UpdateConfig::default()
-    });
+    let update = match &spec.update_config {
+        Some(config) => rollout_config("UpdateConfig", config)?,
+        None => update::UpdateConfig::default(),
+    };
+    let rollback = match &spec.rollback_config {
+        Some(config) => rollout_config("RollbackConfig", config)?,
+        None => update::UpdateConfig::default(),
+    };
     let endpoint = spec.endpoint_spec.clone().unwrap_or_default();
     let invalid = |e: anyhow::Error| anyhow::Error::from(ApiError::invalid(format!("{e:#}")));
     let shoal = ShoalSpec {
@@ -280,7 +252,13 @@ pub fn service_spec(spec: &ServiceSpec) -> Result<ShoalSpec> {
             .collect::<Result<_>>()
             .map_err(invalid)?,
         update_parallelism: update.parallelism,
-        update_delay_secs: update.delay.div_ceil(NANOS),
+        update_delay_secs: update.delay_secs,
+        restart: match &task.restart_policy {
+            Some(policy) => restart_policy(policy)?,
+            None => update::RestartPolicy::default(),
+        },
+        update_control: update.control,
+        rollback_config: rollback,
         networks: task
             .networks
             .iter()
@@ -334,14 +312,10 @@ pub fn service_changes(
     if wanted.endpoint_mode != current.endpoint_mode {
         bail!(refuse("changing the endpoint mode"));
     }
-    if (wanted.update_parallelism, wanted.update_delay_secs)
-        != (current.update_parallelism, current.update_delay_secs)
-    {
-        bail!(refuse(
-            "changing UpdateConfig (--update-*) of an existing service"
-        ));
-    }
-    let mut changes = ServiceChanges::default();
+    let mut changes = ServiceChanges {
+        policy: Box::new(policy_update(current, &wanted)),
+        ..ServiceChanges::default()
+    };
     match (&current.mode, &wanted.mode) {
         (ShoalMode::Replicated { replicas: a }, ShoalMode::Replicated { replicas: b }) => {
             if a != b {
@@ -435,6 +409,83 @@ pub fn service_changes(
             .then_some(wanted.max_replicas_per_node),
     });
     Ok(changes)
+}
+
+/// Docker's nanoseconds as shoal's whole seconds (rounded up: a delay is never shortened).
+fn secs(nanos: u64) -> u64 {
+    nanos.div_ceil(NANOS)
+}
+
+fn restart_policy(policy: &RestartPolicy) -> Result<update::RestartPolicy> {
+    let default = update::RestartPolicy::default();
+    let condition = match policy.condition.as_str() {
+        "" => default.condition,
+        text => text.parse().map_err(|e: anyhow::Error| {
+            ApiError::invalid(format!("TaskTemplate.RestartPolicy.Condition: {e:#}"))
+        })?,
+    };
+    Ok(update::RestartPolicy {
+        condition,
+        delay_secs: policy.delay.map_or(default.delay_secs, secs),
+        max_attempts: policy.max_attempts.unwrap_or(default.max_attempts),
+        window_secs: policy.window.map_or(default.window_secs, secs),
+    })
+}
+
+/// `UpdateConfig` / `RollbackConfig` (`name`, for errors); unset fields take shoal's (which
+/// are Docker's) defaults.
+fn rollout_config(name: &str, config: &UpdateConfig) -> Result<update::UpdateConfig> {
+    let default = update::UpdateControl::default();
+    let invalid = |field: &str, e: anyhow::Error| {
+        anyhow::Error::from(ApiError::invalid(format!("{name}.{field}: {e:#}")))
+    };
+    Ok(update::UpdateConfig {
+        parallelism: config.parallelism,
+        delay_secs: secs(config.delay),
+        control: update::UpdateControl {
+            failure_action: match config.failure_action.as_str() {
+                "" => default.failure_action,
+                text => text.parse().map_err(|e| invalid("FailureAction", e))?,
+            },
+            monitor_secs: match config.monitor {
+                0 => default.monitor_secs,
+                nanos => secs(nanos),
+            },
+            max_failure_ratio: config
+                .max_failure_ratio
+                .to_string()
+                .parse()
+                .map_err(|e| invalid("MaxFailureRatio", e))?,
+            order: match config.order.as_str() {
+                "" => default.order,
+                text => text.parse().map_err(|e| invalid("Order", e))?,
+            },
+        },
+    })
+}
+
+/// The `--restart-*`, `--update-*` and `--rollback-*` settings that differ from the service's.
+fn policy_update(current: &ServiceView, wanted: &ShoalSpec) -> update::PolicyUpdate {
+    fn changed<T: PartialEq + Copy>(old: T, new: T) -> Option<T> {
+        (old != new).then_some(new)
+    }
+    let config = |old: &update::UpdateConfig, new: &update::UpdateConfig| update::ConfigUpdate {
+        parallelism: changed(old.parallelism, new.parallelism),
+        delay_secs: changed(old.delay_secs, new.delay_secs),
+        failure_action: changed(old.control.failure_action, new.control.failure_action),
+        monitor_secs: changed(old.control.monitor_secs, new.control.monitor_secs),
+        max_failure_ratio: changed(old.control.max_failure_ratio, new.control.max_failure_ratio),
+        order: changed(old.control.order, new.control.order),
+    };
+    let (old, new) = (&current.restart_policy, &wanted.restart);
+    update::PolicyUpdate {
+        restart_condition: changed(old.condition, new.condition),
+        restart_delay_secs: changed(old.delay_secs, new.delay_secs),
+        restart_max_attempts: changed(old.max_attempts, new.max_attempts),
+        restart_window_secs: changed(old.window_secs, new.window_secs),
+        update: config(&current.update_config, &wanted.update_config()),
+        rollback: config(&current.rollback_config, &wanted.rollback_config),
+    }
 }
 
 fn containment_update(old: &Containment, new: &Containment) -> ContainmentUpdate {

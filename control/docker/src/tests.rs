@@ -24,6 +24,15 @@ fn web() -> ServiceView {
         version: 7,
         update_parallelism: 1,
         update_delay_secs: 10,
+        restart_policy: Default::default(),
+        update_config: Box::new(shoal_cluster::update::UpdateConfig {
+            parallelism: 1,
+            delay_secs: 10,
+            control: Default::default(),
+        }),
+        rollback_config: Box::default(),
+        update_status: None,
+        previous_version: None,
         networks: vec!["front".into()],
         endpoint_mode: EndpointMode::Vip,
         vips: vec![("front".into(), "10.0.1.2".parse().unwrap())],
@@ -68,13 +77,20 @@ fn a_service_is_dockers_document() {
                 "TaskTemplate": {
                     "ContainerSpec": { "Image": "shoal", "Args": ["whoami"], "Env": ["A=1"] },
                     "Placement": { "Constraints": ["node.role==worker"] },
+                    "RestartPolicy": {
+                        "Condition": "any", "Delay": 5_000_000_000u64, "MaxAttempts": 0
+                    },
                     "Networks": [{ "Target": "n1d" }],
                     "ForceUpdate": 0
                 },
                 "Mode": { "Replicated": { "Replicas": 3 } },
                 "UpdateConfig": {
                     "Parallelism": 1, "Delay": 10_000_000_000u64, "FailureAction": "pause",
-                    "MaxFailureRatio": 0.0, "Order": "stop-first"
+                    "Monitor": 5_000_000_000u64, "MaxFailureRatio": 0.0, "Order": "stop-first"
+                },
+                "RollbackConfig": {
+                    "Parallelism": 1, "FailureAction": "pause",
+                    "Monitor": 5_000_000_000u64, "MaxFailureRatio": 0.0, "Order": "stop-first"
                 },
                 "EndpointSpec": {
                     "Mode": "vip",
@@ -300,8 +316,12 @@ fn options_shoal_lacks_are_refused_by_name() {
         log_driver.contains("TaskTemplate.LogDriver"),
         "{log_driver}"
     );
-    let restart = refused(&|b| b["TaskTemplate"]["RestartPolicy"]["Condition"] = json!("none"));
-    assert!(restart.contains("restart policy"), "{restart}");
+    let restart =
+        refused(&|b| b["TaskTemplate"]["RestartPolicy"]["Condition"] = json!("sometimes"));
+    assert!(
+        restart.contains("TaskTemplate.RestartPolicy.Condition"),
+        "{restart}"
+    );
     let tag = refused(&|b| b["TaskTemplate"]["ContainerSpec"]["Image"] = json!("nginx:1.25"));
     assert!(tag.contains("a tag or digest"), "{tag}");
     let entrypoint = refused(&|b| b["TaskTemplate"]["ContainerSpec"]["Command"] = json!(["sh"]));
