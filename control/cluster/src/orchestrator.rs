@@ -231,6 +231,7 @@ impl Plan<'_> {
             error: String::new(),
             created_at: self.now,
             state_since: self.now,
+            health: None,
         };
         let id = task.id.clone();
         self.put(task);
@@ -697,6 +698,7 @@ mod tests {
                     containment: Default::default(),
                     placement_prefs: vec![],
                     max_replicas_per_node: 0,
+                    healthcheck: None,
                 },
                 version: 1,
                 created_at: 0,
@@ -733,6 +735,7 @@ mod tests {
                         task_id: task.id.clone(),
                         state: next,
                         error: String::new(),
+                        health: None,
                     });
                 }
             }
@@ -774,6 +777,7 @@ mod tests {
                     task_id: task.id.clone(),
                     state: TaskState::Failed,
                     error: error.into(),
+                    health: None,
                 }],
                 at,
             })
@@ -954,6 +958,7 @@ mod tests {
                 task_id: t.id.clone(),
                 state: TaskState::Shutdown,
                 error: String::new(),
+                health: None,
             })
             .collect();
         state

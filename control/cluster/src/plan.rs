@@ -336,6 +336,11 @@ fn update_service(
         .apply(&mut updated.spec)
         .kind(ErrorKind::Invalid)?
         || restart;
+    let restart = changes
+        .health
+        .apply(&mut updated.spec.healthcheck)
+        .kind(ErrorKind::Invalid)?
+        || restart;
     updated.spec.validate().kind(ErrorKind::Invalid)?;
     crate::resources::check_reservation_fits(state, &updated.spec).kind(ErrorKind::Invalid)?;
     state.check_published_ports(&updated)?;

@@ -150,6 +150,9 @@ pub struct Assignment {
     /// User, capabilities and limits the task starts with.
     #[serde(default)]
     pub containment: super::resources::Containment,
+    /// The service's health check, run by the node while the task runs.
+    #[serde(default)]
+    pub healthcheck: Option<super::health::HealthCheck>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -185,6 +188,9 @@ pub struct ServiceChanges {
     /// Constraints, placement preferences, max replicas per node.
     #[serde(default)]
     pub placement: Box<super::state::PlacementUpdate>,
+    /// `--health-*` / `--no-healthcheck`.
+    #[serde(default)]
+    pub health: super::health::HealthUpdate,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -336,6 +342,8 @@ pub struct ServiceView {
     /// User, capabilities, limits and reservations of its tasks.
     #[serde(default)]
     pub containment: Box<super::resources::Containment>,
+    #[serde(default)]
+    pub healthcheck: Option<super::health::HealthCheck>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
 }
@@ -363,4 +371,7 @@ pub struct TaskView {
     /// (ingress-mode ports belong to the service: `service ls` shows them).
     #[serde(default)]
     pub host_ports: Vec<super::state::PortConfig>,
+    /// Its health while it runs with a health check, with the last probes.
+    #[serde(default)]
+    pub health: Option<super::health::TaskHealth>,
 }

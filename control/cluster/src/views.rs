@@ -102,6 +102,7 @@ pub fn task_views(state: &ClusterState, keep: impl Fn(&Task) -> bool) -> Vec<Tas
                         .collect()
                 })
                 .unwrap_or_default(),
+            health: t.health.clone(),
         })
         .collect();
     // By slot, newest first within a slot: the running task, then its history.
@@ -155,6 +156,7 @@ pub fn service_view(state: &ClusterState, service: &Service) -> ServiceView {
             .map(ToString::to_string)
             .collect(),
         max_replicas_per_node: service.spec.max_replicas_per_node,
+        healthcheck: service.spec.healthcheck.clone(),
         version: service.version,
         update_parallelism: service.spec.update_parallelism,
         update_delay_secs: service.spec.update_delay_secs,
