@@ -316,6 +316,8 @@ pub enum ServiceCommand {
         force: bool,
         #[command(flatten)]
         containment: crate::containment_args::ContainmentArgs,
+        #[command(flatten)]
+        health: crate::health_args::HealthArgs,
         #[arg(short, long)]
         detach: bool,
         service: String,
@@ -371,6 +373,8 @@ pub struct CreateArgs {
     update_delay: String,
     #[command(flatten)]
     containment: crate::containment_args::ContainmentArgs,
+    #[command(flatten)]
+    health: crate::health_args::HealthArgs,
     /// Return at once instead of waiting for the tasks to run
     #[arg(short, long)]
     detach: bool,
@@ -774,6 +778,7 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
             replicas_max_per_node,
             force,
             containment,
+            health,
             detach,
             service,
         } => {
@@ -800,6 +805,7 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
                         force,
                         containment: containment.update(),
                         placement: Box::new(placement),
+                        health: health.update(),
                     },
                 },
                 Service
@@ -865,6 +871,7 @@ fn service_spec(args: CreateArgs) -> Result<ServiceSpec> {
         },
         ports: args.ports,
         containment: args.containment.containment()?,
+        healthcheck: args.health.healthcheck()?,
     })
 }
 
@@ -898,6 +905,7 @@ fn render_service(view: &ServiceView) -> String {
     .map(|line| format!("{line}\n"))
     .chain([
         crate::containment_args::render_containment(&view.containment),
+        crate::health_args::render_healthcheck(view.healthcheck.as_ref()),
         format!("Version:        {}\n", view.version),
     ])
     .collect()
@@ -992,52 +1000,25 @@ async fn wait_converged(client: &Client, service: &str) -> Result<()> {
     }
 }
 
+/// `shoal task inspect TASK`: the task as the managers know it, with its health.
+pub async fn task_inspect(client: &Client, task: String, format: &InspectFormat) -> Result<()> {
+    let tasks = ask!(client, ControlRequest::TaskInspect { task }, Tasks);
+    let task = tasks.first().context("the managers answered no task")?;
+    match format.get() {
+        Format::Table => print!("{}", crate::health_args::render_task(task)),
+        Format::Json => print!("{}", json(task)),
+    }
+    Ok(())
+}
+
 /// `shoal task exec TASK -- CMD`: runs CMD in the task's namespaces on this node.
 pub async fn task_exec(client: &Client, task: &str, command: &[String]) -> Result<ExitCode> {
     let pid: u32 = client.get(&format!("/v1/tasks/{task}/pid")).await?;
-    // The command runs with the task's environment, as `docker exec` does.
-    let environ =
-        std::fs::read(format!("/proc/{pid}/environ")).context("reading the task's environment")?;
-    let env = environ.split(|b| *b == 0).filter_map(|entry| {
-        let entry = std::str::from_utf8(entry).ok()?;
-        entry.split_once('=')
-    });
-    let mut nsenter = std::process::Command::new("nsenter");
-    nsenter.args([
-        "--target",
-        &pid.to_string(),
-        "--pid",
-        "--net",
-        "--uts",
-        "--mount",
-        "--",
-    ]);
-    // The command joins the task's confinement (capabilities, user, no_new_privs, seccomp),
-    // as task-init applied it to the task's command: its arguments say which. The masked
-    // paths come with the task's mount namespace.
-    let cmdline =
-        std::fs::read(format!("/proc/{pid}/cmdline")).context("reading the task's confinement")?;
-    let cmdline: Vec<String> = cmdline
-        .split(|b| *b == 0)
-        .map(|arg| String::from_utf8_lossy(arg).into_owned())
-        .collect();
-    if let Some(confinement) = shoal_dataplane::confinement::Confinement::of_task_init(&cmdline)? {
-        nsenter
-            .arg(std::env::current_exe().context("finding the shoal binary")?)
-            .arg("task-confine")
-            .args(confinement.args())
-            .arg("--");
-    }
-    nsenter.args(command).env_clear().envs(env);
-    // In the task's cgroup too: its limits apply, and connections to VIPs are balanced.
-    shoal_dataplane::process::join_cgroup(
-        &mut nsenter,
-        &shoal_dataplane::process::cgroup_of(pid)?,
+    let mut nsenter = shoal_dataplane::task_exec::command_in_task(
+        pid,
+        command,
+        &std::env::current_exe().context("finding the shoal binary")?,
     )?;
-    // And its limits' v1 cgroups, on a hybrid host.
-    for cgroup in shoal_dataplane::limits::v1_cgroups_of(pid) {
-        shoal_dataplane::process::join_cgroup(&mut nsenter, &cgroup)?;
-    }
     let status = nsenter.status().context("running nsenter (util-linux)")?;
     // A command killed by a signal exits 128 + the signal, as in a shell.
     Ok(match (status.code(), status.signal()) {
@@ -1309,6 +1290,24 @@ fn print_tasks(tasks: &[TaskView], format: Format) {
 fn render_tasks(tasks: &[TaskView]) -> String {
     // Tasks come grouped by slot, newest first: the first of a slot is its current task.
     let mut seen = BTreeMap::new();
+    // Services routing to unhealthy tasks because none is healthy (fail open).
+    let running = |t: &&TaskView| t.state == TaskState::Running;
+    let failing_open: std::collections::BTreeSet<&str> = tasks
+        .iter()
+        .filter(running)
+        .map(|t| t.service.as_str())
+        .filter(|service| {
+            tasks
+                .iter()
+                .filter(running)
+                .filter(|t| t.service == *service)
+                .all(|t| {
+                    t.health.as_ref().is_some_and(|h| {
+                        h.status == shoal_cluster::health::HealthStatus::Unhealthy
+                    })
+                })
+        })
+        .collect();
     let rows: Vec<[String; 7]> = tasks
         .iter()
         .map(|t| {
@@ -1318,7 +1317,18 @@ fn render_tasks(tasks: &[TaskView]) -> String {
             let state = if t.state == TaskState::Pending && t.node.is_empty() {
                 format!("Pending {}", ago(t.state_since).to_lowercase())
             } else {
-                format!("{} {}", t.state.label(), ago(t.state_since).to_lowercase())
+                let health = match t.state {
+                    TaskState::Running => crate::health_args::state_suffix(
+                        t.health.as_ref(),
+                        failing_open.contains(t.service.as_str()),
+                    ),
+                    _ => String::new(),
+                };
+                format!(
+                    "{}{health} {}",
+                    t.state.label(),
+                    ago(t.state_since).to_lowercase()
+                )
             };
             [
                 t.id[..12.min(t.id.len())].to_owned(),

@@ -5,6 +5,7 @@ mod client;
 mod commands;
 mod config;
 mod containment_args;
+mod health_args;
 mod debug;
 mod demo;
 #[cfg(test)]
@@ -169,6 +170,12 @@ impl ConfinementArgs {
 
 #[derive(Subcommand)]
 enum TaskCommand {
+    /// A task's details, with its health and last probes, as JSON unless --pretty
+    Inspect {
+        task: String,
+        #[command(flatten)]
+        format: commands::InspectFormat,
+    },
     /// Run a command inside a task's namespaces (task ID, ID prefix or name)
     Exec {
         task: String,
@@ -312,6 +319,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Ingress(command) => block_on(debug::ingress(&client, command))?,
         Command::Conntrack(command) => block_on(debug::conntrack(&client, command))?,
         Command::Dns(command) => block_on(debug::dns(&client, command))?,
+        Command::Task(TaskCommand::Inspect { task, format }) => {
+            block_on(commands::task_inspect(&client, task, &format))?
+        }
         Command::Task(TaskCommand::Exec { task, command }) => {
             return block_on(commands::task_exec(&client, &task, &command))
         }

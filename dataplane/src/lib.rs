@@ -17,10 +17,12 @@ pub mod nft;
 pub mod overlay;
 pub mod overlay_endpoints;
 pub mod peerdb;
+pub mod probe;
 pub mod process;
 pub mod socket_lb;
 mod status;
 pub mod task;
+pub mod task_exec;
 pub mod vip_echo;
 pub mod vxlan_peers;
 

@@ -30,11 +30,12 @@ use shoal_dns::{
 };
 use shoal_gossip::{
     net::{now_ms, Change, GossipHandle, GossipService},
-    EndpointRecord, Gossip, GossipConfig, Keyring, PublishedPort,
+    EndpointHealth, EndpointRecord, Gossip, GossipConfig, Keyring, PublishedPort,
 };
 use tokio::sync::watch;
 
 mod neighbour_demand;
+mod routable;
 
 use super::{
     protocol::{AssignedNetwork, Assignment},
@@ -92,6 +93,9 @@ pub struct LoadBalancer {
     pub network: String,
     #[serde(flatten)]
     pub entry: VipEntry,
+    /// No task of the service is healthy: its backends are its unhealthy tasks.
+    #[serde(default)]
+    pub fail_open: bool,
 }
 
 /// `shoal dns lookup`: a task's view of a name.
@@ -147,6 +151,12 @@ pub struct NodeNetworks {
     users: Mutex<HashMap<String, HashSet<String>>>,
     /// Task ID -> networks it announced an endpoint on.
     announced: Mutex<HashMap<String, Vec<String>>>,
+    /// Task ID -> health, for local tasks whose service checks it: every announcement of
+    /// the task carries it.
+    health: Mutex<HashMap<String, EndpointHealth>>,
+    /// Held across reading and rewriting a local task's records, so a health change and the
+    /// publication of its ports do not undo each other.
+    publishing: tokio::sync::Mutex<()>,
     /// The routing mesh: published ports and flows in the kernel, its per-packet programs,
     /// and this node's endpoint on the ingress network (with its reply program's link).
     mesh: Mutex<MeshTable>,
@@ -220,6 +230,8 @@ impl NodeNetworks {
             gossip: Mutex::default(),
             users: Mutex::default(),
             announced: Mutex::default(),
+            health: Mutex::default(),
+            publishing: tokio::sync::Mutex::default(),
             mesh: Mutex::new(mesh),
             _mesh_clock: MeshClock::start(maps_dir, MESH_CLOCK_INTERVAL)?,
             mesh_programs: Mutex::new(MeshPrograms::load(maps_dir)?),
@@ -301,6 +313,7 @@ impl NodeNetworks {
             vtep: self.vtep,
             vip: None,
             ports: vec![],
+            health: None,
         };
         gossip
             .publish(&wanted.network_id, &record.task_id, record.clone())
@@ -312,10 +325,11 @@ impl NodeNetworks {
         Ok(())
     }
 
-    /// Points every published port at the running tasks gossip lists for it.
+    /// Points every published port at the running tasks gossip lists for it that take new
+    /// flows (`routable`). A flow the mesh tracks keeps its backend.
     fn program_mesh(&self, view: &[(String, EndpointRecord)]) {
         let mut wanted: BTreeMap<(Protocol, u16), PublishedService> = BTreeMap::new();
-        for (_, record) in view {
+        for (_, record) in &routable::routable(view) {
             for port in &record.ports {
                 let Ok(protocol) = port.protocol.parse::<Protocol>() else {
                     continue;
@@ -530,7 +544,7 @@ impl NodeNetworks {
             let Ok(view) = gossip.view(&net).await else {
                 continue;
             };
-            endpoints.extend(view.into_iter().map(|(_, record)| TaskEndpoint {
+            endpoints.extend(routable::routable(&view).into_iter().map(|(_, record)| TaskEndpoint {
                 network: spec.name.clone(),
                 task_name: record.task_name,
                 service_name: record.service_name,
@@ -675,11 +689,17 @@ impl NodeNetworks {
         }
     }
 
-    /// Points each VIP of the network at the running tasks gossip lists behind it, and drops
-    /// VIPs no endpoint names any more.
+    /// Points each VIP of the network at the running tasks gossip lists behind it that take
+    /// new flows (`routable`), and drops VIPs no endpoint names any more. A VIP whose tasks
+    /// are all starting stays, with no backend: it refuses connections until one is healthy.
     fn program_vips(&self, net: &str, view: &[(String, EndpointRecord)]) {
         let mut wanted: BTreeMap<Ipv4Addr, BTreeSet<Ipv4Addr>> = BTreeMap::new();
         for (_, record) in view {
+            if let Some(vip) = record.vip {
+                wanted.entry(vip).or_default();
+            }
+        }
+        for (_, record) in &routable::routable(view) {
             if let Some(vip) = record.vip {
                 wanted.entry(vip).or_default().insert(record.ip);
             }
@@ -732,14 +752,20 @@ impl NodeNetworks {
     pub async fn load_balancers(&self) -> Result<Vec<LoadBalancer>> {
         let entries = self.vips.lock().expect("vip table").list()?;
         let mut names: HashMap<Ipv4Addr, (String, String)> = HashMap::new();
+        let mut open_vips = HashSet::new();
         if let Some(gossip) = self.gossip() {
             for net in self.overlay.networks() {
                 let network = self
                     .overlay
                     .find(&net)
                     .map_or(net.clone(), |spec| spec.name);
-                for (_, record) in gossip.view(&net).await? {
+                let view = gossip.view(&net).await?;
+                let failing_open = routable::failing_open(&view);
+                for (_, record) in view {
                     if let Some(vip) = record.vip {
+                        if failing_open.contains(&record.service_id) {
+                            open_vips.insert(vip);
+                        }
                         names.insert(vip, (record.service_name, network.clone()));
                     }
                 }
@@ -752,6 +778,7 @@ impl NodeNetworks {
                 LoadBalancer {
                     service,
                     network,
+                    fail_open: open_vips.contains(&entry.vip),
                     entry,
                 }
             })
@@ -833,6 +860,18 @@ impl NodeNetworks {
             .lock()
             .expect("task links")
             .insert(task.task_id.clone(), links);
+        // A checked task takes no new flow before its first passing probe; an adopted one
+        // was serving, and keeps serving until a probe says otherwise.
+        let health = task.healthcheck.as_ref().map(|_| match adopt {
+            true => EndpointHealth::Healthy,
+            false => EndpointHealth::Starting,
+        });
+        if let Some(health) = health {
+            self.health
+                .lock()
+                .expect("health")
+                .insert(task.task_id.clone(), health);
+        }
         for interface in &interfaces {
             let vip = task
                 .networks
@@ -850,6 +889,7 @@ impl NodeNetworks {
                 vtep: self.vtep,
                 vip,
                 ports: vec![],
+                health,
             };
             let published: Vec<PublishedPort> =
                 if ingress.as_deref() == Some(interface.network_id.as_str()) {
@@ -924,10 +964,57 @@ impl NodeNetworks {
         let Some(gossip) = self.gossip().filter(|_| still_running) else {
             return;
         };
+        let _publishing = self.publishing.lock().await;
         record.ports = ports;
+        record.health = self.health_of(&record.task_id);
         let key = record.task_id.clone();
         if let Err(err) = gossip.publish(&network, &key, record).await {
             tracing::warn!(task = %key, error = %format!("{err:#}"), "publishing a task's ports");
+        }
+    }
+
+    fn health_of(&self, task_id: &str) -> Option<EndpointHealth> {
+        self.health.lock().expect("health").get(task_id).copied()
+    }
+
+    /// A local task's health changed: its records say so at once, here and, as gossip
+    /// carries them, on every node, which route by it (`routable`) without waiting for the
+    /// managers.
+    pub async fn set_health(&self, task_id: &str, health: EndpointHealth) {
+        let _publishing = self.publishing.lock().await;
+        {
+            let mut known = self.health.lock().expect("health");
+            match known.get_mut(task_id) {
+                Some(current) => *current = health,
+                // Withdrawn meanwhile: nothing to say.
+                None => return,
+            }
+        }
+        let networks = self
+            .announced
+            .lock()
+            .expect("announced")
+            .get(task_id)
+            .cloned()
+            .unwrap_or_default();
+        let Some(gossip) = self.gossip() else {
+            return;
+        };
+        for net in networks {
+            let current = match gossip.view(&net).await {
+                Ok(view) => view.into_iter().find(|(key, _)| key == task_id),
+                Err(err) => {
+                    tracing::warn!(task = %task_id, error = %err, "reading a task's endpoint");
+                    None
+                }
+            };
+            let Some((_, mut record)) = current else {
+                continue;
+            };
+            record.health = Some(health);
+            if let Err(err) = gossip.publish(&net, task_id, record).await {
+                tracing::warn!(task = %task_id, error = %format!("{err:#}"), "announcing a task's health");
+            }
         }
     }
 
@@ -966,6 +1053,8 @@ impl NodeNetworks {
     /// Withdraws a task's endpoints (VIPs stop choosing it, here at once and elsewhere as
     /// gossip carries it), leaving its interfaces in place so its connections can finish.
     pub async fn withdraw(&self, task_id: &str) {
+        let _publishing = self.publishing.lock().await;
+        self.health.lock().expect("health").remove(task_id);
         let announced = self
             .announced
             .lock()

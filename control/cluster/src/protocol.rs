@@ -227,6 +227,10 @@ pub enum ControlRequest {
     ServiceTasks {
         service: String,
     },
+    /// One task by ID, ID prefix, `web.1.<id>` or `web.1` (its newest task).
+    TaskInspect {
+        task: String,
+    },
     ServiceUpdate {
         service: String,
         #[serde(flatten)]
