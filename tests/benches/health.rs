@@ -43,7 +43,8 @@ fn ips(list: &Value) -> BTreeSet<String> {
     list.as_array()
         .into_iter()
         .flatten()
-        .filter_map(|b| b.as_str().map(|s| s.split(':').next().unwrap_or(s).to_owned()))
+        // `IP` (a VIP's backends) or `[IP, slots]` (a published port's).
+        .filter_map(|b| b.as_str().or_else(|| b[0].as_str()).map(str::to_owned))
         .collect()
 }
 

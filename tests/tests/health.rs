@@ -78,17 +78,12 @@ fn routed(lab: &TestLab, node: &str) -> Option<(BTreeSet<String>, BTreeSet<Strin
     Some((mesh, vip))
 }
 
-/// Addresses in a JSON list of backends (`IP` strings, or objects with an `ip`/`address`).
+/// Addresses in a JSON list of backends: `IP` (a VIP's) or `[IP, slots]` (a port's).
 fn ips(list: &Value) -> BTreeSet<String> {
     list.as_array()
         .into_iter()
         .flatten()
-        .filter_map(|b| {
-            b.as_str()
-                .or_else(|| b["ip"].as_str())
-                .or_else(|| b["address"].as_str())
-                .map(|s| s.split(':').next().unwrap_or(s).to_owned())
-        })
+        .filter_map(|b| b.as_str().or_else(|| b[0].as_str()).map(str::to_owned))
         .collect()
 }
 

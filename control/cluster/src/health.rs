@@ -240,9 +240,14 @@ pub struct TaskHealth {
 
 impl TaskHealth {
     /// A change worth replicating: the status or the failing streak moved (every counted
-    /// failure, and the return to healthy); passing probes of a healthy task are not.
+    /// failure, and the return to healthy), or a new probe of a task that is not healthy (so
+    /// a starting task's probes can be seen); passing probes of a healthy task are not.
     pub fn moved_from(&self, before: Option<&TaskHealth>) -> bool {
-        before.is_none_or(|b| b.status != self.status || b.failing_streak != self.failing_streak)
+        before.is_none_or(|b| {
+            b.status != self.status
+                || b.failing_streak != self.failing_streak
+                || (self.status != HealthStatus::Healthy && b.log.last() != self.log.last())
+        })
     }
 }
 
@@ -442,8 +447,16 @@ mod tests {
     }
 
     #[test]
-    fn only_status_and_streak_changes_are_moves() {
-        let mut tracker = HealthTracker::new(&check(3, Duration::ZERO));
+    fn changes_and_probes_of_unhealthy_tasks_are_moves_not_passing_probes() {
+        let mut tracker = HealthTracker::new(&check(3, 60 * SEC));
+        let starting = tracker.health().clone();
+        let mut failed = probe(false);
+        failed.start_ms = 7;
+        tracker.record(failed, SEC);
+        assert!(
+            tracker.health().moved_from(Some(&starting)),
+            "a probe in the start period is seen"
+        );
         tracker.record(probe(true), SEC);
         let healthy = tracker.health().clone();
         assert!(healthy.moved_from(None));

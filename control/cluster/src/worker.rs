@@ -626,6 +626,7 @@ impl Worker {
         loop {
             tokio::time::sleep(check.interval()).await;
             let probe = health_probe::run(&self.runtime, task, check).await;
+            let before = tracker.health().clone();
             let changed = tracker.record(probe, started.elapsed());
             self.set_health(&task.task_id, tracker.health());
             if let Some(status) = changed {
@@ -634,8 +635,8 @@ impl Worker {
                     .set_health(&task.task_id, routing_health(status))
                     .await;
             }
-            // Heartbeats carry every counted failure and every change.
-            if changed.is_some() || tracker.health().failing_streak > 0 {
+            // What the managers keep goes at once.
+            if tracker.health().moved_from(Some(&before)) {
                 self.wake.notify_one();
             }
             if tracker.health().status == HealthStatus::Unhealthy {
