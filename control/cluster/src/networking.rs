@@ -544,7 +544,12 @@ impl NodeNetworks {
             let Ok(view) = gossip.view(&net).await else {
                 continue;
             };
-            endpoints.extend(routable::routable(&view).into_iter().map(|(_, record)| TaskEndpoint {
+            let serving: HashSet<String> = routable::routable(&view)
+                .into_iter()
+                .map(|(key, _)| key)
+                .collect();
+            endpoints.extend(view.into_iter().map(|(key, record)| TaskEndpoint {
+                serving: serving.contains(&key),
                 network: spec.name.clone(),
                 task_name: record.task_name,
                 service_name: record.service_name,
