@@ -329,7 +329,8 @@ impl NodeNetworks {
     /// flows (`routable`). A flow the mesh tracks keeps its backend.
     fn program_mesh(&self, view: &[(String, EndpointRecord)]) {
         let mut wanted: BTreeMap<(Protocol, u16), PublishedService> = BTreeMap::new();
-        for (_, record) in &routable::routable(view) {
+        let routable = routable::routable(view);
+        for (_, record) in &routable {
             for port in &record.ports {
                 let Ok(protocol) = port.protocol.parse::<Protocol>() else {
                     continue;
@@ -350,7 +351,16 @@ impl NodeNetworks {
         }
         let mut mesh = self.mesh.lock().expect("mesh");
         if tokio::time::Instant::now() < self.mesh_grace_until {
-            for (key, kept) in mesh.programmed() {
+            // Gossip may not list a backend yet; one it lists as not serving (starting or
+            // unhealthy) is known to be out.
+            let routed: HashSet<&str> = routable.iter().map(|(key, _)| key.as_str()).collect();
+            let out: HashSet<Ipv4Addr> = view
+                .iter()
+                .filter(|(key, _)| !routed.contains(key.as_str()))
+                .map(|(_, record)| record.ip)
+                .collect();
+            for (key, mut kept) in mesh.programmed() {
+                kept.backends.retain(|ip| !out.contains(ip));
                 let entry = wanted.entry(key).or_insert_with(|| kept.clone());
                 entry.backends.extend(kept.backends);
             }
