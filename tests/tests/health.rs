@@ -232,7 +232,12 @@ fn an_unhealthy_task_leaves_every_nodes_routing_keeps_its_connections_and_is_rep
     // from a task on another node.
     for address in NODE_ADDRESSES {
         let hosts = hosts_from_client(&lab, &format!("http://{address}:8080/"), 6);
-        assert_eq!(hosts.len(), 6, "every request through {address} answered: {hosts:?}");
+        assert_eq!(
+            hosts.len(),
+            6,
+            "every request through {address} answered: {hosts:?}; node1's mesh: {}",
+            String::from_utf8_lossy(&lab.run(&["exec", "node1", "--", "shoal", "ingress", "ls"]).stdout)
+        );
         assert!(
             !hosts.contains(&sick.name),
             "{address} sent a request to {} {:.3} s after its check started failing; its \
