@@ -1302,9 +1302,9 @@ fn render_tasks(tasks: &[TaskView]) -> String {
                 .filter(running)
                 .filter(|t| t.service == *service)
                 .all(|t| {
-                    t.health.as_ref().is_some_and(|h| {
-                        h.status == shoal_cluster::health::HealthStatus::Unhealthy
-                    })
+                    t.health
+                        .as_ref()
+                        .is_some_and(|h| h.status == shoal_cluster::health::HealthStatus::Unhealthy)
                 })
         })
         .collect();

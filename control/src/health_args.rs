@@ -154,7 +154,12 @@ mod tests {
             .unwrap();
         assert_eq!(check.test, HealthTest::Command("test -e /ok".into()));
         assert_eq!(
-            (check.interval_ms, check.timeout_ms, check.retries, check.start_period_ms),
+            (
+                check.interval_ms,
+                check.timeout_ms,
+                check.retries,
+                check.start_period_ms
+            ),
             (90_000, 30_000, 3, 0)
         );
         let http = parse(&["--health-http", "/health", "--health-start-period", "500ms"])
@@ -175,7 +180,10 @@ mod tests {
 
     #[test]
     fn bad_flags_are_refused_with_the_reason() {
-        let error = parse(&["--health-interval", "30"]).err().unwrap().to_string();
+        let error = parse(&["--health-interval", "30"])
+            .err()
+            .unwrap()
+            .to_string();
         assert!(error.contains("30s, 1m30s or 500ms"), "{error}");
         assert!(parse(&["--health-cmd", "true", "--health-tcp"]).is_err());
         assert!(parse(&["--no-healthcheck", "--health-tcp"]).is_err());

@@ -5,12 +5,12 @@ mod client;
 mod commands;
 mod config;
 mod containment_args;
-mod health_args;
 mod debug;
 mod demo;
 #[cfg(test)]
 mod doc_commands;
 mod examples;
+mod health_args;
 mod lab;
 mod metrics;
 mod neighbours;

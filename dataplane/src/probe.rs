@@ -49,7 +49,10 @@ pub fn http(pid: u32, port: u16, path: &str, timeout: Duration) -> Result<String
         }
         let answer = String::from_utf8_lossy(&answer).into_owned();
         let status = http_status(&answer).with_context(|| {
-            format!("not an HTTP answer: {:?}", answer.lines().next().unwrap_or(""))
+            format!(
+                "not an HTTP answer: {:?}",
+                answer.lines().next().unwrap_or("")
+            )
         })?;
         if !(200..400).contains(&status) {
             bail!("{}", answer.trim_end());
@@ -79,7 +82,10 @@ mod tests {
     #[test]
     fn status_lines_are_read() {
         assert_eq!(http_status("HTTP/1.1 200 OK\r\n\r\nhi"), Some(200));
-        assert_eq!(http_status("HTTP/1.0 503 Service Unavailable\r\n"), Some(503));
+        assert_eq!(
+            http_status("HTTP/1.0 503 Service Unavailable\r\n"),
+            Some(503)
+        );
         assert_eq!(http_status("SSH-2.0-OpenSSH"), None);
         assert_eq!(http_status(""), None);
     }

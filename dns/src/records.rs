@@ -297,7 +297,13 @@ mod tests {
             ..TaskEndpoint::new("front", task, service, ip, vip)
         };
         let records = Records::from_endpoints(&[
-            TaskEndpoint::new("front", "web.1.aaa", "web", [10, 0, 1, 3], Some([10, 0, 1, 2])),
+            TaskEndpoint::new(
+                "front",
+                "web.1.aaa",
+                "web",
+                [10, 0, 1, 3],
+                Some([10, 0, 1, 2]),
+            ),
             not_serving("web.2.bbb", "web", [10, 0, 1, 4], Some([10, 0, 1, 2])),
             not_serving("api.1.ccc", "api", [10, 0, 1, 7], Some([10, 0, 1, 8])),
             TaskEndpoint::new("front", "cache.1.ddd", "cache", [10, 0, 1, 5], None),

@@ -28,8 +28,7 @@ pub trait HoldsRecords {
 /// `payload`'s encoding, with the extensions trailer when a record needs one.
 pub fn encode<T: Serialize + HoldsRecords>(payload: &T) -> postcard::Result<Vec<u8>> {
     let mut bytes = postcard::to_allocvec(payload)?;
-    let health: Vec<Option<EndpointHealth>> =
-        payload.records().iter().map(|r| r.health).collect();
+    let health: Vec<Option<EndpointHealth>> = payload.records().iter().map(|r| r.health).collect();
     if health.iter().any(Option::is_some) {
         bytes.extend(postcard::to_allocvec(&RecordExtensions { health })?);
     }
@@ -102,7 +101,9 @@ impl HoldsRecords for Message {
     fn records_mut(&mut self) -> Vec<&mut EndpointRecord> {
         match self {
             Message::Swim(_) => vec![],
-            Message::Updates(updates) => updates.iter_mut().filter_map(Update::record_mut).collect(),
+            Message::Updates(updates) => {
+                updates.iter_mut().filter_map(Update::record_mut).collect()
+            }
         }
     }
 }
@@ -253,6 +254,9 @@ mod tests {
             Some(EndpointHealth::Healthy)
         );
         let old = postcard::from_bytes::<(String, SyncState)>(&encode(&sync).unwrap()).unwrap();
-        assert_eq!(old.1.networks[0].1[0].1.value.as_ref().unwrap().health, None);
+        assert_eq!(
+            old.1.networks[0].1[0].1.value.as_ref().unwrap().health,
+            None
+        );
     }
 }

@@ -82,14 +82,20 @@ struct Trial {
 
 /// One trial on the `turn`-th node's task (sorted by node).
 fn trial(lab: &TestLab, turn: usize) -> Trial {
-    let mut running = wait_for("3 healthy tasks", Duration::from_secs(60), || running_healthy(lab));
+    let mut running = wait_for("3 healthy tasks", Duration::from_secs(60), || {
+        running_healthy(lab)
+    });
     running.sort_by_key(|t| t["node"].as_str().unwrap_or_default().to_owned());
     for check in NODES {
-        wait_for(&format!("{check} routing to 3"), Duration::from_secs(20), || {
-            let ports = lab.try_json(check, &["ingress", "ls"])?;
-            let port = ports.as_array()?.iter().find(|p| p["published"] == 8080)?;
-            (ips(&port["backends"]).len() == 3).then_some(())
-        });
+        wait_for(
+            &format!("{check} routing to 3"),
+            Duration::from_secs(20),
+            || {
+                let ports = lab.try_json(check, &["ingress", "ls"])?;
+                let port = ports.as_array()?.iter().find(|p| p["published"] == 8080)?;
+                (ips(&port["backends"]).len() == 3).then_some(())
+            },
+        );
     }
     let task = running[turn % running.len()].clone();
     let id = task["id"].as_str().expect("id").to_owned();
@@ -123,7 +129,10 @@ fn trial(lab: &TestLab, turn: usize) -> Trial {
                 })
             })
             .collect();
-        pollers.into_iter().map(|p| p.join().expect("a poller")).collect()
+        pollers
+            .into_iter()
+            .map(|p| p.join().expect("a poller"))
+            .collect()
     });
     let last_gone = *gone.iter().max().expect("three nodes");
     let failed = wait_for("the sick task Failed", Duration::from_secs(30), || {
@@ -193,9 +202,18 @@ fn main() {
         .collect();
     let column = |f: fn(&Trial) -> f64| trials.iter().map(f).collect::<Vec<f64>>();
     let rows = [
-        ("unhealthy -> no node routes it", column(|t| t.unhealthy_to_gone_ms)),
-        ("check starts failing -> no node routes it", column(|t| t.sick_to_gone_ms)),
-        ("unhealthy -> task stopped (Swarm's routing ends here)", column(|t| t.unhealthy_to_stopped_ms)),
+        (
+            "unhealthy -> no node routes it",
+            column(|t| t.unhealthy_to_gone_ms),
+        ),
+        (
+            "check starts failing -> no node routes it",
+            column(|t| t.sick_to_gone_ms),
+        ),
+        (
+            "unhealthy -> task stopped (Swarm's routing ends here)",
+            column(|t| t.unhealthy_to_stopped_ms),
+        ),
     ];
     println!(
         "health: {TRIALS} trials, 3 nodes, interval {interval}, retries 1 (target: below interval + 1 s = {} ms)",

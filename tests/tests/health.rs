@@ -50,7 +50,11 @@ fn health_of(lab: &TestLab, service: &str) -> Option<Vec<(String, String)>> {
             .filter(|t| t["state"] == "running")
             .map(|t| {
                 (
-                    format!("{}.{}", t["name"].as_str().unwrap_or(""), t["id"].as_str().unwrap_or("")),
+                    format!(
+                        "{}.{}",
+                        t["name"].as_str().unwrap_or(""),
+                        t["id"].as_str().unwrap_or("")
+                    ),
                     t["health"]["status"].as_str().unwrap_or("none").to_owned(),
                 )
             })
@@ -121,12 +125,20 @@ impl Drop for TaskFile {
 
 /// A task's probe log as `service ps` has it (for failure messages).
 fn probes_of(lab: &TestLab, task: &str) -> String {
-    let tasks = lab.try_json("node1", &["service", "ps", "web"]).unwrap_or_default();
+    let tasks = lab
+        .try_json("node1", &["service", "ps", "web"])
+        .unwrap_or_default();
     tasks
         .as_array()
         .into_iter()
         .flatten()
-        .find(|t| format!("{}.{}", t["name"].as_str().unwrap_or(""), t["id"].as_str().unwrap_or("")) == task)
+        .find(|t| {
+            format!(
+                "{}.{}",
+                t["name"].as_str().unwrap_or(""),
+                t["id"].as_str().unwrap_or("")
+            ) == task
+        })
         .map(|t| t["health"].to_string())
         .unwrap_or_default()
 }
@@ -188,7 +200,9 @@ fn an_unhealthy_task_leaves_every_nodes_routing_keeps_its_connections_and_is_rep
     // A held connection through node1 (TCP echo, a line every 200 ms, for 30 s at most),
     // each answer stamped; the task it reaches is the one made sick.
     let held = Command::new(shoal_bin())
-        .args(["lab", "--name", &lab.name, "exec", "client", "--", "bash", "-c"])
+        .args([
+            "lab", "--name", &lab.name, "exec", "client", "--", "bash", "-c",
+        ])
         .arg(
             "exec 3<>/dev/tcp/192.168.77.11/8080 || exit 1
              for i in $(seq 150); do
@@ -210,7 +224,11 @@ fn an_unhealthy_task_leaves_every_nodes_routing_keeps_its_connections_and_is_rep
             flows
                 .as_array()?
                 .iter()
-                .find(|f| f["published"].as_str().is_some_and(|p| p.ends_with(":8080")))
+                .find(|f| {
+                    f["published"]
+                        .as_str()
+                        .is_some_and(|p| p.ends_with(":8080"))
+                })
                 .and_then(|f| f["backend"].as_str())
                 .map(|b| b.split(':').next().unwrap_or(b).to_owned())
         },
@@ -236,7 +254,10 @@ fn an_unhealthy_task_leaves_every_nodes_routing_keeps_its_connections_and_is_rep
             hosts.len(),
             6,
             "every request through {address} answered: {hosts:?}; node1's mesh: {}",
-            String::from_utf8_lossy(&lab.run(&["exec", "node1", "--", "shoal", "ingress", "ls"]).stdout)
+            String::from_utf8_lossy(
+                &lab.run(&["exec", "node1", "--", "shoal", "ingress", "ls"])
+                    .stdout
+            )
         );
         assert!(
             !hosts.contains(&sick.name),
@@ -252,8 +273,16 @@ fn an_unhealthy_task_leaves_every_nodes_routing_keeps_its_connections_and_is_rep
         .find(|c| c.node != sick.node)
         .expect("a client on another node");
     let hosts = hosts_from_task(&lab, other_client, "http://web/", 6);
-    assert_eq!(hosts.len(), 6, "every request to the VIP answered: {hosts:?}");
-    assert!(!hosts.contains(&sick.name), "the VIP sent a request to {}", sick.name);
+    assert_eq!(
+        hosts.len(),
+        6,
+        "every request to the VIP answered: {hosts:?}"
+    );
+    assert!(
+        !hosts.contains(&sick.name),
+        "the VIP sent a request to {}",
+        sick.name
+    );
     // Nor does any node route to it or name it.
     for client in &clients {
         let (mesh, vip) = routed(&lab, &client.node).expect("routing");
@@ -278,22 +307,25 @@ fn an_unhealthy_task_leaves_every_nodes_routing_keeps_its_connections_and_is_rep
     );
 
     // It is replaced: three healthy tasks again, the sick one Failed as Swarm says it.
-    wait_for(
-        "the sick task replaced",
-        Duration::from_secs(40),
-        || {
-            let health = health_of(&lab, "web")?;
-            let replaced = !health.iter().any(|(name, _)| *name == sick.name);
-            (replaced && health.len() == 3 && health.iter().all(|(_, h)| h == "healthy"))
-                .then_some(())
-        },
-    );
-    let tasks = lab.try_json("node1", &["service", "ps", "web"]).expect("ps");
+    wait_for("the sick task replaced", Duration::from_secs(40), || {
+        let health = health_of(&lab, "web")?;
+        let replaced = !health.iter().any(|(name, _)| *name == sick.name);
+        (replaced && health.len() == 3 && health.iter().all(|(_, h)| h == "healthy")).then_some(())
+    });
+    let tasks = lab
+        .try_json("node1", &["service", "ps", "web"])
+        .expect("ps");
     let failed = tasks
         .as_array()
         .expect("tasks")
         .iter()
-        .find(|t| format!("{}.{}", t["name"].as_str().unwrap(), t["id"].as_str().unwrap()) == sick.name)
+        .find(|t| {
+            format!(
+                "{}.{}",
+                t["name"].as_str().unwrap(),
+                t["id"].as_str().unwrap()
+            ) == sick.name
+        })
         .expect("the sick task in the history");
     assert_eq!(failed["state"], "failed");
     assert_eq!(failed["error"], "task: unhealthy container");
@@ -354,18 +386,26 @@ fn a_task_in_its_start_period_takes_no_traffic_until_healthy() {
     // Failing probes in the start period leave it starting, and out of routing.
     wait_for("a few failed probes", Duration::from_secs(20), || {
         let tasks = lab.try_json("node1", &["service", "ps", "web"])?;
-        let log = tasks.as_array()?.first()?["health"]["log"].as_array()?.len();
+        let log = tasks.as_array()?.first()?["health"]["log"]
+            .as_array()?
+            .len();
         (log >= 3).then_some(())
     });
     let ps = lab.exec("node1", &["shoal", "service", "ps", "web"]);
     assert!(ps.contains("Running (health: starting)"), "{ps}");
     for address in &NODE_ADDRESSES[..2] {
         let hosts = hosts_from_client(&lab, &format!("http://{address}:8080/"), 3);
-        assert!(hosts.is_empty(), "a starting task got traffic through {address}");
+        assert!(
+            hosts.is_empty(),
+            "a starting task got traffic through {address}"
+        );
     }
     for client in &clients {
         let names = tasks_web(&lab, &client.node, &client.name).expect("tasks.web");
-        assert!(names.is_empty(), "tasks.web names a starting task: {names:?}");
+        assert!(
+            names.is_empty(),
+            "tasks.web names a starting task: {names:?}"
+        );
     }
 
     // Ready: the first passing probe ends the start period and routing follows everywhere.
@@ -374,10 +414,14 @@ fn a_task_in_its_start_period_takes_no_traffic_until_healthy() {
     wait_all_healthy(&lab, "web", 1);
     for address in &NODE_ADDRESSES[..2] {
         let url = format!("http://{address}:8080/");
-        let hosts = wait_for(&format!("traffic through {address}"), Duration::from_secs(10), || {
-            let hosts = hosts_from_client(&lab, &url, 3);
-            (hosts.len() == 3).then_some(hosts)
-        });
+        let hosts = wait_for(
+            &format!("traffic through {address}"),
+            Duration::from_secs(10),
+            || {
+                let hosts = hosts_from_client(&lab, &url, 3);
+                (hosts.len() == 3).then_some(hosts)
+            },
+        );
         assert!(hosts.iter().all(|h| *h == web.name), "{hosts:?}");
     }
     let hosts = hosts_from_task(&lab, &clients[0], "http://web/", 3);

@@ -372,7 +372,10 @@ mod tests {
     fn a_task_starts_starting_and_one_success_makes_it_healthy() {
         let mut tracker = HealthTracker::new(&check(3, Duration::ZERO));
         assert_eq!(tracker.health().status, HealthStatus::Starting);
-        assert_eq!(tracker.record(probe(true), SEC), Some(HealthStatus::Healthy));
+        assert_eq!(
+            tracker.record(probe(true), SEC),
+            Some(HealthStatus::Healthy)
+        );
         assert_eq!(tracker.record(probe(true), 2 * SEC), None);
     }
 
@@ -426,7 +429,10 @@ mod tests {
     #[test]
     fn a_success_ends_the_start_period() {
         let mut tracker = HealthTracker::new(&check(1, 60 * SEC));
-        assert_eq!(tracker.record(probe(true), SEC), Some(HealthStatus::Healthy));
+        assert_eq!(
+            tracker.record(probe(true), SEC),
+            Some(HealthStatus::Healthy)
+        );
         assert_eq!(
             tracker.record(probe(false), 2 * SEC),
             Some(HealthStatus::Unhealthy)

@@ -157,9 +157,11 @@ pub fn plan(state: &ClusterState, request: ControlRequest, inputs: &Inputs) -> R
                 |t| t.service_id == service.id,
             ))))
         }
-        ControlRequest::TaskInspect { task } => Plan::answer(Answer::Ready(
-            ControlResponse::Tasks(vec![crate::views::find_task_view(state, &task)?]),
-        )),
+        ControlRequest::TaskInspect { task } => {
+            Plan::answer(Answer::Ready(ControlResponse::Tasks(vec![
+                crate::views::find_task_view(state, &task)?,
+            ])))
+        }
         ControlRequest::ServiceUpdate { service, changes } => {
             let updated = update_service(state, state.find_service(&service)?, changes, inputs.at)?;
             Plan::write(

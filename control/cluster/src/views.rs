@@ -23,15 +23,12 @@ pub fn find_task_view(state: &ClusterState, key: &str) -> anyhow::Result<TaskVie
             "task {key} is ambiguous: give more of its ID"
         ))),
     }
-    views
-        .into_iter()
-        .find(|v| v.name == key)
-        .ok_or_else(|| {
-            shoal_api::ApiError::not_found(format!(
-                "no task {key}: `shoal service ps SERVICE` lists a service's tasks"
-            ))
-            .into()
-        })
+    views.into_iter().find(|v| v.name == key).ok_or_else(|| {
+        shoal_api::ApiError::not_found(format!(
+            "no task {key}: `shoal service ps SERVICE` lists a service's tasks"
+        ))
+        .into()
+    })
 }
 
 pub fn network_view(state: &ClusterState, network: &Network) -> NetworkView {

@@ -43,7 +43,11 @@ pub fn routable(view: &[(String, EndpointRecord)]) -> Vec<(String, EndpointRecor
 mod tests {
     use super::*;
 
-    fn endpoint(service: &str, task: u32, health: Option<EndpointHealth>) -> (String, EndpointRecord) {
+    fn endpoint(
+        service: &str,
+        task: u32,
+        health: Option<EndpointHealth>,
+    ) -> (String, EndpointRecord) {
         let mut record = shoal_gossip::sim::sample_endpoint(1, task);
         record.service_id = service.into();
         record.health = health;
