@@ -805,7 +805,7 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
                         force,
                         containment: containment.update(),
                         placement: Box::new(placement),
-                        health: health.update(),
+                        health: Box::new(health.update()),
                     },
                 },
                 Service

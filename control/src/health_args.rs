@@ -75,7 +75,7 @@ impl HealthArgs {
     }
 
     /// For `service create`: the check, if any.
-    pub fn healthcheck(&self) -> Result<Option<HealthCheck>> {
+    pub fn healthcheck(&self) -> Result<Option<Box<HealthCheck>>> {
         self.update().create()
     }
 }

@@ -145,14 +145,14 @@ impl HealthUpdate {
     }
 
     /// The check `service create` makes of the flags (None: no `--health-cmd/-http/-tcp`).
-    pub fn create(&self) -> Result<Option<HealthCheck>> {
+    pub fn create(&self) -> Result<Option<Box<HealthCheck>>> {
         let mut check = None;
         self.apply(&mut check)?;
         Ok(check)
     }
 
     /// Applies the flags to a service's check; true when it changed.
-    pub fn apply(&self, check: &mut Option<HealthCheck>) -> Result<bool> {
+    pub fn apply(&self, check: &mut Option<Box<HealthCheck>>) -> Result<bool> {
         let before = check.clone();
         if self.disable {
             if self.test.is_some() || self.timings_given() {
@@ -168,13 +168,13 @@ impl HealthUpdate {
                 }
                 Some(existing)
             }
-            (None, Some(test)) => Some(HealthCheck {
+            (None, Some(test)) => Some(Box::new(HealthCheck {
                 test: test.clone(),
                 interval_ms: DEFAULT_INTERVAL.as_millis() as u64,
                 timeout_ms: DEFAULT_TIMEOUT.as_millis() as u64,
                 retries: DEFAULT_RETRIES,
                 start_period_ms: 0,
-            }),
+            })),
             (None, None) if self.timings_given() => bail!(
                 "--health-interval, --health-timeout, --health-retries and \
                  --health-start-period need a check: --health-cmd, --health-http or --health-tcp"

@@ -460,7 +460,7 @@ impl Manager {
                         service_id: t.service_id.clone(),
                         service_name: service.map(|s| s.spec.name.clone()).unwrap_or_default(),
                         ports: spec.map(|s| s.ports.clone()).unwrap_or_default(),
-                        healthcheck: spec.and_then(|s| s.healthcheck.clone()),
+                        healthcheck: spec.and_then(|s| s.healthcheck.as_deref().cloned()),
                     }
                 })
                 .collect(),

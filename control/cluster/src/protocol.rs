@@ -190,7 +190,7 @@ pub struct ServiceChanges {
     pub placement: Box<super::state::PlacementUpdate>,
     /// `--health-*` / `--no-healthcheck`.
     #[serde(default)]
-    pub health: super::health::HealthUpdate,
+    pub health: Box<super::health::HealthUpdate>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -507,9 +507,10 @@ pub struct ServiceSpec {
     /// `--replicas-max-per-node`: at most this many of its tasks on one node (0: no limit).
     #[serde(default)]
     pub max_replicas_per_node: u64,
-    /// `--health-*`: probed on each task's node; routing waits for and follows it.
+    /// `--health-*`: probed on each task's node; routing waits for and follows it. Boxed:
+    /// a spec travels in requests whose size clippy weighs.
     #[serde(default)]
-    pub healthcheck: Option<super::health::HealthCheck>,
+    pub healthcheck: Option<Box<super::health::HealthCheck>>,
 }
 
 /// A published port, as `--publish published=P,target=T,protocol=tcp|udp,mode=ingress|host,

@@ -181,7 +181,7 @@ pub fn service_view(state: &ClusterState, service: &Service) -> ServiceView {
             .map(ToString::to_string)
             .collect(),
         max_replicas_per_node: service.spec.max_replicas_per_node,
-        healthcheck: service.spec.healthcheck.clone(),
+        healthcheck: service.spec.healthcheck.as_deref().cloned(),
         version: service.version,
         update_parallelism: service.spec.update_parallelism,
         update_delay_secs: service.spec.update_delay_secs,
