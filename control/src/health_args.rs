@@ -106,7 +106,7 @@ pub fn render_task(task: &shoal_cluster::protocol::TaskView) -> String {
     if let Some(health) = &task.health {
         out.push_str(&format!(
             "Health:         {} (failing streak {})\n",
-            health.status.label(),
+            health.status.label().trim_start_matches("health: "),
             health.failing_streak
         ));
         for probe in &health.log {

@@ -30,10 +30,11 @@ pub fn http(pid: u32, port: u16, path: &str, timeout: Duration) -> Result<String
         let deadline = Instant::now() + timeout;
         let mut stream = connect(port, timeout)?;
         stream.set_write_timeout(Some(timeout))?;
-        write!(
-            stream,
+        // One write: a server may answer (and close) on the first bytes it reads.
+        let request = format!(
             "GET {path} HTTP/1.0\r\nHost: localhost:{port}\r\nUser-Agent: shoal-health\r\nConnection: close\r\n\r\n"
-        )?;
+        );
+        stream.write_all(request.as_bytes())?;
         let mut answer = Vec::new();
         let mut buf = [0u8; 1024];
         while answer.len() < ANSWER_MAX {

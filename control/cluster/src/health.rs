@@ -100,7 +100,7 @@ impl HealthCheck {
     pub fn describe(&self) -> String {
         let test = match &self.test {
             HealthTest::Command(command) => format!("cmd: {command}"),
-            HealthTest::Http { path, port } => format!("http: GET {}{path}", port_text(*port)),
+            HealthTest::Http { path, port } => format!("http: GET {path} on {}", port_text(*port)),
             HealthTest::Tcp { port } => format!("tcp: {}", port_text(*port)),
         };
         format!(
@@ -114,7 +114,7 @@ impl HealthCheck {
 }
 
 fn port_text(port: HealthPort) -> String {
-    port.map_or("the target port".to_owned(), |p| format!(":{p}"))
+    port.map_or("the target port".to_owned(), |p| format!("port {p}"))
 }
 
 /// What `service update` changes of the health check: each `--health-*` flag given
