@@ -1,7 +1,8 @@
 //! Health checks in the lab: a task whose check starts failing leaves every node's routing
 //! (published port, VIP, `tasks.NAME`) within one interval and a second, keeps the
 //! connections it holds, and is replaced; a task in its start period takes no traffic until
-//! its first passing check. Needs root.
+//! its first passing check; a service none of whose tasks is healthy keeps routing to them
+//! (fail open) and `lb ls` says so. Needs root.
 
 use std::{
     collections::BTreeSet,
@@ -426,4 +427,55 @@ fn a_task_in_its_start_period_takes_no_traffic_until_healthy() {
     }
     let hosts = hosts_from_task(&lab, &clients[0], "http://web/", 3);
     assert_eq!(hosts.len(), 3, "the VIP answers once healthy: {hosts:?}");
+}
+
+#[test]
+fn a_service_with_no_healthy_task_keeps_routing_to_its_unhealthy_ones() {
+    let lab = TestLab::up("healthopen", 2);
+    lab.exec("node1", &["shoal", "network", "create", "front"]);
+    lab.create_service(
+        "web",
+        &[
+            "--replicas",
+            "2",
+            "--network",
+            "front",
+            "--publish",
+            "8080:80",
+            "--health-cmd",
+            "test ! -e /tmp/down-$SHOAL_TASK_ID",
+            "--health-interval",
+            "1s",
+            "--health-retries",
+            "1",
+        ],
+        &WHOAMI,
+    );
+    lab.create_service(
+        "client",
+        &["--mode", "global", "--network", "front"],
+        &["sleep", "infinity"],
+    );
+    let web = lab.running_tasks("web", 2);
+    lab.running_tasks("client", 2);
+    wait_all_healthy(&lab, "web", 2);
+    wait_for("2 backends on node1", Duration::from_secs(20), || {
+        let (mesh, vip) = routed(&lab, "node1")?;
+        (mesh.len() == 2 && vip.len() == 2).then_some(())
+    });
+    // Both fail at once (a shared dependency down): they stay in routing, and say so, until
+    // they are stopped.
+    let files: Vec<TaskFile> = web.iter().map(|t| TaskFile::new("down", t)).collect();
+    for file in &files {
+        std::fs::write(&file.0, b"").expect("the down file");
+    }
+    wait_for("node1 failing open", Duration::from_secs(5), || {
+        let vips = lab.try_json("node1", &["lb", "ls", "web"])?;
+        let vip = vips.as_array()?.first()?.clone();
+        (vip["fail_open"] == true && ips(&vip["backends"]).len() == 2).then_some(())
+    });
+    let hosts = hosts_from_client(&lab, "http://192.168.77.12:8080/", 2);
+    assert_eq!(hosts.len(), 2, "requests still answered: {hosts:?}");
+    let table = lab.exec("node1", &["shoal", "lb", "ls", "web"]);
+    assert!(table.contains("fail open"), "{table}");
 }
