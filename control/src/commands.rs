@@ -393,6 +393,8 @@ pub enum ServiceCommand {
         containment: crate::containment_args::ContainmentArgs,
         #[command(flatten)]
         policies: crate::update_args::UpdateArgs,
+        #[command(flatten)]
+        health: crate::health_args::HealthArgs,
         /// Go back to the previous spec (as `service rollback`)
         #[arg(long)]
         rollback: bool,
@@ -456,6 +458,8 @@ pub struct CreateArgs {
     containment: crate::containment_args::ContainmentArgs,
     #[command(flatten)]
     policies: crate::update_args::UpdateArgs,
+    #[command(flatten)]
+    health: crate::health_args::HealthArgs,
     /// Return at once instead of waiting for the tasks to run
     #[arg(short, long)]
     detach: bool,
@@ -888,6 +892,7 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
             force,
             containment,
             policies,
+            health,
             rollback,
             detach,
             service,
@@ -917,6 +922,7 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
                         placement: Box::new(placement),
                         policy: Box::new(policies.update()),
                         rollback,
+                        health: Box::new(health.update()),
                     }),
                 },
                 Service
@@ -1002,6 +1008,7 @@ fn service_spec(args: CreateArgs) -> Result<ServiceSpec> {
         restart: Default::default(),
         update_control: Default::default(),
         rollback_config: Default::default(),
+        healthcheck: args.health.healthcheck()?,
     };
     args.policies.apply_to(&mut spec);
     Ok(spec)
@@ -1039,6 +1046,7 @@ fn render_service(view: &ServiceView) -> String {
         ),
         render_update_status(view),
         crate::containment_args::render_containment(&view.containment),
+        crate::health_args::render_healthcheck(view.healthcheck.as_deref()),
         format!("Version:        {}\n", view.version),
     ])
     .collect()
@@ -1257,49 +1265,11 @@ fn slot_name(view: &ServiceView, task: &TaskView) -> String {
 /// `shoal task exec TASK -- CMD`: runs CMD in the task's namespaces on this node.
 pub async fn task_exec(client: &Client, task: &str, command: &[String]) -> Result<ExitCode> {
     let pid: u32 = client.get(&format!("/v1/tasks/{task}/pid")).await?;
-    // The command runs with the task's environment, as `docker exec` does.
-    let environ =
-        std::fs::read(format!("/proc/{pid}/environ")).context("reading the task's environment")?;
-    let env = environ.split(|b| *b == 0).filter_map(|entry| {
-        let entry = std::str::from_utf8(entry).ok()?;
-        entry.split_once('=')
-    });
-    let mut nsenter = std::process::Command::new("nsenter");
-    nsenter.args([
-        "--target",
-        &pid.to_string(),
-        "--pid",
-        "--net",
-        "--uts",
-        "--mount",
-        "--",
-    ]);
-    // The command joins the task's confinement (capabilities, user, no_new_privs, seccomp),
-    // as task-init applied it to the task's command: its arguments say which. The masked
-    // paths come with the task's mount namespace.
-    let cmdline =
-        std::fs::read(format!("/proc/{pid}/cmdline")).context("reading the task's confinement")?;
-    let cmdline: Vec<String> = cmdline
-        .split(|b| *b == 0)
-        .map(|arg| String::from_utf8_lossy(arg).into_owned())
-        .collect();
-    if let Some(confinement) = shoal_dataplane::confinement::Confinement::of_task_init(&cmdline)? {
-        nsenter
-            .arg(std::env::current_exe().context("finding the shoal binary")?)
-            .arg("task-confine")
-            .args(confinement.args())
-            .arg("--");
-    }
-    nsenter.args(command).env_clear().envs(env);
-    // In the task's cgroup too: its limits apply, and connections to VIPs are balanced.
-    shoal_dataplane::process::join_cgroup(
-        &mut nsenter,
-        &shoal_dataplane::process::cgroup_of(pid)?,
+    let mut nsenter = shoal_dataplane::task_exec::command_in_task(
+        pid,
+        command,
+        &std::env::current_exe().context("finding the shoal binary")?,
     )?;
-    // And its limits' v1 cgroups, on a hybrid host.
-    for cgroup in shoal_dataplane::limits::v1_cgroups_of(pid) {
-        shoal_dataplane::process::join_cgroup(&mut nsenter, &cgroup)?;
-    }
     let status = nsenter.status().context("running nsenter (util-linux)")?;
     // A command killed by a signal exits 128 + the signal, as in a shell.
     Ok(match (status.code(), status.signal()) {
@@ -1628,10 +1598,25 @@ fn task_rows(tasks: &[TaskView], services: &[ServiceView]) -> Vec<rows::Task> {
 
 /// `shoal task inspect TASK`: Docker's task document (`--pretty`: its main fields).
 pub async fn task_inspect(client: &Client, task: &str, format: &InspectFormat) -> Result<()> {
-    let document = shoal_docker::task(client, task).await?;
-    if format.get() != Inspect::Table {
-        return format.print_docker(&[document]);
+    // shoal's own view (`--format json`, `--pretty`) carries the health and the last probes.
+    let own = |task: String| async move {
+        let tasks = ask!(client, ControlRequest::TaskInspect { task }, Tasks);
+        tasks
+            .into_iter()
+            .next()
+            .context("the managers answered no task")
+    };
+    match format.get() {
+        Inspect::Json => {
+            print!("{}", json(&own(task.to_owned()).await?));
+            return Ok(());
+        }
+        Inspect::Table => {}
+        Inspect::Docker | Inspect::Template(_) => {
+            return format.print_docker(&[shoal_docker::task(client, task).await?]);
+        }
     }
+    let document = shoal_docker::task(client, task).await?;
     let rows = [
         ("ID", document.id.clone()),
         ("Name", document.name.clone()),
@@ -1654,12 +1639,32 @@ pub async fn task_inspect(client: &Client, task: &str, format: &InspectFormat) -
     for (key, value) in rows {
         println!("{:<16}{value}", format!("{key}:"));
     }
+    let own = own(task.to_owned()).await?;
+    print!("{}", crate::health_args::render_health(own.health.as_ref()));
     Ok(())
 }
 
 fn render_tasks(tasks: &[TaskView]) -> String {
     // Tasks come grouped by slot, newest first: the first of a slot is its current task.
     let mut seen = BTreeMap::new();
+    // Services routing to unhealthy tasks because none is healthy (fail open).
+    let running = |t: &&TaskView| t.state == TaskState::Running;
+    let failing_open: std::collections::BTreeSet<&str> = tasks
+        .iter()
+        .filter(running)
+        .map(|t| t.service.as_str())
+        .filter(|service| {
+            tasks
+                .iter()
+                .filter(running)
+                .filter(|t| t.service == *service)
+                .all(|t| {
+                    t.health
+                        .as_ref()
+                        .is_some_and(|h| h.status == shoal_cluster::health::HealthStatus::Unhealthy)
+                })
+        })
+        .collect();
     let rows: Vec<[String; 7]> = tasks
         .iter()
         .map(|t| {
@@ -1669,7 +1674,18 @@ fn render_tasks(tasks: &[TaskView]) -> String {
             let state = if t.state == TaskState::Pending && t.node.is_empty() {
                 format!("Pending {}", ago(t.state_since).to_lowercase())
             } else {
-                format!("{} {}", t.state.label(), ago(t.state_since).to_lowercase())
+                let health = match t.state {
+                    TaskState::Running => crate::health_args::state_suffix(
+                        t.health.as_ref(),
+                        failing_open.contains(t.service.as_str()),
+                    ),
+                    _ => String::new(),
+                };
+                format!(
+                    "{}{health} {}",
+                    t.state.label(),
+                    ago(t.state_since).to_lowercase()
+                )
             };
             [
                 t.id[..12.min(t.id.len())].to_owned(),

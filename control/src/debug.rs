@@ -140,7 +140,9 @@ pub async fn lb(client: &Client, command: LbCommand) -> Result<()> {
                             .iter()
                             .map(ToString::to_string)
                             .collect::<Vec<_>>()
-                            .join(","),
+                            .join(",")
+                            // Its backends are unhealthy tasks: none of the service is healthy.
+                            + if r.fail_open { " (fail open: none healthy)" } else { "" },
                     ]
                 })
                 .collect();

@@ -124,7 +124,14 @@ const EXAMPLES: &[(&str, &str)] = &[
     ("network ls", "shoal network ls\nshoal network ls --format json"),
     ("network inspect", "shoal network inspect front\nshoal network inspect ingress --pretty"),
     ("network rm", "shoal network rm back"),
-    ("task", "shoal task exec web.1.pq8sp0ctahwlmq8ia29o6zl4r -- ip addr"),
+    (
+        "task",
+        "shoal task exec web.1.pq8sp0ctahwlmq8ia29o6zl4r -- ip addr\nshoal task inspect web.1",
+    ),
+    (
+        "task inspect",
+        "shoal task inspect web.1\nshoal task inspect pq8sp0ctahwl --pretty",
+    ),
     (
         "task exec",
         "shoal task exec web.1.pq8sp0ctahwlmq8ia29o6zl4r -- ip addr\n\

@@ -11,6 +11,7 @@ mod demo;
 mod doc_commands;
 mod docker_api;
 mod examples;
+mod health_args;
 mod lab;
 mod metrics;
 mod neighbours;
@@ -55,7 +56,7 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
         #[command(flatten)]
-        settings: AgentSettings,
+        settings: Box<AgentSettings>,
     },
     /// Show the client's and the agent's versions
     Version {
@@ -75,7 +76,7 @@ enum Command {
     Node(commands::NodeCommand),
     /// Manage services (on a manager)
     #[command(subcommand)]
-    Service(commands::ServiceCommand),
+    Service(Box<commands::ServiceCommand>),
     /// Manage overlay networks (on a manager)
     #[command(subcommand)]
     Network(commands::NetworkCommand),
@@ -178,7 +179,8 @@ enum TaskCommand {
         command: Vec<String>,
     },
     /// Details of a task of any service (ID, ID prefix, or `web.1` for the slot's current
-    /// task), as Docker's task document
+    /// task), as Docker's task document; --pretty adds its health and last probes,
+    /// --format json is shoal's own view with them
     Inspect {
         task: String,
         #[command(flatten)]
@@ -277,7 +279,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             mut settings,
         } => {
             settings.socket = cli.socket;
-            agent::run(config, settings)?
+            agent::run(config, *settings)?
         }
         Command::Version { format } => {
             let agent: Version = block_on(client.get("/v1/version"))?;
@@ -314,7 +316,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Lab { name, command } => return run_lab(&lab::Lab::new(&name)?, command),
         Command::Swarm(command) => block_on(commands::swarm(&client, command))?,
         Command::Node(command) => block_on(commands::node(&client, command))?,
-        Command::Service(command) => block_on(commands::service(&client, command))?,
+        Command::Service(command) => block_on(commands::service(&client, *command))?,
         Command::Network(command) => block_on(commands::network(&client, command))?,
         Command::Gossip(command) => block_on(debug::gossip(&client, command))?,
         Command::Lb(command) => block_on(debug::lb(&client, command))?,

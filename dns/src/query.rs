@@ -234,6 +234,7 @@ mod tests {
             service_name: "web".into(),
             ip: [10, 0, 1, 3].into(),
             vip: Some([10, 0, 1, 2].into()),
+            serving: true,
         }])
     }
 
@@ -319,6 +320,7 @@ mod tests {
                 service_name: "big".into(),
                 ip: [10, 0, 3, i].into(),
                 vip: None,
+                serving: true,
             })
             .collect();
         let records = Records::from_endpoints(&endpoints);

@@ -23,6 +23,9 @@ pub struct TaskEndpoint {
     pub ip: Ipv4Addr,
     /// The service's virtual IP on this network; `None` in dnsrr mode.
     pub vip: Option<Ipv4Addr>,
+    /// Whether the task takes new flows (healthy, or unchecked): only those are answered for
+    /// `tasks.SERVICE` and a dnsrr `SERVICE`. Its own name and the VIP resolve either way.
+    pub serving: bool,
 }
 
 impl TaskEndpoint {
@@ -40,6 +43,7 @@ impl TaskEndpoint {
             service_name: service.into(),
             ip: ip.into(),
             vip: vip.map(Into::into),
+            serving: true,
         }
     }
 }
@@ -112,10 +116,19 @@ impl Records {
                 tasks: Vec::new(),
             });
             service.vip = service.vip.or(endpoint.vip);
-            push_unique(&mut service.tasks, endpoint.ip);
+            if endpoint.serving {
+                push_unique(&mut service.tasks, endpoint.ip);
+            }
         }
         for ((network, service_name), service) in services {
             let names = records.networks.entry(network).or_default();
+            // A service none of whose tasks serves is known by its VIP only, if it has one.
+            if service.tasks.is_empty() {
+                if let Some(vip) = service.vip {
+                    names.addresses.insert(service_name, vec![vip]);
+                }
+                continue;
+            }
             let service_addresses = match service.vip {
                 Some(vip) => vec![vip],
                 None => service.tasks.clone(),
@@ -275,6 +288,34 @@ mod tests {
             addresses(records.resolve(&front(), "tasks.web", QueryKind::A)),
             ips(&[[10, 0, 1, 3], [10, 0, 1, 4]])
         );
+    }
+
+    #[test]
+    fn tasks_that_do_not_serve_are_left_out_of_service_answers_but_keep_their_names() {
+        let not_serving = |task: &str, service: &str, ip, vip| TaskEndpoint {
+            serving: false,
+            ..TaskEndpoint::new("front", task, service, ip, vip)
+        };
+        let records = Records::from_endpoints(&[
+            TaskEndpoint::new(
+                "front",
+                "web.1.aaa",
+                "web",
+                [10, 0, 1, 3],
+                Some([10, 0, 1, 2]),
+            ),
+            not_serving("web.2.bbb", "web", [10, 0, 1, 4], Some([10, 0, 1, 2])),
+            not_serving("api.1.ccc", "api", [10, 0, 1, 7], Some([10, 0, 1, 8])),
+            TaskEndpoint::new("front", "cache.1.ddd", "cache", [10, 0, 1, 5], None),
+            not_serving("cache.2.eee", "cache", [10, 0, 1, 6], None),
+        ]);
+        let resolve = |name| records.resolve(&front(), name, QueryKind::A);
+        assert_eq!(addresses(resolve("tasks.web")), ips(&[[10, 0, 1, 3]]));
+        assert_eq!(addresses(resolve("cache")), ips(&[[10, 0, 1, 5]]));
+        assert_eq!(addresses(resolve("web.2.bbb")), ips(&[[10, 0, 1, 4]]));
+        // No task of api serves: its VIP still resolves (and refuses connections meanwhile).
+        assert_eq!(addresses(resolve("api")), ips(&[[10, 0, 1, 8]]));
+        assert!(!matches!(resolve("tasks.api"), Resolution::Addresses(_)));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, RngExt, SeedableRng};
 
 use crate::identity::NodeIdentity;
-use crate::message::{membership_key, split_membership_key, Message, SyncState, Update};
+use crate::message::{self, membership_key, split_membership_key, Message, SyncState, Update};
 use crate::queue::{Scope, TransmitQueue};
 use crate::record::EndpointRecord;
 use crate::table::{Entry, Table};
@@ -583,7 +583,7 @@ impl Gossip {
         let Ok(plain) = self.open(Kind::Datagram, bytes, now_ms) else {
             return;
         };
-        match postcard::from_bytes::<Message>(&plain) {
+        match message::decode::<Message>(&plain) {
             Ok(Message::Swim(data)) => {
                 self.note_probe_ack(&data);
                 if self.foca.handle_data(&data, &mut self.effects).is_err() {
@@ -742,7 +742,7 @@ impl Gossip {
         self.apply_sync(state, now_ms);
         self.stats.syncs_answered += 1;
         let answer = self.sync_state_for(&sender);
-        let payload = postcard::to_allocvec(&answer).map_err(|_| DropReason::Malformed)?;
+        let payload = message::encode(&answer).map_err(|_| DropReason::Malformed)?;
         let sealed = self.sealer.seal(Kind::SyncResponse, &payload, now_ms);
         self.drain_effects(now_ms);
         Ok(sealed)
@@ -762,7 +762,7 @@ impl Gossip {
     }
 
     fn decode_sync(&mut self, plain: &[u8]) -> Result<(String, SyncState), Error> {
-        match postcard::from_bytes::<(String, SyncState)>(plain) {
+        match message::decode::<(String, SyncState)>(plain) {
             Ok(decoded) => Ok(decoded),
             Err(_) => {
                 self.stats.malformed_dropped += 1;
@@ -776,7 +776,7 @@ impl Gossip {
             return;
         };
         let state = self.sync_state_for(peer);
-        let Ok(payload) = postcard::to_allocvec(&state) else {
+        let Ok(payload) = message::encode(&state) else {
             return;
         };
         let bytes = self.sealer.seal(Kind::SyncRequest, &payload, now_ms);
@@ -1054,7 +1054,7 @@ impl Gossip {
     }
 
     fn send_message(&mut self, to: SocketAddr, message: &Message, now_ms: u64) {
-        let Ok(payload) = postcard::to_allocvec(message) else {
+        let Ok(payload) = message::encode(message) else {
             return;
         };
         let bytes = self.sealer.seal(Kind::Datagram, &payload, now_ms);

@@ -21,6 +21,6 @@ pub mod wire;
 pub use crate::core::{
     Error, Gossip, GossipConfig, GossipStats, MemberInfo, MemberState, Output, SwimConfig,
 };
-pub use record::{EndpointRecord, PublishedPort};
+pub use record::{EndpointHealth, EndpointRecord, PublishedPort};
 pub use table::{Entry, LamportClock, Table, Version};
 pub use wire::{DropReason, Keyring, KeyringError};

@@ -33,6 +33,9 @@ struct Pending {
     sent: u32,
 }
 
+/// An upper bound of one record's bytes in the extensions trailer, and the trailer's length.
+const EXTENSIONS_SHARE: usize = 4;
+
 #[derive(Default)]
 pub struct TransmitQueue {
     items: Vec<Pending>,
@@ -43,7 +46,8 @@ impl TransmitQueue {
         let scope = update.scope();
         self.items
             .retain(|p| !(p.scope == scope && p.update.key() == update.key()));
-        let encoded_len = postcard::to_allocvec(&update).map_or(0, |b| b.len());
+        // With the record's share of an extensions trailer (at most a few bytes).
+        let encoded_len = postcard::to_allocvec(&update).map_or(0, |b| b.len()) + EXTENSIONS_SHARE;
         self.items.push(Pending {
             scope,
             update,

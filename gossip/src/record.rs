@@ -4,7 +4,9 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use serde::{Deserialize, Serialize};
 
-/// A task's endpoint on one network. Optional fields default so the record can grow.
+/// A task's endpoint on one network. Optional fields default so the record can grow; fields
+/// added since the first format ride in a trailer (`message::RecordExtensions`) that older
+/// agents never read, so records keep decoding both ways.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointRecord {
     pub task_id: String,
@@ -20,6 +22,19 @@ pub struct EndpointRecord {
     pub vip: Option<Ipv4Addr>,
     #[serde(default)]
     pub ports: Vec<PublishedPort>,
+    /// The task's health when its service checks it (None: it does not). Carried in the
+    /// extensions trailer, not in the record's own encoding.
+    #[serde(skip)]
+    pub health: Option<EndpointHealth>,
+}
+
+/// A health-checked task's state, as routing needs it: only healthy tasks take new flows
+/// (unless none of their service is, see shoal-cluster's routing).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EndpointHealth {
+    Starting,
+    Healthy,
+    Unhealthy,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

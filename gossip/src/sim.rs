@@ -495,5 +495,6 @@ pub fn sample_endpoint(node: usize, task: u32) -> EndpointRecord {
         vtep: IpAddr::V4(Ipv4Addr::new(192, 168, 0, node as u8)),
         vip: None,
         ports: Vec::new(),
+        health: None,
     }
 }

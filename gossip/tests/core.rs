@@ -29,6 +29,7 @@ fn record() -> EndpointRecord {
         vtep: IpAddr::V4(Ipv4Addr::LOCALHOST),
         vip: None,
         ports: Vec::new(),
+        health: None,
     }
 }
 

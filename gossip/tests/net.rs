@@ -40,6 +40,7 @@ fn record(node: &str) -> EndpointRecord {
         vtep: IpAddr::V4(Ipv4Addr::LOCALHOST),
         vip: Some(Ipv4Addr::new(10, 0, 1, 100)),
         ports: Vec::new(),
+        health: None,
     }
 }
 

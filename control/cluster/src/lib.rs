@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod failure;
+pub mod health;
 pub mod ipam;
 pub mod manager;
 pub mod networking;

@@ -396,7 +396,7 @@ impl Manager {
                 state
                     .tasks
                     .get(&r.task_id)
-                    .is_some_and(|t| t.node_id.as_deref() == Some(caller) && r.state > t.state)
+                    .is_some_and(|t| t.node_id.as_deref() == Some(caller) && r.moves(t))
             });
             Some((role, moves))
         });
@@ -460,6 +460,7 @@ impl Manager {
                         service_id: t.service_id.clone(),
                         service_name: service.map(|s| s.spec.name.clone()).unwrap_or_default(),
                         ports: spec.map(|s| s.ports.clone()).unwrap_or_default(),
+                        healthcheck: spec.and_then(|s| s.healthcheck.as_deref().cloned()),
                     }
                 })
                 .collect(),

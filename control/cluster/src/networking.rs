@@ -34,11 +34,12 @@ use shoal_dns::{
 };
 use shoal_gossip::{
     net::{now_ms, Change, GossipHandle, GossipService},
-    EndpointRecord, Gossip, GossipConfig, Keyring, PublishedPort,
+    EndpointHealth, EndpointRecord, Gossip, GossipConfig, Keyring, PublishedPort,
 };
 use tokio::sync::watch;
 
 mod neighbour_demand;
+mod routable;
 
 use super::{
     protocol::{AssignedNetwork, Assignment},
@@ -96,6 +97,9 @@ pub struct LoadBalancer {
     pub network: String,
     #[serde(flatten)]
     pub entry: VipEntry,
+    /// No task of the service is healthy: its backends are its unhealthy tasks.
+    #[serde(default)]
+    pub fail_open: bool,
 }
 
 /// `shoal dns lookup`: a task's view of a name.
@@ -151,6 +155,12 @@ pub struct NodeNetworks {
     users: Mutex<HashMap<String, HashSet<String>>>,
     /// Task ID -> networks it announced an endpoint on.
     announced: Mutex<HashMap<String, Vec<String>>>,
+    /// Task ID -> health, for local tasks whose service checks it: every announcement of
+    /// the task carries it.
+    health: Mutex<HashMap<String, EndpointHealth>>,
+    /// Held across reading and rewriting a local task's records, so a health change and the
+    /// publication of its ports do not undo each other.
+    publishing: tokio::sync::Mutex<()>,
     /// The routing mesh: published ports and flows in the kernel, its per-packet programs,
     /// and this node's endpoint on the ingress network (with its reply program's link).
     mesh: Mutex<MeshTable>,
@@ -249,6 +259,8 @@ impl NodeNetworks {
             gossip: Mutex::default(),
             users: Mutex::default(),
             announced: Mutex::default(),
+            health: Mutex::default(),
+            publishing: tokio::sync::Mutex::default(),
             mesh: Mutex::new(mesh),
             _mesh_clock: MeshClock::start(maps_dir, MESH_CLOCK_INTERVAL)?,
             mesh_programs: Mutex::new(mesh_programs),
@@ -330,6 +342,7 @@ impl NodeNetworks {
             vtep: self.vtep,
             vip: None,
             ports: vec![],
+            health: None,
         };
         gossip
             .publish(&wanted.network_id, &record.task_id, record.clone())
@@ -341,10 +354,12 @@ impl NodeNetworks {
         Ok(())
     }
 
-    /// Points every published port at the running tasks gossip lists for it.
+    /// Points every published port at the running tasks gossip lists for it that take new
+    /// flows (`routable`). A flow the mesh tracks keeps its backend.
     fn program_mesh(&self, view: &[(String, EndpointRecord)]) {
         let mut wanted: BTreeMap<(Protocol, u16), PublishedService> = BTreeMap::new();
-        for (_, record) in view {
+        let routable = routable::routable(view);
+        for (_, record) in &routable {
             for port in &record.ports {
                 let Ok(protocol) = port.protocol.parse::<Protocol>() else {
                     continue;
@@ -365,7 +380,16 @@ impl NodeNetworks {
         }
         let mut mesh = self.mesh.lock().expect("mesh");
         if tokio::time::Instant::now() < self.mesh_grace_until {
-            for (key, kept) in mesh.programmed() {
+            // Gossip may not list a backend yet; one it lists as not serving (starting or
+            // unhealthy) is known to be out.
+            let routed: HashSet<&str> = routable.iter().map(|(key, _)| key.as_str()).collect();
+            let out: HashSet<Ipv4Addr> = view
+                .iter()
+                .filter(|(key, _)| !routed.contains(key.as_str()))
+                .map(|(_, record)| record.ip)
+                .collect();
+            for (key, mut kept) in mesh.programmed() {
+                kept.backends.retain(|ip| !out.contains(ip));
                 let entry = wanted.entry(key).or_insert_with(|| kept.clone());
                 entry.backends.extend(kept.backends);
             }
@@ -559,7 +583,12 @@ impl NodeNetworks {
             let Ok(view) = gossip.view(&net).await else {
                 continue;
             };
-            endpoints.extend(view.into_iter().map(|(_, record)| TaskEndpoint {
+            let serving: HashSet<String> = routable::routable(&view)
+                .into_iter()
+                .map(|(key, _)| key)
+                .collect();
+            endpoints.extend(view.into_iter().map(|(key, record)| TaskEndpoint {
+                serving: serving.contains(&key),
                 network: spec.name.clone(),
                 task_name: record.task_name,
                 service_name: record.service_name,
@@ -704,11 +733,17 @@ impl NodeNetworks {
         }
     }
 
-    /// Points each VIP of the network at the running tasks gossip lists behind it, and drops
-    /// VIPs no endpoint names any more.
+    /// Points each VIP of the network at the running tasks gossip lists behind it that take
+    /// new flows (`routable`), and drops VIPs no endpoint names any more. A VIP whose tasks
+    /// are all starting stays, with no backend: it refuses connections until one is healthy.
     fn program_vips(&self, net: &str, view: &[(String, EndpointRecord)]) {
         let mut wanted: BTreeMap<Ipv4Addr, BTreeSet<Ipv4Addr>> = BTreeMap::new();
         for (_, record) in view {
+            if let Some(vip) = record.vip {
+                wanted.entry(vip).or_default();
+            }
+        }
+        for (_, record) in &routable::routable(view) {
             if let Some(vip) = record.vip {
                 wanted.entry(vip).or_default().insert(record.ip);
             }
@@ -761,14 +796,20 @@ impl NodeNetworks {
     pub async fn load_balancers(&self) -> Result<Vec<LoadBalancer>> {
         let entries = self.vips.lock().expect("vip table").list()?;
         let mut names: HashMap<Ipv4Addr, (String, String)> = HashMap::new();
+        let mut open_vips = HashSet::new();
         if let Some(gossip) = self.gossip() {
             for net in self.overlay.networks() {
                 let network = self
                     .overlay
                     .find(&net)
                     .map_or(net.clone(), |spec| spec.name);
-                for (_, record) in gossip.view(&net).await? {
+                let view = gossip.view(&net).await?;
+                let failing_open = routable::failing_open(&view);
+                for (_, record) in view {
                     if let Some(vip) = record.vip {
+                        if failing_open.contains(&record.service_id) {
+                            open_vips.insert(vip);
+                        }
                         names.insert(vip, (record.service_name, network.clone()));
                     }
                 }
@@ -781,6 +822,7 @@ impl NodeNetworks {
                 LoadBalancer {
                     service,
                     network,
+                    fail_open: open_vips.contains(&entry.vip),
                     entry,
                 }
             })
@@ -851,6 +893,18 @@ impl NodeNetworks {
             anyhow::Ok(interfaces)
         })
         .await??;
+        // A checked task takes no new flow before its first passing probe; an adopted one
+        // was serving, and keeps serving until a probe says otherwise.
+        let health = task.healthcheck.as_ref().map(|_| match adopt {
+            true => EndpointHealth::Healthy,
+            false => EndpointHealth::Starting,
+        });
+        if let Some(health) = health {
+            self.health
+                .lock()
+                .expect("health")
+                .insert(task.task_id.clone(), health);
+        }
         let mut ready_ports = Vec::new();
         let ingress = self.ingress_network();
         for interface in &interfaces {
@@ -870,6 +924,7 @@ impl NodeNetworks {
                 vtep: self.vtep,
                 vip,
                 ports: vec![],
+                health,
             };
             let published: Vec<PublishedPort> =
                 if ingress.as_deref() == Some(interface.network_id.as_str()) {
@@ -944,10 +999,57 @@ impl NodeNetworks {
         let Some(gossip) = self.gossip().filter(|_| still_running) else {
             return;
         };
+        let _publishing = self.publishing.lock().await;
         record.ports = ports;
+        record.health = self.health_of(&record.task_id);
         let key = record.task_id.clone();
         if let Err(err) = gossip.publish(&network, &key, record).await {
             tracing::warn!(task = %key, error = %format!("{err:#}"), "publishing a task's ports");
+        }
+    }
+
+    fn health_of(&self, task_id: &str) -> Option<EndpointHealth> {
+        self.health.lock().expect("health").get(task_id).copied()
+    }
+
+    /// A local task's health changed: its records say so at once, here and, as gossip
+    /// carries them, on every node, which route by it (`routable`) without waiting for the
+    /// managers.
+    pub async fn set_health(&self, task_id: &str, health: EndpointHealth) {
+        let _publishing = self.publishing.lock().await;
+        {
+            let mut known = self.health.lock().expect("health");
+            match known.get_mut(task_id) {
+                Some(current) => *current = health,
+                // Withdrawn meanwhile: nothing to say.
+                None => return,
+            }
+        }
+        let networks = self
+            .announced
+            .lock()
+            .expect("announced")
+            .get(task_id)
+            .cloned()
+            .unwrap_or_default();
+        let Some(gossip) = self.gossip() else {
+            return;
+        };
+        for net in networks {
+            let current = match gossip.view(&net).await {
+                Ok(view) => view.into_iter().find(|(key, _)| key == task_id),
+                Err(err) => {
+                    tracing::warn!(task = %task_id, error = %err, "reading a task's endpoint");
+                    None
+                }
+            };
+            let Some((_, mut record)) = current else {
+                continue;
+            };
+            record.health = Some(health);
+            if let Err(err) = gossip.publish(&net, task_id, record).await {
+                tracing::warn!(task = %task_id, error = %format!("{err:#}"), "announcing a task's health");
+            }
         }
     }
 
@@ -987,6 +1089,8 @@ impl NodeNetworks {
     /// Withdraws a task's endpoints (VIPs stop choosing it, here at once and elsewhere as
     /// gossip carries it), leaving its interfaces in place so its connections can finish.
     pub async fn withdraw(&self, task_id: &str) {
+        let _publishing = self.publishing.lock().await;
+        self.health.lock().expect("health").remove(task_id);
         let announced = self
             .announced
             .lock()

@@ -234,6 +234,7 @@ impl Plan<'_> {
             error: String::new(),
             created_at: self.now,
             state_since: self.now,
+            health: None,
         };
         let id = task.id.clone();
         self.put(task);
@@ -844,6 +845,7 @@ mod tests {
                     restart: Default::default(),
                     update_control: Default::default(),
                     rollback_config: Default::default(),
+                    healthcheck: None,
                 },
                 version: 1,
                 created_at: 0,
@@ -883,6 +885,7 @@ mod tests {
                         task_id: task.id.clone(),
                         state: next,
                         error: String::new(),
+                        health: None,
                     });
                 }
             }
@@ -924,6 +927,7 @@ mod tests {
                     task_id: task.id.clone(),
                     state: TaskState::Failed,
                     error: error.into(),
+                    health: None,
                 }],
                 at,
             })
@@ -1104,6 +1108,7 @@ mod tests {
                 task_id: t.id.clone(),
                 state: TaskState::Shutdown,
                 error: String::new(),
+                health: None,
             })
             .collect();
         state
@@ -1608,6 +1613,7 @@ mod tests {
                     task_id: task.id.clone(),
                     state: ended,
                     error: String::new(),
+                    health: None,
                 }],
                 at,
             })

@@ -162,6 +162,11 @@ pub fn plan(state: &ClusterState, request: ControlRequest, inputs: &Inputs) -> R
                 |t| t.service_id == service.id,
             ))))
         }
+        ControlRequest::TaskInspect { task } => {
+            Plan::answer(Answer::Ready(ControlResponse::Tasks(vec![
+                crate::views::find_task_view(state, &task)?,
+            ])))
+        }
         ControlRequest::ServiceUpdate { service, changes } => {
             let updated =
                 update_service(state, state.find_service(&service)?, *changes, inputs.at)?;
@@ -346,6 +351,11 @@ fn update_service(
         .kind(ErrorKind::Invalid)?
         || restart;
     changes.policy.apply(&mut updated.spec);
+    let restart = changes
+        .health
+        .apply(&mut updated.spec.healthcheck)
+        .kind(ErrorKind::Invalid)?
+        || restart;
     updated.spec.validate().kind(ErrorKind::Invalid)?;
     crate::resources::check_reservation_fits(state, &updated.spec).kind(ErrorKind::Invalid)?;
     state.check_published_ports(&updated)?;

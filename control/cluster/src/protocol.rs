@@ -150,6 +150,9 @@ pub struct Assignment {
     /// User, capabilities and limits the task starts with.
     #[serde(default)]
     pub containment: super::resources::Containment,
+    /// The service's health check, run by the node while the task runs.
+    #[serde(default)]
+    pub healthcheck: Option<super::health::HealthCheck>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -191,6 +194,9 @@ pub struct ServiceChanges {
     /// `service rollback` / `service update --rollback`: back to the previous spec.
     #[serde(default)]
     pub rollback: bool,
+    /// `--health-*` / `--no-healthcheck`.
+    #[serde(default)]
+    pub health: Box<super::health::HealthUpdate>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -226,6 +232,10 @@ pub enum ControlRequest {
     },
     ServiceTasks {
         service: String,
+    },
+    /// One task by ID, ID prefix, `web.1.<id>` or `web.1` (its newest task).
+    TaskInspect {
+        task: String,
     },
     ServiceUpdate {
         service: String,
@@ -355,6 +365,8 @@ pub struct ServiceView {
     /// User, capabilities, limits and reservations of its tasks.
     #[serde(default)]
     pub containment: Box<super::resources::Containment>,
+    #[serde(default)]
+    pub healthcheck: Option<Box<super::health::HealthCheck>>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
 }
@@ -382,4 +394,7 @@ pub struct TaskView {
     /// (ingress-mode ports belong to the service: `service ls` shows them).
     #[serde(default)]
     pub host_ports: Vec<super::state::PortConfig>,
+    /// Its health while it runs with a health check, with the last probes.
+    #[serde(default)]
+    pub health: Option<super::health::TaskHealth>,
 }

@@ -516,6 +516,10 @@ pub struct ServiceSpec {
     /// `--rollback-*`.
     #[serde(default)]
     pub rollback_config: crate::update::UpdateConfig,
+    /// `--health-*`: probed on each task's node; routing waits for and follows it. Boxed:
+    /// a spec travels in requests whose size clippy weighs.
+    #[serde(default)]
+    pub healthcheck: Option<Box<super::health::HealthCheck>>,
 }
 
 /// A published port, as `--publish published=P,target=T,protocol=tcp|udp,mode=ingress|host,
@@ -676,6 +680,9 @@ impl ServiceSpec {
                 self.name
             );
         }
+        if let Some(check) = &self.healthcheck {
+            check.validate(self.ports.first().map(|p| p.target))?;
+        }
         if let ServiceMode::Replicated { replicas } = self.mode {
             if replicas > 10_000 {
                 bail!("service {}: at most 10000 replicas", self.name);
@@ -819,15 +826,24 @@ pub struct Task {
     /// One address per network of the service, allocated with the task.
     #[serde(default)]
     pub attachments: Vec<Attachment>,
+    /// While it runs with a health check: its health as its node last reported a change.
+    #[serde(default)]
+    pub health: Option<super::health::TaskHealth>,
 }
 
 impl Task {
-    /// Up and able to serve: the new task a start-first update waits for. Health is added by
-    /// the health checks.
+    /// Running, and healthy if its service checks health: ready to take its share of traffic
+    /// (the new task a start-first update waits for).
     pub fn is_ready(&self) -> bool {
         self.state == TaskState::Running
+            && self
+                .health
+                .as_ref()
+                .is_none_or(|h| h.status == super::health::HealthStatus::Healthy)
     }
+}
 
+impl Task {
     /// It stopped by itself (exit, or it could not start), not because it was told to or
     /// its node was lost: what the restart policy and the update monitor judge.
     pub fn ended_on_its_own(&self) -> bool {
@@ -844,6 +860,23 @@ pub struct TaskReport {
     pub task_id: String,
     pub state: TaskState,
     pub error: String,
+    /// Its health, when its service checks it.
+    #[serde(default)]
+    pub health: Option<super::health::TaskHealth>,
+}
+
+impl TaskReport {
+    /// Whether the report changes what the managers know of `task`: its state moves forward,
+    /// or its health moved while it runs.
+    pub fn moves(&self, task: &Task) -> bool {
+        self.state > task.state
+            || (self.state == TaskState::Running
+                && task.state == TaskState::Running
+                && self
+                    .health
+                    .as_ref()
+                    .is_some_and(|h| h.moved_from(task.health.as_ref())))
+    }
 }
 
 /// Everything that changes the replicated state.
@@ -1263,7 +1296,13 @@ impl ClusterState {
                 continue;
             };
             // Only the node a task was given to reports on it, and only forward.
-            if task.node_id.as_deref() != Some(node_id) || report.state <= task.state {
+            if task.node_id.as_deref() != Some(node_id) || !report.moves(task) {
+                continue;
+            }
+            if report.health.is_some() {
+                task.health = report.health;
+            }
+            if report.state == task.state {
                 continue;
             }
             task.state = report.state;
@@ -1440,6 +1479,7 @@ pub(crate) mod tests {
             restart: Default::default(),
             update_control: Default::default(),
             rollback_config: Default::default(),
+            healthcheck: None,
         };
         spec_with_a.networks = vec!["id-a".into()];
         state
@@ -1504,6 +1544,7 @@ pub(crate) mod tests {
                 restart: Default::default(),
                 update_control: Default::default(),
                 rollback_config: Default::default(),
+                healthcheck: None,
             },
             version: 1,
             created_at: 0,
@@ -1675,7 +1716,39 @@ pub(crate) mod tests {
             created_at: 0,
             state_since: 0,
             attachments: vec![],
+            health: None,
         }
+    }
+
+    #[test]
+    fn health_reports_of_a_running_task_are_kept_and_decide_readiness() {
+        use crate::health::{HealthStatus, TaskHealth};
+        let mut state = ClusterState::default();
+        state
+            .apply(Command::PutTasks(vec![task("t", "n1", TaskState::Running)]))
+            .unwrap();
+        let report = |status| Command::ReportTasks {
+            node_id: "n1".into(),
+            reports: vec![TaskReport {
+                task_id: "t".into(),
+                state: TaskState::Running,
+                error: String::new(),
+                health: Some(TaskHealth {
+                    status,
+                    failing_streak: 0,
+                    log: vec![],
+                }),
+            }],
+            at: 5,
+        };
+        state.apply(report(HealthStatus::Starting)).unwrap();
+        assert!(!state.tasks["t"].is_ready(), "starting is not ready");
+        state.apply(report(HealthStatus::Healthy)).unwrap();
+        assert!(state.tasks["t"].is_ready());
+        state.apply(report(HealthStatus::Unhealthy)).unwrap();
+        let task = &state.tasks["t"];
+        assert!(!task.is_ready());
+        assert_eq!(task.state_since, 0, "health is not a state change");
     }
 
     #[test]
@@ -1694,6 +1767,7 @@ pub(crate) mod tests {
                 task_id: "t".into(),
                 state: s,
                 error: String::new(),
+                health: None,
             }],
             at: 5,
         };
@@ -1790,6 +1864,7 @@ pub(crate) mod tests {
             restart: Default::default(),
             update_control: Default::default(),
             rollback_config: Default::default(),
+            healthcheck: None,
         };
         assert!(spec("web", &["sleep", "1"]).validate().is_ok());
         assert!(spec("-web", &["x"]).validate().is_err());
@@ -1896,13 +1971,19 @@ pub(crate) mod tests {
             restart: Default::default(),
             update_control: Default::default(),
             rollback_config: Default::default(),
+            healthcheck: None,
         })
         .unwrap();
         let fields = spec.as_object_mut().unwrap();
         fields.remove("placement_prefs");
         fields.remove("max_replicas_per_node");
+        fields.remove("healthcheck");
         let read: ServiceSpec = serde_json::from_value(spec).unwrap();
-        assert_eq!(read.max_replicas_per_node, 0);
+        assert_eq!((read.max_replicas_per_node, read.healthcheck), (0, None));
+        let mut old_task = serde_json::to_value(task("t", "n", TaskState::Running)).unwrap();
+        old_task.as_object_mut().unwrap().remove("health");
+        let old_task: Task = serde_json::from_value(old_task).unwrap();
+        assert!(old_task.health.is_none() && old_task.is_ready());
         let mut n = serde_json::to_value(node("n", 1, Role::Worker)).unwrap();
         n.as_object_mut().unwrap().remove("platform");
         let n: Node = serde_json::from_value(n).unwrap();

@@ -6,6 +6,31 @@ use crate::{
     state::{ClusterState, Network, PublishMode, Service, ServiceMode, Task, TaskState},
 };
 
+/// `task inspect`: a task by ID, ID prefix or `web.1.<id>`, else by `web.1` (its newest
+/// task, as the slot's history lists it first).
+pub fn find_task_view(state: &ClusterState, key: &str) -> anyhow::Result<TaskView> {
+    let views = task_views(state, |_| true);
+    let by_id: Vec<&TaskView> = views
+        .iter()
+        .filter(|v| {
+            !key.is_empty() && (v.id.starts_with(key) || format!("{}.{}", v.name, v.id) == key)
+        })
+        .collect();
+    match by_id.as_slice() {
+        [one] => return Ok((*one).clone()),
+        [] => {}
+        _ => anyhow::bail!(shoal_api::ApiError::invalid(format!(
+            "task {key} is ambiguous: give more of its ID"
+        ))),
+    }
+    views.into_iter().find(|v| v.name == key).ok_or_else(|| {
+        shoal_api::ApiError::not_found(format!(
+            "no task {key}: `shoal service ps SERVICE` lists a service's tasks"
+        ))
+        .into()
+    })
+}
+
 pub fn network_view(state: &ClusterState, network: &Network) -> NetworkView {
     NetworkView {
         id: network.id.clone(),
@@ -102,6 +127,7 @@ pub fn task_views(state: &ClusterState, keep: impl Fn(&Task) -> bool) -> Vec<Tas
                         .collect()
                 })
                 .unwrap_or_default(),
+            health: t.health.clone(),
         })
         .collect();
     // By slot, newest first within a slot: the running task, then its history.
@@ -155,6 +181,7 @@ pub fn service_view(state: &ClusterState, service: &Service) -> ServiceView {
             .map(ToString::to_string)
             .collect(),
         max_replicas_per_node: service.spec.max_replicas_per_node,
+        healthcheck: service.spec.healthcheck.clone(),
         version: service.version,
         update_parallelism: service.spec.update_parallelism,
         update_delay_secs: service.spec.update_delay_secs,

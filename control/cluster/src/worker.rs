@@ -13,7 +13,10 @@ use anyhow::{Context as _, Result};
 use shoal_dataplane::task::{TaskHandle, TaskLaunch, TaskRuntime};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
+mod health_probe;
+
 use super::{
+    health::{HealthCheck, HealthStatus, HealthTracker, TaskHealth},
     ipam::{self, Subnet},
     networking::NodeNetworks,
     pki::Role,
@@ -33,6 +36,11 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 /// carry the withdrawal to every node (a few hundred milliseconds), so no node still sends
 /// new connections to a task that is going away.
 const STOP_DRAIN: Duration = Duration::from_secs(1);
+/// Between an unhealthy task leaving every node's routing (its gossip record says so at
+/// once) and its stop: its established connections get this long to finish.
+const UNHEALTHY_DRAIN: Duration = Duration::from_secs(3);
+/// The error of a task stopped for failing its health check, as Swarm words it.
+pub const UNHEALTHY_ERROR: &str = "task: unhealthy container";
 
 /// A task to supervise: started by this agent, or adopted from a previous one.
 enum Launched {
@@ -47,6 +55,8 @@ struct LocalTask {
     error: String,
     /// Present while the task runs: a message stops it.
     stop: Option<oneshot::Sender<()>>,
+    /// While it runs with a health check.
+    health: Option<TaskHealth>,
 }
 
 pub struct Worker {
@@ -287,6 +297,7 @@ impl Worker {
                 task_id: id.clone(),
                 state: task.state,
                 error: task.error.clone(),
+                health: task.health.clone(),
             })
             .collect()
     }
@@ -380,6 +391,7 @@ impl Worker {
                     state,
                     error,
                     stop,
+                    health: None,
                 },
             );
         }
@@ -417,6 +429,7 @@ impl Worker {
                             state: TaskState::Shutdown,
                             error: String::new(),
                             stop: None,
+                            health: None,
                         },
                     );
                 }
@@ -463,6 +476,7 @@ impl Worker {
                     state: TaskState::Starting,
                     error: String::new(),
                     stop: Some(stop),
+                    health: None,
                 }
             }
             Err(err) => {
@@ -472,6 +486,7 @@ impl Worker {
                     state: TaskState::Rejected,
                     error: format!("{err:#}"),
                     stop: None,
+                    health: None,
                 }
             }
         }
@@ -511,9 +526,7 @@ impl Worker {
             Some(Ok(())) => {
                 tracing::info!(task = %task.name, "task started");
                 self.set_state(&id, TaskState::Running, String::new(), true);
-                let memory_limit = task.containment.limits.memory_bytes;
-                self.wait_or_stop(&id, &mut handle, stopped, memory_limit)
-                    .await
+                self.wait_or_stop(&task, &mut handle, stopped).await
             }
             failed_or_stopped => {
                 // Closing the gate ends the task; stop() reaps it and removes its cgroup.
@@ -546,11 +559,18 @@ impl Worker {
 
     async fn wait_or_stop(
         &self,
-        id: &str,
+        task: &Assignment,
         handle: &mut TaskHandle,
         stopped: oneshot::Receiver<()>,
-        memory_limit: u64,
     ) -> (TaskState, String) {
+        let id = task.task_id.as_str();
+        let memory_limit = task.containment.limits.memory_bytes;
+        let unhealthy = async {
+            match &task.healthcheck {
+                Some(check) => self.watch_health(task, check).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             status = handle.wait() => {
                 let oom_kills = handle.oom_kills();
@@ -579,7 +599,64 @@ impl Worker {
                     Err(err) => (TaskState::Shutdown, format!("stopping: {err:#}")),
                 }
             }
+            () = unhealthy => {
+                // Every node stopped sending it new flows when its record said unhealthy;
+                // what it still serves gets time to finish, then it ends Failed and the
+                // orchestrator replaces it, as Swarm does.
+                tracing::warn!(task = %task.name, "unhealthy: stopping it");
+                tokio::time::sleep(UNHEALTHY_DRAIN).await;
+                self.networks.withdraw(id).await;
+                tokio::time::sleep(STOP_DRAIN).await;
+                if let Err(err) = handle.stop(STOP_GRACE).await {
+                    tracing::warn!(task = %task.name, error = %format!("{err:#}"), "stopping an unhealthy task");
+                }
+                (TaskState::Failed, UNHEALTHY_ERROR.to_owned())
+            }
         }
+    }
+
+    /// Probes the task every interval until it turns unhealthy. Each change of its health
+    /// goes to gossip at once (routing on every node follows it) and to the managers with
+    /// the next heartbeat, sent now.
+    async fn watch_health(&self, task: &Assignment, check: &HealthCheck) {
+        let started = tokio::time::Instant::now();
+        let mut tracker = HealthTracker::new(check);
+        self.set_health(&task.task_id, tracker.health());
+        self.wake.notify_one();
+        loop {
+            tokio::time::sleep(check.interval()).await;
+            let probe = health_probe::run(&self.runtime, task, check).await;
+            let before = tracker.health().clone();
+            let changed = tracker.record(probe, started.elapsed());
+            self.set_health(&task.task_id, tracker.health());
+            if let Some(status) = changed {
+                tracing::info!(task = %task.name, health = status.label(), "health changed");
+                self.networks
+                    .set_health(&task.task_id, routing_health(status))
+                    .await;
+            }
+            // What the managers keep goes at once.
+            if tracker.health().moved_from(Some(&before)) {
+                self.wake.notify_one();
+            }
+            if tracker.health().status == HealthStatus::Unhealthy {
+                return;
+            }
+        }
+    }
+
+    fn set_health(&self, id: &str, health: &TaskHealth) {
+        if let Some(local) = self.tasks.lock().expect("tasks").get_mut(id) {
+            local.health = Some(health.clone());
+        }
+    }
+}
+
+fn routing_health(status: HealthStatus) -> shoal_gossip::EndpointHealth {
+    match status {
+        HealthStatus::Starting => shoal_gossip::EndpointHealth::Starting,
+        HealthStatus::Healthy => shoal_gossip::EndpointHealth::Healthy,
+        HealthStatus::Unhealthy => shoal_gossip::EndpointHealth::Unhealthy,
     }
 }
 

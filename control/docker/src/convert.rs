@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use shoal_cluster::{
+    health::{HealthCheck, HealthTest},
     protocol::{NetworkView, NodeView, ServiceView, TaskView},
     state::{
         EndpointMode, PortConfig as ShoalPort, PublishMode, ServiceMode as ShoalMode, SourceMode,
@@ -98,6 +99,7 @@ pub fn task_spec(view: &ServiceView, networks: &Networks) -> TaskSpec {
             capability_add: c.cap_add.clone(),
             capability_drop: c.cap_drop.clone(),
             isolation: String::new(),
+            healthcheck: view.healthcheck.as_deref().map(health_config),
         },
         resources: (resources != ResourceRequirements::default()).then_some(resources),
         restart_policy: Some(restart_policy(&view.restart_policy)),
@@ -112,6 +114,27 @@ pub fn task_spec(view: &ServiceView, networks: &Networks) -> TaskSpec {
             .collect(),
         force_update: 0,
         runtime: String::new(),
+    }
+}
+
+/// `ContainerSpec.Healthcheck` (see `HealthConfig` for the built-in probes' `Test`).
+pub fn health_config(check: &HealthCheck) -> HealthConfig {
+    let with_port = |mut test: Vec<String>, port: Option<u16>| {
+        test.extend(port.map(|p| p.to_string()));
+        test
+    };
+    HealthConfig {
+        test: match &check.test {
+            HealthTest::Command(command) => vec!["CMD-SHELL".into(), command.clone()],
+            HealthTest::Http { path, port } => {
+                with_port(vec!["SHOAL-HTTP".into(), path.clone()], *port)
+            }
+            HealthTest::Tcp { port } => with_port(vec!["SHOAL-TCP".into()], *port),
+        },
+        interval: check.interval_ms * 1_000_000,
+        timeout: check.timeout_ms * 1_000_000,
+        start_period: check.start_period_ms * 1_000_000,
+        retries: check.retries,
     }
 }
 

@@ -134,6 +134,31 @@ pub struct ContainerSpec {
     /// `default` is what Docker's CLI sends; it means nothing else on Linux.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub isolation: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthcheck: Option<HealthConfig>,
+}
+
+/// Docker's `Healthcheck`, durations in nanoseconds. `Test` is `["CMD-SHELL", command]`,
+/// `["CMD", program, args...]` or `["NONE"]`; shoal's built-in probes, which Docker has no
+/// words for, are `["SHOAL-HTTP", path]` and `["SHOAL-TCP"]`, with the port after them when
+/// `--health-port` set one.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct HealthConfig {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub test: Vec<String>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub interval: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub timeout: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub start_period: u64,
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub retries: u32,
+}
+
+fn is_zero_u32(n: &u32) -> bool {
+    *n == 0
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -8,6 +8,7 @@ use anyhow::{bail, Result};
 use serde_json::Value;
 use shoal_api::ApiError;
 use shoal_cluster::{
+    health::{self, HealthCheck, HealthTest},
     protocol::{ServiceChanges, ServiceView},
     resources::{Containment, ContainmentUpdate},
     state::{
@@ -259,6 +260,10 @@ pub fn service_spec(spec: &ServiceSpec) -> Result<ShoalSpec> {
         },
         update_control: update.control,
         rollback_config: rollback,
+        healthcheck: match &container.healthcheck {
+            Some(config) => health_check(config)?.map(Box::new),
+            None => None,
+        },
         networks: task
             .networks
             .iter()
@@ -314,6 +319,10 @@ pub fn service_changes(
     }
     let mut changes = ServiceChanges {
         policy: Box::new(policy_update(current, &wanted)),
+        health: Box::new(health_update(
+            current.healthcheck.as_deref(),
+            wanted.healthcheck.as_deref(),
+        )),
         ..ServiceChanges::default()
     };
     match (&current.mode, &wanted.mode) {
@@ -409,6 +418,74 @@ pub fn service_changes(
             .then_some(wanted.max_replicas_per_node),
     });
     Ok(changes)
+}
+
+/// `ContainerSpec.Healthcheck`: None for `["NONE"]` (or no test: shoal has no image to take
+/// one from); unset durations and retries take Docker's defaults.
+fn health_check(config: &HealthConfig) -> Result<Option<HealthCheck>> {
+    let invalid = |what: String| anyhow::Error::from(ApiError::invalid(what));
+    let port = |rest: &[String]| -> Result<Option<u16>> {
+        match rest {
+            [] => Ok(None),
+            [port] => port
+                .parse()
+                .map(Some)
+                .map_err(|_| invalid(format!("Healthcheck.Test: bad port {port:?}"))),
+            _ => Err(invalid("Healthcheck.Test: too many words".into())),
+        }
+    };
+    let test = match config.test.as_slice() {
+        [] => return Ok(None),
+        [none] if none == "NONE" => return Ok(None),
+        [kind, command] if kind == "CMD-SHELL" => HealthTest::Command(command.clone()),
+        [kind, words @ ..] if kind == "CMD" && !words.is_empty() => HealthTest::Command(
+            words
+                .iter()
+                .map(|w| format!("'{}'", w.replace('\'', r"'\''")))
+                .collect::<Vec<_>>()
+                .join(" "),
+        ),
+        [kind, path, rest @ ..] if kind == "SHOAL-HTTP" => HealthTest::Http {
+            path: path.clone(),
+            port: port(rest)?,
+        },
+        [kind, rest @ ..] if kind == "SHOAL-TCP" => HealthTest::Tcp { port: port(rest)? },
+        other => bail!(invalid(format!(
+            "Healthcheck.Test {other:?}: CMD-SHELL, CMD or NONE (or shoal's SHOAL-HTTP, SHOAL-TCP)"
+        ))),
+    };
+    let ms = |nanos: u64, default: std::time::Duration| match nanos {
+        0 => default.as_millis() as u64,
+        nanos => nanos.div_ceil(1_000_000),
+    };
+    Ok(Some(HealthCheck {
+        test,
+        interval_ms: ms(config.interval, health::DEFAULT_INTERVAL),
+        timeout_ms: ms(config.timeout, health::DEFAULT_TIMEOUT),
+        retries: match config.retries {
+            0 => health::DEFAULT_RETRIES,
+            n => n,
+        },
+        start_period_ms: config.start_period.div_ceil(1_000_000),
+    }))
+}
+
+fn health_update(old: Option<&HealthCheck>, new: Option<&HealthCheck>) -> health::HealthUpdate {
+    match new {
+        _ if old == new => health::HealthUpdate::default(),
+        None => health::HealthUpdate {
+            disable: true,
+            ..health::HealthUpdate::default()
+        },
+        Some(check) => health::HealthUpdate {
+            test: Some(check.test.clone()),
+            interval_ms: Some(check.interval_ms),
+            timeout_ms: Some(check.timeout_ms),
+            retries: Some(check.retries),
+            start_period_ms: Some(check.start_period_ms),
+            disable: false,
+        },
+    }
 }
 
 /// Docker's nanoseconds as shoal's whole seconds (rounded up: a delay is never shortened).

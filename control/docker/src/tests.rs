@@ -33,6 +33,13 @@ fn web() -> ServiceView {
         rollback_config: Box::default(),
         update_status: None,
         previous_version: None,
+        healthcheck: Some(Box::new(shoal_cluster::health::HealthCheck {
+            test: shoal_cluster::health::HealthTest::Command("test -e /tmp/ok".into()),
+            interval_ms: 1_000,
+            timeout_ms: 2_000,
+            retries: 3,
+            start_period_ms: 0,
+        })),
         networks: vec!["front".into()],
         endpoint_mode: EndpointMode::Vip,
         vips: vec![("front".into(), "10.0.1.2".parse().unwrap())],
@@ -75,7 +82,14 @@ fn a_service_is_dockers_document() {
                 "Name": "web",
                 "Labels": {},
                 "TaskTemplate": {
-                    "ContainerSpec": { "Image": "shoal", "Args": ["whoami"], "Env": ["A=1"] },
+                    "ContainerSpec": {
+                        "Image": "shoal", "Args": ["whoami"], "Env": ["A=1"],
+                        "Healthcheck": {
+                            "Test": ["CMD-SHELL", "test -e /tmp/ok"],
+                            "Interval": 1_000_000_000u64, "Timeout": 2_000_000_000u64,
+                            "Retries": 3
+                        }
+                    },
                     "Placement": { "Constraints": ["node.role==worker"] },
                     "RestartPolicy": {
                         "Condition": "any", "Delay": 5_000_000_000u64, "MaxAttempts": 0
@@ -188,6 +202,7 @@ fn a_network_and_a_task_use_dockers_names() {
         created_at: 0,
         addresses: vec![("front".into(), "10.0.1.3".parse().unwrap())],
         host_ports: vec![],
+        health: None,
     };
     let services = [("web".to_owned(), web())].into();
     let task = serde_json::to_value(convert::task(&task, &services, &networks)).unwrap();
