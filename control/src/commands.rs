@@ -1246,6 +1246,13 @@ fn slot_lines(view: &ServiceView, tasks: &[TaskView]) -> Vec<(String, String)> {
         .into_iter()
         .map(|(slot, task)| {
             let mut line = task.state.label().to_lowercase();
+            // Docker's progress says when a task waits for its health check.
+            if task.state == TaskState::Running {
+                line.push_str(&crate::health_args::state_suffix(
+                    task.health.as_ref(),
+                    false,
+                ));
+            }
             if task.message.starts_with("no suitable node") {
                 line = format!("{line}: {}", task.message);
             }

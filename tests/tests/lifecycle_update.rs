@@ -1,8 +1,9 @@
 //! What happens when a task ends and when a spec changes: the restart policy (`none` leaves a
 //! killed task dead, `on-failure` restarts exit 3 but not exit 0, `max-attempts` stops), an
 //! update that fails pauses or rolls back (with every request through the published port
-//! served), `service rollback` restores the previous spec, and a start-first update of a
-//! single replica refuses no request. Needs root.
+//! served), `service rollback` restores the previous spec, a start-first update of a
+//! single replica refuses no request, and with health checks a rollout waits for health
+//! and rolls back an update whose tasks never turn healthy. Needs root.
 
 use std::{
     collections::BTreeSet,
@@ -357,5 +358,64 @@ fn start_first_updates_a_single_replica_without_a_refused_request() {
     assert_all_served(requests, "a start-first update of one replica");
     let now = lab.running_tasks("web", 1);
     assert_ne!(now[0].name, first[0].name, "the task was replaced");
+    lab.down_clean();
+}
+
+#[test]
+fn health_checks_gate_start_first_and_roll_back_a_never_healthy_update() {
+    let lab = TestLab::up("lu-health", 2);
+    let nodes = ["node1", "node2"];
+    lab.create_service(
+        "web",
+        &[
+            "--publish",
+            "8080:80",
+            "--update-order",
+            "start-first",
+            "--health-http",
+            "/",
+            "--health-interval",
+            "1s",
+            "--health-retries",
+            "2",
+            "--update-failure-action",
+            "rollback",
+            "--update-monitor",
+            "30s",
+        ],
+        &WEB,
+    );
+    let first = lab.running_tasks("web", 1);
+    wait_backends(&lab, &nodes, 1);
+
+    // The old task leaves only once the new one is healthy (its first probe passed).
+    let requests = load(&lab, "192.168.77.11 192.168.77.12", 12);
+    std::thread::sleep(Duration::from_secs(2));
+    let update = service(&lab, &["update", "--env-add", "V=2", "web"]);
+    let out = text(&update);
+    assert!(update.status.success(), "{out}");
+    assert!(out.contains("1/1: running (healthy)"), "{out}");
+    assert_all_served(requests, "a start-first update with a health check");
+    let now = lab.running_tasks("web", 1);
+    assert_ne!(now[0].name, first[0].name, "the task was replaced");
+
+    // A check no task passes: the new task never takes traffic, turns unhealthy, fails,
+    // and the update rolls back to the HTTP check.
+    wait_backends(&lab, &nodes, 1);
+    let requests = load(&lab, "192.168.77.11 192.168.77.12", 20);
+    std::thread::sleep(Duration::from_secs(2));
+    let update = service(
+        &lab,
+        &["update", "--health-cmd", "test -e /nonexistent", "web"],
+    );
+    let out = text(&update);
+    assert!(
+        !update.status.success(),
+        "a rolled-back update fails: {out}"
+    );
+    let view = wait_update_state(&lab, "web", "rollback_completed");
+    assert_eq!(view["healthcheck"]["test"]["http"]["path"], "/", "{view}");
+    assert_all_served(requests, "a never-healthy update rolled back");
+    lab.running_tasks("web", 1);
     lab.down_clean();
 }
