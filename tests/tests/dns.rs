@@ -308,7 +308,11 @@ fn tasks_resolve_through_the_embedded_dns() {
         .find(|t| t.node != client.node)
         .expect("a web task on another node");
     let killed = lab.in_task(&victim, &["pkill", "-9", "-x", "shoal"]);
-    assert!(killed.status.success(), "{killed:?}");
+    // pkill is in the task's cgroup: the task ending as it kills may kill pkill too (137).
+    assert!(
+        killed.status.success() || killed.status.code() == Some(137),
+        "{killed:?}"
+    );
     let gone = &victim.addresses["front"];
     wait_for(
         "the killed task's address gone",
