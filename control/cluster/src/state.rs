@@ -644,6 +644,29 @@ pub enum EndpointMode {
 }
 
 impl ServiceSpec {
+    /// A spec with Swarm's defaults for everything but its name, mode and command.
+    pub fn new(name: &str, mode: ServiceMode, command: Vec<String>) -> Self {
+        Self {
+            name: name.into(),
+            mode,
+            command,
+            env: vec![],
+            constraints: vec![],
+            update_parallelism: 1,
+            update_delay_secs: 0,
+            networks: vec![],
+            endpoint_mode: EndpointMode::Vip,
+            ports: vec![],
+            containment: Default::default(),
+            placement_prefs: vec![],
+            max_replicas_per_node: 0,
+            restart: Default::default(),
+            update_control: Default::default(),
+            rollback_config: Default::default(),
+            healthcheck: None,
+        }
+    }
+
     /// `--update-*` as one config.
     pub fn update_config(&self) -> crate::update::UpdateConfig {
         crate::update::UpdateConfig {
@@ -1462,25 +1485,11 @@ pub(crate) mod tests {
         assert_eq!(state.free_vni(), FIRST_VNI);
         assert_eq!(state.find_network("b").unwrap().vni, 4098);
 
-        let mut spec_with_a = ServiceSpec {
-            name: "web".into(),
-            mode: ServiceMode::Replicated { replicas: 1 },
-            command: vec!["true".into()],
-            env: vec![],
-            constraints: vec![],
-            update_parallelism: 1,
-            update_delay_secs: 0,
-            networks: vec![],
-            endpoint_mode: EndpointMode::Vip,
-            ports: vec![],
-            containment: Default::default(),
-            placement_prefs: vec![],
-            max_replicas_per_node: 0,
-            restart: Default::default(),
-            update_control: Default::default(),
-            rollback_config: Default::default(),
-            healthcheck: None,
-        };
+        let mut spec_with_a = ServiceSpec::new(
+            "web",
+            ServiceMode::Replicated { replicas: 1 },
+            vec!["true".into()],
+        );
         spec_with_a.networks = vec!["id-a".into()];
         state
             .apply(Command::PutService(Service {
@@ -1525,26 +1534,15 @@ pub(crate) mod tests {
         Service {
             id: format!("id-{name}"),
             spec: ServiceSpec {
-                name: name.into(),
-                mode: ServiceMode::Replicated { replicas: 1 },
-                command: vec!["true".into()],
-                env: vec![],
-                constraints: vec![],
-                update_parallelism: 1,
-                update_delay_secs: 0,
-                networks: vec![],
-                endpoint_mode: EndpointMode::Vip,
                 ports: ports
                     .iter()
                     .map(|p| PortConfig::parse(p).unwrap())
                     .collect(),
-                containment: Default::default(),
-                placement_prefs: vec![],
-                max_replicas_per_node: 0,
-                restart: Default::default(),
-                update_control: Default::default(),
-                rollback_config: Default::default(),
-                healthcheck: None,
+                ..ServiceSpec::new(
+                    name,
+                    ServiceMode::Replicated { replicas: 1 },
+                    vec!["true".into()],
+                )
             },
             version: 1,
             created_at: 0,
@@ -1847,24 +1845,12 @@ pub(crate) mod tests {
 
     #[test]
     fn specs_and_constraints_are_checked() {
-        let spec = |name: &str, cmd: &[&str]| ServiceSpec {
-            name: name.into(),
-            mode: ServiceMode::Replicated { replicas: 1 },
-            command: cmd.iter().map(|s| s.to_string()).collect(),
-            env: vec![],
-            constraints: vec![],
-            update_parallelism: 1,
-            update_delay_secs: 0,
-            networks: vec![],
-            endpoint_mode: EndpointMode::Vip,
-            ports: vec![],
-            containment: Default::default(),
-            placement_prefs: vec![],
-            max_replicas_per_node: 0,
-            restart: Default::default(),
-            update_control: Default::default(),
-            rollback_config: Default::default(),
-            healthcheck: None,
+        let spec = |name: &str, cmd: &[&str]| {
+            ServiceSpec::new(
+                name,
+                ServiceMode::Replicated { replicas: 1 },
+                cmd.iter().map(|s| s.to_string()).collect(),
+            )
         };
         assert!(spec("web", &["sleep", "1"]).validate().is_ok());
         assert!(spec("-web", &["x"]).validate().is_err());
@@ -1955,23 +1941,12 @@ pub(crate) mod tests {
         let c: Constraint = serde_json::from_str(old).unwrap();
         assert_eq!(c, Constraint::parse("node.labels.zone!=a").unwrap());
         let mut spec = serde_json::to_value(ServiceSpec {
-            name: "web".into(),
-            mode: ServiceMode::Replicated { replicas: 1 },
-            command: vec!["x".into()],
-            env: vec![],
             constraints: vec![c],
-            update_parallelism: 1,
-            update_delay_secs: 0,
-            networks: vec![],
-            endpoint_mode: EndpointMode::Vip,
-            ports: vec![],
-            containment: Default::default(),
-            placement_prefs: vec![],
-            max_replicas_per_node: 0,
-            restart: Default::default(),
-            update_control: Default::default(),
-            rollback_config: Default::default(),
-            healthcheck: None,
+            ..ServiceSpec::new(
+                "web",
+                ServiceMode::Replicated { replicas: 1 },
+                vec!["x".into()],
+            )
         })
         .unwrap();
         let fields = spec.as_object_mut().unwrap();
