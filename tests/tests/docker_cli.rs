@@ -200,36 +200,36 @@ fn the_docker_cli_drives_the_swarm() {
     );
 
     // `shoal X inspect` prints the Engine API's documents.
-    let shoal = |args: &[&str]| -> Value {
-        let mut all = vec!["shoal"];
-        all.extend_from_slice(args);
-        serde_json::from_str(&lab.exec("node1", &all)).expect("JSON")
-    };
-    let web = docker.get_json("/v1.47/services/web");
-    assert_eq!(
-        shoal(&["service", "inspect", "web"]),
-        Value::Array(vec![web.clone()])
-    );
-    assert_eq!(
-        web["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"],
-        "shoal"
-    );
-    assert_eq!(
-        shoal(&["node", "inspect", "node2"]),
-        Value::Array(vec![docker.get_json("/v1.41/nodes/node2")])
-    );
-    assert_eq!(
-        shoal(&["network", "inspect", "front"]),
-        Value::Array(vec![docker.get_json("/networks/front")])
-    );
     let tasks = docker.get_json(&format!(
         "/v1.47/tasks?filters={}",
         r#"{"service":{"web":true},"desired-state":{"running":true}}"#.replace('"', "%22")
     ));
     let task = tasks[0]["ID"].as_str().expect("a task").to_owned();
+    for (shoal_args, api_path) in [
+        (
+            vec!["service", "inspect", "web"],
+            "/v1.47/services/web".to_owned(),
+        ),
+        (
+            vec!["node", "inspect", "node2"],
+            "/v1.41/nodes/node2".to_owned(),
+        ),
+        (
+            vec!["network", "inspect", "front"],
+            "/networks/front".to_owned(),
+        ),
+        (
+            vec!["task", "inspect", &task],
+            format!("/v1.47/tasks/{task}"),
+        ),
+    ] {
+        let (printed, served) = same_document(&lab, &docker, &shoal_args, &api_path);
+        assert_eq!(printed, Value::Array(vec![served]), "{shoal_args:?}");
+    }
+    let web = docker.get_json("/v1.47/services/web");
     assert_eq!(
-        shoal(&["task", "inspect", &task]),
-        Value::Array(vec![docker.get_json(&format!("/v1.47/tasks/{task}"))])
+        web["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"],
+        "shoal"
     );
 
     // Options shoal lacks: a 400 naming them, through the CLI and on the wire.
@@ -288,4 +288,21 @@ fn the_docker_cli_drives_the_swarm() {
     assert_eq!(docker.ok(&["service", "ls", "-q"]).trim(), "");
     docker.ok(&["network", "rm", "front"]);
     lab.down_clean();
+}
+
+/// `shoal ARGS` on node1 and the API's document at `path`, read while the object stood still:
+/// the API is read before and after, and the three reads are retried until those two agree
+/// (a rolling update or a task's state may move between two reads).
+fn same_document(lab: &TestLab, docker: &Docker, args: &[&str], path: &str) -> (Value, Value) {
+    let mut all = vec!["shoal"];
+    all.extend_from_slice(args);
+    wait_for(
+        &format!("{path} to stand still"),
+        Duration::from_secs(60),
+        || {
+            let before = docker.get_json(path);
+            let printed: Value = serde_json::from_str(&lab.exec("node1", &all)).expect("JSON");
+            (docker.get_json(path) == before).then_some((printed, before))
+        },
+    )
 }
