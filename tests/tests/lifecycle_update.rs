@@ -418,5 +418,52 @@ fn health_checks_gate_start_first_and_roll_back_a_never_healthy_update() {
     assert_eq!(view["healthcheck"]["test"]["http"]["path"], "/", "{view}");
     assert_all_served(requests, "a never-healthy update rolled back");
     lab.running_tasks("web", 1);
+
+    // Three replicas, stop-first: each new task takes traffic only once healthy.
+    lab.exec("node1", &["shoal", "service", "scale", "web=3"]);
+    lab.running_tasks("web", 3);
+    wait_backends(&lab, &nodes, 3);
+    let requests = load(&lab, "192.168.77.11 192.168.77.12", 20);
+    std::thread::sleep(Duration::from_secs(2));
+    let update = service(
+        &lab,
+        &[
+            "update",
+            "--update-order",
+            "stop-first",
+            "--env-add",
+            "V=3",
+            "web",
+        ],
+    );
+    assert!(update.status.success(), "{}", text(&update));
+    assert_all_served(
+        requests,
+        "a rolling update of 3 replicas with a health check",
+    );
+
+    // The never-healthy check again, with pause: the update stops after the first batch.
+    wait_backends(&lab, &nodes, 3);
+    let update = service(
+        &lab,
+        &[
+            "update",
+            "--update-failure-action",
+            "pause",
+            "--health-cmd",
+            "test -e /nonexistent",
+            "web",
+        ],
+    );
+    let out = text(&update);
+    assert!(!update.status.success(), "a paused update fails: {out}");
+    let view = wait_update_state(&lab, "web", "paused");
+    let message = view["update_status"]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        message.starts_with("update paused due to failure or early termination of task"),
+        "{view}"
+    );
     lab.down_clean();
 }

@@ -376,7 +376,9 @@ impl Plan<'_> {
             if task.slot > replicas {
                 self.shut_down(task.clone(), "scaled down");
             } else if task.state.is_terminal() {
-                // Ended: `refill` below replaces it or not, as the restart policy says.
+                // Ended: `refill` below replaces it or not, as the restart policy says,
+                // unless its slot runs another task (start-first) and it is simply done.
+                self.retire_if_superseded(task);
             } else if let Some(why) = self.eviction(task) {
                 self.shut_down(task.clone(), why);
             }
@@ -388,6 +390,23 @@ impl Plan<'_> {
             if !has_live && self.refill(service, |t| t.slot == slot) {
                 self.new_task(service, slot, None);
             }
+        }
+    }
+
+    /// An ended task still desired Running whose slot has another live task (the old one
+    /// of a start-first update it failed to replace) is not refilled: it is marked done, so
+    /// a slot never counts two tasks.
+    fn retire_if_superseded(&mut self, task: &Task) {
+        let same_slot = |t: &Task| {
+            t.service_id == task.service_id
+                && t.slot == task.slot
+                && (t.slot != 0 || t.node_id == task.node_id)
+        };
+        if self
+            .tasks()
+            .any(|t| t.id != task.id && same_slot(t) && self.is_live(t))
+        {
+            self.shut_down(task.clone(), "replaced");
         }
     }
 
@@ -407,6 +426,8 @@ impl Plan<'_> {
                 .any(|n| Some(&n.id) == task.node_id.as_ref());
             if !still_eligible {
                 self.shut_down(task, "node no longer eligible");
+            } else if task.state.is_terminal() {
+                self.retire_if_superseded(&task);
             }
         }
         let reservations = &service.spec.containment.reservations;
@@ -1768,5 +1789,41 @@ mod tests {
         );
         converge(&mut state, 16);
         assert_eq!(update_state(&state, &web), UpdateState::Completed);
+    }
+
+    #[test]
+    fn a_failed_start_first_task_is_done_once_its_slot_keeps_the_old_one() {
+        use crate::update::{FailureAction, UpdateOrder, UpdateState};
+        for mode in [ServiceMode::Replicated { replicas: 1 }, ServiceMode::Global] {
+            let mut state = cluster(1);
+            let web = service(&mut state, "web", mode.clone());
+            let control = &mut state.services.get_mut(&web).unwrap().spec.update_control;
+            control.order = UpdateOrder::StartFirst;
+            control.failure_action = FailureAction::Rollback;
+            converge(&mut state, 1);
+            let old = live(&state, &web).remove(0);
+            update(&mut state, &web, 10);
+            step(&mut state, 10);
+            let new = live(&state, &web)
+                .into_iter()
+                .find(|t| t.id != old.id)
+                .expect("the new task beside the old one");
+            end(&mut state, &new, 11, TaskState::Failed);
+            converge(&mut state, 12);
+            converge(&mut state, 30);
+            assert_eq!(update_state(&state, &web), UpdateState::RollbackCompleted);
+            let desired: Vec<&Task> = state
+                .tasks
+                .values()
+                .filter(|t| t.desired == TaskState::Running)
+                .collect();
+            assert_eq!(
+                desired.len(),
+                1,
+                "{mode:?}: one task meant to run: {desired:?}"
+            );
+            assert_eq!(desired[0].id, old.id, "{mode:?}: the old one, kept");
+            assert_eq!(state.tasks[&new.id].desired, TaskState::Shutdown);
+        }
     }
 }
