@@ -114,6 +114,33 @@ fn wait_update_state(lab: &TestLab, service: &str, state: &str) -> Value {
     )
 }
 
+/// `service update --update-failure-action pause CHANGE web`, once every node routes to
+/// `replicas` backends: the command fails and the service says its update paused on a
+/// task's failure. Returns the command's output and the service.
+fn update_that_pauses(
+    lab: &TestLab,
+    nodes: &[&str],
+    replicas: usize,
+    change: &[&str],
+) -> (String, Value) {
+    wait_backends(lab, nodes, replicas);
+    let mut args = vec!["update", "--update-failure-action", "pause"];
+    args.extend_from_slice(change);
+    args.push("web");
+    let update = service(lab, &args);
+    let out = text(&update);
+    assert!(!update.status.success(), "a paused update fails: {out}");
+    let view = wait_update_state(lab, "web", "paused");
+    let message = view["update_status"]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        message.starts_with("update paused due to failure or early termination of task"),
+        "{view}"
+    );
+    (out, view)
+}
+
 /// Backends of published port 8080 in a node's kernel maps.
 fn backends(lab: &TestLab, node: &str) -> Option<usize> {
     let ports = lab.try_json(node, &["ingress", "ls"])?;
@@ -295,32 +322,10 @@ fn failed_updates_pause_or_roll_back_and_service_rollback_restores() {
 
     // The same update with pause: it stops after the first batch and says why; the two
     // other tasks keep the previous spec.
-    wait_backends(&lab, &nodes, 3);
-    let paused = service(
-        &lab,
-        &[
-            "update",
-            "--update-failure-action",
-            "pause",
-            "--env-add",
-            "MODE=bad",
-            "web",
-        ],
-    );
-    let out = text(&paused);
-    assert!(!paused.status.success(), "a paused update fails: {out}");
+    let (out, view) = update_that_pauses(&lab, &nodes, 3, &["--env-add", "MODE=bad"]);
     assert!(
         out.contains("update paused due to failure or early termination of task"),
         "{out}"
-    );
-    let view = inspect(&lab, "web");
-    assert_eq!(view["update_status"]["state"], "paused", "{view}");
-    let message = view["update_status"]["message"]
-        .as_str()
-        .unwrap_or_default();
-    assert!(
-        message.starts_with("update paused due to failure or early termination of task"),
-        "{view}"
     );
     let pretty = lab.exec("node1", &["shoal", "service", "inspect", "--pretty", "web"]);
     assert!(pretty.contains(" State:         paused"), "{pretty}");
@@ -443,27 +448,6 @@ fn health_checks_gate_start_first_and_roll_back_a_never_healthy_update() {
     );
 
     // The never-healthy check again, with pause: the update stops after the first batch.
-    wait_backends(&lab, &nodes, 3);
-    let update = service(
-        &lab,
-        &[
-            "update",
-            "--update-failure-action",
-            "pause",
-            "--health-cmd",
-            "test -e /nonexistent",
-            "web",
-        ],
-    );
-    let out = text(&update);
-    assert!(!update.status.success(), "a paused update fails: {out}");
-    let view = wait_update_state(&lab, "web", "paused");
-    let message = view["update_status"]["message"]
-        .as_str()
-        .unwrap_or_default();
-    assert!(
-        message.starts_with("update paused due to failure or early termination of task"),
-        "{view}"
-    );
+    update_that_pauses(&lab, &nodes, 3, &["--health-cmd", "test -e /nonexistent"]);
     lab.down_clean();
 }
