@@ -15,18 +15,22 @@ use crate::netns::{self, Netns};
 /// Most bytes of an answer read: enough for the status line and a short body.
 const ANSWER_MAX: usize = 4096;
 
+/// What a probe that ran saw: Ok when it passed, Err when it failed, each with what it saw
+/// (the outer `Result` of a probe is whether it could run at all).
+pub type Verdict = std::result::Result<String, String>;
+
 /// Connects to `port` on the task's loopback; Ok says what answered.
-pub fn tcp(pid: u32, port: u16, timeout: Duration) -> Result<String> {
-    netns::run_in(&Netns::Process(pid), || {
+pub fn tcp(pid: u32, port: u16, timeout: Duration) -> Result<Verdict> {
+    in_task(pid, || {
         connect(port, timeout)?;
         Ok(format!("connected to port {port}"))
     })
 }
 
-/// `GET path` on `port` of the task's loopback: Ok with the status line and the start of the
-/// body when the status is 2xx or 3xx, Err with what went wrong otherwise.
-pub fn http(pid: u32, port: u16, path: &str, timeout: Duration) -> Result<String> {
-    netns::run_in(&Netns::Process(pid), || {
+/// `GET path` on `port` of the task's loopback: passed with the status line and the start of
+/// the body when the status is 2xx or 3xx, failed with what went wrong otherwise.
+pub fn http(pid: u32, port: u16, path: &str, timeout: Duration) -> Result<Verdict> {
+    in_task(pid, || {
         let deadline = Instant::now() + timeout;
         let mut stream = connect(port, timeout)?;
         stream.set_write_timeout(Some(timeout))?;
@@ -59,6 +63,14 @@ pub fn http(pid: u32, port: u16, path: &str, timeout: Duration) -> Result<String
             bail!("{}", answer.trim_end());
         }
         Ok(answer.trim_end().to_owned())
+    })
+}
+
+/// Runs `probe` in the task's network namespace: an error entering it is the probe's own,
+/// one of `probe` is its verdict (without the namespace, which says nothing to the user).
+fn in_task(pid: u32, probe: impl FnOnce() -> Result<String> + Send) -> Result<Verdict> {
+    netns::run_in(&Netns::Process(pid), || {
+        Ok(probe().map_err(|err| format!("{err:#}")))
     })
 }
 

@@ -2,7 +2,8 @@
 //! (published port, VIP, `tasks.NAME`) within one interval and a second, keeps the
 //! connections it holds, and is replaced; a task in its start period takes no traffic until
 //! its first passing check; a service none of whose tasks is healthy keeps routing to them
-//! (fail open) and `lb ls` says so. Needs root.
+//! (fail open) and `lb ls` says so; TCP checks and timed-out commands say what they saw in
+//! the probe log. Needs root.
 
 use std::{
     collections::BTreeSet,
@@ -478,4 +479,75 @@ fn a_service_with_no_healthy_task_keeps_routing_to_its_unhealthy_ones() {
     assert_eq!(hosts.len(), 2, "requests still answered: {hosts:?}");
     let table = lab.exec("node1", &["shoal", "lb", "ls", "web"]);
     assert!(table.contains("fail open"), "{table}");
+}
+
+/// The probe outputs of every task `service` had (running or ended), newest task last.
+fn probe_outputs(lab: &TestLab, service: &str) -> Option<Vec<String>> {
+    let tasks = lab.try_json("node1", &["service", "ps", service])?;
+    Some(
+        tasks
+            .as_array()?
+            .iter()
+            .flat_map(|t| t["health"]["log"].as_array().cloned().unwrap_or_default())
+            .filter_map(|p| p["output"].as_str().map(str::to_owned))
+            .collect(),
+    )
+}
+
+#[test]
+fn tcp_checks_and_timed_out_commands_say_why_in_the_probe_log() {
+    let lab = TestLab::up("healthwhy", 1);
+    let quick = ["--health-interval", "1s", "--health-retries", "1"];
+    let with = |extra: &[&'static str]| -> Vec<&'static str> { [&quick[..], extra].concat() };
+    // The target port of the published port, probed from inside the task's namespace.
+    lab.create_service(
+        "open",
+        &with(&["--publish", "8080:80", "--health-tcp"]),
+        &WHOAMI,
+    );
+    // A port nothing listens on.
+    lab.create_service(
+        "closed",
+        &with(&["--health-tcp", "--health-port", "81"]),
+        &WHOAMI,
+    );
+    // A command that outlives its timeout.
+    lab.create_service(
+        "slow",
+        &with(&["--health-cmd", "sleep 10", "--health-timeout", "500ms"]),
+        &WHOAMI,
+    );
+    wait_all_healthy(&lab, "open", 1);
+    let outputs = probe_outputs(&lab, "open").expect("open's tasks");
+    assert!(
+        outputs.iter().all(|o| o == "connected to port 80"),
+        "{outputs:?}"
+    );
+    for (service, why) in [
+        ("closed", "connecting to port 81"),
+        ("slow", "Health check exceeded timeout (500ms)"),
+    ] {
+        let outputs = wait_for(
+            &format!("{service}'s failing probe"),
+            Duration::from_secs(20),
+            || {
+                let outputs = probe_outputs(&lab, service)?;
+                (!outputs.is_empty()).then_some(outputs)
+            },
+        );
+        assert!(outputs.iter().all(|o| o.starts_with(why)), "{outputs:?}");
+        wait_for(
+            &format!("{service}'s task to fail unhealthy"),
+            Duration::from_secs(30),
+            || {
+                let tasks = lab.try_json("node1", &["service", "ps", service])?;
+                tasks
+                    .as_array()?
+                    .iter()
+                    .any(|t| t["state"] == "failed" && t["error"] == "task: unhealthy container")
+                    .then_some(())
+            },
+        );
+    }
+    lab.down_clean();
 }

@@ -57,10 +57,12 @@ async fn probe(
 }
 
 /// A built-in probe, on a blocking thread (it enters the task's namespace on its own one).
-async fn builtin(probe: impl FnOnce() -> Result<String> + Send + 'static) -> Result<(i32, String)> {
-    Ok(match tokio::task::spawn_blocking(probe).await? {
+async fn builtin(
+    probe: impl FnOnce() -> Result<shoal_dataplane::probe::Verdict> + Send + 'static,
+) -> Result<(i32, String)> {
+    Ok(match tokio::task::spawn_blocking(probe).await?? {
         Ok(output) => (0, output),
-        Err(err) => (1, format!("{err:#}")),
+        Err(why) => (1, why),
     })
 }
 
