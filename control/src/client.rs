@@ -61,7 +61,8 @@ impl Client {
         let body = response.into_body().collect().await?.to_bytes();
         if !status.is_success() {
             match serde_json::from_slice::<ApiError>(&body) {
-                Ok(err) => bail!("{}", err.error),
+                // The error itself, so a caller can tell its kind (its message is the same).
+                Ok(err) => return Err(err.into()),
                 Err(_) => bail!("the agent answered {status}"),
             }
         }

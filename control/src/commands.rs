@@ -2,7 +2,7 @@
 //! local agent, which answers itself or forwards to the leader.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     io::{Read as _, Write as _},
     net::{Ipv4Addr, TcpListener, TcpStream},
     os::unix::process::ExitStatusExt as _,
@@ -14,13 +14,13 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Args, Subcommand, ValueEnum};
 
 use shoal_api::{
-    now, InitRequest, InitResponse, JoinArgs, JoinedResponse, LeaveRequest, Role, Subnet,
-    NOT_IN_SWARM,
+    now, ApiError, ErrorKind, InitRequest, InitResponse, JoinArgs, JoinedResponse, LeaveRequest,
+    Role, Subnet, NOT_IN_SWARM,
 };
 use shoal_cluster::{
     protocol::{
-        ControlRequest, ControlResponse, NetworkCreate, NetworkView, NodeView, ServiceChanges,
-        ServiceView, TaskView,
+        ControlRequest, ControlResponse, LogCursor, NetworkCreate, NetworkView, NodeView,
+        ServiceChanges, ServiceView, TaskView,
     },
     state::{
         Availability, Constraint, EndpointMode, NodeStatus, PlacementPref, PlacementUpdate,
@@ -414,8 +414,12 @@ pub enum ServiceCommand {
     Logs {
         service: String,
         /// Only the last N lines of each task
-        #[arg(long)]
+        #[arg(short = 'n', long)]
         tail: Option<usize>,
+        /// Keep printing what the tasks write (new tasks too) until interrupted or the
+        /// service is removed
+        #[arg(short, long)]
+        follow: bool,
     },
     /// Remove services (their tasks stop)
     Rm {
@@ -949,13 +953,27 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
                 follow_rollout(client, &view.id).await?;
             }
         }
-        ServiceCommand::Logs { service, tail } => {
-            let lines = ask!(client, ControlRequest::ServiceLogs { service, tail }, Logs);
+        ServiceCommand::Logs {
+            service,
+            tail,
+            follow: false,
+        } => {
+            let request = ControlRequest::ServiceLogs {
+                service,
+                tail,
+                after: None,
+            };
+            let lines = ask!(client, request, Logs).lines;
             let width = lines.iter().map(|l| l.source.len()).max().unwrap_or(0);
             for line in lines {
                 println!("{:<width$} | {}", line.source, line.line);
             }
         }
+        ServiceCommand::Logs {
+            service,
+            tail,
+            follow: true,
+        } => follow_logs(client, &service, tail).await?,
         ServiceCommand::Rm { services } => {
             for service in services {
                 control(
@@ -1224,6 +1242,44 @@ fn rollout_progress(view: &ServiceView, tasks: &[TaskView]) -> Progress {
         } else {
             format!(": {}", errors.join("; "))
         },
+    }
+}
+
+/// `service logs --follow`: asks again every half second for what came after the last answer
+/// (its cursor), so each line is printed once; ends when the service is removed.
+async fn follow_logs(client: &Client, service: &str, mut tail: Option<usize>) -> Result<()> {
+    let mut after = LogCursor::new();
+    // A node that cannot be read says so once, not at every poll.
+    let mut unavailable: BTreeSet<String> = BTreeSet::new();
+    let mut width = 0;
+    loop {
+        let request = ControlRequest::ServiceLogs {
+            service: service.to_owned(),
+            tail: tail.take(),
+            after: Some(after.clone()),
+        };
+        let logs = match control(client, request).await {
+            Ok(ControlResponse::Logs(logs)) => logs,
+            Ok(other) => bail!("unexpected answer from the agent: {other:?}"),
+            Err(err) if ApiError::kind_of(&err) == ErrorKind::NotFound => return Ok(()),
+            Err(err) => return Err(err),
+        };
+        let silent: BTreeSet<String> = logs
+            .lines
+            .iter()
+            .filter(|l| l.line.starts_with("(logs unavailable"))
+            .map(|l| l.source.clone())
+            .collect();
+        for line in &logs.lines {
+            if silent.contains(&line.source) && unavailable.contains(&line.source) {
+                continue;
+            }
+            width = width.max(line.source.len());
+            println!("{:<width$} | {}", line.source, line.line);
+        }
+        unavailable = silent;
+        after.extend(logs.cursor);
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 

@@ -4,10 +4,10 @@
 //! from `shoal-docker`, as `shoal X inspect` prints them. Errors are Docker's: a status and
 //! `{"message": ...}`. What shoal cannot do is refused with a 400 naming the option.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use axum::{
-    body::Body,
+    body::{Body, Bytes},
     extract::{Path, Query, Request, State},
     http::{HeaderValue, StatusCode},
     middleware::Next,
@@ -15,10 +15,13 @@ use axum::{
     routing::{get, post},
     Json, Router,
 };
+use http_body_util::channel::Channel;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use shoal_api::{ApiError, ErrorKind, InitRequest, JoinArgs, Role};
-use shoal_cluster::protocol::{ControlRequest, ControlResponse, NetworkCreate, ServiceChanges};
+use shoal_cluster::protocol::{
+    ControlRequest, ControlResponse, LogCursor, LogLine, NetworkCreate, ServiceChanges, ServiceLogs,
+};
 use shoal_docker::{models, spec, Cluster};
 
 use crate::server::AgentState;
@@ -672,13 +675,15 @@ async fn service_remove(
 }
 
 /// Docker's multiplexed log stream (stdout frames), each line led by the task's context, as
-/// `docker service logs` parses it.
+/// `docker service logs` parses it; with `follow`, the stream stays open and carries what the
+/// tasks write next (read every half second, as `shoal service logs --follow` does) until the
+/// client goes or the service is removed.
 async fn service_logs(
     State(state): State<Arc<AgentState>>,
     Path(id): Path<String>,
     Query(query): Query<BTreeMap<String, String>>,
 ) -> Answer<Response> {
-    for unsupported in ["follow", "timestamps", "since"] {
+    for unsupported in ["timestamps", "since"] {
         if flag(&query, unsupported)
             || (unsupported == "since"
                 && query
@@ -697,16 +702,66 @@ async fn service_logs(
         .map(|t| t.parse::<usize>())
         .transpose()
         .map_err(|_| ApiError::invalid("--tail must be a number or all"))?;
+    let follow = flag(&query, "follow");
     let agent = Agent(state);
     let service = shoal_docker::service_view(&agent, &id).await?;
-    let ControlResponse::Logs(lines) = agent
-        .control(ControlRequest::ServiceLogs { service: id, tail })
-        .await?
-    else {
-        return Err(anyhow::anyhow!("unexpected answer from the managers").into());
+    let service_id = service.id;
+    let request = {
+        let service = service_id.clone();
+        move |tail, after| ControlRequest::ServiceLogs {
+            service: service.clone(),
+            tail,
+            after,
+        }
     };
-    let nodes = shoal_docker::nodes(&agent).await?;
-    let mut body = Vec::new();
+    let logs = service_logs_of(&agent, request(tail, follow.then(LogCursor::new))).await?;
+    let first = log_frames(&agent, &service_id, &logs.lines).await?;
+    let response =
+        Response::builder().header("Content-Type", "application/vnd.docker.multiplexed-stream");
+    if !follow {
+        return Ok(response
+            .body(Body::from(first))
+            .map_err(anyhow::Error::from)?);
+    }
+    let (mut sender, body) = Channel::<Bytes, std::convert::Infallible>::new(16);
+    tokio::spawn(async move {
+        let mut after = logs.cursor;
+        let mut frames = first;
+        loop {
+            if !frames.is_empty() && sender.send_data(frames.into()).await.is_err() {
+                return; // the client went
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            // Removed, or no answer: the stream ends, as Docker's does.
+            let Ok(logs) = service_logs_of(&agent, request(None, Some(after.clone()))).await else {
+                return;
+            };
+            after.extend(logs.cursor);
+            let Ok(next) = log_frames(&agent, &service_id, &logs.lines).await else {
+                return;
+            };
+            frames = next;
+        }
+    });
+    Ok(response
+        .body(Body::new(body))
+        .map_err(anyhow::Error::from)?)
+}
+
+async fn service_logs_of(agent: &Agent, request: ControlRequest) -> anyhow::Result<ServiceLogs> {
+    match agent.control(request).await? {
+        ControlResponse::Logs(logs) => Ok(logs),
+        _ => anyhow::bail!("unexpected answer from the managers"),
+    }
+}
+
+/// One stdout frame per line, led by its task's context (node, service and task IDs).
+async fn log_frames(agent: &Agent, service_id: &str, lines: &[LogLine]) -> anyhow::Result<Vec<u8>> {
+    if lines.is_empty() {
+        return Ok(Vec::new());
+    }
+    let nodes = shoal_docker::nodes(agent).await?;
+    let mut frames = Vec::new();
     for line in lines {
         // `web.1.<task id>@node2`
         let (task, host) = line.source.rsplit_once('@').unwrap_or((&line.source, ""));
@@ -716,17 +771,14 @@ async fn service_logs(
             .find(|n| n.description.hostname == host)
             .map_or("", |n| n.id.as_str());
         let text = format!(
-            "com.docker.swarm.node.id={node_id},com.docker.swarm.service.id={},com.docker.swarm.task.id={task_id} {}\n",
-            service.id, line.line
+            "com.docker.swarm.node.id={node_id},com.docker.swarm.service.id={service_id},com.docker.swarm.task.id={task_id} {}\n",
+            line.line
         );
-        body.extend_from_slice(&[1, 0, 0, 0]);
-        body.extend_from_slice(&(text.len() as u32).to_be_bytes());
-        body.extend_from_slice(text.as_bytes());
+        frames.extend_from_slice(&[1, 0, 0, 0]);
+        frames.extend_from_slice(&(text.len() as u32).to_be_bytes());
+        frames.extend_from_slice(text.as_bytes());
     }
-    Ok(Response::builder()
-        .header("Content-Type", "application/vnd.docker.multiplexed-stream")
-        .body(Body::from(body))
-        .map_err(anyhow::Error::from)?)
+    Ok(frames)
 }
 
 async fn task_list(

@@ -19,8 +19,8 @@ use super::{
     plan::{self, Answer, Inputs},
     protocol::{
         AssignedNetwork, Assignment, ClusterRequest, ClusterResponse, ControlRequest,
-        ControlResponse, Envelope, HeartbeatResponse, JoinRequest, JoinResponse, LogLine,
-        LogsRequest, NodeView, TaskLog,
+        ControlResponse, Envelope, HeartbeatResponse, JoinRequest, JoinResponse, LogCursor,
+        LogLine, LogsRequest, NodeView, ServiceLogs, TaskLog,
     },
     raft::{self, Member, Raft, StateMachine},
     state::{Availability, ClusterState, Command, Node, NodeStatus, Task, TaskState},
@@ -599,20 +599,29 @@ impl Manager {
             Answer::Token(role) => {
                 ControlResponse::Token(self.read(|s| s.token(role))?.to_string())
             }
-            Answer::Logs { service_id, tail } => {
+            Answer::Logs {
+                service_id,
+                tail,
+                after,
+            } => {
                 let state = self.state();
-                ControlResponse::Logs(self.service_logs(&state, &service_id, tail).await?)
+                ControlResponse::Logs(
+                    self.service_logs(&state, &service_id, tail, after.as_ref())
+                        .await?,
+                )
             }
         })
     }
 
-    /// Gathers the output of a service's tasks from the nodes that ran them.
+    /// Gathers the output of a service's tasks from the nodes that ran them (following: what
+    /// came after `after`).
     async fn service_logs(
         &self,
         state: &ClusterState,
         service_id: &str,
         tail: Option<usize>,
-    ) -> Result<Vec<LogLine>> {
+        after: Option<&LogCursor>,
+    ) -> Result<ServiceLogs> {
         let mut by_node: BTreeMap<&str, Vec<&Task>> = BTreeMap::new();
         for task in state.tasks.values().filter(|t| t.service_id == service_id) {
             if let Some(node) = task.node_id.as_deref() {
@@ -620,6 +629,7 @@ impl Manager {
             }
         }
         let mut lines = Vec::new();
+        let mut cursor = LogCursor::new();
         for (node_id, tasks) in by_node {
             let Some(node) = state.nodes.get(node_id) else {
                 continue;
@@ -627,6 +637,12 @@ impl Manager {
             let request = LogsRequest {
                 task_ids: tasks.iter().map(|t| t.id.clone()).collect(),
                 tail,
+                after: after.map(|after| {
+                    tasks
+                        .iter()
+                        .filter_map(|t| Some((t.id.clone(), *after.get(&t.id)?)))
+                        .collect()
+                }),
             };
             let logs: Vec<TaskLog> = match self
                 .client
@@ -656,9 +672,10 @@ impl Manager {
                     source: source.clone(),
                     line,
                 }));
+                cursor.insert(log.task_id, log.end);
             }
         }
-        Ok(lines)
+        Ok(ServiceLogs { lines, cursor })
     }
 
     async fn remove_voter(&self, node: &Node) -> Result<()> {

@@ -12,7 +12,7 @@ use shoal_dataplane::mesh::Protocol;
 
 use crate::{
     ipam::{self, HostClaim},
-    protocol::{ControlRequest, ControlResponse, NetworkCreate, ServiceChanges},
+    protocol::{ControlRequest, ControlResponse, LogCursor, NetworkCreate, ServiceChanges},
     state::{
         Availability, ClusterState, Command, Network, Node, NodeStatus, Service, ServiceMode,
         Timestamp,
@@ -59,6 +59,7 @@ pub enum Answer {
     Logs {
         service_id: String,
         tail: Option<usize>,
+        after: Option<LogCursor>,
     },
 }
 
@@ -181,9 +182,14 @@ pub fn plan(state: &ClusterState, request: ControlRequest, inputs: &Inputs) -> R
             }],
             Answer::Ready(ControlResponse::Done),
         ),
-        ControlRequest::ServiceLogs { service, tail } => Plan::answer(Answer::Logs {
+        ControlRequest::ServiceLogs {
+            service,
+            tail,
+            after,
+        } => Plan::answer(Answer::Logs {
             service_id: state.find_service(&service)?.id.clone(),
             tail,
+            after,
         }),
         ControlRequest::NetworkCreate(request) => {
             let network = new_network(state, request, inputs)?;
@@ -1135,6 +1141,7 @@ mod tests {
             ControlRequest::ServiceLogs {
                 service: "id-w".into(),
                 tail: Some(5),
+                after: None,
             },
         )
         .unwrap();
@@ -1143,7 +1150,8 @@ mod tests {
             plan.answer,
             Answer::Logs {
                 service_id: "id-web".into(),
-                tail: Some(5)
+                tail: Some(5),
+                after: None,
             }
         );
         for request in [
@@ -1153,6 +1161,7 @@ mod tests {
             ControlRequest::ServiceLogs {
                 service: "nope".into(),
                 tail: None,
+                after: None,
             },
         ] {
             assert_eq!(refusal(&state, request).0, ErrorKind::NotFound);

@@ -115,12 +115,29 @@ pub struct LogsRequest {
     pub task_ids: Vec<String>,
     /// Last lines per task; all (up to the cap) when unset.
     pub tail: Option<usize>,
+    /// Following: complete lines only, from where each task's last read ended (a task not
+    /// in it from its tail, or its start).
+    #[serde(default)]
+    pub after: Option<LogCursor>,
 }
+
+/// Where a follower's reads of each task's log ended: task ID -> byte offset.
+pub type LogCursor = std::collections::BTreeMap<String, u64>;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct TaskLog {
     pub task_id: String,
     pub lines: Vec<String>,
+    /// The offset after the last line returned.
+    #[serde(default)]
+    pub end: u64,
+}
+
+/// Lines of a service's tasks, and where a follower goes on from.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ServiceLogs {
+    pub lines: Vec<LogLine>,
+    pub cursor: LogCursor,
 }
 
 /// One line of `service logs`, labelled as Docker does: `web.1.<id>@node2`.
@@ -248,6 +265,9 @@ pub enum ControlRequest {
     ServiceLogs {
         service: String,
         tail: Option<usize>,
+        /// Following (`--follow`): where the last answer's cursor ended.
+        #[serde(default)]
+        after: Option<LogCursor>,
     },
     NetworkCreate(NetworkCreate),
     NetworkList,
@@ -296,7 +316,7 @@ pub enum ControlResponse {
     Services(Vec<ServiceView>),
     Service(ServiceView),
     Tasks(Vec<TaskView>),
-    Logs(Vec<LogLine>),
+    Logs(ServiceLogs),
     Networks(Vec<NetworkView>),
     Network(NetworkView),
     Done,

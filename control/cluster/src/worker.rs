@@ -14,6 +14,7 @@ use shoal_dataplane::task::{TaskHandle, TaskLaunch, TaskRuntime};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 mod health_probe;
+mod task_log;
 
 use super::{
     health::{HealthCheck, HealthStatus, HealthTracker, TaskHealth},
@@ -29,8 +30,6 @@ use super::{
 };
 
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
-/// Most lines of one task's log sent for `service logs`.
-const LOG_LINES_CAP: usize = 10_000;
 const STOP_GRACE: Duration = Duration::from_secs(10);
 /// Between withdrawing a stopping task from its VIPs and signalling it: time for gossip to
 /// carry the withdrawal to every node (a few hundred milliseconds), so no node still sends
@@ -144,27 +143,35 @@ impl Worker {
     }
 
     /// Output of local tasks, for a manager: the last `tail` lines of each task's log (at
-    /// most `LOG_LINES_CAP`).
+    /// most `task_log::LINES_CAP`), or for a follower what came after its last read.
     pub fn task_logs(&self, caller: &str, request: &LogsRequest) -> Result<Vec<TaskLog>> {
         if !self.is_manager(caller) {
             anyhow::bail!("only managers may read task logs");
         }
-        let tail = request.tail.unwrap_or(LOG_LINES_CAP).min(LOG_LINES_CAP);
+        let tail = request
+            .tail
+            .unwrap_or(task_log::LINES_CAP)
+            .min(task_log::LINES_CAP);
         let mut logs = Vec::new();
         for id in &request.task_ids {
             // IDs are ours to check: they become file names.
             if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric()) {
                 anyhow::bail!("bad task id {id:?}");
             }
-            let text = std::fs::read(self.runtime.log_path(id)).unwrap_or_default();
-            let text = String::from_utf8_lossy(&text);
-            let lines: Vec<&str> = text.lines().collect();
+            let path = self.runtime.log_path(id);
+            let (lines, end) = match request.after.as_ref().map(|after| after.get(id)) {
+                None => task_log::tail(&task_log::read(&path), tail, false),
+                // A follower's first read of this task: from its tail, or its start.
+                Some(None) if request.tail.is_some() => {
+                    task_log::tail(&task_log::read(&path), tail, true)
+                }
+                Some(None) => task_log::after(&path, 0)?,
+                Some(Some(&offset)) => task_log::after(&path, offset)?,
+            };
             logs.push(TaskLog {
                 task_id: id.clone(),
-                lines: lines[lines.len().saturating_sub(tail)..]
-                    .iter()
-                    .map(|l| l.to_string())
-                    .collect(),
+                lines,
+                end,
             });
         }
         Ok(logs)
