@@ -13,6 +13,7 @@ use anyhow::{Context as _, Result};
 use shoal_dataplane::task::{TaskHandle, TaskLaunch, TaskRuntime};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
+mod drain;
 mod health_probe;
 mod task_log;
 
@@ -31,10 +32,6 @@ use super::{
 
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 const STOP_GRACE: Duration = Duration::from_secs(10);
-/// Between withdrawing a stopping task from its VIPs and signalling it: time for gossip to
-/// carry the withdrawal to every node (a few hundred milliseconds), so no node still sends
-/// new connections to a task that is going away.
-const STOP_DRAIN: Duration = Duration::from_secs(1);
 /// Between an unhealthy task leaving every node's routing (its gossip record says so at
 /// once) and its stop: its established connections get this long to finish.
 const UNHEALTHY_DRAIN: Duration = Duration::from_secs(3);
@@ -600,7 +597,7 @@ impl Worker {
             _ = stopped => {
                 // Out of every VIP first, so no new connection picks a task about to stop.
                 self.networks.withdraw(id).await;
-                tokio::time::sleep(STOP_DRAIN).await;
+                self.drain(task).await;
                 match handle.stop(STOP_GRACE).await {
                     Ok(_) => (TaskState::Shutdown, String::new()),
                     Err(err) => (TaskState::Shutdown, format!("stopping: {err:#}")),
@@ -613,12 +610,21 @@ impl Worker {
                 tracing::warn!(task = %task.name, "unhealthy: stopping it");
                 tokio::time::sleep(UNHEALTHY_DRAIN).await;
                 self.networks.withdraw(id).await;
-                tokio::time::sleep(STOP_DRAIN).await;
+                self.drain(task).await;
                 if let Err(err) = handle.stop(STOP_GRACE).await {
                     tracing::warn!(task = %task.name, error = %format!("{err:#}"), "stopping an unhealthy task");
                 }
                 (TaskState::Failed, UNHEALTHY_ERROR.to_owned())
             }
+        }
+    }
+
+    /// Between withdrawing a task from routing and signalling it: until no node sends it new
+    /// connections any more (see `drain`).
+    async fn drain(&self, task: &Assignment) {
+        let pid = self.runtime.init_pid(&task.task_id).ok();
+        if drain::until_quiet(pid).await {
+            tracing::warn!(task = %task.name, "still given new connections after its withdrawal: stopping it anyway");
         }
     }
 
