@@ -377,25 +377,21 @@ pub async fn take_dns_sockets(unshare_pid: u32) -> Result<DnsSockets> {
     bail!("task-init (under pid {unshare_pid}) did not hold the task's DNS sockets within 5 s")
 }
 
-/// Polling for a starting task's next step (its namespaces) for 5 s at most: every 0.2 ms for
-/// the first 50 ms, where a start normally is (the namespaces appear 1-3 ms after `unshare`
-/// is exec'd, and every step of a coarser poll was waited for in full by the attach), then
-/// doubling up to 10 ms, so a slow start is not polled thousands of times a second.
+/// Polling for a starting task's next step (its namespaces, a previous agent's task-init
+/// holding the DNS sockets) for 5 s at most: 0.25 ms first, doubling up to 10 ms, so a slow
+/// one is not polled a thousand times a second. (The runtime's timer rounds a sleep up to its
+/// 1 ms tick: the first moments of a start are watched from a blocking thread instead, see
+/// `TaskHandle::netns_pid`.)
 struct StartupWait {
     next: Duration,
-    quick_until: std::time::Instant,
     deadline: std::time::Instant,
 }
 
 impl StartupWait {
-    const QUICK: Duration = Duration::from_micros(200);
-
     fn new() -> Self {
-        let now = std::time::Instant::now();
         Self {
-            next: Self::QUICK,
-            quick_until: now + Duration::from_millis(50),
-            deadline: now + Duration::from_secs(5),
+            next: Duration::from_micros(250),
+            deadline: std::time::Instant::now() + Duration::from_secs(5),
         }
     }
 
@@ -405,10 +401,15 @@ impl StartupWait {
 
     async fn pause(&mut self) {
         tokio::time::sleep(self.next).await;
-        if std::time::Instant::now() >= self.quick_until {
-            self.next = (self.next * 2).min(Duration::from_millis(10));
-        }
+        self.next = (self.next * 2).min(Duration::from_millis(10));
     }
+}
+
+/// Whether process `pid` is in another network namespace than `ours` (None: it has ended).
+fn in_other_netns(pid: u32, ours: &Path) -> Option<bool> {
+    fs::read_link(format!("/proc/{pid}/ns/net"))
+        .ok()
+        .map(|theirs| theirs != ours)
 }
 
 fn pidfd_open(pid: u32) -> io::Result<std::os::fd::OwnedFd> {
@@ -444,20 +445,40 @@ fn read_exit_file(path: &Path) -> Option<ExitStatus> {
 
 impl TaskHandle {
     /// The PID of a process inside the task's network namespace, once there is one: the
-    /// `unshare` process itself moves into the namespaces it makes.
+    /// `unshare` process itself moves into the namespaces it makes. The namespace appears 1-3
+    /// ms after `unshare` was exec'd (which `start` waited for), and the attach waits for this
+    /// in full, so the first 50 ms are watched every 0.1 ms from a blocking thread (the
+    /// runtime's timer has a 1 ms tick); a slower start is polled less and less often.
     pub async fn netns_pid(&self) -> Result<u32> {
+        const QUICK: Duration = Duration::from_micros(100);
+        const QUICK_FOR: Duration = Duration::from_millis(50);
         let pid = match &self.process {
             TaskProcess::Child(child) => child.id().context("the task already ended")?,
             TaskProcess::Adopted { unshare_pid, .. } => return Ok(*unshare_pid),
         };
         let ours = fs::read_link("/proc/self/ns/net")?;
+        let quick = {
+            let ours = ours.clone();
+            tokio::task::spawn_blocking(move || {
+                let start = std::time::Instant::now();
+                loop {
+                    match in_other_netns(pid, &ours) {
+                        Some(false) if start.elapsed() < QUICK_FOR => std::thread::sleep(QUICK),
+                        other => return other,
+                    }
+                }
+            })
+            .await?
+        };
         let mut wait = StartupWait::new();
+        let mut seen = quick;
         while wait.more() {
-            match fs::read_link(format!("/proc/{pid}/ns/net")) {
-                Ok(theirs) if theirs != ours => return Ok(pid),
-                Ok(_) => wait.pause().await,
-                Err(_) => bail!("the task ended before its namespaces were made"),
+            match seen {
+                Some(true) => return Ok(pid),
+                Some(false) => wait.pause().await,
+                None => bail!("the task ended before its namespaces were made"),
             }
+            seen = in_other_netns(pid, &ours);
         }
         bail!("the task's namespaces did not appear within 5 s")
     }

@@ -504,8 +504,9 @@ impl Worker {
                     shoal_dataplane::task::open_dns_sockets(pid)
                 })
                 .await??;
-                self.networks.connect(task, pid, &dns).await?;
-                handle.open_gate(&dns)
+                self.networks
+                    .connect(task, pid, &dns, || handle.open_gate(&dns))
+                    .await
             }
             Launched::Adopted(handle) => {
                 let pid = handle.netns_pid().await?;
