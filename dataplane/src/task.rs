@@ -609,9 +609,9 @@ fn kill_cgroup(cgroup: &Path) -> Result<()> {
 /// puts the task's resolv.conf over /etc/resolv.conf (in its private mount namespace), then
 /// runs the command as its child: it forwards signals to it (a PID 1 without handlers would
 /// ignore SIGTERM), reaps orphans, and exits with the command's status (128 + signal when it
-/// was killed). Everything of the command's confinement is prepared before the gate; past it,
-/// task-init only takes the DNS sockets, forks, applies and execs. Returns only on a set-up
-/// error.
+/// was killed). Everything up to the command's exec happens before the gate (the command's
+/// process forked and confined, waiting); past it, task-init only takes the DNS sockets and
+/// releases the command, which execs. Returns only on a set-up error.
 pub fn exec_init(
     gate_fd: i32,
     (hostname, resolv_conf): (&str, &Path),
@@ -727,6 +727,19 @@ fn bring_loopback_up() -> Result<()> {
     Ok(())
 }
 
+/// In the command's process before exec: whether task-init released it (it passed the
+/// gate), rather than ended.
+fn released(release_wait: &std::os::fd::OwnedFd) -> bool {
+    let mut byte = [0u8; 1];
+    loop {
+        match nix::unistd::read(release_wait, &mut byte) {
+            Ok(n) => return n == 1,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
 /// A close-on-exec copy of `fd` numbered 16 or more: clear of `DNS_UDP_FD` and `DNS_TCP_FD`.
 fn dup_above_dns_fds(fd: &impl std::os::fd::AsRawFd) -> io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd as _;
@@ -826,7 +839,6 @@ fn run_init(
         .map(|a| CString::new(a.as_bytes()))
         .collect::<Result<_, _>>()?;
     let program = argv.first().context("no command")?.clone();
-    wait_at_gate(gate_fd)?;
 
     let forwarded = [
         Signal::SIGTERM,
@@ -843,15 +855,26 @@ fn run_init(
         mask.add(signal);
     }
     let previous = mask.thread_swap_mask(SigmaskHow::SIG_BLOCK)?;
+    // The command's process is forked and confined before the gate (the seccomp filter's
+    // install alone is most of a millisecond), then waits on `release` for task-init to have
+    // passed the gate: past it, only an exec is left.
+    let (release_wait, release) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     // SAFETY: task-init is single-threaded (no runtime has started), so fork is safe.
     let child = match unsafe { fork() }.context("fork")? {
         ForkResult::Child => {
             let _ = previous.thread_set_mask();
+            drop(release);
+            // SAFETY: the gate is task-init's; the command must not hold it.
+            unsafe { libc::close(gate_fd) };
             if let Some(confinement) = &confinement {
                 if let Err(err) = confinement.apply() {
                     eprintln!("shoal: confining the task: {err:#}");
                     std::process::exit(126);
                 }
+            }
+            if !released(&release_wait) {
+                // The gate closed: task-init is gone, and the task with it.
+                std::process::exit(1);
             }
             let err = nix::unistd::execvp(&program, &argv).unwrap_err();
             eprintln!("shoal: executing {}: {err}", command[0]);
@@ -859,6 +882,10 @@ fn run_init(
         }
         ForkResult::Parent { child } => child,
     };
+    drop(release_wait);
+    wait_at_gate(gate_fd)?;
+    nix::unistd::write(&release, GATE_OPEN).context("releasing the task's command")?;
+    drop(release);
     loop {
         let signal = mask.wait().context("waiting for signals")?;
         if signal != Signal::SIGCHLD {
