@@ -859,6 +859,11 @@ fn run_init(
     // install alone is most of a millisecond), then waits on `release` for task-init to have
     // passed the gate: past it, only an exec is left.
     let (release_wait, release) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    // Clear of where the DNS sockets go at the gate.
+    let release = {
+        let low = release;
+        dup_above_dns_fds(&low)?
+    };
     // SAFETY: task-init is single-threaded (no runtime has started), so fork is safe.
     let child = match unsafe { fork() }.context("fork")? {
         ForkResult::Child => {
