@@ -777,7 +777,10 @@ fn wait_at_gate(gate_fd: i32) -> Result<()> {
     for cmsg in message.cmsgs().context("reading the start gate")? {
         if let ControlMessageOwned::ScmRights(fds) = cmsg {
             // SAFETY: descriptors the kernel just installed for us.
-            received.extend(fds.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+            received.extend(
+                fds.into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
         }
     }
     let [udp, tcp]: [OwnedFd; 2] = received
