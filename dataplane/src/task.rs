@@ -786,8 +786,10 @@ fn wait_at_gate(gate_fd: i32) -> Result<()> {
     let [udp, tcp]: [OwnedFd; 2] = received
         .try_into()
         .map_err(|_| anyhow::anyhow!("the start gate opened without the task's DNS sockets"))?;
-    // Above the targets first: a received descriptor may sit on the other's target.
-    let (udp, tcp) = (dup_above_dns_fds(&udp)?, dup_above_dns_fds(&tcp)?);
+    // Above the targets first (a received descriptor may sit on the other's target), and the
+    // received ones closed now: closed later, they would close what dup3 put in their place.
+    let above = |received: OwnedFd| dup_above_dns_fds(&received);
+    let (udp, tcp) = (above(udp)?, above(tcp)?);
     for (fd, target) in [(udp, DNS_UDP_FD), (tcp, DNS_TCP_FD)] {
         use std::os::fd::AsRawFd as _;
         // SAFETY: dup3 onto a descriptor task-init does not otherwise use.
