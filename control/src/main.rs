@@ -105,25 +105,7 @@ enum Command {
     },
     /// Inside a new task's namespaces: set it up and exec its command (used by the agent)
     #[command(hide = true)]
-    TaskInit {
-        /// Descriptor of the start gate: the command runs once the agent writes to it
-        #[arg(long)]
-        gate_fd: i32,
-        #[arg(long)]
-        hostname: String,
-        #[arg(long)]
-        resolv_conf: PathBuf,
-        /// Where the command's exit status is written when it ends
-        #[arg(long)]
-        exit_file: PathBuf,
-        #[command(flatten)]
-        confinement: ConfinementArgs,
-        /// An agent path to hide from the task (an empty mount over it); repeatable
-        #[arg(long = "mask")]
-        masks: Vec<PathBuf>,
-        #[arg(last = true, required = true)]
-        command: Vec<String>,
-    },
+    TaskInit(TaskInitArgs),
     /// Apply a task's confinement to this process and exec the command (`task exec`, inside
     /// the task's namespaces)
     #[command(hide = true)]
@@ -146,6 +128,48 @@ enum Command {
         #[command(subcommand)]
         command: LabCommand,
     },
+}
+
+/// `shoal task-init`'s arguments.
+#[derive(clap::Args)]
+struct TaskInitArgs {
+    /// Descriptor of the start gate: the command runs once the agent opens it
+    #[arg(long)]
+    gate_fd: i32,
+    #[arg(long)]
+    hostname: String,
+    #[arg(long)]
+    resolv_conf: PathBuf,
+    /// Where the command's exit status is written when it ends
+    #[arg(long)]
+    exit_file: PathBuf,
+    #[command(flatten)]
+    confinement: ConfinementArgs,
+    /// An agent path to hide from the task (an empty mount over it); repeatable
+    #[arg(long = "mask")]
+    masks: Vec<PathBuf>,
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+/// task-init alone, parsed without building the whole command line (every subcommand and its
+/// examples): it is on every task's start path, before the task's command can run.
+#[derive(Parser)]
+#[command(name = "shoal task-init")]
+struct TaskInitCli {
+    #[command(flatten)]
+    args: TaskInitArgs,
+}
+
+/// Sets up the task and execs its command; returns only on a set-up error.
+fn task_init(args: TaskInitArgs) -> Result<ExitCode> {
+    Err(shoal_dataplane::task::exec_init(
+        args.gate_fd,
+        (&args.hostname, &args.resolv_conf),
+        &args.exit_file,
+        (args.confinement.get()?, &args.masks),
+        &args.command,
+    ))
 }
 
 /// What a task's command is confined to, as task-init and task-confine take it.
@@ -255,20 +279,31 @@ enum LabCommand {
 }
 
 fn main() -> ExitCode {
-    let matches = examples::with_examples(Cli::command()).get_matches();
-    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|err| err.exit());
-    if !matches!(cli.command, Command::Agent { .. }) {
-        // A client piped into `head` ends quietly, as Unix tools do, instead of panicking.
-        // SAFETY: restoring a default signal disposition before any thread starts.
-        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
-    }
-    match run(cli) {
+    let result = if std::env::args_os().nth(1).is_some_and(|a| a == "task-init") {
+        default_sigpipe();
+        task_init(TaskInitCli::parse_from(std::env::args_os().skip(1)).args)
+    } else {
+        let matches = examples::with_examples(Cli::command()).get_matches();
+        let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|err| err.exit());
+        if !matches!(cli.command, Command::Agent { .. }) {
+            default_sigpipe();
+        }
+        run(cli)
+    };
+    match result {
         Ok(code) => code,
         Err(err) => {
             eprintln!("shoal: {err:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// A client piped into `head` ends quietly, as Unix tools do, instead of panicking; and a
+/// task's command does not inherit SIGPIPE ignored.
+fn default_sigpipe() {
+    // SAFETY: restoring a default signal disposition before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
@@ -333,23 +368,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Completion { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "shoal", &mut std::io::stdout())
         }
-        Command::TaskInit {
-            gate_fd,
-            hostname,
-            resolv_conf,
-            exit_file,
-            confinement,
-            masks,
-            command,
-        } => {
-            return Err(shoal_dataplane::task::exec_init(
-                gate_fd,
-                (&hostname, &resolv_conf),
-                &exit_file,
-                (confinement.get()?, &masks),
-                &command,
-            ))
-        }
+        Command::TaskInit(args) => return task_init(args),
         Command::TaskConfine {
             confinement,
             command,

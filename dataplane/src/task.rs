@@ -4,17 +4,22 @@
 //! Launch: the agent runs util-linux `unshare --fork --pid --mount-proc --net --uts` (which
 //! makes the namespaces and a fresh /proc), placed in the task's cgroup before exec; inside,
 //! `shoal task-init` sets the hostname, bind-mounts the resolver file and execs the command,
-//! which becomes PID 1 of the task. Before exec, task-init waits at a start gate (a pipe on
-//! fd 3) until the agent has connected the task's namespace to its networks, so the command
-//! never runs without them; if the agent closes the gate without opening it, the task ends.
-//! Stop: SIGTERM to the cgroup, then `cgroup.kill`.
+//! which becomes PID 1 of the task. Before exec, task-init waits at a start gate (a unix
+//! socket on fd 3) until the agent has connected the task's namespace to its networks, so the
+//! command never runs without them; if the agent closes the gate without opening it, the task
+//! ends. Stop: SIGTERM to the cgroup, then `cgroup.kill`.
+//!
+//! The agent opens the task's DNS sockets (127.0.0.11:53) itself, from a thread inside the
+//! task's namespace, as soon as the namespace exists (`open_dns_sockets`): nothing waits for
+//! task-init's exec for them. The gate's opening message carries them (`SCM_RIGHTS`).
 //!
 //! Tasks outlive the agent (live restore): `unshare` runs in a session of its own, so a
 //! stopped or killed agent leaves it running; task-init writes the command's exit status to
 //! `<id>.exit` in the tasks directory, so a task that ends while no agent runs is reported
-//! with its real status; and task-init holds the task's DNS sockets (127.0.0.11:53, at
-//! `DNS_UDP_FD` / `DNS_TCP_FD`), which the agent takes copies of (`pidfd_getfd`), so queries
-//! sent while the agent restarts wait in the socket instead of being refused.
+//! with its real status; and task-init holds the task's DNS sockets (at `DNS_UDP_FD` /
+//! `DNS_TCP_FD`, received with the gate), which a later agent takes copies of
+//! (`pidfd_getfd`), so queries sent while the agent restarts wait in the socket instead of
+//! being refused.
 
 use std::{
     ffi::CString,
@@ -26,6 +31,7 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
+use std::os::unix::net::UnixStream;
 
 /// The resolver every task uses: the agent's embedded DNS inside the task's namespace.
 pub const TASK_RESOLV_CONF: &str = "nameserver 127.0.0.11\noptions ndots:0\n";
@@ -58,6 +64,8 @@ pub struct TaskRuntime {
 
 /// The file descriptor task-init reads its start gate from.
 pub const GATE_FD: i32 = 3;
+/// What the agent sends through the gate to let the command run (with the DNS sockets).
+const GATE_OPEN: &[u8] = b"1";
 /// Where task-init keeps the task's DNS sockets (127.0.0.11:53) for the agents it sees.
 pub const DNS_UDP_FD: i32 = 4;
 pub const DNS_TCP_FD: i32 = 5;
@@ -72,8 +80,8 @@ pub struct TaskHandle {
     exit_file: PathBuf,
     /// The cgroup controllers of its limits (v1 cgroups to remove with it, OOM kills).
     controllers: crate::limits::CgroupControllers,
-    /// Write end of the start gate while the task waits at it.
-    gate: Option<File>,
+    /// The agent's end of the start gate while the task waits at it.
+    gate: Option<UnixStream>,
 }
 
 enum TaskProcess {
@@ -197,8 +205,9 @@ impl TaskRuntime {
             let _ = fs::remove_dir(&cgroup);
             return Err(err);
         }
-        let (gate_read, gate_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        crate::process::pass_fd(&mut command, gate_read, GATE_FD);
+        // Both ends close-on-exec; the task's end is put at `GATE_FD` for task-init only.
+        let (gate, task_end) = UnixStream::pair().context("making the task's start gate")?;
+        crate::process::pass_fd(&mut command, task_end.into(), GATE_FD);
         let child = tokio::process::Command::from(command)
             .kill_on_drop(false)
             .spawn()
@@ -209,7 +218,7 @@ impl TaskRuntime {
             cgroup,
             exit_file: self.exit_path(&launch.id),
             controllers: self.controllers.clone(),
-            gate: Some(File::from(gate_write)),
+            gate: Some(gate),
         })
     }
 
@@ -304,12 +313,44 @@ fn task_processes(cgroup: &Path) -> Option<(u32, u32)> {
     Some((unshare, init))
 }
 
+/// A task's embedded DNS sockets: UDP and TCP on 127.0.0.11:53 in its network namespace.
+#[derive(Debug)]
+pub struct DnsSockets {
+    pub udp: std::net::UdpSocket,
+    pub tcp: std::net::TcpListener,
+}
+
+impl DnsSockets {
+    /// Other descriptors of the same sockets.
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self {
+            udp: self.udp.try_clone()?,
+            tcp: self.tcp.try_clone()?,
+        })
+    }
+}
+
+/// Opens the DNS sockets of the task whose namespace `netns_pid` is in (what
+/// `TaskHandle::netns_pid` gives), from a thread inside it: `lo` up first (a socket bound to
+/// 127.0.0.11 while it is down would answer from another address), then UDP and TCP on
+/// 127.0.0.11:53. The agent does it as soon as the namespace exists, instead of waiting for
+/// task-init's exec to open them; the gate hands them to task-init (`TaskHandle::open_gate`).
+pub fn open_dns_sockets(netns_pid: u32) -> Result<DnsSockets> {
+    let address = std::net::SocketAddr::from(([127, 0, 0, 11], 53));
+    crate::netns::run_in(&crate::netns::Netns::Process(netns_pid), || {
+        bring_loopback_up().context("bringing lo up")?;
+        Ok(DnsSockets {
+            udp: std::net::UdpSocket::bind(address)?,
+            tcp: std::net::TcpListener::bind(address)?,
+        })
+    })
+    .context("opening the task's DNS sockets at 127.0.0.11:53")
+}
+
 /// Copies of the DNS sockets task-init holds for the task whose `unshare` process is
-/// `unshare_pid` (what `TaskHandle::netns_pid` gives), waiting (5 s at most) for task-init to
-/// have started and opened them.
-pub async fn take_dns_sockets(
-    unshare_pid: u32,
-) -> Result<(std::net::UdpSocket, std::net::TcpListener)> {
+/// `unshare_pid` (a task a previous agent started, which handed them to task-init), waiting
+/// (5 s at most) for task-init to hold them.
+pub async fn take_dns_sockets(unshare_pid: u32) -> Result<DnsSockets> {
     let mut wait = StartupWait::new();
     while wait.more() {
         let init = fs::read_to_string(format!("/proc/{unshare_pid}/task/{unshare_pid}/children"))
@@ -324,23 +365,23 @@ pub async fn take_dns_sockets(
             pidfd_getfd(&pidfd, DNS_TCP_FD),
         ) {
             (Ok(udp), Ok(tcp)) => {
-                let udp = std::net::UdpSocket::from(udp);
-                let tcp = std::net::TcpListener::from(tcp);
-                udp.set_nonblocking(true)?;
-                tcp.set_nonblocking(true)?;
-                return Ok((udp, tcp));
+                return Ok(DnsSockets {
+                    udp: udp.into(),
+                    tcp: tcp.into(),
+                })
             }
-            // Not open yet (EBADF).
+            // Not there yet (EBADF).
             _ => wait.pause().await,
         }
     }
-    bail!("task-init (under pid {unshare_pid}) did not open the task's DNS sockets within 5 s")
+    bail!("task-init (under pid {unshare_pid}) did not hold the task's DNS sockets within 5 s")
 }
 
-/// Polling for a starting task's next step (its namespaces, its DNS sockets) for 5 s at most:
-/// 0.25 ms first, doubling up to 10 ms, so a task that is quick to start is not kept waiting
-/// for a fixed 10 ms tick (each of those cost an attach 5 ms on average), and a slow one is not
-/// polled a thousand times a second.
+/// Polling for a starting task's next step (its namespaces, a previous agent's task-init
+/// holding the DNS sockets) for 5 s at most: 0.25 ms first, doubling up to 10 ms, so a slow
+/// one is not polled a thousand times a second. (The runtime's timer rounds a sleep up to its
+/// 1 ms tick: the first moments of a start are watched from a blocking thread instead, see
+/// `TaskHandle::netns_pid`.)
 struct StartupWait {
     next: Duration,
     deadline: std::time::Instant,
@@ -362,6 +403,13 @@ impl StartupWait {
         tokio::time::sleep(self.next).await;
         self.next = (self.next * 2).min(Duration::from_millis(10));
     }
+}
+
+/// Whether process `pid` is in another network namespace than `ours` (None: it has ended).
+fn in_other_netns(pid: u32, ours: &Path) -> Option<bool> {
+    fs::read_link(format!("/proc/{pid}/ns/net"))
+        .ok()
+        .map(|theirs| theirs != ours)
 }
 
 fn pidfd_open(pid: u32) -> io::Result<std::os::fd::OwnedFd> {
@@ -397,20 +445,40 @@ fn read_exit_file(path: &Path) -> Option<ExitStatus> {
 
 impl TaskHandle {
     /// The PID of a process inside the task's network namespace, once there is one: the
-    /// `unshare` process itself moves into the namespaces it makes.
+    /// `unshare` process itself moves into the namespaces it makes. The namespace appears 1-3
+    /// ms after `unshare` was exec'd (which `start` waited for), and the attach waits for this
+    /// in full, so the first 50 ms are watched every 0.1 ms from a blocking thread (the
+    /// runtime's timer has a 1 ms tick); a slower start is polled less and less often.
     pub async fn netns_pid(&self) -> Result<u32> {
+        const QUICK: Duration = Duration::from_micros(100);
+        const QUICK_FOR: Duration = Duration::from_millis(50);
         let pid = match &self.process {
             TaskProcess::Child(child) => child.id().context("the task already ended")?,
             TaskProcess::Adopted { unshare_pid, .. } => return Ok(*unshare_pid),
         };
         let ours = fs::read_link("/proc/self/ns/net")?;
+        let quick = {
+            let ours = ours.clone();
+            tokio::task::spawn_blocking(move || {
+                let start = std::time::Instant::now();
+                loop {
+                    match in_other_netns(pid, &ours) {
+                        Some(false) if start.elapsed() < QUICK_FOR => std::thread::sleep(QUICK),
+                        other => return other,
+                    }
+                }
+            })
+            .await?
+        };
         let mut wait = StartupWait::new();
+        let mut seen = quick;
         while wait.more() {
-            match fs::read_link(format!("/proc/{pid}/ns/net")) {
-                Ok(theirs) if theirs != ours => return Ok(pid),
-                Ok(_) => wait.pause().await,
-                Err(_) => bail!("the task ended before its namespaces were made"),
+            match seen {
+                Some(true) => return Ok(pid),
+                Some(false) => wait.pause().await,
+                None => bail!("the task ended before its namespaces were made"),
             }
+            seen = in_other_netns(pid, &ours);
         }
         bail!("the task's namespaces did not appear within 5 s")
     }
@@ -420,15 +488,24 @@ impl TaskHandle {
         self.gate = None;
     }
 
-    /// Lets the task's command run.
-    pub fn open_gate(&mut self) -> Result<()> {
-        use std::io::Write as _;
-        let mut gate = self
+    /// Lets the task's command run, handing task-init the task's DNS sockets to hold.
+    pub fn open_gate(&mut self, dns: &DnsSockets) -> Result<()> {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        use std::os::fd::AsRawFd as _;
+        let gate = self
             .gate
             .take()
             .context("the start gate was already used")?;
-        gate.write_all(b"1")
-            .context("opening the task's start gate")
+        let fds = [dns.udp.as_raw_fd(), dns.tcp.as_raw_fd()];
+        sendmsg::<()>(
+            gate.as_raw_fd(),
+            &[io::IoSlice::new(GATE_OPEN)],
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        )
+        .context("opening the task's start gate")?;
+        Ok(())
     }
 
     pub async fn wait(&mut self) -> io::Result<ExitStatus> {
@@ -528,12 +605,13 @@ fn kill_cgroup(cgroup: &Path) -> Result<()> {
     }
 }
 
-/// `shoal task-init`: runs inside the new namespaces as the task's PID 1. Opens the task's DNS
-/// sockets (what the agent waits for before it opens the gate), sets the hostname,
+/// `shoal task-init`: runs inside the new namespaces as the task's PID 1. Sets the hostname,
 /// puts the task's resolv.conf over /etc/resolv.conf (in its private mount namespace), then
 /// runs the command as its child: it forwards signals to it (a PID 1 without handlers would
 /// ignore SIGTERM), reaps orphans, and exits with the command's status (128 + signal when it
-/// was killed). Returns only on a set-up error.
+/// was killed). Everything up to the command's exec happens before the gate (the command's
+/// process forked and confined, waiting); past it, task-init only takes the DNS sockets and
+/// releases the command, which execs. Returns only on a set-up error.
 pub fn exec_init(
     gate_fd: i32,
     (hostname, resolv_conf): (&str, &Path),
@@ -575,16 +653,7 @@ impl ExitRecord {
             .with_context(|| format!("opening {}", dir.display()))?;
         // Above the descriptors task-init places the DNS sockets at (`DNS_UDP_FD`...): a
         // lower one would be closed by their dup3.
-        let dir = {
-            use std::os::fd::{AsRawFd as _, FromRawFd as _};
-            // SAFETY: F_DUPFD_CLOEXEC returns a new descriptor or -1.
-            let fd = unsafe { libc::fcntl(dir.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 16) };
-            if fd < 0 {
-                return Err(io::Error::last_os_error()).context("duplicating a descriptor");
-            }
-            // SAFETY: a fresh descriptor nothing else owns.
-            unsafe { File::from_raw_fd(fd) }
-        };
+        let dir = File::from(dup_above_dns_fds(&dir).context("duplicating a descriptor")?);
         let staged = format!("{}.new", name.to_string_lossy());
         Ok(Self {
             dir,
@@ -632,41 +701,6 @@ fn exit_with(exit: &ExitRecord, code: i32) -> ! {
     std::process::exit(code)
 }
 
-/// Opens the task's DNS sockets (UDP and TCP on 127.0.0.11:53) at `DNS_UDP_FD` and
-/// `DNS_TCP_FD`, close-on-exec so the command does not inherit them. task-init holds them
-/// for as long as the task runs, the agent serves them. `lo` comes up first: a socket bound
-/// to 127.0.0.11 while it is down would answer from another address.
-fn open_dns_sockets() -> Result<()> {
-    use nix::sys::socket::{
-        bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
-        SockaddrIn,
-    };
-    use std::os::fd::{AsRawFd as _, IntoRawFd as _};
-    bring_loopback_up().context("bringing lo up")?;
-    let address = SockaddrIn::new(127, 0, 0, 11, 53);
-    for (kind, target) in [
-        (SockType::Datagram, DNS_UDP_FD),
-        (SockType::Stream, DNS_TCP_FD),
-    ] {
-        let socket = socket(AddressFamily::Inet, kind, SockFlag::SOCK_CLOEXEC, None)?;
-        setsockopt(&socket, sockopt::ReuseAddr, &true)?;
-        bind(socket.as_raw_fd(), &address)?;
-        if kind == SockType::Stream {
-            listen(&socket, Backlog::new(128)?)?;
-        }
-        if socket.as_raw_fd() != target {
-            // SAFETY: dup3 onto a descriptor task-init does not otherwise use.
-            if unsafe { libc::dup3(socket.as_raw_fd(), target, libc::O_CLOEXEC) } < 0 {
-                return Err(io::Error::last_os_error().into());
-            }
-        } else {
-            // Already where it belongs: keep it open past this scope.
-            let _ = socket.into_raw_fd();
-        }
-    }
-    Ok(())
-}
-
 /// Sets `lo` up in the calling thread's network namespace (SIOCSIFFLAGS).
 fn bring_loopback_up() -> Result<()> {
     use std::os::fd::AsRawFd as _;
@@ -693,17 +727,77 @@ fn bring_loopback_up() -> Result<()> {
     Ok(())
 }
 
-/// Blocks until the agent opens the start gate; the command must not inherit it.
-fn wait_at_gate(gate_fd: i32) -> Result<()> {
-    use std::{io::Read as _, os::fd::FromRawFd as _};
-    // SAFETY: the agent passes the gate's read end as `gate_fd` and nothing else owns it.
-    let mut gate = unsafe { File::from_raw_fd(gate_fd) };
+/// In the command's process before exec: whether task-init released it (it passed the
+/// gate), rather than ended.
+fn released(release_wait: &std::os::fd::OwnedFd) -> bool {
     let mut byte = [0u8; 1];
-    match gate.read(&mut byte) {
-        Ok(1) => Ok(()),
-        Ok(_) => bail!("the agent could not connect the task to its networks"),
-        Err(err) => Err(err).context("reading the start gate"),
+    loop {
+        match nix::unistd::read(release_wait, &mut byte) {
+            Ok(n) => return n == 1,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return false,
+        }
     }
+}
+
+/// A close-on-exec copy of `fd` numbered 16 or more: clear of `DNS_UDP_FD` and `DNS_TCP_FD`.
+fn dup_above_dns_fds(fd: &impl std::os::fd::AsRawFd) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: F_DUPFD_CLOEXEC returns a new descriptor or -1.
+    let copy = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 16) };
+    if copy < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(copy) })
+}
+
+/// Blocks until the agent opens the start gate, then puts the DNS sockets the opening carries
+/// at `DNS_UDP_FD` and `DNS_TCP_FD`, close-on-exec: task-init holds them for as long as the
+/// task runs (for the agents it sees), the command does not inherit them.
+fn wait_at_gate(gate_fd: i32) -> Result<()> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::os::fd::{FromRawFd as _, OwnedFd};
+    // SAFETY: the agent passes the gate's end as `gate_fd` and nothing else owns it.
+    let gate = unsafe { OwnedFd::from_raw_fd(gate_fd) };
+    let mut byte = [0u8; 1];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 2]);
+    let mut iov = [io::IoSliceMut::new(&mut byte)];
+    let message = recvmsg::<()>(
+        std::os::fd::AsRawFd::as_raw_fd(&gate),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .context("reading the start gate")?;
+    if message.bytes == 0 {
+        bail!("the agent could not connect the task to its networks");
+    }
+    let mut received: Vec<OwnedFd> = Vec::new();
+    for cmsg in message.cmsgs().context("reading the start gate")? {
+        if let ControlMessageOwned::ScmRights(fds) = cmsg {
+            // SAFETY: descriptors the kernel just installed for us.
+            received.extend(
+                fds.into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    let [udp, tcp]: [OwnedFd; 2] = received
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("the start gate opened without the task's DNS sockets"))?;
+    // Above the targets first (a received descriptor may sit on the other's target), and the
+    // received ones closed now: closed later, they would close what dup3 put in their place.
+    let above = |received: OwnedFd| dup_above_dns_fds(&received);
+    let (udp, tcp) = (above(udp)?, above(tcp)?);
+    for (fd, target) in [(udp, DNS_UDP_FD), (tcp, DNS_TCP_FD)] {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: dup3 onto a descriptor task-init does not otherwise use.
+        if unsafe { libc::dup3(fd.as_raw_fd(), target, libc::O_CLOEXEC) } < 0 {
+            return Err(io::Error::last_os_error()).context("placing the task's DNS sockets");
+        }
+    }
+    Ok(())
 }
 
 fn run_init(
@@ -721,8 +815,6 @@ fn run_init(
         unistd::{fork, ForkResult},
     };
 
-    // First: the agent serves these before it opens the gate, and they need nothing else.
-    open_dns_sockets().context("opening the task's DNS sockets at 127.0.0.11:53")?;
     nix::unistd::sethostname(hostname).context("setting the task's hostname")?;
     File::open(resolv_conf).with_context(|| format!("opening {}", resolv_conf.display()))?;
     nix::mount::mount(
@@ -752,7 +844,6 @@ fn run_init(
         .map(|a| CString::new(a.as_bytes()))
         .collect::<Result<_, _>>()?;
     let program = argv.first().context("no command")?.clone();
-    wait_at_gate(gate_fd)?;
 
     let forwarded = [
         Signal::SIGTERM,
@@ -769,15 +860,31 @@ fn run_init(
         mask.add(signal);
     }
     let previous = mask.thread_swap_mask(SigmaskHow::SIG_BLOCK)?;
+    // The command's process is forked and confined before the gate (the seccomp filter's
+    // install alone is most of a millisecond), then waits on `release` for task-init to have
+    // passed the gate: past it, only an exec is left.
+    let (release_wait, release) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    // Clear of where the DNS sockets go at the gate.
+    let release = {
+        let low = release;
+        dup_above_dns_fds(&low)?
+    };
     // SAFETY: task-init is single-threaded (no runtime has started), so fork is safe.
     let child = match unsafe { fork() }.context("fork")? {
         ForkResult::Child => {
             let _ = previous.thread_set_mask();
+            drop(release);
+            // SAFETY: the gate is task-init's; the command must not hold it.
+            unsafe { libc::close(gate_fd) };
             if let Some(confinement) = &confinement {
                 if let Err(err) = confinement.apply() {
                     eprintln!("shoal: confining the task: {err:#}");
                     std::process::exit(126);
                 }
+            }
+            if !released(&release_wait) {
+                // The gate closed: task-init is gone, and the task with it.
+                std::process::exit(1);
             }
             let err = nix::unistd::execvp(&program, &argv).unwrap_err();
             eprintln!("shoal: executing {}: {err}", command[0]);
@@ -785,6 +892,10 @@ fn run_init(
         }
         ForkResult::Parent { child } => child,
     };
+    drop(release_wait);
+    wait_at_gate(gate_fd)?;
+    nix::unistd::write(&release, GATE_OPEN).context("releasing the task's command")?;
+    drop(release);
     loop {
         let signal = mask.wait().context("waiting for signals")?;
         if signal != Signal::SIGCHLD {

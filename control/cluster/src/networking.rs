@@ -23,6 +23,7 @@ use shoal_dataplane::{
     overlay_endpoints::OverlayEndpoints,
     peerdb::{mac_for, Peer},
     socket_lb::{VipEntry, VipTable},
+    task::DnsSockets,
     task_hooks::{self, TaskFilter},
     vip_echo::VipEcho,
     vxlan_peers::VxlanPeers,
@@ -45,6 +46,14 @@ use super::{
     protocol::{AssignedNetwork, Assignment},
     state::{PublishMode, SourceMode},
 };
+
+/// How a task comes to its networks: started by this agent, which opened its DNS sockets, or
+/// adopted from a previous one, whose task-init holds them.
+#[derive(Clone, Copy)]
+enum Joining<'a> {
+    Started(&'a DnsSockets),
+    Adopted,
+}
 
 /// One published port as `ingress ls` shows it.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -831,8 +840,18 @@ impl NodeNetworks {
 
     /// Builds the task's networks (when it is the first here), connects the task's
     /// namespace (`pid`) to them and announces its endpoints.
-    pub async fn connect(self: &Arc<Self>, task: &Assignment, pid: u32) -> Result<()> {
-        self.join(task, pid, false).await
+    /// `dns`: the task's DNS sockets, which the agent opened in its namespace. `ready` (the
+    /// start gate) is called once the task's own network and DNS are ready (its interfaces,
+    /// the peers and VIPs known so far, its DNS served), before its endpoints are announced:
+    /// its command starts while gossip carries them.
+    pub async fn connect(
+        self: &Arc<Self>,
+        task: &Assignment,
+        pid: u32,
+        dns: &DnsSockets,
+        ready: impl FnOnce() -> Result<()> + Send,
+    ) -> Result<()> {
+        self.join(task, pid, Joining::Started(dns), ready).await
     }
 
     /// Takes over a task a previous agent connected, whose interfaces are still there:
@@ -840,12 +859,19 @@ impl NodeNetworks {
     /// programs in place,
     /// its endpoints announced again and its DNS served again.
     pub async fn readopt(self: &Arc<Self>, task: &Assignment, pid: u32) -> Result<()> {
-        self.join(task, pid, true).await
+        self.join(task, pid, Joining::Adopted, || Ok(())).await
     }
 
-    async fn join(self: &Arc<Self>, task: &Assignment, pid: u32, adopt: bool) -> Result<()> {
+    async fn join(
+        self: &Arc<Self>,
+        task: &Assignment,
+        pid: u32,
+        joining: Joining<'_>,
+        ready: impl FnOnce() -> Result<()> + Send,
+    ) -> Result<()> {
+        let adopt = matches!(joining, Joining::Adopted);
         if task.networks.is_empty() {
-            return Ok(());
+            return ready();
         }
         let gossip = self
             .gossip()
@@ -905,6 +931,16 @@ impl NodeNetworks {
                 .expect("health")
                 .insert(task.task_id.clone(), health);
         }
+        if !adopt {
+            // Peers and VIPs learned before this node joined the network are programmed before
+            // the command runs; its own records follow once it runs.
+            for interface in &interfaces {
+                self.reprogram(&gossip, &interface.network_id).await;
+            }
+            self.refresh_dns(&gossip).await;
+            self.serve_dns(task, pid, joining).await?;
+            ready()?;
+        }
         let mut ready_ports = Vec::new();
         let ingress = self.ingress_network();
         for interface in &interfaces {
@@ -951,7 +987,8 @@ impl NodeNetworks {
             gossip
                 .publish(&interface.network_id, &task.task_id, record)
                 .await?;
-            // Peers learned before this node joined the network are programmed now.
+            // Its own VIP backends, and for an adopted task the peers learned before this
+            // agent joined the network, are programmed now.
             self.reprogram(&gossip, &interface.network_id).await;
         }
         self.announced.lock().expect("announced").insert(
@@ -962,7 +999,11 @@ impl NodeNetworks {
         for (network, record, ports) in ready_ports {
             tokio::spawn(Arc::clone(self).publish_when_listening(network, record, ports));
         }
-        self.serve_dns(task, pid).await
+        if adopt {
+            // It runs already: `ready` (nothing to open) is for a started task.
+            self.serve_dns(task, pid, joining).await?;
+        }
+        Ok(())
     }
 
     /// Adds a task to its published ports' backends once it accepts connections on their
@@ -1053,13 +1094,18 @@ impl NodeNetworks {
         }
     }
 
-    /// Opens 127.0.0.11:53 (UDP and TCP) in the task's namespace and answers there for the
-    /// task's networks.
-    async fn serve_dns(&self, task: &Assignment, pid: u32) -> Result<()> {
-        // task-init holds them, so they outlive this agent: queries wait for the next one.
-        let (udp, tcp) = shoal_dataplane::task::take_dns_sockets(pid)
-            .await
-            .context("taking the task's DNS sockets at 127.0.0.11:53")?;
+    /// Answers on the task's DNS sockets (127.0.0.11:53, UDP and TCP) for the task's networks.
+    async fn serve_dns(&self, task: &Assignment, pid: u32, joining: Joining<'_>) -> Result<()> {
+        // task-init holds them too, so they outlive this agent: queries wait for the next one.
+        let DnsSockets { udp, tcp } = match joining {
+            Joining::Started(dns) => dns.try_clone()?,
+            Joining::Adopted => shoal_dataplane::task::take_dns_sockets(pid)
+                .await
+                .context("taking the task's DNS sockets at 127.0.0.11:53")?,
+        };
+        // Shared with task-init's copies, which it never reads.
+        udp.set_nonblocking(true)?;
+        tcp.set_nonblocking(true)?;
         let scope = TaskScope {
             networks: task
                 .networks

@@ -503,8 +503,14 @@ impl Worker {
             Launched::Started(handle) => {
                 check_networks_clear(&self.networks, &task.networks).await?;
                 let pid = handle.netns_pid().await?;
-                self.networks.connect(task, pid).await?;
-                handle.open_gate()
+                // First, so the task's DNS is there as soon as its interfaces are.
+                let dns = tokio::task::spawn_blocking(move || {
+                    shoal_dataplane::task::open_dns_sockets(pid)
+                })
+                .await??;
+                self.networks
+                    .connect(task, pid, &dns, || handle.open_gate(&dns))
+                    .await
             }
             Launched::Adopted(handle) => {
                 let pid = handle.netns_pid().await?;
