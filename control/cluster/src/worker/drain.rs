@@ -1,9 +1,9 @@
 //! The drain before a withdrawn task is signalled: every node must have stopped sending it
 //! new connections. Gossip carries the withdrawal in milliseconds, but a loaded node may
 //! take longer to reprogram its tables, and a connection it sends meanwhile would be cut by
-//! the stop. So the drain lasts at least `MIN`, then until the task's network namespace has
-//! accepted no new TCP connection for `QUIET` (its `PassiveOpens` counter, per namespace),
-//! and at most `MAX`.
+//! the stop. So the drain lasts `MIN` when the task's network namespace accepted no new TCP
+//! connection in its last `QUIET` (its `PassiveOpens` counter, per namespace), else until it
+//! has accepted none for `QUIET`, and at most `MAX`.
 
 use std::time::Duration;
 
@@ -18,13 +18,15 @@ const LOOK_EVERY: Duration = Duration::from_millis(100);
 /// whether it still accepted connections when `MAX` passed.
 pub async fn until_quiet(pid: Option<u32>) -> bool {
     let start = Instant::now();
-    tokio::time::sleep(MIN).await;
     let Some(pid) = pid else {
+        tokio::time::sleep(MIN).await;
         return false;
     };
+    // The quiet window is the minimum's last part: a quiet task stops after `MIN`, as before.
+    tokio::time::sleep(MIN - QUIET).await;
     let mut last = passive_opens(pid);
     let mut quiet_since = Instant::now();
-    while quiet_since.elapsed() < QUIET {
+    while quiet_since.elapsed() < QUIET || start.elapsed() < MIN {
         if start.elapsed() >= MAX {
             return true;
         }
