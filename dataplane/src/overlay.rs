@@ -140,6 +140,8 @@ struct State {
     networks: HashMap<String, NetworkSandbox>,
     /// Gateway-bridge addresses in use, by task ID.
     gateway_leases: BTreeMap<String, Ipv4Addr>,
+    /// The host ends of each task's veths on its networks' bridges: (network ID, name).
+    task_links: HashMap<String, Vec<(String, String)>>,
     /// This node's address on the ingress network, once its endpoint exists.
     ingress_endpoint: Option<Ipv4Addr>,
 }
@@ -621,6 +623,9 @@ impl Overlay {
         if let Some(gateway) = address_of(&format!("eth{}", networks.len())) {
             state.gateway_leases.insert(task_id.to_owned(), gateway);
         }
+        state
+            .task_links
+            .insert(task_id.to_owned(), host_sides(&interfaces));
         Ok(interfaces)
     }
 
@@ -691,7 +696,8 @@ impl Overlay {
         task.set_link(lo, &up)?;
         let mut wants_gateway = false;
         {
-            let mut state = self.state.lock().expect("overlay state");
+            let mut guard = self.state.lock().expect("overlay state");
+            let state = &mut *guard;
             let ingress_endpoint = state.ingress_endpoint;
             for (index, (network_id, ip)) in networks.iter().enumerate() {
                 let sandbox = state
@@ -713,6 +719,12 @@ impl Overlay {
                     peer_mac: Some(mac),
                     up: true,
                 })?;
+                // Recorded at once, so that `detach` removes it even if the attach fails.
+                state
+                    .task_links
+                    .entry(task_id.to_owned())
+                    .or_default()
+                    .push((network_id.clone(), host_side.clone()));
                 let eth = task.index_of(&ifname)?;
                 task.set_link(eth, &up)?;
                 task.add_address(eth, *ip, sandbox.spec.subnet.1)?;
@@ -786,10 +798,27 @@ impl Overlay {
         Ok(interfaces)
     }
 
-    /// Forgets a task's gateway address (its veths went with its namespace).
-    pub fn detach(&self, task_id: &str) {
-        let mut state = self.state.lock().expect("overlay state");
-        state.gateway_leases.remove(task_id);
+    /// Removes an ended task's veths (their task ends go with them) and frees its gateway
+    /// address. Its namespace, and the veths with it, can outlive the task (a socket still
+    /// closing, a handle someone holds): a veth left on a bridge keeps answering for the
+    /// task's address, which a new task on another node may have been given by then.
+    pub fn detach(&self, task_id: &str) -> Result<()> {
+        let mut errors = ErrorList::default();
+        let leased = {
+            let mut state = self.state.lock().expect("overlay state");
+            let links = state.task_links.remove(task_id).unwrap_or_default();
+            for (network_id, name) in links {
+                if let Some(sandbox) = state.networks.get_mut(&network_id) {
+                    errors.note(delete_link(&mut sandbox.netlink, &name));
+                }
+            }
+            state.gateway_leases.remove(task_id).is_some()
+        };
+        if leased {
+            let short: String = task_id.chars().take(10).collect();
+            errors.note(delete_link(&mut self.node(), &format!("g{short}")));
+        }
+        errors.into_result(&format!("removing the interfaces of task {task_id}"))
     }
 
     fn lease_gateway_address(&self, task_id: &str) -> Result<Ipv4Addr> {
@@ -923,6 +952,25 @@ fn open_named(name: &str) -> Result<std::fs::File> {
 }
 
 /// Every error of a teardown that carried on past them (netavark's `NetavarkErrorList`).
+/// Deletes a link by name, if it is there (gone with its namespace already is fine).
+fn delete_link(netlink: &mut Netlink, name: &str) -> Result<()> {
+    let Some(link) = netlink.link(name)? else {
+        return Ok(());
+    };
+    match netlink.del_link(link.index) {
+        Err(err) if err.is_not_found() => Ok(()),
+        deleted => Ok(deleted.with_context(|| format!("deleting {name}"))?),
+    }
+}
+
+/// The host ends of a task's interfaces, as `task_links` keeps them.
+fn host_sides(interfaces: &[TaskInterface]) -> Vec<(String, String)> {
+    interfaces
+        .iter()
+        .map(|i| (i.network_id.clone(), i.host_side.clone()))
+        .collect()
+}
+
 #[derive(Default)]
 struct ErrorList(Vec<anyhow::Error>);
 

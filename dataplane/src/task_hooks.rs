@@ -8,8 +8,8 @@
 //! 0.1-0.25 ms. A filter is no `bpf_link` and cannot be pinned, but it needs no pin: the
 //! kernel keeps it (and its program) on the interface while no agent runs, and a new agent
 //! takes it over by putting its own program on the same priority and handle (a replace,
-//! swapped under RCU: the hook is never without a program). It goes with the veth when the
-//! task's namespace ends.
+//! swapped under RCU: the hook is never without a program). It goes with the veth, which the
+//! agent deletes when the task ends.
 //!
 //! Why not aya's netlink attach (`TcAttachOptions::Netlink`): aya detaches a filter when its
 //! link is dropped (and drops every link left in a program when the `Ebpf` goes, i.e. when the

@@ -1157,9 +1157,14 @@ impl NodeNetworks {
     pub async fn disconnect(&self, task_id: &str) {
         let gossip = self.gossip();
         self.withdraw(task_id).await;
-        // Its filters go with its veths, when its namespace ends.
         self.dns_tasks.lock().expect("dns tasks").remove(task_id);
-        self.overlay.detach(task_id);
+        // Its filters go with its veths.
+        let overlay = Arc::clone(&self.overlay);
+        let id = task_id.to_owned();
+        let detached = tokio::task::spawn_blocking(move || overlay.detach(&id)).await;
+        if let Err(err) = detached.map_err(anyhow::Error::from).and_then(|r| r) {
+            tracing::warn!(task = %task_id, error = %format!("{err:#}"), "detaching a task");
+        }
         let unused: Vec<String> = {
             let mut users = self.users.lock().expect("users");
             for tasks in users.values_mut() {
