@@ -19,8 +19,8 @@ use shoal_api::{
 };
 use shoal_cluster::{
     protocol::{
-        ControlRequest, ControlResponse, LogCursor, NetworkCreate, NetworkView, NodeView,
-        ServiceChanges, ServiceView, TaskView,
+        ControlRequest, ControlResponse, LogLine, NetworkCreate, NetworkView, NodeView,
+        ServiceChanges, ServiceView, TaskView, UnreadableNode,
     },
     state::{
         Availability, Constraint, EndpointMode, NodeStatus, PlacementPref, PlacementUpdate,
@@ -32,6 +32,7 @@ use shoal_docker::rows;
 
 use crate::{
     client::Client,
+    log_follower::LogFollower,
     output::{json, table, Format},
     server::AgentInfo,
 };
@@ -963,10 +964,11 @@ pub async fn service(client: &Client, command: ServiceCommand) -> Result<()> {
                 tail,
                 after: None,
             };
-            let lines = ask!(client, request, Logs).lines;
-            let width = lines.iter().map(|l| l.source.len()).max().unwrap_or(0);
-            for line in lines {
-                println!("{:<width$} | {}", line.source, line.line);
+            let logs = ask!(client, request, Logs);
+            print_log_lines(&logs.lines, &mut 0);
+            if !logs.unreadable.is_empty() {
+                let nodes: Vec<String> = logs.unreadable.iter().map(unreadable).collect();
+                bail!("incomplete logs: {}", nodes.join("; "));
             }
         }
         ServiceCommand::Logs {
@@ -1245,42 +1247,30 @@ fn rollout_progress(view: &ServiceView, tasks: &[TaskView]) -> Progress {
     }
 }
 
-/// `service logs --follow`: asks again every half second for what came after the last answer
-/// (its cursor), so each line is printed once; ends when the service is removed.
-async fn follow_logs(client: &Client, service: &str, mut tail: Option<usize>) -> Result<()> {
-    let mut after = LogCursor::new();
-    // A node that cannot be read says so once, not at every poll.
-    let mut unavailable: BTreeSet<String> = BTreeSet::new();
+/// `service logs --follow`: prints what each poll brings until the service is removed; a
+/// node that cannot be read is said on stderr, once per outage.
+async fn follow_logs(client: &Client, service: &str, tail: Option<usize>) -> Result<()> {
+    let mut follower = LogFollower::new(service, tail);
     let mut width = 0;
-    loop {
-        let request = ControlRequest::ServiceLogs {
-            service: service.to_owned(),
-            tail: tail.take(),
-            after: Some(after.clone()),
-        };
-        let logs = match control(client, request).await {
-            Ok(ControlResponse::Logs(logs)) => logs,
-            Ok(other) => bail!("unexpected answer from the agent: {other:?}"),
-            Err(err) if ApiError::kind_of(&err) == ErrorKind::NotFound => return Ok(()),
-            Err(err) => return Err(err),
-        };
-        let silent: BTreeSet<String> = logs
-            .lines
-            .iter()
-            .filter(|l| l.line.starts_with("(logs unavailable"))
-            .map(|l| l.source.clone())
-            .collect();
-        for line in &logs.lines {
-            if silent.contains(&line.source) && unavailable.contains(&line.source) {
-                continue;
-            }
-            width = width.max(line.source.len());
-            println!("{:<width$} | {}", line.source, line.line);
+    while let Some(batch) = follower.next(|request| control(client, request)).await? {
+        for node in &batch.newly_unreadable {
+            eprintln!("{}", unreadable(node));
         }
-        unavailable = silent;
-        after.extend(logs.cursor);
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        print_log_lines(&batch.lines, &mut width);
     }
+    Ok(())
+}
+
+/// `web.1.<id>@node2 | line`, the sources padded to the widest so far.
+fn print_log_lines(lines: &[LogLine], width: &mut usize) {
+    *width = lines.iter().map(|l| l.source.len()).fold(*width, usize::max);
+    for line in lines {
+        println!("{:<width$} | {}", line.source, line.line, width = *width);
+    }
+}
+
+fn unreadable(node: &UnreadableNode) -> String {
+    format!("logs of {}'s tasks unavailable: {}", node.node, node.error)
 }
 
 /// Each slot's newest task of the current spec, as Docker's progress names it: `1/3` by

@@ -20,11 +20,12 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use shoal_api::{ApiError, ErrorKind, InitRequest, JoinArgs, Role};
 use shoal_cluster::protocol::{
-    ControlRequest, ControlResponse, LogCursor, LogLine, NetworkCreate, ServiceChanges, ServiceLogs,
+    ControlRequest, ControlResponse, LogLine, NetworkCreate, ServiceChanges, ServiceLogs,
+    UnreadableNode,
 };
 use shoal_docker::{models, spec, Cluster};
 
-use crate::server::AgentState;
+use crate::{log_follower::LogFollower, server::AgentState};
 
 /// The newest API version served; clients asking for more are told so, as dockerd does.
 pub const API_VERSION: &str = "1.47";
@@ -704,48 +705,70 @@ async fn service_logs(
         .map_err(|_| ApiError::invalid("--tail must be a number or all"))?;
     let follow = flag(&query, "follow");
     let agent = Agent(state);
-    let service = shoal_docker::service_view(&agent, &id).await?;
-    let service_id = service.id;
-    let request = {
-        let service = service_id.clone();
-        move |tail, after| ControlRequest::ServiceLogs {
-            service: service.clone(),
-            tail,
-            after,
-        }
-    };
-    let logs = service_logs_of(&agent, request(tail, follow.then(LogCursor::new))).await?;
-    let first = log_frames(&agent, &service_id, &logs.lines).await?;
+    let service_id = shoal_docker::service_view(&agent, &id).await?.id;
     let response =
         Response::builder().header("Content-Type", "application/vnd.docker.multiplexed-stream");
     if !follow {
-        return Ok(response
-            .body(Body::from(first))
-            .map_err(anyhow::Error::from)?);
+        let request = ControlRequest::ServiceLogs {
+            service: service_id.clone(),
+            tail,
+            after: None,
+        };
+        let logs = service_logs_of(&agent, request).await?;
+        let mut body = log_frames(&agent, &service_id, &logs.lines).await?;
+        body.extend(incomplete_stream(&logs.unreadable));
+        return Ok(response.body(Body::from(body)).map_err(anyhow::Error::from)?);
     }
-    let (mut sender, body) = Channel::<Bytes, std::convert::Infallible>::new(16);
+    let mut follower = LogFollower::new(&service_id, tail);
+    let first = follower
+        .next(|request| agent.control(request))
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("service {id} not found")))?;
+    let (sender, body) = Channel::<Bytes, std::convert::Infallible>::new(16);
     tokio::spawn(async move {
-        let mut after = logs.cursor;
-        let mut frames = first;
+        let mut sender = sender;
+        let mut batch = first;
         loop {
+            let incomplete = incomplete_stream(&batch.newly_unreadable);
+            let Ok(mut frames) = log_frames(&agent, &service_id, &batch.lines).await else {
+                return;
+            };
+            frames.extend_from_slice(&incomplete);
             if !frames.is_empty() && sender.send_data(frames.into()).await.is_err() {
                 return; // the client went
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            // After that warning the Docker CLI stops reading, as it does from dockerd.
+            if !incomplete.is_empty() {
+                return;
+            }
             // Removed, or no answer: the stream ends, as Docker's does.
-            let Ok(logs) = service_logs_of(&agent, request(None, Some(after.clone()))).await else {
+            let Ok(Some(next)) = follower.next(|request| agent.control(request)).await else {
                 return;
             };
-            after.extend(logs.cursor);
-            let Ok(next) = log_frames(&agent, &service_id, &logs.lines).await else {
-                return;
-            };
-            frames = next;
+            batch = next;
         }
     });
     Ok(response
         .body(Body::new(body))
         .map_err(anyhow::Error::from)?)
+}
+
+/// Swarm's last word on a log stream some nodes could not give their part of: a frame of
+/// the "system error" stream (3), which the Docker CLI prints as "error from daemon in
+/// stream: ..." before it stops reading.
+fn incomplete_stream(unreadable: &[UnreadableNode]) -> Vec<u8> {
+    if unreadable.is_empty() {
+        return Vec::new();
+    }
+    let reasons: Vec<String> = unreadable
+        .iter()
+        .map(|u| format!("node {} is not available: {}", u.node, u.error))
+        .collect();
+    let text = format!(
+        "warning: incomplete log stream. some logs could not be retrieved for the following reasons: {}",
+        reasons.join(", ")
+    );
+    frame(3, &text)
 }
 
 async fn service_logs_of(agent: &Agent, request: ControlRequest) -> anyhow::Result<ServiceLogs> {
@@ -774,11 +797,18 @@ async fn log_frames(agent: &Agent, service_id: &str, lines: &[LogLine]) -> anyho
             "com.docker.swarm.node.id={node_id},com.docker.swarm.service.id={service_id},com.docker.swarm.task.id={task_id} {}\n",
             line.line
         );
-        frames.extend_from_slice(&[1, 0, 0, 0]);
-        frames.extend_from_slice(&(text.len() as u32).to_be_bytes());
-        frames.extend_from_slice(text.as_bytes());
+        frames.extend(frame(1, &text));
     }
     Ok(frames)
+}
+
+/// One frame of Docker's multiplexed stream: the stream (1 stdout, 2 stderr, 3 system
+/// error), three zero bytes, the length, the text.
+fn frame(stream: u8, text: &str) -> Vec<u8> {
+    let mut frame = vec![stream, 0, 0, 0];
+    frame.extend_from_slice(&(text.len() as u32).to_be_bytes());
+    frame.extend_from_slice(text.as_bytes());
+    frame
 }
 
 async fn task_list(

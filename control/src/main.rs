@@ -13,6 +13,7 @@ mod docker_api;
 mod examples;
 mod health_args;
 mod lab;
+mod log_follower;
 mod metrics;
 mod neighbours;
 mod output;

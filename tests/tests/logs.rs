@@ -1,6 +1,7 @@
 //! `service logs --follow`, through shoal's CLI and the unmodified docker CLI: every line a
 //! task writes is printed once, in order, tasks started meanwhile too, and following ends
-//! by itself when the service is removed. Needs root and the docker CLI (scripts/setup.sh installs it).
+//! by itself when the service is removed; a node that cannot be read is named, once, and the
+//! rest still comes. Needs root and the docker CLI (scripts/setup.sh installs it).
 
 use std::{
     collections::BTreeMap,
@@ -178,5 +179,69 @@ fn following_prints_every_line_once_new_tasks_too_and_ends_with_the_service() {
         follower.ended(Duration::from_secs(10)),
         "shoal's follow ends cleanly"
     );
+    lab.down_clean();
+}
+
+/// A node whose agent is down: its tasks' output cannot be read. `service logs` prints the
+/// rest and fails naming it; following says so once and goes on; the docker CLI gets Swarm's
+/// "incomplete log stream" warning.
+#[test]
+fn a_node_that_cannot_be_read_is_named_once_and_the_rest_still_comes() {
+    require_tools(&["docker", "timeout"]);
+    let lab = TestLab::up("logsdown", 2);
+    lab.create_service("web", &["--replicas", "2"], &["sh", "-c", TICKER]);
+    let tasks = lab.running_tasks("web", 2);
+    assert!(tasks.iter().any(|t| t.node == "node2"), "{tasks:?}");
+    lab.ok(&["stop", "node2"]);
+
+    let logs = lab.run(&["exec", "node1", "--", "shoal", "service", "logs", "web"]);
+    let (out, err) = (
+        String::from_utf8_lossy(&logs.stdout),
+        String::from_utf8_lossy(&logs.stderr),
+    );
+    assert!(!logs.status.success(), "incomplete logs fail: {out}");
+    assert!(
+        err.contains("incomplete logs: logs of node2's tasks unavailable"),
+        "{err}"
+    );
+    assert!(out.contains("@node1 | tick "), "node1's task still comes: {out}");
+
+    // Six polls or so, one message.
+    let follow = lab.run(&[
+        "exec", "node1", "--", "timeout", "3", "shoal", "service", "logs", "--follow", "web",
+    ]);
+    let (out, err) = (
+        String::from_utf8_lossy(&follow.stdout),
+        String::from_utf8_lossy(&follow.stderr),
+    );
+    assert_eq!(
+        err.matches("logs of node2's tasks unavailable").count(),
+        1,
+        "said once: {err}"
+    );
+    assert!(out.contains("@node1 | tick "), "{out}");
+
+    let config = tempfile::tempdir().unwrap();
+    let docker = Command::new("docker")
+        .args(["service", "logs", "web"])
+        .env(
+            "DOCKER_HOST",
+            format!(
+                "unix://{}",
+                lab.run_dir().join("node1/docker.sock").display()
+            ),
+        )
+        .env("DOCKER_CONFIG", config.path())
+        .output()
+        .expect("docker");
+    let err = String::from_utf8_lossy(&docker.stderr);
+    assert!(!docker.status.success(), "{err}");
+    assert!(
+        err.contains("incomplete log stream")
+            && err.contains("node node2 is not available"),
+        "{err}"
+    );
+    assert!(String::from_utf8_lossy(&docker.stdout).contains("| tick "));
+    lab.ok(&["start", "node2"]);
     lab.down_clean();
 }

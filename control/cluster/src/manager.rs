@@ -20,7 +20,7 @@ use super::{
     protocol::{
         AssignedNetwork, Assignment, ClusterRequest, ClusterResponse, ControlRequest,
         ControlResponse, Envelope, HeartbeatResponse, JoinRequest, JoinResponse, LogCursor,
-        LogLine, LogsRequest, NodeView, ServiceLogs, TaskLog,
+        LogLine, LogsRequest, NodeView, ServiceLogs, TaskLog, UnreadableNode,
     },
     raft::{self, Member, Raft, StateMachine},
     state::{Availability, ClusterState, Command, Node, NodeStatus, Task, TaskState},
@@ -628,8 +628,7 @@ impl Manager {
                 by_node.entry(node).or_default().push(task);
             }
         }
-        let mut lines = Vec::new();
-        let mut cursor = LogCursor::new();
+        let mut logs = ServiceLogs::default();
         for (node_id, tasks) in by_node {
             let Some(node) = state.nodes.get(node_id) else {
                 continue;
@@ -644,7 +643,7 @@ impl Manager {
                         .collect()
                 }),
             };
-            let logs: Vec<TaskLog> = match self
+            let task_logs: Vec<TaskLog> = match self
                 .client
                 .post(
                     &node.endpoint(),
@@ -656,26 +655,26 @@ impl Manager {
             {
                 Ok(logs) => logs,
                 Err(err) => {
-                    lines.push(LogLine {
-                        source: format!("@{}", node.hostname),
-                        line: format!("(logs unavailable: {err:#})"),
+                    logs.unreadable.push(UnreadableNode {
+                        node: node.hostname.clone(),
+                        error: format!("{err:#}"),
                     });
                     continue;
                 }
             };
-            for log in logs {
+            for log in task_logs {
                 let Some(task) = state.tasks.get(&log.task_id) else {
                     continue;
                 };
                 let source = format!("{}@{}", task_name(state, task), node.hostname);
-                lines.extend(log.lines.into_iter().map(|line| LogLine {
+                logs.lines.extend(log.lines.into_iter().map(|line| LogLine {
                     source: source.clone(),
                     line,
                 }));
-                cursor.insert(log.task_id, log.end);
+                logs.cursor.insert(log.task_id, log.end);
             }
         }
-        Ok(ServiceLogs { lines, cursor })
+        Ok(logs)
     }
 
     async fn remove_voter(&self, node: &Node) -> Result<()> {

@@ -138,6 +138,17 @@ pub struct TaskLog {
 pub struct ServiceLogs {
     pub lines: Vec<LogLine>,
     pub cursor: LogCursor,
+    /// Nodes with tasks of the service whose output could not be read this time.
+    #[serde(default)]
+    pub unreadable: Vec<UnreadableNode>,
+}
+
+/// A node whose tasks' output could not be read, and why.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct UnreadableNode {
+    /// Its hostname.
+    pub node: String,
+    pub error: String,
 }
 
 /// One line of `service logs`, labelled as Docker does: `web.1.<id>@node2`.
