@@ -3,7 +3,11 @@
 //! every manager computes the same answer. Also what a node's kernel already addresses or
 //! routes (`host_claims`), which overlay subnets must stay clear of.
 
-use std::{collections::BTreeSet, fmt, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::Ipv4Addr,
+};
 
 use anyhow::{bail, Context as _, Result};
 use shoal_dataplane::{
@@ -12,6 +16,8 @@ use shoal_dataplane::{
 };
 
 pub use shoal_api::Subnet;
+
+use crate::state::Timestamp;
 
 /// The first `prefix`-sized subnet of `pool` that overlaps none of `used`.
 pub fn allocate_subnet(pool: Subnet, prefix: u8, used: &[Subnet]) -> Result<Subnet> {
@@ -39,15 +45,29 @@ pub fn allocate_subnet(pool: Subnet, prefix: u8, used: &[Subnet]) -> Result<Subn
     bail!("the address pool {pool} has no free /{prefix} left: give --subnet or a larger pool")
 }
 
-/// The lowest free host address of `subnet`, skipping the gateway and `used`.
+/// The host address of `subnet` to give next: never the gateway or one of `used`; of the
+/// rest, the lowest no task held lately (`freed`: address -> when the last task that held it
+/// ended), else the one freed the longest ago. An address given again at once reaches the
+/// new task from whatever still points at the old one (a client's DNS cache, a node a step
+/// behind, an interface left over): Swarm allocates serially for the same reason.
 pub fn allocate_address(
     subnet: Subnet,
     gateway: Ipv4Addr,
     used: &BTreeSet<Ipv4Addr>,
+    freed: &BTreeMap<Ipv4Addr, Timestamp>,
 ) -> Result<Ipv4Addr> {
-    subnet
-        .hosts()
-        .find(|a| *a != gateway && !used.contains(a))
+    let mut oldest: Option<(Timestamp, Ipv4Addr)> = None;
+    for address in subnet.hosts().filter(|a| *a != gateway && !used.contains(a)) {
+        match freed.get(&address) {
+            None => return Ok(address),
+            Some(&at) if oldest.is_none_or(|(then, _)| at < then) => {
+                oldest = Some((at, address));
+            }
+            Some(_) => {}
+        }
+    }
+    oldest
+        .map(|(_, address)| address)
         .with_context(|| format!("no free address left in {subnet}"))
 }
 
@@ -263,7 +283,7 @@ mod tests {
         assert_eq!(gateway, Ipv4Addr::new(10, 0, 1, 1));
         let mut used = BTreeSet::new();
         let mut got = Vec::new();
-        while let Ok(addr) = allocate_address(subnet, gateway, &used) {
+        while let Ok(addr) = allocate_address(subnet, gateway, &used, &BTreeMap::new()) {
             used.insert(addr);
             got.push(addr.to_string());
         }
@@ -273,5 +293,28 @@ mod tests {
         );
         assert!(subnet.contains(Ipv4Addr::new(10, 0, 1, 7)));
         assert!(!subnet.contains(Ipv4Addr::new(10, 0, 1, 8)));
+    }
+
+    #[test]
+    fn freed_addresses_are_given_last_the_longest_freed_first() {
+        let subnet = net("10.0.1.0/29");
+        let gateway = subnet.first_host();
+        let used: BTreeSet<Ipv4Addr> = [Ipv4Addr::new(10, 0, 1, 2)].into();
+        let mut freed: BTreeMap<Ipv4Addr, Timestamp> = [
+            (Ipv4Addr::new(10, 0, 1, 3), 50),
+            (Ipv4Addr::new(10, 0, 1, 4), 40),
+            // Held by a live task again: in use, whatever its history.
+            (Ipv4Addr::new(10, 0, 1, 2), 10),
+        ]
+        .into();
+        let next = |freed: &BTreeMap<Ipv4Addr, Timestamp>| {
+            allocate_address(subnet, gateway, &used, freed).map(|a| a.to_string())
+        };
+        assert_eq!(next(&freed).unwrap(), "10.0.1.5");
+        freed.insert(Ipv4Addr::new(10, 0, 1, 5), 60);
+        freed.insert(Ipv4Addr::new(10, 0, 1, 6), 70);
+        assert_eq!(next(&freed).unwrap(), "10.0.1.4", "freed the longest ago");
+        let all: BTreeSet<Ipv4Addr> = subnet.hosts().collect();
+        assert!(allocate_address(subnet, gateway, &all, &freed).is_err());
     }
 }

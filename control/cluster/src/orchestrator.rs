@@ -108,7 +108,8 @@ fn plan_vips(
                 .filter(|a| a.network_id == *network_id)
                 .map(|a| a.address)
                 .collect();
-            match ipam::allocate_address(network.subnet, network.gateway, &used) {
+            let freed = freed_addresses(state.tasks.values(), network_id);
+            match ipam::allocate_address(network.subnet, network.gateway, &used, &freed) {
                 Ok(address) => vips.push(Attachment {
                     network_id: network_id.clone(),
                     address,
@@ -127,6 +128,22 @@ fn plan_vips(
         }
     }
     all
+}
+
+/// When each address of a network was last freed: the end of the newest finished task (of
+/// those kept for the record) that held it.
+fn freed_addresses<'a>(
+    tasks: impl Iterator<Item = &'a Task>,
+    network_id: &str,
+) -> BTreeMap<Ipv4Addr, Timestamp> {
+    let mut freed = BTreeMap::new();
+    for task in tasks.filter(|t| t.state.is_terminal()) {
+        for attachment in task.attachments.iter().filter(|a| a.network_id == network_id) {
+            let at = freed.entry(attachment.address).or_insert(task.state_since);
+            *at = (*at).max(task.state_since);
+        }
+    }
+    freed
 }
 
 /// Gives every node an address on the ingress network (the routing mesh's endpoint there)
@@ -148,10 +165,11 @@ fn plan_node_ingress(
         .map(|a| a.address)
         .chain(state.nodes.values().filter_map(|n| n.ingress_address))
         .collect();
+    let freed = freed_addresses(state.tasks.values(), &ingress.id);
     for node in state.nodes.values() {
         let address = match node.ingress_address {
             Some(address) => address,
-            None => match ipam::allocate_address(ingress.subnet, ingress.gateway, &used) {
+            None => match ipam::allocate_address(ingress.subnet, ingress.gateway, &used, &freed) {
                 Ok(address) => {
                     used.insert(address);
                     commands.push(Command::SetNodeIngress {
@@ -241,8 +259,9 @@ impl Plan<'_> {
         Some(id)
     }
 
-    /// One address per network of the service: the lowest free one, where free means not
-    /// held by a task that has not finished (finished tasks keep theirs for the record only).
+    /// One address per network of the service: a free one, where free means not held by a
+    /// task that has not finished (finished tasks keep theirs for the record only), those
+    /// finished tasks held given last (`ipam::allocate_address`).
     fn attach(&self, service: &Service) -> anyhow::Result<Vec<Attachment>> {
         let mut attachments = Vec::new();
         for network_id in &self.state.task_networks(&service.spec) {
@@ -259,9 +278,10 @@ impl Plan<'_> {
                 .filter(|a| a.network_id == *network_id)
                 .map(|a| a.address)
                 .collect();
+            let freed = freed_addresses(self.tasks(), network_id);
             attachments.push(Attachment {
                 network_id: network_id.clone(),
-                address: ipam::allocate_address(network.subnet, network.gateway, &used)?,
+                address: ipam::allocate_address(network.subnet, network.gateway, &used, &freed)?,
             });
         }
         Ok(attachments)
