@@ -2,7 +2,7 @@
 //! local agent, which answers itself or forwards to the leader.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     io::{Read as _, Write as _},
     net::{Ipv4Addr, TcpListener, TcpStream},
     os::unix::process::ExitStatusExt as _,
@@ -14,8 +14,8 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Args, Subcommand, ValueEnum};
 
 use shoal_api::{
-    now, ApiError, ErrorKind, InitRequest, InitResponse, JoinArgs, JoinedResponse, LeaveRequest,
-    Role, Subnet, NOT_IN_SWARM,
+    now, InitRequest, InitResponse, JoinArgs, JoinedResponse, LeaveRequest, Role, Subnet,
+    NOT_IN_SWARM,
 };
 use shoal_cluster::{
     protocol::{
@@ -1263,7 +1263,10 @@ async fn follow_logs(client: &Client, service: &str, tail: Option<usize>) -> Res
 
 /// `web.1.<id>@node2 | line`, the sources padded to the widest so far.
 fn print_log_lines(lines: &[LogLine], width: &mut usize) {
-    *width = lines.iter().map(|l| l.source.len()).fold(*width, usize::max);
+    *width = lines
+        .iter()
+        .map(|l| l.source.len())
+        .fold(*width, usize::max);
     for line in lines {
         println!("{:<width$} | {}", line.source, line.line, width = *width);
     }

@@ -4,7 +4,7 @@
 //! from `shoal-docker`, as `shoal X inspect` prints them. Errors are Docker's: a status and
 //! `{"message": ...}`. What shoal cannot do is refused with a 400 naming the option.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, sync::Arc};
 
 use axum::{
     body::{Body, Bytes},
@@ -717,7 +717,9 @@ async fn service_logs(
         let logs = service_logs_of(&agent, request).await?;
         let mut body = log_frames(&agent, &service_id, &logs.lines).await?;
         body.extend(incomplete_stream(&logs.unreadable));
-        return Ok(response.body(Body::from(body)).map_err(anyhow::Error::from)?);
+        return Ok(response
+            .body(Body::from(body))
+            .map_err(anyhow::Error::from)?);
     }
     let mut follower = LogFollower::new(&service_id, tail);
     let first = follower

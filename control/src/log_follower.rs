@@ -133,7 +133,11 @@ mod tests {
 
         // Still unreadable: not reported again; the tail was for the first poll only.
         let second = answer(&["c"], &[("t2", 9)], &["node2"]);
-        let batch = follower.next(reply(&mut asked, second)).await.unwrap().unwrap();
+        let batch = follower
+            .next(reply(&mut asked, second))
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(batch.newly_unreadable, []);
         let Some(ControlRequest::ServiceLogs { tail, after, .. }) = asked.take() else {
             panic!("a logs request");
@@ -149,7 +153,10 @@ mod tests {
         let Some(ControlRequest::ServiceLogs { after, .. }) = asked.take() else {
             panic!("a logs request");
         };
-        assert_eq!(after, Some([("t1".to_owned(), 4), ("t2".to_owned(), 9)].into()));
+        assert_eq!(
+            after,
+            Some([("t1".to_owned(), 4), ("t2".to_owned(), 9)].into())
+        );
         let batch = follower
             .next(reply(&mut asked, answer(&[], &[], &["node2"])))
             .await

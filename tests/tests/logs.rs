@@ -204,7 +204,10 @@ fn a_node_that_cannot_be_read_is_named_once_and_the_rest_still_comes() {
         err.contains("incomplete logs: logs of node2's tasks unavailable"),
         "{err}"
     );
-    assert!(out.contains("@node1 | tick "), "node1's task still comes: {out}");
+    assert!(
+        out.contains("@node1 | tick "),
+        "node1's task still comes: {out}"
+    );
 
     // Six polls or so, one message.
     let follow = lab.run(&[
@@ -237,8 +240,7 @@ fn a_node_that_cannot_be_read_is_named_once_and_the_rest_still_comes() {
     let err = String::from_utf8_lossy(&docker.stderr);
     assert!(!docker.status.success(), "{err}");
     assert!(
-        err.contains("incomplete log stream")
-            && err.contains("node node2 is not available"),
+        err.contains("incomplete log stream") && err.contains("node node2 is not available"),
         "{err}"
     );
     assert!(String::from_utf8_lossy(&docker.stdout).contains("| tick "));

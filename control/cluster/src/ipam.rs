@@ -57,7 +57,10 @@ pub fn allocate_address(
     freed: &BTreeMap<Ipv4Addr, Timestamp>,
 ) -> Result<Ipv4Addr> {
     let mut oldest: Option<(Timestamp, Ipv4Addr)> = None;
-    for address in subnet.hosts().filter(|a| *a != gateway && !used.contains(a)) {
+    for address in subnet
+        .hosts()
+        .filter(|a| *a != gateway && !used.contains(a))
+    {
         match freed.get(&address) {
             None => return Ok(address),
             Some(&at) if oldest.is_none_or(|(then, _)| at < then) => {

@@ -138,7 +138,11 @@ fn freed_addresses<'a>(
 ) -> BTreeMap<Ipv4Addr, Timestamp> {
     let mut freed = BTreeMap::new();
     for task in tasks.filter(|t| t.state.is_terminal()) {
-        for attachment in task.attachments.iter().filter(|a| a.network_id == network_id) {
+        for attachment in task
+            .attachments
+            .iter()
+            .filter(|a| a.network_id == network_id)
+        {
             let at = freed.entry(attachment.address).or_insert(task.state_since);
             *at = (*at).max(task.state_since);
         }
