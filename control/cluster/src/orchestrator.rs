@@ -1384,7 +1384,7 @@ mod tests {
     }
 
     #[test]
-    fn tasks_get_one_free_address_per_network_and_free_it_when_they_end() {
+    fn tasks_get_one_free_address_per_network_freed_ones_last() {
         let mut state = cluster(2);
         add_network(&mut state, "net", "10.0.9.0/29");
         let web = service(&mut state, "web", ServiceMode::Replicated { replicas: 3 });
@@ -1407,11 +1407,19 @@ mod tests {
             "gateway .1 skipped"
         );
 
-        // A failed task's address goes to its replacement; the /29 has room for 5 only.
+        // A failed task's address is given last: its replacement gets a fresh one, and the
+        // failed task's goes out again once no other is left (the /29 has room for 5 only).
         let victim = state.tasks.values().next().unwrap().clone();
         fail(&mut state, &victim, 2, "");
-        set_replicas(&mut state, &web, 5);
         converge(&mut state, 2 + crate::update::DEFAULT_RESTART_DELAY_SECS);
+        let replacement = state
+            .tasks
+            .values()
+            .find(|t| t.slot == victim.slot && !t.state.is_terminal())
+            .expect("a replacement");
+        assert_eq!(replacement.attachments[0].address.to_string(), "10.0.9.5");
+        set_replicas(&mut state, &web, 5);
+        converge(&mut state, 20);
         assert_eq!(running_per_node(&state, &web).values().sum::<usize>(), 5);
         let live: BTreeSet<_> = state
             .tasks
@@ -1420,6 +1428,7 @@ mod tests {
             .map(|t| t.attachments[0].address)
             .collect();
         assert_eq!(live.len(), 5, "no address given twice");
+        assert!(live.contains(&victim.attachments[0].address), "{live:?}");
         set_replicas(&mut state, &web, 6);
         converge(&mut state, 20);
         assert_eq!(
