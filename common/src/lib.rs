@@ -21,6 +21,7 @@ pub mod names {
     pub const LB_REVERSE: &str = "LB_REVERSE";
     pub const MESH_REPLY: &str = "shoal_mesh_reply";
     pub const MESH_NODE_CONNECT4: &str = "shoal_mesh_node_connect4";
+    pub const TASK_DEVICES: &str = "shoal_task_devices";
     pub const MESH_TO_TASK: &str = "shoal_mesh_to_task";
     pub const MESH_FROM_TASK: &str = "shoal_mesh_from_task";
     pub const MESH_PORTS: &str = "MESH_PORTS";

@@ -23,6 +23,7 @@ pub mod socket_lb;
 mod status;
 pub mod task;
 pub mod task_exec;
+mod task_devices;
 pub mod task_hooks;
 pub mod vip_echo;
 pub mod vxlan_peers;
@@ -158,6 +159,7 @@ impl Dataplane {
             &config.node_cgroup,
             &config.links_dir(),
         )?;
+        task_devices::attach(&mut ebpf, &config.task_cgroup, &config.links_dir())?;
         remove_stale_links(&config)?;
         let old_map_layouts = remove_old_map_versions(&config.bpffs_root)?;
         Ok(Dataplane {
@@ -410,6 +412,7 @@ fn attach_in(
 /// which detaches their programs.
 fn remove_stale_links(config: &DataplaneConfig) -> Result<()> {
     let mut keep = socket_lb::link_pins(&config.links_dir());
+    keep.push(task_devices::link_pin(&config.links_dir()));
     keep.push(config.ingress_link_pin());
     for entry in fs::read_dir(config.links_dir())? {
         let path = entry?.path();

@@ -80,16 +80,21 @@ fn attach_to(
             .attach(&cgroup_dir, CgroupAttachMode::Single)
             .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
         let link: FdLink = program.take_link(id)?.try_into()?;
-        let pin = links_dir.join(pin);
-        // Dropping the previous agent's pin detaches its program, now that ours runs.
-        match fs::remove_file(&pin) {
-            Ok(()) => {}
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-            Err(err) => return Err(err).with_context(|| format!("removing {}", pin.display())),
-        }
-        link.pin(&pin)
-            .with_context(|| format!("pinning {}", pin.display()))?;
+        repin(link, &links_dir.join(pin))?;
     }
+    Ok(())
+}
+
+/// Pins a cgroup program's link at `pin`, in place of the previous agent's: dropping that
+/// one's pin detaches its program, now that ours runs next to it.
+pub(crate) fn repin(link: FdLink, pin: &Path) -> Result<()> {
+    match fs::remove_file(pin) {
+        Ok(()) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => return Err(err).with_context(|| format!("removing {}", pin.display())),
+    }
+    link.pin(pin)
+        .with_context(|| format!("pinning {}", pin.display()))?;
     Ok(())
 }
 

@@ -42,6 +42,8 @@ mod programs {
     pub mod mesh_task;
     /// Task to VIP: the socket load balancer.
     pub mod socket_lb;
+    /// Which devices a task may open: Docker's default list.
+    pub mod task_devices;
     /// Ping of VIPs, ARP for VIPs and remote endpoints.
     pub mod vip_echo;
 }
