@@ -1248,11 +1248,15 @@ fn rollout_progress(view: &ServiceView, tasks: &[TaskView]) -> Progress {
 }
 
 /// `service logs --follow`: prints what each poll brings until the service is removed; a
-/// node that cannot be read is said on stderr, once per outage.
+/// node that cannot be read, or managers that cannot answer for now, are said on stderr
+/// once per outage.
 async fn follow_logs(client: &Client, service: &str, tail: Option<usize>) -> Result<()> {
     let mut follower = LogFollower::new(service, tail);
     let mut width = 0;
     while let Some(batch) = follower.next(|request| control(client, request)).await? {
+        if let Some(why) = &batch.newly_failed {
+            eprintln!("no logs for now, trying again: {why}");
+        }
         for node in &batch.newly_unreadable {
             eprintln!("{}", unreadable(node));
         }

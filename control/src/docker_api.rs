@@ -25,7 +25,10 @@ use shoal_cluster::protocol::{
 };
 use shoal_docker::{models, spec, Cluster};
 
-use crate::{log_follower::LogFollower, server::AgentState};
+use crate::{
+    log_follower::{LogBatch, LogFollower},
+    server::AgentState,
+};
 
 /// The newest API version served; clients asking for more are told so, as dockerd does.
 pub const API_VERSION: &str = "1.47";
@@ -731,23 +734,37 @@ async fn service_logs(
         let mut sender = sender;
         let mut batch = first;
         loop {
-            let incomplete = incomplete_stream(&batch.newly_unreadable);
-            let Ok(mut frames) = log_frames(&agent, &service_id, &batch.lines).await else {
-                return;
+            let (frames, last) = match log_frames(&agent, &service_id, &batch.lines).await {
+                Ok(mut frames) => {
+                    let incomplete = incomplete_stream(&batch.newly_unreadable);
+                    let last = !incomplete.is_empty() || batch.newly_failed.is_some();
+                    frames.extend(incomplete);
+                    if let Some(why) = &batch.newly_failed {
+                        frames.extend(frame(3, why));
+                    }
+                    (frames, last)
+                }
+                Err(err) => (frame(3, &format!("{err:#}")), true),
             };
-            frames.extend_from_slice(&incomplete);
-            if !frames.is_empty() && sender.send_data(frames.into()).await.is_err() {
-                return; // the client went
-            }
-            // After that warning the Docker CLI stops reading, as it does from dockerd.
-            if !incomplete.is_empty() {
+            // Sent even when empty (the server drops empty chunks): a client that went is
+            // noticed on a quiet service too.
+            if sender.send_data(frames.into()).await.is_err() {
                 return;
             }
-            // Removed, or no answer: the stream ends, as Docker's does.
-            let Ok(Some(next)) = follower.next(|request| agent.control(request)).await else {
+            // After a system-error frame the Docker CLI stops reading, as it does from dockerd.
+            if last {
                 return;
+            }
+            // Removed, or an error: the stream ends, as Docker's does.
+            let next = follower.next(|request| agent.control(request)).await;
+            batch = match next {
+                Ok(Some(next)) => next,
+                Ok(None) => return,
+                Err(err) => LogBatch {
+                    newly_failed: Some(format!("{err:#}")),
+                    ..LogBatch::default()
+                },
             };
-            batch = next;
         }
     });
     Ok(response

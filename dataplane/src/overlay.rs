@@ -142,6 +142,10 @@ struct State {
     gateway_leases: BTreeMap<String, Ipv4Addr>,
     /// The host ends of each task's veths on its networks' bridges: (network ID, name).
     task_links: HashMap<String, Vec<(String, String)>>,
+    /// Tasks being attached or adopted now, and (true) whether they were detached meanwhile:
+    /// a task stopped while starting is detached while its attach still runs on a blocking
+    /// thread, which then undoes what it made.
+    attaching: HashMap<String, bool>,
     /// This node's address on the ingress network, once its endpoint exists.
     ingress_endpoint: Option<Ipv4Addr>,
 }
@@ -592,6 +596,15 @@ impl Overlay {
         pid: u32,
         networks: &[(String, Ipv4Addr)],
     ) -> Result<Vec<TaskInterface>> {
+        self.unless_detached(task_id, || self.adopt_interfaces(task_id, pid, networks))
+    }
+
+    fn adopt_interfaces(
+        &self,
+        task_id: &str,
+        pid: u32,
+        networks: &[(String, Ipv4Addr)],
+    ) -> Result<Vec<TaskInterface>> {
         let short: String = task_id.chars().take(10).collect();
         let mut task = Netlink::open_in(&Netns::Process(pid))?;
         let links = task.links()?;
@@ -677,6 +690,32 @@ impl Overlay {
     /// Connects a started task (its PID 1 is `pid`) to its networks, in order, plus the
     /// gateway bridge unless every network is internal. The networks must exist.
     pub fn attach(
+        &self,
+        task_id: &str,
+        pid: u32,
+        networks: &[(String, Ipv4Addr)],
+    ) -> Result<Vec<TaskInterface>> {
+        self.unless_detached(task_id, || self.attach_interfaces(task_id, pid, networks))
+    }
+
+    /// Runs an attach or adoption of `task_id`; if the task is detached meanwhile (it was
+    /// stopped while starting), undoes what it made once it is done.
+    fn unless_detached(
+        &self,
+        task_id: &str,
+        attach: impl FnOnce() -> Result<Vec<TaskInterface>>,
+    ) -> Result<Vec<TaskInterface>> {
+        let state = || self.state.lock().expect("overlay state");
+        state().attaching.insert(task_id.to_owned(), false);
+        let attached = attach();
+        if state().attaching.remove(task_id) == Some(true) {
+            self.detach(task_id)?;
+            bail!("task {task_id} was stopped while its interfaces were being made");
+        }
+        attached
+    }
+
+    fn attach_interfaces(
         &self,
         task_id: &str,
         pid: u32,
@@ -802,22 +841,34 @@ impl Overlay {
     /// address. Its namespace, and the veths with it, can outlive the task (a socket still
     /// closing, a handle someone holds): a veth left on a bridge keeps answering for the
     /// task's address, which a new task on another node may have been given by then.
+    /// Without a record of its veths (an adoption that failed), they are looked for by name
+    /// on every network here.
     pub fn detach(&self, task_id: &str) -> Result<()> {
+        let short: String = task_id.chars().take(10).collect();
         let mut errors = ErrorList::default();
-        let leased = {
-            let mut state = self.state.lock().expect("overlay state");
-            let links = state.task_links.remove(task_id).unwrap_or_default();
-            for (network_id, name) in links {
-                if let Some(sandbox) = state.networks.get_mut(&network_id) {
-                    errors.note(delete_link(&mut sandbox.netlink, &name));
+        {
+            let mut guard = self.state.lock().expect("overlay state");
+            let state = &mut *guard;
+            if let Some(detached) = state.attaching.get_mut(task_id) {
+                *detached = true;
+            }
+            match state.task_links.remove(task_id) {
+                Some(links) => {
+                    for (network_id, name) in links {
+                        if let Some(sandbox) = state.networks.get_mut(&network_id) {
+                            errors.note(delete_link(&mut sandbox.netlink, &name));
+                        }
+                    }
+                }
+                None => {
+                    for sandbox in state.networks.values_mut() {
+                        errors.note(delete_task_links(&mut sandbox.netlink, &short));
+                    }
                 }
             }
-            state.gateway_leases.remove(task_id).is_some()
-        };
-        if leased {
-            let short: String = task_id.chars().take(10).collect();
-            errors.note(delete_link(&mut self.node(), &format!("g{short}")));
+            state.gateway_leases.remove(task_id);
         }
+        errors.note(delete_link(&mut self.node(), &format!("g{short}")));
         errors.into_result(&format!("removing the interfaces of task {task_id}"))
     }
 
@@ -951,16 +1002,33 @@ fn open_named(name: &str) -> Result<std::fs::File> {
     std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))
 }
 
-/// Every error of a teardown that carried on past them (netavark's `NetavarkErrorList`).
 /// Deletes a link by name, if it is there (gone with its namespace already is fine).
 fn delete_link(netlink: &mut Netlink, name: &str) -> Result<()> {
     let Some(link) = netlink.link(name)? else {
         return Ok(());
     };
-    match netlink.del_link(link.index) {
+    delete_index(netlink, link.index, name)
+}
+
+fn delete_index(netlink: &mut Netlink, index: u32, name: &str) -> Result<()> {
+    match netlink.del_link(index) {
         Err(err) if err.is_not_found() => Ok(()),
-        deleted => Ok(deleted.with_context(|| format!("deleting {name}"))?),
+        deleted => deleted.with_context(|| format!("deleting {name}")),
     }
+}
+
+/// Deletes the veths `attach` names for a task (`v<network index><short ID>`) in a network's
+/// namespace.
+fn delete_task_links(netlink: &mut Netlink, short: &str) -> Result<()> {
+    let theirs = |name: &str| {
+        name.strip_prefix('v')
+            .and_then(|rest| rest.strip_suffix(short))
+            .is_some_and(|index| !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit()))
+    };
+    for link in netlink.links()?.into_iter().filter(|l| theirs(&l.name)) {
+        delete_index(netlink, link.index, &link.name)?;
+    }
+    Ok(())
 }
 
 /// The host ends of a task's interfaces, as `task_links` keeps them.
@@ -971,6 +1039,7 @@ fn host_sides(interfaces: &[TaskInterface]) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Every error of a teardown that carried on past them (netavark's `NetavarkErrorList`).
 #[derive(Default)]
 struct ErrorList(Vec<anyhow::Error>);
 

@@ -45,33 +45,63 @@ pub fn allocate_subnet(pool: Subnet, prefix: u8, used: &[Subnet]) -> Result<Subn
     bail!("the address pool {pool} has no free /{prefix} left: give --subnet or a larger pool")
 }
 
-/// The host address of `subnet` to give next: never the gateway or one of `used`; of the
-/// rest, the lowest no task held lately (`freed`: address -> when the last task that held it
-/// ended), else the one freed the longest ago. An address given again at once reaches the
-/// new task from whatever still points at the old one (a client's DNS cache, a node a step
-/// behind, an interface left over): Swarm allocates serially for the same reason.
-pub fn allocate_address(
+/// The addresses of one network as the orchestrator gives them out in a pass: never the
+/// gateway or one in use; of the rest, the lowest no task held lately, else the one freed
+/// the longest ago. An address given again at once reaches the new task from whatever
+/// still points at the old one (a client's DNS cache, a node a step behind, an interface
+/// left over): Swarm allocates serially for the same reason. Each address costs O(log n),
+/// however many are taken or freed (a scale to thousands makes one pass).
+pub struct AddressBook {
     subnet: Subnet,
     gateway: Ipv4Addr,
-    used: &BTreeSet<Ipv4Addr>,
-    freed: &BTreeMap<Ipv4Addr, Timestamp>,
-) -> Result<Ipv4Addr> {
-    let mut oldest: Option<(Timestamp, Ipv4Addr)> = None;
-    for address in subnet
-        .hosts()
-        .filter(|a| *a != gateway && !used.contains(a))
-    {
-        match freed.get(&address) {
-            None => return Ok(address),
-            Some(&at) if oldest.is_none_or(|(then, _)| at < then) => {
-                oldest = Some((at, address));
-            }
-            Some(_) => {}
+    used: BTreeSet<Ipv4Addr>,
+    /// Address -> when the last task that held it ended.
+    freed: BTreeMap<Ipv4Addr, Timestamp>,
+    freed_by_age: BTreeSet<(Timestamp, Ipv4Addr)>,
+    /// Below it, every address never held is taken.
+    scan_from: u32,
+}
+
+impl AddressBook {
+    pub fn new(
+        subnet: Subnet,
+        gateway: Ipv4Addr,
+        used: BTreeSet<Ipv4Addr>,
+        freed: BTreeMap<Ipv4Addr, Timestamp>,
+    ) -> Self {
+        let freed_by_age = freed.iter().map(|(a, at)| (*at, *a)).collect();
+        Self {
+            subnet,
+            gateway,
+            used,
+            freed,
+            freed_by_age,
+            scan_from: subnet.start() + 1,
         }
     }
-    oldest
-        .map(|(_, address)| address)
-        .with_context(|| format!("no free address left in {subnet}"))
+
+    /// The next address, taken.
+    pub fn take(&mut self) -> Result<Ipv4Addr> {
+        let never_held = (self.scan_from..self.subnet.end())
+            .map(Ipv4Addr::from)
+            .find(|a| *a != self.gateway && !self.used.contains(a) && !self.freed.contains_key(a));
+        let address = match never_held {
+            Some(address) => {
+                self.scan_from = u32::from(address) + 1;
+                Some(address)
+            }
+            None => {
+                self.scan_from = self.subnet.end();
+                std::iter::from_fn(|| self.freed_by_age.pop_first())
+                    .map(|(_, a)| a)
+                    .find(|a| *a != self.gateway && !self.used.contains(a))
+            }
+        };
+        let address =
+            address.with_context(|| format!("no free address left in {}", self.subnet))?;
+        self.used.insert(address);
+        Ok(address)
+    }
 }
 
 /// A subnet the node's kernel already uses. An overlay subnet overlapping it would cut the
@@ -284,16 +314,13 @@ mod tests {
         let subnet = net("10.0.1.0/29");
         let gateway = subnet.first_host();
         assert_eq!(gateway, Ipv4Addr::new(10, 0, 1, 1));
-        let mut used = BTreeSet::new();
+        let used = [Ipv4Addr::new(10, 0, 1, 3)].into();
+        let mut book = AddressBook::new(subnet, gateway, used, BTreeMap::new());
         let mut got = Vec::new();
-        while let Ok(addr) = allocate_address(subnet, gateway, &used, &BTreeMap::new()) {
-            used.insert(addr);
+        while let Ok(addr) = book.take() {
             got.push(addr.to_string());
         }
-        assert_eq!(
-            got,
-            ["10.0.1.2", "10.0.1.3", "10.0.1.4", "10.0.1.5", "10.0.1.6"]
-        );
+        assert_eq!(got, ["10.0.1.2", "10.0.1.4", "10.0.1.5", "10.0.1.6"]);
         assert!(subnet.contains(Ipv4Addr::new(10, 0, 1, 7)));
         assert!(!subnet.contains(Ipv4Addr::new(10, 0, 1, 8)));
     }
@@ -303,21 +330,19 @@ mod tests {
         let subnet = net("10.0.1.0/29");
         let gateway = subnet.first_host();
         let used: BTreeSet<Ipv4Addr> = [Ipv4Addr::new(10, 0, 1, 2)].into();
-        let mut freed: BTreeMap<Ipv4Addr, Timestamp> = [
+        let freed: BTreeMap<Ipv4Addr, Timestamp> = [
             (Ipv4Addr::new(10, 0, 1, 3), 50),
             (Ipv4Addr::new(10, 0, 1, 4), 40),
+            (Ipv4Addr::new(10, 0, 1, 6), 45),
             // Held by a live task again: in use, whatever its history.
             (Ipv4Addr::new(10, 0, 1, 2), 10),
         ]
         .into();
-        let next = |freed: &BTreeMap<Ipv4Addr, Timestamp>| {
-            allocate_address(subnet, gateway, &used, freed).map(|a| a.to_string())
-        };
-        assert_eq!(next(&freed).unwrap(), "10.0.1.5");
-        freed.insert(Ipv4Addr::new(10, 0, 1, 5), 60);
-        freed.insert(Ipv4Addr::new(10, 0, 1, 6), 70);
-        assert_eq!(next(&freed).unwrap(), "10.0.1.4", "freed the longest ago");
-        let all: BTreeSet<Ipv4Addr> = subnet.hosts().collect();
-        assert!(allocate_address(subnet, gateway, &all, &freed).is_err());
+        let mut book = AddressBook::new(subnet, gateway, used, freed);
+        let mut got = Vec::new();
+        while let Ok(addr) = book.take() {
+            got.push(addr.to_string());
+        }
+        assert_eq!(got, ["10.0.1.5", "10.0.1.4", "10.0.1.6", "10.0.1.3"]);
     }
 }

@@ -629,10 +629,20 @@ impl Manager {
             }
         }
         let mut logs = ServiceLogs::default();
+        // All nodes at once: a slow one costs its own timeout, not everyone's.
+        let mut queries = tokio::task::JoinSet::new();
         for (node_id, tasks) in by_node {
             let Some(node) = state.nodes.get(node_id) else {
                 continue;
             };
+            if node.status == NodeStatus::Down {
+                logs.unreadable.push(UnreadableNode {
+                    node_id: node.id.clone(),
+                    node: node.hostname.clone(),
+                    error: "the node is down".into(),
+                });
+                continue;
+            }
             let request = LogsRequest {
                 task_ids: tasks.iter().map(|t| t.id.clone()).collect(),
                 tail,
@@ -643,19 +653,29 @@ impl Manager {
                         .collect()
                 }),
             };
-            let task_logs: Vec<TaskLog> = match self
-                .client
-                .post(
-                    &node.endpoint(),
-                    "/node/logs",
-                    &request,
-                    Duration::from_secs(5),
-                )
-                .await
-            {
-                Ok(logs) => logs,
+            let (client, endpoint) = (self.client.clone(), node.endpoint());
+            let node_id = node.id.clone();
+            queries.spawn(async move {
+                let timeout = Duration::from_secs(5);
+                let answer = client.post(&endpoint, "/node/logs", &request, timeout).await;
+                (node_id, answer)
+            });
+        }
+        let mut answers: BTreeMap<String, Result<Vec<TaskLog>>> = BTreeMap::new();
+        while let Some(joined) = queries.join_next().await {
+            let (node_id, answer) = joined?;
+            answers.insert(node_id, answer);
+        }
+        // In node order, whichever answered first.
+        for (node_id, answer) in answers {
+            let Some(node) = state.nodes.get(&node_id) else {
+                continue;
+            };
+            let task_logs = match answer {
+                Ok(task_logs) => task_logs,
                 Err(err) => {
                     logs.unreadable.push(UnreadableNode {
+                        node_id,
                         node: node.hostname.clone(),
                         error: format!("{err:#}"),
                     });

@@ -38,6 +38,7 @@ pub fn reconcile(state: &ClusterState, now: Timestamp, settings: Settings) -> Ve
         delete: Vec::new(),
         rollouts: Vec::new(),
         vips,
+        addresses: HashMap::new(),
     };
     plan.orphan_tasks_of_lost_nodes(settings.down_grace_secs);
     for service in state.services.values() {
@@ -72,6 +73,8 @@ struct Plan<'a> {
     /// Addresses tasks must not take after this pass: every service's VIPs, and the nodes'
     /// ingress endpoints (under `node/<id>`).
     vips: BTreeMap<String, Vec<Attachment>>,
+    /// Each network's addresses as this pass gives them out, from its first new task on.
+    addresses: HashMap<String, ipam::AddressBook>,
 }
 
 /// Gives every `vip`-mode service one VIP per network (keeping the ones it has), and takes
@@ -109,7 +112,7 @@ fn plan_vips(
                 .map(|a| a.address)
                 .collect();
             let freed = freed_addresses(state.tasks.values(), network_id);
-            match ipam::allocate_address(network.subnet, network.gateway, &used, &freed) {
+            match ipam::AddressBook::new(network.subnet, network.gateway, used, freed).take() {
                 Ok(address) => vips.push(Attachment {
                     network_id: network_id.clone(),
                     address,
@@ -160,7 +163,7 @@ fn plan_node_ingress(
     let Some(ingress) = state.ingress_network() else {
         return;
     };
-    let mut used: BTreeSet<Ipv4Addr> = state
+    let used: BTreeSet<Ipv4Addr> = state
         .tasks
         .values()
         .filter(|t| !t.state.is_terminal())
@@ -170,12 +173,12 @@ fn plan_node_ingress(
         .chain(state.nodes.values().filter_map(|n| n.ingress_address))
         .collect();
     let freed = freed_addresses(state.tasks.values(), &ingress.id);
+    let mut addresses = ipam::AddressBook::new(ingress.subnet, ingress.gateway, used, freed);
     for node in state.nodes.values() {
         let address = match node.ingress_address {
             Some(address) => address,
-            None => match ipam::allocate_address(ingress.subnet, ingress.gateway, &used, &freed) {
+            None => match addresses.take() {
                 Ok(address) => {
-                    used.insert(address);
                     commands.push(Command::SetNodeIngress {
                         id: node.id.clone(),
                         address: Some(address),
@@ -265,27 +268,32 @@ impl Plan<'_> {
 
     /// One address per network of the service: a free one, where free means not held by a
     /// task that has not finished (finished tasks keep theirs for the record only), those
-    /// finished tasks held given last (`ipam::allocate_address`).
-    fn attach(&self, service: &Service) -> anyhow::Result<Vec<Attachment>> {
+    /// finished tasks held given last (`ipam::AddressBook`).
+    fn attach(&mut self, service: &Service) -> anyhow::Result<Vec<Attachment>> {
         let mut attachments = Vec::new();
-        for network_id in &self.state.task_networks(&service.spec) {
+        for network_id in self.state.task_networks(&service.spec) {
             let network = self
                 .state
                 .networks
-                .get(network_id)
+                .get(&network_id)
                 .ok_or_else(|| anyhow::anyhow!("network {network_id} is gone"))?;
-            let used: BTreeSet<Ipv4Addr> = self
-                .tasks()
-                .filter(|t| !t.state.is_terminal())
-                .flat_map(|t| t.attachments.iter())
-                .chain(self.vips.values().flatten())
-                .filter(|a| a.network_id == *network_id)
-                .map(|a| a.address)
-                .collect();
-            let freed = freed_addresses(self.tasks(), network_id);
+            if !self.addresses.contains_key(&network_id) {
+                let used: BTreeSet<Ipv4Addr> = self
+                    .tasks()
+                    .filter(|t| !t.state.is_terminal())
+                    .flat_map(|t| t.attachments.iter())
+                    .chain(self.vips.values().flatten())
+                    .filter(|a| a.network_id == network_id)
+                    .map(|a| a.address)
+                    .collect();
+                let freed = freed_addresses(self.tasks(), &network_id);
+                let book = ipam::AddressBook::new(network.subnet, network.gateway, used, freed);
+                self.addresses.insert(network_id.clone(), book);
+            }
+            let book = self.addresses.get_mut(&network_id).expect("just made");
             attachments.push(Attachment {
-                network_id: network_id.clone(),
-                address: ipam::allocate_address(network.subnet, network.gateway, &used, &freed)?,
+                address: book.take()?,
+                network_id,
             });
         }
         Ok(attachments)

@@ -146,6 +146,7 @@ pub struct ServiceLogs {
 /// A node whose tasks' output could not be read, and why.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct UnreadableNode {
+    pub node_id: String,
     /// Its hostname.
     pub node: String,
     pub error: String,
