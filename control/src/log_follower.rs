@@ -159,7 +159,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn each_poll_goes_on_from_the_last_and_an_outage_is_reported_once() {
         let mut follower = LogFollower::new("web", Some(3));
-        let (sent, batch) = poll(&mut follower, Ok(answer(&["a", "b"], &[("t1", 4)], &["node2"]))).await;
+        let (sent, batch) = poll(
+            &mut follower,
+            Ok(answer(&["a", "b"], &[("t1", 4)], &["node2"])),
+        )
+        .await;
         assert_eq!(sent, (Some(3), cursor(&[])));
         assert_eq!(batch.lines.len(), 2);
         assert_eq!(batch.newly_unreadable.len(), 1);

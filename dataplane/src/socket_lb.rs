@@ -87,7 +87,7 @@ fn attach_to(
 
 /// Pins a cgroup program's link at `pin`, in place of the previous agent's: dropping that
 /// one's pin detaches its program, now that ours runs next to it.
-pub(crate) fn repin(link: FdLink, pin: &Path) -> Result<()> {
+fn repin(link: FdLink, pin: &Path) -> Result<()> {
     match fs::remove_file(pin) {
         Ok(()) => {}
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}

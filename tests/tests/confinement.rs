@@ -104,7 +104,11 @@ fn tasks_run_with_least_privilege_and_cannot_reach_the_agent() {
     // looks for the device (which would say ENXIO).
     let (ok, out) = exec(
         task,
-        &["sh", "-c", "echo x > /dev/null && head -c 8 /dev/urandom | wc -c"],
+        &[
+            "sh",
+            "-c",
+            "echo x > /dev/null && head -c 8 /dev/urandom | wc -c",
+        ],
     );
     assert!(ok && out.trim() == "8", "{out}");
     let nodes = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("a directory");
@@ -113,7 +117,11 @@ fn tasks_run_with_least_privilege_and_cannot_reach_the_agent() {
         let node = node.to_str().expect("path");
         let (ok, out) = exec(
             task,
-            &["sh", "-c", &format!("mknod {node} {kind} 42 0 && cat {node}")],
+            &[
+                "sh",
+                "-c",
+                &format!("mknod {node} {kind} 42 0 && cat {node}"),
+            ],
         );
         assert!(
             !ok && out.contains("Operation not permitted"),

@@ -657,7 +657,9 @@ impl Manager {
             let node_id = node.id.clone();
             queries.spawn(async move {
                 let timeout = Duration::from_secs(5);
-                let answer = client.post(&endpoint, "/node/logs", &request, timeout).await;
+                let answer = client
+                    .post(&endpoint, "/node/logs", &request, timeout)
+                    .await;
                 (node_id, answer)
             });
         }
