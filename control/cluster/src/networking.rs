@@ -1153,6 +1153,15 @@ impl NodeNetworks {
         }
     }
 
+    /// Removes what is left of the interfaces of a task a previous agent started and that
+    /// ended while no agent ran (its namespace may outlive it): the gateway veth, and veths
+    /// on the networks built here so far.
+    pub fn forget_leftover(&self, task_id: &str) {
+        if let Err(err) = self.overlay.detach(task_id) {
+            tracing::warn!(task = %task_id, error = %format!("{err:#}"), "removing a leftover task's interfaces");
+        }
+    }
+
     /// Withdraws a finished task's endpoints and removes networks no local task uses.
     pub async fn disconnect(&self, task_id: &str) {
         let gossip = self.gossip();

@@ -407,6 +407,7 @@ impl Worker {
         if let Err(err) = self.runtime.discard(id) {
             tracing::warn!(task = %id, error = %format!("{err:#}"), "cleaning up a leftover task");
         }
+        self.networks.forget_leftover(id);
     }
 
     fn apply(self: &Arc<Self>, assignments: Vec<Assignment>) {
