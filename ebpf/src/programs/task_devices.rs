@@ -25,8 +25,8 @@ pub fn shoal_task_devices(ctx: DeviceContext) -> i32 {
     }
 }
 
-/// Docker's default character devices (moby's `oci.DefaultLinuxSpec` and the daemon's
-/// additions for a container that is not privileged).
+/// Docker's default character devices: runc's `DefaultAllowedDevices`, which Docker keeps
+/// for a container that is not privileged.
 #[inline(always)]
 fn listed(major: u32, minor: u32) -> bool {
     match major {
