@@ -203,6 +203,18 @@ struct Prober {
 /// The environment variable that makes this bench a prober inside the task with that PID.
 const PROBER_ENV: &str = "SHOAL_BENCH_PROBER_IN";
 
+/// The environment variable that makes this bench a task's command that only listens on
+/// port 80: the same minimal workload for both binaries, so the attach is what differs.
+const LISTENER_ENV: &str = "SHOAL_BENCH_LISTENER";
+
+/// The listener's side: accept and close connections on port 80 until the task is stopped.
+fn run_listener() {
+    let listener = std::net::TcpListener::bind("0.0.0.0:80").expect("port 80");
+    for connection in listener.incoming() {
+        drop(connection);
+    }
+}
+
 impl Prober {
     fn new(pid: u32) -> Self {
         let mut child = std::process::Command::new(std::env::current_exe().unwrap())
@@ -291,9 +303,27 @@ fn resolve(udp: &UdpSocket, name: &str) -> Option<Ipv4Addr> {
     Some(Ipv4Addr::from(bytes))
 }
 
+/// What the tasks of the attach bench run.
+#[derive(Clone, Copy)]
+enum Workload {
+    /// This bench's own minimal listener, the same program for both binaries.
+    Listener,
+    /// `shoal whoami` of the binary under test, as in earlier runs of this bench.
+    Whoami,
+}
+
+impl Workload {
+    fn name(self) -> &'static str {
+        match self {
+            Workload::Listener => "minimal listener",
+            Workload::Whoami => "shoal whoami",
+        }
+    }
+}
+
 /// Network attach per task, medians in milliseconds: (namespace -> interfaces and DNS ready
 /// on its node, namespace -> resolving and answering on its VIP from every node).
-fn attach_times(lab_name: &str, tasks: usize) -> (f64, f64) {
+fn attach_times(lab_name: &str, tasks: usize, workload: Workload) -> (f64, f64) {
     let lab = TestLab::up(lab_name, 3);
     let nodes = ["node1", "node2", "node3"];
     lab.exec("node1", &["shoal", "network", "create", "front"]);
@@ -311,11 +341,20 @@ fn attach_times(lab_name: &str, tasks: usize) -> (f64, f64) {
     for i in 0..tasks {
         let before: Vec<BTreeSet<u32>> = nodes.iter().map(|n| task_pids(&lab, n)).collect();
         let name = format!("t{i}");
-        lab.create_service(
-            &name,
-            &["--network", "front"],
-            &["shoal", "whoami", "--listen", "0.0.0.0:80"],
-        );
+        let listener = std::env::current_exe().unwrap();
+        let listener_env = format!("{LISTENER_ENV}=1");
+        match workload {
+            Workload::Whoami => lab.create_service(
+                &name,
+                &["--network", "front"],
+                &["shoal", "whoami", "--listen", "0.0.0.0:80"],
+            ),
+            Workload::Listener => lab.create_service(
+                &name,
+                &["--network", "front", "--env", &listener_env],
+                &[listener.to_str().unwrap()],
+            ),
+        }
         // The task's first process appears (in its cgroup before exec), then its namespace
         // (unshare): the start, before any interface.
         let (pid, node) = loop {
@@ -347,7 +386,7 @@ fn attach_times(lab_name: &str, tasks: usize) -> (f64, f64) {
                 "{name} never reachable"
             );
             pending.retain_mut(|p| !p.reachable(&name));
-            std::thread::sleep(Duration::from_millis(2));
+            std::thread::sleep(Duration::from_micros(500));
         }
         everywhere.push(start.elapsed().as_secs_f64() * 1e3);
     }
@@ -520,6 +559,9 @@ fn with_bin<T>(bin: &Path, body: impl FnOnce() -> T) -> T {
 }
 
 fn main() {
+    if std::env::var_os(LISTENER_ENV).is_some() {
+        return run_listener();
+    }
     if let Some(pid) = std::env::var_os(PROBER_ENV) {
         return run_prober(pid.to_str().unwrap().parse().unwrap());
     }
@@ -569,16 +611,25 @@ fn main() {
 
     // Network attach per task.
     if wants("attach") {
-        for (which, bin) in &binaries {
-            let (local, everywhere) = with_bin(bin, || attach_times("b-attach", 12));
-            eprintln!("attach {which}: local {local:.1} ms, every node {everywhere:.1} ms");
-            let suffix = if *which == "current" {
-                String::new()
-            } else {
-                format!("_{which}")
-            };
-            results.insert(format!("attach_local_ms{suffix}"), json!(local));
-            results.insert(format!("attach_every_node_ms{suffix}"), json!(everywhere));
+        for workload in [Workload::Listener, Workload::Whoami] {
+            for (which, bin) in &binaries {
+                let (local, everywhere) = with_bin(bin, || attach_times("b-attach", 12, workload));
+                let name = workload.name();
+                eprintln!(
+                    "attach {which} ({name}): local {local:.1} ms, every node {everywhere:.1} ms"
+                );
+                let suffix = if *which == "current" {
+                    String::new()
+                } else {
+                    format!("_{which}")
+                };
+                let prefix = match workload {
+                    Workload::Listener => "attach",
+                    Workload::Whoami => "attach_whoami",
+                };
+                results.insert(format!("{prefix}_local_ms{suffix}"), json!(local));
+                results.insert(format!("{prefix}_every_node_ms{suffix}"), json!(everywhere));
+            }
         }
     }
     // The kernel programming of an attach alone, both paths in one namespace.
