@@ -106,6 +106,8 @@ pub struct Link {
     /// The bridge it is a port of.
     pub controller: Option<u32>,
     pub up: bool,
+    /// Its transmit and receive queues.
+    pub queues: (u32, u32),
 }
 
 /// Where the far end of a new veth goes.
@@ -129,7 +131,8 @@ pub struct Veth<'a> {
     pub peer_ns: PeerNs<'a>,
     pub peer_mac: Option<[u8; 6]>,
     /// This end up. The peer cannot be: the kernel configures it before the pair is joined
-    /// (ENOTCONN), so it is brought up from its own namespace.
+    /// (ENOTCONN), so it is brought up from its own namespace. A task's veth is made down
+    /// and brought up last (see `Overlay::attach`).
     pub up: bool,
 }
 
@@ -457,10 +460,12 @@ impl Netlink {
         self.add_link(vxlan.name, message)
     }
 
-    /// A veth pair in one message: both ends named, addressed and sized, this end up on its
-    /// bridge and the peer already in its namespace.
+    /// A veth pair in one message: both ends named, addressed and sized, this end on its
+    /// bridge and the peer already in its namespace. One queue each way on both ends, asked
+    /// for: left to the kernel, it makes one per CPU and then cuts them to one, and each cut
+    /// waits for an RCU grace period (four per pair).
     pub fn add_veth(&mut self, veth: &Veth<'_>) -> NetlinkResult<()> {
-        let mut peer = LinkMessageBuilder::<LinkUnspec>::new().name(veth.peer);
+        let mut peer = one_queue(LinkMessageBuilder::<LinkUnspec>::new().name(veth.peer));
         peer = match veth.peer_ns {
             PeerNs::Pid(pid) => peer.setns_by_pid(pid),
             PeerNs::Fd(file) => peer.setns_by_fd(std::os::fd::AsRawFd::as_raw_fd(file)),
@@ -471,8 +476,10 @@ impl Netlink {
         if let Some(mac) = veth.peer_mac {
             peer = peer.address(mac.to_vec());
         }
-        let mut builder = LinkVeth::new(veth.name, veth.peer)
-            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer.build())));
+        let mut builder = one_queue(
+            LinkVeth::new(veth.name, veth.peer)
+                .set_info_data(InfoData::Veth(InfoVeth::Peer(peer.build()))),
+        );
         if let Some(mtu) = veth.mtu {
             builder = builder.mtu(mtu);
         }
@@ -1054,6 +1061,7 @@ fn link_of(message: LinkMessage) -> Link {
         mac: None,
         controller: None,
         up: message.header.flags.contains(LinkFlags::Up),
+        queues: (0, 0),
     };
     for attribute in message.attributes {
         match attribute {
@@ -1061,8 +1069,17 @@ fn link_of(message: LinkMessage) -> Link {
             LinkAttribute::Mtu(mtu) => link.mtu = mtu,
             LinkAttribute::Address(bytes) => link.mac = <[u8; 6]>::try_from(bytes.as_slice()).ok(),
             LinkAttribute::Controller(index) if index != 0 => link.controller = Some(index),
+            LinkAttribute::NumTxQueues(queues) => link.queues.0 = queues,
+            LinkAttribute::NumRxQueues(queues) => link.queues.1 = queues,
             _ => {}
         }
     }
     link
+}
+
+/// A link asked for with one transmit and one receive queue.
+fn one_queue<T>(builder: LinkMessageBuilder<T>) -> LinkMessageBuilder<T> {
+    builder
+        .append_extra_attribute(LinkAttribute::NumTxQueues(1))
+        .append_extra_attribute(LinkAttribute::NumRxQueues(1))
 }

@@ -77,13 +77,20 @@ impl TaskFilter {
 }
 
 /// Puts `filters` on `interface` in the namespace at `netns` (adding its `clsact` qdisc when it
-/// has none), replacing in place the programs of filters there already: for a new task and
-/// for one a previous agent connected alike.
+/// has none), replacing in place the programs of filters there already: for a task a previous
+/// agent connected.
 pub fn install(netns: &Path, interface: &str, filters: &[&TaskFilter]) -> Result<()> {
     let file = File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
     let mut netlink = netns::run_in_file(&file, || Ok(Netlink::open()?))
         .with_context(|| format!("in {}", netns.display()))?;
     let index = netlink.index_of(interface)?;
+    install_on(&mut netlink, index, filters)
+}
+
+/// Puts `filters` on device `index` of `netlink`'s namespace, as [`install`]. A new task's
+/// interface gets them while it is down: adding the `clsact` qdisc to a device that is up
+/// deactivates its queues, which waits for an RCU grace period.
+pub fn install_on(netlink: &mut Netlink, index: u32, filters: &[&TaskFilter]) -> Result<()> {
     match netlink.add_clsact(index) {
         Err(err) if !err.is_exists() => return Err(err.into()),
         _ => {}

@@ -144,11 +144,14 @@ fn a_veth_peer_goes_into_a_process_namespace_by_pid() {
             (host.controller, host.mtu, host.up),
             (Some(bridge), 1450, true)
         );
+        // One queue each way, asked for (the kernel would make one per CPU, then cut them).
+        assert_eq!(host.queues, (1, 1));
         assert!(nl.link("eth0").unwrap().is_none(), "the peer stayed here");
     });
     let mut inside = Netlink::open_in(&Netns::Process(pid)).unwrap();
     let peer = inside.link("eth0").unwrap().expect("the peer in the task");
     assert_eq!((peer.mac, peer.mtu, peer.up), (Some(MAC2), 1450, false));
+    assert_eq!(peer.queues, (1, 1));
 }
 
 #[test]

@@ -102,15 +102,12 @@ impl Rig {
         pid: u32,
         networks: &[(String, Ipv4Addr)],
     ) -> Vec<TaskInterface> {
-        let interfaces = self.overlays[node]
-            .attach(task, pid, networks)
-            .expect("attach");
         let echo = self.echoes[node].task_filter().expect("echo filter");
-        for interface in &interfaces {
-            let netns = PathBuf::from("/run/netns").join(&interface.netns);
-            task_hooks::install(&netns, &interface.host_side, &[&echo]).expect("ARP answers");
-        }
-        interfaces
+        self.overlays[node]
+            .attach(task, pid, networks, &|netlink, index, _| {
+                task_hooks::install_on(netlink, index, &[&echo])
+            })
+            .expect("attach")
     }
 
     /// A process in its own network namespace, like a task's PID 1.

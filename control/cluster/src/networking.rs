@@ -16,6 +16,7 @@ use shoal_dataplane::{
         FlowTimeouts, MeshClock, MeshLimits, MeshPortStatus, MeshPrograms, MeshTable, Protocol,
         PublishedService, TraceRequest, TraceResult, TrackedFlow,
     },
+    netlink::Netlink,
     overlay::{
         NetworkDataplane, Overlay, OverlayConfig, TaskInterface, INGRESS_ENDPOINT,
         INGRESS_ENDPOINT_PEER,
@@ -193,14 +194,24 @@ struct TaskFilters {
 }
 
 impl TaskFilters {
-    /// Puts (or, on an adopted task, replaces in place) the programs of one task interface.
-    fn install(&self, interface: &TaskInterface, ingress: bool) -> Result<()> {
-        let netns = Path::new(shoal_dataplane::netns::NETNS_DIR).join(&interface.netns);
+    /// The programs of a task interface, on the ingress network or another.
+    fn for_interface(&self, ingress: bool) -> Vec<&TaskFilter> {
         let mut filters = vec![&self.vip_echo];
         if ingress {
             filters.extend(&self.mesh);
         }
-        task_hooks::install(&netns, &interface.host_side, &filters)
+        filters
+    }
+
+    /// Puts the programs on a new task's interface (device `index` of `netlink`).
+    fn install(&self, netlink: &mut Netlink, index: u32, ingress: bool) -> Result<()> {
+        task_hooks::install_on(netlink, index, &self.for_interface(ingress))
+    }
+
+    /// Replaces in place the programs of an adopted task's interface.
+    fn replace(&self, interface: &TaskInterface, ingress: bool) -> Result<()> {
+        let netns = Path::new(shoal_dataplane::netns::NETNS_DIR).join(&interface.netns);
+        task_hooks::install(&netns, &interface.host_side, &self.for_interface(ingress))
     }
 }
 
@@ -904,14 +915,19 @@ impl NodeNetworks {
             .collect();
         let (filters, links_dir) = (Arc::clone(&self.task_filters), self.links_dir.clone());
         let interfaces = tokio::task::spawn_blocking(move || {
+            let on_ingress =
+                |interface: &TaskInterface| ingress_networks.contains(&interface.network_id);
             let interfaces = if adopt {
-                overlay.adopt(&task_id, pid, &wanted)?
+                let interfaces = overlay.adopt(&task_id, pid, &wanted)?;
+                for interface in &interfaces {
+                    filters.replace(interface, on_ingress(interface))?;
+                }
+                interfaces
             } else {
-                overlay.attach(&task_id, pid, &wanted)?
+                overlay.attach(&task_id, pid, &wanted, &|netlink, index, interface| {
+                    filters.install(netlink, index, on_ingress(interface))
+                })?
             };
-            for interface in &interfaces {
-                filters.install(interface, ingress_networks.contains(&interface.network_id))?;
-            }
             if adopt {
                 // Links an agent before task filters pinned for it: its filters run now.
                 shoal_dataplane::release_task_links(&links_dir, &|task| task != task_id)?;
