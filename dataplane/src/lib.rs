@@ -6,6 +6,7 @@
 //! and a pinned link is updated in place to the newly loaded program, so the interface is never
 //! without a program while the agent restarts.
 
+mod bpf_syscall;
 pub mod confinement;
 pub mod limits;
 pub mod maglev;

@@ -609,7 +609,7 @@ impl Overlay {
         pid: u32,
         networks: &[(String, Ipv4Addr)],
     ) -> Result<Vec<TaskInterface>> {
-        let short: String = task_id.chars().take(10).collect();
+        let names = TaskLinkNames::of(task_id);
         let mut task = Netlink::open_in(&Netns::Process(pid))?;
         let links = task.links()?;
         let addresses = task.addresses()?;
@@ -630,7 +630,7 @@ impl Overlay {
             }
             interfaces.push(TaskInterface {
                 ifname,
-                host_side: format!("v{index}{short}"),
+                host_side: names.network(index),
                 netns: sandbox.netns.clone(),
                 network_id: network_id.clone(),
                 ip: *ip,
@@ -738,7 +738,7 @@ impl Overlay {
         networks: &[(String, Ipv4Addr)],
         prepare: &PrepareInterface<'_>,
     ) -> Result<Vec<TaskInterface>> {
-        let short: String = task_id.chars().take(10).collect();
+        let names = TaskLinkNames::of(task_id);
         let mut interfaces = Vec::new();
         // One socket inside the task's namespace; the veths are made from the other side,
         // their task ends created there already named, addressed and up.
@@ -762,7 +762,7 @@ impl Overlay {
                     .with_context(|| format!("network {network_id} is not set up here"))?;
                 wants_gateway |= !sandbox.spec.internal;
                 let ifname = format!("eth{index}");
-                let host_side = format!("v{index}{short}");
+                let host_side = names.network(index);
                 let mac = mac_for(*ip);
                 let bridge = sandbox.bridge_index;
                 sandbox.netlink.add_veth(&Veth {
@@ -825,7 +825,7 @@ impl Overlay {
         }
         if wants_gateway {
             let ifname = format!("eth{}", networks.len());
-            let host_side = format!("g{short}");
+            let host_side = names.gateway();
             let address = self.lease_gateway_address(task_id)?;
             {
                 let mut node = self.node();
@@ -866,7 +866,7 @@ impl Overlay {
     /// Without a record of its veths (an adoption that failed), they are looked for by name
     /// on every network here.
     pub fn detach(&self, task_id: &str) -> Result<()> {
-        let short: String = task_id.chars().take(10).collect();
+        let names = TaskLinkNames::of(task_id);
         let mut errors = ErrorList::default();
         {
             let mut guard = self.state.lock().expect("overlay state");
@@ -884,13 +884,13 @@ impl Overlay {
                 }
                 None => {
                     for sandbox in state.networks.values_mut() {
-                        errors.note(delete_task_links(&mut sandbox.netlink, &short));
+                        errors.note(delete_task_links(&mut sandbox.netlink, &names));
                     }
                 }
             }
             state.gateway_leases.remove(task_id);
         }
-        errors.note(delete_link(&mut self.node(), &format!("g{short}")));
+        errors.note(delete_link(&mut self.node(), &names.gateway()));
         errors.into_result(&format!("removing the interfaces of task {task_id}"))
     }
 
@@ -1039,15 +1039,39 @@ fn delete_index(netlink: &mut Netlink, index: u32, name: &str) -> Result<()> {
     }
 }
 
-/// Deletes the veths `attach` names for a task (`v<network index><short ID>`) in a network's
-/// namespace.
-fn delete_task_links(netlink: &mut Netlink, short: &str) -> Result<()> {
-    let theirs = |name: &str| {
+/// The names of a task's veths on the network side: `v<network index><short ID>` in each
+/// network's namespace, `g<short ID>` on the gateway bridge (15 bytes at most, the kernel's
+/// limit).
+struct TaskLinkNames {
+    short: String,
+}
+
+impl TaskLinkNames {
+    fn of(task_id: &str) -> Self {
+        Self {
+            short: task_id.chars().take(10).collect(),
+        }
+    }
+
+    fn network(&self, index: usize) -> String {
+        format!("v{index}{}", self.short)
+    }
+
+    fn gateway(&self) -> String {
+        format!("g{}", self.short)
+    }
+
+    /// Whether `name` is one of this task's network-side veths.
+    fn is_network(&self, name: &str) -> bool {
         name.strip_prefix('v')
-            .and_then(|rest| rest.strip_suffix(short))
+            .and_then(|rest| rest.strip_suffix(self.short.as_str()))
             .is_some_and(|index| !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit()))
-    };
-    for link in netlink.links()?.into_iter().filter(|l| theirs(&l.name)) {
+    }
+}
+
+/// Deletes a task's veths in a network's namespace, found by name (see [`TaskLinkNames`]).
+fn delete_task_links(netlink: &mut Netlink, names: &TaskLinkNames) -> Result<()> {
+    for link in netlink.links()?.into_iter().filter(|l| names.is_network(&l.name)) {
         delete_index(netlink, link.index, &link.name)?;
     }
     Ok(())
@@ -1084,6 +1108,24 @@ impl ErrorList {
                 let list: Vec<String> = many.iter().map(|e| format!("{e:#}")).collect();
                 bail!("{what}: {} errors: {}", many.len(), list.join("; "))
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TaskLinkNames;
+
+    #[test]
+    fn a_tasks_veths_are_named_and_found_by_its_short_id() {
+        let names = TaskLinkNames::of("abcdefghij0123456789");
+        assert_eq!(names.network(0), "v0abcdefghij");
+        assert_eq!(names.network(12), "v12abcdefghij");
+        assert_eq!(names.gateway(), "gabcdefghij");
+        assert!(names.network(15).len() <= 15, "the kernel's name limit");
+        assert!(names.is_network("v0abcdefghij") && names.is_network("v12abcdefghij"));
+        for other in ["vabcdefghij", "gabcdefghij", "v0abcdefghik", "v0xabcdefghij", "eth0"] {
+            assert!(!names.is_network(other), "{other}");
         }
     }
 }

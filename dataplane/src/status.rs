@@ -160,7 +160,7 @@ pub(crate) fn read(dataplane: &Dataplane) -> Result<DataplaneStatus> {
 /// only walks maps whose key type it is given). Never more than the map's capacity, should
 /// the walk restart because a key it stood on was deleted meanwhile (LRU eviction).
 fn count_keys(info: &MapInfo) -> Result<u32> {
-    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+    const BPF_MAP_GET_NEXT_KEY: libc::c_int = 4;
     /// The part of `union bpf_attr` BPF_MAP_GET_NEXT_KEY reads.
     #[repr(C)]
     struct NextKeyAttr {
@@ -174,6 +174,7 @@ fn count_keys(info: &MapInfo) -> Result<u32> {
     let (mut key, mut next) = (vec![0u8; size], vec![0u8; size]);
     let mut count = 0;
     while count < info.max_entries() {
+        // The buffers are of the map's key size and outlive the call.
         let attr = NextKeyAttr {
             map_fd: fd.as_fd().as_raw_fd() as u32,
             _pad: 0,
@@ -181,21 +182,10 @@ fn count_keys(info: &MapInfo) -> Result<u32> {
             key: if count == 0 { 0 } else { key.as_ptr() as u64 },
             next_key: next.as_mut_ptr() as u64,
         };
-        // SAFETY: `attr` points at buffers of the map's key size that outlive the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_GET_NEXT_KEY,
-                &attr as *const NextKeyAttr,
-                std::mem::size_of::<NextKeyAttr>(),
-            )
-        };
-        if rc != 0 {
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::ENOENT) {
-                break;
-            }
-            return Err(err).context("bpf(BPF_MAP_GET_NEXT_KEY)");
+        match crate::bpf_syscall::bpf(BPF_MAP_GET_NEXT_KEY, &attr) {
+            Ok(_) => {}
+            Err(err) if err.raw_os_error() == Some(libc::ENOENT) => break,
+            Err(err) => return Err(err).context("bpf(BPF_MAP_GET_NEXT_KEY)"),
         }
         count += 1;
         std::mem::swap(&mut key, &mut next);

@@ -1,10 +1,10 @@
 //! Tasks as processes: each in its own PID, network, mount and UTS namespaces and its own
 //! cgroup (v2), with hostname = task name and `/etc/resolv.conf` = `nameserver 127.0.0.11`.
 //!
-//! Launch: the agent runs util-linux `unshare --fork --pid --mount-proc --net --uts` (which
-//! makes the namespaces and a fresh /proc), placed in the task's cgroup before exec; inside,
-//! `shoal task-init` sets the hostname, bind-mounts the resolver file and execs the command,
-//! which becomes PID 1 of the task. Before exec, task-init waits at a start gate (a unix
+//! Launch: the agent runs `shoal task-init`, placed in the task's cgroup before exec, which
+//! makes the namespaces (as `unshare --fork --pid --mount-proc --net --uts --kill-child` did
+//! before it, one exec less per start) and forks PID 1 of the task: that sets the hostname,
+//! bind-mounts the resolver file and runs the command as its child. Before exec, task-init waits at a start gate (a unix
 //! socket on fd 3) until the agent has connected the task's namespace to its networks, so the
 //! command never runs without them; if the agent closes the gate without opening it, the task
 //! ends. Stop: SIGTERM to the cgroup, then `cgroup.kill`.
@@ -13,7 +13,7 @@
 //! task's namespace, as soon as the namespace exists (`open_dns_sockets`): nothing waits for
 //! task-init's exec for them. The gate's opening message carries them (`SCM_RIGHTS`).
 //!
-//! Tasks outlive the agent (live restore): `unshare` runs in a session of its own, so a
+//! Tasks outlive the agent (live restore): the first process runs in a session of its own, so a
 //! stopped or killed agent leaves it running; task-init writes the command's exit status to
 //! `<id>.exit` in the tasks directory, so a task that ends while no agent runs is reported
 //! with its real status; and task-init holds the task's DNS sockets (at `DNS_UDP_FD` /
@@ -70,7 +70,7 @@ const GATE_OPEN: &[u8] = b"1";
 pub const DNS_UDP_FD: i32 = 4;
 pub const DNS_TCP_FD: i32 = 5;
 
-/// A task the agent supervises: the `unshare` process it started (or, for a task adopted
+/// A task the agent supervises: the first process it started (or, for a task adopted
 /// from a previous agent, the task's PID 1 it watches through a pidfd), and the cgroup.
 pub struct TaskHandle {
     pub id: String,
@@ -87,10 +87,11 @@ pub struct TaskHandle {
 enum TaskProcess {
     /// Started by this agent: its child, waited on directly.
     Child(tokio::process::Child),
-    /// Started by a previous agent: `unshare` (in the task's network namespace), and the
-    /// task's PID 1, whose end the pidfd reports; its status is in the exit file.
+    /// Started by a previous agent: the first process (in the task's network namespace;
+    /// `unshare` for a task an older agent started), and the task's PID 1, whose end the
+    /// pidfd reports; its status is in the exit file.
     Adopted {
-        unshare_pid: u32,
+        first_pid: u32,
         init: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
     },
 }
@@ -156,18 +157,9 @@ impl TaskRuntime {
             .create(true)
             .append(true)
             .open(self.log_path(&launch.id))?;
-        let mut command = std::process::Command::new("unshare");
+        // task-init makes the namespaces itself (`enter_task_namespaces`).
+        let mut command = std::process::Command::new(&self.init_exe);
         command
-            .args([
-                "--fork",
-                "--pid",
-                "--mount-proc",
-                "--net",
-                "--uts",
-                "--kill-child",
-            ])
-            .args(["--propagation", "private", "--"])
-            .arg(&self.init_exe)
             .args(["task-init", "--gate-fd", &GATE_FD.to_string()])
             .arg("--exit-file")
             .arg(self.exit_path(&launch.id))
@@ -211,7 +203,7 @@ impl TaskRuntime {
         let child = tokio::process::Command::from(command)
             .kill_on_drop(false)
             .spawn()
-            .with_context(|| format!("starting task {} (is util-linux installed?)", launch.id))?;
+            .with_context(|| format!("starting task {}", launch.id))?;
         Ok(TaskHandle {
             id: launch.id.clone(),
             process: TaskProcess::Child(child),
@@ -243,14 +235,14 @@ impl TaskRuntime {
     /// Supervises a task a previous agent started, which still runs.
     pub fn adopt(&self, id: &str) -> Result<TaskHandle> {
         let cgroup = self.cgroup(id);
-        let (unshare_pid, init_pid) =
+        let (first_pid, init_pid) =
             task_processes(&cgroup).with_context(|| format!("task {id} is not running"))?;
         let pidfd = pidfd_open(init_pid)
             .with_context(|| format!("watching process {init_pid} of task {id}"))?;
         Ok(TaskHandle {
             id: id.to_owned(),
             process: TaskProcess::Adopted {
-                unshare_pid,
+                first_pid,
                 // SAFETY: the pidfd is ours alone and registered once, here.
                 init: unsafe {
                     tokio::io::unix::AsyncFd::register_with_interest(
@@ -294,7 +286,7 @@ impl TaskRuntime {
     }
 }
 
-/// The `unshare` process of a task (the only one whose parent is outside its cgroup) and its
+/// The first process of a task (the only one whose parent is outside its cgroup) and its
 /// child, the task's PID 1; None when the task no longer runs.
 fn task_processes(cgroup: &Path) -> Option<(u32, u32)> {
     let procs = fs::read_to_string(cgroup.join("cgroup.procs")).ok()?;
@@ -302,15 +294,15 @@ fn task_processes(cgroup: &Path) -> Option<(u32, u32)> {
         .lines()
         .filter_map(|l| l.trim().parse().ok())
         .collect();
-    let unshare = pids
+    let first = pids
         .iter()
         .copied()
         .find(|pid| parent_of(*pid).is_some_and(|parent| !pids.contains(&parent)))?;
     let init = pids
         .iter()
         .copied()
-        .find(|pid| parent_of(*pid) == Some(unshare))?;
-    Some((unshare, init))
+        .find(|pid| parent_of(*pid) == Some(first))?;
+    Some((first, init))
 }
 
 /// A task's embedded DNS sockets: UDP and TCP on 127.0.0.11:53 in its network namespace.
@@ -347,13 +339,13 @@ pub fn open_dns_sockets(netns_pid: u32) -> Result<DnsSockets> {
     .context("opening the task's DNS sockets at 127.0.0.11:53")
 }
 
-/// Copies of the DNS sockets task-init holds for the task whose `unshare` process is
-/// `unshare_pid` (a task a previous agent started, which handed them to task-init), waiting
+/// Copies of the DNS sockets task-init holds for the task whose first process is
+/// `first_pid` (a task a previous agent started, which handed them to task-init), waiting
 /// (5 s at most) for task-init to hold them.
-pub async fn take_dns_sockets(unshare_pid: u32) -> Result<DnsSockets> {
+pub async fn take_dns_sockets(first_pid: u32) -> Result<DnsSockets> {
     let mut wait = StartupWait::new();
     while wait.more() {
-        let init = fs::read_to_string(format!("/proc/{unshare_pid}/task/{unshare_pid}/children"))
+        let init = fs::read_to_string(format!("/proc/{first_pid}/task/{first_pid}/children"))
             .ok()
             .and_then(|children| children.split_whitespace().next()?.parse::<u32>().ok());
         let Some(pidfd) = init.and_then(|pid| pidfd_open(pid).ok()) else {
@@ -374,7 +366,7 @@ pub async fn take_dns_sockets(unshare_pid: u32) -> Result<DnsSockets> {
             _ => wait.pause().await,
         }
     }
-    bail!("task-init (under pid {unshare_pid}) did not hold the task's DNS sockets within 5 s")
+    bail!("task-init (under pid {first_pid}) did not hold the task's DNS sockets within 5 s")
 }
 
 /// Polling for a starting task's next step (its namespaces, a previous agent's task-init
@@ -445,8 +437,8 @@ fn read_exit_file(path: &Path) -> Option<ExitStatus> {
 
 impl TaskHandle {
     /// The PID of a process inside the task's network namespace, once there is one: the
-    /// `unshare` process itself moves into the namespaces it makes. The namespace appears 1-3
-    /// ms after `unshare` was exec'd (which `start` waited for), and the attach waits for this
+    /// first process itself moves into the namespaces it makes. The namespace appears 1-3
+    /// ms after it was exec'd (which `start` waited for), and the attach waits for this
     /// in full, so the first 50 ms are watched every 0.1 ms from a blocking thread (the
     /// runtime's timer has a 1 ms tick); a slower start is polled less and less often.
     pub async fn netns_pid(&self) -> Result<u32> {
@@ -454,7 +446,7 @@ impl TaskHandle {
         const QUICK_FOR: Duration = Duration::from_millis(50);
         let pid = match &self.process {
             TaskProcess::Child(child) => child.id().context("the task already ended")?,
-            TaskProcess::Adopted { unshare_pid, .. } => return Ok(*unshare_pid),
+            TaskProcess::Adopted { first_pid, .. } => return Ok(*first_pid),
         };
         let ours = fs::read_link("/proc/self/ns/net")?;
         let quick = {
@@ -800,6 +792,103 @@ fn wait_at_gate(gate_fd: i32) -> Result<()> {
     Ok(())
 }
 
+/// Makes the task's namespaces (mount, UTS, network, PID), as `unshare --fork --pid
+/// --mount-proc --net --uts --kill-child --propagation private` did before task-init, without
+/// its exec on every start. Returns in the child, PID 1 of the new PID namespace, with a
+/// `/proc` of its own. The first process (in the other namespaces, not in the PID namespace:
+/// the one the agent started) waits for it and exits as it did, ignoring the stop signals as
+/// `unshare` does (a stop signals the whole cgroup; PID 1 passes it on to the command).
+fn enter_task_namespaces(gate_fd: i32) -> Result<()> {
+    use nix::{
+        mount::{mount, MsFlags},
+        sched::{unshare, CloneFlags},
+        sys::signal::{SigSet, SigmaskHow, Signal},
+        unistd::{fork, ForkResult},
+    };
+    unshare(
+        CloneFlags::CLONE_NEWNS
+            | CloneFlags::CLONE_NEWUTS
+            | CloneFlags::CLONE_NEWNET
+            | CloneFlags::CLONE_NEWPID,
+    )
+    .context("making the task's namespaces")?;
+    // Nothing the task mounts reaches the node.
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .context("making the task's mounts private")?;
+    let mut stops = SigSet::empty();
+    stops.add(Signal::SIGINT);
+    stops.add(Signal::SIGTERM);
+    let previous = stops.thread_swap_mask(SigmaskHow::SIG_BLOCK)?;
+    // SAFETY: task-init is single-threaded (no runtime has started), so fork is safe.
+    match unsafe { fork() }.context("fork")? {
+        ForkResult::Child => {
+            previous.thread_set_mask()?;
+            // The task ends with the first process, as with `unshare --kill-child`.
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+            mount(
+                Some("none"),
+                "/proc",
+                None::<&str>,
+                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+                None::<&str>,
+            )
+            .and_then(|()| {
+                mount(
+                    Some("proc"),
+                    "/proc",
+                    Some("proc"),
+                    MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV,
+                    None::<&str>,
+                )
+            })
+            .context("mounting the task's /proc")?;
+            Ok(())
+        }
+        ForkResult::Parent { child } => {
+            // The gate is PID 1's alone.
+            // SAFETY: the agent passed it as `gate_fd`; this process never uses it.
+            unsafe { libc::close(gate_fd) };
+            exit_as(child)
+        }
+    }
+}
+
+/// Waits for `child` and ends this process as it ended: its exit code, or the signal that
+/// killed it (re-raised), as `unshare --fork` does.
+fn exit_as(child: nix::unistd::Pid) -> ! {
+    use nix::sys::{
+        signal::{kill, signal, SigHandler, SigSet, Signal},
+        wait::{waitpid, WaitStatus},
+    };
+    loop {
+        match waitpid(child, None) {
+            Ok(WaitStatus::Exited(_, code)) => std::process::exit(code),
+            Ok(WaitStatus::Signaled(_, sig, _)) => {
+                if sig != Signal::SIGKILL {
+                    // SAFETY: the default action, no handler.
+                    let _ = unsafe { signal(sig, SigHandler::SigDfl) };
+                    let mut raised = SigSet::empty();
+                    raised.add(sig);
+                    let _ = raised.thread_unblock();
+                }
+                let _ = kill(nix::unistd::getpid(), sig);
+                std::process::exit(128 + sig as i32);
+            }
+            Err(nix::errno::Errno::EINTR) | Ok(_) => {}
+            Err(err) => {
+                eprintln!("shoal: waiting for the task's PID 1: {err}");
+                std::process::exit(1);
+            }
+        }
+    }
+}
+
 fn run_init(
     gate_fd: i32,
     (hostname, resolv_conf): (&str, &Path),
@@ -815,6 +904,7 @@ fn run_init(
         unistd::{fork, ForkResult},
     };
 
+    enter_task_namespaces(gate_fd)?;
     nix::unistd::sethostname(hostname).context("setting the task's hostname")?;
     File::open(resolv_conf).with_context(|| format!("opening {}", resolv_conf.display()))?;
     nix::mount::mount(

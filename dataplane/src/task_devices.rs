@@ -68,7 +68,7 @@ pub fn attach(ebpf: &mut Ebpf, task_cgroup: &Path, links_dir: &Path) -> Result<(
         attach_type: BPF_CGROUP_DEVICE,
         flags: 0,
     };
-    let link = bpf(BPF_LINK_CREATE, &create).with_context(|| {
+    let link = crate::bpf_syscall::bpf(BPF_LINK_CREATE, &create).with_context(|| {
         format!(
             "attaching the task device program to {}",
             task_cgroup.display()
@@ -89,24 +89,6 @@ pub fn attach(ebpf: &mut Ebpf, task_cgroup: &Path, links_dir: &Path) -> Result<(
         bpf_fd: link.as_raw_fd() as u32,
         file_flags: 0,
     };
-    bpf(BPF_OBJ_PIN, &pinning).with_context(|| format!("pinning {}", pin.display()))?;
+    crate::bpf_syscall::bpf(BPF_OBJ_PIN, &pinning).with_context(|| format!("pinning {}", pin.display()))?;
     Ok(())
-}
-
-fn bpf<T>(command: libc::c_int, attr: &T) -> io::Result<i32> {
-    // SAFETY: `attr` is a `#[repr(C)]` head of `union bpf_attr` for `command`, valid for the
-    // call; the kernel reads `size_of::<T>()` bytes of it and takes the rest as zero.
-    let result = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            command,
-            attr as *const T,
-            std::mem::size_of::<T>() as libc::c_uint,
-        )
-    };
-    if result < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(result as i32)
-    }
 }

@@ -10,8 +10,8 @@ use super::{
     ipam,
     pki::random_id,
     state::{
-        Attachment, Availability, ClusterState, Command, EndpointMode, Node, NodeStatus, Service,
-        ServiceMode, Task, TaskState, Timestamp,
+        Attachment, Availability, ClusterState, Command, EndpointMode, Network, Node, NodeStatus,
+        Service, ServiceMode, Task, TaskState, Timestamp,
     },
     update::{self, FailureAction, Transition, UpdateOrder},
 };
@@ -102,17 +102,9 @@ fn plan_vips(
             let Some(network) = state.networks.get(network_id) else {
                 continue;
             };
-            let used: BTreeSet<Ipv4Addr> = state
-                .tasks
-                .values()
-                .filter(|t| !t.state.is_terminal())
-                .flat_map(|t| t.attachments.iter())
-                .chain(all.values().flatten())
-                .filter(|a| a.network_id == *network_id)
-                .map(|a| a.address)
-                .collect();
-            let freed = freed_addresses(state.tasks.values(), network_id);
-            match ipam::AddressBook::new(network.subnet, network.gateway, used, freed).take() {
+            let vips = all.values().flatten().filter(|a| a.network_id == *network_id);
+            let mut book = address_book(network, state.tasks.values(), vips.map(|a| a.address));
+            match book.take() {
                 Ok(address) => vips.push(Attachment {
                     network_id: network_id.clone(),
                     address,
@@ -133,24 +125,28 @@ fn plan_vips(
     all
 }
 
-/// When each address of a network was last freed: the end of the newest finished task (of
-/// those kept for the record) that held it.
-fn freed_addresses<'a>(
+/// A network's addresses for one pass: those of tasks that have not finished and `reserved`
+/// ones are taken; the ones finished tasks (kept for the record) held are given last, the
+/// longest freed first (`ipam::AddressBook`).
+fn address_book<'a>(
+    network: &Network,
     tasks: impl Iterator<Item = &'a Task>,
-    network_id: &str,
-) -> BTreeMap<Ipv4Addr, Timestamp> {
-    let mut freed = BTreeMap::new();
-    for task in tasks.filter(|t| t.state.is_terminal()) {
-        for attachment in task
-            .attachments
-            .iter()
-            .filter(|a| a.network_id == network_id)
-        {
-            let at = freed.entry(attachment.address).or_insert(task.state_since);
-            *at = (*at).max(task.state_since);
+    reserved: impl Iterator<Item = Ipv4Addr>,
+) -> ipam::AddressBook {
+    let mut used: BTreeSet<Ipv4Addr> = reserved.collect();
+    let mut freed: BTreeMap<Ipv4Addr, Timestamp> = BTreeMap::new();
+    for task in tasks {
+        let here = task.attachments.iter().filter(|a| a.network_id == network.id);
+        for attachment in here {
+            if task.state.is_terminal() {
+                let at = freed.entry(attachment.address).or_insert(task.state_since);
+                *at = (*at).max(task.state_since);
+            } else {
+                used.insert(attachment.address);
+            }
         }
     }
-    freed
+    ipam::AddressBook::new(network.subnet, network.gateway, used, freed)
 }
 
 /// Gives every node an address on the ingress network (the routing mesh's endpoint there)
@@ -163,17 +159,8 @@ fn plan_node_ingress(
     let Some(ingress) = state.ingress_network() else {
         return;
     };
-    let used: BTreeSet<Ipv4Addr> = state
-        .tasks
-        .values()
-        .filter(|t| !t.state.is_terminal())
-        .flat_map(|t| t.attachments.iter())
-        .filter(|a| a.network_id == ingress.id)
-        .map(|a| a.address)
-        .chain(state.nodes.values().filter_map(|n| n.ingress_address))
-        .collect();
-    let freed = freed_addresses(state.tasks.values(), &ingress.id);
-    let mut addresses = ipam::AddressBook::new(ingress.subnet, ingress.gateway, used, freed);
+    let endpoints = state.nodes.values().filter_map(|n| n.ingress_address);
+    let mut addresses = address_book(ingress, state.tasks.values(), endpoints);
     for node in state.nodes.values() {
         let address = match node.ingress_address {
             Some(address) => address,
@@ -278,16 +265,9 @@ impl Plan<'_> {
                 .get(&network_id)
                 .ok_or_else(|| anyhow::anyhow!("network {network_id} is gone"))?;
             if !self.addresses.contains_key(&network_id) {
-                let used: BTreeSet<Ipv4Addr> = self
-                    .tasks()
-                    .filter(|t| !t.state.is_terminal())
-                    .flat_map(|t| t.attachments.iter())
-                    .chain(self.vips.values().flatten())
-                    .filter(|a| a.network_id == network_id)
-                    .map(|a| a.address)
-                    .collect();
-                let freed = freed_addresses(self.tasks(), &network_id);
-                let book = ipam::AddressBook::new(network.subnet, network.gateway, used, freed);
+                let vips = self.vips.values().flatten();
+                let vips = vips.filter(|a| a.network_id == network_id).map(|a| a.address);
+                let book = address_book(network, self.tasks(), vips);
                 self.addresses.insert(network_id.clone(), book);
             }
             let book = self.addresses.get_mut(&network_id).expect("just made");
