@@ -1071,7 +1071,11 @@ impl TaskLinkNames {
 
 /// Deletes a task's veths in a network's namespace, found by name (see [`TaskLinkNames`]).
 fn delete_task_links(netlink: &mut Netlink, names: &TaskLinkNames) -> Result<()> {
-    for link in netlink.links()?.into_iter().filter(|l| names.is_network(&l.name)) {
+    for link in netlink
+        .links()?
+        .into_iter()
+        .filter(|l| names.is_network(&l.name))
+    {
         delete_index(netlink, link.index, &link.name)?;
     }
     Ok(())
@@ -1124,7 +1128,13 @@ mod tests {
         assert_eq!(names.gateway(), "gabcdefghij");
         assert!(names.network(15).len() <= 15, "the kernel's name limit");
         assert!(names.is_network("v0abcdefghij") && names.is_network("v12abcdefghij"));
-        for other in ["vabcdefghij", "gabcdefghij", "v0abcdefghik", "v0xabcdefghij", "eth0"] {
+        for other in [
+            "vabcdefghij",
+            "gabcdefghij",
+            "v0abcdefghik",
+            "v0xabcdefghij",
+            "eth0",
+        ] {
             assert!(!names.is_network(other), "{other}");
         }
     }

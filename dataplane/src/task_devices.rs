@@ -89,6 +89,7 @@ pub fn attach(ebpf: &mut Ebpf, task_cgroup: &Path, links_dir: &Path) -> Result<(
         bpf_fd: link.as_raw_fd() as u32,
         file_flags: 0,
     };
-    crate::bpf_syscall::bpf(BPF_OBJ_PIN, &pinning).with_context(|| format!("pinning {}", pin.display()))?;
+    crate::bpf_syscall::bpf(BPF_OBJ_PIN, &pinning)
+        .with_context(|| format!("pinning {}", pin.display()))?;
     Ok(())
 }

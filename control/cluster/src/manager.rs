@@ -69,6 +69,9 @@ pub struct Manager {
     leader_since: Mutex<Instant>,
     /// The Raft ID being added as a voter, if any.
     adding_voter: Arc<Mutex<Option<u64>>>,
+    /// A control request changed the state: the leader reconciles now, not at its next tick
+    /// (a new service's tasks are assigned half a tick sooner on average).
+    reconcile_now: tokio::sync::Notify,
 }
 
 impl Manager {
@@ -90,6 +93,7 @@ impl Manager {
             heartbeats: Mutex::default(),
             leader_since: Mutex::new(Instant::now()),
             adding_voter: Arc::default(),
+            reconcile_now: tokio::sync::Notify::new(),
         }
     }
 
@@ -211,7 +215,11 @@ impl Manager {
     ) -> Result<ClusterResponse> {
         match request {
             ClusterRequest::Join(join) => Ok(ClusterResponse::Joined(self.join(join).await?)),
-            ClusterRequest::Heartbeat { reports, resources } => {
+            ClusterRequest::Heartbeat {
+                reports,
+                resources,
+                known,
+            } => {
                 let caller = caller
                     .ok_or_else(|| ApiError::forbidden("heartbeat without a node certificate"))?;
                 if let Some(update) =
@@ -220,7 +228,7 @@ impl Manager {
                     self.write(update).await?;
                 }
                 Ok(ClusterResponse::Heartbeat(
-                    self.heartbeat(&caller, reports).await?,
+                    self.heartbeat(&caller, reports, known).await?,
                 ))
             }
             ClusterRequest::Leave => {
@@ -385,12 +393,17 @@ impl Manager {
         managers.into_iter().map(|(_, e)| e).collect()
     }
 
+    /// Records a node's task reports and answers its heartbeat. With nothing to record and
+    /// an answer the node has already (`known`), the answer is held until it changes or
+    /// `HEARTBEAT_INTERVAL` has passed: assignments reach a node as soon as they are written,
+    /// not at its next heartbeat (Swarm's dispatcher streams them; this is a long poll).
     async fn heartbeat(
         &self,
         caller: &str,
         reports: Vec<super::state::TaskReport>,
+        known: Option<u64>,
     ) -> Result<HeartbeatResponse> {
-        let known = self.read(|state| {
+        let found = self.read(|state| {
             let role = state.nodes.get(caller)?.role;
             let moves = reports.iter().any(|r| {
                 state
@@ -400,7 +413,7 @@ impl Manager {
             });
             Some((role, moves))
         });
-        let Some((role, moves)) = known else {
+        let Some((role, moves)) = found else {
             bail!(ApiError::forbidden(format!(
                 "node {caller} is not part of this swarm (it was removed); join again"
             )));
@@ -417,7 +430,30 @@ impl Manager {
             })
             .await?;
         }
-        Ok(self.read(|state| HeartbeatResponse {
+        // Subscribed before the answer is made: no change between the two is missed.
+        let mut changes = self.sm.changes();
+        let deadline = tokio::time::Instant::now() + super::worker::HEARTBEAT_INTERVAL;
+        loop {
+            let answer = self.heartbeat_answer(caller, role);
+            // Something to record, or something new for the node: answered at once.
+            if moves || known != Some(answer.version) {
+                return Ok(answer);
+            }
+            tokio::select! {
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return Ok(answer);
+                    }
+                }
+                () = tokio::time::sleep_until(deadline) => return Ok(answer),
+            }
+        }
+    }
+
+    /// What a heartbeat answers `caller`: its assignments and what it needs to know of the
+    /// swarm, with their digest as `version`.
+    fn heartbeat_answer(&self, caller: &str, role: Role) -> HeartbeatResponse {
+        let mut answer = self.read(|state| HeartbeatResponse {
             assignments: state
                 .tasks
                 .values()
@@ -465,7 +501,7 @@ impl Manager {
                 })
                 .collect(),
             managers: self.manager_endpoints(state),
-            role,
+            role: state.nodes.get(caller).map_or(role, |n| n.role),
             manager_ids: state.managers().map(|n| n.id.clone()).collect(),
             gossip_keys: state.gossip_keys.clone(),
             peers: state
@@ -481,7 +517,10 @@ impl Manager {
                     vip: None,
                 })
             }),
-        }))
+            version: 0,
+        });
+        answer.version = digest(&answer);
+        answer
     }
 
     /// Leader duties, every half second: node liveness, then reconciliation.
@@ -502,6 +541,7 @@ impl Manager {
             }
             tokio::select! {
                 _ = tokio::time::sleep(LEADER_LOOP_PERIOD) => {}
+                _ = self.reconcile_now.notified() => {}
                 _ = shutdown.changed() => {}
             }
         }
@@ -578,8 +618,11 @@ impl Manager {
             }),
         };
         let plan = self.read(|state| plan::plan(state, request, &inputs))?;
-        for command in plan.commands {
-            self.write(command).await?;
+        if !plan.commands.is_empty() {
+            for command in plan.commands {
+                self.write(command).await?;
+            }
+            self.reconcile_now.notify_one();
         }
         if let Some(node) = &plan.remove_voter {
             self.remove_voter(node).await?;
@@ -757,4 +800,37 @@ async fn add_voter(raft: &Raft, raft_id: u64, member: Member) -> Result<()> {
         .map_err(|err| anyhow!("making it a voter: {err}"))?;
     tracing::info!(raft_id, "manager added to Raft");
     Ok(())
+}
+
+/// A digest of a heartbeat's answer (FNV-1a over its JSON): equal answers, equal digests;
+/// never 0, which says "no digest".
+fn digest(answer: &HeartbeatResponse) -> u64 {
+    let bytes = serde_json::to_vec(answer).unwrap_or_default();
+    let hash = bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
+    });
+    hash.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_heartbeat_answer_has_the_digest_of_what_it_says() {
+        let answer = |managers: &[&str]| HeartbeatResponse {
+            assignments: vec![],
+            managers: managers.iter().map(|m| m.to_string()).collect(),
+            role: Role::Worker,
+            manager_ids: vec![],
+            gossip_keys: vec![],
+            peers: vec![],
+            ingress: None,
+            version: 0,
+        };
+        let one = digest(&answer(&["10.0.0.1:2377"]));
+        assert_ne!(one, 0, "0 means no digest");
+        assert_eq!(one, digest(&answer(&["10.0.0.1:2377"])));
+        assert_ne!(one, digest(&answer(&["10.0.0.2:2377"])));
+    }
 }

@@ -102,8 +102,12 @@ fn plan_vips(
             let Some(network) = state.networks.get(network_id) else {
                 continue;
             };
-            let vips = all.values().flatten().filter(|a| a.network_id == *network_id);
-            let mut book = address_book(network, state.tasks.values(), vips.map(|a| a.address));
+            let reserved = all
+                .values()
+                .flatten()
+                .filter(|a| a.network_id == *network_id);
+            let reserved = reserved.map(|a| a.address);
+            let mut book = address_book(network, state.tasks.values(), reserved);
             match book.take() {
                 Ok(address) => vips.push(Attachment {
                     network_id: network_id.clone(),
@@ -136,7 +140,10 @@ fn address_book<'a>(
     let mut used: BTreeSet<Ipv4Addr> = reserved.collect();
     let mut freed: BTreeMap<Ipv4Addr, Timestamp> = BTreeMap::new();
     for task in tasks {
-        let here = task.attachments.iter().filter(|a| a.network_id == network.id);
+        let here = task
+            .attachments
+            .iter()
+            .filter(|a| a.network_id == network.id);
         for attachment in here {
             if task.state.is_terminal() {
                 let at = freed.entry(attachment.address).or_insert(task.state_since);
@@ -266,7 +273,9 @@ impl Plan<'_> {
                 .ok_or_else(|| anyhow::anyhow!("network {network_id} is gone"))?;
             if !self.addresses.contains_key(&network_id) {
                 let vips = self.vips.values().flatten();
-                let vips = vips.filter(|a| a.network_id == network_id).map(|a| a.address);
+                let vips = vips
+                    .filter(|a| a.network_id == network_id)
+                    .map(|a| a.address);
                 let book = address_book(network, self.tasks(), vips);
                 self.addresses.insert(network_id.clone(), book);
             }

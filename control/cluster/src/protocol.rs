@@ -36,6 +36,11 @@ pub enum ClusterRequest {
         /// The node's CPUs and memory, when it knows them (a change updates the node).
         #[serde(default)]
         resources: Option<shoal_dataplane::limits::Resources>,
+        /// The `version` of the last answer the node got: while the answer would be the
+        /// same and there is nothing to record, the manager holds it until it changes (new
+        /// assignments reach the node at once) or `HEARTBEAT_INTERVAL` passes.
+        #[serde(default)]
+        known: Option<u64>,
     },
     /// The calling node is leaving the swarm (`swarm leave`), before it stops its tasks.
     Leave,
@@ -107,6 +112,10 @@ pub struct HeartbeatResponse {
     /// orchestrator gave it an address.
     #[serde(default)]
     pub ingress: Option<AssignedNetwork>,
+    /// A digest of the rest of this answer, for the next heartbeat's `known`; 0 from a
+    /// manager that does not hold heartbeats (the node then paces its heartbeats itself).
+    #[serde(default)]
+    pub version: u64,
 }
 
 /// A manager asks a node for the output of some of its tasks.

@@ -31,6 +31,11 @@ use super::{
 };
 
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// A task's change of state (started, ended, health) is reported at once, not at the next
+/// heartbeat, after waiting this long for the others of its burst (a scale starts many tasks
+/// together): one report and one replicated write for all of them, as Swarm's dispatcher
+/// batches task updates over 100 ms.
+const REPORT_BATCH: Duration = Duration::from_millis(100);
 const STOP_GRACE: Duration = Duration::from_secs(10);
 /// Between an unhealthy task leaving every node's routing (its gossip record says so at
 /// once) and its stop: its established connections get this long to finish.
@@ -220,8 +225,31 @@ impl Worker {
     /// Heartbeats until `shutdown` turns true. Tasks keep running when the agent stops.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let mut failing_since: Option<tokio::time::Instant> = None;
+        // The version of the managers' last answer: they hold the next one until it changes.
+        let mut known: Option<u64> = None;
+        // What the managers were last told of each task.
+        let mut told: HashMap<String, TaskReport> = HashMap::new();
         while !*shutdown.borrow() {
-            match self.heartbeat().await {
+            let reports = self.reports();
+            let news = reports.iter().any(|r| is_news(r, told.get(&r.task_id)));
+            let beat = tokio::select! {
+                beat = self.heartbeat(known, reports.clone()) => beat,
+                // A task changed state while a heartbeat with nothing new is held: it goes
+                // now. (One with news is answered at once, and is not cut short.)
+                () = self.wake.notified(), if known.is_some() && !news => {
+                    tokio::time::sleep(REPORT_BATCH).await;
+                    continue;
+                }
+                _ = shutdown.changed() => continue,
+            };
+            known = beat.as_ref().ok().map(|a| a.version).filter(|v| *v != 0);
+            if beat.is_ok() {
+                told = reports
+                    .into_iter()
+                    .map(|r| (r.task_id.clone(), r))
+                    .collect();
+            }
+            match beat {
                 Ok(answer) => {
                     *self.last_heartbeat.lock().expect("last heartbeat") =
                         Some(tokio::time::Instant::now());
@@ -255,9 +283,13 @@ impl Worker {
                     }
                 }
             }
+            if known.is_some() {
+                // The managers pace the next heartbeat by holding it.
+                continue;
+            }
             tokio::select! {
                 _ = tokio::time::sleep(HEARTBEAT_INTERVAL) => {}
-                _ = self.wake.notified() => {}
+                _ = self.wake.notified() => tokio::time::sleep(REPORT_BATCH).await,
                 _ = shutdown.changed() => {}
             }
         }
@@ -307,14 +339,19 @@ impl Worker {
     }
 
     /// One heartbeat, to the first manager that answers (the last good one first).
-    async fn heartbeat(&self) -> Result<HeartbeatResponse> {
+    async fn heartbeat(
+        &self,
+        known: Option<u64>,
+        reports: Vec<TaskReport>,
+    ) -> Result<HeartbeatResponse> {
         let managers = self.managers.lock().expect("managers").clone();
         let envelope = Envelope {
             forwarded: false,
             origin: None,
             request: ClusterRequest::Heartbeat {
-                reports: self.reports(),
+                reports,
                 resources: super::resources::reported(),
+                known,
             },
         };
         let mut last_error = anyhow::anyhow!("no managers known");
@@ -537,6 +574,7 @@ impl Worker {
             Some(Ok(())) => {
                 tracing::info!(task = %task.name, "task started");
                 self.set_state(&id, TaskState::Running, String::new(), true);
+                self.wake.notify_one();
                 self.wait_or_stop(&task, &mut handle, stopped).await
             }
             failed_or_stopped => {
@@ -729,9 +767,62 @@ fn names_task(key: &str, id: &str, name: &str) -> bool {
                 .is_some_and(|rest| rest == format!(".{id}")))
 }
 
+/// Whether a task's report says more than the managers were told (`told`): a task they have
+/// not heard of, a new state or error, or a health change worth replicating.
+fn is_news(report: &TaskReport, told: Option<&TaskReport>) -> bool {
+    told.is_none_or(|told| {
+        report.state != told.state
+            || report.error != told.error
+            || report
+                .health
+                .as_ref()
+                .is_some_and(|health| health.moved_from(told.health.as_ref()))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_what_the_managers_were_not_told_is_news() {
+        use crate::health::{HealthProbe, HealthStatus, TaskHealth};
+        let probe = |end_ms| HealthProbe {
+            start_ms: end_ms - 1,
+            end_ms,
+            exit_code: 0,
+            output: String::new(),
+        };
+        let healthy = |log| TaskHealth {
+            status: HealthStatus::Healthy,
+            failing_streak: 0,
+            log,
+        };
+        let report = |state, health| TaskReport {
+            task_id: "t".into(),
+            state,
+            error: String::new(),
+            health,
+        };
+        let told = report(TaskState::Running, Some(healthy(vec![probe(10)])));
+        // A task the managers have not heard of, a new state or error: news.
+        assert!(is_news(&told, None));
+        assert!(is_news(&report(TaskState::Failed, None), Some(&told)));
+        let mut failed = told.clone();
+        failed.error = "exit 1".into();
+        assert!(is_news(&failed, Some(&told)));
+        // A healthy task's new passing probe is not (the managers do not replicate those);
+        // turning unhealthy is.
+        let later = report(
+            TaskState::Running,
+            Some(healthy(vec![probe(10), probe(20)])),
+        );
+        assert!(!is_news(&later, Some(&told)));
+        let mut unhealthy = later.clone();
+        unhealthy.health.as_mut().unwrap().status = HealthStatus::Unhealthy;
+        assert!(is_news(&unhealthy, Some(&told)));
+        assert!(!is_news(&told, Some(&told)));
+    }
 
     #[test]
     fn tasks_are_named_by_id_prefix_full_name_or_slot() {

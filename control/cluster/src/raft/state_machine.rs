@@ -74,6 +74,8 @@ struct Inner {
 pub struct StateMachine {
     db: Arc<Database>,
     inner: Arc<Mutex<Inner>>,
+    /// Bumped each time the applied state changes (held heartbeats wait on it).
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl StateMachine {
@@ -102,7 +104,13 @@ impl StateMachine {
         Ok(Self {
             db,
             inner: Arc::new(Mutex::new(inner)),
+            changes: Arc::new(tokio::sync::watch::Sender::new(0)),
         })
+    }
+
+    /// Wakes on each change of the applied state.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// A copy of the applied cluster state (this manager's view).
@@ -248,12 +256,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         .await?;
 
         // 2. Publish in memory.
-        let mut inner = self.inner.lock().unwrap();
-        inner.sm.state = state;
-        inner.sm.last_applied = Some(last_applied);
-        if let Some(m) = membership {
-            inner.sm.last_membership = m;
+        {
+            let mut inner = self.inner.lock().unwrap();
+            inner.sm.state = state;
+            inner.sm.last_applied = Some(last_applied);
+            if let Some(m) = membership {
+                inner.sm.last_membership = m;
+            }
         }
+        self.changes.send_modify(|n| *n += 1);
         Ok(responses)
     }
 
@@ -322,9 +333,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         })
         .await?;
 
-        let mut inner = self.inner.lock().unwrap();
-        inner.sm = new_sm;
-        inner.snapshot = Some(snap);
+        {
+            let mut inner = self.inner.lock().unwrap();
+            inner.sm = new_sm;
+            inner.snapshot = Some(snap);
+        }
+        self.changes.send_modify(|n| *n += 1);
         Ok(())
     }
 
