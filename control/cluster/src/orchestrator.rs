@@ -20,6 +20,13 @@ use super::{
 /// restart policy counts more attempts.
 pub const TASK_HISTORY_LIMIT: usize = 5;
 
+/// Start-first without a health check: how long (seconds, whole ones as the state counts
+/// them, so 1-2 s) a replacement runs before the task it replaces leaves. It is in the
+/// routing mesh once it accepts connections (probed every 50 ms, then gossiped); this is its
+/// time to start listening. (Nodes report a started task within 100 ms, so nothing else
+/// leaves that time any more.) With a health check, its first passing probe is the signal.
+const START_FIRST_SETTLE: Timestamp = 2;
+
 #[derive(Clone, Copy, Debug)]
 pub struct Settings {
     /// How long a node may be Down before its tasks are rescheduled elsewhere.
@@ -585,8 +592,12 @@ impl Plan<'_> {
     }
 
     /// Start-first: a task of an older spec leaves once its slot's new task is ready (paused
-    /// or not, so a slot never keeps two).
+    /// or not, so a slot never keeps two): healthy, or without a health check, running for
+    /// `START_FIRST_SETTLE`.
     fn retire_replaced(&mut self, service: &Service) {
+        let settled = |t: &Task| {
+            t.health.is_some() || self.now.saturating_sub(t.state_since) >= START_FIRST_SETTLE
+        };
         let ready: BTreeSet<(u64, Option<String>)> = self
             .tasks()
             .filter(|t| {
@@ -594,6 +605,7 @@ impl Plan<'_> {
                     && t.service_version == service.version
                     && self.is_live(t)
                     && t.is_ready()
+                    && settled(t)
             })
             .map(|t| (t.slot, if t.slot == 0 { t.node_id.clone() } else { None }))
             .collect();
@@ -1807,11 +1819,17 @@ mod tests {
         let both = live(&state, &web);
         assert_eq!(both.len(), 2, "the new task starts beside the old one");
         converge(&mut state, 11);
-        let now: Vec<u64> = live(&state, &web)
-            .iter()
-            .map(|t| t.service_version)
-            .collect();
-        assert_eq!(now, [2], "the old one left once the new one ran");
+        let versions = |state: &ClusterState| -> Vec<u64> {
+            let mut versions: Vec<u64> = live(state, &web)
+                .iter()
+                .map(|t| t.service_version)
+                .collect();
+            versions.sort();
+            versions
+        };
+        assert_eq!(versions(&state), [1, 2], "the new one settles first");
+        converge(&mut state, 13);
+        assert_eq!(versions(&state), [2], "the old one left once the new one ran");
         assert_eq!(
             update_state(&state, &web),
             UpdateState::Updating,
