@@ -33,6 +33,8 @@ pub const NODE_DOWN_AFTER: Duration = Duration::from_secs(5);
 /// Writes that cannot reach a quorum fail after this long instead of hanging.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 const LEADER_LOOP_PERIOD: Duration = Duration::from_millis(500);
+/// A held heartbeat looks at the state again this long after it changed.
+const HOLD_COALESCE: Duration = Duration::from_millis(20);
 /// How long adding one manager to Raft (catch-up included) may take before a retry.
 const ADD_VOTER_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a follower keeps trying to reach a leader for a request.
@@ -444,6 +446,10 @@ impl Manager {
                     if changed.is_err() {
                         return Ok(answer);
                     }
+                    // Writes come in bursts (every node's reports): one new answer for them,
+                    // not one per write and held node.
+                    tokio::time::sleep(HOLD_COALESCE).await;
+                    changes.borrow_and_update();
                 }
                 () = tokio::time::sleep_until(deadline) => return Ok(answer),
             }
