@@ -85,7 +85,8 @@ pub struct NetworkSpec {
 }
 
 /// What `Overlay::attach` runs on each new task interface before it is up, with a netlink
-/// socket in the interface's namespace and its index there.
+/// socket in the interface's namespace and its index there. It runs under the overlay's
+/// state lock: it must not call back into the `Overlay`.
 pub type PrepareInterface<'a> = dyn Fn(&mut Netlink, u32, &TaskInterface) -> Result<()> + 'a;
 
 /// One of a task's interfaces on an overlay network.
@@ -741,7 +742,7 @@ impl Overlay {
         let names = TaskLinkNames::of(task_id);
         let mut interfaces = Vec::new();
         // One socket inside the task's namespace; the veths are made from the other side,
-        // their task ends created there already named, addressed and up.
+        // their task ends created there already named and addressed, and brought up from it.
         let mut task = Netlink::open_in(&Netns::Process(pid))
             .with_context(|| format!("entering the namespace of task {task_id}"))?;
         let up = LinkChange {

@@ -825,12 +825,25 @@ fn enter_task_namespaces(gate_fd: i32) -> Result<()> {
     stops.add(Signal::SIGINT);
     stops.add(Signal::SIGTERM);
     let previous = stops.thread_swap_mask(SigmaskHow::SIG_BLOCK)?;
+    // Turns readable once the first process has ended: PID 1 checks it after asking to die
+    // with it, in case it ended before (then nothing would signal PID 1).
+    let first = pidfd_open(std::process::id())?;
     // SAFETY: task-init is single-threaded (no runtime has started), so fork is safe.
     match unsafe { fork() }.context("fork")? {
         ForkResult::Child => {
             previous.thread_set_mask()?;
             // The task ends with the first process, as with `unshare --kill-child`.
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+            let mut ended = libc::pollfd {
+                fd: std::os::fd::AsRawFd::as_raw_fd(&first),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one pollfd, valid for the call, which does not wait.
+            if unsafe { libc::poll(&mut ended, 1, 0) } > 0 {
+                bail!("the task's first process ended while it started");
+            }
+            drop(first);
             mount(
                 Some("none"),
                 "/proc",
@@ -851,6 +864,7 @@ fn enter_task_namespaces(gate_fd: i32) -> Result<()> {
             Ok(())
         }
         ForkResult::Parent { child } => {
+            drop(first);
             // The gate is PID 1's alone.
             // SAFETY: the agent passed it as `gate_fd`; this process never uses it.
             unsafe { libc::close(gate_fd) };

@@ -537,7 +537,13 @@ impl Plan<'_> {
             }
         }
         let outdated: Vec<&Task> = live.iter().copied().filter(|t| !current(t)).collect();
-        let converged = live.iter().all(|t| t.is_ready());
+        // Start-first: a slot whose old task has not left yet (its replacement settling) holds
+        // the next batch, so a slot never keeps two tasks beyond `parallelism` of them.
+        let retiring = outdated.iter().any(|old| {
+            live.iter()
+                .any(|t| current(t) && slot_of(t) == slot_of(old))
+        });
+        let converged = live.iter().all(|t| t.is_ready()) && !retiring;
         let last_start = live
             .iter()
             .filter(|t| current(t))
@@ -1836,6 +1842,33 @@ mod tests {
             "monitoring"
         );
         converge(&mut state, 16);
+        assert_eq!(update_state(&state, &web), UpdateState::Completed);
+    }
+
+    #[test]
+    fn start_first_renews_one_slot_at_a_time_while_replacements_settle() {
+        use crate::update::{UpdateOrder, UpdateState};
+        let mut state = cluster(1);
+        let web = service(&mut state, "web", ServiceMode::Replicated { replicas: 3 });
+        state
+            .services
+            .get_mut(&web)
+            .unwrap()
+            .spec
+            .update_control
+            .order = UpdateOrder::StartFirst;
+        converge(&mut state, 1);
+        update(&mut state, &web, 10);
+        for now in 10..40 {
+            converge(&mut state, now);
+            let running = live(&state, &web).len();
+            assert!(running <= 4, "at {now}: {running} tasks for 3 replicas, parallelism 1");
+        }
+        let versions: Vec<u64> = live(&state, &web)
+            .iter()
+            .map(|t| t.service_version)
+            .collect();
+        assert_eq!(versions, [2, 2, 2]);
         assert_eq!(update_state(&state, &web), UpdateState::Completed);
     }
 

@@ -229,9 +229,26 @@ impl Worker {
         let mut known: Option<u64> = None;
         // What the managers were last told of each task.
         let mut told: HashMap<String, TaskReport> = HashMap::new();
+        // When the managers were last sent news: news goes at most every `REPORT_BATCH`.
+        let mut last_news: Option<tokio::time::Instant> = None;
         while !*shutdown.borrow() {
-            let reports = self.reports();
-            let news = reports.iter().any(|r| is_news(r, told.get(&r.task_id)));
+            // A wake for a change the reports below include already: forgotten (taken
+            // without waiting), so it does not cut the next held heartbeat short.
+            let _ = tokio::time::timeout(Duration::ZERO, self.wake.notified()).await;
+            let mut reports = self.reports();
+            let mut news = reports.iter().any(|r| is_news(r, told.get(&r.task_id)));
+            if let Some(wait) = last_news
+                .filter(|_| news)
+                .and_then(|at| REPORT_BATCH.checked_sub(at.elapsed()))
+            {
+                // Tasks start in bursts: one report, one replicated write for the batch.
+                tokio::time::sleep(wait).await;
+                reports = self.reports();
+                news = reports.iter().any(|r| is_news(r, told.get(&r.task_id)));
+            }
+            if news {
+                last_news = Some(tokio::time::Instant::now());
+            }
             let beat = tokio::select! {
                 beat = self.heartbeat(known, reports.clone()) => beat,
                 // A task changed state while a heartbeat with nothing new is held: it goes
