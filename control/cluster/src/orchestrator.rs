@@ -1835,7 +1835,11 @@ mod tests {
         };
         assert_eq!(versions(&state), [1, 2], "the new one settles first");
         converge(&mut state, 13);
-        assert_eq!(versions(&state), [2], "the old one left once the new one ran");
+        assert_eq!(
+            versions(&state),
+            [2],
+            "the old one left once the new one ran"
+        );
         assert_eq!(
             update_state(&state, &web),
             UpdateState::Updating,
@@ -1862,7 +1866,10 @@ mod tests {
         for now in 10..40 {
             converge(&mut state, now);
             let running = live(&state, &web).len();
-            assert!(running <= 4, "at {now}: {running} tasks for 3 replicas, parallelism 1");
+            assert!(
+                running <= 4,
+                "at {now}: {running} tasks for 3 replicas, parallelism 1"
+            );
         }
         let versions: Vec<u64> = live(&state, &web)
             .iter()
