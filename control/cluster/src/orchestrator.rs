@@ -1807,18 +1807,24 @@ mod tests {
         }
     }
 
-    #[test]
-    fn start_first_stops_the_old_task_once_its_replacement_is_ready() {
-        use crate::update::{UpdateOrder, UpdateState};
+    /// One node and a service of `replicas` that updates start-first.
+    fn start_first_cluster(replicas: u64) -> (ClusterState, String) {
         let mut state = cluster(1);
-        let web = service(&mut state, "web", ServiceMode::Replicated { replicas: 1 });
+        let web = service(&mut state, "web", ServiceMode::Replicated { replicas });
         state
             .services
             .get_mut(&web)
             .unwrap()
             .spec
             .update_control
-            .order = UpdateOrder::StartFirst;
+            .order = crate::update::UpdateOrder::StartFirst;
+        (state, web)
+    }
+
+    #[test]
+    fn start_first_stops_the_old_task_once_its_replacement_is_ready() {
+        use crate::update::UpdateState;
+        let (mut state, web) = start_first_cluster(1);
         converge(&mut state, 1);
         update(&mut state, &web, 10);
         step(&mut state, 10);
@@ -1851,16 +1857,8 @@ mod tests {
 
     #[test]
     fn start_first_renews_one_slot_at_a_time_while_replacements_settle() {
-        use crate::update::{UpdateOrder, UpdateState};
-        let mut state = cluster(1);
-        let web = service(&mut state, "web", ServiceMode::Replicated { replicas: 3 });
-        state
-            .services
-            .get_mut(&web)
-            .unwrap()
-            .spec
-            .update_control
-            .order = UpdateOrder::StartFirst;
+        use crate::update::UpdateState;
+        let (mut state, web) = start_first_cluster(3);
         converge(&mut state, 1);
         update(&mut state, &web, 10);
         for now in 10..40 {
