@@ -6,7 +6,7 @@
 //!   then the same on an overlay network with a published port;
 //! - network attach per task: from the task's namespace existing to (local) its interfaces
 //!   and embedded DNS ready, and (every node) its name resolving and its VIP answering from a
-//!   task on each node (3 nodes, 12 tasks one after the other, medians);
+//!   task on each node (3 nodes, 24 tasks one after the other, medians);
 //! - containment: convergence (plain) with the tasks' default containment (capabilities,
 //!   no_new_privs, seccomp, masked paths) and without it (`SHOAL_TASK_CONFINEMENT=off`, a
 //!   bench-only switch), alternately, three times each: what the containment costs a start;
@@ -624,7 +624,7 @@ fn main() {
     if wants("attach") {
         for workload in [Workload::Listener, Workload::Whoami] {
             for (which, bin) in &binaries {
-                let (local, everywhere) = with_bin(bin, || attach_times("b-attach", 12, workload));
+                let (local, everywhere) = with_bin(bin, || attach_times("b-attach", 24, workload));
                 let name = workload.name();
                 eprintln!(
                     "attach {which} ({name}): local {local:.1} ms, every node {everywhere:.1} ms"

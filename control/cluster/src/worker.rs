@@ -259,6 +259,7 @@ impl Worker {
                 }
                 _ = shutdown.changed() => continue,
             };
+            let previous = known;
             known = beat.as_ref().ok().map(|a| a.version).filter(|v| *v != 0);
             if beat.is_ok() {
                 told = reports
@@ -301,7 +302,15 @@ impl Worker {
                 }
             }
             if known.is_some() {
-                // The managers pace the next heartbeat by holding it.
+                // The managers pace the next heartbeat by holding it. After an answer that
+                // changed, the tasks it starts go first: the next one is asked for a batch
+                // later (with what those starts have to report by then).
+                if known != previous {
+                    tokio::select! {
+                        _ = tokio::time::sleep(REPORT_BATCH) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                }
                 continue;
             }
             tokio::select! {
