@@ -77,12 +77,14 @@ fn three_node_lab_answers_and_counts_client_traffic() {
         moved(&before2, &after2, "other") >= 2,
         "pings to node2: {after2}"
     );
+    // node1's control count is not checked: it is the manager, and the workers' heartbeats
+    // (a long poll, answered whenever the swarm changes, as it does just after `lab up`) reach
+    // it on the manager port at any time.
     assert_eq!(
         moved(&before1, &after1, "vxlan_not_member"),
         0,
         "node1 saw none of node2's traffic"
     );
-    assert_eq!(moved(&before1, &after1, "control"), 0);
 
     let status = lab.run(&["exec", "node9", "--", "true"]);
     assert!(!status.status.success());
