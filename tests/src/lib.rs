@@ -241,6 +241,34 @@ impl TestLab {
             .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// The backend addresses a node's kernel maps hold for a published port
+    /// (`shoal ingress ls`), or None while the node does not publish it.
+    pub fn port_backends(&self, node: &str, published: u16) -> Option<Vec<String>> {
+        let ports = self.try_json(node, &["ingress", "ls"])?;
+        let entry = ports
+            .as_array()?
+            .iter()
+            .find(|p| p["published"] == published)?;
+        // Each backend is `[IP, slots]`.
+        entry["backends"]
+            .as_array()?
+            .iter()
+            .map(|b| b[0].as_str().map(str::to_owned))
+            .collect()
+    }
+
+    /// Waits (30 s at most) until every one of `nodes` routes a published port to `count`
+    /// backends: the managers' view of running tasks reaches each node a moment later.
+    pub fn wait_port_backends(&self, nodes: &[&str], published: u16, count: usize) {
+        for node in nodes {
+            wait_for(
+                &format!("{count} backends of port {published} on {node}"),
+                Duration::from_secs(30),
+                || (self.port_backends(node, published)?.len() == count).then_some(()),
+            );
+        }
+    }
+
     /// Runs a command inside a task, through `shoal task exec` on the task's node.
     pub fn in_task(&self, task: &RunningTask, command: &[&str]) -> Output {
         let mut args = vec![

@@ -78,20 +78,18 @@ fn wait_all_healthy(lab: &TestLab, service: &str, replicas: usize) {
 /// The IPs a node routes new flows to: port 8080's mesh backends, and the backends of
 /// `web`'s VIP on `front`.
 fn routed(lab: &TestLab, node: &str) -> Option<(BTreeSet<String>, BTreeSet<String>)> {
-    let ports = lab.try_json(node, &["ingress", "ls"])?;
-    let port = ports.as_array()?.iter().find(|p| p["published"] == 8080)?;
-    let mesh = ips(&port["backends"]);
+    let mesh = lab.port_backends(node, 8080)?.into_iter().collect();
     let vips = lab.try_json(node, &["lb", "ls", "web"])?;
     let vip = ips(&vips.as_array()?.first()?["backends"]);
     Some((mesh, vip))
 }
 
-/// Addresses in a JSON list of backends: `IP` (a VIP's) or `[IP, slots]` (a port's).
+/// Addresses in a VIP's JSON list of backends.
 fn ips(list: &Value) -> BTreeSet<String> {
     list.as_array()
         .into_iter()
         .flatten()
-        .filter_map(|b| b.as_str().or_else(|| b[0].as_str()).map(str::to_owned))
+        .filter_map(|b| b.as_str().map(str::to_owned))
         .collect()
 }
 

@@ -123,7 +123,7 @@ fn update_that_pauses(
     replicas: usize,
     change: &[&str],
 ) -> (String, Value) {
-    wait_backends(lab, nodes, replicas);
+    lab.wait_port_backends(nodes, 8080, replicas);
     let mut args = vec!["update", "--update-failure-action", "pause"];
     args.extend_from_slice(change);
     args.push("web");
@@ -139,23 +139,6 @@ fn update_that_pauses(
         "{view}"
     );
     (out, view)
-}
-
-/// Backends of published port 8080 in a node's kernel maps.
-fn backends(lab: &TestLab, node: &str) -> Option<usize> {
-    let ports = lab.try_json(node, &["ingress", "ls"])?;
-    let web = ports.as_array()?.iter().find(|p| p["published"] == 8080)?;
-    Some(web["backends"].as_array()?.len())
-}
-
-fn wait_backends(lab: &TestLab, nodes: &[&str], count: usize) {
-    for node in nodes {
-        wait_for(
-            &format!("{count} backends of port 8080 on {node}"),
-            Duration::from_secs(30),
-            || (backends(lab, node)? == count).then_some(()),
-        );
-    }
 }
 
 #[test]
@@ -243,7 +226,7 @@ fn failed_updates_pause_or_roll_back_and_service_rollback_restores() {
     );
     lab.running_tasks("web", 3);
     let nodes = ["node1", "node2", "node3"];
-    wait_backends(&lab, &nodes, 3);
+    lab.wait_port_backends(&nodes, 8080, 3);
     let all_nodes = "192.168.77.11 192.168.77.12 192.168.77.13";
     let original = running_ids(&lab, "web");
 
@@ -272,7 +255,7 @@ fn failed_updates_pause_or_roll_back_and_service_rollback_restores() {
             .contains(&Value::from("V=2")),
         "the env before the update: {view}"
     );
-    wait_backends(&lab, &nodes, 3);
+    lab.wait_port_backends(&nodes, 8080, 3);
     let before = running_ids(&lab, "web");
     assert!(before.is_disjoint(&original), "new tasks of the old spec");
 
@@ -355,7 +338,7 @@ fn start_first_updates_a_single_replica_without_a_refused_request() {
         &WEB,
     );
     let first = lab.running_tasks("web", 1);
-    wait_backends(&lab, &["node1", "node2"], 1);
+    lab.wait_port_backends(&["node1", "node2"], 8080, 1);
 
     let requests = load(&lab, "192.168.77.11 192.168.77.12", 15);
     std::thread::sleep(Duration::from_secs(2));
@@ -392,7 +375,7 @@ fn health_checks_gate_start_first_and_roll_back_a_never_healthy_update() {
         &WEB,
     );
     let first = lab.running_tasks("web", 1);
-    wait_backends(&lab, &nodes, 1);
+    lab.wait_port_backends(&nodes, 8080, 1);
 
     // The old task leaves only once the new one is healthy (its first probe passed).
     let requests = load(&lab, "192.168.77.11 192.168.77.12", 12);
@@ -407,7 +390,7 @@ fn health_checks_gate_start_first_and_roll_back_a_never_healthy_update() {
 
     // A check no task passes: the new task never takes traffic, turns unhealthy, fails,
     // and the update rolls back to the HTTP check.
-    wait_backends(&lab, &nodes, 1);
+    lab.wait_port_backends(&nodes, 8080, 1);
     let requests = load(&lab, "192.168.77.11 192.168.77.12", 20);
     std::thread::sleep(Duration::from_secs(2));
     let update = service(
@@ -427,7 +410,7 @@ fn health_checks_gate_start_first_and_roll_back_a_never_healthy_update() {
     // Three replicas, stop-first: each new task takes traffic only once healthy.
     lab.exec("node1", &["shoal", "service", "scale", "web=3"]);
     lab.running_tasks("web", 3);
-    wait_backends(&lab, &nodes, 3);
+    lab.wait_port_backends(&nodes, 8080, 3);
     let requests = load(&lab, "192.168.77.11 192.168.77.12", 20);
     std::thread::sleep(Duration::from_secs(2));
     let update = service(

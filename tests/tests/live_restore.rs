@@ -215,6 +215,8 @@ fn a_killed_agent_keeps_its_tasks_flows_and_dns() {
         &WHOAMI,
     );
     let tasks = lab.running_tasks("web", 3);
+    // node2 must know all three before the flows below are spread over them.
+    lab.wait_port_backends(&["node2"], 8080, 3);
     wait_for("web answers through node2", Duration::from_secs(20), || {
         lab.client_get("192.168.77.12:8080", 1)
     });

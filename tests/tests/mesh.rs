@@ -37,26 +37,6 @@ fn ask(lab: &TestLab, url: &str, count: usize) -> (Vec<String>, BTreeSet<String>
     (field("Hostname:"), remotes)
 }
 
-/// Backends of a published port in a node's kernel maps.
-fn backends(lab: &TestLab, node: &str, port: u64) -> Option<usize> {
-    let ports = lab.try_json(node, &["ingress", "ls"])?;
-    let entry = ports
-        .as_array()?
-        .iter()
-        .find(|p: &&Value| p["published"] == port)?;
-    Some(entry["backends"].as_array()?.len())
-}
-
-fn wait_backends(lab: &TestLab, port: u64, count: usize) {
-    for node in ["node1", "node2", "node3"] {
-        wait_for(
-            &format!("{count} backends of port {port} on {node}"),
-            Duration::from_secs(20),
-            || (backends(lab, node, port)? == count).then_some(()),
-        );
-    }
-}
-
 /// A command in the client namespace, running while the test goes on.
 fn in_client_background(lab: &TestLab, script: &str) -> std::process::Child {
     Command::new(shoal_bin())
@@ -106,8 +86,8 @@ fn published_ports_reach_every_replica_from_every_node_and_keep_flows() {
         .map(|t| t.name)
         .collect();
     lab.running_tasks("natted", 1);
-    wait_backends(&lab, 8080, 2);
-    wait_backends(&lab, 9090, 1);
+    lab.wait_port_backends(&["node1", "node2", "node3"], 8080, 2);
+    lab.wait_port_backends(&["node1", "node2", "node3"], 9090, 1);
 
     for node in NODES {
         let (hosts, remotes) = ask(&lab, &format!("http://{node}:8080/"), 30);
@@ -218,9 +198,9 @@ fn published_ports_reach_every_replica_from_every_node_and_keep_flows() {
     );
     std::thread::sleep(Duration::from_secs(2));
     lab.exec("node1", &["shoal", "service", "scale", "web=4"]);
-    wait_backends(&lab, 8080, 4);
+    lab.wait_port_backends(&["node1", "node2", "node3"], 8080, 4);
     lab.exec("node1", &["shoal", "service", "scale", "web=2"]);
-    wait_backends(&lab, 8080, 2);
+    lab.wait_port_backends(&["node1", "node2", "node3"], 8080, 2);
     lab.ok(&["stop", "node1", "--kill"]);
     std::thread::sleep(Duration::from_secs(1));
     lab.ok(&["start", "node1"]);

@@ -372,6 +372,11 @@ fn an_ended_task_leaves_no_interface_even_while_its_namespace_lives_on() {
     );
     let new = lab.running_tasks("web", 1).remove(0);
     wait_for(
+        "node1 routes to the new task only",
+        Duration::from_secs(10),
+        || (lab.port_backends("node1", 8080)? == [new.addresses["ingress"].clone()]).then_some(()),
+    );
+    wait_for(
         "node1 routes to the new task",
         Duration::from_secs(10),
         || lab.client_get("http://192.168.77.11:8080/", 2),

@@ -23,23 +23,6 @@ done
 echo "requests=$n failed=$failed"
 "#;
 
-/// Backends of published port 8080 in a node's kernel maps.
-fn backends(lab: &TestLab, node: &str) -> Option<usize> {
-    let ports = lab.try_json(node, &["ingress", "ls"])?;
-    let web = ports.as_array()?.iter().find(|p| p["published"] == 8080)?;
-    Some(web["backends"].as_array()?.len())
-}
-
-fn wait_backends(lab: &TestLab, nodes: &[&str], count: usize) {
-    for node in nodes {
-        wait_for(
-            &format!("{count} backends of port 8080 on {node}"),
-            Duration::from_secs(30),
-            || (backends(lab, node)? == count).then_some(()),
-        );
-    }
-}
-
 /// Every task of a service in `service ps` (history included): ID -> state.
 fn task_states(lab: &TestLab, service: &str) -> BTreeMap<String, String> {
     let tasks = lab.node_json("node1", &["service", "ps", service]);
@@ -81,7 +64,7 @@ fn a_silent_agent_keeps_its_node_in_the_mesh_and_a_powered_off_node_is_withdrawn
             .all(|n| tasks.iter().any(|t| t.node == *n)),
         "a replica on node2 and on node3: {tasks:?}"
     );
-    wait_backends(&lab, &["node1", "node2", "node3"], 3);
+    lab.wait_port_backends(&["node1", "node2", "node3"], 8080, 3);
     let before = task_states(&lab, "web");
 
     // node2's agent killed for 15 s: its host and dataplane still answer, so every node keeps
@@ -108,7 +91,7 @@ fn a_silent_agent_keeps_its_node_in_the_mesh_and_a_powered_off_node_is_withdrawn
     wait_for(
         "node3's replica withdrawn on node1",
         Duration::from_secs(30),
-        || (backends(&lab, "node1")? == 2).then_some(()),
+        || (lab.port_backends("node1", 8080)?.len() == 2).then_some(()),
     );
     let withdrawn = powered_off.elapsed();
     eprintln!("node3 withdrawn on node1 {withdrawn:?} after the power-off");
@@ -119,6 +102,6 @@ fn a_silent_agent_keeps_its_node_in_the_mesh_and_a_powered_off_node_is_withdrawn
 
     // Plugged back in: the agent reports its killed task and the service heals.
     lab.ok(&["start", "node3"]);
-    wait_backends(&lab, &["node1", "node3"], 3);
+    lab.wait_port_backends(&["node1", "node3"], 8080, 3);
     lab.down_clean();
 }
