@@ -569,6 +569,15 @@ fn with_bin<T>(bin: &Path, body: impl FnOnce() -> T) -> T {
     body()
 }
 
+/// What a result's key ends with: nothing for the current binary, `_baseline` for the other.
+fn result_suffix(which: &str) -> String {
+    if which == "current" {
+        String::new()
+    } else {
+        format!("_{which}")
+    }
+}
+
 fn main() {
     if std::env::var_os(LISTENER_ENV).is_some() {
         return run_listener();
@@ -601,11 +610,7 @@ fn main() {
                 eprintln!(
                     "convergence {case} {which}: 50 in {to_50:.2} s, 50->200 in {to_200:.2} s"
                 );
-                let suffix = if *which == "current" {
-                    String::new()
-                } else {
-                    format!("_{which}")
-                };
+                let suffix = result_suffix(which);
                 let prefix = if networked { "overlay_published_" } else { "" };
                 results.insert(
                     format!("{prefix}create_50_to_running_s{suffix}"),
@@ -629,11 +634,7 @@ fn main() {
                 eprintln!(
                     "attach {which} ({name}): local {local:.1} ms, every node {everywhere:.1} ms"
                 );
-                let suffix = if *which == "current" {
-                    String::new()
-                } else {
-                    format!("_{which}")
-                };
+                let suffix = result_suffix(which);
                 let prefix = match workload {
                     Workload::Listener => "attach",
                     Workload::Whoami => "attach_whoami",

@@ -224,9 +224,10 @@ impl Manager {
             } => {
                 let caller = caller
                     .ok_or_else(|| ApiError::forbidden("heartbeat without a node certificate"))?;
-                if let Some(update) =
-                    crate::resources::node_update(&self.state(), &caller, resources)
-                {
+                // Read in place: heartbeats come every second from every node, a long poll.
+                let update =
+                    self.read(|state| crate::resources::node_update(state, &caller, resources));
+                if let Some(update) = update {
                     self.write(update).await?;
                 }
                 Ok(ClusterResponse::Heartbeat(
