@@ -662,6 +662,8 @@ impl NodeNetworks {
         })
     }
 
+    /// Programs what gossip lists on a network: its peers first, then the VIPs or published
+    /// ports that route to them, so no new flow picks a backend frames cannot reach yet.
     async fn reprogram(&self, gossip: &GossipHandle, net: &str) {
         let view = match gossip.view(net).await {
             Ok(view) => view,
@@ -670,17 +672,12 @@ impl NodeNetworks {
                 return;
             }
         };
-        if self.ingress_network().as_deref() == Some(net) {
-            self.program_mesh(&view);
-        } else {
-            self.program_vips(net, &view);
-        }
         let desired: BTreeMap<String, Peer> = view
-            .into_iter()
+            .iter()
             .filter(|(_, record)| record.node_id != self.node_id)
             .map(|(key, record)| {
                 (
-                    key,
+                    key.clone(),
                     Peer {
                         ip: record.ip,
                         mac: record.mac,
@@ -691,12 +688,18 @@ impl NodeNetworks {
             .collect();
         // Accepted before the FDB points at them: a peer's first frames are not dropped.
         self.accept_vxlan_from(net, &desired);
-        let overlay = Arc::clone(&self.overlay);
-        let net_id = net.to_owned();
-        let result =
-            tokio::task::spawn_blocking(move || overlay.program_peers(&net_id, &desired)).await;
-        if let Err(err) = result.map_err(anyhow::Error::from).and_then(|r| r) {
+        // On this thread (its core handed to the other tasks meanwhile): a change is a few
+        // netlink messages, and waking a blocking-pool thread for them costs more than they
+        // do on a busy node.
+        let programmed =
+            tokio::task::block_in_place(|| self.overlay.program_peers(net, &desired));
+        if let Err(err) = programmed {
             tracing::warn!(network = %net, error = %format!("{err:#}"), "programming peers failed");
+        }
+        if self.ingress_network().as_deref() == Some(net) {
+            self.program_mesh(&view);
+        } else {
+            self.program_vips(net, &view);
         }
     }
 
@@ -888,9 +891,8 @@ impl NodeNetworks {
             .gossip()
             .context("gossip has not started yet (no keyring from the managers)")?;
         for network in &task.networks {
-            let overlay = Arc::clone(&self.overlay);
-            let spec = network.spec.clone();
-            tokio::task::spawn_blocking(move || overlay.ensure_network(&spec)).await??;
+            // Kernel work on this thread, as below: a start waits for no other thread.
+            tokio::task::block_in_place(|| self.overlay.ensure_network(&network.spec))?;
             self.users
                 .lock()
                 .expect("users")
@@ -899,42 +901,40 @@ impl NodeNetworks {
                 .insert(task.task_id.clone());
             gossip.join_network(&network.spec.id).await?;
         }
-        let overlay = Arc::clone(&self.overlay);
-        let task_id = task.task_id.clone();
+        let task_id = &task.task_id;
         let wanted: Vec<_> = task
             .networks
             .iter()
             .map(|n| (n.spec.id.clone(), n.address))
             .collect();
         // From the task's own networks, not from whether this node's endpoint is up yet.
-        let ingress_networks: HashSet<String> = task
+        let ingress_networks: HashSet<&str> = task
             .networks
             .iter()
             .filter(|n| n.spec.ingress)
-            .map(|n| n.spec.id.clone())
+            .map(|n| n.spec.id.as_str())
             .collect();
-        let (filters, links_dir) = (Arc::clone(&self.task_filters), self.links_dir.clone());
-        let interfaces = tokio::task::spawn_blocking(move || {
-            let on_ingress =
-                |interface: &TaskInterface| ingress_networks.contains(&interface.network_id);
+        let on_ingress =
+            |interface: &TaskInterface| ingress_networks.contains(interface.network_id.as_str());
+        let (overlay, filters) = (&self.overlay, &self.task_filters);
+        let interfaces = tokio::task::block_in_place(|| {
             let interfaces = if adopt {
-                let interfaces = overlay.adopt(&task_id, pid, &wanted)?;
+                let interfaces = overlay.adopt(task_id, pid, &wanted)?;
                 for interface in &interfaces {
                     filters.replace(interface, on_ingress(interface))?;
                 }
                 interfaces
             } else {
-                overlay.attach(&task_id, pid, &wanted, &|netlink, index, interface| {
+                overlay.attach(task_id, pid, &wanted, &|netlink, index, interface| {
                     filters.install(netlink, index, on_ingress(interface))
                 })?
             };
             if adopt {
                 // Links an agent before task filters pinned for it: its filters run now.
-                shoal_dataplane::release_task_links(&links_dir, &|task| task != task_id)?;
+                shoal_dataplane::release_task_links(&self.links_dir, &|task| task != task_id)?;
             }
             anyhow::Ok(interfaces)
-        })
-        .await??;
+        })?;
         // A checked task takes no new flow before its first passing probe; an adopted one
         // was serving, and keeps serving until a probe says otherwise.
         let health = task.healthcheck.as_ref().map(|_| match adopt {
@@ -1003,15 +1003,21 @@ impl NodeNetworks {
             gossip
                 .publish(&interface.network_id, &task.task_id, record)
                 .await?;
-            // Its own VIP backends, and for an adopted task the peers learned before this
-            // agent joined the network, are programmed now.
-            self.reprogram(&gossip, &interface.network_id).await;
+            // A new record is a change gossip reports: `follow` programs it (here, and on
+            // every node) with its names. An adopted task's may be the one gossip has already
+            // (no change): the peers learned before this agent joined the network, and its
+            // own VIP backends, are programmed now.
+            if adopt {
+                self.reprogram(&gossip, &interface.network_id).await;
+            }
         }
         self.announced.lock().expect("announced").insert(
             task.task_id.clone(),
             interfaces.into_iter().map(|i| i.network_id).collect(),
         );
-        self.refresh_dns(&gossip).await;
+        if adopt {
+            self.refresh_dns(&gossip).await;
+        }
         for (network, record, ports) in ready_ports {
             tokio::spawn(Arc::clone(self).publish_when_listening(network, record, ports));
         }
