@@ -890,15 +890,20 @@ impl NodeNetworks {
         let gossip = self
             .gossip()
             .context("gossip has not started yet (no keyring from the managers)")?;
+        // The networks this task brings to the node: none of its tasks used them before.
+        let mut joined = Vec::new();
         for network in &task.networks {
             // Kernel work on this thread, as below: a start waits for no other thread.
             tokio::task::block_in_place(|| self.overlay.ensure_network(&network.spec))?;
-            self.users
-                .lock()
-                .expect("users")
-                .entry(network.spec.id.clone())
-                .or_default()
-                .insert(task.task_id.clone());
+            let first = {
+                let mut users = self.users.lock().expect("users");
+                let users = users.entry(network.spec.id.clone()).or_default();
+                users.insert(task.task_id.clone());
+                users.len() == 1
+            };
+            if first {
+                joined.push(network.spec.id.clone());
+            }
             gossip.join_network(&network.spec.id).await?;
         }
         let task_id = &task.task_id;
@@ -948,12 +953,15 @@ impl NodeNetworks {
                 .insert(task.task_id.clone(), health);
         }
         if !adopt {
-            // Peers and VIPs learned before this node joined the network are programmed before
-            // the command runs; its own records follow once it runs.
-            for interface in &interfaces {
-                self.reprogram(&gossip, &interface.network_id).await;
+            // Peers, VIPs and names learned before this node joined a network are programmed
+            // before the command runs (on a network the node was on, `follow` keeps them);
+            // its own records follow once it runs.
+            for network in &joined {
+                self.reprogram(&gossip, network).await;
             }
-            self.refresh_dns(&gossip).await;
+            if !joined.is_empty() {
+                self.refresh_dns(&gossip).await;
+            }
             self.serve_dns(task, pid, joining).await?;
             ready()?;
         }
