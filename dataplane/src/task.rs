@@ -31,7 +31,6 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use std::os::unix::net::UnixStream;
 
 /// The resolver every task uses: the agent's embedded DNS inside the task's namespace.
 pub const TASK_RESOLV_CONF: &str = "nameserver 127.0.0.11\noptions ndots:0\n";
@@ -66,6 +65,8 @@ pub struct TaskRuntime {
 pub const GATE_FD: i32 = 3;
 /// What the agent sends through the gate to let the command run (with the DNS sockets).
 const GATE_OPEN: &[u8] = b"1";
+/// What task-init sends back through the gate once its namespaces exist.
+const NAMESPACES_MADE: &[u8] = b"n";
 /// Where task-init keeps the task's DNS sockets (127.0.0.11:53) for the agents it sees.
 pub const DNS_UDP_FD: i32 = 4;
 pub const DNS_TCP_FD: i32 = 5;
@@ -81,7 +82,7 @@ pub struct TaskHandle {
     /// The cgroup controllers of its limits (v1 cgroups to remove with it, OOM kills).
     controllers: crate::limits::CgroupControllers,
     /// The agent's end of the start gate while the task waits at it.
-    gate: Option<UnixStream>,
+    gate: Option<tokio::net::UnixStream>,
 }
 
 enum TaskProcess {
@@ -198,7 +199,10 @@ impl TaskRuntime {
             return Err(err);
         }
         // Both ends close-on-exec; the task's end is put at `GATE_FD` for task-init only.
-        let (gate, task_end) = UnixStream::pair().context("making the task's start gate")?;
+        let (gate, task_end) =
+            std::os::unix::net::UnixStream::pair().context("making the task's start gate")?;
+        gate.set_nonblocking(true)?;
+        let gate = tokio::net::UnixStream::from_std(gate)?;
         crate::process::pass_fd(&mut command, task_end.into(), GATE_FD);
         let child = tokio::process::Command::from(command)
             .kill_on_drop(false)
@@ -369,11 +373,8 @@ pub async fn take_dns_sockets(first_pid: u32) -> Result<DnsSockets> {
     bail!("task-init (under pid {first_pid}) did not hold the task's DNS sockets within 5 s")
 }
 
-/// Polling for a starting task's next step (its namespaces, a previous agent's task-init
-/// holding the DNS sockets) for 5 s at most: 0.25 ms first, doubling up to 10 ms, so a slow
-/// one is not polled a thousand times a second. (The runtime's timer rounds a sleep up to its
-/// 1 ms tick: the first moments of a start are watched from a blocking thread instead, see
-/// `TaskHandle::netns_pid`.)
+/// Polling for a previous agent's task-init to hold the DNS sockets, for 5 s at most: 0.25
+/// ms first, doubling up to 10 ms, so a slow one is not polled a thousand times a second.
 struct StartupWait {
     next: Duration,
     deadline: std::time::Instant,
@@ -395,13 +396,6 @@ impl StartupWait {
         tokio::time::sleep(self.next).await;
         self.next = (self.next * 2).min(Duration::from_millis(10));
     }
-}
-
-/// Whether process `pid` is in another network namespace than `ours` (None: it has ended).
-fn in_other_netns(pid: u32, ours: &Path) -> Option<bool> {
-    fs::read_link(format!("/proc/{pid}/ns/net"))
-        .ok()
-        .map(|theirs| theirs != ours)
 }
 
 fn pidfd_open(pid: u32) -> io::Result<std::os::fd::OwnedFd> {
@@ -437,42 +431,34 @@ fn read_exit_file(path: &Path) -> Option<ExitStatus> {
 
 impl TaskHandle {
     /// The PID of a process inside the task's network namespace, once there is one: the
-    /// first process itself moves into the namespaces it makes. The namespace appears 1-3
-    /// ms after it was exec'd (which `start` waited for), and the attach waits for this
-    /// in full, so the first 50 ms are watched every 0.1 ms from a blocking thread (the
-    /// runtime's timer has a 1 ms tick); a slower start is polled less and less often.
+    /// first process itself, which moves into the namespaces it makes and says so through
+    /// the gate (5 s at most).
     pub async fn netns_pid(&self) -> Result<u32> {
-        const QUICK: Duration = Duration::from_micros(100);
-        const QUICK_FOR: Duration = Duration::from_millis(50);
-        let pid = match &self.process {
-            TaskProcess::Child(child) => child.id().context("the task already ended")?,
-            TaskProcess::Adopted { first_pid, .. } => return Ok(*first_pid),
-        };
-        let ours = fs::read_link("/proc/self/ns/net")?;
-        let quick = {
-            let ours = ours.clone();
-            tokio::task::spawn_blocking(move || {
-                let start = std::time::Instant::now();
-                loop {
-                    match in_other_netns(pid, &ours) {
-                        Some(false) if start.elapsed() < QUICK_FOR => std::thread::sleep(QUICK),
-                        other => return other,
-                    }
-                }
-            })
-            .await?
-        };
-        let mut wait = StartupWait::new();
-        let mut seen = quick;
-        while wait.more() {
-            match seen {
-                Some(true) => return Ok(pid),
-                Some(false) => wait.pause().await,
-                None => bail!("the task ended before its namespaces were made"),
+        let (pid, gate) = match (&self.process, &self.gate) {
+            (TaskProcess::Child(child), Some(gate)) => {
+                (child.id().context("the task already ended")?, gate)
             }
-            seen = in_other_netns(pid, &ours);
+            (TaskProcess::Child(_), None) => bail!("the start gate was already used"),
+            (TaskProcess::Adopted { first_pid, .. }, _) => return Ok(*first_pid),
+        };
+        let said = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut byte = [0u8; 1];
+            loop {
+                gate.readable().await?;
+                match gate.try_read(&mut byte) {
+                    Ok(n) => return Ok::<_, io::Error>(byte[..n] == *NAMESPACES_MADE),
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(err) => return Err(err),
+                }
+            }
+        })
+        .await
+        .context("the task's namespaces did not appear within 5 s")?
+        .context("reading the task's start gate")?;
+        if !said {
+            bail!("the task ended before its namespaces were made");
         }
-        bail!("the task's namespaces did not appear within 5 s")
+        Ok(pid)
     }
 
     /// Ends a task waiting at its gate without running its command.
@@ -812,6 +798,14 @@ fn enter_task_namespaces(gate_fd: i32) -> Result<()> {
             | CloneFlags::CLONE_NEWPID,
     )
     .context("making the task's namespaces")?;
+    // The agent attaches the task's interfaces from now on, while the rest is set up.
+    // SAFETY: write(2) of one byte from a static to the gate the agent passed.
+    if unsafe { libc::write(gate_fd, NAMESPACES_MADE.as_ptr().cast(), 1) } != 1 {
+        bail!(
+            "telling the agent the namespaces are made: {}",
+            io::Error::last_os_error()
+        );
+    }
     // Nothing the task mounts reaches the node.
     mount(
         None::<&str>,

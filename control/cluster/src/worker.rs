@@ -568,10 +568,10 @@ impl Worker {
                 check_networks_clear(&self.networks, &task.networks).await?;
                 let pid = handle.netns_pid().await?;
                 // First, so the task's DNS is there as soon as its interfaces are.
-                let dns = tokio::task::spawn_blocking(move || {
+                // On this thread: the start waits for no other to wake up.
+                let dns = tokio::task::block_in_place(|| {
                     shoal_dataplane::task::open_dns_sockets(pid)
-                })
-                .await??;
+                })?;
                 self.networks
                     .connect(task, pid, &dns, || handle.open_gate(&dns))
                     .await
