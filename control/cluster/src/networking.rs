@@ -156,6 +156,8 @@ pub struct NodeNetworks {
     /// The VIPs programmed per network with their backends: unchanged ones are not
     /// rewritten, and those whose service is gone are removed.
     vips_by_network: Mutex<HashMap<String, BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>>>,
+    /// Each network's gossip view as last programmed: the names served come from it.
+    views: Mutex<HashMap<String, Vec<(String, EndpointRecord)>>>,
     vtep: IpAddr,
     gossip_addr: SocketAddr,
     overlay: Arc<Overlay>,
@@ -273,6 +275,7 @@ impl NodeNetworks {
             dns_records,
             dns_tasks: Mutex::default(),
             vips_by_network: Mutex::default(),
+            views: Mutex::default(),
             vtep,
             gossip_addr,
             overlay: Arc::new(overlay),
@@ -544,7 +547,7 @@ impl NodeNetworks {
                 changed = changes.recv() => match changed {
                     Ok(Change::Network(net)) => {
                         self.reprogram(&gossip, &net).await;
-                        self.refresh_dns(&gossip).await;
+                        self.refresh_dns();
                     }
                     Ok(Change::Members) => {}
                     // Missed notifications: every network may have changed.
@@ -552,7 +555,7 @@ impl NodeNetworks {
                         for net in self.overlay.networks() {
                             self.reprogram(&gossip, &net).await;
                         }
-                        self.refresh_dns(&gossip).await;
+                        self.refresh_dns();
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 },
@@ -592,30 +595,33 @@ impl NodeNetworks {
         self.forget_vxlan_peers_of_other_networks();
     }
 
-    /// Rebuilds the DNS records from the views of every network on this node.
-    async fn refresh_dns(&self, gossip: &GossipHandle) {
+    /// Rebuilds the DNS records from the views of every network on this node, as last
+    /// programmed (`reprogram`, which every change of a view goes through first).
+    fn refresh_dns(&self) {
         let mut endpoints = Vec::new();
+        let views = self.views.lock().expect("views");
         for net in self.overlay.networks() {
             // Names are not served on the ingress network, as in Swarm.
             let Some(spec) = self.overlay.find(&net).filter(|spec| !spec.ingress) else {
                 continue;
             };
-            let Ok(view) = gossip.view(&net).await else {
+            let Some(view) = views.get(&net) else {
                 continue;
             };
-            let serving: HashSet<String> = routable::routable(&view)
+            let serving: HashSet<String> = routable::routable(view)
                 .into_iter()
                 .map(|(key, _)| key)
                 .collect();
-            endpoints.extend(view.into_iter().map(|(key, record)| TaskEndpoint {
-                serving: serving.contains(&key),
+            endpoints.extend(view.iter().map(|(key, record)| TaskEndpoint {
+                serving: serving.contains(key),
                 network: spec.name.clone(),
-                task_name: record.task_name,
-                service_name: record.service_name,
+                task_name: record.task_name.clone(),
+                service_name: record.service_name.clone(),
                 ip: record.ip,
                 vip: record.vip,
             }));
         }
+        drop(views);
         self.dns_records
             .replace(Records::from_endpoints(&endpoints));
     }
@@ -701,6 +707,7 @@ impl NodeNetworks {
         } else {
             self.program_vips(net, &view);
         }
+        self.views.lock().expect("views").insert(net.to_owned(), view);
     }
 
     /// Makes the network's VNI accept VXLAN from exactly the nodes of `peers` (only more of
@@ -960,7 +967,7 @@ impl NodeNetworks {
                 self.reprogram(&gossip, network).await;
             }
             if !joined.is_empty() {
-                self.refresh_dns(&gossip).await;
+                self.refresh_dns();
             }
             self.serve_dns(task, pid, joining).await?;
             ready()?;
@@ -1024,7 +1031,7 @@ impl NodeNetworks {
             interfaces.into_iter().map(|i| i.network_id).collect(),
         );
         if adopt {
-            self.refresh_dns(&gossip).await;
+            self.refresh_dns();
         }
         for (network, record, ports) in ready_ports {
             tokio::spawn(Arc::clone(self).publish_when_listening(network, record, ports));
@@ -1224,6 +1231,7 @@ impl NodeNetworks {
             }
             // No local task can use the network's VIPs any more.
             self.apply_vips(&net, BTreeMap::new());
+            self.views.lock().expect("views").remove(&net);
             let overlay = Arc::clone(&self.overlay);
             let id = net.clone();
             let removed = tokio::task::spawn_blocking(move || overlay.remove_network(&id)).await;
