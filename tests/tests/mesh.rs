@@ -9,8 +9,7 @@ use std::{
     time::Duration,
 };
 
-use serde_json::Value;
-use shoal_tests::{shoal_bin, wait_for, TestLab};
+use shoal_tests::{shoal_bin, TestLab};
 
 const CLIENT: &str = "192.168.77.100";
 const NODES: [&str; 3] = ["192.168.77.11", "192.168.77.12", "192.168.77.13"];

@@ -697,8 +697,7 @@ impl NodeNetworks {
         // On this thread (its core handed to the other tasks meanwhile): a change is a few
         // netlink messages, and waking a blocking-pool thread for them costs more than they
         // do on a busy node.
-        let programmed =
-            tokio::task::block_in_place(|| self.overlay.program_peers(net, &desired));
+        let programmed = tokio::task::block_in_place(|| self.overlay.program_peers(net, &desired));
         if let Err(err) = programmed {
             tracing::warn!(network = %net, error = %format!("{err:#}"), "programming peers failed");
         }
@@ -707,7 +706,10 @@ impl NodeNetworks {
         } else {
             self.program_vips(net, &view);
         }
-        self.views.lock().expect("views").insert(net.to_owned(), view);
+        self.views
+            .lock()
+            .expect("views")
+            .insert(net.to_owned(), view);
     }
 
     /// Makes the network's VNI accept VXLAN from exactly the nodes of `peers` (only more of

@@ -569,9 +569,8 @@ impl Worker {
                 let pid = handle.netns_pid().await?;
                 // First, so the task's DNS is there as soon as its interfaces are.
                 // On this thread: the start waits for no other to wake up.
-                let dns = tokio::task::block_in_place(|| {
-                    shoal_dataplane::task::open_dns_sockets(pid)
-                })?;
+                let dns =
+                    tokio::task::block_in_place(|| shoal_dataplane::task::open_dns_sockets(pid))?;
                 self.networks
                     .connect(task, pid, &dns, || handle.open_gate(&dns))
                     .await
