@@ -743,8 +743,11 @@ impl Overlay {
         let mut interfaces = Vec::new();
         // One socket inside the task's namespace; the veths are made from the other side,
         // their task ends created there already named and addressed, and brought up from it.
-        let mut task = Netlink::open_in(&Netns::Process(pid))
-            .with_context(|| format!("entering the namespace of task {task_id}"))?;
+        let mut task = netns::run_in(&Netns::Process(pid), || {
+            without_ipv6_on_new_interfaces()?;
+            Ok(Netlink::open()?)
+        })
+        .with_context(|| format!("entering the namespace of task {task_id}"))?;
         let up = LinkChange {
             up: Some(true),
             ..LinkChange::default()
@@ -1117,6 +1120,20 @@ impl ErrorList {
     }
 }
 
+/// In the calling thread's network namespace: interfaces made from now on get no IPv6. The
+/// overlays carry IPv4 only, so a task's interfaces need no link-local address, and send no
+/// router solicitation, MLD report or duplicate-address probe into them (Docker does the same
+/// for a container on IPv4-only networks); `lo` keeps `::1`. A kernel without IPv6 has
+/// nothing to turn off.
+fn without_ipv6_on_new_interfaces() -> Result<()> {
+    match std::fs::write("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1") {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+            Err(err).context("turning IPv6 off for the task's interfaces")
+        }
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::TaskLinkNames;
@@ -1140,3 +1157,4 @@ mod tests {
         }
     }
 }
+

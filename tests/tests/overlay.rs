@@ -101,6 +101,16 @@ fn tasks_on_three_nodes_talk_over_their_overlay_and_nothing_else() {
             from.name
         );
     }
+    // The overlays carry IPv4 only: a task's interfaces have no IPv6 address (nothing of
+    // IPv6 goes into the overlay), its loopback keeps ::1.
+    let ipv6 = |device: &str| {
+        let out = lab.in_task(&web[0], &["ip", "-6", "-o", "addr", "show", "dev", device]);
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(ipv6("eth0"), "", "IPv6 on the overlay interface");
+    assert_eq!(ipv6("eth1"), "", "IPv6 on the gateway interface");
+    assert!(ipv6("lo").contains("::1"), "loopback without ::1");
     // A node is not on any network: it cannot reach a task's overlay address.
     let web_ip = &web[0].addresses["front"];
     for node in ["node1", "node2", "node3"] {
