@@ -9,15 +9,15 @@
 //! command never runs without them; if the agent closes the gate without opening it, the task
 //! ends. Stop: SIGTERM to the cgroup, then `cgroup.kill`.
 //!
-//! The agent opens the task's DNS sockets (127.0.0.11:53) itself, from a thread inside the
-//! task's namespace, as soon as the namespace exists (`open_dns_sockets`): nothing waits for
-//! task-init's exec for them. The gate's opening message carries them (`SCM_RIGHTS`).
+//! task-init opens the task's DNS sockets (127.0.0.11:53) as soon as its namespaces exist, and
+//! sends them to the agent (`SCM_RIGHTS`) with the byte that says so, through the gate: the
+//! agent serves them and attaches the task's interfaces while task-init sets up the rest.
 //!
 //! Tasks outlive the agent (live restore): the first process runs in a session of its own, so a
 //! stopped or killed agent leaves it running; task-init writes the command's exit status to
 //! `<id>.exit` in the tasks directory, so a task that ends while no agent runs is reported
 //! with its real status; and task-init holds the task's DNS sockets (at `DNS_UDP_FD` /
-//! `DNS_TCP_FD`, received with the gate), which a later agent takes copies of
+//! `DNS_TCP_FD`), which a later agent takes copies of
 //! (`pidfd_getfd`), so queries sent while the agent restarts wait in the socket instead of
 //! being refused.
 
@@ -326,21 +326,26 @@ impl DnsSockets {
     }
 }
 
-/// Opens the DNS sockets of the task whose namespace `netns_pid` is in (what
-/// `TaskHandle::netns_pid` gives), from a thread inside it: `lo` up first (a socket bound to
-/// 127.0.0.11 while it is down would answer from another address), then UDP and TCP on
-/// 127.0.0.11:53. The agent does it as soon as the namespace exists, instead of waiting for
-/// task-init's exec to open them; the gate hands them to task-init (`TaskHandle::open_gate`).
-pub fn open_dns_sockets(netns_pid: u32) -> Result<DnsSockets> {
+/// The task's DNS sockets, opened by task-init in the task's network namespace: `lo` up
+/// first (a socket bound to 127.0.0.11 while it is down would answer from another address),
+/// then UDP and TCP on 127.0.0.11:53, at `DNS_UDP_FD` and `DNS_TCP_FD`, close-on-exec: task-init
+/// holds them for as long as the task runs (for the agents it sees), the command does not
+/// inherit them.
+fn open_dns_sockets() -> Result<()> {
+    use std::os::fd::AsRawFd as _;
     let address = std::net::SocketAddr::from(([127, 0, 0, 11], 53));
-    crate::netns::run_in(&crate::netns::Netns::Process(netns_pid), || {
-        bring_loopback_up().context("bringing lo up")?;
-        Ok(DnsSockets {
-            udp: std::net::UdpSocket::bind(address)?,
-            tcp: std::net::TcpListener::bind(address)?,
-        })
-    })
-    .context("opening the task's DNS sockets at 127.0.0.11:53")
+    bring_loopback_up().context("bringing lo up")?;
+    // Above the targets first: a socket may be made on the other's target.
+    let udp = dup_above_dns_fds(&std::net::UdpSocket::bind(address)?)?;
+    let tcp = dup_above_dns_fds(&std::net::TcpListener::bind(address)?)?;
+    for (fd, target) in [(udp, DNS_UDP_FD), (tcp, DNS_TCP_FD)] {
+        // SAFETY: dup3 onto a descriptor task-init does not otherwise use (its own start
+        // leaves 0-3 open only); the copies above are closed, these stay.
+        if unsafe { libc::dup3(fd.as_raw_fd(), target, libc::O_CLOEXEC) } < 0 {
+            return Err(io::Error::last_os_error()).context("placing the task's DNS sockets");
+        }
+    }
+    Ok(())
 }
 
 /// Copies of the DNS sockets task-init holds for the task whose first process is
@@ -430,35 +435,74 @@ fn read_exit_file(path: &Path) -> Option<ExitStatus> {
 }
 
 impl TaskHandle {
-    /// The PID of a process inside the task's network namespace, once there is one: the
-    /// first process itself, which moves into the namespaces it makes and says so through
-    /// the gate (5 s at most).
-    pub async fn netns_pid(&self) -> Result<u32> {
+    /// The task's first process, which is in the task's namespaces once they are made (for
+    /// an adopted task, already); None once it has ended.
+    pub fn first_pid(&self) -> Option<u32> {
+        match &self.process {
+            TaskProcess::Child(child) => child.id(),
+            TaskProcess::Adopted { first_pid, .. } => Some(*first_pid),
+        }
+    }
+
+    /// For a task this agent started: the PID of a process inside its network namespace (its
+    /// first process) and its DNS sockets, once task-init has made the namespaces and sent
+    /// them through the gate (5 s at most).
+    pub async fn namespaces_made(&self) -> Result<(u32, DnsSockets)> {
+        use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+        use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
         let (pid, gate) = match (&self.process, &self.gate) {
             (TaskProcess::Child(child), Some(gate)) => {
                 (child.id().context("the task already ended")?, gate)
             }
             (TaskProcess::Child(_), None) => bail!("the start gate was already used"),
-            (TaskProcess::Adopted { first_pid, .. }, _) => return Ok(*first_pid),
+            (TaskProcess::Adopted { .. }, _) => bail!("an adopted task has its namespaces"),
         };
-        let said = tokio::time::timeout(Duration::from_secs(5), async {
+        let receive = || {
             let mut byte = [0u8; 1];
+            let mut space = nix::cmsg_space!([std::os::fd::RawFd; 2]);
+            let mut iov = [io::IoSliceMut::new(&mut byte)];
+            let message = recvmsg::<()>(
+                gate.as_raw_fd(),
+                &mut iov,
+                Some(&mut space),
+                MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
+            )
+            .map_err(io::Error::from)?;
+            let mut received: Vec<OwnedFd> = Vec::new();
+            for cmsg in message.cmsgs().map_err(io::Error::from)? {
+                if let ControlMessageOwned::ScmRights(fds) = cmsg {
+                    // SAFETY: descriptors the kernel just installed for us.
+                    received.extend(
+                        fds.into_iter()
+                            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                    );
+                }
+            }
+            Ok((message.bytes, received))
+        };
+        let (bytes, received) = tokio::time::timeout(Duration::from_secs(5), async {
             loop {
                 gate.readable().await?;
-                match gate.try_read(&mut byte) {
-                    Ok(n) => return Ok::<_, io::Error>(byte[..n] == *NAMESPACES_MADE),
+                match gate.try_io(tokio::io::Interest::READABLE, receive) {
                     Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
-                    Err(err) => return Err(err),
+                    other => return other,
                 }
             }
         })
         .await
         .context("the task's namespaces did not appear within 5 s")?
         .context("reading the task's start gate")?;
-        if !said {
+        if bytes == 0 {
             bail!("the task ended before its namespaces were made");
         }
-        Ok(pid)
+        let [udp, tcp]: [OwnedFd; 2] = received
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("task-init sent no DNS sockets with its namespaces"))?;
+        let dns = DnsSockets {
+            udp: udp.into(),
+            tcp: tcp.into(),
+        };
+        Ok((pid, dns))
     }
 
     /// Ends a task waiting at its gate without running its command.
@@ -466,24 +510,17 @@ impl TaskHandle {
         self.gate = None;
     }
 
-    /// Lets the task's command run, handing task-init the task's DNS sockets to hold.
-    pub fn open_gate(&mut self, dns: &DnsSockets) -> Result<()> {
-        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
-        use std::os::fd::AsRawFd as _;
+    /// Lets the task's command run.
+    pub fn open_gate(&mut self) -> Result<()> {
         let gate = self
             .gate
             .take()
             .context("the start gate was already used")?;
-        let fds = [dns.udp.as_raw_fd(), dns.tcp.as_raw_fd()];
-        sendmsg::<()>(
-            gate.as_raw_fd(),
-            &[io::IoSlice::new(GATE_OPEN)],
-            &[ControlMessage::ScmRights(&fds)],
-            MsgFlags::empty(),
-            None,
-        )
-        .context("opening the task's start gate")?;
-        Ok(())
+        match gate.try_write(GATE_OPEN) {
+            Ok(1) => Ok(()),
+            Ok(_) => bail!("opening the task's start gate: nothing written"),
+            Err(err) => Err(err).context("opening the task's start gate"),
+        }
     }
 
     pub async fn wait(&mut self) -> io::Result<ExitStatus> {
@@ -629,9 +666,6 @@ impl ExitRecord {
             .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
             .open(dir)
             .with_context(|| format!("opening {}", dir.display()))?;
-        // Above the descriptors task-init places the DNS sockets at (`DNS_UDP_FD`...): a
-        // lower one would be closed by their dup3.
-        let dir = File::from(dup_above_dns_fds(&dir).context("duplicating a descriptor")?);
         let staged = format!("{}.new", name.to_string_lossy());
         Ok(Self {
             dir,
@@ -730,50 +764,20 @@ fn dup_above_dns_fds(fd: &impl std::os::fd::AsRawFd) -> io::Result<std::os::fd::
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(copy) })
 }
 
-/// Blocks until the agent opens the start gate, then puts the DNS sockets the opening carries
-/// at `DNS_UDP_FD` and `DNS_TCP_FD`, close-on-exec: task-init holds them for as long as the
-/// task runs (for the agents it sees), the command does not inherit them.
+/// Blocks until the agent opens the start gate (or closes it: the task is not to run).
 fn wait_at_gate(gate_fd: i32) -> Result<()> {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
     use std::os::fd::{FromRawFd as _, OwnedFd};
     // SAFETY: the agent passes the gate's end as `gate_fd` and nothing else owns it.
     let gate = unsafe { OwnedFd::from_raw_fd(gate_fd) };
     let mut byte = [0u8; 1];
-    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 2]);
-    let mut iov = [io::IoSliceMut::new(&mut byte)];
-    let message = recvmsg::<()>(
-        std::os::fd::AsRawFd::as_raw_fd(&gate),
-        &mut iov,
-        Some(&mut space),
-        MsgFlags::MSG_CMSG_CLOEXEC,
-    )
-    .context("reading the start gate")?;
-    if message.bytes == 0 {
+    let read = loop {
+        match nix::unistd::read(&gate, &mut byte) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            other => break other.context("reading the start gate")?,
+        }
+    };
+    if read == 0 || byte != *GATE_OPEN {
         bail!("the agent could not connect the task to its networks");
-    }
-    let mut received: Vec<OwnedFd> = Vec::new();
-    for cmsg in message.cmsgs().context("reading the start gate")? {
-        if let ControlMessageOwned::ScmRights(fds) = cmsg {
-            // SAFETY: descriptors the kernel just installed for us.
-            received.extend(
-                fds.into_iter()
-                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-            );
-        }
-    }
-    let [udp, tcp]: [OwnedFd; 2] = received
-        .try_into()
-        .map_err(|_| anyhow::anyhow!("the start gate opened without the task's DNS sockets"))?;
-    // Above the targets first (a received descriptor may sit on the other's target), and the
-    // received ones closed now: closed later, they would close what dup3 put in their place.
-    let above = |received: OwnedFd| dup_above_dns_fds(&received);
-    let (udp, tcp) = (above(udp)?, above(tcp)?);
-    for (fd, target) in [(udp, DNS_UDP_FD), (tcp, DNS_TCP_FD)] {
-        use std::os::fd::AsRawFd as _;
-        // SAFETY: dup3 onto a descriptor task-init does not otherwise use.
-        if unsafe { libc::dup3(fd.as_raw_fd(), target, libc::O_CLOEXEC) } < 0 {
-            return Err(io::Error::last_os_error()).context("placing the task's DNS sockets");
-        }
     }
     Ok(())
 }
@@ -798,14 +802,19 @@ fn enter_task_namespaces(gate_fd: i32) -> Result<()> {
             | CloneFlags::CLONE_NEWPID,
     )
     .context("making the task's namespaces")?;
-    // The agent attaches the task's interfaces from now on, while the rest is set up.
-    // SAFETY: write(2) of one byte from a static to the gate the agent passed.
-    if unsafe { libc::write(gate_fd, NAMESPACES_MADE.as_ptr().cast(), 1) } != 1 {
-        bail!(
-            "telling the agent the namespaces are made: {}",
-            io::Error::last_os_error()
-        );
-    }
+    // The agent serves the DNS sockets and attaches the task's interfaces from now on,
+    // while the rest is set up.
+    open_dns_sockets().context("opening the task's DNS sockets at 127.0.0.11:53")?;
+    nix::sys::socket::sendmsg::<()>(
+        gate_fd,
+        &[io::IoSlice::new(NAMESPACES_MADE)],
+        &[nix::sys::socket::ControlMessage::ScmRights(&[
+            DNS_UDP_FD, DNS_TCP_FD,
+        ])],
+        nix::sys::socket::MsgFlags::empty(),
+        None,
+    )
+    .context("telling the agent the namespaces are made")?;
     // Nothing the task mounts reaches the node.
     mount(
         None::<&str>,
@@ -962,11 +971,6 @@ fn run_init(
     // install alone is most of a millisecond), then waits on `release` for task-init to have
     // passed the gate: past it, only an exec is left.
     let (release_wait, release) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-    // Clear of where the DNS sockets go at the gate.
-    let release = {
-        let low = release;
-        dup_above_dns_fds(&low)?
-    };
     // SAFETY: task-init is single-threaded (no runtime has started), so fork is safe.
     let child = match unsafe { fork() }.context("fork")? {
         ForkResult::Child => {

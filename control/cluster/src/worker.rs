@@ -566,17 +566,15 @@ impl Worker {
         match launched {
             Launched::Started(handle) => {
                 check_networks_clear(&self.networks, &task.networks).await?;
-                let pid = handle.netns_pid().await?;
-                // First, so the task's DNS is there as soon as its interfaces are.
-                // On this thread: the start waits for no other to wake up.
-                let dns =
-                    tokio::task::block_in_place(|| shoal_dataplane::task::open_dns_sockets(pid))?;
+                // task-init opened the task's DNS sockets with its namespaces, so its DNS is
+                // there as soon as its interfaces are.
+                let (pid, dns) = handle.namespaces_made().await?;
                 self.networks
-                    .connect(task, pid, &dns, || handle.open_gate(&dns))
+                    .connect(task, pid, &dns, || handle.open_gate())
                     .await
             }
             Launched::Adopted(handle) => {
-                let pid = handle.netns_pid().await?;
+                let pid = handle.first_pid().context("the task already ended")?;
                 self.networks.readopt(task, pid).await
             }
         }
