@@ -63,7 +63,7 @@ pub struct TaskRuntime {
 
 /// The file descriptor task-init reads its start gate from.
 pub const GATE_FD: i32 = 3;
-/// What the agent sends through the gate to let the command run (with the DNS sockets).
+/// What the agent sends through the gate to let the command run.
 const GATE_OPEN: &[u8] = b"1";
 /// What task-init sends back through the gate once its namespaces exist.
 const NAMESPACES_MADE: &[u8] = b"n";
@@ -468,6 +468,7 @@ impl TaskHandle {
                 MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
             )
             .map_err(io::Error::from)?;
+            let read = message.bytes;
             let mut received: Vec<OwnedFd> = Vec::new();
             for cmsg in message.cmsgs().map_err(io::Error::from)? {
                 if let ControlMessageOwned::ScmRights(fds) = cmsg {
@@ -478,9 +479,9 @@ impl TaskHandle {
                     );
                 }
             }
-            Ok((message.bytes, received))
+            Ok((byte[..read] == *NAMESPACES_MADE, received))
         };
-        let (bytes, received) = tokio::time::timeout(Duration::from_secs(5), async {
+        let (made, received) = tokio::time::timeout(Duration::from_secs(5), async {
             loop {
                 gate.readable().await?;
                 match gate.try_io(tokio::io::Interest::READABLE, receive) {
@@ -492,7 +493,7 @@ impl TaskHandle {
         .await
         .context("the task's namespaces did not appear within 5 s")?
         .context("reading the task's start gate")?;
-        if bytes == 0 {
+        if !made {
             bail!("the task ended before its namespaces were made");
         }
         let [udp, tcp]: [OwnedFd; 2] = received
@@ -868,9 +869,11 @@ fn enter_task_namespaces(gate_fd: i32) -> Result<()> {
         }
         ForkResult::Parent { child } => {
             drop(first);
-            // The gate is PID 1's alone.
-            // SAFETY: the agent passed it as `gate_fd`; this process never uses it.
-            unsafe { libc::close(gate_fd) };
+            // The gate and the DNS sockets are PID 1's alone.
+            for fd in [gate_fd, DNS_UDP_FD, DNS_TCP_FD] {
+                // SAFETY: descriptors placed for PID 1; this process never uses them.
+                unsafe { libc::close(fd) };
+            }
             exit_as(child)
         }
     }

@@ -599,8 +599,11 @@ impl NodeNetworks {
     /// programmed (`reprogram`, which every change of a view goes through first).
     fn refresh_dns(&self) {
         let mut endpoints = Vec::new();
-        let views = self.views.lock().expect("views");
-        for net in self.overlay.networks() {
+        let networks = self.overlay.networks();
+        let mut views = self.views.lock().expect("views");
+        // Whichever way a network left the node, its view goes with it.
+        views.retain(|net, _| networks.contains(net));
+        for net in networks {
             // Names are not served on the ingress network, as in Swarm.
             let Some(spec) = self.overlay.find(&net).filter(|spec| !spec.ingress) else {
                 continue;
@@ -1233,7 +1236,6 @@ impl NodeNetworks {
             }
             // No local task can use the network's VIPs any more.
             self.apply_vips(&net, BTreeMap::new());
-            self.views.lock().expect("views").remove(&net);
             let overlay = Arc::clone(&self.overlay);
             let id = net.clone();
             let removed = tokio::task::spawn_blocking(move || overlay.remove_network(&id)).await;
